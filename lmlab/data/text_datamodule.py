@@ -1,0 +1,161 @@
+"""The datamodule for pretraining on raw text: read, tokenize, pack, cache, serve batches.
+
+Registered as ``text`` in the ``lmlab.datamodules`` entry-point group. Tokenized and packed
+blocks are cached as ``.npy`` files keyed by corpus, tokenizer and packing, so a second run
+skips tokenizing entirely; the cache is written atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader, Dataset
+
+from lmlab import fingerprint
+from lmlab.atomic import atomic_dir
+from lmlab.data import packing as layout
+from lmlab.data.sources import Corpus, load_corpus
+from lmlab.errors import LmlabError, config_error
+from lmlab.tokenization import encode_texts
+
+log = logging.getLogger(__name__)
+
+# Sentence boundaries for next-sentence prediction: end punctuation followed by space.
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+class BlockDataset(Dataset):
+    """Rows of equally long arrays; every item is a dict of tensors."""
+
+    def __init__(self, arrays: dict[str, np.ndarray]):
+        self.arrays = arrays
+        self.length = len(next(iter(arrays.values())))
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {k: torch.as_tensor(v[index].astype(np.int64)) for k, v in self.arrays.items()}
+
+
+def _tokenizer_fingerprint(tokenizer: Any) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return fingerprint.of_params(tokenizer=backend.to_str())[:16]
+    return fingerprint.of_params(name=tokenizer.name_or_path, vocab=len(tokenizer))[:16]
+
+
+class TextDataModule(L.LightningDataModule):
+    """Raw text (file, directory, catalog or HF dataset) packed for causal or masked LM."""
+
+    def __init__(self, data_cfg: DictConfig, *, packing: str, cache_dir: str | Path, seed: int = 0):
+        super().__init__()
+        if packing not in layout.PACKINGS:
+            raise ValueError(f"unknown packing '{packing}'")
+        self.cfg = data_cfg
+        self.packing_mode = packing
+        self.cache_dir = Path(cache_dir)
+        self.seed = seed
+        self.block_size = int(data_cfg.block_size)
+        if self.block_size < 8:
+            raise config_error("data.block_size", f"{self.block_size} is too short", "Use at least 8 tokens.")
+        self.corpus: Corpus = load_corpus(data_cfg)
+        self.tokenizer: Any = None
+        self.splits: dict[str, BlockDataset] = {}
+        self.cache_hit: bool | None = None
+
+    # -- the two steps a training script drives ------------------------------------------
+    @property
+    def fingerprint(self) -> str:
+        return self.corpus.fingerprint
+
+    def texts_for_tokenizer(self) -> list[str]:
+        return self.corpus.train
+
+    def set_tokenizer(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+
+    # -- Lightning hooks -------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        if self.tokenizer is None:
+            raise RuntimeError("TextDataModule.set_tokenizer must be called before setup")
+        key = fingerprint.of_params(
+            corpus=self.corpus.fingerprint, tokenizer=_tokenizer_fingerprint(self.tokenizer),
+            packing=self.packing_mode, block=self.block_size, seed=self.seed, version=1,
+        )[:20]
+        where = self.cache_dir / "data" / f"{self.packing_mode}-{self.block_size}-{key}"
+        self.cache_hit = (where / "done").exists()
+        if not self.cache_hit:
+            log.info("Tokenizing and packing %d + %d documents", len(self.corpus.train), len(self.corpus.validation))
+            with atomic_dir(where) as tmp:
+                for split, docs in (("train", self.corpus.train), ("validation", self.corpus.validation)):
+                    for name, array in self._pack(docs, split).items():
+                        np.save(tmp / f"{split}.{name}.npy", array)
+                (tmp / "done").write_text("ok\n")
+        else:
+            log.info("Reusing tokenized data %s", where)
+        for split in ("train", "validation"):
+            arrays = {
+                p.name.split(".")[1]: np.load(p, mmap_mode="r")
+                for p in sorted(where.glob(f"{split}.*.npy"))
+            }
+            self.splits[split] = BlockDataset(arrays)
+        n_train = len(self.splits["train"])
+        if n_train == 0 or len(self.splits["validation"]) == 0:
+            empty = "training" if n_train == 0 else "validation"
+            raise LmlabError(
+                f"the {empty} split of {self.corpus.origin} is shorter than one block of "
+                f"data.block_size={self.block_size} tokens. Add text or lower data.block_size."
+            )
+        self.stats = {
+            "train_blocks": n_train,
+            "validation_blocks": len(self.splits["validation"]),
+            "train_tokens": int(n_train * self.block_size),
+        }
+
+    def _pack(self, docs: list[str], split: str) -> dict[str, np.ndarray]:
+        tok = self.tokenizer
+        num_proc = self.cfg.get("num_proc")
+        vocab = len(tok)
+        if self.packing_mode == "causal":
+            ids = encode_texts(tok, docs, num_proc)
+            eos = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
+            return {"input_ids": layout.pack_causal(ids, self.block_size, eos, vocab)}
+        for attr in ("cls_token_id", "sep_token_id"):
+            if getattr(tok, attr, None) is None:
+                raise config_error("tokenizer", f"the tokenizer has no {attr.split('_')[0].upper()} token, "
+                                   "which masked-LM packing needs", "Use tokenizer=wordpiece or a BERT tokenizer.")
+        if self.packing_mode == "masked":
+            ids = encode_texts(tok, docs, num_proc)
+            return {"input_ids": layout.pack_masked(ids, self.block_size, tok.cls_token_id, tok.sep_token_id, vocab)}
+        sentences = [_SENTENCE_END.split(doc) for doc in docs]
+        flat = encode_texts(tok, [s for doc in sentences for s in doc], num_proc)
+        grouped, pos = [], 0
+        for doc in sentences:
+            grouped.append(flat[pos : pos + len(doc)])
+            pos += len(doc)
+        seed = self.seed + (0 if split == "train" else 1)
+        return layout.pack_sentence_pairs(grouped, self.block_size, tok.cls_token_id, tok.sep_token_id,
+                                           tok.pad_token_id, vocab, seed)
+
+    def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
+        workers = int(self.cfg.get("num_workers") or 0)
+        return DataLoader(
+            self.splits[split], batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+            pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0, drop_last=shuffle,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True, int(self.cfg.batch_size))
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("validation", False, int(self.cfg.get("eval_batch_size") or self.cfg.batch_size))

@@ -1,0 +1,57 @@
+"""Turn ``cfg.model`` plus a tokenizer into a Hugging Face model for a task's head."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from lmlab.errors import config_error
+from lmlab.specs import ModelSpec
+
+
+def build_hf_config(spec: ModelSpec, model_cfg: DictConfig, tokenizer: Any, block_size: int) -> Any:
+    """The HF config for ``model.size`` with ``model.config.*`` overrides applied and checked."""
+    if model_cfg.size not in spec.sizes:
+        raise config_error(
+            "model.size",
+            f"'{model_cfg.size}' is not a size of model '{spec.name}'",
+            f"Use one of: {', '.join(spec.sizes)}.",
+        )
+    node = model_cfg.get("config")
+    overrides = OmegaConf.to_container(node, resolve=True) if node is not None else {}
+    known = set(spec.config_class().to_dict())
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        # HF configs swallow unknown kwargs silently; a typo must not train the wrong model.
+        raise config_error(
+            f"model.config.{unknown[0]}",
+            f"not a field of {spec.config_class.__name__}",
+            "Check the spelling against the Hugging Face config documentation for this model.",
+        )
+    kwargs = {**spec.sizes[model_cfg.size], **overrides}
+    kwargs["vocab_size"] = len(tokenizer)
+    for attr in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if value is not None:
+            kwargs.setdefault(attr, value)
+    config = spec.config_class(**kwargs)
+    positions = getattr(config, spec.positions_key)
+    if block_size > positions:
+        raise config_error(
+            "data.block_size",
+            f"{block_size} is longer than model '{spec.name}' (size {model_cfg.size}) can attend "
+            f"to ({spec.positions_key}={positions})",
+            f"Lower data.block_size to at most {positions} or raise "
+            f"model.config.{spec.positions_key}.",
+        )
+    return config
+
+
+def build_model(spec: ModelSpec, head: str, config: Any) -> Any:
+    """A freshly initialised model with the task's head; SDPA attention where the model has it."""
+    model_class = spec.heads[head]
+    try:
+        return model_class._from_config(config, attn_implementation="sdpa")
+    except (ValueError, ImportError):
+        return model_class._from_config(config)

@@ -1,0 +1,21 @@
+"""GPT-2 family (decoder-only) built from a Hugging Face config."""
+
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from lmlab.specs import ModelSpec
+
+MODEL = ModelSpec(
+    name="gpt2",
+    config_class=GPT2Config,
+    sizes={
+        # tiny: a CPU test model that still learns something in a minute.
+        "tiny": dict(n_layer=2, n_head=2, n_embd=128, n_positions=256),
+        "small": dict(n_layer=6, n_head=8, n_embd=512, n_positions=1024),
+        # base: GPT-2 124M.
+        "base": dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024),
+    },
+    heads={"causal_lm": GPT2LMHeadModel},
+    tokenizer="bpe",
+    positions_key="n_positions",
+    description="GPT-2 decoder (tiny 2x128, small 6x512, base 124M)",
+)

@@ -1,0 +1,58 @@
+"""AdamW with linear warmup and cosine, linear or constant decay, stepped every optimizer step."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from lmlab.errors import config_error
+
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    # Biases and norm weights are not decayed (as in GPT-2/BERT training code).
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_lambda(schedule: str, warmup: int, total: int, min_ratio: float):
+    def factor(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if schedule == "linear":
+            return 1.0 - (1.0 - min_ratio) * progress
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def build(model: torch.nn.Module, opt_cfg: DictConfig, sched_cfg: DictConfig, total_steps: int) -> dict[str, Any]:
+    """What ``LightningModule.configure_optimizers`` returns."""
+    if opt_cfg.lr <= 0:
+        raise config_error("optimizer.lr", f"{opt_cfg.lr} is not positive", "Use e.g. optimizer.lr=3e-4.")
+    fused = torch.cuda.is_available() and all(p.is_cuda for p in model.parameters())
+    optimizer = torch.optim.AdamW(
+        _param_groups(model, float(opt_cfg.weight_decay)), lr=float(opt_cfg.lr),
+        betas=tuple(opt_cfg.betas), eps=float(opt_cfg.eps), fused=fused or None,
+    )
+    name = sched_cfg.name
+    if name not in SCHEDULES:
+        raise config_error("scheduler.name", f"unknown schedule '{name}'", f"Use one of: {', '.join(SCHEDULES)}.")
+    total = max(1, int(total_steps))
+    warmup = sched_cfg.get("warmup_steps")
+    warmup = int(warmup) if warmup is not None else int(round(float(sched_cfg.warmup_ratio) * total))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(name, warmup, total, float(sched_cfg.get("min_lr_ratio", 0.0)))
+    )
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}

@@ -1,0 +1,106 @@
+"""Tasks, models and datamodules, looked up by name from Python entry points.
+
+Built-ins are declared in lmlab's own pyproject.toml under the same groups a plugin uses, so
+there is exactly one way in. Each group is a plain dict filled once from
+``importlib.metadata``; nothing is scanned at import time.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from importlib.metadata import EntryPoint, entry_points
+from typing import Any
+
+from lmlab.errors import LmlabError
+
+GROUPS: dict[str, str] = {
+    "task": "lmlab.tasks",
+    "model": "lmlab.models",
+    "datamodule": "lmlab.datamodules",
+}
+# A plugin's Hydra YAML: the entry point names an importable package whose folder holds
+# config groups (task/, model/, data/ ...); see hydra_plugins/lmlab_searchpath.
+CONFIG_GROUP = "lmlab.configs"
+
+
+class RegistryError(LmlabError):
+    pass
+
+
+def _origin(ep: EntryPoint) -> str:
+    dist = getattr(ep, "dist", None)
+    return f"{dist.name} {dist.version}" if dist is not None else ep.value
+
+
+@functools.cache
+def _entry_points(group: str) -> dict[str, EntryPoint]:
+    found: dict[str, EntryPoint] = {}
+    for ep in entry_points(group=group):
+        previous = found.get(ep.name)
+        if previous is not None and previous.value != ep.value:
+            raise RegistryError(
+                f"two packages register '{ep.name}' in the entry-point group '{group}': "
+                f"'{previous.value}' from {_origin(previous)} and '{ep.value}' from {_origin(ep)}. "
+                "Names must be unique: uninstall one package or rename its entry point."
+            )
+        # The same value twice happens when one distribution is visible on sys.path twice
+        # (an editable checkout plus a wheel): that is one registration, not a clash.
+        found[ep.name] = ep
+    return found
+
+
+@functools.cache
+def _load(group: str, name: str) -> Any:
+    ep = _entry_points(group)[name]
+    try:
+        return ep.load()
+    except Exception as exc:  # a broken plugin must not take the rest down
+        warnings.warn(
+            f"lmlab plugin '{name}' ({ep.value}, from {_origin(ep)}) failed to import and is "
+            f"skipped: {type(exc).__name__}: {exc}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
+
+
+def names(kind: str) -> list[str]:
+    """Names registered for ``kind`` (task, model, datamodule), without importing them."""
+    return sorted(_entry_points(GROUPS[kind]))
+
+
+def available(kind: str) -> dict[str, Any]:
+    """Every entry of ``kind`` that imports; the ones that fail become warnings."""
+    loaded = {name: _load(GROUPS[kind], name) for name in names(kind)}
+    return {name: obj for name, obj in loaded.items() if obj is not None}
+
+
+def get(kind: str, name: str) -> Any:
+    """The registered object, or an error listing the valid names."""
+    group = GROUPS[kind]
+    if name not in _entry_points(group):
+        valid = ", ".join(names(kind)) or "(none)"
+        raise RegistryError(
+            f"unknown {kind} '{name}'. Registered {kind}s: {valid}. "
+            f"Pick one of them (e.g. {kind}={names(kind)[0] if names(kind) else '...'}) or install "
+            f"the plugin that provides '{name}'."
+        )
+    obj = _load(group, name)
+    if obj is None:
+        raise RegistryError(
+            f"{kind} '{name}' is registered but its plugin failed to import (see the warning "
+            "above). Fix or reinstall that package."
+        )
+    return obj
+
+
+def config_packages() -> dict[str, str]:
+    """Plugin config packages by entry-point name: {name: 'pkg.module'}."""
+    return {ep.name: ep.value for ep in _entry_points(CONFIG_GROUP).values()}
+
+
+def clear_cache() -> None:
+    """Forget what was read, e.g. after a plugin was pip-installed in the same process."""
+    _entry_points.cache_clear()
+    _load.cache_clear()

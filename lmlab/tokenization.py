@@ -1,0 +1,167 @@
+"""Tokenizers: trained from scratch on the run's training split, or loaded from a directory.
+
+``tokenizer=wordpiece`` gives a BERT tokenizer ([PAD] [UNK] [CLS] [SEP] [MASK]);
+``tokenizer=bpe`` a byte-level GPT-2 style tokenizer with ``<|endoftext|>``;
+``tokenizer=auto`` picks the one the model family was designed for.
+Trained tokenizers are cached under ``<cache>/tokenizers/<fingerprint>`` so a second run on the
+same corpus with the same settings reuses the first one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from lmlab import fingerprint
+from lmlab.atomic import atomic_dir
+from lmlab.errors import config_error
+from lmlab.specs import ModelSpec
+
+log = logging.getLogger(__name__)
+
+WORDPIECE_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+END_OF_TEXT = "<|endoftext|>"
+TYPES = ("auto", "bpe", "wordpiece", "pretrained")
+
+
+def resolve_type(tok_cfg: DictConfig, spec: ModelSpec) -> str:
+    kind = tok_cfg.type
+    if kind not in TYPES:
+        raise config_error("tokenizer.type", f"unknown tokenizer type '{kind}'", f"Use one of: {', '.join(TYPES)}.")
+    return spec.tokenizer if kind == "auto" else kind
+
+
+def train_wordpiece(texts: Sequence[str], vocab_size: int, min_frequency: int, lowercase: bool) -> Any:
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase, strip_accents=lowercase or None)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=WORDPIECE_SPECIALS,
+        continuing_subword_prefix="##", show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+        sep_token="[SEP]", mask_token="[MASK]", do_lower_case=lowercase,
+    )
+
+
+def train_bpe(texts: Sequence[str], vocab_size: int, min_frequency: int) -> Any:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[END_OF_TEXT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    # GPT-2 has one special token; it doubles as padding so batches of ragged prompts work.
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=END_OF_TEXT, eos_token=END_OF_TEXT, unk_token=END_OF_TEXT,
+        pad_token=END_OF_TEXT, model_input_names=["input_ids", "attention_mask"],
+    )
+
+
+def load_pretrained(path: str, trust_remote_code: bool = False) -> Any:
+    """A local tokenizer directory, or a hub name for users who are online."""
+    from transformers import AutoTokenizer
+
+    local = Path(path).expanduser()
+    looks_local = local.exists() or path.startswith((".", "/", "~"))
+    if looks_local and not (local / "tokenizer_config.json").exists() and not (local / "tokenizer.json").exists():
+        raise config_error(
+            "tokenizer.path",
+            f"'{path}' is not a tokenizer directory (no tokenizer.json or tokenizer_config.json there)",
+            "Point it at a directory written by save_pretrained, e.g. an lmlab export's model/ folder.",
+        )
+    try:
+        return AutoTokenizer.from_pretrained(str(local) if looks_local else path, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise config_error(
+            "tokenizer.path", f"could not load tokenizer '{path}' ({exc})",
+            "Use a local directory, or a hub name with network access.",
+        ) from exc
+
+
+def get_tokenizer(
+    tok_cfg: DictConfig, spec: ModelSpec, train_texts: Sequence[str], corpus_fingerprint: str, cache_dir: Path
+) -> tuple[Any, dict[str, Any]]:
+    """The run's tokenizer and a small record of where it came from (logged to MLflow)."""
+    kind = resolve_type(tok_cfg, spec)
+    if kind == "pretrained":
+        if not tok_cfg.get("path"):
+            raise config_error("tokenizer.path", "is empty", "Set tokenizer.path=DIR (a saved Hugging Face tokenizer).")
+        return load_pretrained(str(tok_cfg.path), bool(tok_cfg.get("trust_remote_code", False))), {
+            "type": "pretrained", "path": str(tok_cfg.path), "cached": False}
+
+    vocab_size = int(tok_cfg.vocab_size)
+    if vocab_size < 300:
+        raise config_error("tokenizer.vocab_size", f"{vocab_size} is too small",
+                           "Byte-level BPE alone needs 257 entries; use at least 300.")
+    lowercase = bool(tok_cfg.lowercase) if tok_cfg.get("lowercase") is not None else kind == "wordpiece"
+    params = dict(type=kind, vocab_size=vocab_size, min_frequency=int(tok_cfg.min_frequency), lowercase=lowercase)
+    key = f"{kind}-{vocab_size}-{fingerprint.of_params(corpus=corpus_fingerprint, **params)[:16]}"
+    where = Path(cache_dir) / "tokenizers" / key
+    info = {**params, "path": str(where), "fingerprint": key}
+    if (where / "tokenizer.json").exists():
+        from transformers import AutoTokenizer
+
+        log.info("Reusing cached %s tokenizer %s", kind, where)
+        return AutoTokenizer.from_pretrained(str(where)), {**info, "cached": True}
+
+    log.info("Training a %s tokenizer (vocab %d) on %d training texts", kind, vocab_size, len(train_texts))
+    if kind == "wordpiece":
+        tokenizer = train_wordpiece(train_texts, vocab_size, params["min_frequency"], lowercase)
+    else:
+        tokenizer = train_bpe(train_texts, vocab_size, params["min_frequency"])
+    with atomic_dir(where) as tmp:
+        tokenizer.save_pretrained(str(tmp))
+    return tokenizer, {**info, "cached": False}
+
+
+def encode_texts(tokenizer: Any, texts: Sequence[str], num_proc: int | None = None) -> list[list[int]]:
+    """Token ids of each text without special tokens, using the Rust tokenizer when present."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    if num_proc and num_proc > 1 and len(texts) > 10_000:
+        return _encode_in_processes(tokenizer, texts, num_proc)
+    return [enc.ids for enc in backend.encode_batch(list(texts), add_special_tokens=False)]
+
+
+def _encode_shard(args: tuple[str, list[str]]) -> list[list[int]]:
+    from tokenizers import Tokenizer
+
+    serialized, texts = args
+    tok = Tokenizer.from_str(serialized)
+    return [enc.ids for enc in tok.encode_batch(texts, add_special_tokens=False)]
+
+
+def _encode_in_processes(tokenizer: Any, texts: Sequence[str], num_proc: int) -> list[list[int]]:
+    # data.num_proc splits the corpus across processes, as datasets.map(num_proc=...) does,
+    # for machines where one process's Rust thread pool is not the bottleneck.
+    import multiprocessing as mp
+
+    serialized = tokenizer.backend_tokenizer.to_str()
+    step = (len(texts) + num_proc - 1) // num_proc
+    shards = [(serialized, list(texts[i : i + step])) for i in range(0, len(texts), step)]
+    with mp.get_context("spawn").Pool(num_proc) as pool:
+        parts = pool.map(_encode_shard, shards)
+    return [ids for part in parts for ids in part]

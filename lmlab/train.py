@@ -1,0 +1,161 @@
+"""One run: composed config -> registry lookup -> DataModule + LightningModule -> Trainer -> MLflow."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from lmlab import registry, tracking
+from lmlab.callbacks import LearningRate, TokensPerSecond
+from lmlab.errors import LmlabError, config_error
+from lmlab.export import export_hf
+from lmlab.models.build import build_hf_config, build_model
+from lmlab.specs import ModelSpec, TaskSpec
+from lmlab.tokenization import get_tokenizer
+
+log = logging.getLogger("lmlab")
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    tracking_uri: str
+    output_dir: Path
+    metrics: dict[str, float]
+    export_dir: Path | None
+    seconds: float
+
+    @property
+    def objective(self) -> float:
+        return self.metrics.get("val/loss", math.nan)
+
+
+def check_compatible(task: TaskSpec, spec: ModelSpec, task_cfg: DictConfig) -> None:
+    head = task.head(task_cfg)
+    if head in spec.heads:
+        return
+    working = [name for name, other in registry.available("model").items() if head in other.heads]
+    raise LmlabError(
+        f"task '{task.name}' needs a model with a '{head}' head and model '{spec.name}' has none "
+        f"(it has: {', '.join(spec.heads)}). Models that work for task={task.name}: "
+        f"{', '.join(working) or '(none registered)'}."
+    )
+
+
+def output_dir_for(cfg: DictConfig) -> Path:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:  # called without Hydra (tests, notebooks)
+        stamp = dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
+        return Path(str(cfg.paths.root)) / "runs" / f"{stamp}_{cfg.task.name}_{cfg.model.name}"
+
+
+def save_resolved_config(cfg: DictConfig, output_dir: Path) -> Path:
+    path = output_dir / "config_resolved.yaml"
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    tmp.replace(path)
+    return path
+
+
+def build_trainer(cfg: DictConfig, output_dir: Path, logger: Any) -> tuple[L.Trainer, ModelCheckpoint, TokensPerSecond]:
+    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    checkpoint = ModelCheckpoint(
+        dirpath=output_dir / "checkpoints", filename="best-{step}", monitor=str(cfg.checkpoint.monitor),
+        mode=str(cfg.checkpoint.mode), save_top_k=int(cfg.checkpoint.save_top_k), save_last=True,
+    )
+    throughput = TokensPerSecond(every=int(trainer_kwargs.get("log_every_n_steps") or 10))
+    try:
+        trainer = L.Trainer(
+            **trainer_kwargs, logger=logger, callbacks=[checkpoint, throughput, LearningRate()],
+            default_root_dir=str(output_dir),
+        )
+    except TypeError as exc:
+        raise config_error("trainer", f"Lightning's Trainer rejected the options ({exc})",
+                           "Check the trainer.* keys against lightning.Trainer's arguments.") from exc
+    except Exception as exc:  # MisconfigurationException and friends carry a clear message
+        raise LmlabError(f"config group 'trainer': {exc}") from exc
+    return trainer, checkpoint, throughput
+
+
+def run(cfg: DictConfig) -> RunResult:
+    """Train, validate and export one model; returns the MLflow run and its final metrics."""
+    started = time.perf_counter()
+    task: TaskSpec = registry.get("task", cfg.task.name)
+    spec: ModelSpec = registry.get("model", cfg.model.name)
+    check_compatible(task, spec, cfg.task)
+    task.validate(cfg)
+    tracking.quiet_env()
+    tracking.check_reachable(tracking.tracking_uri(cfg))
+
+    L.seed_everything(int(cfg.seed), workers=True)
+    datamodule_cls = registry.get("datamodule", cfg.data.datamodule)
+    dm = datamodule_cls(cfg.data, packing=task.packing(cfg.task), cache_dir=cfg.paths.cache, seed=int(cfg.seed))
+    cache = Path(str(cfg.paths.cache))
+    tokenizer, tok_info = get_tokenizer(cfg.tokenizer, spec, dm.texts_for_tokenizer(), dm.fingerprint, cache)
+    dm.set_tokenizer(tokenizer)
+    hf_config = build_hf_config(spec, cfg.model, tokenizer, int(cfg.data.block_size))
+    dm.setup("fit")
+
+    output_dir = output_dir_for(cfg)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    config_path = save_resolved_config(cfg, output_dir)
+
+    model = build_model(spec, task.head(cfg.task), hf_config)
+    log.info("Randomly initialised %s (%s, %.2fM parameters)", spec.name, cfg.model.size,
+             sum(p.numel() for p in model.parameters()) / 1e6)
+    module = task.build_module(cfg, model, tokenizer)
+
+    tags = {"lmlab.task": task.name, "lmlab.model": spec.name, "lmlab.model_size": str(cfg.model.size),
+            "lmlab.data": str(dm.corpus.origin), "lmlab.output_dir": str(output_dir.resolve())}
+    client, run_id, _ = tracking.start_run(cfg, tags)
+    status = "FAILED"
+    try:
+        client.log_artifact(run_id, str(config_path), artifact_path="config")
+        client.log_dict(run_id, {"tokenizer": tok_info, "data": {**dm.stats, "origin": dm.corpus.origin,
+                                 "tokenized_cache_hit": dm.cache_hit}}, "run_info.json")
+        client.log_param(run_id, "n_parameters", sum(p.numel() for p in model.parameters()))
+        trainer, checkpoint, throughput = build_trainer(cfg, output_dir, tracking.metrics_logger(cfg, run_id))
+        trainer.fit(module, datamodule=dm)
+        # One last validation of the final weights, so the printed numbers describe what is exported.
+        final = trainer.validate(module, datamodule=dm, verbose=False)[0]
+        metrics = {k: float(v) for k, v in final.items()}
+        export_dir = None
+        if cfg.export and trainer.is_global_zero:
+            export_dir = export_hf(module.model, tokenizer, output_dir / "export")
+            client.log_artifacts(run_id, str(export_dir), artifact_path="model")
+        client.log_metric(run_id, "train/total_tokens", throughput.total_tokens)
+        status = "FINISHED"
+    finally:
+        client.set_terminated(run_id, status)
+    return RunResult(run_id, tracking.tracking_uri(cfg), output_dir, metrics, export_dir, time.perf_counter() - started)
+
+
+def summary(result: RunResult) -> str:
+    loss = result.metrics.get("val/loss", math.nan)
+    ppl = result.metrics.get("val/perplexity", math.nan)
+    lines = [
+        "",
+        f"lmlab run finished in {result.seconds:.0f} s",
+        f"  MLflow run id:     {result.run_id}",
+        f"  val/loss:          {loss:.4f}",
+        f"  val/perplexity:    {ppl:.2f}",
+        f"  output directory:  {result.output_dir}",
+    ]
+    if result.export_dir is not None:
+        lines.append(f"  Hugging Face model: {result.export_dir}")
+    lines.append(f"  open the MLflow UI: {tracking.ui_command(result.tracking_uri)}")
+    return "\n".join(lines)
+
+
