@@ -1,0 +1,52 @@
+"""Shared test set-up: every test gets its own lmlab home and cache, and tiny configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig
+
+from lmlab.cli import _free_form, register_experiments
+from lmlab.paths import config_dir
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+WIKI = SHARED_DATA / "corpus" / "wiki_extracts_en.txt"
+
+# A few steps of a 2-layer, 128-wide model with a small vocabulary: seconds on a CPU.
+TINY = [
+    "+experiment=debug",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+]
+
+
+@pytest.fixture(autouse=True)
+def lmlab_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Runs, the embedded MLflow store and caches go under the test's tmp_path."""
+    home = tmp_path / "lmlab_home"
+    monkeypatch.setenv("LMLAB_HOME", str(home))
+    monkeypatch.setenv("LMLAB_CACHE_DIR", str(tmp_path / "cache"))
+    return home
+
+
+@pytest.fixture
+def wiki_file(tmp_path: Path) -> Path:
+    """The first 600 paragraphs of the real Wikipedia corpus in ../shared/data, as a text file."""
+    if not WIKI.exists():
+        pytest.skip(f"real test data missing: {WIKI}")
+    lines = WIKI.read_text(encoding="utf-8").splitlines()[:600]
+    path = tmp_path / "wiki.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def compose_cfg(overrides: list[str]) -> DictConfig:
+    """The config `lmlab OVERRIDES` would run, composed without starting a job."""
+    register_experiments()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return compose("config", overrides=_free_form(list(overrides)))
