@@ -56,6 +56,8 @@ def train_wordpiece(texts: Sequence[str], vocab_size: int, min_frequency: int, l
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
         sep_token="[SEP]", mask_token="[MASK]", do_lower_case=lowercase,
+        # The pair template above sets segment ids; without this the wrapper drops them.
+        model_input_names=["input_ids", "token_type_ids", "attention_mask"],
     )
 
 

@@ -61,7 +61,9 @@ def read_text_file(path: Path, encoding: str = "utf-8", fallback: str | None = N
 def read_jsonl_file(path: Path, text_field: str, encoding: str = "utf-8", fallback: str | None = None) -> list[str]:
     text = _decode(path, path.read_bytes(), encoding, fallback)
     docs = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Records end at "\n" only: str.splitlines() would also cut at U+2028, U+0085 ..., which
+    # JSON allows unescaped inside strings (and would throw the line numbers off).
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:

@@ -1,0 +1,181 @@
+"""BERT's dynamic masking: rates, special positions, labels, whole words, determinism."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmlab.masking import IGNORE_INDEX, check_probabilities, mask_tokens, word_starts
+
+VOCAB = 1000
+MASK_ID = 4
+SPECIAL_IDS = (0, 1, 2, 3, 4)  # [PAD] [UNK] [CLS] [SEP] [MASK] as in a WordPiece vocabulary
+SHAPE = (64, 2048)  # 131,072 positions
+
+
+def _batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random ordinary ids (never a special id) with [CLS] at 0, [SEP] at -1 and padding tails."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(len(SPECIAL_IDS), VOCAB, SHAPE, generator=g)
+    ids[:, 0] = 2
+    ids[:, -1] = 3
+    ids[::4, -300:] = 0  # padding in a quarter of the rows
+    special = torch.isin(ids, torch.tensor(SPECIAL_IDS))
+    return ids, special
+
+
+def _shares(ids, special, masked, labels):
+    chosen = labels != IGNORE_INDEX
+    n_chosen = int(chosen.sum())
+    is_mask = chosen & (masked == MASK_ID)
+    unchanged = chosen & (masked == ids)
+    # A random replacement may draw the original id (prob 1/VOCAB) or the [MASK] id; both are tiny.
+    random = chosen & ~is_mask & ~unchanged
+    return (
+        n_chosen / int((~special).sum()),
+        int(is_mask.sum()) / n_chosen,
+        int(random.sum()) / n_chosen,
+        int(unchanged.sum()) / n_chosen,
+    )
+
+
+def test_default_rates_labels_and_specials():
+    ids, special = _batch()
+    original = ids.clone()
+    g = torch.Generator().manual_seed(7)
+    masked, labels = mask_tokens(ids, special, mask_token_id=MASK_ID, vocab_size=VOCAB, generator=g)
+
+    assert torch.equal(ids, original), "input_ids must not be modified in place"
+    assert masked.shape == ids.shape and labels.shape == ids.shape
+    assert int((~special).sum()) > 100_000
+
+    chosen = labels != IGNORE_INDEX
+    # Special positions ([CLS], [SEP], padding) are never chosen and never altered.
+    assert not (chosen & special).any()
+    assert torch.equal(masked[special], ids[special])
+    # Labels: the original id where chosen, -100 everywhere else.
+    assert torch.equal(labels[chosen], ids[chosen])
+    assert (labels[~chosen] == IGNORE_INDEX).all()
+    # Positions not chosen keep their token.
+    assert torch.equal(masked[~chosen], ids[~chosen])
+
+    rate, to_mask, to_random, unchanged = _shares(ids, special, masked, labels)
+    assert abs(rate - 0.15) < 0.005, rate
+    assert abs(to_mask - 0.80) < 0.015, to_mask
+    assert abs(to_random - 0.10) < 0.015, to_random
+    assert abs(unchanged - 0.10) < 0.015, unchanged
+    # Random replacements are real vocabulary ids.
+    assert int(masked.min()) >= 0 and int(masked.max()) < VOCAB
+
+
+@pytest.mark.parametrize(
+    "mlm, mask_p, random_p",
+    [(0.3, 0.8, 0.1), (0.15, 0.5, 0.5), (0.4, 0.0, 0.0), (0.2, 1.0, 0.0)],
+)
+def test_non_default_rates_are_respected(mlm, mask_p, random_p):
+    ids, special = _batch(seed=1)
+    g = torch.Generator().manual_seed(11)
+    masked, labels = mask_tokens(
+        ids, special, mask_token_id=MASK_ID, vocab_size=VOCAB, mlm_probability=mlm,
+        mask_replace_prob=mask_p, random_replace_prob=random_p, generator=g,
+    )
+    assert not ((labels != IGNORE_INDEX) & special).any()
+    rate, to_mask, to_random, unchanged = _shares(ids, special, masked, labels)
+    assert abs(rate - mlm) < 0.005, rate
+    assert abs(to_mask - mask_p) < 0.015, to_mask
+    assert abs(to_random - random_p) < 0.015, to_random
+    assert abs(unchanged - (1 - mask_p - random_p)) < 0.015, unchanged
+
+
+def _words_batch(seed: int = 0):
+    """Ids where ids >= 500 are continuation pieces (##x), so words are one or more pieces long.
+
+    Returns the ids, the special mask, the continuation table and each position's word number
+    (-1 for special tokens), worked out here independently of ``word_starts``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    continuation = torch.zeros(VOCAB, dtype=torch.bool)
+    continuation[500:] = True
+    shape = (32, 2048)
+    is_piece = torch.rand(shape, generator=g) < 0.55
+    ids = torch.where(
+        is_piece, torch.randint(500, VOCAB, shape, generator=g), torch.randint(5, 500, shape, generator=g)
+    )
+    ids[:, 0] = 2  # [CLS]
+    ids[:, -1] = 3  # [SEP]
+    ids[:, 1] = 600  # a ## piece right after [CLS] still opens a word of its own
+    ids[5, 700] = 3  # a [SEP] in the middle, followed by a piece
+    ids[5, 701] = 777
+    special = torch.isin(ids, torch.tensor(SPECIAL_IDS))
+    opens = ~continuation[ids]
+    opens[:, 1:] |= special[:, :-1]
+    opens |= special
+    word = torch.cumsum(opens.long(), dim=1) - 1
+    word[special] = -1
+    return ids, special, continuation, word
+
+
+def test_word_starts():
+    continuation = torch.zeros(10, dtype=torch.bool)
+    continuation[7:] = True
+    ids = torch.tensor([[2, 8, 5, 7, 9, 6, 3, 7]])
+    special = torch.isin(ids, torch.tensor([2, 3]))
+    starts = word_starts(ids, continuation, special)
+    assert starts.tolist() == [[True, True, True, False, False, True, True, True]]
+
+
+def test_whole_word_masking_chooses_words_together():
+    ids, special, continuation, word = _words_batch()
+    starts = word_starts(ids, continuation, special)
+    g = torch.Generator().manual_seed(3)
+    masked, labels = mask_tokens(
+        ids, special, mask_token_id=MASK_ID, vocab_size=VOCAB, starts=starts, generator=g,
+    )
+    chosen = labels != IGNORE_INDEX
+    assert not (chosen & special).any()
+    assert torch.equal(labels[chosen], ids[chosen])
+
+    # Per word: how many pieces it has and how many of them were chosen.
+    rows, cols = ids.shape
+    index = (word.clamp(min=0) + torch.arange(rows).unsqueeze(1) * cols)[~special]
+    pieces = torch.zeros(rows * cols).index_add_(0, index, torch.ones(index.numel()))
+    picked = torch.zeros(rows * cols).index_add_(0, index, chosen[~special].float())
+    present = pieces > 0
+    pieces, picked = pieces[present], picked[present]
+    partial = (picked > 0) & (picked < pieces)
+    assert int(partial.sum()) == 0, f"{int(partial.sum())} words were masked only in part"
+
+    n_words = int(present.sum())
+    assert n_words > 20_000
+    word_rate = int((picked == pieces).sum()) / n_words
+    assert abs(word_rate - 0.15) < 0.01, word_rate
+    # Multi-piece words were chosen too, so grouping was really exercised.
+    assert int(((picked == pieces) & (pieces >= 3)).sum()) > 500
+    # Among chosen pieces the 80/10/10 split still holds.
+    n_chosen = int(chosen.sum())
+    assert abs(int((chosen & (masked == MASK_ID)).sum()) / n_chosen - 0.8) < 0.015
+
+
+def test_seeded_generator_is_deterministic():
+    ids, special = _batch(seed=2)
+    outs = []
+    for _ in range(2):
+        g = torch.Generator().manual_seed(1234)
+        outs.append(mask_tokens(ids, special, mask_token_id=MASK_ID, vocab_size=VOCAB, generator=g))
+    assert torch.equal(outs[0][0], outs[1][0])
+    assert torch.equal(outs[0][1], outs[1][1])
+    g = torch.Generator().manual_seed(1235)
+    other = mask_tokens(ids, special, mask_token_id=MASK_ID, vocab_size=VOCAB, generator=g)
+    assert not torch.equal(outs[0][1], other[1])
+
+
+def test_check_probabilities():
+    assert check_probabilities(0.15, 0.8, 0.1) is None
+    assert check_probabilities(0.15, 1.0, 0.0) is None
+    too_much = check_probabilities(0.15, 0.9, 0.2)
+    assert too_much and "exceeds 1" in too_much
+    for bad in (0.0, 1.5):
+        message = check_probabilities(bad, 0.8, 0.1)
+        assert message and "mlm_probability" in message
+    negative = check_probabilities(0.15, -0.1, 0.1)
+    assert negative and "mask_replace_prob" in negative

@@ -1,0 +1,198 @@
+"""The entry-point registry and plugin configs, with real distributions written to a tmp dir."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+from conftest import compose_cfg
+
+from lmlab import registry
+from lmlab.errors import LmlabError
+from lmlab.plugin_configs import check_no_shadowing, plugin_config_dirs
+from lmlab.registry import RegistryError
+from lmlab.specs import ModelSpec, TaskSpec
+
+
+@pytest.fixture
+def registry_cache():
+    registry.clear_cache()
+    yield
+    registry.clear_cache()
+
+
+@pytest.fixture
+def install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, registry_cache):
+    """``install(dist, entry_points, files)`` writes an installed distribution onto sys.path:
+    ``<dist>-0.1.dist-info`` with METADATA and entry_points.txt, plus the given module files."""
+    site = tmp_path / "site"
+    site.mkdir()
+    monkeypatch.syspath_prepend(str(site))
+    modules: list[str] = []
+
+    def _install(dist: str, entry_points: dict[str, dict[str, str]], files: dict[str, str] | None = None) -> Path:
+        info = site / f"{dist.replace('-', '_')}-0.1.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
+        sections = [
+            f"[{group}]\n" + "".join(f"{name} = {value}\n" for name, value in eps.items())
+            for group, eps in entry_points.items()
+        ]
+        (info / "entry_points.txt").write_text("\n".join(sections))
+        for rel, text in (files or {}).items():
+            path = site / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(textwrap.dedent(text))
+            modules.append(Path(rel).parts[0].removesuffix(".py"))
+        registry.clear_cache()
+        return site
+
+    yield _install
+    for name in modules:
+        for loaded in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
+            del sys.modules[loaded]
+
+
+TOY_TASK = """
+from lmlab.specs import TaskSpec
+
+TASK = TaskSpec(
+    name="toy", head=lambda task_cfg: "causal_lm", build_module=lambda cfg, model, tok: None,
+    packing=lambda task_cfg: "causal", description="a toy task from a plugin",
+)
+"""
+
+
+def test_builtins(registry_cache):
+    assert registry.names("task") == ["clm", "mlm"]
+    assert registry.names("model") == ["bert", "gpt2"]
+    assert registry.names("datamodule") == ["text"]
+    for kind, name in (("task", "clm"), ("task", "mlm")):
+        spec = registry.get(kind, name)
+        assert isinstance(spec, TaskSpec) and spec.name == name
+    for name in ("gpt2", "bert"):
+        spec = registry.get("model", name)
+        assert isinstance(spec, ModelSpec) and spec.name == name
+    from lmlab.data.text_datamodule import TextDataModule
+
+    assert registry.get("datamodule", "text") is TextDataModule
+    mlm = registry.get("task", "mlm")
+    assert mlm.packing(OmegaConf.create({"nsp": True})) == "sentence_pairs"
+    assert mlm.head(OmegaConf.create({"nsp": False})) == "masked_lm"
+
+
+def test_unknown_name_lists_the_valid_ones(registry_cache):
+    with pytest.raises(RegistryError) as info:
+        registry.get("model", "gpt5")
+    message = str(info.value)
+    assert "gpt5" in message and "bert" in message and "gpt2" in message
+    assert isinstance(info.value, LmlabError)
+
+
+def test_a_plugin_adds_a_task(install):
+    install("lmlab-toy-plugin", {"lmlab.tasks": {"toy": "lmlab_toy_plugin:TASK"}}, {"lmlab_toy_plugin.py": TOY_TASK})
+    assert registry.names("task") == ["clm", "mlm", "toy"]
+    task = registry.get("task", "toy")
+    assert isinstance(task, TaskSpec) and task.name == "toy" and task.packing(None) == "causal"
+
+
+def test_duplicate_registration_across_distributions(install):
+    install("lmlab-dup-plugin", {"lmlab.tasks": {"clm": "lmlab_dup_plugin:TASK"}}, {"lmlab_dup_plugin.py": TOY_TASK})
+    with pytest.raises(RegistryError) as info:
+        registry.names("task")
+    message = str(info.value)
+    assert "'clm'" in message and "lmlab.tasks" in message
+    assert "lmlab_dup_plugin:TASK" in message and "lmlab.tasks.clm:TASK" in message
+    assert "lmlab-dup-plugin 0.1" in message
+
+
+def test_same_registration_seen_twice_is_not_a_clash(install):
+    """One package visible twice (an editable checkout plus a wheel) registers the same value."""
+    install("lmlab-shadow-copy", {"lmlab.tasks": {"clm": "lmlab.tasks.clm:TASK"}})
+    assert registry.names("task") == ["clm", "mlm"]
+    assert registry.get("task", "clm").name == "clm"
+
+
+def test_broken_plugin_warns_and_the_rest_still_load(install):
+    install(
+        "lmlab-mixed-plugins",
+        {"lmlab.tasks": {"toy": "lmlab_good_plugin:TASK", "broken": "lmlab_broken_plugin:TASK"}},
+        {
+            "lmlab_good_plugin.py": TOY_TASK,
+            "lmlab_broken_plugin.py": "import lmlab_dependency_that_is_not_installed\nTASK = None\n",
+        },
+    )
+    assert registry.names("task") == ["broken", "clm", "mlm", "toy"]
+    with pytest.warns(RuntimeWarning, match="broken") as record:
+        loaded = registry.available("task")
+    assert sorted(loaded) == ["clm", "mlm", "toy"]
+    messages = [str(w.message) for w in record if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1
+    assert "lmlab_broken_plugin:TASK" in messages[0] and "lmlab_dependency_that_is_not_installed" in messages[0]
+    assert "lmlab-mixed-plugins 0.1" in messages[0]
+    with pytest.raises(RegistryError, match="broken"):
+        registry.get("task", "broken")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert registry.get("task", "toy").name == "toy"
+        assert registry.get("model", "gpt2").name == "gpt2"
+
+
+def test_plugin_config_may_not_shadow_core_files(install):
+    install(
+        "lmlab-shadowing-configs",
+        {"lmlab.configs": {"shadowing": "lmlab_shadowing_configs"}},
+        {"lmlab_shadowing_configs/__init__.py": "", "lmlab_shadowing_configs/task/clm.yaml": "name: clm\n"},
+    )
+    with pytest.raises(LmlabError) as info:
+        check_no_shadowing()
+    message = str(info.value)
+    assert "task/clm.yaml" in message and "shadowing" in message and "lmlab_shadowing_configs" in message
+
+
+def test_two_plugins_may_not_ship_the_same_file(install):
+    for name in ("alpha", "beta"):
+        install(
+            f"lmlab-{name}-configs",
+            {"lmlab.configs": {name: f"lmlab_{name}_configs"}},
+            {f"lmlab_{name}_configs/__init__.py": "", f"lmlab_{name}_configs/task/toy.yaml": "name: toy\n"},
+        )
+    with pytest.raises(LmlabError, match="task/toy.yaml"):
+        check_no_shadowing()
+
+
+def test_missing_plugin_config_package_warns(install):
+    install("lmlab-ghost-configs", {"lmlab.configs": {"ghost": "lmlab_ghost_configs_not_there"}})
+    with pytest.warns(RuntimeWarning, match="ghost"):
+        assert plugin_config_dirs() == {}
+
+
+def test_plugin_config_becomes_a_group_option(install):
+    site = install(
+        "lmlab-toy-configs",
+        {"lmlab.configs": {"toy": "lmlab_toy_configs"}, "lmlab.tasks": {"toy": "lmlab_toy_task:TASK"}},
+        {
+            "lmlab_toy_configs/__init__.py": "",
+            "lmlab_toy_configs/task/toy.yaml": "# A toy task from a plugin.\nname: toy\nwidth: 7\n",
+            "lmlab_toy_task.py": TOY_TASK,
+        },
+    )
+    check_no_shadowing()  # adds an option, shadows nothing
+    assert plugin_config_dirs() == {"toy": ("lmlab_toy_configs", site / "lmlab_toy_configs")}
+    cfg = compose_cfg(["task=toy"])
+    assert cfg.task.name == "toy" and cfg.task.width == 7
+    assert cfg.model.name == "gpt2"
+    assert registry.get("task", cfg.task.name).name == "toy"
+    # The core options are still there beside it.
+    assert compose_cfg(["task=mlm"]).task.name == "mlm"
+
+
+def test_without_the_plugin_the_option_is_unknown(registry_cache):
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException, match="toy"):
+        compose_cfg(["task=toy"])

