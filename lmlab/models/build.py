@@ -20,7 +20,8 @@ def build_hf_config(spec: ModelSpec, model_cfg: DictConfig, tokenizer: Any, bloc
         )
     node = model_cfg.get("config")
     overrides = OmegaConf.to_container(node, resolve=True) if node is not None else {}
-    known = set(spec.config_class().to_dict())
+    # attribute_map holds HF's aliases (GPT-2 accepts hidden_size for n_embd, and so on).
+    known = set(spec.config_class().to_dict()) | set(getattr(spec.config_class, "attribute_map", {}))
     unknown = sorted(set(overrides) - known)
     if unknown:
         # HF configs swallow unknown kwargs silently; a typo must not train the wrong model.
