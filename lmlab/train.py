@@ -14,13 +14,13 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from lmlab import registry, tracking
+from lmlab import pretrained, registry, tracking
 from lmlab.callbacks import LearningRate, TokensPerSecond
 from lmlab.errors import LmlabError, config_error
 from lmlab.export import export_hf
-from lmlab.models.build import build_hf_config, build_model
+from lmlab.models.build import build_hf_config, build_model, check_positions
 from lmlab.specs import ModelSpec, TaskSpec
-from lmlab.tokenization import get_tokenizer
+from lmlab.tokenization import get_tokenizer, load_pretrained
 
 log = logging.getLogger("lmlab")
 
@@ -89,8 +89,39 @@ def build_trainer(cfg: DictConfig, output_dir: Path, logger: Any) -> tuple[L.Tra
     return trainer, checkpoint, throughput
 
 
+def sequence_length(data_cfg: DictConfig) -> int:
+    """The longest sequence the data will feed the model (block_size for LM, max_length for heads)."""
+    return int(data_cfg.get("block_size") or data_cfg.get("max_length") or 0)
+
+
+def prepare_model_and_tokenizer(cfg: DictConfig, task: TaskSpec, spec: ModelSpec, dm: Any) -> tuple[Any, Any, dict]:
+    """Tokenizer and model: both from ``model.pretrained``, or a trained tokenizer and a fresh model."""
+    head = task.head(cfg.task)
+    ref = cfg.model.get("pretrained")
+    trust = bool(cfg.model.get("trust_remote_code", False))
+    if ref:
+        source = pretrained.resolve(str(ref), cfg)
+        tokenizer = load_pretrained(source, trust)
+        tok_info: dict[str, Any] = {"type": "pretrained", "path": source}
+    else:
+        tokenizer, tok_info = get_tokenizer(cfg.tokenizer, spec, dm.texts_for_tokenizer(), dm.fingerprint,
+                                            Path(str(cfg.paths.cache)))
+    dm.set_tokenizer(tokenizer)
+    updates = dm.model_config_updates() if hasattr(dm, "model_config_updates") else {}
+    if ref:
+        model = pretrained.load_model(spec, head, source, updates, trust)
+        check_positions(spec, model.config, sequence_length(cfg.data))
+        log.info("Loaded pretrained %s backbone from %s", spec.name, source)
+    else:
+        config = build_hf_config(spec, cfg.model, tokenizer, sequence_length(cfg.data), updates)
+        model = build_model(spec, head, config)
+        log.info("No model.pretrained: randomly initialised %s (%s)", spec.name, cfg.model.size)
+    log.info("%s: %.2fM parameters", spec.name, sum(p.numel() for p in model.parameters()) / 1e6)
+    return tokenizer, model, tok_info
+
+
 def run(cfg: DictConfig) -> RunResult:
-    """Train, validate and export one model; returns the MLflow run and its final metrics."""
+    """Train, validate (and test) one model, export it; returns the MLflow run and its final metrics."""
     started = time.perf_counter()
     task: TaskSpec = registry.get("task", cfg.task.name)
     spec: ModelSpec = registry.get("model", cfg.model.name)
@@ -102,29 +133,23 @@ def run(cfg: DictConfig) -> RunResult:
     L.seed_everything(int(cfg.seed), workers=True)
     datamodule_cls = registry.get("datamodule", cfg.data.datamodule)
     dm = datamodule_cls(cfg.data, packing=task.packing(cfg.task), cache_dir=cfg.paths.cache, seed=int(cfg.seed))
-    cache = Path(str(cfg.paths.cache))
-    tokenizer, tok_info = get_tokenizer(cfg.tokenizer, spec, dm.texts_for_tokenizer(), dm.fingerprint, cache)
-    dm.set_tokenizer(tokenizer)
-    hf_config = build_hf_config(spec, cfg.model, tokenizer, int(cfg.data.block_size))
+    tokenizer, model, tok_info = prepare_model_and_tokenizer(cfg, task, spec, dm)
     dm.setup("fit")
+    module = task.build_module(cfg, model, tokenizer)
 
     output_dir = output_dir_for(cfg)
     output_dir.mkdir(parents=True, exist_ok=True)
     config_path = save_resolved_config(cfg, output_dir)
-
-    model = build_model(spec, task.head(cfg.task), hf_config)
-    log.info("Randomly initialised %s (%s, %.2fM parameters)", spec.name, cfg.model.size,
-             sum(p.numel() for p in model.parameters()) / 1e6)
-    module = task.build_module(cfg, model, tokenizer)
-
+    origin = str(getattr(dm, "origin", None) or getattr(getattr(dm, "corpus", None), "origin", ""))
     tags = {"lmlab.task": task.name, "lmlab.model": spec.name, "lmlab.model_size": str(cfg.model.size),
-            "lmlab.data": str(dm.corpus.origin), "lmlab.output_dir": str(output_dir.resolve())}
+            "lmlab.data": origin, "lmlab.output_dir": str(output_dir.resolve()),
+            "lmlab.pretrained": str(cfg.model.get("pretrained") or "")}
     client, run_id, _ = tracking.start_run(cfg, tags)
     status = "FAILED"
     try:
         client.log_artifact(run_id, str(config_path), artifact_path="config")
-        client.log_dict(run_id, {"tokenizer": tok_info, "data": {**dm.stats, "origin": dm.corpus.origin,
-                                 "tokenized_cache_hit": dm.cache_hit}}, "run_info.json")
+        client.log_dict(run_id, {"tokenizer": tok_info, "data": {**getattr(dm, "stats", {}), "origin": origin,
+                                 "tokenized_cache_hit": getattr(dm, "cache_hit", None)}}, "run_info.json")
         client.log_param(run_id, "n_parameters", sum(p.numel() for p in model.parameters()))
         trainer, checkpoint, throughput = build_trainer(cfg, output_dir, tracking.metrics_logger(cfg, run_id))
         trainer.fit(module, datamodule=dm)
@@ -135,6 +160,14 @@ def run(cfg: DictConfig) -> RunResult:
         if cfg.export and trainer.is_global_zero:
             export_dir = export_hf(module.model, tokenizer, output_dir / "export")
             client.log_artifacts(run_id, str(export_dir), artifact_path="model")
+        if getattr(dm, "has_test", False):
+            # The test split is scored with the best checkpoint by the monitored metric.
+            best = "best" if checkpoint.best_model_path else None
+            tested = trainer.test(module, datamodule=dm, ckpt_path=best, verbose=False)[0]
+            metrics.update({k: float(v) for k, v in tested.items()})
+            if hasattr(module, "export_predictions") and trainer.is_global_zero:
+                for path in module.export_predictions(output_dir / "predictions"):
+                    client.log_artifact(run_id, str(path), artifact_path="predictions")
         client.log_metric(run_id, "train/total_tokens", throughput.total_tokens)
         status = "FINISHED"
     finally:
@@ -143,19 +176,15 @@ def run(cfg: DictConfig) -> RunResult:
 
 
 def summary(result: RunResult) -> str:
-    loss = result.metrics.get("val/loss", math.nan)
-    ppl = result.metrics.get("val/perplexity", math.nan)
-    lines = [
-        "",
-        f"lmlab run finished in {result.seconds:.0f} s",
-        f"  MLflow run id:     {result.run_id}",
-        f"  val/loss:          {loss:.4f}",
-        f"  val/perplexity:    {ppl:.2f}",
-        f"  output directory:  {result.output_dir}",
-    ]
+    lines = ["", f"lmlab run finished in {result.seconds:.0f} s", f"  MLflow run id:     {result.run_id}"]
+    # Loss and perplexity first (the LM objectives), then every other final metric.
+    order = sorted(result.metrics, key=lambda k: (k not in ("val/loss", "val/perplexity"), k))
+    for key in order:
+        if key.startswith(("val/", "test/")):
+            value = result.metrics[key]
+            lines.append(f"  {key + ':':<18} {value:.2f}" if key.endswith("perplexity") else f"  {key + ':':<18} {value:.4f}")
+    lines.append(f"  output directory:  {result.output_dir}")
     if result.export_dir is not None:
         lines.append(f"  Hugging Face model: {result.export_dir}")
     lines.append(f"  open the MLflow UI: {tracking.ui_command(result.tracking_uri)}")
     return "\n".join(lines)
-
-

@@ -10,7 +10,9 @@ from lmlab.errors import config_error
 from lmlab.specs import ModelSpec
 
 
-def build_hf_config(spec: ModelSpec, model_cfg: DictConfig, tokenizer: Any, block_size: int) -> Any:
+def build_hf_config(
+    spec: ModelSpec, model_cfg: DictConfig, tokenizer: Any, block_size: int, updates: dict[str, Any] | None = None
+) -> Any:
     """The HF config for ``model.size`` with ``model.config.*`` overrides applied and checked."""
     if model_cfg.size not in spec.sizes:
         raise config_error(
@@ -30,23 +32,27 @@ def build_hf_config(spec: ModelSpec, model_cfg: DictConfig, tokenizer: Any, bloc
             f"not a field of {spec.config_class.__name__}",
             "Check the spelling against the Hugging Face config documentation for this model.",
         )
-    kwargs = {**spec.sizes[model_cfg.size], **overrides}
+    kwargs = {**spec.sizes[model_cfg.size], **overrides, **(updates or {})}
     kwargs["vocab_size"] = len(tokenizer)
     for attr in ("pad_token_id", "bos_token_id", "eos_token_id"):
         value = getattr(tokenizer, attr, None)
         if value is not None:
             kwargs.setdefault(attr, value)
     config = spec.config_class(**kwargs)
+    check_positions(spec, config, block_size, model_cfg.size)
+    return config
+
+
+def check_positions(spec: ModelSpec, config: Any, block_size: int, size: str = "pretrained") -> None:
     positions = getattr(config, spec.positions_key)
     if block_size > positions:
         raise config_error(
             "data.block_size",
-            f"{block_size} is longer than model '{spec.name}' (size {model_cfg.size}) can attend "
+            f"{block_size} is longer than model '{spec.name}' (size {size}) can attend "
             f"to ({spec.positions_key}={positions})",
             f"Lower data.block_size to at most {positions} or raise "
             f"model.config.{spec.positions_key}.",
         )
-    return config
 
 
 def build_model(spec: ModelSpec, head: str, config: Any) -> Any:

@@ -1,6 +1,6 @@
 """GPT-2 family (decoder-only) built from a Hugging Face config."""
 
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2ForTokenClassification, GPT2LMHeadModel
 
 from lmlab.specs import ModelSpec
 
@@ -14,7 +14,12 @@ MODEL = ModelSpec(
         # base: GPT-2 124M.
         "base": dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024),
     },
-    heads={"causal_lm": GPT2LMHeadModel},
+    heads={
+        "causal_lm": GPT2LMHeadModel,
+        # Classifies from the last non-pad token (needs config.pad_token_id, which lmlab sets).
+        "sequence_classification": GPT2ForSequenceClassification,
+        "token_classification": GPT2ForTokenClassification,
+    },
     tokenizer="bpe",
     positions_key="n_positions",
     description="GPT-2 decoder (tiny 2x128, small 6x512, base 124M)",

@@ -1,0 +1,74 @@
+"""Find and load a pretrained backbone: a HF directory, an lmlab run, an MLflow run id or a hub name."""
+
+from __future__ import annotations
+
+import logging
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from lmlab.errors import config_error
+from lmlab.specs import ModelSpec
+
+log = logging.getLogger(__name__)
+
+_RUN_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def resolve(ref: str, cfg: DictConfig) -> str:
+    """A local directory holding config.json, or a hub name left for transformers to fetch."""
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        for candidate in (path, path / "export"):
+            if (candidate / "config.json").exists():
+                return str(candidate)
+        raise config_error(
+            "model.pretrained", f"directory '{ref}' holds neither config.json nor export/config.json",
+            "Point it at a Hugging Face model directory or an lmlab run directory.",
+        )
+    if _RUN_ID.fullmatch(ref):
+        return _download_run_model(ref, cfg)
+    if ref.startswith((".", "/", "~")):
+        raise config_error("model.pretrained", f"'{ref}' does not exist",
+                           "Give an existing directory, an MLflow run id or a hub name.")
+    return ref  # a hub name: only works online, and that is the user's choice
+
+
+def _download_run_model(run_id: str, cfg: DictConfig) -> str:
+    import mlflow
+
+    from lmlab.tracking import tracking_uri
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri(cfg))
+    try:
+        client.get_run(run_id)
+    except Exception as exc:
+        raise config_error("model.pretrained", f"no MLflow run '{run_id}' at {tracking_uri(cfg)}",
+                           "Check the run id in the MLflow UI, or set logger.tracking_uri to its store.") from exc
+    target = Path(tempfile.mkdtemp(prefix=f"lmlab-{run_id[:8]}-"))
+    local = Path(client.download_artifacts(run_id, "model", str(target)))
+    if not (local / "config.json").exists():
+        raise config_error("model.pretrained", f"MLflow run '{run_id}' has no exported model artifact",
+                           "Use a run that finished with export=true.")
+    log.info("Downloaded the model of MLflow run %s to %s", run_id, local)
+    return str(local)
+
+
+def load_model(spec: ModelSpec, head: str, ref: str, updates: dict[str, Any], trust_remote_code: bool = False) -> Any:
+    """The task's head on top of the pretrained weights; a missing head is freshly initialised."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(ref, trust_remote_code=trust_remote_code)
+    expected = getattr(spec.config_class, "model_type", None)
+    if expected and config.model_type != expected:
+        raise config_error(
+            "model.pretrained", f"'{ref}' is a '{config.model_type}' model but model={spec.name} expects '{expected}'",
+            f"Pick the model group that matches it (model={config.model_type} if registered).",
+        )
+    model_class = spec.heads[head]
+    # A new head (or one with another label count) is initialised fresh; HF logs which weights.
+    return model_class.from_pretrained(ref, ignore_mismatched_sizes=True, trust_remote_code=trust_remote_code,
+                                       **updates)
