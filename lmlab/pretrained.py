@@ -70,5 +70,6 @@ def load_model(spec: ModelSpec, head: str, ref: str, updates: dict[str, Any], tr
         )
     model_class = spec.heads[head]
     # A new head (or one with another label count) is initialised fresh; HF logs which weights.
-    return model_class.from_pretrained(ref, ignore_mismatched_sizes=True, trust_remote_code=trust_remote_code,
-                                       **updates)
+    model = model_class.from_pretrained(ref, ignore_mismatched_sizes=True, trust_remote_code=trust_remote_code,
+                                        **updates)
+    return model.train()  # from_pretrained returns eval mode; fine-tuning wants dropout on

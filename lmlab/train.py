@@ -91,7 +91,7 @@ def build_trainer(cfg: DictConfig, output_dir: Path, logger: Any) -> tuple[L.Tra
 
 def sequence_length(data_cfg: DictConfig) -> int:
     """The longest sequence the data will feed the model (block_size for LM, max_length for heads)."""
-    return int(data_cfg.get("block_size") or data_cfg.get("max_length") or 0)
+    return max(int(data_cfg.get("block_size") or 0), int(data_cfg.get("max_length") or 0))
 
 
 def prepare_model_and_tokenizer(cfg: DictConfig, task: TaskSpec, spec: ModelSpec, dm: Any) -> tuple[Any, Any, dict]:

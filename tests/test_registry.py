@@ -67,10 +67,26 @@ TASK = TaskSpec(
 """
 
 
+def _declared(group: str) -> list[str]:
+    """Names lmlab's own pyproject.toml declares in an entry-point group."""
+    import tomllib
+
+    from conftest import REPO
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    return sorted(project["entry-points"][group])
+
+
+BUILTIN_TASKS = _declared("lmlab.tasks")
+
+
 def test_builtins(registry_cache):
-    assert registry.names("task") == ["clm", "mlm"]
-    assert registry.names("model") == ["bert", "gpt2"]
-    assert registry.names("datamodule") == ["text"]
+    assert registry.names("task") == BUILTIN_TASKS
+    assert {"clm", "mlm"} <= set(BUILTIN_TASKS)
+    assert registry.names("model") == _declared("lmlab.models")
+    assert {"bert", "gpt2"} <= set(registry.names("model"))
+    assert registry.names("datamodule") == _declared("lmlab.datamodules")
+    assert "text" in registry.names("datamodule")
     for kind, name in (("task", "clm"), ("task", "mlm")):
         spec = registry.get(kind, name)
         assert isinstance(spec, TaskSpec) and spec.name == name
@@ -95,7 +111,7 @@ def test_unknown_name_lists_the_valid_ones(registry_cache):
 
 def test_a_plugin_adds_a_task(install):
     install("lmlab-toy-plugin", {"lmlab.tasks": {"toy": "lmlab_toy_plugin:TASK"}}, {"lmlab_toy_plugin.py": TOY_TASK})
-    assert registry.names("task") == ["clm", "mlm", "toy"]
+    assert registry.names("task") == sorted([*BUILTIN_TASKS, "toy"])
     task = registry.get("task", "toy")
     assert isinstance(task, TaskSpec) and task.name == "toy" and task.packing(None) == "causal"
 
@@ -113,7 +129,7 @@ def test_duplicate_registration_across_distributions(install):
 def test_same_registration_seen_twice_is_not_a_clash(install):
     """One package visible twice (an editable checkout plus a wheel) registers the same value."""
     install("lmlab-shadow-copy", {"lmlab.tasks": {"clm": "lmlab.tasks.clm:TASK"}})
-    assert registry.names("task") == ["clm", "mlm"]
+    assert registry.names("task") == BUILTIN_TASKS
     assert registry.get("task", "clm").name == "clm"
 
 
@@ -126,10 +142,10 @@ def test_broken_plugin_warns_and_the_rest_still_load(install):
             "lmlab_broken_plugin.py": "import lmlab_dependency_that_is_not_installed\nTASK = None\n",
         },
     )
-    assert registry.names("task") == ["broken", "clm", "mlm", "toy"]
+    assert registry.names("task") == sorted([*BUILTIN_TASKS, "broken", "toy"])
     with pytest.warns(RuntimeWarning, match="broken") as record:
         loaded = registry.available("task")
-    assert sorted(loaded) == ["clm", "mlm", "toy"]
+    assert sorted(loaded) == sorted([*BUILTIN_TASKS, "toy"])
     messages = [str(w.message) for w in record if issubclass(w.category, RuntimeWarning)]
     assert len(messages) == 1
     assert "lmlab_broken_plugin:TASK" in messages[0] and "lmlab_dependency_that_is_not_installed" in messages[0]

