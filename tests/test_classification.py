@@ -289,3 +289,16 @@ def test_classification_from_an_mlm_export(home: Path, rotten: Path, tmp_path: P
     tuned = AutoModelForSequenceClassification.from_pretrained(str(result.export_dir)).bert.embeddings.word_embeddings.weight
     fresh = torch.nn.init.normal_(torch.empty_like(source), std=0.02)
     assert (tuned - source).abs().mean() < (fresh - source).abs().mean() / 5
+
+
+def test_csv_keeps_unicode_line_separators_inside_fields(tmp_path):
+    """Real reviews contain U+2028; it must not cut a CSV record in two."""
+    from lmlab.tasks.classification import read_labelled_file
+
+    path = tmp_path / "train.csv"
+    path.write_text('text,label\n"first part\u2028second part",fresh\nplain,rotten\n', encoding="utf-8")
+    cfg = OmegaConf.create({"text_column": "text", "label_column": "label", "text_pair_column": None,
+                            "encoding": "utf-8", "encoding_fallback": None, "label_separator": ";"})
+    split = read_labelled_file(path, cfg, False)
+    assert len(split.texts) == 2
+    assert split.texts[0] == "first part\u2028second part"

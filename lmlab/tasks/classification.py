@@ -15,6 +15,7 @@ accuracy and macro-F1. Texts are truncated to ``data.max_length`` tokens and pad
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import sys
@@ -139,7 +140,8 @@ def read_labelled_file(path: Path, cfg: DictConfig, multi_label: bool) -> Labell
     out = LabelledSplit(pairs=[] if pair_col else None)
     if path.suffix.lower() in CSV_SUFFIXES:
         csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-        reader = csv.DictReader(text.splitlines(keepends=True), delimiter=CSV_SUFFIXES[path.suffix.lower()])
+        # A stream, not str.splitlines(): that also splits at U+2028/U+0085 inside quoted fields.
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=CSV_SUFFIXES[path.suffix.lower()])
         header = reader.fieldnames or []
         for column in columns:
             if column not in header:

@@ -33,6 +33,7 @@ Under DDP the generated strings are gathered from every process before scoring.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import random
@@ -162,7 +163,8 @@ def read_jsonl(path: Path, data_cfg: DictConfig) -> Pairs:
 def read_csv(path: Path, data_cfg: DictConfig) -> Pairs:
     doc_key, sum_key = str(data_cfg.document_field), str(data_cfg.summary_field)
     text = _decode(path, str(data_cfg.encoding), data_cfg.get("encoding_fallback"))
-    reader = csv.DictReader(text.splitlines(), delimiter=CSV_SUFFIXES[path.suffix.lower()])
+    # A stream, not str.splitlines(): that also splits at U+2028/U+0085 inside quoted fields.
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=CSV_SUFFIXES[path.suffix.lower()])
     columns = reader.fieldnames or []
     for key, setting in ((doc_key, "document_field"), (sum_key, "summary_field")):
         if key not in columns:
