@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,9 @@ class Corpus:
             self.fingerprint = fingerprint.of_texts([*self.train, "\x01", *self.validation])
 
 
-def _decode(path: Path, raw: bytes, encoding: str, fallback: str | None) -> str:
+def decode_file(path: Path, encoding: str = "utf-8", fallback: str | None = None) -> str:
+    """The file's text; undecodable bytes are an error naming the line, unless a fallback is set."""
+    raw = Path(path).read_bytes()
     try:
         return raw.decode(encoding)
     except UnicodeDecodeError as exc:
@@ -53,14 +56,8 @@ def _decode(path: Path, raw: bytes, encoding: str, fallback: str | None) -> str:
         ) from exc
 
 
-def read_text_file(path: Path, encoding: str = "utf-8", fallback: str | None = None) -> list[str]:
-    text = _decode(path, path.read_bytes(), encoding, fallback)
-    return [line.strip() for line in text.splitlines() if line.strip()]
-
-
-def read_jsonl_file(path: Path, text_field: str, encoding: str = "utf-8", fallback: str | None = None) -> list[str]:
-    text = _decode(path, path.read_bytes(), encoding, fallback)
-    docs = []
+def json_records(path: Path, text: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line of a JSON-lines text; bad lines are errors."""
     # Records end at "\n" only: str.splitlines() would also cut at U+2028, U+0085 ..., which
     # JSON allows unescaped inside strings (and would throw the line numbers off).
     for number, line in enumerate(text.split("\n"), start=1):
@@ -71,9 +68,22 @@ def read_jsonl_file(path: Path, text_field: str, encoding: str = "utf-8", fallba
         except json.JSONDecodeError as exc:
             raise file_error(path, f"malformed JSON ({exc.msg}, column {exc.colno})",
                              "Fix or delete that line; every line must be one JSON object.", line=number) from exc
-        if not isinstance(record, dict) or text_field not in record:
-            keys = ", ".join(sorted(record)) if isinstance(record, dict) else type(record).__name__
-            raise file_error(path, f"has no field '{text_field}' (fields: {keys})",
+        if not isinstance(record, dict):
+            raise file_error(path, f"holds a JSON {type(record).__name__}, not an object",
+                             "Write one JSON object per line.", line=number)
+        yield number, record
+
+
+def read_text_file(path: Path, encoding: str = "utf-8", fallback: str | None = None) -> list[str]:
+    text = decode_file(path, encoding, fallback)
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def read_jsonl_file(path: Path, text_field: str, encoding: str = "utf-8", fallback: str | None = None) -> list[str]:
+    docs = []
+    for number, record in json_records(path, decode_file(path, encoding, fallback)):
+        if text_field not in record:
+            raise file_error(path, f"has no field '{text_field}' (fields: {', '.join(sorted(record))})",
                              "Set data.text_field to the field that holds the text.", line=number)
         value = record[text_field]
         if isinstance(value, str) and value.strip():

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -39,7 +38,7 @@ from torchmetrics.classification import (
 
 from lmlab import fingerprint, optim
 from lmlab.data.catalog import package_dir
-from lmlab.data.sources import SPLIT_STEMS, carve_validation
+from lmlab.data.sources import SPLIT_STEMS, carve_validation, decode_file, json_records
 from lmlab.errors import LmlabError, config_error, file_error
 from lmlab.specs import TaskSpec
 
@@ -100,18 +99,6 @@ def _split_labels(value: Any, multi_label: bool, separator: str) -> tuple[str, .
     return tuple(sorted({p for p in parts if p}))
 
 
-def _decode(path: Path, encoding: str, fallback: str | None) -> str:
-    raw = path.read_bytes()
-    try:
-        return raw.decode(encoding)
-    except UnicodeDecodeError as exc:
-        if fallback:
-            return raw.decode(fallback, errors="replace")
-        line = raw[: exc.start].count(b"\n") + 1
-        raise file_error(path, f"is not valid {encoding} (byte 0x{raw[exc.start]:02x})",
-                         "Re-encode the file, or set data.encoding / data.encoding_fallback.", line=line) from exc
-
-
 def _row(split: LabelledSplit, path: Path, line: int, text: Any, pair: Any, label: Any, cfg: DictConfig,
          multi_label: bool, use_pair: bool) -> None:
     text = text.strip() if isinstance(text, str) else ""
@@ -136,7 +123,7 @@ def read_labelled_file(path: Path, cfg: DictConfig, multi_label: bool) -> Labell
     """Rows of a CSV/TSV or JSON-lines file; errors name the file, the line and the column."""
     pair_col = cfg.get("text_pair_column")
     columns = [str(cfg.text_column), str(cfg.label_column)] + ([str(pair_col)] if pair_col else [])
-    text = _decode(path, str(cfg.encoding), cfg.get("encoding_fallback"))
+    text = decode_file(path, str(cfg.encoding), cfg.get("encoding_fallback"))
     out = LabelledSplit(pairs=[] if pair_col else None)
     if path.suffix.lower() in CSV_SUFFIXES:
         csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
@@ -155,17 +142,7 @@ def read_labelled_file(path: Path, cfg: DictConfig, multi_label: bool) -> Labell
                  record.get(str(cfg.label_column)), cfg, multi_label, bool(pair_col))
             start = reader.line_num + 1
         return out
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise file_error(path, f"malformed JSON ({exc.msg}, column {exc.colno})",
-                             "Every line must be one JSON object.", line=number) from exc
-        if not isinstance(record, dict):
-            raise file_error(path, f"holds a {type(record).__name__}, not a JSON object", "Write one object a line.",
-                             line=number)
+    for number, record in json_records(path, text):
         for column in columns:
             if column not in record:
                 raise file_error(path, f"has no field '{column}' (fields: {', '.join(sorted(record))})",
@@ -211,7 +188,7 @@ def read_bbc_topics(cfg: DictConfig) -> tuple[dict[str, LabelledSplit], str]:
     for label_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
         rows = LabelledSplit()
         for f in sorted(label_dir.glob("*.txt")):
-            text = _decode(f, str(cfg.encoding), cfg.get("encoding_fallback") or "cp1252").strip()
+            text = decode_file(f, str(cfg.encoding), cfg.get("encoding_fallback") or "cp1252").strip()
             if text:
                 rows.texts.append(text)
                 rows.labels.append((label_dir.name,))

@@ -27,7 +27,6 @@ Metric
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Sequence
@@ -45,6 +44,7 @@ from torchmetrics import Metric, SumMetric
 
 from lmlab import fingerprint, optim
 from lmlab.data.catalog import package_dir
+from lmlab.data.sources import decode_file, json_records
 from lmlab.errors import LmlabError, config_error, file_error
 from lmlab.specs import TaskSpec
 
@@ -270,15 +270,6 @@ def _check_tag(tag: str, path: Path, line: int) -> None:
                          "Use BIO or IOBES tags, or point data.tag_column at the tag column.", line=line)
 
 
-def _read_text(path: Path, encoding: str) -> str:
-    raw = path.read_bytes()
-    try:
-        return raw.decode(encoding)
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise file_error(path, f"is not valid {encoding}", "Re-encode it or set data.encoding.", line=line) from exc
-
-
 def read_conll(path: Path, token_column: int = 0, tag_column: int = -1, encoding: str = "utf-8") -> list[Sentence]:
     """Sentences of a CoNLL file: one token per line, blank lines between sentences."""
     path = Path(path)
@@ -292,7 +283,7 @@ def read_conll(path: Path, token_column: int = 0, tag_column: int = -1, encoding
             sentences.append(Sentence(list(tokens), list(tags), str(path), list(lines)))
         tokens.clear(), tags.clear(), lines.clear()
 
-    for number, line in enumerate(_read_text(path, encoding).split("\n"), start=1):
+    for number, line in enumerate(decode_file(path, encoding).split("\n"), start=1):
         line = line.rstrip("\r")
         if not line.strip():
             flush()
@@ -326,15 +317,8 @@ def read_jsonl(path: Path, tokens_field: str = "tokens", tags_field: str = "tags
     """Sentences of a JSON-lines file: one {"tokens": [...], "tags": [...]} object per line."""
     path = Path(path)
     sentences: list[Sentence] = []
-    for number, line in enumerate(_read_text(path, encoding).split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise file_error(path, f"malformed JSON ({exc.msg}, column {exc.colno})",
-                             "Every line must be one JSON object", line=number) from exc
-        if not isinstance(record, dict) or tokens_field not in record or tags_field not in record:
+    for number, record in json_records(path, decode_file(path, encoding)):
+        if tokens_field not in record or tags_field not in record:
             raise file_error(path, f"needs the fields '{tokens_field}' and '{tags_field}'",
                              "Every line must be {\"tokens\": [...], \"tags\": [...]}", line=number)
         tokens, tags = record[tokens_field], record[tags_field]

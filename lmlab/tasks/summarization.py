@@ -51,7 +51,7 @@ from torchmetrics import SumMetric
 
 from lmlab import fingerprint, optim, registry
 from lmlab.data.catalog import package_dir
-from lmlab.data.sources import SPLIT_STEMS
+from lmlab.data.sources import SPLIT_STEMS, decode_file, json_records
 from lmlab.errors import LmlabError, config_error, file_error
 from lmlab.specs import TaskSpec
 
@@ -121,37 +121,18 @@ class Pairs:
         return Pairs([self.documents[i] for i in index], [self.summaries[i] for i in index])
 
 
-def _decode(path: Path, encoding: str, fallback: str | None) -> str:
-    raw = path.read_bytes()
-    try:
-        return raw.decode(encoding)
-    except UnicodeDecodeError as exc:
-        if fallback:
-            return raw.decode(fallback, errors="replace")
-        raise file_error(path, f"is not valid {encoding} (byte offset {exc.start})",
-                         "Re-encode the file, or set data.encoding / data.encoding_fallback.") from exc
-
-
 def _clean(value: Any) -> str:
     return " ".join(value.split()) if isinstance(value, str) else ""
 
 
 def read_jsonl(path: Path, data_cfg: DictConfig) -> Pairs:
     doc_key, sum_key = str(data_cfg.document_field), str(data_cfg.summary_field)
-    text = _decode(path, str(data_cfg.encoding), data_cfg.get("encoding_fallback"))
+    text = decode_file(path, str(data_cfg.encoding), data_cfg.get("encoding_fallback"))
     pairs = Pairs()
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise file_error(path, f"malformed JSON ({exc.msg}, column {exc.colno})",
-                             "Every line must be one JSON object.", line=number) from exc
-        if not isinstance(record, dict) or doc_key not in record or sum_key not in record:
-            keys = ", ".join(sorted(record)) if isinstance(record, dict) else type(record).__name__
-            missing = doc_key if not isinstance(record, dict) or doc_key not in record else sum_key
-            raise file_error(path, f"has no field '{missing}' (fields: {keys})",
+    for number, record in json_records(path, text):
+        missing = [key for key in (doc_key, sum_key) if key not in record]
+        if missing:
+            raise file_error(path, f"has no field '{missing[0]}' (fields: {', '.join(sorted(record))})",
                              "Set data.document_field / data.summary_field to the fields that hold them.",
                              line=number)
         document, summary = _clean(record[doc_key]), _clean(record[sum_key])
@@ -162,7 +143,7 @@ def read_jsonl(path: Path, data_cfg: DictConfig) -> Pairs:
 
 def read_csv(path: Path, data_cfg: DictConfig) -> Pairs:
     doc_key, sum_key = str(data_cfg.document_field), str(data_cfg.summary_field)
-    text = _decode(path, str(data_cfg.encoding), data_cfg.get("encoding_fallback"))
+    text = decode_file(path, str(data_cfg.encoding), data_cfg.get("encoding_fallback"))
     # A stream, not str.splitlines(): that also splits at U+2028/U+0085 inside quoted fields.
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=CSV_SUFFIXES[path.suffix.lower()])
     columns = reader.fieldnames or []
@@ -222,7 +203,7 @@ def read_bbc_headlines(data_cfg: DictConfig) -> tuple[dict[str, Pairs], str]:
     pool = Pairs()
     for label_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
         for article in sorted(label_dir.glob("*.txt")):
-            lines = [line.strip() for line in _decode(article, str(data_cfg.encoding), fallback).splitlines()]
+            lines = [line.strip() for line in decode_file(article, str(data_cfg.encoding), fallback).splitlines()]
             lines = [line for line in lines if line]
             if len(lines) >= 2:
                 pool.add(" ".join(lines[1:]), lines[0])
