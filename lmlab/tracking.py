@@ -83,12 +83,14 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 def start_run(cfg: DictConfig, tags: Mapping[str, str]) -> tuple[Any, str, str]:
-    """A new MLflow run with the config as params; returns (client, run_id, experiment_id)."""
+    """A new MLflow run with the config as params; returns (client, run_id, experiment_id).
+
+    The caller checks the server with ``check_reachable`` first, before any data work.
+    """
     import mlflow
     from mlflow.entities import Param
 
     uri = tracking_uri(cfg)
-    check_reachable(uri)
     client = mlflow.MlflowClient(tracking_uri=uri)
     name = str(cfg.logger.experiment_name)
     experiment = client.get_experiment_by_name(name)

@@ -69,10 +69,14 @@ def save_resolved_config(cfg: DictConfig, output_dir: Path) -> Path:
     return path
 
 
-def build_trainer(cfg: DictConfig, output_dir: Path, logger: Any) -> tuple[L.Trainer, ModelCheckpoint, TokensPerSecond]:
+def build_trainer(
+    cfg: DictConfig, task: TaskSpec, output_dir: Path, logger: Any
+) -> tuple[L.Trainer, ModelCheckpoint, TokensPerSecond]:
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    # checkpoint.monitor: null means the metric the task declares (TaskSpec.monitor).
+    monitor = str(cfg.checkpoint.get("monitor") or task.monitor)
     checkpoint = ModelCheckpoint(
-        dirpath=output_dir / "checkpoints", filename="best-{step}", monitor=str(cfg.checkpoint.monitor),
+        dirpath=output_dir / "checkpoints", filename="best-{step}", monitor=monitor,
         mode=str(cfg.checkpoint.mode), save_top_k=int(cfg.checkpoint.save_top_k), save_last=True,
     )
     throughput = TokensPerSecond(every=int(trainer_kwargs.get("log_every_n_steps") or 10))
@@ -151,7 +155,7 @@ def run(cfg: DictConfig) -> RunResult:
         client.log_dict(run_id, {"tokenizer": tok_info, "data": {**getattr(dm, "stats", {}), "origin": origin,
                                  "tokenized_cache_hit": getattr(dm, "cache_hit", None)}}, "run_info.json")
         client.log_param(run_id, "n_parameters", sum(p.numel() for p in model.parameters()))
-        trainer, checkpoint, throughput = build_trainer(cfg, output_dir, tracking.metrics_logger(cfg, run_id))
+        trainer, checkpoint, throughput = build_trainer(cfg, task, output_dir, tracking.metrics_logger(cfg, run_id))
         trainer.fit(module, datamodule=dm)
         # One last validation of the final weights, so the printed numbers describe what is exported.
         final = trainer.validate(module, datamodule=dm, verbose=False)[0]
