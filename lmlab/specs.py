@@ -28,10 +28,13 @@ class ModelSpec:
 class TaskSpec:
     """A training objective: its LightningModule, the head it needs and how data is packed.
 
-    ``head(task_cfg)`` names the model head the task needs for this configuration;
+    Every callable receives the whole composed config ``cfg``:
+    ``head(cfg)`` names the model head the task needs for this configuration;
     ``build_module(cfg, model, tokenizer)`` returns the LightningModule;
-    ``packing(task_cfg)`` tells the text datamodule how to lay out token blocks;
+    ``packing(cfg)`` tells the datamodule how to lay out examples;
     ``validate(cfg)`` rejects bad task settings before any data is read.
+    ``monitor`` / ``monitor_mode`` pick the best checkpoint and are the sweep objective unless the
+    config overrides them (``checkpoint.monitor``, ``objective.metric``).
     """
 
     name: str
@@ -41,4 +44,5 @@ class TaskSpec:
     validate: Callable[[Any], None] = field(default=lambda cfg: None)
     export_class: str = "AutoModel"  # the transformers Auto class that reloads an export
     monitor: str = "val/loss"
+    monitor_mode: str = "min"  # "max" for accuracy / F1
     description: str = ""

@@ -33,14 +33,29 @@ class RunResult:
     metrics: dict[str, float]
     export_dir: Path | None
     seconds: float
+    objective_metric: str = "val/loss"
 
     @property
     def objective(self) -> float:
-        return self.metrics.get("val/loss", math.nan)
+        """What a sweeper optimises; NaN when the run never produced the metric."""
+        return self.metrics.get(self.objective_metric, math.nan)
 
 
-def check_compatible(task: TaskSpec, spec: ModelSpec, task_cfg: DictConfig) -> None:
-    head = task.head(task_cfg)
+def monitored(cfg: DictConfig, task: TaskSpec) -> tuple[str, str]:
+    """(metric, "min" | "max") for the best checkpoint: the config's, else the task's."""
+    metric = cfg.checkpoint.get("monitor") or task.monitor
+    mode = cfg.checkpoint.get("mode") or (task.monitor_mode if metric == task.monitor else "min")
+    if str(mode) not in ("min", "max"):
+        raise config_error("checkpoint.mode", f"'{mode}' is neither min nor max", "Use checkpoint.mode=min or max.")
+    return str(metric), str(mode)
+
+
+def objective_metric(cfg: DictConfig, task: TaskSpec) -> str:
+    return str(cfg.get("objective", {}).get("metric") or monitored(cfg, task)[0])
+
+
+def check_compatible(task: TaskSpec, spec: ModelSpec, cfg: DictConfig) -> None:
+    head = task.head(cfg)
     if head in spec.heads:
         return
     working = [name for name, other in registry.available("model").items() if head in other.heads]
@@ -73,16 +88,21 @@ def build_trainer(
     cfg: DictConfig, task: TaskSpec, output_dir: Path, logger: Any
 ) -> tuple[L.Trainer, ModelCheckpoint, TokensPerSecond]:
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    # checkpoint.monitor: null means the metric the task declares (TaskSpec.monitor).
-    monitor = str(cfg.checkpoint.get("monitor") or task.monitor)
-    checkpoint = ModelCheckpoint(
-        dirpath=output_dir / "checkpoints", filename="best-{step}", monitor=monitor,
-        mode=str(cfg.checkpoint.mode), save_top_k=int(cfg.checkpoint.save_top_k), save_last=True,
+    monitor, mode = monitored(cfg, task)
+    best = ModelCheckpoint(
+        dirpath=output_dir / "checkpoints", filename="best-{step}", monitor=monitor, mode=mode,
+        save_top_k=int(cfg.checkpoint.save_top_k),
+    )
+    # Lightning's save_last only refreshes last.ckpt when the monitored metric improved, so a
+    # second, unmonitored checkpoint keeps last.ckpt at the newest weights (what resume needs).
+    last = ModelCheckpoint(
+        dirpath=output_dir / "checkpoints", filename="last", monitor=None, save_top_k=1,
+        enable_version_counter=False,
     )
     throughput = TokensPerSecond(every=int(trainer_kwargs.get("log_every_n_steps") or 10))
     try:
         trainer = L.Trainer(
-            **trainer_kwargs, logger=logger, callbacks=[checkpoint, throughput, LearningRate()],
+            **trainer_kwargs, logger=logger, callbacks=[best, last, throughput, LearningRate()],
             default_root_dir=str(output_dir),
         )
     except TypeError as exc:
@@ -90,7 +110,7 @@ def build_trainer(
                            "Check the trainer.* keys against lightning.Trainer's arguments.") from exc
     except Exception as exc:  # MisconfigurationException and friends carry a clear message
         raise LmlabError(f"config group 'trainer': {exc}") from exc
-    return trainer, checkpoint, throughput
+    return trainer, best, throughput
 
 
 def sequence_length(data_cfg: DictConfig) -> int:
@@ -100,7 +120,7 @@ def sequence_length(data_cfg: DictConfig) -> int:
 
 def prepare_model_and_tokenizer(cfg: DictConfig, task: TaskSpec, spec: ModelSpec, dm: Any) -> tuple[Any, Any, dict]:
     """Tokenizer and model: both from ``model.pretrained``, or a trained tokenizer and a fresh model."""
-    head = task.head(cfg.task)
+    head = task.head(cfg)
     ref = cfg.model.get("pretrained")
     trust = bool(cfg.model.get("trust_remote_code", False))
     if ref:
@@ -129,14 +149,14 @@ def run(cfg: DictConfig) -> RunResult:
     started = time.perf_counter()
     task: TaskSpec = registry.get("task", cfg.task.name)
     spec: ModelSpec = registry.get("model", cfg.model.name)
-    check_compatible(task, spec, cfg.task)
+    check_compatible(task, spec, cfg)
     task.validate(cfg)
     tracking.quiet_env()
     tracking.check_reachable(tracking.tracking_uri(cfg))
 
     L.seed_everything(int(cfg.seed), workers=True)
     datamodule_cls = registry.get("datamodule", cfg.data.datamodule)
-    dm = datamodule_cls(cfg.data, packing=task.packing(cfg.task), cache_dir=cfg.paths.cache, seed=int(cfg.seed))
+    dm = datamodule_cls(cfg.data, packing=task.packing(cfg), cache_dir=cfg.paths.cache, seed=int(cfg.seed))
     tokenizer, model, tok_info = prepare_model_and_tokenizer(cfg, task, spec, dm)
     dm.setup("fit")
     module = task.build_module(cfg, model, tokenizer)
@@ -176,7 +196,8 @@ def run(cfg: DictConfig) -> RunResult:
         status = "FINISHED"
     finally:
         client.set_terminated(run_id, status)
-    return RunResult(run_id, tracking.tracking_uri(cfg), output_dir, metrics, export_dir, time.perf_counter() - started)
+    return RunResult(run_id, tracking.tracking_uri(cfg), output_dir, metrics, export_dir, time.perf_counter() - started,
+                     objective_metric(cfg, task))
 
 
 def summary(result: RunResult) -> str:

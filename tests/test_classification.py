@@ -58,7 +58,7 @@ def datamodule(*overrides: str):
     cfg = compose_cfg([*TINY, "task=classification", *overrides])
     task = registry.get("task", "classification")
     cls = registry.get("datamodule", cfg.data.datamodule)
-    return cls(cfg.data, packing=task.packing(cfg.task), cache_dir=cfg.paths.cache, seed=0), cfg
+    return cls(cfg.data, packing=task.packing(cfg), cache_dir=cfg.paths.cache, seed=0), cfg
 
 
 def tokenizer_for(dm):
@@ -149,7 +149,7 @@ def test_multi_label_module_uses_bce_and_f1(tmp_path: Path) -> None:
     task, spec = registry.get("task", "classification"), registry.get("model", "bert")
     dm.set_tokenizer(tok := tokenizer_for(dm))
     config = build_hf_config(spec, cfg.model, tok, int(cfg.data.max_length), dm.model_config_updates())
-    module = task.build_module(cfg, build_model(spec, task.head(cfg.task), config), tok)
+    module = task.build_module(cfg, build_model(spec, task.head(cfg), config), tok)
     dm.setup("fit")
     batch = next(iter(dm.val_dataloader()))
     logits = module(batch)

@@ -93,13 +93,13 @@ def build_like_train(cfg: DictConfig):
     task = registry.get("task", cfg.task.name)
     spec = registry.get("model", cfg.model.name)
     dm = registry.get("datamodule", cfg.data.datamodule)(
-        cfg.data, packing=task.packing(cfg.task), cache_dir=cfg.paths.cache, seed=int(cfg.seed)
+        cfg.data, packing=task.packing(cfg), cache_dir=cfg.paths.cache, seed=int(cfg.seed)
     )
     tokenizer, _ = get_tokenizer(cfg.tokenizer, spec, dm.texts_for_tokenizer(), dm.fingerprint, Path(cfg.paths.cache))
     dm.set_tokenizer(tokenizer)
     hf_config = build_hf_config(spec, cfg.model, tokenizer, int(cfg.data.block_size))
     dm.setup("fit")
-    model = build_model(spec, task.head(cfg.task), hf_config)
+    model = build_model(spec, task.head(cfg), hf_config)
     return task.build_module(cfg, model, tokenizer), dm, tokenizer
 
 
@@ -256,9 +256,9 @@ def test_export_round_trip_matches_final_checkpoint(ws: Workspace, name: str) ->
     assert ckpt["global_step"] == int(cfg.trainer.max_steps)
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     torch.manual_seed(123)
-    fresh = build_model(spec, task.head(cfg.task), hf_config).eval()
+    fresh = build_model(spec, task.head(cfg), hf_config).eval()
     torch.manual_seed(123)
-    untrained = build_model(spec, task.head(cfg.task), hf_config).eval()
+    untrained = build_model(spec, task.head(cfg), hf_config).eval()
     missing, unexpected = fresh.load_state_dict(state, strict=False)
     assert not unexpected, unexpected
     assert not [k for k in missing if "position_ids" not in k], missing

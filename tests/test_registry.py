@@ -61,8 +61,8 @@ TOY_TASK = """
 from lmlab.specs import TaskSpec
 
 TASK = TaskSpec(
-    name="toy", head=lambda task_cfg: "causal_lm", build_module=lambda cfg, model, tok: None,
-    packing=lambda task_cfg: "causal", description="a toy task from a plugin",
+    name="toy", head=lambda cfg: "causal_lm", build_module=lambda cfg, model, tok: None,
+    packing=lambda cfg: "causal", description="a toy task from a plugin",
 )
 """
 
@@ -97,8 +97,8 @@ def test_builtins(registry_cache):
 
     assert registry.get("datamodule", "text") is TextDataModule
     mlm = registry.get("task", "mlm")
-    assert mlm.packing(OmegaConf.create({"nsp": True})) == "sentence_pairs"
-    assert mlm.head(OmegaConf.create({"nsp": False})) == "masked_lm"
+    assert mlm.packing(OmegaConf.create({"task": {"nsp": True}})) == "sentence_pairs"
+    assert mlm.head(OmegaConf.create({"task": {"nsp": False}})) == "masked_lm"
 
 
 def test_unknown_name_lists_the_valid_ones(registry_cache):

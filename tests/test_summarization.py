@@ -81,10 +81,10 @@ def test_config_picks_bart_and_bbc_headlines() -> None:
     cfg = compose_cfg(["task=summarization"])
     assert cfg.model.name == "bart" and cfg.data.datamodule == "summarization" and cfg.data.catalog == "bbc_headlines"
     task = registry.get("task", "summarization")
-    assert task.head(cfg.task) == "seq2seq_lm" and task.packing(cfg.task) == "seq2seq"
+    assert task.head(cfg) == "seq2seq_lm" and task.packing(cfg) == "seq2seq"
     for model, head in (("t5", "seq2seq_lm"), ("gpt2", "causal_lm")):
         c = compose_cfg(["task=summarization", f"model={model}"])
-        assert task.head(c.task) == head
+        assert task.head(c) == head
     # The debug preset's keys exist in the summarization data config.
     c = compose_cfg([*TINY, "task=summarization"])
     assert c.data.block_size == 64 and c.data.max_documents == 400
@@ -216,7 +216,7 @@ def test_export_reloads_with_auto_classes(runs: dict, model: str) -> None:
     hf_config = build_hf_config(spec, cfg.model, tokenizer, int(cfg.data.block_size))
     ckpt = torch.load(result.output_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-    fresh = build_model(spec, task.head(cfg.task), hf_config).eval()
+    fresh = build_model(spec, task.head(cfg), hf_config).eval()
     missing, unexpected = fresh.load_state_dict(state, strict=False)
     assert not unexpected
 

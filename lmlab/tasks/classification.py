@@ -621,11 +621,12 @@ def validate(cfg: DictConfig) -> None:
 
 TASK = TaskSpec(
     name="classification",
-    head=lambda task_cfg: "sequence_classification",
+    head=lambda cfg: "sequence_classification",
     build_module=build_module,
-    packing=lambda task_cfg: "multi_label" if task_cfg.get("multi_label") else "single_label",
+    packing=lambda cfg: "multi_label" if cfg.task.get("multi_label") else "single_label",
     validate=validate,
     export_class="AutoModelForSequenceClassification",
-    monitor="val/loss",
+    monitor="val/accuracy",
+    monitor_mode="max",
     description="text classification, single- or multi-label (accuracy, macro-F1)",
 )

@@ -64,9 +64,9 @@ def build_module(cfg: DictConfig, model: torch.nn.Module, tokenizer: Any) -> Cau
 
 TASK = TaskSpec(
     name="clm",
-    head=lambda task_cfg: "causal_lm",
+    head=lambda cfg: "causal_lm",
     build_module=build_module,
-    packing=lambda task_cfg: "causal",
+    packing=lambda cfg: "causal",
     export_class="AutoModelForCausalLM",
     description="causal LM pretraining (next-token loss, perplexity)",
 )

@@ -129,9 +129,9 @@ def build_module(cfg: DictConfig, model: torch.nn.Module, tokenizer: Any) -> Mas
 
 TASK = TaskSpec(
     name="mlm",
-    head=lambda task_cfg: "pretraining" if task_cfg.nsp else "masked_lm",
+    head=lambda cfg: "pretraining" if cfg.task.nsp else "masked_lm",
     build_module=build_module,
-    packing=lambda task_cfg: "sentence_pairs" if task_cfg.nsp else "masked",
+    packing=lambda cfg: "sentence_pairs" if cfg.task.nsp else "masked",
     validate=validate,
     export_class="AutoModelForMaskedLM",
     description="masked LM pretraining (15% dynamic masking 80/10/10, whole-word, NSP)",

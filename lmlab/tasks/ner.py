@@ -750,11 +750,13 @@ def validate(cfg: DictConfig) -> None:
 
 TASK = TaskSpec(
     name="ner",
-    head=lambda task_cfg: "token_classification",
+    head=lambda cfg: "token_classification",
     build_module=build_module,
     # NerDataModule reads task.label_all_subwords from this string.
-    packing=lambda task_cfg: "token_classification_all" if task_cfg.get("label_all_subwords") else "token_classification",
+    packing=lambda cfg: "token_classification_all" if cfg.task.get("label_all_subwords") else "token_classification",
     validate=validate,
     export_class="AutoModelForTokenClassification",
+    monitor="val/f1",
+    monitor_mode="max",
     description="named-entity recognition (token classification; entity-level F1, seqeval semantics)",
 )

@@ -10,10 +10,9 @@ Models. The task works with two kinds of model, and which head it asks for depen
   ``document + data.separator + summary + EOS`` and the loss covers only the summary tokens (labels
   are -100 on the prompt and on padding); summaries are generated from the left-padded prompt.
 
-``TaskSpec.head`` only receives ``cfg.task``, so with ``task.architecture=auto`` (the default) it
-looks up the model that the same composed config names (``cfg.model.name``, through the task
-node's root) in the registry: a model with a ``seq2seq_lm`` head gets it, otherwise one with a
-``causal_lm`` head gets that. ``TaskSpec.packing`` returns the matching data layout
+``TaskSpec.head`` receives the whole composed config, so with ``task.architecture=auto`` (the
+default) it looks up ``cfg.model.name`` in the registry: a model with a ``seq2seq_lm`` head gets it,
+otherwise one with a ``causal_lm`` head gets that. ``TaskSpec.packing`` returns the matching data layout
 (``seq2seq`` / ``causal``) for the datamodule. A model with neither head (``bert``) is rejected
 there, before any data is read, with the list of models that work.
 
@@ -580,23 +579,14 @@ class SummarizationModule(L.LightningModule):
 
 
 # -- the task ------------------------------------------------------------------------------------------
-def _model_name(task_cfg: Any) -> str | None:
-    if not isinstance(task_cfg, DictConfig):
-        return None
-    name = OmegaConf.select(task_cfg._get_root(), "model.name", default=None)
-    return str(name) if name is not None else None
-
-
-def head(task_cfg: Any) -> str:
+def head(cfg: DictConfig) -> str:
     """``seq2seq_lm`` for encoder-decoders, ``causal_lm`` for decoder-only models (see the module doc)."""
-    arch = str(task_cfg.get("architecture", "auto") if task_cfg is not None else "auto")
+    arch = str(cfg.task.get("architecture", "auto"))
     if arch in ("seq2seq", "causal"):
         return "seq2seq_lm" if arch == "seq2seq" else "causal_lm"
     if arch != "auto":
         raise config_error("task.architecture", f"unknown value '{arch}'", "Use auto, seq2seq or causal.")
-    name = _model_name(task_cfg)
-    if name is None:
-        return "seq2seq_lm"
+    name = str(cfg.model.name)
     spec = registry.get("model", name)
     for wanted in HEADS:
         if wanted in spec.heads:
@@ -609,8 +599,8 @@ def head(task_cfg: Any) -> str:
     )
 
 
-def packing(task_cfg: Any) -> str:
-    return LAYOUTS[head(task_cfg)]
+def packing(cfg: DictConfig) -> str:
+    return LAYOUTS[head(cfg)]
 
 
 def validate(cfg: DictConfig) -> None:
@@ -627,7 +617,7 @@ def validate(cfg: DictConfig) -> None:
 
 
 def build_module(cfg: DictConfig, model: torch.nn.Module, tokenizer: Any) -> SummarizationModule:
-    return SummarizationModule(model, tokenizer, cfg.task, cfg.optimizer, cfg.scheduler, packing(cfg.task))
+    return SummarizationModule(model, tokenizer, cfg.task, cfg.optimizer, cfg.scheduler, packing(cfg))
 
 
 TASK = TaskSpec(
