@@ -73,3 +73,32 @@ def load_model(spec: ModelSpec, head: str, ref: str, updates: dict[str, Any], tr
     model = model_class.from_pretrained(ref, ignore_mismatched_sizes=True, trust_remote_code=trust_remote_code,
                                         **updates)
     return model.train()  # from_pretrained returns eval mode; fine-tuning wants dropout on
+
+
+def check_trained_head(spec: ModelSpec, head: str, ref: str, task: str, labels: list[str] | None,
+                       trust_remote_code: bool = False) -> None:
+    """mode=test / mode=predict evaluate a model as it is: its head must exist and match the data.
+
+    Without this check ``from_pretrained`` would silently give a freshly initialised head and the
+    evaluation would score random weights.
+    """
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(ref, trust_remote_code=trust_remote_code)
+    wanted = spec.heads[head].__name__
+    have = list(getattr(config, "architectures", None) or [])
+    if wanted not in have:
+        raise config_error(
+            "model.pretrained", f"'{ref}' is a {', '.join(have) or 'bare model'}, not a {wanted} fine-tuned for "
+            f"task={task}, so there is no trained head to evaluate",
+            f"Fine-tune it first (lmlab task={task} model.pretrained={ref}) and pass that run here.",
+        )
+    if labels is None:
+        return
+    id2label = getattr(config, "id2label", None) or {}
+    trained = [str(id2label.get(i, id2label.get(str(i), ""))) for i in range(len(id2label))]
+    if trained != list(labels):
+        raise config_error(
+            "model.pretrained", f"'{ref}' was trained with the labels {trained} and the data has {list(labels)}",
+            "Evaluate it on data with the same label set (the labels are read from the training split).",
+        )

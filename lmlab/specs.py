@@ -45,4 +45,7 @@ class TaskSpec:
     export_class: str = "AutoModel"  # the transformers Auto class that reloads an export
     monitor: str = "val/loss"
     monitor_mode: str = "min"  # "max" for accuracy / F1
+    # mode=predict: predict(cfg, module, tokenizer, trainer, out_dir) labels cfg.data.path and returns
+    # the files it wrote; None when the task has nothing to predict (the LM objectives).
+    predict: Callable[..., list] | None = None
     description: str = ""

@@ -133,6 +133,10 @@ def prepare_model_and_tokenizer(cfg: DictConfig, task: TaskSpec, spec: ModelSpec
     dm.set_tokenizer(tokenizer)
     updates = dm.model_config_updates() if hasattr(dm, "model_config_updates") else {}
     if ref:
+        if str(cfg.get("mode") or "fit") == "test":
+            labels = updates.get("id2label")
+            pretrained.check_trained_head(spec, head, source, task.name,
+                                          [labels[i] for i in range(len(labels))] if labels else None, trust)
         model = pretrained.load_model(spec, head, source, updates, trust)
         check_positions(spec, model.config, sequence_length(cfg.data))
         log.info("Loaded pretrained %s backbone from %s", spec.name, source)
@@ -144,31 +148,62 @@ def prepare_model_and_tokenizer(cfg: DictConfig, task: TaskSpec, spec: ModelSpec
     return tokenizer, model, tok_info
 
 
+MODES = ("fit", "test", "predict")
+
+
+def check_mode(cfg: DictConfig, task: TaskSpec) -> str:
+    """``fit`` trains; ``test`` and ``predict`` use ``model.pretrained`` as it is, before any data is read."""
+    mode = str(cfg.get("mode") or "fit")
+    if mode not in MODES:
+        raise config_error("mode", f"unknown mode '{mode}'", f"Use one of: {', '.join(MODES)}.")
+    if mode != "fit" and not cfg.model.get("pretrained"):
+        raise config_error("model.pretrained", f"mode={mode} needs a trained model and none is given",
+                           "Set model.pretrained to an lmlab run directory, its MLflow run id or a model directory.")
+    if mode == "predict":
+        if task.predict is None:
+            raise config_error("mode", f"task '{task.name}' has no predict mode",
+                               "Use mode=test to score it, or a task that predicts (classification, ner, summarization).")
+        if not cfg.data.get("path"):
+            raise config_error("data.path", "mode=predict needs the file to predict on",
+                               "Set data.path=FILE (one example per line or record; labels are not needed).")
+    return mode
+
+
+def _tags(cfg: DictConfig, task: TaskSpec, spec: ModelSpec, mode: str, output_dir: Path, origin: str) -> dict[str, str]:
+    return {"lmlab.task": task.name, "lmlab.model": spec.name, "lmlab.model_size": str(cfg.model.size),
+            "lmlab.data": origin, "lmlab.output_dir": str(output_dir.resolve()), "lmlab.mode": mode,
+            "lmlab.pretrained": str(cfg.model.get("pretrained") or "")}
+
+
 def run(cfg: DictConfig) -> RunResult:
-    """Train, validate (and test) one model, export it; returns the MLflow run and its final metrics."""
+    """Train, validate (and test) one model, export it; returns the MLflow run and its final metrics.
+
+    With ``mode=test`` the pretrained model is only scored on the test split (validation when the
+    data has none); with ``mode=predict`` it labels ``data.path`` and writes the predictions.
+    """
     started = time.perf_counter()
     task: TaskSpec = registry.get("task", cfg.task.name)
     spec: ModelSpec = registry.get("model", cfg.model.name)
     check_compatible(task, spec, cfg)
     task.validate(cfg)
+    mode = check_mode(cfg, task)
     tracking.quiet_env()
     tracking.check_reachable(tracking.tracking_uri(cfg))
-
     L.seed_everything(int(cfg.seed), workers=True)
+    if mode == "predict":
+        return _predict(cfg, task, spec, started)
+
     datamodule_cls = registry.get("datamodule", cfg.data.datamodule)
     dm = datamodule_cls(cfg.data, packing=task.packing(cfg), cache_dir=cfg.paths.cache, seed=int(cfg.seed))
     tokenizer, model, tok_info = prepare_model_and_tokenizer(cfg, task, spec, dm)
-    dm.setup("fit")
+    dm.setup("fit" if mode == "fit" else "test")
     module = task.build_module(cfg, model, tokenizer)
 
     output_dir = output_dir_for(cfg)
     output_dir.mkdir(parents=True, exist_ok=True)
     config_path = save_resolved_config(cfg, output_dir)
     origin = str(getattr(dm, "origin", None) or getattr(getattr(dm, "corpus", None), "origin", ""))
-    tags = {"lmlab.task": task.name, "lmlab.model": spec.name, "lmlab.model_size": str(cfg.model.size),
-            "lmlab.data": origin, "lmlab.output_dir": str(output_dir.resolve()),
-            "lmlab.pretrained": str(cfg.model.get("pretrained") or "")}
-    client, run_id, _ = tracking.start_run(cfg, tags)
+    client, run_id, _ = tracking.start_run(cfg, _tags(cfg, task, spec, mode, output_dir, origin))
     status = "FAILED"
     try:
         client.log_artifact(run_id, str(config_path), artifact_path="config")
@@ -176,28 +211,68 @@ def run(cfg: DictConfig) -> RunResult:
                                  "tokenized_cache_hit": getattr(dm, "cache_hit", None)}}, "run_info.json")
         client.log_param(run_id, "n_parameters", sum(p.numel() for p in model.parameters()))
         trainer, checkpoint, throughput = build_trainer(cfg, task, output_dir, tracking.metrics_logger(cfg, run_id))
-        trainer.fit(module, datamodule=dm)
-        # One last validation of the final weights, so the printed numbers describe what is exported.
-        final = trainer.validate(module, datamodule=dm, verbose=False)[0]
-        metrics = {k: float(v) for k, v in final.items()}
         export_dir = None
-        if cfg.export and trainer.is_global_zero:
-            export_dir = export_hf(module.model, tokenizer, output_dir / "export")
-            client.log_artifacts(run_id, str(export_dir), artifact_path="model")
-        if getattr(dm, "has_test", False):
+        if mode == "fit":
+            trainer.fit(module, datamodule=dm)
+            # One last validation of the final weights, so the printed numbers describe what is exported.
+            final = trainer.validate(module, datamodule=dm, verbose=False)[0]
+            metrics = {k: float(v) for k, v in final.items()}
+            if cfg.export and trainer.is_global_zero:
+                export_dir = export_hf(module.model, tokenizer, output_dir / "export")
+                client.log_artifacts(run_id, str(export_dir), artifact_path="model")
             # The test split is scored with the best checkpoint by the monitored metric.
-            best = "best" if checkpoint.best_model_path else None
-            tested = trainer.test(module, datamodule=dm, ckpt_path=best, verbose=False)[0]
+            ckpt = "best" if checkpoint.best_model_path else None
+        else:
+            metrics, ckpt = {}, None
+        if getattr(dm, "has_test", False):
+            tested = trainer.test(module, datamodule=dm, ckpt_path=ckpt, verbose=False)[0]
             metrics.update({k: float(v) for k, v in tested.items()})
             if hasattr(module, "export_predictions") and trainer.is_global_zero:
                 for path in module.export_predictions(output_dir / "predictions"):
                     client.log_artifact(run_id, str(path), artifact_path="predictions")
-        client.log_metric(run_id, "train/total_tokens", throughput.total_tokens)
+        elif mode == "test":  # LM corpora and carved data may have no test split: score validation
+            final = trainer.validate(module, datamodule=dm, verbose=False)[0]
+            metrics.update({k: float(v) for k, v in final.items()})
+        if mode == "fit":
+            client.log_metric(run_id, "train/total_tokens", throughput.total_tokens)
         status = "FINISHED"
     finally:
         client.set_terminated(run_id, status)
     return RunResult(run_id, tracking.tracking_uri(cfg), output_dir, metrics, export_dir, time.perf_counter() - started,
                      objective_metric(cfg, task))
+
+
+def _predict(cfg: DictConfig, task: TaskSpec, spec: ModelSpec, started: float) -> RunResult:
+    """Label ``data.path`` with ``model.pretrained``; the task writes the predictions file."""
+    source = pretrained.resolve(str(cfg.model.pretrained), cfg)
+    trust = bool(cfg.model.get("trust_remote_code", False))
+    head = task.head(cfg)
+    pretrained.check_trained_head(spec, head, source, task.name, None, trust)
+    tokenizer = load_pretrained(source, trust)
+    model = pretrained.load_model(spec, head, source, {}, trust).eval()
+    check_positions(spec, model.config, sequence_length(cfg.data))
+    module = task.build_module(cfg, model, tokenizer)
+
+    output_dir = output_dir_for(cfg)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    config_path = save_resolved_config(cfg, output_dir)
+    client, run_id, _ = tracking.start_run(cfg, _tags(cfg, task, spec, "predict", output_dir, str(cfg.data.path)))
+    status = "FAILED"
+    try:
+        client.log_artifact(run_id, str(config_path), artifact_path="config")
+        trainer, _, _ = build_trainer(cfg, task, output_dir, tracking.metrics_logger(cfg, run_id))
+        written = task.predict(cfg, module, tokenizer, trainer, output_dir / "predictions")
+        if trainer.is_global_zero:
+            for path in written:
+                client.log_artifact(run_id, str(path), artifact_path="predictions")
+        metrics = {"predict/examples": float(getattr(module, "predicted_examples", 0))}
+        client.log_metric(run_id, "predict/examples", metrics["predict/examples"])
+        status = "FINISHED"
+    finally:
+        client.set_terminated(run_id, status)
+    log.info("Predictions: %s", ", ".join(str(p) for p in written))
+    return RunResult(run_id, tracking.tracking_uri(cfg), output_dir, metrics, None, time.perf_counter() - started,
+                     "predict/examples")
 
 
 def summary(result: RunResult) -> str:

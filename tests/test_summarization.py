@@ -190,8 +190,8 @@ def test_trains_and_scores_end_to_end(runs: dict, model: str, tmp_path: Path) ->
     logged = client.get_run(result.run_id).data.metrics
     assert "test/bleu" in logged and "val/rougeL" in logged
     files = {f.path for f in client.list_artifacts(result.run_id, "predictions")}
-    assert "predictions/predictions.jsonl" in files
-    local = client.download_artifacts(result.run_id, "predictions/predictions.jsonl", str(tmp_path))
+    assert "predictions/test_predictions.jsonl" in files
+    local = client.download_artifacts(result.run_id, "predictions/test_predictions.jsonl", str(tmp_path))
     rows = [json.loads(line) for line in Path(local).read_text().splitlines()]
     assert len(rows) == 10 and set(rows[0]) == {"document", "reference", "generated"}
     references = [json.loads(line)["summary"] for line in (NEWS / "test.jsonl").open() if line.strip()][:10]

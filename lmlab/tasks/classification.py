@@ -39,6 +39,7 @@ from torchmetrics.classification import (
 from lmlab import fingerprint, optim
 from lmlab.data.catalog import package_dir
 from lmlab.data.sources import SPLIT_STEMS, carve_validation, decode_file, json_records
+from lmlab.data.unlabelled import read_records
 from lmlab.errors import LmlabError, config_error, file_error
 from lmlab.specs import TaskSpec
 
@@ -572,16 +573,21 @@ class ClassificationModule(L.LightningModule):
             writer.writerow(["text", *(["text_pair"] if rows.pairs is not None else []), "gold", "predicted",
                              "probability"])
             for i, p in zip(index.tolist(), probs):
-                if self.multi_label:
-                    chosen = [j for j in range(len(p)) if p[j] >= 0.5]
-                    predicted = sep.join(self.id2label[j] for j in chosen)
-                    probability = sep.join(f"{p[j]:.4f}" for j in chosen)
-                else:
-                    j = int(np.argmax(p))
-                    predicted, probability = self.id2label[j], f"{p[j]:.4f}"
                 pair = [rows.pairs[i]] if rows.pairs is not None else []
-                writer.writerow([rows.texts[i], *pair, sep.join(rows.labels[i]), predicted, probability])
+                writer.writerow([rows.texts[i], *pair, sep.join(rows.labels[i]), *self.decide(p)])
         return [path]
+
+    def decide(self, p: np.ndarray) -> tuple[str, str]:
+        """(predicted label(s), probability) of one row; multi-label keeps every label at >= 0.5."""
+        if self.multi_label:
+            chosen = [j for j in range(len(p)) if p[j] >= 0.5]
+            sep = self.label_separator
+            return sep.join(self.id2label[j] for j in chosen), sep.join(f"{p[j]:.4f}" for j in chosen)
+        j = int(np.argmax(p))
+        return self.id2label[j], f"{p[j]:.4f}"
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return batch["index"], self.probabilities(self(batch))
 
     def configure_optimizers(self) -> dict[str, Any]:
         return optim.build(self.model, self.optimizer_cfg, self.scheduler_cfg, self.trainer.estimated_stepping_batches)
@@ -608,6 +614,44 @@ def build_module(cfg: DictConfig, model: torch.nn.Module, tokenizer: Any) -> Cla
                                 scheduler=cfg.scheduler, label_separator=str(cfg.data.get("label_separator", ";")))
 
 
+def predict(cfg: DictConfig, module: ClassificationModule, tokenizer: Any, trainer: L.Trainer,
+            directory: Path) -> list[Path]:
+    """mode=predict: ``predictions.csv`` (text, [text_pair], [gold], predicted, probability) for data.path."""
+    data = cfg.data
+    pair_col = data.get("text_pair_column")
+    fields = [str(data.text_column), *([str(pair_col)] if pair_col else [])]
+    label_col = str(data.label_column)
+    rows = read_records(Path(str(data.path)), fields, "data.text_column / data.text_pair_column",
+                        str(data.encoding), optional=(label_col,))
+    texts = [str(r[fields[0]]) for r in rows]
+    pairs = [str(r[fields[1]]) for r in rows] if pair_col else None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    enc = tokenizer(*((texts, pairs) if pairs else (texts,)), truncation=True, max_length=int(data.max_length))
+    keep = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
+    dataset = EncodedDataset({k: list(enc[k]) for k in keep}, torch.zeros(len(texts), dtype=torch.long))
+    loader = DataLoader(dataset, batch_size=int(data.get("eval_batch_size") or data.batch_size),
+                        collate_fn=PadCollator(int(tokenizer.pad_token_id)))
+    outputs = trainer.predict(module, dataloaders=loader) or []
+    module.predicted_examples = len(texts)
+    if not trainer.is_global_zero:
+        return []
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "predictions.csv"
+    has_gold = all(label_col in r for r in rows)
+    tmp = path.with_suffix(".csv.tmp")
+    with tmp.open("w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", *(["text_pair"] if pairs else []), *(["gold"] if has_gold else []),
+                         "predicted", "probability"])
+        for index, probs in outputs:
+            for i, p in zip(index.tolist(), probs.cpu().numpy()):
+                writer.writerow([texts[i], *([pairs[i]] if pairs else []), *([rows[i][label_col]] if has_gold else []),
+                                 *module.decide(p)])
+    tmp.replace(path)
+    return [path]
+
+
 def validate(cfg: DictConfig) -> None:
     if not isinstance(cfg.task.get("multi_label"), bool):
         raise config_error("task.multi_label", f"'{cfg.task.get('multi_label')}' is not true or false",
@@ -628,5 +672,6 @@ TASK = TaskSpec(
     export_class="AutoModelForSequenceClassification",
     monitor="val/accuracy",
     monitor_mode="max",
+    predict=predict,
     description="text classification, single- or multi-label (accuracy, macro-F1)",
 )

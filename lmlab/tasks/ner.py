@@ -45,6 +45,7 @@ from torchmetrics import Metric, SumMetric
 from lmlab import fingerprint, optim
 from lmlab.data.catalog import package_dir
 from lmlab.data.sources import decode_file, json_records
+from lmlab.data.unlabelled import read_records
 from lmlab.errors import LmlabError, config_error, file_error
 from lmlab.specs import TaskSpec
 
@@ -721,8 +722,109 @@ class NerModule(L.LightningModule):
             written.append(path)
         return written
 
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> list[tuple[int, list[str]]]:
+        logits, _, _ = self._logits_loss(batch)
+        n_words = batch["word_labels"]
+        pred_ids = self.word_predictions(logits, batch["first_word"], n_words.shape[1]).cpu().tolist()
+        out = []
+        for index, row, gold in zip(batch["index"].tolist(), pred_ids, n_words.cpu().tolist()):
+            n = sum(1 for g in gold if g != IGNORE_INDEX)
+            out.append((index, [self.labels[i] for i in row[:n]]))
+        return out
+
     def configure_optimizers(self) -> dict[str, Any]:
         return optim.build(self.model, self.optimizer_cfg, self.scheduler_cfg, self.trainer.estimated_stepping_batches)
+
+
+# ================================================================================================
+# mode=predict
+# ================================================================================================
+
+def read_unlabelled(path: Path, data_cfg: DictConfig) -> list[tuple[list[str], list[str] | None]]:
+    """(tokens, gold tags or None) per sentence: JSON lines, CoNLL (tags optional), or plain text.
+
+    A ``.txt`` file without tabs is plain text, one whitespace-tokenised sentence per line; with
+    tabs it is CoNLL, as in training.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise config_error("data.path", f"'{path}' is not a file", "Give the file to predict on.")
+    encoding = str(data_cfg.get("encoding") or "utf-8")
+    suffix = path.suffix.lower()
+    if suffix in JSON_SUFFIXES:
+        field_name = str(data_cfg.get("tokens_field") or "tokens")
+        rows = read_records(path, [field_name], "data.tokens_field", encoding)
+        out = []
+        for number, row in enumerate(rows, start=1):
+            if not isinstance(row[field_name], list) or not row[field_name]:
+                raise file_error(path, f"'{field_name}' is not a non-empty list of tokens",
+                                 'Write {"tokens": ["word", ...]}', line=number)
+            out.append(([str(t) for t in row[field_name]], None))
+        return out
+    text = decode_file(path, encoding)
+    if suffix == ".txt" and "\t" not in text:
+        return [(line.split(), None) for line in text.split("\n") if line.strip()]
+    sentences: list[tuple[list[str], list[str] | None]] = []
+    tokens: list[str] = []
+    tags: list[str] = []
+    column = int(data_cfg.get("token_column", 0))
+    for number, line in enumerate(text.split("\n"), start=1):
+        columns = line.split("\t") if "\t" in line else line.split()
+        if not columns or columns[0] == "-DOCSTART-":
+            if tokens:
+                sentences.append((tokens, tags if len(tags) == len(tokens) else None))
+            tokens, tags = [], []
+            continue
+        try:
+            tokens.append(columns[column].strip())
+        except IndexError:
+            raise file_error(path, f"has {len(columns)} column(s) and data.token_column is {column}",
+                             "Put one token per line (its gold tag, if any, in the last column)", line=number) from None
+        if len(columns) > 1:
+            tags.append(columns[-1].strip())
+    if tokens:
+        sentences.append((tokens, tags if len(tags) == len(tokens) else None))
+    if not sentences:
+        raise file_error(path, "holds no sentences", "Give one token per line, a blank line between sentences")
+    return sentences
+
+
+def predict(cfg: DictConfig, module: NerModule, tokenizer: Any, trainer: L.Trainer, directory: Path) -> list[Path]:
+    """mode=predict: ``predictions.conll`` (token, [gold], predicted tag; blank line between sentences)."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise config_error("tokenizer", "NER needs a fast (Rust) tokenizer for word alignment",
+                           "Use a model directory with tokenizer.json.")
+    sentences = read_unlabelled(Path(str(cfg.data.path)), cfg.data)
+    max_length = int(cfg.data.get("max_length") or cfg.data.block_size)
+    enc = tokenizer([s for s, _ in sentences], is_split_into_words=True, truncation=True, max_length=max_length)
+    rows = []
+    for i, (tokens, _) in enumerate(sentences):
+        prev, first = None, []
+        for w in enc.word_ids(i):
+            first.append(w if w is not None and w != prev else -1)
+            prev = w
+        row = {"index": i, "input_ids": enc["input_ids"][i], "attention_mask": enc["attention_mask"][i],
+               "first_word": first, "word_labels": [0] * len(tokens), "labels": [IGNORE_INDEX] * len(first)}
+        if "token_type_ids" in enc:
+            row["token_type_ids"] = enc["token_type_ids"][i]
+        rows.append(row)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    loader = DataLoader(_Rows(rows), batch_size=int(cfg.data.get("eval_batch_size") or cfg.data.batch_size),
+                        collate_fn=TokenCollator(pad))
+    predicted = dict(item for batch in (trainer.predict(module, dataloaders=loader) or []) for item in batch)
+    module.predicted_examples = len(sentences)
+    if not trainer.is_global_zero:
+        return []
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "predictions.conll"
+    tmp = path.with_suffix(".conll.tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for i, (tokens, gold) in enumerate(sentences):
+            for j, token in enumerate(tokens):
+                f.write("\t".join([token, *([gold[j]] if gold else []), predicted[i][j]]) + "\n")
+            f.write("\n")
+    tmp.replace(path)
+    return [path]
 
 
 def _labels_of(model: torch.nn.Module) -> list[str]:
@@ -758,5 +860,6 @@ TASK = TaskSpec(
     export_class="AutoModelForTokenClassification",
     monitor="val/f1",
     monitor_mode="max",
+    predict=predict,
     description="named-entity recognition (token classification; entity-level F1, seqeval semantics)",
 )

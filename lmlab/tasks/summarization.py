@@ -44,13 +44,14 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics import SumMetric
 
 from lmlab import fingerprint, optim, registry
 from lmlab.data.catalog import package_dir
 from lmlab.data.sources import SPLIT_STEMS, decode_file, json_records
+from lmlab.data.unlabelled import read_records
 from lmlab.errors import LmlabError, config_error, file_error
 from lmlab.specs import TaskSpec
 
@@ -276,6 +277,27 @@ def _pad(rows: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
     return out
 
 
+def limits(cfg: DictConfig, layout: str, separator_len: int = 0) -> tuple[int, int]:
+    """(source tokens, target tokens incl. EOS) for this layout."""
+    block = int(cfg.get("block_size") or cfg.max_source_length)
+    source = min(int(cfg.max_source_length), block)
+    target = int(cfg.max_target_length)
+    if target < 2:
+        raise config_error("data.max_target_length", f"{target} is too short", "Use at least 2 (a token and EOS).")
+    if layout == "seq2seq":
+        # The decoder sees the summary: keep it within what the model is checked to hold.
+        return source, min(target, block)
+    source = min(source, block - separator_len - target)
+    if source < 8:
+        raise config_error(
+            "data.max_target_length",
+            f"a decoder-only model gets data.block_size={block} tokens for prompt + summary, and "
+            f"{target} summary tokens plus the separator leave only {max(source, 0)} for the document",
+            "Lower data.max_target_length or raise data.block_size.",
+        )
+    return source, target
+
+
 class Collator:
     """Pads per batch: right padding for training inputs, left padding for decoder-only prompts."""
 
@@ -339,24 +361,7 @@ class SummarizationDataModule(L.LightningDataModule):
 
     # -- limits ------------------------------------------------------------------------------------
     def limits(self, separator_len: int = 0) -> tuple[int, int]:
-        """(source tokens, target tokens incl. EOS) for this layout."""
-        block = int(self.cfg.get("block_size") or self.cfg.max_source_length)
-        source = min(int(self.cfg.max_source_length), block)
-        target = int(self.cfg.max_target_length)
-        if target < 2:
-            raise config_error("data.max_target_length", f"{target} is too short", "Use at least 2 (a token and EOS).")
-        if self.layout == "seq2seq":
-            # The decoder sees the summary: keep it within what the model is checked to hold.
-            return source, min(target, block)
-        source = min(source, block - separator_len - target)
-        if source < 8:
-            raise config_error(
-                "data.max_target_length",
-                f"a decoder-only model gets data.block_size={block} tokens for prompt + summary, and "
-                f"{target} summary tokens plus the separator leave only {max(source, 0)} for the document",
-                "Lower data.max_target_length or raise data.block_size.",
-            )
-        return source, target
+        return limits(self.cfg, self.layout, separator_len)
 
     # -- tokenizing --------------------------------------------------------------------------------
     def _encode(self, texts: list[str], specials: bool) -> list[list[int]]:
@@ -516,6 +521,9 @@ class SummarizationModule(L.LightningModule):
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, batch_idx, True)
 
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> list[tuple[int, str]]:
+        return list(zip(batch["index"].tolist(), self.generate(batch), strict=True))
+
     def _gathered(self) -> list[tuple[int, str]]:
         """Every process's (index, generated text), one per example (DistributedSampler repeats some)."""
         local = list(self.generated)
@@ -568,7 +576,7 @@ class SummarizationModule(L.LightningModule):
         """The test split's documents, references and generated summaries as JSON lines."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        path = directory / "predictions.jsonl"
+        path = directory / "test_predictions.jsonl"
         with path.open("w", encoding="utf-8") as f:
             for row in self.predictions:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -603,6 +611,45 @@ def packing(cfg: DictConfig) -> str:
     return LAYOUTS[head(cfg)]
 
 
+def predict(cfg: DictConfig, module: SummarizationModule, tokenizer: Any, trainer: L.Trainer,
+            directory: Path) -> list[Path]:
+    """mode=predict: ``predictions.jsonl`` with the document, the generated summary and any reference."""
+    data = cfg.data
+    doc_key, sum_key = str(data.document_field), str(data.summary_field)
+    rows = read_records(Path(str(data.path)), [doc_key], "data.document_field", str(data.encoding), optional=(sum_key,))
+    documents = [_clean(r[doc_key]) for r in rows]
+    layout = module.layout
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    separator = tokenizer([str(data.get("separator") or "")], add_special_tokens=False)["input_ids"][0] \
+        if layout == "causal" and data.get("separator") else []
+    max_source, _ = limits(data, layout, len(separator))
+    sources = tokenizer(documents, add_special_tokens=layout == "seq2seq")["input_ids"]
+    items = []
+    for i, src in enumerate(sources):
+        if layout == "seq2seq":
+            items.append({"input_ids": _end_with(src, eos, max_source), "labels": [eos], "index": i})
+        else:
+            prompt = src[:max_source] + separator
+            items.append({"input_ids": prompt, "labels": [-100] * len(prompt), "prompt_ids": prompt, "index": i})
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    loader = DataLoader(Examples(items), batch_size=int(data.eval_batch_size), collate_fn=Collator(pad, layout))
+    generated = dict(item for batch in (trainer.predict(module, dataloaders=loader) or []) for item in batch)
+    module.predicted_examples = len(documents)
+    if not trainer.is_global_zero:
+        return []
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "predictions.jsonl"
+    tmp = path.with_suffix(".jsonl.tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for i, (row, document) in enumerate(zip(rows, documents, strict=True)):
+            out = {"document": document, "summary": generated[i]}
+            if sum_key in row:
+                out["reference"] = _clean(row[sum_key])
+            f.write(json.dumps(out, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+    return [path]
+
+
 def validate(cfg: DictConfig) -> None:
     gen = cfg.task.get("generation") or {}
     for key in ("num_beams", "max_new_tokens"):
@@ -628,5 +675,6 @@ TASK = TaskSpec(
     validate=validate,
     # Encoder-decoder exports reload with this class; a gpt2 export with AutoModelForCausalLM.
     export_class="AutoModelForSeq2SeqLM",
+    predict=predict,
     description="abstractive summarization (bart/t5 seq2seq or gpt2 prompt+TL;DR; BLEU, ROUGE)",
 )

@@ -1,0 +1,56 @@
+"""Inputs for ``mode=predict``: the fields a task reads, from CSV/TSV, JSON lines or plain text.
+
+Gold labels are not needed (when a file has them, the task may write them next to its predictions),
+so the labelled readers, which insist on a label per row, do not serve here.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import sys
+from pathlib import Path
+from typing import Any
+
+from lmlab.data.sources import decode_file, json_records
+from lmlab.errors import file_error
+
+CSV_SUFFIXES = {".csv": ",", ".tsv": "\t"}
+JSON_SUFFIXES = {".jsonl", ".json"}
+
+
+def read_records(path: Path, fields: list[str], setting: str, encoding: str = "utf-8",
+                 optional: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """One dict per example holding ``fields`` (and ``optional`` ones when present).
+
+    A ``.txt`` (or any other) file is one example per non-blank line, read as the first field.
+    ``setting`` names the config key that chooses the fields, for the error message.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise file_error(path, "is not a file", "Set data.path to the file to predict on.")
+    text = decode_file(path, encoding)
+    suffix = path.suffix.lower()
+    rows: list[dict[str, Any]] = []
+    if suffix in CSV_SUFFIXES:
+        csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=CSV_SUFFIXES[suffix])
+        header = reader.fieldnames or []
+        for name in fields:
+            if name not in header:
+                raise file_error(path, f"has no column '{name}' (columns: {', '.join(header) or 'none'})",
+                                 f"Set {setting} to the column that holds it.", line=1)
+        for record in reader:
+            rows.append({k: record[k] for k in (*fields, *optional) if k in record and record[k] is not None})
+    elif suffix in JSON_SUFFIXES:
+        for number, record in json_records(path, text):
+            missing = [name for name in fields if name not in record]
+            if missing:
+                raise file_error(path, f"has no field '{missing[0]}' (fields: {', '.join(sorted(record))})",
+                                 f"Set {setting} to the field that holds it.", line=number)
+            rows.append({k: record[k] for k in (*fields, *optional) if k in record})
+    else:
+        rows = [{fields[0]: line.strip()} for line in text.split("\n") if line.strip()]
+    if not rows:
+        raise file_error(path, "holds no examples", "Give one example per line or record.")
+    return rows

@@ -1,0 +1,173 @@
+"""mode=test scores a trained run as it is; mode=predict labels a file with it.
+
+The check that matters: a run's own test-split predictions (written by mode=fit with the final
+weights) equal what mode=predict writes for the same file, and mode=test reproduces the fit's test
+metrics from the export alone.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+from omegaconf import OmegaConf
+
+from lmlab.errors import LmlabError
+from lmlab.train import run
+from tests.conftest import SHARED_DATA, TINY, compose_cfg
+
+ROTTEN = SHARED_DATA / "classification" / "rotten_tomatoes"
+WNUT = SHARED_DATA / "ner" / "wnut16"
+NEWS = SHARED_DATA / "summarization" / "news_titles"
+# Final weights everywhere: no best checkpoint (save_top_k=0), so fit's test split and the export agree.
+FINAL = [*TINY, "data.max_documents=null", "checkpoint.save_top_k=0", "trainer.num_sanity_val_steps=0"]
+
+
+def lmlab(*overrides: str):
+    cfg = compose_cfg([*FINAL, *overrides])
+    OmegaConf.resolve(cfg)
+    return run(cfg)
+
+
+def head_lines(src: Path, dst: Path, n: int, blank_separated: bool = False) -> None:
+    """The first n records (lines, or blank-line separated sentences) of a real data file."""
+    text = src.read_text(encoding="utf-8")
+    if blank_separated:
+        dst.write_text("\n\n".join(text.strip().split("\n\n")[:n]) + "\n\n", encoding="utf-8")
+    else:
+        dst.write_text("\n".join(text.splitlines()[:n]) + "\n", encoding="utf-8")
+
+
+def artifacts(result, path: str) -> list[str]:
+    client = mlflow.MlflowClient(tracking_uri=result.tracking_uri)
+    return [a.path for a in client.list_artifacts(result.run_id, path)]
+
+
+def tag(result, key: str) -> str:
+    return mlflow.MlflowClient(tracking_uri=result.tracking_uri).get_run(result.run_id).data.tags[key]
+
+
+@pytest.fixture
+def rotten_small(tmp_path: Path) -> Path:
+    if not ROTTEN.exists():
+        pytest.skip(f"real test data missing: {ROTTEN}")
+    folder = tmp_path / "rotten"
+    folder.mkdir()
+    for split, n in (("train", 301), ("validation", 41), ("test", 31)):  # header + rows
+        head_lines(ROTTEN / f"{split}.csv", folder / f"{split}.csv", n)
+    return folder
+
+
+@pytest.mark.slow
+def test_classification_test_and_predict_reproduce_the_fit(rotten_small: Path, tmp_path: Path) -> None:
+    fit = lmlab("task=classification", f"data.path={rotten_small}")
+    with open(fit.output_dir / "predictions" / "test_predictions.csv", encoding="utf-8", newline="") as f:
+        expected = list(csv.DictReader(f))
+
+    scored = lmlab("task=classification", f"data.path={rotten_small}", "mode=test", f"model.pretrained={fit.output_dir}")
+    for key in ("test/accuracy", "test/macro_f1", "test/loss"):
+        assert scored.metrics[key] == pytest.approx(fit.metrics[key], abs=1e-5), key
+    assert tag(scored, "lmlab.mode") == "test" and scored.export_dir is None
+    assert not any(k.startswith("train/") for k in scored.metrics)
+
+    # Predict from the MLflow run id this time (the other way to name a run).
+    predicted = lmlab("task=classification", f"data.path={rotten_small / 'test.csv'}", "mode=predict",
+                      f"model.pretrained={fit.run_id}")
+    assert artifacts(predicted, "predictions") == ["predictions/predictions.csv"]
+    assert tag(predicted, "lmlab.mode") == "predict" and predicted.metrics["predict/examples"] == 30
+    with open(predicted.output_dir / "predictions" / "predictions.csv", encoding="utf-8", newline="") as f:
+        got = list(csv.DictReader(f))
+    assert [r["predicted"] for r in got] == [r["predicted"] for r in expected]
+    assert [r["gold"] for r in got] == [r["gold"] for r in expected]
+    assert [float(r["probability"]) for r in got] == pytest.approx([float(r["probability"]) for r in expected], abs=1e-4)
+
+    # A file with text only (no label column) is enough to predict.
+    plain = tmp_path / "reviews.txt"
+    plain.write_text("a warm , funny , moving film\n\nthe plot is a mess and the acting is worse\n", encoding="utf-8")
+    result = lmlab("task=classification", f"data.path={plain}", "mode=predict", f"model.pretrained={fit.output_dir}")
+    with open(result.output_dir / "predictions" / "predictions.csv", encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and set(rows[0]) == {"text", "predicted", "probability"}
+    assert {r["predicted"] for r in rows} <= {"fresh", "rotten"}
+
+
+@pytest.mark.slow
+def test_ner_test_and_predict_reproduce_the_fit(tmp_path: Path) -> None:
+    if not WNUT.exists():
+        pytest.skip(f"real test data missing: {WNUT}")
+    folder = tmp_path / "wnut"
+    folder.mkdir()
+    for split, n in (("train", 300), ("validation", 30), ("test", 25)):
+        head_lines(WNUT / f"{split}.conll", folder / f"{split}.conll", n, blank_separated=True)
+    fit = lmlab("task=ner", f"data.path={folder}")
+    expected = (fit.output_dir / "predictions" / "test_predictions.conll").read_text(encoding="utf-8")
+
+    scored = lmlab("task=ner", f"data.path={folder}", "mode=test", f"model.pretrained={fit.export_dir}")
+    for key in ("test/f1", "test/token_accuracy", "test/loss"):
+        assert scored.metrics[key] == pytest.approx(fit.metrics[key], abs=1e-5), key
+
+    predicted = lmlab("task=ner", f"data.path={folder / 'test.conll'}", "mode=predict",
+                      f"model.pretrained={fit.output_dir}")
+    got = (predicted.output_dir / "predictions" / "predictions.conll").read_text(encoding="utf-8")
+    assert got.split("\n\n") == expected.split("\n\n")  # token, gold, predicted per line; same sentences
+    assert predicted.metrics["predict/examples"] == 25
+
+    # Plain text, one sentence per line: one CoNLL block per sentence, a tag per word.
+    plain = tmp_path / "tweets.txt"
+    plain.write_text("Watching the Yankees in New York tonight\nno entities here at all\n", encoding="utf-8")
+    result = lmlab("task=ner", f"data.path={plain}", "mode=predict", f"model.pretrained={fit.output_dir}")
+    blocks = (result.output_dir / "predictions" / "predictions.conll").read_text(encoding="utf-8").strip().split("\n\n")
+    labels = set(json.loads((fit.export_dir / "config.json").read_text())["id2label"].values())
+    assert [len(b.splitlines()) for b in blocks] == [7, 5]
+    assert all(line.split("\t")[1] in labels for b in blocks for line in b.splitlines())
+
+
+@pytest.mark.slow
+def test_summarization_predict_generates_what_the_fit_generated(tmp_path: Path) -> None:
+    if not NEWS.exists():
+        pytest.skip(f"real test data missing: {NEWS}")
+    folder = tmp_path / "news"
+    folder.mkdir()
+    for split, n in (("train", 200), ("validation", 16), ("test", 12)):
+        head_lines(NEWS / f"{split}.jsonl", folder / f"{split}.jsonl", n)
+    common = ["task=summarization", "task.generation.max_new_tokens=8"]
+    fit = lmlab(*common, f"data.path={folder}")
+    expected = [json.loads(line) for line in
+                (fit.output_dir / "predictions" / "test_predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+    predicted = lmlab(*common, f"data.path={folder / 'test.jsonl'}", "mode=predict", f"model.pretrained={fit.output_dir}")
+    rows = [json.loads(line) for line in
+            (predicted.output_dir / "predictions" / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == 12 and set(rows[0]) == {"document", "summary", "reference"}
+    assert [r["summary"] for r in rows] == [e["generated"] for e in expected]
+
+
+def test_mode_errors_come_before_any_data(tmp_path: Path) -> None:
+    bare = tmp_path / "bare"
+    with pytest.raises(LmlabError, match="mode=test needs a trained model"):
+        lmlab("task=ner", "mode=test")
+    with pytest.raises(LmlabError, match="task 'mlm' has no predict mode"):
+        lmlab("task=mlm", "mode=predict", f"model.pretrained={bare}")
+    with pytest.raises(LmlabError, match="mode=predict needs the file"):
+        lmlab("task=ner", "mode=predict", f"model.pretrained={bare}")
+    with pytest.raises(LmlabError, match="unknown mode 'train'"):
+        lmlab("mode=train")
+
+
+def test_mode_test_refuses_a_model_without_a_trained_head(tmp_path: Path) -> None:
+    """all-MiniLM-L6-v2 is a bare encoder: scoring it for NER would score a random head."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder = tmp_path / "bare"
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "a"]) + "\n", encoding="utf-8")
+    BertModel(BertConfig(vocab_size=7, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(folder)
+    BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(folder)
+    text = tmp_path / "s.txt"
+    text.write_text("the a\n", encoding="utf-8")
+    with pytest.raises(LmlabError, match="no trained head to evaluate") as info:
+        lmlab("task=ner", "mode=predict", f"data.path={text}", f"model.pretrained={folder}")
+    assert "BertModel" in str(info.value) and "BertForTokenClassification" in str(info.value)
