@@ -7,6 +7,8 @@ from typing import Any
 
 import lightning as L
 
+from lmlab.flops import flops_per_token
+
 
 class TokensPerSecond(L.Callback):
     """Logs ``train/tokens_per_sec`` (non-padding tokens, all processes) every ``every`` steps.
@@ -15,11 +17,13 @@ class TokensPerSecond(L.Callback):
     rejects; counting tokens over a window of steps is all this needs.
     """
 
-    def __init__(self, every: int = 10):
+    def __init__(self, every: int = 10, peak_flops: float | None = None):
         self.every = max(1, every)
         self._tokens = 0
         self._since = 0.0
         self.total_tokens = 0
+        self.peak = peak_flops  # per device; None: no MFU (unknown device, no perf.peak_flops)
+        self._flops_per_token: float | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._since = time.perf_counter()
@@ -29,12 +33,19 @@ class TokensPerSecond(L.Callback):
         mask = batch.get("attention_mask") if isinstance(batch, dict) else None
         tokens = int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
         tokens *= trainer.world_size
+        if self.peak and self._flops_per_token is None and hasattr(pl_module, "model"):
+            self._flops_per_token = flops_per_token(pl_module.model, int(batch["input_ids"].shape[-1])) or 0.0
         self._tokens += tokens
         self.total_tokens += tokens
         if (batch_idx + 1) % self.every == 0:
             now = time.perf_counter()
             rate = self._tokens / max(now - self._since, 1e-9)
             pl_module.log("train/tokens_per_sec", float(rate), prog_bar=True)
+            # Per device too, so runs on different device counts compare directly.
+            pl_module.log("train/tokens_per_sec_per_device", float(rate) / trainer.world_size)
+            if self.peak and self._flops_per_token:
+                mfu = self._flops_per_token * rate / (self.peak * trainer.world_size)
+                pl_module.log("train/mfu", float(mfu), prog_bar=True)
             self._tokens, self._since = 0, now
 
 

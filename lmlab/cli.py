@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import warnings
@@ -49,7 +50,8 @@ def help_text() -> str:
         "lmlab: train language models with PyTorch Lightning, composed with Hydra, tracked in MLflow.",
         "",
         "Usage: lmlab [GROUP=OPTION ...] [key=value ...]      one run",
-        "       lmlab -m GROUP=A,B key=1,2                     a sweep (Hydra multirun)",
+        "       lmlab -m GROUP=A,B key=1,2                     a sweep: one MLflow parent run, a child per job",
+        "       lmlab -m hparams_search=classification_optuna  an Optuna search; run again, it resumes",
         "       lmlab --cfg job                                print the composed config",
         "",
         "Config groups (GROUP=OPTION; * marks the default):",
@@ -59,10 +61,11 @@ def help_text() -> str:
         cfg = compose("config", return_hydra_config=True)
         defaults = {str(k): str(v) for k, v in cfg.hydra.runtime.choices.items()}
         groups = [g for g in sorted(loader.list_groups("")) if g != "hydra"]
+        width = max(11, *(len(g) for g in groups))
         for group in groups:
             options = loader.get_group_options(group)
             shown = [f"{o}*" if defaults.get(group) == o else o for o in options]
-            lines.append(f"  {group:<11} {', '.join(shown)}")
+            lines.append(f"  {group:<{width}} {', '.join(shown)}")
     GlobalHydra.instance().clear()
     for kind in ("task", "model", "datamodule"):
         lines.append("")
@@ -83,15 +86,36 @@ def help_text() -> str:
 
 
 def _job(cfg) -> float:
+    from lmlab import sweep
     from lmlab.train import run, summary
 
+    in_sweep = sweep.job_context() is not None
     try:
+        if in_sweep:
+            sweep.check_direction(cfg)
         result = run(cfg)
+        if in_sweep:
+            sweep.check_objective(result.objective_metric, result.metrics)
     except LmlabError as exc:
+        if in_sweep and _diverged(exc):
+            # A diverged trial (a learning rate too high, say) is an outcome of the search, not a
+            # broken sweep: Optuna records it as a failed trial and the sweep goes on.
+            print(f"\nlmlab: this job diverged: {exc}", file=sys.stderr)
+            return math.nan
         print(f"\nlmlab: error: {exc}", file=sys.stderr)
+        if in_sweep:
+            # Hydra marks the job FAILED and the sweeper decides (the basic one stops, Optuna
+            # records a failed trial); exiting here would take the whole sweep down with it.
+            raise
         sys.exit(2)
     print(summary(result), flush=True)
     return result.objective
+
+
+def _diverged(exc: Exception) -> bool:
+    # By name in sys.modules: lmlab.train has imported lmlab.faults by the time a run can diverge.
+    faults = sys.modules.get("lmlab.faults")
+    return faults is not None and isinstance(exc, getattr(faults, "NonFiniteLoss", ()))
 
 
 def main() -> None:

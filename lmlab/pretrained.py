@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import tempfile
@@ -10,7 +11,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from lmlab.errors import config_error
+from lmlab.errors import config_error, file_error
 from lmlab.specs import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -24,6 +25,7 @@ def resolve(ref: str, cfg: DictConfig) -> str:
     if path.is_dir():
         for candidate in (path, path / "export"):
             if (candidate / "config.json").exists():
+                _check_json(candidate / "config.json")
                 return str(candidate)
         raise config_error(
             "model.pretrained", f"directory '{ref}' holds neither config.json nor export/config.json",
@@ -35,6 +37,29 @@ def resolve(ref: str, cfg: DictConfig) -> str:
         raise config_error("model.pretrained", f"'{ref}' does not exist",
                            "Give an existing directory, an MLflow run id or a hub name.")
     return ref  # a hub name: only works online, and that is the user's choice
+
+
+def _check_json(path: Path) -> None:
+    # transformers reports a broken config.json without naming the file or the line.
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise file_error(path, f"is not valid JSON ({getattr(exc, 'msg', exc)})",
+                         "model.pretrained needs a model directory written by save_pretrained",
+                         line=getattr(exc, "lineno", None)) from exc
+
+
+def _auto_config(ref: str, trust_remote_code: bool) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(ref, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:  # ValueError also when remote code is not trusted
+        raise config_error(
+            "model.pretrained", f"cannot load the model config of '{ref}' ({' '.join(str(exc).split())[:400]})",
+            "Point it at a model written by save_pretrained. A model that ships its own Python code needs "
+            "model.trust_remote_code=true: set it only for code you have read and trust.",
+        ) from exc
 
 
 def _download_run_model(run_id: str, cfg: DictConfig) -> str:
@@ -59,9 +84,7 @@ def _download_run_model(run_id: str, cfg: DictConfig) -> str:
 
 def load_model(spec: ModelSpec, head: str, ref: str, updates: dict[str, Any], trust_remote_code: bool = False) -> Any:
     """The task's head on top of the pretrained weights; a missing head is freshly initialised."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(ref, trust_remote_code=trust_remote_code)
+    config = _auto_config(ref, trust_remote_code)
     expected = getattr(spec.config_class, "model_type", None)
     if expected and config.model_type != expected:
         raise config_error(
@@ -82,9 +105,7 @@ def check_trained_head(spec: ModelSpec, head: str, ref: str, task: str, labels: 
     Without this check ``from_pretrained`` would silently give a freshly initialised head and the
     evaluation would score random weights.
     """
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(ref, trust_remote_code=trust_remote_code)
+    config = _auto_config(ref, trust_remote_code)
     wanted = spec.heads[head].__name__
     have = list(getattr(config, "architectures", None) or [])
     if wanted not in have:

@@ -81,24 +81,28 @@ def train_bpe(texts: Sequence[str], vocab_size: int, min_frequency: int) -> Any:
     )
 
 
-def load_pretrained(path: str, trust_remote_code: bool = False) -> Any:
-    """A local tokenizer directory, or a hub name for users who are online."""
+def load_pretrained(path: str, trust_remote_code: bool = False, key: str = "tokenizer.path") -> Any:
+    """A local tokenizer directory, or a hub name for users who are online.
+
+    ``key`` is the config key errors name: the tokenizer of ``model.pretrained`` comes from there.
+    """
     from transformers import AutoTokenizer
 
     local = Path(path).expanduser()
     looks_local = local.exists() or path.startswith((".", "/", "~"))
     if looks_local and not (local / "tokenizer_config.json").exists() and not (local / "tokenizer.json").exists():
         raise config_error(
-            "tokenizer.path",
+            key,
             f"'{path}' is not a tokenizer directory (no tokenizer.json or tokenizer_config.json there)",
             "Point it at a directory written by save_pretrained, e.g. an lmlab export's model/ folder.",
         )
     try:
         return AutoTokenizer.from_pretrained(str(local) if looks_local else path, trust_remote_code=trust_remote_code)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: unreadable files, or remote code not trusted
         raise config_error(
-            "tokenizer.path", f"could not load tokenizer '{path}' ({exc})",
-            "Use a local directory, or a hub name with network access.",
+            key, f"could not load tokenizer '{path}' ({' '.join(str(exc).split())[:400]})",
+            "Use a directory written by save_pretrained, or a hub name with network access. Tokenizer code "
+            f"shipped with it runs only with {key.split('.')[0]}.trust_remote_code=true: set it only for code you trust.",
         ) from exc
 
 

@@ -82,30 +82,54 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
+def experiment_id(client: Any, cfg: DictConfig) -> str:
+    """The id of ``logger.experiment_name``, created (with our artifact root) when it is new."""
+    from mlflow.exceptions import MlflowException
+
+    name = str(cfg.logger.experiment_name)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_root(cfg))
+    except MlflowException:
+        # Parallel sweep jobs may race to create it: the loser takes the winner's.
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
 def start_run(cfg: DictConfig, tags: Mapping[str, str]) -> tuple[Any, str, str]:
     """A new MLflow run with the config as params; returns (client, run_id, experiment_id).
 
+    Inside a Hydra multirun the run is a child of the sweep's parent run (see lmlab.sweep).
     The caller checks the server with ``check_reachable`` first, before any data work.
     """
     import mlflow
     from mlflow.entities import Param
 
+    from lmlab import sweep
+
     uri = tracking_uri(cfg)
     client = mlflow.MlflowClient(tracking_uri=uri)
-    name = str(cfg.logger.experiment_name)
-    experiment = client.get_experiment_by_name(name)
-    experiment_id = (
-        experiment.experiment_id if experiment else client.create_experiment(name, artifact_location=artifact_root(cfg))
-    )
+    exp_id = experiment_id(client, cfg)
+    job = sweep.job_context()
     all_tags = {**{str(k): str(v) for k, v in (cfg.logger.get("tags") or {}).items()}, **tags}
-    run = client.create_run(experiment_id, run_name=cfg.logger.get("run_name"), tags=all_tags)
+    run_name = cfg.logger.get("run_name")
+    if job is not None:
+        all_tags.update(sweep.child_tags(job, exp_id, uri))
+        run_name = run_name or sweep.child_run_name(job)
+    run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
     run_id = run.info.run_id
+    if job is not None:
+        sweep.job_started(job, run_id)
     params = flatten(OmegaConf.to_container(cfg, resolve=True))
     items = [Param(k, v) for k, v in params.items()]
     for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
         client.log_batch(run_id, params=items[start : start + MAX_PARAMS_PER_BATCH])
-    log.info("MLflow run %s in experiment '%s' at %s", run_id, name, uri)
-    return client, run_id, experiment_id
+    log.info("MLflow run %s in experiment '%s' at %s", run_id, cfg.logger.experiment_name, uri)
+    return client, run_id, exp_id
 
 
 def metrics_logger(cfg: DictConfig, run_id: str) -> Any:

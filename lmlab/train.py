@@ -14,10 +14,13 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from lmlab import pretrained, registry, tracking
+from lmlab import checkpointing, checks, faults, pretrained, registry, resume, tracking
 from lmlab.callbacks import LearningRate, TokensPerSecond
+from lmlab.distributed import build_strategy, effective_batch, is_rank_zero
 from lmlab.errors import LmlabError, config_error
 from lmlab.export import export_hf
+from lmlab.flops import peak_flops
+from lmlab.run_log import RunLog
 from lmlab.models.build import build_hf_config, build_model, check_positions
 from lmlab.specs import ModelSpec, TaskSpec
 from lmlab.tokenization import get_tokenizer, load_pretrained
@@ -85,9 +88,11 @@ def save_resolved_config(cfg: DictConfig, output_dir: Path) -> Path:
 
 
 def build_trainer(
-    cfg: DictConfig, task: TaskSpec, output_dir: Path, logger: Any
+    cfg: DictConfig, task: TaskSpec, output_dir: Path, logger: Any, model: Any = None
 ) -> tuple[L.Trainer, ModelCheckpoint, TokensPerSecond]:
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    # FSDP wraps the model's own blocks, so the strategy is built with the model in hand.
+    trainer_kwargs["strategy"] = build_strategy(trainer_kwargs.get("strategy", "auto"), model)
     monitor, mode = monitored(cfg, task)
     best = ModelCheckpoint(
         dirpath=output_dir / "checkpoints", filename="best-{step}", monitor=monitor, mode=mode,
@@ -95,21 +100,25 @@ def build_trainer(
     )
     # Lightning's save_last only refreshes last.ckpt when the monitored metric improved, so a
     # second, unmonitored checkpoint keeps last.ckpt at the newest weights (what resume needs).
-    last = ModelCheckpoint(
-        dirpath=output_dir / "checkpoints", filename="last", monitor=None, save_top_k=1,
-        enable_version_counter=False,
-    )
-    throughput = TokensPerSecond(every=int(trainer_kwargs.get("log_every_n_steps") or 10))
+    last = checkpointing.LastCheckpoint(output_dir / "checkpoints", checkpointing.every_n_steps(cfg))
+    checkpointing.add_io_plugin(trainer_kwargs)  # atomic writes, weights_only reads
+    throughput = TokensPerSecond(every=int(trainer_kwargs.get("log_every_n_steps") or 10),
+                                 peak_flops=peak_flops(cfg.get("perf", {}).get("peak_flops")))
     try:
         trainer = L.Trainer(
-            **trainer_kwargs, logger=logger, callbacks=[best, last, throughput, LearningRate()],
+            **trainer_kwargs, logger=logger,
+            callbacks=[best, last, throughput, LearningRate(), *checkpointing.callbacks(cfg, last)],
             default_root_dir=str(output_dir),
         )
     except TypeError as exc:
         raise config_error("trainer", f"Lightning's Trainer rejected the options ({exc})",
                            "Check the trainer.* keys against lightning.Trainer's arguments.") from exc
     except Exception as exc:  # MisconfigurationException and friends carry a clear message
-        raise LmlabError(f"config group 'trainer': {exc}") from exc
+        hint = ""
+        if "not available" in str(exc) and trainer_kwargs.get("accelerator") in ("gpu", "cuda"):
+            hint = (" This trainer preset needs a GPU and this machine has none: add trainer.accelerator=cpu "
+                    "(DDP then runs with gloo on CPU processes) or use trainer=cpu.")
+        raise LmlabError(f"config group 'trainer': {exc}{hint}") from exc
     return trainer, best, throughput
 
 
@@ -125,7 +134,7 @@ def prepare_model_and_tokenizer(cfg: DictConfig, task: TaskSpec, spec: ModelSpec
     trust = bool(cfg.model.get("trust_remote_code", False))
     if ref:
         source = pretrained.resolve(str(ref), cfg)
-        tokenizer = load_pretrained(source, trust)
+        tokenizer = load_pretrained(source, trust, key="model.pretrained")
         tok_info: dict[str, Any] = {"type": "pretrained", "path": source}
     else:
         tokenizer, tok_info = get_tokenizer(cfg.tokenizer, spec, dm.texts_for_tokenizer(), dm.fingerprint,
@@ -185,8 +194,10 @@ def run(cfg: DictConfig) -> RunResult:
     task: TaskSpec = registry.get("task", cfg.task.name)
     spec: ModelSpec = registry.get("model", cfg.model.name)
     check_compatible(task, spec, cfg)
+    checks.check_numbers(cfg)  # seed, sizes, steps, lr: named errors instead of TypeErrors deep inside
     task.validate(cfg)
     mode = check_mode(cfg, task)
+    resuming = resume.prepare(cfg)  # a bad resume= fails here, before any data work
     tracking.quiet_env()
     tracking.check_reachable(tracking.tracking_uri(cfg))
     L.seed_everything(int(cfg.seed), workers=True)
@@ -199,27 +210,34 @@ def run(cfg: DictConfig) -> RunResult:
     dm.setup("fit" if mode == "fit" else "test")
     module = task.build_module(cfg, model, tokenizer)
 
-    output_dir = output_dir_for(cfg)
+    output_dir = resume.run_dir(resuming) or output_dir_for(cfg)
     output_dir.mkdir(parents=True, exist_ok=True)
+    rank_zero = is_rank_zero()
     config_path = save_resolved_config(cfg, output_dir)
     origin = str(getattr(dm, "origin", None) or getattr(getattr(dm, "corpus", None), "origin", ""))
-    client, run_id, _ = tracking.start_run(cfg, _tags(cfg, task, spec, mode, output_dir, origin))
+    mlrun = resume.open_run(cfg, resuming, _tags(cfg, task, spec, mode, output_dir, origin), output_dir, rank_zero)
     status = "FAILED"
     try:
-        client.log_artifact(run_id, str(config_path), artifact_path="config")
-        client.log_dict(run_id, {"tokenizer": tok_info, "data": {**getattr(dm, "stats", {}), "origin": origin,
-                                 "tokenized_cache_hit": getattr(dm, "cache_hit", None)}}, "run_info.json")
-        client.log_param(run_id, "n_parameters", sum(p.numel() for p in model.parameters()))
-        trainer, checkpoint, throughput = build_trainer(cfg, task, output_dir, tracking.metrics_logger(cfg, run_id))
+        mlrun.artifact(config_path, "config")
+        mlrun.dict({"tokenizer": tok_info, "data": {**getattr(dm, "stats", {}), "origin": origin,
+                    "tokenized_cache_hit": getattr(dm, "cache_hit", None)}}, "run_info.json")
+        trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+        mlrun.params({"n_parameters": sum(p.numel() for p in model.parameters()),
+                      **effective_batch(trainer_cfg, int(cfg.data.batch_size))})
+        trainer, checkpoint, throughput = build_trainer(cfg, task, output_dir, mlrun.metrics_logger(cfg), model)
         export_dir = None
         if mode == "fit":
-            trainer.fit(module, datamodule=dm)
+            faults.fit(trainer, module, dm, ckpt_path=resume.checkpoint(resuming))
             # One last validation of the final weights, so the printed numbers describe what is exported.
             final = trainer.validate(module, datamodule=dm, verbose=False)[0]
             metrics = {k: float(v) for k, v in final.items()}
-            if cfg.export and trainer.is_global_zero:
-                export_dir = export_hf(module.model, tokenizer, output_dir / "export")
-                client.log_artifacts(run_id, str(export_dir), artifact_path="model")
+            if cfg.export:
+                # Under FSDP/DeepSpeed the weights are sharded: every process takes part in gathering them.
+                state = trainer.strategy.lightning_module_state_dict()
+                if trainer.is_global_zero:
+                    weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+                    export_dir = export_hf(module.model, tokenizer, output_dir / "export", state_dict=weights or None)
+                    mlrun.artifacts(export_dir, "model")
             # The test split is scored with the best checkpoint by the monitored metric.
             ckpt = "best" if checkpoint.best_model_path else None
         else:
@@ -229,17 +247,21 @@ def run(cfg: DictConfig) -> RunResult:
             metrics.update({k: float(v) for k, v in tested.items()})
             if hasattr(module, "export_predictions") and trainer.is_global_zero:
                 for path in module.export_predictions(output_dir / "predictions"):
-                    client.log_artifact(run_id, str(path), artifact_path="predictions")
+                    mlrun.artifact(path, "predictions")
         elif mode == "test":  # LM corpora and carved data may have no test split: score validation
             final = trainer.validate(module, datamodule=dm, verbose=False)[0]
             metrics.update({k: float(v) for k, v in final.items()})
         if mode == "fit":
-            client.log_metric(run_id, "train/total_tokens", throughput.total_tokens)
+            mlrun.metric("train/total_tokens", throughput.total_tokens)
         status = "FINISHED"
+    except faults.Preempted:
+        status = "KILLED"  # last.ckpt holds its state: resume=auto continues it
+        raise
     finally:
-        client.set_terminated(run_id, status)
-    return RunResult(run_id, tracking.tracking_uri(cfg), output_dir, metrics, export_dir, time.perf_counter() - started,
-                     objective_metric(cfg, task))
+        mlrun.terminate(status)
+        resume.close(output_dir, status)
+    return RunResult(mlrun.run_id, tracking.tracking_uri(cfg), output_dir, metrics, export_dir,
+                     time.perf_counter() - started, objective_metric(cfg, task))
 
 
 def _predict(cfg: DictConfig, task: TaskSpec, spec: ModelSpec, started: float) -> RunResult:
@@ -248,7 +270,7 @@ def _predict(cfg: DictConfig, task: TaskSpec, spec: ModelSpec, started: float) -
     trust = bool(cfg.model.get("trust_remote_code", False))
     head = task.head(cfg)
     pretrained.check_trained_head(spec, head, source, task.name, None, trust)
-    tokenizer = load_pretrained(source, trust)
+    tokenizer = load_pretrained(source, trust, key="model.pretrained")
     model = pretrained.load_model(spec, head, source, {}, trust).eval()
     check_positions(spec, model.config, sequence_length(cfg.data))
     module = task.build_module(cfg, model, tokenizer)
@@ -256,26 +278,27 @@ def _predict(cfg: DictConfig, task: TaskSpec, spec: ModelSpec, started: float) -
     output_dir = output_dir_for(cfg)
     output_dir.mkdir(parents=True, exist_ok=True)
     config_path = save_resolved_config(cfg, output_dir)
-    client, run_id, _ = tracking.start_run(cfg, _tags(cfg, task, spec, "predict", output_dir, str(cfg.data.path)))
+    mlrun = RunLog.open(cfg, _tags(cfg, task, spec, "predict", output_dir, str(cfg.data.path)), is_rank_zero())
     status = "FAILED"
     try:
-        client.log_artifact(run_id, str(config_path), artifact_path="config")
-        trainer, _, _ = build_trainer(cfg, task, output_dir, tracking.metrics_logger(cfg, run_id))
+        mlrun.artifact(config_path, "config")
+        trainer, _, _ = build_trainer(cfg, task, output_dir, mlrun.metrics_logger(cfg), model)
         written = task.predict(cfg, module, tokenizer, trainer, output_dir / "predictions")
-        if trainer.is_global_zero:
-            for path in written:
-                client.log_artifact(run_id, str(path), artifact_path="predictions")
+        for path in written:
+            mlrun.artifact(path, "predictions")
         metrics = {"predict/examples": float(getattr(module, "predicted_examples", 0))}
-        client.log_metric(run_id, "predict/examples", metrics["predict/examples"])
+        mlrun.metric("predict/examples", metrics["predict/examples"])
         status = "FINISHED"
     finally:
-        client.set_terminated(run_id, status)
+        mlrun.terminate(status)
     log.info("Predictions: %s", ", ".join(str(p) for p in written))
-    return RunResult(run_id, tracking.tracking_uri(cfg), output_dir, metrics, None, time.perf_counter() - started,
-                     "predict/examples")
+    return RunResult(mlrun.run_id, tracking.tracking_uri(cfg), output_dir, metrics, None,
+                     time.perf_counter() - started, "predict/examples")
 
 
 def summary(result: RunResult) -> str:
+    if not result.run_id:  # not global rank 0: rank 0 prints the summary of the job
+        return ""
     lines = ["", f"lmlab run finished in {result.seconds:.0f} s", f"  MLflow run id:     {result.run_id}"]
     # Loss and perplexity first (the LM objectives), then every other final metric.
     order = sorted(result.metrics, key=lambda k: (k not in ("val/loss", "val/perplexity"), k))

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from lmlab import fingerprint
 from lmlab.atomic import atomic_dir
 from lmlab.data import packing as layout
+from lmlab.data.loaders import make_loader
 from lmlab.data.sources import Corpus, load_corpus
 from lmlab.errors import LmlabError, config_error
 from lmlab.tokenization import encode_texts
@@ -149,10 +150,8 @@ class TextDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
         workers = int(self.cfg.get("num_workers") or 0)
-        return DataLoader(
-            self.splits[split], batch_size=batch_size, shuffle=shuffle, num_workers=workers,
-            pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0, drop_last=shuffle,
-        )
+        return make_loader(self.splits[split], batch_size=batch_size, train=shuffle, seed=self.seed,
+                           num_workers=workers, drop_last=shuffle)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True, int(self.cfg.batch_size))

@@ -38,6 +38,7 @@ from torchmetrics.classification import (
 
 from lmlab import fingerprint, optim
 from lmlab.data.catalog import package_dir
+from lmlab.data.loaders import make_loader
 from lmlab.data.sources import SPLIT_STEMS, carve_validation, decode_file, json_records
 from lmlab.data.unlabelled import read_records
 from lmlab.errors import LmlabError, config_error, file_error
@@ -440,11 +441,8 @@ class ClassificationDataModule(L.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         workers = int(self.cfg.get("num_workers") or 0)
         size = int(self.cfg.batch_size) if shuffle else int(self.cfg.get("eval_batch_size") or self.cfg.batch_size)
-        return DataLoader(
-            self.datasets[split], batch_size=size, shuffle=shuffle, num_workers=workers,
-            collate_fn=PadCollator(int(self.tokenizer.pad_token_id)), pin_memory=torch.cuda.is_available(),
-            persistent_workers=workers > 0,
-        )
+        return make_loader(self.datasets[split], batch_size=size, train=shuffle, seed=self.seed,
+                           collate_fn=PadCollator(int(self.tokenizer.pad_token_id)), num_workers=workers)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True)
@@ -505,7 +503,7 @@ class ClassificationModule(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         logits = self(batch)
         loss = self.loss_sum(logits, batch["labels"]) / len(logits)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(logits))
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(logits), sync_dist=True)
         return loss
 
     def _eval_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
@@ -542,19 +540,23 @@ class ClassificationModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._eval_end("test")
-        if not self._test_outputs:
+        outputs = self._test_outputs or [(torch.zeros(0, dtype=torch.long), torch.zeros(0, len(self.id2label)))]
+        index = torch.cat([i.cpu() for i, _ in outputs])
+        probs = torch.cat([p.float().cpu() for _, p in outputs])
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # Shards differ in size (evaluation is not padded), so gather objects, not equal-shape tensors.
+            parts: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, (index, probs))
+            index, probs = torch.cat([i for i, _ in parts]), torch.cat([p for _, p in parts])
+        if not len(index):
             return
-        index = torch.cat([i for i, _ in self._test_outputs])
-        probs = torch.cat([p for _, p in self._test_outputs])
-        if self.trainer.world_size > 1:  # DistributedSampler gives every process the same count
-            index = self.all_gather(index).flatten(0, 1)
-            probs = self.all_gather(probs).flatten(0, 1)
         order = {}
-        for position, i in enumerate(index.cpu().tolist()):
-            order.setdefault(i, position)  # the padding sampler repeats a few rows
+        for position, i in enumerate(index.tolist()):
+            order.setdefault(i, position)
         keep = torch.tensor(sorted(order, key=int))
         positions = torch.tensor([order[i] for i in keep.tolist()])
-        self._predictions = (keep.numpy(), probs.cpu()[positions].numpy())
+        self._predictions = (keep.numpy(), probs[positions].numpy())
         self._test_outputs = []
 
     def export_predictions(self, directory: Path) -> list[Path]:

@@ -7,17 +7,25 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 from omegaconf import DictConfig
 from torchmetrics import SumMetric
 
 from lmlab import optim
+from lmlab.compiling import compile_in_place
+from lmlab.fastpath import fuse_activations
+from lmlab.losses import linear_cross_entropy, split_lm_head
 from lmlab.specs import TaskSpec
 
 
 class CausalLMModule(L.LightningModule):
-    def __init__(self, model: torch.nn.Module, optimizer: DictConfig, scheduler: DictConfig):
+    def __init__(self, model: torch.nn.Module, optimizer: DictConfig, scheduler: DictConfig,
+                 fused_loss: bool = True):
         super().__init__()
         self.model = model
+        # The loss can skip the (B, T, V) logits tensor (lmlab.losses) when the model's head is a
+        # plain projection of the body's output; model.fused_loss=false turns it off.
+        self.fused_loss = fused_loss and split_lm_head(model) is not None
         self.optimizer_cfg, self.scheduler_cfg = optimizer, scheduler
         # Sums, not means: perplexity is exp(total loss / total tokens) over the whole split,
         # and SumMetric adds them up across processes under DDP.
@@ -28,19 +36,35 @@ class CausalLMModule(L.LightningModule):
         """Summed next-token cross-entropy and the number of predicted tokens."""
         ids = batch["input_ids"]
         mask = batch.get("attention_mask")
-        logits = self.model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
-        targets = ids[:, 1:]
+        # Targets are shifted left and padded with -100 instead of cutting the last position off the
+        # logits: a (B, T-1, V) slice of the logits is not contiguous, and flattening it copies the
+        # largest tensor of the step (and zero-fills its gradient in backward).
+        targets = F.pad(ids[:, 1:], (0, 1), value=-100)  # (B, T)
         if mask is not None:
-            targets = targets.masked_fill(mask[:, 1:] == 0, -100)
-        loss_sum = F.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum"
-        )
+            targets = targets.masked_fill(F.pad(mask[:, 1:], (0, 1), value=0) == 0, -100)
+        if self._use_fused():
+            body, weight = split_lm_head(self.model)  # looked up per step: strategies may swap parameters
+            hidden = body(input_ids=ids, attention_mask=mask)[0]  # (B, T, D)
+            loss_sum = linear_cross_entropy(hidden.flatten(0, 1), weight, targets.flatten())
+        else:
+            logits = self.model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
+            loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
+                                       reduction="sum")
         return loss_sum, (targets != -100).sum()
+
+    def _use_fused(self) -> bool:
+        if not self.fused_loss:
+            return False
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        # FSDP and DeepSpeed gather a parameter only inside its own module's forward; read from
+        # outside it the output weight could be a shard, so they keep the plain loss.
+        return strategy is None or isinstance(strategy, SingleDeviceStrategy) or (
+            isinstance(strategy, DDPStrategy) and not isinstance(strategy, DeepSpeedStrategy))
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss_sum, count = self.token_losses(batch)
         loss = loss_sum / count.clamp(min=1)
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # the mean over processes
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -59,7 +83,12 @@ class CausalLMModule(L.LightningModule):
 
 
 def build_module(cfg: DictConfig, model: torch.nn.Module, tokenizer: Any) -> CausalLMModule:
-    return CausalLMModule(model, cfg.optimizer, cfg.scheduler)
+    fuse_activations(model)
+    module = CausalLMModule(model, cfg.optimizer, cfg.scheduler, fused_loss=bool(cfg.model.get("fused_loss", True)))
+    # The fused loss calls the body, not the whole model: compile what the training step runs.
+    parts = split_lm_head(model) if module.fused_loss else None
+    compile_in_place(parts[0] if parts else model, bool(cfg.model.get("compile", False)))
+    return module
 
 
 TASK = TaskSpec(

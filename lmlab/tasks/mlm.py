@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 from torchmetrics import SumMetric
 
 from lmlab import masking, optim
+from lmlab.compiling import compile_in_place
 from lmlab.errors import LmlabError
 from lmlab.specs import TaskSpec
 
@@ -40,6 +41,9 @@ class MaskedLMModule(L.LightningModule):
         self.model = model
         self.task_cfg, self.optimizer_cfg, self.scheduler_cfg = task, optimizer, scheduler
         self.nsp = bool(task.nsp)
+        # BERT's heads can be run on the masked positions alone (see _logits); other models as they are.
+        self.sparse_head = (getattr(getattr(model, "config", None), "model_type", None) == "bert"
+                            and hasattr(model, "bert") and hasattr(model, "cls"))
         self.mask_token_id = tokenizer.mask_token_id
         self.vocab_size = len(tokenizer)
         self.register_buffer("special_ids", torch.tensor(sorted(set(tokenizer.all_special_ids))), persistent=False)
@@ -61,22 +65,37 @@ class MaskedLMModule(L.LightningModule):
 
     def _forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None):
         inputs, labels = self._mask(batch, generator)
-        out = self.model(
-            input_ids=inputs, attention_mask=batch.get("attention_mask"), token_type_ids=batch.get("token_type_ids"),
-        )
-        logits = out.prediction_logits if self.nsp else out.logits  # (B, T, V)
         chosen = labels != masking.IGNORE_INDEX
-        picked = logits[chosen].float()  # (M, V): the loss is only over masked positions
+        picked, nsp_logits = self._logits(inputs, batch, chosen)
+        picked = picked.float()  # (M, V): the loss is only over masked positions
         gold = labels[chosen]
         mlm_sum = F.cross_entropy(picked, gold, reduction="sum")
         result = {"mlm_sum": mlm_sum, "count": chosen.sum(), "correct": (picked.argmax(-1) == gold).sum()}
         if self.nsp:
-            nsp_logits = out.seq_relationship_logits.float()
+            nsp_logits = nsp_logits.float()
             nsp_gold = batch["next_sentence_label"]
             result["nsp_loss"] = F.cross_entropy(nsp_logits, nsp_gold)
             result["nsp_correct"] = (nsp_logits.argmax(-1) == nsp_gold).sum()
             result["pairs"] = torch.tensor(len(nsp_gold), device=nsp_gold.device)
         return result
+
+    def _logits(self, inputs: torch.Tensor, batch: dict[str, torch.Tensor],
+                chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Vocabulary logits at the chosen positions (M, V) and the NSP logits (B, 2) or None."""
+        kwargs = {"input_ids": inputs, "attention_mask": batch.get("attention_mask"),
+                  "token_type_ids": batch.get("token_type_ids")}
+        if self.sparse_head:
+            # The prediction head works position by position, so it only needs the ~15% chosen
+            # positions: the (B, T, V) logits and most of the vocabulary projection are skipped.
+            body = self.model.bert(**kwargs)
+            picked = body.last_hidden_state[chosen]  # (M, D)
+            if self.nsp:
+                return self.model.cls.predictions(picked), self.model.cls.seq_relationship(body.pooler_output)
+            return self.model.cls(picked), None
+        out = self.model(**kwargs)
+        if self.nsp:
+            return out.prediction_logits[chosen], out.seq_relationship_logits
+        return out.logits[chosen], None
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         r = self._forward(batch)
@@ -85,7 +104,7 @@ class MaskedLMModule(L.LightningModule):
         if self.nsp:
             self.log("train/nsp_loss", r["nsp_loss"])
             loss = loss + r["nsp_loss"]
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # the mean over processes
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -124,6 +143,7 @@ def validate(cfg: DictConfig) -> None:
 def build_module(cfg: DictConfig, model: torch.nn.Module, tokenizer: Any) -> MaskedLMModule:
     if tokenizer.mask_token_id is None:
         raise LmlabError("the tokenizer has no [MASK] token, which task=mlm needs. Use tokenizer=wordpiece.")
+    compile_in_place(model, bool(cfg.model.get("compile", False)))
     return MaskedLMModule(model, tokenizer, cfg.task, cfg.optimizer, cfg.scheduler)
 
 

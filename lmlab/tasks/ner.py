@@ -44,6 +44,7 @@ from torchmetrics import Metric, SumMetric
 
 from lmlab import fingerprint, optim
 from lmlab.data.catalog import package_dir
+from lmlab.data.loaders import make_loader
 from lmlab.data.sources import decode_file, json_records
 from lmlab.data.unlabelled import read_records
 from lmlab.errors import LmlabError, config_error, file_error
@@ -589,9 +590,8 @@ class NerDataModule(L.LightningDataModule):
     def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
         workers = int(self.cfg.get("num_workers") or 0)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        return DataLoader(_Rows(self.rows[split]), batch_size=batch_size, shuffle=shuffle, num_workers=workers,
-                          collate_fn=TokenCollator(pad), pin_memory=torch.cuda.is_available(),
-                          persistent_workers=workers > 0)
+        return make_loader(_Rows(self.rows[split]), batch_size=batch_size, train=shuffle, seed=self.seed,
+                           collate_fn=TokenCollator(pad), num_workers=workers)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True, int(self.cfg.batch_size))
@@ -638,7 +638,7 @@ class NerModule(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         _, loss_sum, count = self._logits_loss(batch)
         loss = loss_sum / count.clamp(min=1)
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # the mean over processes
         return loss
 
     @staticmethod
@@ -686,6 +686,7 @@ class NerModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._epoch_end("val")
+        self._gather_predictions("val")
 
     def on_test_epoch_start(self) -> None:
         self.predictions["test"] = {}
@@ -695,6 +696,15 @@ class NerModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._epoch_end("test")
+        self._gather_predictions("test")
+
+    def _gather_predictions(self, split: str) -> None:
+        """Every process's predicted sentences, so rank 0 writes the whole predictions file."""
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            parts: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, self.predictions[split])
+            self.predictions[split] = {k: v for part in parts for k, v in part.items()}
 
     def export_predictions(self, directory: Path) -> list[Path]:
         """``<split>_predictions.conll``: token, gold tag, predicted tag; a blank line between sentences.

@@ -50,6 +50,7 @@ from torchmetrics import SumMetric
 
 from lmlab import fingerprint, optim, registry
 from lmlab.data.catalog import package_dir
+from lmlab.data.loaders import make_loader
 from lmlab.data.sources import SPLIT_STEMS, decode_file, json_records
 from lmlab.data.unlabelled import read_records
 from lmlab.errors import LmlabError, config_error, file_error
@@ -422,9 +423,8 @@ class SummarizationDataModule(L.LightningDataModule):
         pad = self.tokenizer.pad_token_id
         pad = pad if pad is not None else self.tokenizer.eos_token_id
         size = int(self.cfg.batch_size if split == "train" else self.cfg.eval_batch_size)
-        return DataLoader(self.datasets[split], batch_size=size, shuffle=shuffle,
-                          collate_fn=Collator(int(pad or 0), self.layout), num_workers=int(self.cfg.num_workers),
-                          generator=torch.Generator().manual_seed(self.seed) if shuffle else None)
+        return make_loader(self.datasets[split], batch_size=size, train=shuffle, seed=self.seed,
+                           collate_fn=Collator(int(pad or 0), self.layout), num_workers=int(self.cfg.num_workers))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True)
@@ -474,7 +474,7 @@ class SummarizationModule(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss_sum, count = self.token_losses(batch)
         loss = loss_sum / count.clamp(min=1)
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # the mean over processes
         return loss
 
     # -- generation ----------------------------------------------------------------------------------

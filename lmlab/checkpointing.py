@@ -1,0 +1,344 @@
+"""What makes a checkpoint safe to write, safe to read and enough to continue a run exactly.
+
+* ``AtomicCheckpointIO`` writes ``name.tmp`` and renames it, so a kill mid-write leaves the
+  previous checkpoint in place, and reads with ``weights_only=True``, so a file cannot run code.
+* ``LastCheckpoint`` keeps ``checkpoints/last.ckpt`` at most ``checkpoint.every_n_steps`` behind.
+* Lightning restores weights, optimizer, scheduler and loop counters but neither the random number
+  generators nor the position inside an epoch. ``RngState`` and ``ResumableLoader`` add those.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import logging
+import pickle
+import random
+import re
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path, PurePath
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.trainer.states import TrainerFn
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, IterableDataset, Sampler
+
+from lmlab.atomic import atomic_file
+from lmlab.errors import config_error, file_error
+
+log = logging.getLogger(__name__)
+
+
+# -- config ---------------------------------------------------------------------------------------
+def every_n_steps(cfg: DictConfig) -> int:
+    """``checkpoint.every_n_steps``: a non-negative int (0: last.ckpt follows validation instead)."""
+    value = cfg.get("checkpoint", {}).get("every_n_steps", 100)
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise config_error("checkpoint.every_n_steps", f"'{value}' is not a whole number of steps >= 0",
+                           "Use e.g. checkpoint.every_n_steps=100 (0 saves last.ckpt at each validation only).")
+    return value
+
+
+# -- safe files -----------------------------------------------------------------------------------
+def plain(obj: Any) -> Any:
+    """``obj`` with what ``torch.load(weights_only=True)`` refuses turned into plain data.
+
+    OmegaConf containers (``save_hyperparameters`` on a DictConfig) become dicts and lists, paths
+    become strings, numpy values become Python numbers or tensors, and class objects (Lightning's
+    ``hparams_type``) are dropped. Containers are rebuilt only when something inside changed, so
+    module state dicts keep their type and ``_metadata``.
+    """
+    if obj is None or isinstance(obj, (torch.Tensor, bool, int, float, str, bytes)):
+        return obj
+    if OmegaConf.is_config(obj):
+        return plain(OmegaConf.to_container(obj, resolve=True))
+    if isinstance(obj, PurePath):
+        return str(obj)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(obj))
+    if isinstance(obj, dict):
+        items = {key: plain(value) for key, value in obj.items() if not isinstance(value, type)}
+        if len(items) == len(obj) and all(items[key] is obj[key] for key in items):
+            return obj
+        return items
+    if isinstance(obj, (list, tuple)):
+        values = [plain(value) for value in obj]
+        if all(new is old for new, old in zip(values, obj)):
+            return obj
+        return values if isinstance(obj, list) else tuple(values)
+    return obj
+
+
+_UNSUPPORTED = re.compile(r"Unsupported (?:global|operand)[^.\n]*")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's torch.save/torch.load plugin, made atomic on write and weights-only on read."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None or "://" in str(path):  # remote stores: fsspec's own transaction
+            super().save_checkpoint(plain(checkpoint), path, storage_options)
+            return
+        with atomic_file(Path(path)) as handle:
+            torch.save(plain(checkpoint), handle)
+
+    def load_checkpoint(self, path: Any, map_location: Any = lambda storage, loc: storage,
+                        weights_only: bool | None = None) -> dict[str, Any]:
+        # weights_only is forced: the unpickler then builds tensors and plain containers only, so a
+        # tampered file fails here instead of running its payload.
+        return load_safely(path, map_location)
+
+
+def load_safely(path: Any, map_location: Any = "cpu") -> dict[str, Any]:
+    """``torch.load(path, weights_only=True)`` with errors that name the file and what is wrong."""
+    if "://" in str(path):
+        return TorchCheckpointIO().load_checkpoint(path, map_location=map_location, weights_only=True)
+    path = Path(path)
+    if not path.is_file():
+        raise file_error(path, "checkpoint not found", "Give an existing .ckpt file or run directory")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = _UNSUPPORTED.search(str(exc))
+        raise file_error(
+            path, "refused to load this checkpoint: it holds Python objects other than tensors and plain "
+            f"data ({found.group(0) if found else str(exc).splitlines()[0]}), which could run code when unpickled",
+            "lmlab reads checkpoints with torch.load(weights_only=True). Use a checkpoint lmlab wrote; "
+            "never load one from a source you do not trust",
+        ) from exc
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise file_error(path, f"is not a readable checkpoint ({str(exc).splitlines()[0]})",
+                         "The file is truncated or corrupt: resume from another checkpoint or start a new run") from exc
+
+
+def check_readable(path: Path) -> None:
+    """A cheap early check (no unpickling): torch checkpoints are zip archives, a truncated one is not."""
+    if not path.is_file():
+        raise file_error(path, "checkpoint not found", "Give an existing .ckpt file or run directory")
+    if not zipfile.is_zipfile(path):
+        raise file_error(path, "is not a readable checkpoint (not a complete torch zip archive)",
+                         "The file is truncated or corrupt: resume from another checkpoint or start a new run")
+
+
+def add_io_plugin(trainer_kwargs: dict[str, Any]) -> None:
+    """Put ``AtomicCheckpointIO`` among ``trainer_kwargs['plugins']`` unless one already does checkpoint IO."""
+    plugins = trainer_kwargs.get("plugins") or []
+    plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+    if not any(isinstance(p, CheckpointIO) for p in plugins):
+        plugins.append(AtomicCheckpointIO())
+    trainer_kwargs["plugins"] = plugins
+
+
+# -- last.ckpt ------------------------------------------------------------------------------------
+class LastCheckpoint(ModelCheckpoint):
+    """``checkpoints/last.ckpt``: every ``every_n_steps`` optimizer steps, when training ends, on demand.
+
+    Lightning's ``save_last`` only follows the monitored metric; this one always holds the newest
+    state, which is what a resume needs.
+    """
+
+    def __init__(self, dirpath: Path, every_n_steps: int):
+        super().__init__(dirpath=dirpath, filename="last", monitor=None, save_top_k=1,
+                         enable_version_counter=False, every_n_train_steps=every_n_steps or None)
+
+    @property
+    def path(self) -> Path:
+        return Path(self.dirpath) / f"last{self.FILE_EXTENSION}"
+
+    @property
+    def saved_step(self) -> int | None:
+        """The global step of the newest last.ckpt this process wrote (None: none yet)."""
+        return self._last_global_step_saved if self._last_checkpoint_saved else None
+
+    def save_now(self, trainer: L.Trainer) -> None:
+        if self._last_checkpoint_saved and self._last_global_step_saved == trainer.global_step:
+            return
+        self._save_checkpoint(trainer, str(self.path))
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        # max_steps need not be a multiple of every_n_steps: the final weights are saved regardless.
+        if not trainer.fast_dev_run and trainer.state.fn == TrainerFn.FITTING:
+            self.save_now(trainer)
+
+
+# -- random number generators ---------------------------------------------------------------------
+def capture_rng() -> dict[str, Any]:
+    """torch (CPU and CUDA), numpy and Python generator states, as types weights_only accepts."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "python": {"version": version, "state": list(internal), "gauss_next": gauss_next},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class RngState(L.Callback):
+    """Saves the generators with every checkpoint and restores them when training resumes.
+
+    Validation inside ``fit`` is made RNG-neutral (the state from the end of the training step is
+    put back afterwards): creating the validation loader's iterator draws a seed, and a run resumed
+    from a step-boundary checkpoint does not repeat that validation, so without this the two runs'
+    dropout and masking would differ from then on. Under DDP the checkpoint holds rank 0's state
+    and every rank restores it; lmlab's tasks draw the same numbers on every rank, so that is each
+    rank's own.
+    """
+
+    def __init__(self) -> None:
+        self._to_restore: dict[str, Any] | None = None
+        self._after_step: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return capture_rng()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Applied at on_train_start, after everything Lightning does between loading and training.
+        self._to_restore = state_dict
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._to_restore is not None:
+            restore_rng(self._to_restore)
+            self._to_restore = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._after_step = capture_rng()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and self._after_step is not None:
+            restore_rng(self._after_step)
+
+
+# -- the position inside an epoch -----------------------------------------------------------------
+class _SkippableBatches(Sampler[list[int]]):
+    """Wraps a batch sampler; its next pass may start ``skip`` batches in. Its length stays the
+    epoch's, because Lightning counts the batches already done towards the epoch."""
+
+    def __init__(self, batches: Any):
+        self.batches = batches
+        self.skip = 0
+
+    @property
+    def sampler(self) -> Any:  # Lightning's set_epoch looks for batch_sampler.sampler
+        return getattr(self.batches, "sampler", None)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        skip, self.skip = self.skip, 0
+        return itertools.islice(iter(self.batches), skip, None)
+
+
+# DataLoader arguments carried over when a loader is rebuilt as a ResumableLoader.
+_CARRIED = ("num_workers", "collate_fn", "pin_memory", "timeout", "worker_init_fn", "multiprocessing_context",
+            "prefetch_factor", "persistent_workers", "pin_memory_device", "in_order")
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader Lightning checkpoints (it has ``state_dict``/``load_state_dict``).
+
+    The state is the sampler's epoch and how many batches of it were handed out; Lightning fetches
+    one batch at a time from a sized loader, so that is how many were trained on. Loaded, the next
+    pass skips that many batches by index, without reading them. This is exact when the batch order
+    is a function of (seed, epoch), as with ``lmlab.data.loaders.ShardedSampler``. The loader draws
+    its worker seeds from its own generator, seeded by (seed, epoch), never from the global one.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        kwargs.setdefault("generator", torch.Generator())
+        super().__init__(*args, **kwargs)
+        self._handed_out = 0
+
+    @classmethod
+    def like(cls, loader: Any) -> Any:
+        """``loader`` rebuilt as a ResumableLoader; returned unchanged if it is one or cannot be one."""
+        if (isinstance(loader, cls) or not isinstance(loader, DataLoader) or loader.batch_sampler is None
+                or isinstance(loader.dataset, IterableDataset)):
+            return loader
+        kwargs = {name: getattr(loader, name) for name in _CARRIED if hasattr(loader, name)}
+        return cls(loader.dataset, batch_sampler=_SkippableBatches(loader.batch_sampler), **kwargs)
+
+    @property
+    def _order(self) -> Any:
+        return getattr(self.batch_sampler, "sampler", None)
+
+    def __iter__(self) -> Iterator[Any]:
+        # A generator: the pass starts at the first next(), after Lightning's set_epoch.
+        sampler = self._order
+        epoch = int(getattr(sampler, "epoch", 0))
+        self.generator.manual_seed(int(getattr(sampler, "seed", 0)) * 1_000_003 + epoch)
+        self._handed_out = getattr(self.batch_sampler, "skip", 0)
+        for batch in super().__iter__():
+            self._handed_out += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": getattr(self._order, "epoch", None), "batches": self._handed_out}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        done = int(state_dict.get("batches", 0))
+        sampler = self._order
+        if state_dict.get("epoch") is not None and hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(int(state_dict["epoch"]))
+        elif done:
+            log.warning("The training loader's order is not a function of the epoch (%s has no set_epoch): "
+                        "the resumed epoch skips %d batches of a different order.", type(sampler).__name__, done)
+        # A finished epoch leaves nothing to skip: Lightning starts the next one.
+        self.batch_sampler.skip = done if done < len(self.batch_sampler) else 0
+
+
+class ResumableData(L.Callback):
+    """Serves the datamodule's training loader as a ResumableLoader for the duration of a fit.
+
+    Datamodules keep returning plain DataLoaders; this wraps ``train_dataloader`` on the instance.
+    """
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        dm = trainer.datamodule
+        if stage != "fit" or dm is None or "train_dataloader" in vars(dm):
+            return
+        build: Callable[[], Any] = dm.train_dataloader
+
+        @functools.wraps(build)
+        def train_dataloader() -> Any:
+            return ResumableLoader.like(build())
+
+        dm.train_dataloader = train_dataloader
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and trainer.datamodule is not None:
+            vars(trainer.datamodule).pop("train_dataloader", None)
+
+
+def callbacks(cfg: DictConfig, last: LastCheckpoint) -> list[L.Callback]:
+    """What every Trainer gets beyond the checkpoints: resume state, numerical faults, preemption."""
+    from lmlab import faults
+
+    return [ResumableData(), RngState(), faults.NumericalGuard(faults.policy(cfg), last), faults.Preemption(last)]

@@ -1,0 +1,68 @@
+"""Early type and range checks of the numbers every run reads (seed, sizes, steps, learning rate).
+
+These keys are consumed deep inside datamodules, the DataLoader, Lightning and the optimizer, where
+a string or a negative value surfaces as a TypeError or ValueError far from its cause. Checked
+before any data is read, the error names the key. Task-specific keys are the task's ``validate``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from omegaconf import DictConfig, OmegaConf
+
+from lmlab.errors import config_error
+
+_ABSENT = object()
+
+
+@dataclass(frozen=True)
+class Number:
+    key: str
+    whole: bool  # an int; otherwise any real number
+    example: str
+    low: float | None = None
+    high: float | None = None
+    positive: bool = False  # strictly above zero
+    nullable: bool = False
+
+    def check(self, cfg: DictConfig) -> None:
+        value = OmegaConf.select(cfg, self.key, default=_ABSENT)
+        if value is _ABSENT or (value is None and self.nullable):
+            return
+        kinds = (int,) if self.whole else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            problem = f"'{value}' is not {'a whole number' if self.whole else 'a number'}"
+        elif self.positive and value <= 0:
+            problem = f"{value} is not positive"
+        elif self.low is not None and value < self.low:
+            problem = f"{value} is below {self.low:g}"
+        elif self.high is not None and value > self.high:
+            problem = f"{value} is above {self.high:g}"
+        else:
+            return
+        raise config_error(self.key, problem, f"Use e.g. {self.key}={self.example}.")
+
+
+NUMBERS = (
+    Number("seed", True, "42"),
+    Number("data.batch_size", True, "16", positive=True),
+    Number("data.eval_batch_size", True, "32", positive=True, nullable=True),
+    Number("data.block_size", True, "128", positive=True, nullable=True),
+    Number("data.max_length", True, "128", positive=True, nullable=True),
+    Number("data.max_documents", True, "1000", positive=True, nullable=True),
+    Number("data.num_workers", True, "2", low=0, nullable=True),
+    Number("trainer.max_steps", True, "1000 (-1: no limit)", low=-1, nullable=True),
+    Number("trainer.max_epochs", True, "3 (-1: no limit)", low=-1, nullable=True),
+    Number("trainer.accumulate_grad_batches", True, "4", positive=True, nullable=True),
+    Number("optimizer.lr", False, "3e-4", positive=True),
+    Number("optimizer.weight_decay", False, "0.01", low=0, nullable=True),
+    Number("scheduler.warmup_ratio", False, "0.05", low=0, high=1, nullable=True),
+    Number("scheduler.warmup_steps", True, "100", low=0, nullable=True),
+    Number("scheduler.min_lr_ratio", False, "0.1", low=0, high=1, nullable=True),
+)
+
+
+def check_numbers(cfg: DictConfig) -> None:
+    for number in NUMBERS:
+        number.check(cfg)

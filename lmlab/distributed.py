@@ -1,0 +1,83 @@
+"""What lmlab adds to Lightning's strategies: the rank before Lightning exists, FSDP wrap units, batch sizes.
+
+Lightning runs the processes (DDP, FSDP, DeepSpeed; torchrun and SLURM launch them too); lmlab only
+needs to know, before a Trainer exists, whether this process is the one that talks to MLflow.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from lmlab.errors import LmlabError, config_error
+
+WRAP_BLOCKS = "transformer_blocks"
+
+
+def is_rank_zero() -> bool:
+    """Whether this process is global rank 0, read from the launcher's environment.
+
+    torchrun sets RANK and SLURM sets SLURM_PROCID for every process; Lightning's own launcher
+    starts the other local processes with LOCAL_RANK and NODE_RANK. A plain single process has none.
+    """
+    for key in ("RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key]) == 0
+    return int(os.environ.get("LOCAL_RANK") or 0) == 0 and int(os.environ.get("NODE_RANK") or 0) == 0
+
+
+def block_classes(model: torch.nn.Module) -> set[type]:
+    """The classes repeated in the model's layer lists (GPT2Block, BertLayer, T5Block ...)."""
+    found: set[type] = set()
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) > 1:
+            kinds = {type(child) for child in module}
+            if len(kinds) == 1 and any(p.requires_grad for p in module[0].parameters()):
+                found |= kinds
+    return found
+
+
+def build_strategy(value: Any, model: torch.nn.Module | None) -> Any:
+    """``trainer.strategy``: a name Lightning knows, or a ``_target_`` node instantiated here."""
+    if not isinstance(value, dict) or "_target_" not in value:
+        return value
+    from hydra.utils import get_class
+
+    options = {k: v for k, v in value.items() if k != "_target_"}
+    for key in ("auto_wrap_policy", "activation_checkpointing_policy"):
+        if options.get(key) == WRAP_BLOCKS:
+            blocks = block_classes(model) if model is not None else set()
+            if not blocks:
+                raise config_error(f"trainer.strategy.{key}", "found no repeated transformer blocks in the model",
+                                   "Set it to null, or to a list of module classes.")
+            options[key] = blocks
+    target = str(value["_target_"])
+    try:
+        strategy_class = get_class(target)
+    except Exception as exc:
+        raise config_error("trainer.strategy._target_", f"cannot import '{target}' ({exc})",
+                           "Use a Lightning strategy class, e.g. lightning.pytorch.strategies.DDPStrategy.") from exc
+    try:
+        return strategy_class(**options)
+    except Exception as exc:
+        hint = ('Install it: pip install "lmlab[deepspeed]" (needs a CUDA toolkit).'
+                if "deepspeed" in str(exc).lower() else "Check the trainer.strategy.* keys.")
+        raise LmlabError(f"config key 'trainer.strategy': {strategy_class.__name__} rejected the options "
+                         f"({exc}). {hint}") from exc
+
+
+def effective_batch(trainer_cfg: dict[str, Any], batch_size: int) -> dict[str, int]:
+    """Examples per optimizer step over all processes: what makes runs on N devices comparable."""
+    devices = trainer_cfg.get("devices", 1)
+    if isinstance(devices, (list, tuple)):
+        count = len(devices)
+    elif devices in (-1, "-1", "auto"):
+        count = max(1, torch.cuda.device_count()) if trainer_cfg.get("accelerator") in ("gpu", "cuda") else 1
+    else:
+        count = int(devices)
+    nodes = int(trainer_cfg.get("num_nodes") or 1)
+    accumulate = int(trainer_cfg.get("accumulate_grad_batches") or 1)
+    return {"world_size": count * nodes, "per_device_batch_size": batch_size,
+            "effective_batch_size": batch_size * count * nodes * accumulate}

@@ -1,0 +1,231 @@
+"""``resume=``: find the run to continue, check it is the same experiment, reopen its MLflow run.
+
+Every run directory holds ``lmlab_run.json`` (written atomically): its MLflow run id and store,
+task, model, status and the process running it. ``resume=auto`` picks, under
+``${paths.root}/runs``, the newest directory of the same task and model whose run did not finish,
+is not running now and has a ``checkpoints/last.ckpt``; ``resume=DIR`` names the directory and
+``resume=FILE.ckpt`` a checkpoint (inside a run directory: that run continues; elsewhere: a new run
+starts from it). The resumed run writes into its original directory and MLflow run.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import socket
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from lmlab import atomic, checkpointing, faults, tracking
+from lmlab.distributed import is_rank_zero
+from lmlab.errors import config_error, file_error
+from lmlab.run_log import RunLog
+
+log = logging.getLogger(__name__)
+
+RECORD = "lmlab_run.json"
+LAST = Path("checkpoints") / "last.ckpt"
+
+# Keys a resumed run may change: where things live, and what does not alter what is computed (or,
+# for max_steps/max_epochs, extends it on purpose). The rest must match config_resolved.yaml.
+MAY_CHANGE = ("resume", "paths", "export", "objective", "checkpoint.every_n_steps", "faults",
+              "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.max_steps",
+              "trainer.max_epochs", "data.num_workers", "data.num_proc")
+
+
+@dataclass(frozen=True)
+class Resume:
+    checkpoint: Path
+    run_dir: Path | None  # None: a checkpoint from outside any lmlab run, continued in a new run
+    run_id: str | None
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def read_record(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / RECORD
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise file_error(path, f"is not a readable run record ({exc})",
+                         "Restore it, or resume from the checkpoint file itself: resume=DIR/checkpoints/last.ckpt")
+
+
+def prepare(cfg: DictConfig) -> Resume | None:
+    """Check the reliability keys and find what ``resume=`` names, before any data is read."""
+    checkpointing.every_n_steps(cfg)
+    faults.policy(cfg)
+    value = cfg.get("resume")
+    if value is None or str(value).strip() in ("", "null", "none", "false", "False"):
+        return None
+    if str(cfg.get("mode") or "fit") != "fit":
+        raise config_error("resume", f"mode={cfg.mode} does not train, so there is nothing to resume",
+                           "Drop resume=, or use mode=fit.")
+    found = _newest_unfinished(cfg) if str(value) == "auto" else _named(Path(str(value)).expanduser())
+    checkpointing.check_readable(found.checkpoint)
+    if found.run_dir is not None:
+        _check_same_config(cfg, found.run_dir)
+    # Lightning warns about a non-empty checkpoint folder: continuing one is the point here.
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    log.info("Resuming from %s", found.checkpoint)
+    return found
+
+
+def _named(path: Path) -> Resume:
+    if path.is_file():
+        run_dir = path.parent.parent
+        record = read_record(run_dir)
+        if record is None:
+            return Resume(path, None, None)
+        _check_unfinished(run_dir, record)
+        return Resume(path, run_dir, record.get("mlflow_run_id"))
+    if path.is_dir():
+        record = read_record(path)
+        if record is None:
+            raise config_error("resume", f"'{path}' is not an lmlab run directory (it has no {RECORD})",
+                               "Give the run directory (lmlab_runs/runs/<time>_<task>_<model>) or a .ckpt file.")
+        _check_unfinished(path, record)
+        if not (path / LAST).is_file():
+            raise config_error("resume", f"run directory '{path}' has no {LAST} yet: it stopped before its first "
+                               "checkpoint", "Start it again without resume= (checkpoint.every_n_steps sets how "
+                               "often checkpoints are written).")
+        return Resume(path / LAST, path, record.get("mlflow_run_id"))
+    raise config_error("resume", f"'{path}' does not exist",
+                       "Give a run directory, a .ckpt file, or resume=auto for the newest unfinished run.")
+
+
+def _check_unfinished(run_dir: Path, record: dict[str, Any]) -> None:
+    if record.get("status") == "finished":
+        raise config_error("resume", f"the run in '{run_dir}' finished, so there is nothing to resume",
+                           f"Start a new run from its weights with model.pretrained={run_dir}.")
+
+
+def _alive(record: dict[str, Any]) -> bool:
+    """Whether the process that wrote the record still runs (on this host; elsewhere we cannot tell)."""
+    pid = record.get("pid")
+    if record.get("host") != socket.gethostname() or not isinstance(pid, int) or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a killed child its parent has not reaped yet is a zombie: dead for our purpose
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][:1] != "Z"
+    except OSError:
+        return True
+
+
+def _newest_unfinished(cfg: DictConfig) -> Resume:
+    root = Path(str(cfg.paths.root)) / "runs"
+    task, model = str(cfg.task.name), str(cfg.model.name)
+    candidates: list[tuple[str, Path, dict[str, Any]]] = []
+    for run_dir in sorted(root.glob("*")) if root.is_dir() else []:
+        try:
+            record = read_record(run_dir)
+        except Exception as exc:  # one damaged directory must not hide the others
+            log.warning("Skipping %s: %s", run_dir, exc)
+            continue
+        if (record is None or record.get("task") != task or record.get("model") != model
+                or record.get("status") == "finished" or not (run_dir / LAST).is_file()):
+            continue
+        # Other ranks of a DDP job look after rank 0 has claimed the run: its pid is theirs.
+        if is_rank_zero() and _alive(record):
+            log.info("Not resuming %s: process %s is still running it", run_dir, record.get("pid"))
+            continue
+        candidates.append((str(record.get("started", "")), run_dir, record))
+    if not candidates:
+        raise config_error("resume", f"resume=auto found no unfinished task={task} model={model} run with a "
+                           f"checkpoint under {root}", "Start a new run without resume=, or name the run "
+                           "directory: resume=DIR.")
+    _, run_dir, record = max(candidates, key=lambda c: (c[0], c[1].name))
+    return Resume(run_dir / LAST, run_dir, record.get("mlflow_run_id"))
+
+
+def _check_same_config(cfg: DictConfig, run_dir: Path) -> None:
+    saved = run_dir / "config_resolved.yaml"
+    if not saved.is_file():
+        return
+    try:
+        before = tracking.flatten(yaml.safe_load(saved.read_text(encoding="utf-8")) or {})
+    except (OSError, yaml.YAMLError) as exc:
+        raise file_error(saved, f"cannot be read ({exc})", "Restore it from the MLflow run's config/ artifact") from exc
+    now = tracking.flatten(OmegaConf.to_container(cfg, resolve=True))
+    changed = sorted(
+        key for key in set(before) | set(now)
+        if before.get(key) != now.get(key) and not any(key == k or key.startswith(k + ".") for k in MAY_CHANGE)
+    )
+    if changed:
+        shown = "; ".join(f"{k}: {before.get(k, '(unset)')} -> {now.get(k, '(unset)')}" for k in changed[:8])
+        more = f" and {len(changed) - 8} more" if len(changed) > 8 else ""
+        raise config_error("resume", f"the run in '{run_dir}' was made with other settings ({shown}{more})",
+                           f"Resume with the overrides the run started with (its config: {saved}), or start a "
+                           "new run without resume=.")
+
+
+def run_dir(resuming: Resume | None) -> Path | None:
+    return resuming.run_dir if resuming is not None else None
+
+
+def checkpoint(resuming: Resume | None) -> str | None:
+    return str(resuming.checkpoint) if resuming is not None else None
+
+
+def open_run(cfg: DictConfig, resuming: Resume | None, tags: dict[str, str], output_dir: Path,
+             rank_zero: bool) -> RunLog:
+    """The MLflow run to log to: the resumed run reopened, or a new one; the run record follows."""
+    if resuming is not None and resuming.run_id and rank_zero:
+        import mlflow
+
+        client = mlflow.MlflowClient(tracking_uri=tracking.tracking_uri(cfg))
+        try:
+            client.get_run(resuming.run_id)
+        except Exception as exc:
+            raise config_error("resume", f"the MLflow run {resuming.run_id} of '{resuming.run_dir}' is not in "
+                               f"{tracking.tracking_uri(cfg)}", "Point logger.tracking_uri at the store the run "
+                               "used, or resume from the checkpoint file into a new run.") from exc
+        client.update_run(resuming.run_id, status="RUNNING")
+        mlrun = RunLog(client, resuming.run_id)
+    else:
+        mlrun = RunLog.open(cfg, tags, rank_zero)
+    if resuming is not None and mlrun.client is not None:
+        mlrun.client.set_tag(mlrun.run_id, "lmlab.resumed_from", str(resuming.checkpoint))
+    if rank_zero:
+        _write_record(cfg, output_dir, mlrun.run_id, resuming)
+    return mlrun
+
+
+def _write_record(cfg: DictConfig, output_dir: Path, run_id: str, resuming: Resume | None) -> None:
+    record = read_record(output_dir) if resuming is not None else None
+    if record is None:
+        record = {"mlflow_run_id": run_id, "tracking_uri": tracking.tracking_uri(cfg), "task": str(cfg.task.name),
+                  "model": str(cfg.model.name), "started": _now(), "resumes": []}
+    if resuming is not None:
+        record.setdefault("resumes", []).append({"at": _now(), "checkpoint": str(resuming.checkpoint)})
+    record.update(status="running", pid=os.getpid(), host=socket.gethostname(), updated=_now())
+    atomic.write_json(output_dir / RECORD, record)
+
+
+def close(output_dir: Path, status: str) -> None:
+    """Record how the run ended (MLflow's status, lower case) in its run record."""
+    if not is_rank_zero():
+        return
+    try:
+        record = read_record(output_dir)
+        if record is not None:
+            record.update(status=status.lower(), updated=_now())
+            atomic.write_json(output_dir / RECORD, record)
+    except Exception as exc:  # called from a finally block: never hide the error that ended the run
+        log.warning("Could not update %s: %s", output_dir / RECORD, exc)

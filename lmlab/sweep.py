@@ -1,0 +1,199 @@
+"""A Hydra sweep in MLflow, the jobs' side: each job's run is a child of the sweep's parent run.
+
+The process that starts the sweep and the jobs (the same process, joblib workers or SLURM nodes)
+share one thing for sure: the sweep directory. The parent run's id lies in a file there (written by
+lmlab.sweep_parent), and each job leaves a small JSON record beside it: its MLflow run, how it
+ended, its objective. The parent is closed from those records, whichever launcher ran the jobs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from lmlab.errors import config_error
+
+log = logging.getLogger(__name__)
+
+SWEEP_FILE = "lmlab_sweep.json"
+JOBS_DIR = "lmlab_jobs"
+PARENT_TAG = "mlflow.parentRunId"
+
+
+@dataclass(frozen=True)
+class JobContext:
+    """Where a multirun job stands: its sweep directory, number, overrides and parent run."""
+
+    sweep_dir: Path
+    num: int
+    overrides: list[str]
+    sweep: dict[str, Any] | None
+
+
+# -- files in the sweep directory -----------------------------------------------------------------
+def write_json(path: Path, data: Mapping[str, Any]) -> None:
+    # Write-then-rename: a reader on another machine never sees half a file.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def read_sweep(sweep_dir: str | Path) -> dict[str, Any] | None:
+    return _read_json(Path(sweep_dir) / SWEEP_FILE)
+
+
+def record_job(sweep_dir: str | Path, num: int, **fields: Any) -> dict[str, Any]:
+    """Merge ``fields`` into job ``num``'s record (only that job's process or the sweeper writes it)."""
+    path = Path(sweep_dir) / JOBS_DIR / f"{num}.json"
+    record = {**(_read_json(path) or {}), **fields, "num": num}
+    write_json(path, record)
+    return record
+
+
+def job_records(sweep_dir: str | Path) -> dict[int, dict[str, Any]]:
+    records = {}
+    for path in sorted((Path(sweep_dir) / JOBS_DIR).glob("*.json")):
+        record = _read_json(path)
+        if record is not None and "num" in record:
+            records[int(record["num"])] = record
+    return records
+
+
+def job_context() -> JobContext | None:
+    """The current multirun job, or None outside a Hydra multirun (single runs, tests, notebooks)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+    except (ImportError, ValueError):
+        return None
+    if hc.mode != RunMode.MULTIRUN or hc.job.get("num") is None:
+        return None
+    sweep_dir = Path(str(hc.sweep.dir))
+    return JobContext(sweep_dir, int(hc.job.num), [str(o) for o in hc.overrides.task], read_sweep(sweep_dir))
+
+
+# -- what a job adds to its MLflow run ------------------------------------------------------------
+def _override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def child_run_name(ctx: JobContext) -> str | None:
+    """``optimizer.lr=3e-05 seed=2``: the job's values of the swept keys (None when nothing is swept)."""
+    swept = set((ctx.sweep or {}).get("swept_keys") or [])
+    parts = [f"{_override_key(o)}={_short(o.split('=', 1)[1])}" for o in ctx.overrides
+             if "=" in o and _override_key(o) in swept]
+    return " ".join(parts) or None
+
+
+def _short(value: str) -> str:
+    # Optuna's floats (0.0006466422717414558) make unreadable run names; the params keep them exact.
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    return value if "." not in value and "e" not in value.lower() else f"{number:.4g}"
+
+
+def child_tags(ctx: JobContext, experiment_id: str, tracking_uri: str) -> dict[str, str]:
+    """Tags of a job's run: the sweep it belongs to and, in the parent's experiment, the parent."""
+    record = _read_json(ctx.sweep_dir / JOBS_DIR / f"{ctx.num}.json") or {}
+    tags = {
+        "lmlab.sweep.dir": str(ctx.sweep_dir.resolve()),
+        "lmlab.sweep.job": str(ctx.num),
+        "lmlab.sweep.overrides": " ".join(ctx.overrides)[:5000],
+        **{str(k): str(v) for k, v in (record.get("tags") or {}).items()},
+    }
+    sweep = ctx.sweep
+    if sweep is None:
+        return tags
+    if sweep.get("experiment_id") == experiment_id and sweep.get("tracking_uri") == tracking_uri:
+        tags[PARENT_TAG] = str(sweep["parent_run_id"])
+    else:
+        # MLflow nests runs only inside one experiment (a sweep over logger.experiment_name, say).
+        log.warning("Sweep job %s logs to another experiment or store than its parent run %s: not nested",
+                    ctx.num, sweep.get("parent_run_id"))
+    tags["lmlab.sweep.parent_run_id"] = str(sweep["parent_run_id"])
+    return tags
+
+
+def job_started(ctx: JobContext, run_id: str) -> None:
+    record_job(ctx.sweep_dir, ctx.num, run_id=run_id, status="RUNNING", started=time.time(),
+               objective=None, finished=None, host=socket.gethostname(), pid=os.getpid())
+
+
+def job_killed(sweep_dir: str | Path, num: int) -> None:
+    """A job whose process died (found by a resumed sweep): its MLflow run ends KILLED, not RUNNING."""
+    import mlflow
+
+    record = _read_json(Path(sweep_dir) / JOBS_DIR / f"{num}.json")
+    info = read_sweep(sweep_dir)
+    if record is None or record.get("status") not in (None, "RUNNING"):
+        return
+    if record.get("run_id") and info is not None:
+        client = mlflow.MlflowClient(tracking_uri=info["tracking_uri"])
+        if client.get_run(record["run_id"]).info.status == "RUNNING":
+            client.set_terminated(record["run_id"], "KILLED")
+    record_job(sweep_dir, num, status="KILLED", finished=time.time())
+
+
+# -- the objective --------------------------------------------------------------------------------
+def objective_direction(cfg: DictConfig) -> tuple[str, str, bool]:
+    """(metric, "min" | "max", certain) of the objective a job returns.
+
+    Certain when the objective is the checkpoint's monitored metric, whose direction the task (or
+    checkpoint.mode) declares; otherwise guessed from the name (losses and perplexities fall).
+    """
+    from lmlab import registry
+    from lmlab.train import monitored, objective_metric
+
+    task = registry.get("task", cfg.task.name)
+    metric = objective_metric(cfg, task)
+    watched, mode = monitored(cfg, task)
+    if metric == watched:
+        return metric, mode, True
+    falls = any(word in metric for word in ("loss", "perplexity", "error"))
+    return metric, "min" if falls else "max", False
+
+
+def check_direction(cfg: DictConfig) -> None:
+    """Before training: a sweeper told to minimise an accuracy would waste the whole sweep."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        wanted = HydraConfig.get().sweeper.get("direction")
+    except ValueError:
+        return
+    if wanted is None or job_context() is None:
+        return
+    metric, mode, certain = objective_direction(cfg)
+    expected = {"min": "minimize", "max": "maximize"}[mode]
+    if certain and str(wanted) != expected:
+        raise config_error("hydra.sweeper.direction",
+                           f"it is '{wanted}' but the objective {metric} is best at its {mode}",
+                           f"Set hydra.sweeper.direction={expected} (or objective.metric to another metric).")
+
+
+def check_objective(metric: str, metrics: Mapping[str, float]) -> None:
+    """A sweep job whose objective never appeared: a typo in objective.metric, not a bad trial."""
+    if metric not in metrics:
+        raise config_error("objective.metric", f"the run produced no '{metric}'",
+                           f"Use one of its final metrics: {', '.join(sorted(metrics)) or '(none)'}.")

@@ -1,0 +1,340 @@
+"""A catalogue of bad inputs: config keys and values, data files, model/tokenizer/checkpoint paths
+and plugin failures. Each must end in one clear error that names the key or the file (and line),
+leave no half-written file behind and no MLflow run RUNNING.
+
+Most cases compose the config as ``lmlab OVERRIDES`` would and call ``lmlab.train.run``; mistakes
+Hydra itself rejects are checked at composition; a handful go through the real ``lmlab`` command.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY, WIKI, compose_cfg
+from lmlab import registry
+from lmlab.errors import LmlabError
+from lmlab.train import run
+
+
+# -- the files the cases point at -----------------------------------------------------------------
+def _conll(sentences: list[list[tuple[str, str]]]) -> str:
+    return "\n\n".join("\n".join(f"{tok}\t{tag}" for tok, tag in s) for s in sentences) + "\n"
+
+
+GOOD_NER = [[("Alice", "B-PER"), ("lives", "O"), ("in", "O"), ("Paris", "B-LOC"), (".", "O")],
+            [("Bob", "B-PER"), ("Smith", "I-PER"), ("visited", "O"), ("Rome", "B-LOC")],
+            [("Nothing", "O"), ("here", "O"), ("at", "O"), ("all", "O")]] * 12
+# A model folder whose config asks for its own Python classes (trust_remote_code).
+REMOTE = {"AutoConfig": "custom.Config", "AutoTokenizer": ["custom.Tokenizer", None]}
+GOOD_ROWS = [("a fine and moving film", "pos"), ("dull, long and pointless", "neg"),
+             ("the best thing this year", "pos"), ("I want my money back", "neg")] * 15
+
+
+def _csv(rows: list[tuple[str, str]], header: str = "text,label") -> str:
+    return header + "\n" + "".join(f'"{text}",{label}\n' for text, label in rows)
+
+
+def make_files(d: Path) -> None:
+    """Every file and folder the cases refer to, written once per module under ``d``."""
+    wiki = WIKI.read_text(encoding="utf-8").splitlines()[:300]
+    files: dict[str, bytes] = {
+        "wiki.txt": ("\n".join(wiki) + "\n").encode(),
+        "empty.txt": b"\n   \n\n",
+        "latin1.txt": ("\n".join(wiki[:50]) + "\nun caf\u00e9 cr\u00e8me\n").encode("latin-1", "replace"),
+        "broken.jsonl": b'{"text": "A first document."}\n{"text": "unterminated}\n',
+        "no_text.jsonl": b'{"text": "A first document."}\n{"text": "A second."}\n{"body": "no text here"}\n',
+        "array.jsonl": b'["a list, not an object"]\n',
+        "notes.xml": b"<notes/>\n",
+        "ner_columns/train.conll": _conll(GOOD_NER).encode() + b"Lonely\n",
+        "ner_tag/train.conll": _conll(GOOD_NER[:4]).replace("B-LOC", "BLOC", 1).encode(),
+        "ner_unknown/train.conll": _conll(GOOD_NER).encode(),
+        "ner_unknown/validation.conll": _conll([[("Mars", "B-PLANET"), ("is", "O"), ("red", "O")]]).encode(),
+        "ner_lengths.jsonl": (json.dumps({"tokens": ["a", "b"], "tags": ["O", "O"]}) + "\n"
+                              + json.dumps({"tokens": ["a", "b", "c"], "tags": ["O"]}) + "\n").encode(),
+        "ner_empty_dir/readme.md": b"no train file here\n",
+        "cls_column/train.csv": _csv(GOOD_ROWS, header="text,category").encode(),
+        "cls_unknown/train.csv": _csv(GOOD_ROWS).encode(),
+        "cls_unknown/validation.csv": _csv([("a film about films", "meh")] + GOOD_ROWS[:4]).encode(),
+        "cls_empty_text/train.csv": _csv(GOOD_ROWS[:5] + [("", "pos")] + GOOD_ROWS).encode(),
+        "no_config_model/weights.bin": b"not a model",
+        "bad_config_model/config.json": b'{"model_type": "gpt2", "n_layer": ',
+        "bert_model/config.json": json.dumps({"model_type": "bert"}).encode(),
+        "custom_code_model/config.json": json.dumps({"model_type": "custom", "auto_map": REMOTE}).encode(),
+        "custom_code_model/tokenizer_config.json": json.dumps({"auto_map": REMOTE}).encode(),
+        "not_a_run/notes.txt": b"just a folder\n",
+        "garbage.ckpt": b"this is not a checkpoint at all\n" * 10,
+        "no_text_files/readme.md": b"nothing to read\n",
+    }
+    for rel, content in files.items():
+        path = d / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+    _real_bert(d / "real_bert")
+    # A torch checkpoint cut off mid-write (what a kill without atomic writes would leave).
+    whole = d / "whole.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(4096)}, "global_step": 3}, whole)
+    (d / "truncated.ckpt").write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    # A run directory whose run finished: nothing to resume.
+    finished = d / "finished_run"
+    (finished / "checkpoints").mkdir(parents=True)
+    shutil.copy(whole, finished / "checkpoints" / "last.ckpt")
+    (finished / "lmlab_run.json").write_text(json.dumps({"status": "finished", "task": "clm", "model": "gpt2"}))
+
+
+def _real_bert(where: Path) -> None:
+    """A tiny but complete BERT model directory (config, weights, tokenizer)."""
+    from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
+
+    where.mkdir(parents=True)
+    vocab = where / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "a", "film"]) + "\n")
+    BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(str(where))
+    config = BertConfig(vocab_size=8, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)
+    BertForMaskedLM(config).save_pretrained(str(where))
+
+
+# -- the catalogue --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Bad:
+    """Overrides and the words the error must contain; ``{d}`` is the files' folder."""
+
+    overrides: list[str]
+    names: list[str]
+    stage: str = "run"  # "compose": Hydra rejects it while composing the config
+    data: str = "data.path={d}/wiki.txt"  # replaced when the case names its own data
+    setup: Callable[[Path], None] | None = None
+    extra: list[str] = field(default_factory=list)
+
+
+NER = ["task=ner", "model=bert", "tokenizer.vocab_size=400"]
+CLS = ["task=classification", "model=bert", "tokenizer.vocab_size=400"]
+
+CASES: dict[str, Bad] = {
+    # config: groups and keys Hydra refuses
+    "unknown_task_option": Bad(["task=nope"], ["task/nope"], "compose"),
+    "unknown_model_option": Bad(["model=nope"], ["model/nope"], "compose"),
+    "unknown_trainer_option": Bad(["trainer=tpu9"], ["trainer/tpu9"], "compose"),
+    "unknown_trainer_key": Bad(["trainer.bogus=1"], ["trainer.bogus"], "compose"),
+    "misspelt_optimizer_key": Bad(["optimizer.lrr=0.1"], ["optimizer.lrr"], "compose"),
+    "unknown_top_level_key": Bad(["bogus_setting=1"], ["bogus_setting"], "compose"),
+    # config: values
+    "negative_lr": Bad(["optimizer.lr=-1"], ["optimizer.lr", "-1"]),
+    "zero_lr": Bad(["optimizer.lr=0"], ["optimizer.lr", "not positive"]),
+    "lr_not_a_number": Bad(["optimizer.lr=fast"], ["optimizer.lr", "fast"]),
+    "block_beyond_positions": Bad(["data.block_size=100000"], ["data.block_size", "100000", "n_positions"]),
+    "block_too_short": Bad(["data.block_size=4"], ["data.block_size", "4"]),
+    "block_not_a_number": Bad(["data.block_size=big"], ["data.block_size", "big"]),
+    "zero_batch": Bad(["data.batch_size=0"], ["data.batch_size", "0"]),
+    "negative_batch": Bad(["data.batch_size=-3"], ["data.batch_size", "-3"]),
+    "bad_mode": Bad(["mode=train"], ["mode", "train"]),
+    "test_without_model": Bad(["mode=test"], ["model.pretrained", "mode=test"]),
+    "unknown_schedule": Bad(["scheduler.name=zigzag"], ["scheduler.name", "zigzag"]),
+    "negative_warmup": Bad(["scheduler.warmup_ratio=-0.5"], ["scheduler.warmup_ratio", "-0.5"]),
+    "bad_checkpoint_mode": Bad(["checkpoint.mode=sideways"], ["checkpoint.mode", "sideways"]),
+    "negative_checkpoint_interval": Bad(["checkpoint.every_n_steps=-1"], ["checkpoint.every_n_steps", "-1"]),
+    "checkpoint_interval_not_a_number": Bad(["checkpoint.every_n_steps=often"], ["checkpoint.every_n_steps", "often"]),
+    "unknown_nonfinite_policy": Bad(["faults.nonfinite=ignore"], ["faults.nonfinite", "ignore"]),
+    "bad_precision": Bad(["trainer.precision=banana"], ["trainer", "banana"]),
+    "max_steps_not_a_number": Bad(["trainer.max_steps=many"], ["trainer.max_steps", "many"]),
+    "seed_not_a_number": Bad(["seed=lucky"], ["seed", "lucky"]),
+    "tiny_vocabulary": Bad(["tokenizer.vocab_size=3"], ["tokenizer.vocab_size", "3"]),
+    "unknown_tokenizer_type": Bad(["tokenizer.type=sentencepiece"], ["tokenizer.type", "sentencepiece"]),
+    "pretrained_tokenizer_without_path": Bad(["tokenizer=pretrained"], ["tokenizer.path"]),
+    "pretrained_tokenizer_missing_dir": Bad(["tokenizer=pretrained", "tokenizer.path={d}/no_such_tokenizer"],
+                                            ["tokenizer.path", "no_such_tokenizer"]),
+    "unknown_model_size": Bad(["model.size=huge"], ["model.size", "huge"]),
+    "unknown_hf_config_field": Bad(["model.config.n_layerz=3"], ["n_layerz"]),
+    "masking_over_one": Bad(["task=mlm", "task.mask_replace_prob=0.9", "task.random_replace_prob=0.2"],
+                            ["task.mask_replace_prob", "task.random_replace_prob"]),
+    "task_without_head": Bad(["task=summarization", "model=bert"], ["summarization", "bert"]),
+    "val_fraction_above_one": Bad(["data.val_fraction=1.5"], ["data.val_fraction", "1.5"]),
+    "resume_outside_fit": Bad(["mode=test", "model.pretrained={d}/bert_model", "resume=auto"], ["resume", "mode=test"]),
+    # data files
+    "missing_data_file": Bad([], ["data.path", "no_such_corpus.txt"], data="data.path={d}/no_such_corpus.txt"),
+    "empty_data_file": Bad([], ["empty.txt"], data="data.path={d}/empty.txt"),
+    "wrong_encoding": Bad([], ["latin1.txt", "utf-8", "data.encoding"], data="data.path={d}/latin1.txt"),
+    "malformed_json_line": Bad([], ["broken.jsonl", "line 2", "JSON"], data="data.path={d}/broken.jsonl"),
+    "json_line_without_text": Bad([], ["no_text.jsonl", "line 3", "'text'", "data.text_field"],
+                                  data="data.path={d}/no_text.jsonl"),
+    "json_line_not_an_object": Bad([], ["array.jsonl", "line 1", "list"], data="data.path={d}/array.jsonl"),
+    "folder_without_text": Bad([], ["data.path", "no_text_files"], data="data.path={d}/no_text_files"),
+    "conll_wrong_column_count": Bad(NER, ["train.conll", "line 192", "column"],
+                                    data="data.path={d}/ner_columns/train.conll"),
+    "conll_bio_breaking_tag": Bad(NER, ["train.conll", "line 4", "BLOC"], data="data.path={d}/ner_tag/train.conll"),
+    "ner_unknown_label_in_validation": Bad(NER, ["validation.conll", "line 1", "B-PLANET"],
+                                           data="data.path={d}/ner_unknown"),
+    "ner_jsonl_tag_count": Bad(NER, ["ner_lengths.jsonl", "line 2", "3 tokens but 1 tags"],
+                               data="data.path={d}/ner_lengths.jsonl"),
+    "ner_folder_without_train": Bad(NER, ["data.path", "train"], data="data.path={d}/ner_empty_dir"),
+    "csv_missing_label_column": Bad(CLS, ["train.csv", "'label'", "category"], data="data.path={d}/cls_column"),
+    "csv_unknown_label_in_validation": Bad(CLS, ["validation.csv", "meh"], data="data.path={d}/cls_unknown"),
+    "csv_empty_text": Bad(CLS, ["train.csv", "line 7", "empty"], data="data.path={d}/cls_empty_text"),
+    "classification_wrong_file_type": Bad(CLS, ["data.path", "notes.xml"], data="data.path={d}/notes.xml"),
+    # model, tokenizer and checkpoint paths
+    "pretrained_missing_dir": Bad(["model.pretrained={d}/no_such_model"], ["model.pretrained", "no_such_model"]),
+    "pretrained_dir_without_config": Bad(["model.pretrained={d}/no_config_model"], ["model.pretrained", "config.json"]),
+    "pretrained_broken_config": Bad(["model.pretrained={d}/bad_config_model"],
+                                    ["bad_config_model/config.json", "line 1", "JSON", "model.pretrained"]),
+    "pretrained_dir_without_tokenizer": Bad(["model.pretrained={d}/bert_model"], ["model.pretrained", "tokenizer.json"]),
+    "pretrained_other_family": Bad(["model.pretrained={d}/real_bert"], ["model.pretrained", "'bert'", "model=gpt2"]),
+    "pretrained_needs_remote_code": Bad(["model.pretrained={d}/custom_code_model"],
+                                        ["model.pretrained", "trust_remote_code"]),
+    "resume_missing_path": Bad(["resume={d}/no_such_run"], ["resume", "no_such_run"]),
+    "resume_folder_not_a_run": Bad(["resume={d}/not_a_run"], ["resume", "lmlab_run.json"]),
+    "resume_garbage_checkpoint": Bad(["resume={d}/garbage.ckpt"], ["garbage.ckpt", "not a readable checkpoint"]),
+    "resume_truncated_checkpoint": Bad(["resume={d}/truncated.ckpt"], ["truncated.ckpt", "not a readable checkpoint"]),
+    "resume_auto_without_runs": Bad(["resume=auto"], ["resume=auto", "no unfinished"]),
+    "resume_finished_run": Bad(["resume={d}/finished_run"], ["resume", "finished"]),
+    # plugins
+    "unknown_registered_task": Bad(["task.name=nope"], ["unknown task 'nope'", "clm"]),
+    "unknown_datamodule": Bad(["data.datamodule=nope"], ["unknown datamodule 'nope'", "text"]),
+    "plugin_that_fails_to_import": Bad(["task.name=broken"], ["task 'broken'", "failed to import"],
+                                       setup=lambda site: _broken_plugin(site)),
+}
+
+
+def _broken_plugin(site: Path) -> None:
+    info = site / "lmlab_broken_plugin-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: lmlab-broken-plugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[lmlab.tasks]\nbroken = lmlab_broken_plugin:TASK\n")
+    (site / "lmlab_broken_plugin.py").write_text("import lmlab_dependency_that_is_not_installed\nTASK = None\n")
+
+
+# -- checks ---------------------------------------------------------------------------------------
+def run_statuses(home: Path) -> list[str]:
+    db = home / "mlflow.db"
+    if not db.exists():
+        return []
+    with sqlite3.connect(db) as con:
+        if not con.execute("SELECT name FROM sqlite_master WHERE name='runs'").fetchall():
+            return []
+        return [row[0] for row in con.execute("SELECT status FROM runs")]
+
+
+def leftovers(*roots: Path) -> list[Path]:
+    """Half-written files: staged ``*.tmp`` files, staging folders (``.name.xxxx``), exports."""
+    found = []
+    for root in roots:
+        if root.exists():
+            found += [p for p in root.rglob("*") if p.name.endswith(".tmp") or p.name == "export"
+                      or (p.is_dir() and p.name.startswith(".") and p.name != ".hydra")]
+    return found
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if not WIKI.exists():
+        pytest.skip(f"real test data missing: {WIKI}")
+    d = tmp_path_factory.mktemp("bad_inputs")
+    make_files(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # Tokenizers and tokenized data are reused across the cases: only the failure differs.
+    return tmp_path_factory.mktemp("cache")
+
+
+def _fill(items: list[str], d: Path) -> list[str]:
+    return [item.replace("{d}", str(d)) for item in items]
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_gives_a_clear_error(name: str, files: Path, shared_cache: Path, lmlab_home: Path,
+                                       tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    case = CASES[name]
+    monkeypatch.setenv("LMLAB_CACHE_DIR", str(shared_cache))
+    if case.setup is not None:
+        site = tmp_path / "site"
+        case.setup(site)
+        monkeypatch.syspath_prepend(str(site))
+        registry.clear_cache()
+    overrides = [*TINY, *_fill([case.data], files), *_fill(case.overrides, files)]
+    names = _fill(case.names, files)
+    try:
+        if case.stage == "compose":
+            with pytest.raises(Exception) as caught:
+                compose_cfg(overrides)
+            assert not isinstance(caught.value, LmlabError)
+        else:
+            cfg = compose_cfg(overrides)
+            with pytest.raises(LmlabError) as caught:
+                run(cfg)
+    finally:
+        if case.setup is not None:
+            registry.clear_cache()
+    message = str(caught.value)
+    for word in names:
+        assert word in message, f"{word!r} not in: {message}"
+    assert "Traceback" not in message
+    assert "RUNNING" not in run_statuses(lmlab_home), message
+    assert leftovers(lmlab_home, shared_cache) == [], message
+
+
+def test_the_catalogue_is_large_enough() -> None:
+    assert len(CASES) >= 40
+
+
+# -- through the real command: exit 2, one "lmlab: error:" paragraph, no traceback -----------------
+CLI_CASES = {
+    "resume_missing_path": (["resume={d}/no_such_run"], ["resume", "no_such_run"]),
+    "unknown_nonfinite_policy": (["faults.nonfinite=ignore"], ["faults.nonfinite", "ignore"]),
+    "negative_checkpoint_interval": (["checkpoint.every_n_steps=-1"], ["checkpoint.every_n_steps"]),
+    "bad_mode": (["mode=train"], ["mode", "train"]),
+    "resume_garbage_checkpoint": (["resume={d}/garbage.ckpt"], ["garbage.ckpt", "not a readable checkpoint"]),
+    "missing_data_file": (["data.path={d}/no_such_corpus.txt"], ["data.path", "no_such_corpus.txt"]),
+}
+
+
+def lmlab_command() -> list[str]:
+    script = Path(sys.executable).parent / "lmlab"
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("lmlab")
+    return [found] if found else [sys.executable, "-m", "lmlab"]
+
+
+@pytest.fixture(scope="module")
+def cli_outcomes(files: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int, str, Path]]:
+    root = tmp_path_factory.mktemp("cli")
+
+    def one(name: str) -> tuple[int, str, Path]:
+        args, _ = CLI_CASES[name]
+        home = root / name
+        env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "PYTHONPATH")}
+        env.update(LMLAB_HOME=str(home), LMLAB_CACHE_DIR=str(root / "cache"), OMP_NUM_THREADS="1")
+        proc = subprocess.run([*lmlab_command(), *TINY, *_fill(args, files)], cwd=root, env=env,
+                              capture_output=True, text=True, timeout=300)
+        return proc.returncode, proc.stderr, home
+
+    with ThreadPoolExecutor(3) as pool:
+        return dict(zip(CLI_CASES, pool.map(one, CLI_CASES)))
+
+
+@pytest.mark.parametrize("name", list(CLI_CASES))
+def test_bad_input_on_the_command_line(name: str, files: Path, cli_outcomes: dict) -> None:
+    rc, stderr, home = cli_outcomes[name]
+    assert rc == 2, stderr[-3000:]
+    assert "Traceback" not in stderr
+    assert stderr.count("lmlab: error:") == 1, stderr
+    message = stderr[stderr.index("lmlab: error:"):].strip()
+    assert "\n" not in message, message  # one paragraph, the last thing printed
+    for word in _fill(CLI_CASES[name][1], files):
+        assert word in message, (word, message)
+    assert "RUNNING" not in run_statuses(home)
+    assert leftovers(home) == []
+

@@ -1,0 +1,101 @@
+"""Real multi-process DDP on the CPU (gloo, 2 processes) against one process with the same global batch.
+
+Lightning starts the second process by re-running the command line, so these tests drive the
+``lmlab`` CLI in a subprocess (under pytest, Lightning would re-run pytest).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from tests.conftest import SHARED_DATA, WIKI
+
+DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true"]
+QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+# No dropout, so one process and two compute the same function; full validation on both.
+EXACT = ["model.config.resid_pdrop=0.0", "model.config.embd_pdrop=0.0", "model.config.attn_pdrop=0.0",
+         "trainer.limit_val_batches=1.0"]
+
+
+def lmlab(home: Path, *overrides: str) -> None:
+    env = {**os.environ, "LMLAB_HOME": str(home), "LMLAB_CACHE_DIR": str(home.parent / "cache"),
+           "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "lmlab", *QUIET, *overrides], env=env, capture_output=True,
+                          text=True, timeout=600, cwd=home.parent)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
+def only_run(home: Path):
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    assert len(runs) == 1, f"{len(runs)} MLflow runs for one job"  # rank 1 must not open its own
+    assert runs[0].info.status == "FINISHED"
+    return client, runs[0]
+
+
+def history(client, run_id: str, key: str) -> list[float]:
+    return [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tmp_path: Path) -> None:
+    if not WIKI.exists():
+        pytest.skip(f"real test data missing: {WIKI}")
+    text = tmp_path / "wiki.txt"
+    text.write_text("\n".join(WIKI.read_text(encoding="utf-8").splitlines()[:300]) + "\n", encoding="utf-8")
+    common = ["+experiment=debug", f"data.path={text}", "trainer.max_steps=6", "trainer.val_check_interval=3",
+              "trainer.log_every_n_steps=1", *EXACT]
+    lmlab(tmp_path / "one", *common, "data.batch_size=8")
+    lmlab(tmp_path / "two", *common, *DDP, "data.batch_size=4")
+
+    one_client, one = only_run(tmp_path / "one")
+    two_client, two = only_run(tmp_path / "two")
+    # Same global batches (lmlab.data.loaders), gradients averaged over equal shards: equal up to
+    # float summation order. Stated tolerance: 1e-4 relative.
+    for key in ("train/loss", "val/loss", "val/perplexity"):
+        a, b = history(one_client, one.info.run_id, key), history(two_client, two.info.run_id, key)
+        assert len(a) == len(b) > 0, key
+        assert b == pytest.approx(a, rel=1e-4), key
+    assert two.data.params["world_size"] == "2" and two.data.params["per_device_batch_size"] == "4"
+    assert two.data.params["effective_batch_size"] == one.data.params["effective_batch_size"] == "8"
+    assert "train/tokens_per_sec_per_device" in two.data.metrics
+    # Rank 0 exported once and logged the model.
+    assert [a.path for a in two_client.list_artifacts(two.info.run_id, "model") if a.path.endswith("config.json")]
+
+
+@pytest.mark.slow
+def test_ddp_evaluation_neither_duplicates_nor_drops_examples(tmp_path: Path) -> None:
+    """An odd-sized test split over 2 processes: entity F1 and the predictions file equal one process's."""
+    wnut = SHARED_DATA / "ner" / "wnut16"
+    if not wnut.exists():
+        pytest.skip(f"real test data missing: {wnut}")
+    folder = tmp_path / "wnut"
+    folder.mkdir()
+    for split, n in (("train", 200), ("validation", 21), ("test", 25)):
+        blocks = (wnut / f"{split}.conll").read_text(encoding="utf-8").strip().split("\n\n")[:n]
+        (folder / f"{split}.conll").write_text("\n\n".join(blocks) + "\n\n", encoding="utf-8")
+    data = ["task=ner", "+experiment=debug", f"data.path={folder}", "data.max_documents=null",
+            "trainer.limit_val_batches=1.0", "data.eval_batch_size=4"]
+    lmlab(tmp_path / "fit", *data, "trainer.max_steps=20")
+    _, fitted = only_run(tmp_path / "fit")
+    export = Path(fitted.data.tags["lmlab.output_dir"]) / "export"
+
+    lmlab(tmp_path / "one", *data, "mode=test", f"model.pretrained={export}")
+    lmlab(tmp_path / "two", *data, *DDP, "mode=test", f"model.pretrained={export}")
+    one_client, one = only_run(tmp_path / "one")
+    two_client, two = only_run(tmp_path / "two")
+    for key in ("test/f1", "test/precision", "test/recall", "test/token_accuracy"):
+        assert two.data.metrics[key] == one.data.metrics[key], key  # counts are integers: exact
+    assert two.data.metrics["test/loss"] == pytest.approx(one.data.metrics["test/loss"], rel=1e-5)
+
+    def predictions(tags: dict[str, str]) -> str:
+        return (Path(tags["lmlab.output_dir"]) / "predictions" / "test_predictions.conll").read_text(encoding="utf-8")
+
+    expected = predictions(one.data.tags)
+    assert predictions(two.data.tags) == expected and expected.count("\n\n") == 25

@@ -1,0 +1,263 @@
+"""Exact resume: a real ``lmlab`` process killed (SIGKILL) or preempted (SIGTERM) mid-training, then
+continued with ``resume=auto``, ends with the same weights and metrics as a run never interrupted.
+
+The runs cross epoch boundaries (40 documents: 7 batches an epoch, 20 steps), checkpoint every 3
+steps, and run with one thread each so that the CPU arithmetic is reproducible.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+
+from conftest import TINY, WIKI, compose_cfg
+
+pytestmark = pytest.mark.slow
+
+TIMEOUT = 600
+STEPS = 20
+ARGS = [*TINY, "data.max_documents=40", f"trainer.max_steps={STEPS}", "checkpoint.every_n_steps=3",
+        "trainer.log_every_n_steps=1"]
+
+
+def lmlab_command() -> list[str]:
+    script = Path(sys.executable).parent / "lmlab"
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("lmlab")
+    return [found] if found else [sys.executable, "-m", "lmlab"]
+
+
+@dataclass
+class Home:
+    """One LMLAB_HOME; every home of a test module shares the tokenizer/data cache."""
+
+    root: Path
+    cache: Path
+
+    def start(self, *extra: str) -> subprocess.Popen:
+        env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "PYTHONPATH")}
+        env.update(LMLAB_HOME=str(self.root), LMLAB_CACHE_DIR=str(self.cache), PYTHONUNBUFFERED="1",
+                   OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+        self.root.mkdir(parents=True, exist_ok=True)
+        return subprocess.Popen([*lmlab_command(), *ARGS, *extra], cwd=self.root, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def run(self, *extra: str) -> tuple[int, str, str]:
+        proc = self.start(*extra)
+        out, err = proc.communicate(timeout=TIMEOUT)
+        return proc.returncode, out, err
+
+    def run_dirs(self) -> list[Path]:
+        runs = self.root / "runs"
+        return sorted(p for p in runs.iterdir() if (p / "lmlab_run.json").exists()) if runs.is_dir() else []
+
+    def record(self) -> dict:
+        (run_dir,) = self.run_dirs()
+        return json.loads((run_dir / "lmlab_run.json").read_text())
+
+    def runs(self) -> list[tuple[str, str]]:
+        with sqlite3.connect(self.root / "mlflow.db") as con:
+            return list(con.execute("SELECT run_uuid, status FROM runs"))
+
+    def history(self, run_id: str, key: str) -> list[tuple[int, float]]:
+        with sqlite3.connect(self.root / "mlflow.db") as con:
+            return list(con.execute("SELECT step, value FROM metrics WHERE run_uuid=? AND key=? "
+                                    "ORDER BY timestamp, step", (run_id, key)))
+
+    def latest(self, run_id: str) -> dict[str, float]:
+        with sqlite3.connect(self.root / "mlflow.db") as con:
+            return dict(con.execute("SELECT key, value FROM latest_metrics WHERE run_uuid=?", (run_id,)))
+
+
+def checkpoint_step(path: Path) -> int | None:
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+    except Exception:  # not there yet
+        return None
+
+
+def wait_for_checkpoint(home: Home, proc: subprocess.Popen, at_least: int) -> int:
+    """Poll last.ckpt (written atomically, so always whole) until it is from step >= at_least."""
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        for run_dir in home.run_dirs():
+            step = checkpoint_step(run_dir / "checkpoints" / "last.ckpt")
+            if step is not None and step >= at_least:
+                return step
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"lmlab ended (rc {proc.returncode}) before a step-{at_least} checkpoint\n{err[-3000:]}")
+        time.sleep(0.05)
+    raise AssertionError("no checkpoint in time")
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if not WIKI.exists():
+        pytest.skip(f"real test data missing: {WIKI}")
+    root = tmp_path_factory.mktemp("resume")
+    lines = WIKI.read_text(encoding="utf-8").splitlines()[:600]
+    (root / "wiki.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root
+
+
+def home(workspace: Path, name: str) -> Home:
+    return Home(workspace / name, workspace / "cache")
+
+
+def data(workspace: Path) -> str:
+    return f"data.path={workspace / 'wiki.txt'}"
+
+
+@pytest.fixture(scope="module")
+def reference(workspace: Path) -> Home:
+    """The run never interrupted (started once per module; tokenizer and data are cached by it)."""
+    ref = home(workspace, "reference")
+    rc, out, err = ref.run(data(workspace))
+    assert rc == 0, err[-3000:]
+    return ref
+
+
+def assert_same_as_reference(resumed: Home, ref: Home, by_step: bool = True) -> None:
+    (ref_id, ref_status), = ref.runs()
+    (run_id, status), = resumed.runs()  # the resume reopened the same MLflow run, no second one
+    assert status == ref_status == "FINISHED"
+    assert resumed.record()["status"] == "finished"
+    # Bit-equal weights, final metrics and every logged training loss (steps re-done after the kill
+    # logged the same values again).
+    ref_dir, run_dir = ref.run_dirs()[0], resumed.run_dirs()[0]
+    assert (run_dir / "export" / "model.safetensors").read_bytes() == (ref_dir / "export" / "model.safetensors").read_bytes()
+    want, got = ref.latest(ref_id), resumed.latest(run_id)
+    for key in ("val/loss", "val/perplexity", "train/loss"):
+        assert got[key] == want[key], (key, got[key], want[key])
+    reference_losses = dict(ref.history(ref_id, "train/loss"))
+    assert len(reference_losses) == STEPS
+    if not by_step:
+        # A checkpoint taken after validation resumes with Lightning's logging step one ahead:
+        # the same values, in the same order, under shifted step numbers.
+        assert [v for _, v in resumed.history(run_id, "train/loss")] == list(reference_losses.values())
+        return
+    for step, value in resumed.history(run_id, "train/loss"):
+        assert value == reference_losses[step], (step, value, reference_losses[step])
+    assert {step for step, _ in resumed.history(run_id, "train/loss")} == set(reference_losses)
+    assert checkpoint_step(run_dir / "checkpoints" / "last.ckpt") == STEPS
+
+
+@pytest.mark.parametrize("kill_after", [4, 11])
+def test_sigkill_then_resume_auto_matches_an_uninterrupted_run(workspace: Path, reference: Home,
+                                                               kill_after: int) -> None:
+    victim = home(workspace, f"killed_{kill_after}")
+    proc = victim.start(data(workspace))
+    step = wait_for_checkpoint(victim, proc, kill_after)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert step < STEPS, "the run finished before it could be killed"
+    ((run_id, status),) = victim.runs()
+    assert status == "RUNNING"  # SIGKILL leaves no chance to say otherwise
+    assert victim.record()["status"] == "running"
+
+    rc, out, err = victim.run(data(workspace), "resume=auto")
+    assert rc == 0, err[-3000:]
+    assert victim.record()["resumes"][0]["checkpoint"].endswith("last.ckpt")
+    assert_same_as_reference(victim, reference)
+
+
+def test_sigterm_saves_last_checkpoint_marks_killed_and_resumes(workspace: Path, reference: Home) -> None:
+    victim = home(workspace, "sigterm")
+    proc = victim.start(data(workspace))
+    wait_for_checkpoint(victim, proc, 5)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, err[-3000:]
+    assert "Traceback" not in err
+    message = err[err.index("lmlab: error:"):]
+    assert "stopped by SIGTERM after step" in message and "resume=" in message, message
+    stopped = int(message.split("after step ")[1].split(";")[0])
+    assert 5 <= stopped < STEPS
+    (run_dir,) = victim.run_dirs()
+    # The state it stopped in, not the last periodic checkpoint.
+    assert checkpoint_step(run_dir / "checkpoints" / "last.ckpt") == stopped
+    assert not list(run_dir.rglob("*.tmp"))
+    ((run_id, status),) = victim.runs()
+    assert status == "KILLED"
+    assert victim.record()["status"] == "killed"
+    assert not (run_dir / "export").exists()
+
+    rc, out, err = victim.run(data(workspace), "resume=auto")
+    assert rc == 0, err[-3000:]
+    assert_same_as_reference(victim, reference, by_step=False)
+
+
+class SigtermInValidation(L.Callback):
+    """Sends this process SIGTERM while the validation after ``step`` runs."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_validation_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.state.fn == "fit" and trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_during_validation_saves_after_it_and_resumes_exactly(
+    workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # In-process: the signal lands in validation, so last.ckpt is saved when Lightning raises
+    # SIGTERMException after it (Preemption.on_exception), not at a training-step boundary.
+    from lmlab import checkpointing
+    from lmlab.faults import Preempted
+    from lmlab.train import run
+
+    monkeypatch.setenv("LMLAB_CACHE_DIR", str(workspace / "cache"))
+    overrides = [*ARGS, data(workspace), "trainer.enable_progress_bar=false"]
+    monkeypatch.setenv("LMLAB_HOME", str(tmp_path / "reference"))
+    want = run(compose_cfg(overrides))
+
+    monkeypatch.setenv("LMLAB_HOME", str(tmp_path / "stopped"))
+    real = checkpointing.callbacks
+    with monkeypatch.context() as patched:
+        patched.setattr(checkpointing, "callbacks", lambda cfg, last: [*real(cfg, last), SigtermInValidation(10)])
+        with pytest.raises(Preempted, match="stopped by SIGTERM after step 10"):
+            run(compose_cfg(overrides))
+    (run_dir,) = (tmp_path / "stopped" / "runs").iterdir()
+    assert checkpoint_step(run_dir / "checkpoints" / "last.ckpt") == 10
+    got = run(compose_cfg([*overrides, "resume=auto"]))
+    assert got.output_dir == run_dir and got.metrics == want.metrics
+    assert (got.export_dir / "model.safetensors").read_bytes() == (want.export_dir / "model.safetensors").read_bytes()
+
+
+def test_resume_auto_skips_finished_runs_and_other_models(workspace: Path, reference: Home) -> None:
+    rc, out, err = reference.run(data(workspace), "resume=auto")
+    assert rc == 2
+    assert "resume=auto found no unfinished task=clm model=gpt2 run" in err, err[-2000:]
+    assert "Traceback" not in err
+
+
+def test_resume_refuses_a_changed_config(workspace: Path, reference: Home) -> None:
+    (run_dir,) = reference.run_dirs()
+    victim = home(workspace, "changed")
+    victim.root.mkdir()
+    shutil.copytree(run_dir, victim.root / "runs" / run_dir.name)
+    record_path = victim.root / "runs" / run_dir.name / "lmlab_run.json"
+    record = json.loads(record_path.read_text())
+    record["status"] = "running"
+    record_path.write_text(json.dumps(record))
+    rc, out, err = victim.run(data(workspace), "optimizer.lr=0.01", "resume=auto")
+    assert rc == 2
+    assert "optimizer.lr: " in err and "other settings" in err, err[-2000:]

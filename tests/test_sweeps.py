@@ -1,0 +1,381 @@
+"""Sweeps: one MLflow parent run per sweep with every job as its child; Optuna studies that resume.
+
+The sweeps are real ``lmlab -m`` subprocesses on tiny models (two optimizer steps each); the
+search-space, recovery and parent-run logic are also checked directly, without training.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
+from omegaconf import OmegaConf, open_dict
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import TrialState
+
+from conftest import WIKI
+from lmlab import sweep, sweep_parent
+from lmlab.cli import _free_form, register_experiments
+from lmlab.errors import LmlabError
+from lmlab.paths import config_dir
+
+from hydra_plugins.lmlab_optuna_sweeper import _impl, _space
+
+TIMEOUT = 900
+# Two optimizer steps of the tiny GPT-2, one validation batch, no export: a few seconds a job.
+QUICK = [
+    "+experiment=debug", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+    "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "export=false",
+]
+
+
+# -- helpers --------------------------------------------------------------------------------------
+def lmlab_command() -> list[str]:
+    script = Path(sys.executable).parent / "lmlab"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "lmlab"]
+
+
+@dataclass
+class Sweep:
+    root: Path
+
+    @property
+    def home(self) -> Path:
+        return self.root / "home"
+
+    @property
+    def uri(self) -> str:
+        return f"sqlite:///{self.home.resolve() / 'mlflow.db'}"
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "PYTHONPATH")}
+        # The cache is shared by the module's sweeps: one tokenizer for the one corpus.
+        env.update(LMLAB_HOME=str(self.home), LMLAB_CACHE_DIR=str(self.root.parent / "cache"), PYTHONUNBUFFERED="1")
+        return env
+
+    def args(self, *overrides: str) -> list[str]:
+        return [*lmlab_command(), "-m", *QUICK, f"data.path={self.root.parent / 'wiki.txt'}", *overrides]
+
+    def run(self, *overrides: str) -> subprocess.CompletedProcess:
+        self.root.mkdir(parents=True, exist_ok=True)
+        return subprocess.run(self.args(*overrides), cwd=self.root, env=self.env(), capture_output=True, text=True,
+                              timeout=TIMEOUT)
+
+    def start(self, *overrides: str) -> subprocess.Popen:
+        self.root.mkdir(parents=True, exist_ok=True)
+        log = open(self.root / "first.log", "w")
+        return subprocess.Popen(self.args(*overrides), cwd=self.root, env=self.env(), stdout=log,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+    def runs(self) -> tuple[mlflow.entities.Run, list[mlflow.entities.Run]]:
+        """(the one parent run, its children); fails when the store holds anything else."""
+        client = mlflow.MlflowClient(tracking_uri=self.uri)
+        experiment = client.get_experiment_by_name("lmlab")
+        runs = client.search_runs([experiment.experiment_id], max_results=100)
+        parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+        assert len(parents) == 1, [(r.info.run_name, r.data.tags) for r in parents]
+        children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+        assert len(children) == len(runs) - 1, "every other run is a child of the parent"
+        return parents[0], children
+
+
+def describe(proc: subprocess.CompletedProcess) -> str:
+    return f"rc={proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-5000:]}"
+
+
+@pytest.fixture(scope="module")
+def sweeps(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if not WIKI.exists():
+        pytest.skip(f"real test data missing: {WIKI}")
+    root = tmp_path_factory.mktemp("sweeps")
+    (root / "wiki.txt").write_text("\n".join(WIKI.read_text(encoding="utf-8").splitlines()[:300]) + "\n",
+                                   encoding="utf-8")
+    return root
+
+
+def compose_hydra(overrides: list[str], sweep_dir: Path | None = None):
+    """The full config (``hydra`` node included) that ``lmlab -m OVERRIDES`` would start from."""
+    register_experiments()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=_free_form(overrides), return_hydra_config=True)
+    if sweep_dir is not None:
+        cfg.hydra.sweep.dir = str(sweep_dir)
+    return cfg
+
+
+# -- grid sweeps ----------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_grid_sweep_is_one_parent_run_with_four_children(sweeps: Path) -> None:
+    s = Sweep(sweeps / "grid")
+    proc = s.run("optimizer.lr=1e-4,3e-4", "seed=1,2")
+    assert proc.returncode == 0, describe(proc)
+    parent, children = s.runs()
+    assert parent.info.status == "FINISHED"
+    assert len(children) == 4 and {c.info.status for c in children} == {"FINISHED"}
+    swept = sorted((float(c.data.params["optimizer.lr"]), int(c.data.params["seed"])) for c in children)
+    assert swept == [(1e-4, 1), (1e-4, 2), (3e-4, 1), (3e-4, 2)]
+    for child in children:
+        assert math.isfinite(child.data.metrics["val/loss"])
+        params = child.data.params
+        assert child.info.run_name == f"optimizer.lr={params['optimizer.lr']} seed={params['seed']}"
+        assert child.info.experiment_id == parent.info.experiment_id
+    # The parent carries the best objective (val/loss, the CLM task's monitored metric: lowest wins).
+    best = min(children, key=lambda c: c.data.metrics["val/loss"])
+    assert parent.data.metrics["best_objective"] == pytest.approx(best.data.metrics["val/loss"])
+    assert parent.data.tags["lmlab.sweep.best_run_id"] == best.info.run_id
+    assert parent.data.tags["lmlab.sweep.objective_metric"] == "val/loss"
+    assert parent.data.metrics["sweep/jobs"] == 4 and parent.data.metrics["sweep/jobs_failed"] == 0
+    assert "optimizer.lr=1e-4,3e-4" in parent.data.tags["lmlab.sweep.overrides"]
+
+
+@pytest.mark.slow
+def test_a_failed_job_fails_the_parent(sweeps: Path) -> None:
+    # Both jobs stop before training (the block does not fit the tiny model's positions).
+    s = Sweep(sweeps / "failing")
+    proc = s.run("data.block_size=100000,99999")
+    assert proc.returncode != 0, describe(proc)
+    assert proc.stderr.count("lmlab: error: config key 'data.block_size'") == 2, describe(proc)
+    parent, children = s.runs()
+    assert parent.info.status == "FAILED" and children == []
+    assert parent.data.metrics["sweep/jobs_failed"] == 2
+    records = sweep.job_records(Path(parent.data.tags["lmlab.sweep.dir"]))
+    assert [r["status"] for r in records.values()] == ["FAILED", "FAILED"]
+    assert "data.block_size" in records[0]["error"]
+
+
+@pytest.mark.slow
+def test_joblib_launcher_runs_jobs_in_other_processes(sweeps: Path) -> None:
+    s = Sweep(sweeps / "joblib")
+    proc = s.run("hydra/launcher=parallel", "seed=1,2")
+    assert proc.returncode == 0, describe(proc)
+    assert "Joblib.Parallel(n_jobs=2" in proc.stdout + proc.stderr
+    parent, children = s.runs()
+    assert parent.info.status == "FINISHED"
+    assert sorted(c.data.params["seed"] for c in children) == ["1", "2"]
+    assert all(math.isfinite(c.data.metrics["val/loss"]) for c in children)
+    sweep_dir = Path(parent.data.tags["lmlab.sweep.dir"])
+    pids = {r["pid"] for r in sweep.job_records(sweep_dir).values()}
+    assert len(pids) == 2 and sweep.read_sweep(sweep_dir)["pid"] not in pids  # two workers, not the sweeper
+
+
+# -- Optuna ---------------------------------------------------------------------------------------
+OPTUNA = ["hparams_search=clm_optuna", "hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=2"]
+
+
+def load_study(s: Sweep) -> optuna.Study:
+    return optuna.load_study(study_name="clm_optuna", storage=f"sqlite:///{s.home / 'optuna.db'}")
+
+
+def assert_children_match_trials(s: Sweep, study: optuna.Study) -> None:
+    parent, children = s.runs()
+    assert parent.info.status == "FINISHED", parent.info
+    by_trial = {int(c.data.tags["optuna.trial"]): c for c in children}
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    for trial in complete:
+        child = by_trial[trial.number]
+        assert child.info.status == "FINISHED"
+        assert child.info.run_id == trial.user_attrs["mlflow_run_id"]
+        assert child.data.metrics["val/loss"] == pytest.approx(trial.value)
+        for name, value in trial.params.items():
+            assert float(child.data.params[name]) == pytest.approx(value), name
+    assert {c.info.status for c in children} <= {"FINISHED", "KILLED"}
+    assert parent.data.metrics["best_objective"] == pytest.approx(study.best_value)
+    assert parent.data.tags["lmlab.sweep.best_run_id"] == study.best_trial.user_attrs["mlflow_run_id"]
+
+
+@pytest.mark.slow
+def test_optuna_sweep_runs_its_trials(sweeps: Path) -> None:
+    s = Sweep(sweeps / "optuna")
+    proc = s.run(*OPTUNA, "hydra.sweeper.n_trials=3")
+    assert proc.returncode == 0, describe(proc)
+    study = load_study(s)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
+    assert len({tuple(sorted(t.params.items())) for t in study.trials}) == 3
+    assert set(study.trials[0].params) == {"optimizer.lr", "optimizer.weight_decay", "scheduler.warmup_ratio",
+                                           "scheduler.min_lr_ratio"}
+    assert_children_match_trials(s, study)
+    assert len(s.runs()[1]) == 3
+    results = OmegaConf.load(next(s.home.glob("multiruns/*/optimization_results.yaml")))
+    assert results.best_value == pytest.approx(study.best_value) and results.n_complete == 3
+
+
+@pytest.mark.slow
+def test_optuna_sweep_killed_mid_trial_resumes_without_repeating(sweeps: Path) -> None:
+    s = Sweep(sweeps / "optuna_resume")
+    args = [*OPTUNA, "hydra.sweeper.n_trials=3"]
+    first = s.start(*args)
+    storage = s.home / "optuna.db"
+    try:
+        deadline = time.time() + TIMEOUT
+        # Kill it (SIGKILL: no clean-up of any kind) while the second trial runs.
+        while time.time() < deadline and first.poll() is None:
+            if storage.exists():
+                states = [t.state for t in load_study(s).trials] if _has_study(storage) else []
+                if states == [TrialState.COMPLETE, TrialState.RUNNING]:
+                    break
+            time.sleep(0.5)
+        assert first.poll() is None, (s.root / "first.log").read_text()[-3000:]
+        time.sleep(2)  # let the second trial get going
+        os.killpg(first.pid, signal.SIGKILL)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    before = load_study(s).trials
+    assert [t.state for t in before] == [TrialState.COMPLETE, TrialState.RUNNING]
+    interrupted = before[1]
+
+    proc = s.run(*args)
+    assert proc.returncode == 0, describe(proc)
+    assert "1 of 3 trials finished, 2 to run" in proc.stdout + proc.stderr, describe(proc)
+    study = load_study(s)
+    states = [t.state for t in study.trials]
+    # Trial 0 kept; trial 1 (interrupted) failed and asked again as trial 2 with its values; one new.
+    assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    assert study.trials[0].value == before[0].value
+    assert study.trials[2].user_attrs[_impl.RETRY_OF] == 1
+    assert study.trials[2].params == interrupted.params
+    assert len(_impl.finished_trials(study)) == 3
+    assert_children_match_trials(s, study)
+    _, children = s.runs()  # one parent for both sweeps of the study
+    assert sorted(c.info.status for c in children).count("FINISHED") == 3
+    assert all(c.info.status == "KILLED" for c in children if c.data.tags["optuna.trial"] == "1")
+
+
+def _has_study(storage: Path) -> bool:
+    import sqlite3
+
+    with sqlite3.connect(storage) as con:
+        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        return "trials" in tables and con.execute("SELECT count(*) FROM studies").fetchone()[0] > 0
+
+
+# -- without training -----------------------------------------------------------------------------
+def test_search_space_from_hydra_sweep_syntax() -> None:
+    space = _space.parse([
+        "optimizer.lr=tag(log, interval(1e-5, 1e-3))", "data.batch_size=choice(16, 32)", "seed=range(1, 10, 2)",
+        "optimizer.weight_decay=interval(0.0, 0.1)", "model.size=tiny,small", "scheduler.warmup_ratio=0.1",
+        "data.batch_size=8",  # a plain value on the command line fixes a searched key
+        "+foo=range(0.0, 0.3, 0.1)",
+    ])
+    d = space.distributions
+    assert d["optimizer.lr"] == FloatDistribution(1e-5, 1e-3, log=True)
+    assert d["seed"] == IntDistribution(1, 9, step=2)
+    assert d["optimizer.weight_decay"] == FloatDistribution(0.0, 0.1)
+    assert d["model.size"] == CategoricalDistribution(["tiny", "small"])
+    assert (d["foo"].low, d["foo"].high, d["foo"].step) == (0.0, pytest.approx(0.2), 0.1)
+    assert "data.batch_size" not in d
+    values = {"optimizer.lr": 3e-4, "seed": 3, "optimizer.weight_decay": 0.05, "model.size": "small", "foo": 0.1}
+    assert space.overrides(values) == [
+        "scheduler.warmup_ratio=0.1", "data.batch_size=8", "optimizer.lr=0.0003", "seed=3",
+        "optimizer.weight_decay=0.05", "model.size=small", "+foo=0.1",
+    ]
+    grid = _space.parse(["seed=range(1, 4)", "model.size=tiny,small"]).grid()
+    assert grid == {"seed": [1, 2, 3], "model.size": ["tiny", "small"]}
+    with pytest.raises(HydraException, match="grid needs a finite set"):
+        _space.parse(["optimizer.lr=interval(1e-5, 1e-3)"]).grid()
+
+
+def test_interrupted_trials_are_failed_requeued_and_not_counted(tmp_path: Path) -> None:
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="s", storage=storage)
+    done = study.ask()
+    done.suggest_float("x", 0, 1)
+    study.tell(done, 0.5)
+    dead = study.ask()
+    x = dead.suggest_float("x", 0, 1)
+    dead.set_user_attr(_impl.HEARTBEAT, time.time() - 100)  # its sweep stopped beating long ago
+    alive = study.ask()
+    alive.suggest_float("x", 0, 1)
+    alive.set_user_attr(_impl.HEARTBEAT, time.time() + 3600)  # another sweep is on it right now
+
+    recovered = _impl.recover_interrupted(study, grace_period=1)
+    assert [t.number for t in recovered] == [dead.number]
+    states = {t.number: t.state for t in study.trials}
+    assert states == {0: TrialState.COMPLETE, 1: TrialState.FAIL, 2: TrialState.RUNNING, 3: TrialState.WAITING}
+    retry = study.ask()  # the queued re-run comes first, with the interrupted values
+    assert retry.number == 3 and retry.suggest_float("x", 0, 1) == x
+    study.tell(retry, 0.1)
+    assert [t.number for t in _impl.finished_trials(study)] == [0, 3]  # trial 1 is not counted
+
+
+def test_launcher_presets_compose() -> None:
+    cfg = compose_hydra(["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=2",
+                         "hydra.launcher.tasks_per_node=2"])
+    launcher = cfg.hydra.launcher
+    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert (launcher.partition, launcher.gpus_per_node, launcher.tasks_per_node) == ("gpu", 2, 2)
+    assert launcher.nodes == 1 and launcher.timeout_min == 240 and launcher.mem_gb == 64
+    assert launcher.submitit_folder.endswith("/.submitit/%j")
+    cfg = compose_hydra(["hydra/launcher=parallel"])
+    assert cfg.hydra.launcher._target_ == "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
+    assert cfg.hydra.launcher.n_jobs == 2
+
+
+@pytest.mark.parametrize("preset", ["classification_optuna", "clm_optuna"])
+def test_optuna_presets_compose_and_agree_with_their_objective(preset: str) -> None:
+    cfg = compose_hydra([f"hparams_search={preset}"])
+    sweeper = cfg.hydra.sweeper
+    assert sweeper._target_ == "hydra_plugins.lmlab_optuna_sweeper.optuna_sweeper.OptunaSweeper"
+    assert sweeper.storage.startswith("sqlite:///") and sweeper.storage.endswith("/optuna.db")
+    assert sweeper.study_name == preset and sweeper.params
+    space = _space.parse([f"{k}={v}" for k, v in sweeper.params.items()])
+    assert set(space.distributions) == set(sweeper.params)
+    metric, mode, certain = sweep.objective_direction(cfg)
+    assert certain and {"min": "minimize", "max": "maximize"}[mode] == sweeper.direction
+    assert metric == cfg.objective.metric
+
+
+def test_a_sweeper_pointed_the_wrong_way_stops_the_job(tmp_path: Path) -> None:
+    def as_job(direction: str):
+        cfg = compose_hydra(["hparams_search=classification_optuna", f"hydra.sweeper.direction={direction}"], tmp_path)
+        with open_dict(cfg):
+            cfg.hydra.mode = "MULTIRUN"
+            cfg.hydra.job.num = 0
+        HydraConfig.instance().set_config(cfg)  # what Hydra does around a multirun job
+        return cfg
+
+    try:
+        with pytest.raises(LmlabError, match="hydra.sweeper.direction=maximize"):
+            sweep.check_direction(as_job("minimize"))
+        sweep.check_direction(as_job("maximize"))
+    finally:
+        HydraConfig.instance().cfg = None
+
+
+def test_parent_run_status_comes_from_the_job_records(tmp_path: Path) -> None:
+    cfg = compose_hydra([], tmp_path / "sweep")
+    cfg.hydra.overrides.task = ["optimizer.lr=1e-4,3e-4", "seed=3"]  # what `lmlab -m` hands the callback
+    info = sweep_parent.open_parent(cfg)
+    client = mlflow.MlflowClient(tracking_uri=info["tracking_uri"])
+    assert client.get_run(info["parent_run_id"]).info.status == "RUNNING"
+    assert info["swept_keys"] == ["optimizer.lr"]
+    sweep.record_job(tmp_path / "sweep", 0, status="COMPLETED", objective=2.0, direction="min", metric="val/loss")
+    sweep.record_job(tmp_path / "sweep", 1, status="COMPLETED", objective=1.5, direction="min", metric="val/loss")
+    assert sweep_parent.close_parent(tmp_path / "sweep", ended_normally=False) == "FAILED"  # died between jobs
+    run = client.get_run(info["parent_run_id"])
+    assert run.data.metrics["best_objective"] == 1.5 and run.data.tags["lmlab.sweep.best_job"] == "1"
+    assert json.loads(Path(client.download_artifacts(info["parent_run_id"], "sweep/jobs.json", str(tmp_path)))
+                      .read_text())["1"]["objective"] == 1.5
+
+    again = sweep_parent.open_parent(cfg)  # the same sweep dir again: the same parent, running again
+    assert again["parent_run_id"] == info["parent_run_id"]
+    assert sweep_parent.close_parent(tmp_path / "sweep", ended_normally=True) == "FINISHED"
+    sweep.record_job(tmp_path / "sweep", 2, status="FAILED", error="boom")
+    sweep_parent.open_parent(cfg)
+    assert sweep_parent.close_parent(tmp_path / "sweep", ended_normally=True) == "FAILED"

@@ -1,0 +1,192 @@
+"""A real ``mlflow server`` over HTTP: runs, sweeps and artifacts go through it; a dead one fails fast.
+
+The server is a subprocess on 127.0.0.1 with an SQLite backend and an artifacts folder in tmp, the
+way the README starts one; it is stopped in a ``finally`` whatever the tests do.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from conftest import TINY, WIKI, compose_cfg
+from lmlab import tracking
+from lmlab.errors import LmlabError
+from lmlab.train import run
+
+STARTUP_TIMEOUT = 300  # a first start migrates the database; slow on a busy CPU
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def lmlab_command() -> list[str]:
+    script = Path(sys.executable).parent / "lmlab"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "lmlab"]
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"mlflow server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"mlflow server not healthy after {STARTUP_TIMEOUT} s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """(URL, artifacts folder) of a running tracking server that proxies artifact uploads."""
+    root = tmp_path_factory.mktemp("mlflow_server")
+    artifacts = root / "artifacts"
+    url = f"http://127.0.0.1:{free_port()}"
+    log = root / "server.log"
+    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1],
+               "--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--serve-artifacts",
+               "--artifacts-destination", str(artifacts), "--workers", "1"]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(command, cwd=root, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_healthy(url, proc, log)
+        yield url, artifacts
+    finally:
+        # The server runs workers of its own: stop the whole process group.
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)  # uvicorn waits for idle keep-alive connections; do not wait long
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def artifact_files(client: mlflow.MlflowClient, run_id: str, path: str | None = None) -> set[str]:
+    out: set[str] = set()
+    for info in client.list_artifacts(run_id, path):
+        out |= artifact_files(client, run_id, info.path) if info.is_dir else {info.path}
+    return out
+
+
+# -- a sweep logged to the server -----------------------------------------------------------------
+@pytest.mark.slow
+def test_sweep_logs_runs_and_artifacts_through_the_server(server: tuple[str, Path], tmp_path: Path) -> None:
+    if not WIKI.exists():
+        pytest.skip(f"real test data missing: {WIKI}")
+    url, artifacts = server
+    wiki = tmp_path / "wiki.txt"
+    wiki.write_text("\n".join(WIKI.read_text(encoding="utf-8").splitlines()[:300]) + "\n", encoding="utf-8")
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "PYTHONPATH")}
+    env.update(LMLAB_HOME=str(home), LMLAB_CACHE_DIR=str(tmp_path / "cache"))
+    args = ["-m", *TINY, f"data.path={wiki}", "trainer.max_steps=2", "trainer.val_check_interval=2",
+            "trainer.limit_val_batches=1", f"logger.tracking_uri={url}", "logger.experiment_name=over_http",
+            "seed=1,2"]
+    proc = subprocess.run([*lmlab_command(), *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+
+    client = mlflow.MlflowClient(tracking_uri=url)
+    experiment = client.get_experiment_by_name("over_http")
+    # The server chose the artifact location: uploads go through it, not to a path of ours.
+    assert experiment.artifact_location.startswith("mlflow-artifacts:")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(children) == 2 and sorted(c.data.params["seed"] for c in children) == ["1", "2"]
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert child.data.params["logger.tracking_uri"] == url
+        assert child.data.params["trainer.max_steps"] == "2"
+        assert child.data.metrics["val/loss"] > 0
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "train/loss")]
+        files = artifact_files(client, child.info.run_id)
+        assert {"config/config_resolved.yaml", "run_info.json", "model/model.safetensors", "model/config.json",
+                "model/tokenizer.json"} <= files, files
+        config = json.loads(Path(client.download_artifacts(child.info.run_id, "model/config.json",
+                                                           str(tmp_path))).read_text())
+        assert config["model_type"] == "gpt2"
+        # ...and they lie in the server's artifacts folder, nowhere under the lmlab home.
+        stored = artifacts / experiment.experiment_id / child.info.run_id / "artifacts" / "model" / "model.safetensors"
+        assert stored.is_file()
+    assert "sweep/jobs.json" in artifact_files(client, parents[0].info.run_id)
+    assert not (home / "mlflow.db").exists() and not (home / "mlartifacts").exists()
+
+
+# -- a server that is not there -------------------------------------------------------------------
+def test_dead_server_fails_fast_with_a_clear_error() -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    with pytest.raises(LmlabError) as caught:
+        tracking.check_reachable(url)
+    assert time.monotonic() - started < 10
+    message = str(caught.value)
+    assert "logger.tracking_uri" in message and url in message and "unreachable" in message
+    assert "mlflow server" in message  # it says how to start one
+
+
+def test_server_answering_an_error_is_reported() -> None:
+    class Unhealthy(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            self.send_response(503)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = http.server.HTTPServer(("127.0.0.1", 0), Unhealthy)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(LmlabError, match="answered HTTP 503 on /health"):
+            tracking.check_reachable(f"http://127.0.0.1:{httpd.server_address[1]}")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_local_stores_are_not_probed() -> None:
+    tracking.check_reachable("sqlite:////nowhere/mlflow.db")  # nothing to reach: no error
+
+
+def test_sweep_against_a_dead_server_is_refused_before_any_job(tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "PYTHONPATH")}
+    env.update(LMLAB_HOME=str(tmp_path / "home"), LMLAB_CACHE_DIR=str(tmp_path / "cache"))
+    proc = subprocess.run([*lmlab_command(), "-m", *TINY, f"logger.tracking_uri={url}", "seed=1,2"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.count("lmlab: error:") == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "logger.tracking_uri" in proc.stderr and url in proc.stderr
+    assert "Launching" not in proc.stdout + proc.stderr  # no job started
+    assert not (tmp_path / "home").exists() and not (tmp_path / "cache").exists()
+
+
+def test_run_against_a_dead_server_stops_before_any_data_work(wiki_file: Path, tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    cfg = compose_cfg([*TINY, f"data.path={wiki_file}", f"logger.tracking_uri={url}"])
+    with pytest.raises(LmlabError, match="logger.tracking_uri"):
+        run(cfg)
+    assert not (tmp_path / "cache").exists()  # no tokenizer trained, no data tokenized
+    assert not (tmp_path / "lmlab_home").exists()  # no run directory, no local store
