@@ -217,21 +217,21 @@ def test_optuna_sweep_runs_its_trials(sweeps: Path) -> None:
 @pytest.mark.slow
 def test_optuna_sweep_killed_mid_trial_resumes_without_repeating(sweeps: Path) -> None:
     s = Sweep(sweeps / "optuna_resume")
-    args = [*OPTUNA, "hydra.sweeper.n_trials=3"]
+    # Trials long enough (150 steps) that the kill surely lands inside the second one, however fast
+    # the machine: it comes as soon as that trial's MLflow child run is open, not after a fixed sleep.
+    args = [*OPTUNA, "hydra.sweeper.n_trials=3", "trainer.max_steps=150", "trainer.val_check_interval=150"]
     first = s.start(*args)
     storage = s.home / "optuna.db"
     try:
         deadline = time.time() + TIMEOUT
-        # Kill it (SIGKILL: no clean-up of any kind) while the second trial runs.
         while time.time() < deadline and first.poll() is None:
-            if storage.exists():
-                states = [t.state for t in load_study(s).trials] if _has_study(storage) else []
-                if states == [TrialState.COMPLETE, TrialState.RUNNING]:
+            if storage.exists() and _has_study(storage):
+                states = [t.state for t in load_study(s).trials]
+                if states == [TrialState.COMPLETE, TrialState.RUNNING] and _child_running(s, trial=1):
                     break
-            time.sleep(0.5)
+            time.sleep(0.2)
         assert first.poll() is None, (s.root / "first.log").read_text()[-3000:]
-        time.sleep(2)  # let the second trial get going
-        os.killpg(first.pid, signal.SIGKILL)
+        os.killpg(first.pid, signal.SIGKILL)  # no clean-up of any kind
     finally:
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)
@@ -255,6 +255,15 @@ def test_optuna_sweep_killed_mid_trial_resumes_without_repeating(sweeps: Path) -
     _, children = s.runs()  # one parent for both sweeps of the study
     assert sorted(c.info.status for c in children).count("FINISHED") == 3
     assert all(c.info.status == "KILLED" for c in children if c.data.tags["optuna.trial"] == "1")
+
+
+def _child_running(s: Sweep, trial: int) -> bool:
+    """Whether the MLflow child run of Optuna trial ``trial`` is open (the store may be mid-write)."""
+    try:
+        _, children = s.runs()
+    except Exception:
+        return False
+    return any(c.data.tags.get("optuna.trial") == str(trial) and c.info.status == "RUNNING" for c in children)
 
 
 def _has_study(storage: Path) -> bool:

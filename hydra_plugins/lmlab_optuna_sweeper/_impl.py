@@ -212,10 +212,18 @@ class OptunaSweeperImpl:
 
         while done < target:
             trials = [study.ask() for _ in range(min(self.n_jobs, target - done))]
+            batch = self._prepare(study, space, trials, sweep_dir, job_idx)
             try:
-                returns = self._launch(study, space, trials, sweep_dir, job_idx)
+                self.validate_batch_is_legal(batch)
+            except Exception:
+                for trial in trials:  # a key that does not compose: the user's to fix, never re-queued
+                    study.tell(trial, state=TrialState.FAIL)
+                raise
+            try:
+                with Heartbeat(trials, self.heartbeat_interval):
+                    returns = list(self.launcher.launch(batch, initial_job_idx=job_idx))
             except BaseException:
-                # Ctrl-C, a launcher error: these trials did not end, so they run again next time.
+                # Ctrl-C, SIGTERM, a launcher error: these trials did not end; they run again next time.
                 self._requeue(study, trials)
                 raise
             failed = self._tell(study, trials, returns, sweep_dir, job_idx)
@@ -234,13 +242,15 @@ class OptunaSweeperImpl:
                 attrs = trial.user_attrs
                 study.tell(trial, state=TrialState.FAIL)
                 study.enqueue_trial(trial.params, user_attrs={RETRY_OF: trial.number})
-                if "hydra_job" in attrs:
+                if "hydra_job" in attrs and "hydra_sweep_dir" in attrs:
                     lmlab_sweep.job_killed(attrs["hydra_sweep_dir"], int(attrs["hydra_job"]))
             except Exception as exc:  # the storage may be what failed; keep the first error visible
                 log.warning("Could not re-queue trial %d: %s", trial.number, exc)
 
-    def _launch(self, study: optuna.Study, space: _space.SearchSpace, trials: list[optuna.trial.Trial],
-                sweep_dir: Path, job_idx: int) -> list[JobReturn]:
+    @staticmethod
+    def _prepare(study: optuna.Study, space: _space.SearchSpace, trials: list[optuna.trial.Trial],
+                 sweep_dir: Path, job_idx: int) -> list[list[str]]:
+        """Each trial's overrides; trial and Hydra job point at each other (user attrs, job record)."""
         batch = []
         for offset, trial in enumerate(trials):
             num = job_idx + offset
@@ -249,9 +259,7 @@ class OptunaSweeperImpl:
             lmlab_sweep.record_job(sweep_dir, num, tags={"optuna.study": study.study_name,
                                                          "optuna.trial": trial.number})
             batch.append(space.overrides(_space.suggest(trial, space)))
-        self.validate_batch_is_legal(batch)
-        with Heartbeat(trials, self.heartbeat_interval):
-            return list(self.launcher.launch(batch, initial_job_idx=job_idx))
+        return batch
 
     def validate_batch_is_legal(self, batch: list[list[str]]) -> None:
         # Compose every job here, so a bad value fails before anything is launched.
