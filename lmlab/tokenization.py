@@ -102,7 +102,8 @@ def load_pretrained(path: str, trust_remote_code: bool = False, key: str = "toke
         raise config_error(
             key, f"could not load tokenizer '{path}' ({' '.join(str(exc).split())[:400]})",
             "Use a directory written by save_pretrained, or a hub name with network access. Tokenizer code "
-            f"shipped with it runs only with {key.split('.')[0]}.trust_remote_code=true: set it only for code you trust.",
+            f"shipped with it runs only with {key.split('.')[0]}.trust_remote_code=true: set it only for code "
+            "you trust.",
         ) from exc
 
 
