@@ -34,13 +34,16 @@ def _is_global(path: Path) -> bool:
 
 
 def _leaves(node, prefix: str = ""):
+    """(dotted key, value) of every leaf; interpolations stay unresolved (they may point elsewhere)."""
     if isinstance(node, DictConfig):
         for key in node:
             if key == "defaults" and not prefix:
                 continue
-            yield from _leaves(node[key], f"{prefix}{key}.")
-    else:
+            yield from _leaves(node._get_node(key), f"{prefix}{key}.")
+    elif isinstance(node, ListConfig):
         yield prefix[:-1], node
+    else:
+        yield prefix[:-1], node._value()
 
 
 def _assert_applied(cfg: DictConfig, path: Path, package: str) -> None:
@@ -48,7 +51,13 @@ def _assert_applied(cfg: DictConfig, path: Path, package: str) -> None:
     own = OmegaConf.load(path)
     leaves = list(_leaves(own))
     for key, value in leaves:
-        composed = OmegaConf.select(cfg, f"{package}.{key}" if package else key)
+        full = f"{package}.{key}" if package else key
+        if isinstance(value, str) and "${" in value:
+            # Compare the interpolation itself: resolving it needs the rest of the config.
+            parent, _, leaf = full.rpartition(".")
+            composed = (OmegaConf.select(cfg, parent) if parent else cfg)._get_node(leaf)._value()
+        else:
+            composed = OmegaConf.select(cfg, full)
         if isinstance(value, (DictConfig, ListConfig)):
             value = OmegaConf.to_container(value)
             composed = OmegaConf.to_container(composed)
@@ -86,6 +95,15 @@ def test_mlm_picks_bert_unless_told_otherwise():
     assert cfg.model.name == "gpt2" and cfg.task.name == "mlm"
     assert compose_cfg(["model=bert"]).task.name == "clm"
     assert compose_cfg([]).model.name == "gpt2"
+
+
+@pytest.mark.parametrize("task", ["classification", "ner", "summarization"])
+def test_heads_fine_tune_a_pretrained_backbone_at_a_lower_learning_rate(task: str):
+    # 1e-3 suits training from scratch and wrecks a trained encoder (the head stays at chance).
+    assert compose_cfg([f"task={task}"]).optimizer.lr == 1e-3
+    assert compose_cfg([f"task={task}", "model.pretrained=/some/model"]).optimizer.lr == 5e-5
+    assert compose_cfg([f"task={task}", "model.pretrained=/m", "optimizer.lr=2e-5"]).optimizer.lr == 2e-5
+    assert compose_cfg(["task=clm", "model.pretrained=/some/model"]).optimizer.lr == 1e-3
 
 
 def test_unknown_key_is_rejected():
