@@ -51,7 +51,9 @@ DATASETS = {
 METRICS = {
     "ner": ["val/precision", "val/recall", "val/f1", "test/precision", "test/recall", "test/f1"],
     "classification": ["val/accuracy", "val/macro_f1", "test/accuracy", "test/macro_f1"],
-    "summarization": ["test/bleu", "test/rouge1", "test/rouge2", "test/rougeL"],
+    # test/loss too: a from-scratch model may still generate nothing useful after a few hundred steps, and
+    # the loss then tells whether both sides trained alike.
+    "summarization": ["test/loss", "test/bleu", "test/rouge1", "test/rouge2", "test/rougeL"],
 }
 # Defaults sized for the whole script to take about 25 minutes on a quiet 2-core CPU (an hour when other
 # jobs share it).
@@ -370,6 +372,24 @@ def _closed(ids: list[int], eos: int, limit: int) -> list[int]:
     return ids if len(ids) <= limit else [*ids[: limit - 1], eos]
 
 
+def _token_loss(model: Any, collator: Any, dataset: Any, batch_size: int) -> float:
+    """Cross-entropy per summary token over the whole split, lmlab's definition of test/loss.
+
+    The Trainer's own test_loss averages per-batch means, which weighs short summaries more.
+    """
+    import torch
+
+    model.eval()
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(dataset), batch_size):
+            batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+            count = int((batch["labels"] != -100).sum())
+            total += float(model(**batch).loss) * count
+            tokens += count
+    return total / max(1, tokens)
+
+
 def hf_summarization(p: dict[str, Any], workdir: Path) -> dict[str, Any]:
     """run_summarization.py from scratch: BartConfig -> AutoModelForSeq2SeqLM.from_config, Seq2SeqTrainer."""
     import numpy as np
@@ -429,6 +449,7 @@ def hf_summarization(p: dict[str, Any], workdir: Path) -> dict[str, Any]:
     gen: dict[str, Any] = {"max_new_tokens": int(p["max_new_tokens"]), "num_beams": int(p["num_beams"]),
                            "do_sample": False}
     output = trainer.predict(datasets["test"], metric_key_prefix="test", **gen)
+    test_loss = _token_loss(model, collator, datasets["test"], int(p["eval_batch_size"]))
     predictions = np.where(output.predictions != -100, output.predictions, tokenizer.pad_token_id)
     hypotheses = [text.strip() for text in tokenizer.batch_decode(predictions, skip_special_tokens=True)]
     references = splits["test"]["summary"]
@@ -438,7 +459,7 @@ def hf_summarization(p: dict[str, Any], workdir: Path) -> dict[str, Any]:
         scores = scorer.score(reference, hypothesis)
         for key in rouge:
             rouge[key] += scores[key].fmeasure / len(references)
-    metrics = {"test/bleu": float(sacrebleu.corpus_bleu(hypotheses, [references]).score),
+    metrics = {"test/loss": test_loss, "test/bleu": float(sacrebleu.corpus_bleu(hypotheses, [references]).score),
                **{f"test/{k}": float(v) for k, v in rouge.items()}}
     notes.append("first generated vs reference: " + " | ".join(
         f"{h[:60]!r} <- {r[:60]!r}" for h, r in list(zip(hypotheses, references))[:2]))

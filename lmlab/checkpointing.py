@@ -218,10 +218,13 @@ class RngState(L.Callback):
         return capture_rng()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # Applied at on_train_start, after everything Lightning does between loading and training.
+        # Applied just before the first training step, after everything Lightning does on the way
+        # there: resuming at a validation step, it fast-forwards that validation by setting up the
+        # loader, whose iterator draws a seed from the global generator.
         self._to_restore = state_dict
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
         if self._to_restore is not None:
             restore_rng(self._to_restore)
             self._to_restore = None

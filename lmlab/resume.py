@@ -214,7 +214,9 @@ def _write_record(cfg: DictConfig, output_dir: Path, run_id: str, resuming: Resu
                   "model": str(cfg.model.name), "started": _now(), "resumes": []}
     if resuming is not None:
         record.setdefault("resumes", []).append({"at": _now(), "checkpoint": str(resuming.checkpoint)})
-    record.update(status="running", pid=os.getpid(), host=socket.gethostname(), updated=_now())
+    # A record without a run id (lost store) continues in the new MLflow run opened for it.
+    record.update(mlflow_run_id=run_id or record.get("mlflow_run_id"), status="running", pid=os.getpid(),
+                  host=socket.gethostname(), updated=_now())
     atomic.write_json(output_dir / RECORD, record)
 
 

@@ -1,8 +1,10 @@
 """Exact resume: a real ``lmlab`` process killed (SIGKILL) or preempted (SIGTERM) mid-training, then
 continued with ``resume=auto``, ends with the same weights and metrics as a run never interrupted.
 
-The runs cross epoch boundaries (40 documents: 7 batches an epoch, 20 steps), checkpoint every 3
-steps, and run with one thread each so that the CPU arithmetic is reproducible.
+The runs cross epoch boundaries (40 documents: 6 batches an epoch, 20 steps), validate every 5 and
+checkpoint every 3 steps, and run with one thread each so that the CPU arithmetic is reproducible.
+The kill lands wherever the process is once a checkpoint of the chosen step is seen; the in-process
+tests below place the interruption exactly.
 """
 
 from __future__ import annotations
@@ -101,7 +103,8 @@ def wait_for_checkpoint(home: Home, proc: subprocess.Popen, at_least: int) -> in
                 return step
         if proc.poll() is not None:
             out, err = proc.communicate()
-            raise AssertionError(f"lmlab ended (rc {proc.returncode}) before a step-{at_least} checkpoint\n{err[-3000:]}")
+            raise AssertionError(f"lmlab ended (rc {proc.returncode}) before a step-{at_least} checkpoint\n"
+                                 f"{err[-3000:]}")
         time.sleep(0.05)
     raise AssertionError("no checkpoint in time")
 
@@ -141,7 +144,8 @@ def assert_same_as_reference(resumed: Home, ref: Home, by_step: bool = True) -> 
     # Bit-equal weights, final metrics and every logged training loss (steps re-done after the kill
     # logged the same values again).
     ref_dir, run_dir = ref.run_dirs()[0], resumed.run_dirs()[0]
-    assert (run_dir / "export" / "model.safetensors").read_bytes() == (ref_dir / "export" / "model.safetensors").read_bytes()
+    weights = "export/model.safetensors"
+    assert (run_dir / weights).read_bytes() == (ref_dir / weights).read_bytes()
     want, got = ref.latest(ref_id), resumed.latest(run_id)
     for key in ("val/loss", "val/perplexity", "train/loss"):
         assert got[key] == want[key], (key, got[key], want[key])
@@ -158,7 +162,7 @@ def assert_same_as_reference(resumed: Home, ref: Home, by_step: bool = True) -> 
     assert checkpoint_step(run_dir / "checkpoints" / "last.ckpt") == STEPS
 
 
-@pytest.mark.parametrize("kill_after", [4, 11])
+@pytest.mark.parametrize("kill_after", [9, 15])  # 15: a checkpoint at a validation step
 def test_sigkill_then_resume_auto_matches_an_uninterrupted_run(workspace: Path, reference: Home,
                                                                kill_after: int) -> None:
     victim = home(workspace, f"killed_{kill_after}")
@@ -204,6 +208,55 @@ def test_sigterm_saves_last_checkpoint_marks_killed_and_resumes(workspace: Path,
     assert_same_as_reference(victim, reference, by_step=False)
 
 
+class Crash(L.Callback):
+    """Raises once ``step`` optimizer steps are done: the process state is lost, last.ckpt stays."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError("simulated crash")
+
+
+@pytest.fixture(scope="module")
+def in_process(workspace: Path, tmp_path_factory: pytest.TempPathFactory):
+    """``start(name, *extra, callback=None)`` runs lmlab.train.run in this process in its own home;
+    ``want`` is the uninterrupted run's result."""
+    from lmlab import checkpointing
+    from lmlab.train import run
+
+    root = tmp_path_factory.mktemp("in_process")
+    overrides = [*ARGS, data(workspace), "trainer.enable_progress_bar=false"]
+
+    def start(name: str, *extra: str, callback: L.Callback | None = None):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("LMLAB_HOME", str(root / name))
+            mp.setenv("LMLAB_CACHE_DIR", str(workspace / "cache"))
+            if callback is not None:
+                real = checkpointing.callbacks
+                mp.setattr(checkpointing, "callbacks", lambda cfg, last: [*real(cfg, last), callback])
+            return run(compose_cfg([*overrides, *extra]))
+
+    start.root = root
+    start.want = start("reference")
+    return start
+
+
+@pytest.mark.parametrize("crash_at, saved", [(10, 9), (13, 12), (17, 15)])
+def test_resume_from_each_kind_of_checkpoint_is_exact(in_process, crash_at: int, saved: int) -> None:
+    # 9: mid-epoch; 12: the last batch of epoch 1; 15: a step that is also validated, which
+    # Lightning does not repeat on resume (its loader setup must not disturb the generators).
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        in_process(f"crash_{crash_at}", callback=Crash(crash_at))
+    (run_dir,) = (in_process.root / f"crash_{crash_at}" / "runs").iterdir()
+    assert checkpoint_step(run_dir / "checkpoints" / "last.ckpt") == saved
+    got = in_process(f"crash_{crash_at}", "resume=auto")
+    want = in_process.want
+    assert got.output_dir == run_dir and got.metrics == want.metrics
+    assert (got.export_dir / "model.safetensors").read_bytes() == (want.export_dir / "model.safetensors").read_bytes()
+
+
 class SigtermInValidation(L.Callback):
     """Sends this process SIGTERM while the validation after ``step`` runs."""
 
@@ -215,49 +268,55 @@ class SigtermInValidation(L.Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
-def test_sigterm_during_validation_saves_after_it_and_resumes_exactly(
-    workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # In-process: the signal lands in validation, so last.ckpt is saved when Lightning raises
-    # SIGTERMException after it (Preemption.on_exception), not at a training-step boundary.
-    from lmlab import checkpointing
+def test_sigterm_during_validation_saves_after_it_and_resumes_exactly(in_process) -> None:
+    # The signal lands in validation, so last.ckpt is saved when Lightning raises SIGTERMException
+    # after it (Preemption.on_exception), not at a training-step boundary.
     from lmlab.faults import Preempted
-    from lmlab.train import run
 
-    monkeypatch.setenv("LMLAB_CACHE_DIR", str(workspace / "cache"))
-    overrides = [*ARGS, data(workspace), "trainer.enable_progress_bar=false"]
-    monkeypatch.setenv("LMLAB_HOME", str(tmp_path / "reference"))
-    want = run(compose_cfg(overrides))
-
-    monkeypatch.setenv("LMLAB_HOME", str(tmp_path / "stopped"))
-    real = checkpointing.callbacks
-    with monkeypatch.context() as patched:
-        patched.setattr(checkpointing, "callbacks", lambda cfg, last: [*real(cfg, last), SigtermInValidation(10)])
-        with pytest.raises(Preempted, match="stopped by SIGTERM after step 10"):
-            run(compose_cfg(overrides))
-    (run_dir,) = (tmp_path / "stopped" / "runs").iterdir()
+    with pytest.raises(Preempted, match="stopped by SIGTERM after step 10"):
+        in_process("sigterm_in_validation", callback=SigtermInValidation(10))
+    (run_dir,) = (in_process.root / "sigterm_in_validation" / "runs").iterdir()
     assert checkpoint_step(run_dir / "checkpoints" / "last.ckpt") == 10
-    got = run(compose_cfg([*overrides, "resume=auto"]))
+    got = in_process("sigterm_in_validation", "resume=auto")
+    want = in_process.want
     assert got.output_dir == run_dir and got.metrics == want.metrics
     assert (got.export_dir / "model.safetensors").read_bytes() == (want.export_dir / "model.safetensors").read_bytes()
 
 
-def test_resume_auto_skips_finished_runs_and_other_models(workspace: Path, reference: Home) -> None:
-    rc, out, err = reference.run(data(workspace), "resume=auto")
-    assert rc == 2
-    assert "resume=auto found no unfinished task=clm model=gpt2 run" in err, err[-2000:]
-    assert "Traceback" not in err
+def test_resume_auto_skips_finished_runs_other_models_and_live_runs(in_process) -> None:
+    from lmlab.errors import LmlabError
+
+    # The reference home holds one finished clm/gpt2 run: nothing to resume.
+    with pytest.raises(LmlabError, match="resume=auto found no unfinished task=clm model=gpt2 run"):
+        in_process("reference", "resume=auto")
+    (run_dir,) = (in_process.root / "reference" / "runs").iterdir()
+    record_path = run_dir / "lmlab_run.json"
+    finished = record_path.read_text()
+    try:
+        record = json.loads(finished)
+        record.update(status="running", pid=os.getpid())  # "still running", by this very process...
+        record_path.write_text(json.dumps(record))
+        with pytest.raises(LmlabError, match="no unfinished"):
+            in_process("reference", "task=mlm", "resume=auto")  # ...and of another task anyway
+        record.update(pid=os.getppid())  # a live process that is not this one: not taken over
+        record_path.write_text(json.dumps(record))
+        with pytest.raises(LmlabError, match="no unfinished"):
+            in_process("reference", "resume=auto")
+    finally:
+        record_path.write_text(finished)
 
 
-def test_resume_refuses_a_changed_config(workspace: Path, reference: Home) -> None:
-    (run_dir,) = reference.run_dirs()
-    victim = home(workspace, "changed")
-    victim.root.mkdir()
-    shutil.copytree(run_dir, victim.root / "runs" / run_dir.name)
-    record_path = victim.root / "runs" / run_dir.name / "lmlab_run.json"
-    record = json.loads(record_path.read_text())
-    record["status"] = "running"
-    record_path.write_text(json.dumps(record))
-    rc, out, err = victim.run(data(workspace), "optimizer.lr=0.01", "resume=auto")
-    assert rc == 2
-    assert "optimizer.lr: " in err and "other settings" in err, err[-2000:]
+def test_resume_refuses_a_changed_config(in_process) -> None:
+    from lmlab.errors import LmlabError
+
+    (run_dir,) = (in_process.root / "reference" / "runs").iterdir()
+    copy = in_process.root / "changed" / "runs" / run_dir.name
+    shutil.copytree(run_dir, copy)
+    record = json.loads((copy / "lmlab_run.json").read_text())
+    record["status"] = "killed"
+    (copy / "lmlab_run.json").write_text(json.dumps(record))
+    with pytest.raises(LmlabError) as caught:
+        in_process("changed", "optimizer.lr=0.01", "resume=auto")
+    message = str(caught.value)
+    assert "other settings (optimizer.lr: 0.001 -> 0.01)" in message, message
+    assert "config_resolved.yaml" in message
