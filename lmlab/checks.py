@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from omegaconf import DictConfig, OmegaConf
 
 from lmlab.errors import config_error
+from lmlab.resolvers import REQUIRED
 
 _ABSENT = object()
 
@@ -63,6 +64,32 @@ NUMBERS = (
 )
 
 
+def _unset(node: object, prefix: str = "") -> list[tuple[str, str]]:
+    """(key, what it needs) of every ``${lmlab.required:...}`` still in the unresolved config."""
+    if isinstance(node, dict):
+        return [hit for k, v in node.items() for hit in _unset(v, f"{prefix}{k}.")]
+    if isinstance(node, list):
+        return [hit for i, v in enumerate(node) for hit in _unset(v, f"{prefix}{i}.")]
+    if isinstance(node, str) and node.startswith("${" + REQUIRED + ":"):
+        return [(prefix[:-1], node[len(REQUIRED) + 3 : -1].strip().strip("'\""))]
+    return []
+
+
+def check_required(cfg: DictConfig) -> None:
+    """Keys a preset marks as required (``${lmlab.required:...}``, or a surviving ``???``) are set.
+
+    Checked before anything reads them: ``cfg.get`` on an unset ``model.pretrained`` would
+    otherwise quietly mean "train from scratch".
+    """
+    # Required markers first: missing_keys resolves interpolations, and with them the markers.
+    unset = _unset(OmegaConf.to_container(cfg, resolve=False)) or [(k, "") for k in sorted(OmegaConf.missing_keys(cfg))]
+    if unset:
+        key, what = unset[0]
+        raise config_error(key, f"is required here and not set{f' ({what})' if what else ''}",
+                           f"Add {key}=... to the command line.")
+
+
 def check_numbers(cfg: DictConfig) -> None:
+    check_required(cfg)
     for number in NUMBERS:
         number.check(cfg)

@@ -16,6 +16,22 @@ def if_pretrained(pretrained: Any, when_pretrained: Any, otherwise: Any) -> Any:
     return when_pretrained if pretrained not in (None, "", False) else otherwise
 
 
+REQUIRED = "lmlab.required"
+
+
+def required(what: str = "") -> Any:
+    """A preset's key the user must set (``${lmlab.required:...}``); reading it unset is an error.
+
+    Not ``???``: Hydra merges a preset over the group defaults, and OmegaConf keeps the old value
+    when the merged one is ``???``, so the requirement would vanish. lmlab.checks.check_required
+    names the key before anything reads it; this error is the backstop.
+    """
+    from lmlab.errors import LmlabError
+
+    raise LmlabError(f"a required config key is not set ({what}); set it on the command line")
+
+
 def register() -> None:
-    if not OmegaConf.has_resolver("lmlab.if_pretrained"):
-        OmegaConf.register_new_resolver("lmlab.if_pretrained", if_pretrained)
+    for name, fn in (("lmlab.if_pretrained", if_pretrained), (REQUIRED, required)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
