@@ -64,12 +64,12 @@ NUMBERS = (
 )
 
 
-def _unset(node: object, prefix: str = "") -> list[tuple[str, str]]:
+def unset_required(node: object, prefix: str = "") -> list[tuple[str, str]]:
     """(key, what it needs) of every ``${lmlab.required:...}`` still in the unresolved config."""
     if isinstance(node, dict):
-        return [hit for k, v in node.items() for hit in _unset(v, f"{prefix}{k}.")]
+        return [hit for k, v in node.items() for hit in unset_required(v, f"{prefix}{k}.")]
     if isinstance(node, list):
-        return [hit for i, v in enumerate(node) for hit in _unset(v, f"{prefix}{i}.")]
+        return [hit for i, v in enumerate(node) for hit in unset_required(v, f"{prefix}{i}.")]
     if isinstance(node, str) and node.startswith("${" + REQUIRED + ":"):
         return [(prefix[:-1], node[len(REQUIRED) + 3 : -1].strip().strip("'\""))]
     return []
@@ -82,7 +82,7 @@ def check_required(cfg: DictConfig) -> None:
     otherwise quietly mean "train from scratch".
     """
     # Required markers first: missing_keys resolves interpolations, and with them the markers.
-    unset = _unset(OmegaConf.to_container(cfg, resolve=False)) or [(k, "") for k in sorted(OmegaConf.missing_keys(cfg))]
+    unset = unset_required(OmegaConf.to_container(cfg, resolve=False)) or [(k, "") for k in sorted(OmegaConf.missing_keys(cfg))]
     if unset:
         key, what = unset[0]
         raise config_error(key, f"is required here and not set{f' ({what})' if what else ''}",

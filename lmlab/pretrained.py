@@ -19,8 +19,11 @@ log = logging.getLogger(__name__)
 _RUN_ID = re.compile(r"[0-9a-f]{32}")
 
 
-def resolve(ref: str, cfg: DictConfig) -> str:
-    """A local directory holding config.json, or a hub name left for transformers to fetch."""
+def resolve(ref: str, cfg: DictConfig, key: str = "model.pretrained") -> str:
+    """A local directory holding config.json, or a hub name left for transformers to fetch.
+
+    ``key`` is the config key errors name (``distill.teacher`` accepts the same references).
+    """
     path = Path(ref).expanduser()
     if path.is_dir():
         for candidate in (path, path / "export"):
@@ -28,13 +31,13 @@ def resolve(ref: str, cfg: DictConfig) -> str:
                 _check_json(candidate / "config.json")
                 return str(candidate)
         raise config_error(
-            "model.pretrained", f"directory '{ref}' holds neither config.json nor export/config.json",
+            key, f"directory '{ref}' holds neither config.json nor export/config.json",
             "Point it at a Hugging Face model directory or an lmlab run directory.",
         )
     if _RUN_ID.fullmatch(ref):
-        return _download_run_model(ref, cfg)
+        return _download_run_model(ref, cfg, key)
     if ref.startswith((".", "/", "~")):
-        raise config_error("model.pretrained", f"'{ref}' does not exist",
+        raise config_error(key, f"'{ref}' does not exist",
                            "Give an existing directory, an MLflow run id or a hub name.")
     return ref  # a hub name: only works online, and that is the user's choice
 
@@ -49,20 +52,20 @@ def _check_json(path: Path) -> None:
                          line=getattr(exc, "lineno", None)) from exc
 
 
-def _auto_config(ref: str, trust_remote_code: bool) -> Any:
+def _auto_config(ref: str, trust_remote_code: bool, key: str = "model.pretrained") -> Any:
     from transformers import AutoConfig
 
     try:
         return AutoConfig.from_pretrained(ref, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:  # ValueError also when remote code is not trusted
         raise config_error(
-            "model.pretrained", f"cannot load the model config of '{ref}' ({' '.join(str(exc).split())[:400]})",
+            key, f"cannot load the model config of '{ref}' ({' '.join(str(exc).split())[:400]})",
             "Point it at a model written by save_pretrained. A model that ships its own Python code needs "
             "model.trust_remote_code=true: set it only for code you have read and trust.",
         ) from exc
 
 
-def _download_run_model(run_id: str, cfg: DictConfig) -> str:
+def _download_run_model(run_id: str, cfg: DictConfig, key: str = "model.pretrained") -> str:
     import mlflow
 
     from lmlab.tracking import tracking_uri
@@ -71,12 +74,12 @@ def _download_run_model(run_id: str, cfg: DictConfig) -> str:
     try:
         client.get_run(run_id)
     except Exception as exc:
-        raise config_error("model.pretrained", f"no MLflow run '{run_id}' at {tracking_uri(cfg)}",
+        raise config_error(key, f"no MLflow run '{run_id}' at {tracking_uri(cfg)}",
                            "Check the run id in the MLflow UI, or set logger.tracking_uri to its store.") from exc
     target = Path(tempfile.mkdtemp(prefix=f"lmlab-{run_id[:8]}-"))
     local = Path(client.download_artifacts(run_id, "model", str(target)))
     if not (local / "config.json").exists():
-        raise config_error("model.pretrained", f"MLflow run '{run_id}' has no exported model artifact",
+        raise config_error(key, f"MLflow run '{run_id}' has no exported model artifact",
                            "Use a run that finished with export=true.")
     log.info("Downloaded the model of MLflow run %s to %s", run_id, local)
     return str(local)

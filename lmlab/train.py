@@ -14,7 +14,7 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from lmlab import checkpointing, checks, faults, pretrained, registry, resume, tracking
+from lmlab import checkpointing, checks, distill, faults, pretrained, registry, resume, tracking
 from lmlab.callbacks import LearningRate, TokensPerSecond
 from lmlab.distributed import build_strategy, effective_batch, is_rank_zero
 from lmlab.errors import LmlabError, config_error
@@ -127,8 +127,12 @@ def sequence_length(data_cfg: DictConfig) -> int:
     return max(int(data_cfg.get("block_size") or 0), int(data_cfg.get("max_length") or 0))
 
 
-def prepare_model_and_tokenizer(cfg: DictConfig, task: TaskSpec, spec: ModelSpec, dm: Any) -> tuple[Any, Any, dict]:
-    """Tokenizer and model: both from ``model.pretrained``, or a trained tokenizer and a fresh model."""
+def prepare_model_and_tokenizer(cfg: DictConfig, task: TaskSpec, spec: ModelSpec, dm: Any,
+                                teacher: distill.Teacher | None = None) -> tuple[Any, Any, dict]:
+    """Tokenizer and model: both from ``model.pretrained``, or a trained tokenizer and a fresh model.
+
+    A distillation student without ``model.pretrained`` takes the teacher's tokenizer instead.
+    """
     head = task.head(cfg)
     ref = cfg.model.get("pretrained")
     trust = bool(cfg.model.get("trust_remote_code", False))
@@ -136,13 +140,15 @@ def prepare_model_and_tokenizer(cfg: DictConfig, task: TaskSpec, spec: ModelSpec
         source = pretrained.resolve(str(ref), cfg)
         tokenizer = load_pretrained(source, trust, key="model.pretrained")
         tok_info: dict[str, Any] = {"type": "pretrained", "path": source}
+    elif teacher is not None and cfg.tokenizer.type != "pretrained":  # the student reads the teacher's ids
+        tokenizer, tok_info = teacher.tokenizer, {"type": "pretrained", "path": teacher.source, "from": "distill.teacher"}
     else:
         tokenizer, tok_info = get_tokenizer(cfg.tokenizer, spec, dm.texts_for_tokenizer(), dm.fingerprint,
                                             Path(str(cfg.paths.cache)))
     dm.set_tokenizer(tokenizer)
     updates = dm.model_config_updates() if hasattr(dm, "model_config_updates") else {}
     if ref:
-        if str(cfg.get("mode") or "fit") == "test":
+        if str(cfg.get("mode") or "fit") in ("test", "quantize", "prune"):  # scored as they are
             labels = updates.get("id2label")
             pretrained.check_trained_head(spec, head, source, task.name,
                                           [labels[i] for i in range(len(labels))] if labels else None, trust)
@@ -157,7 +163,7 @@ def prepare_model_and_tokenizer(cfg: DictConfig, task: TaskSpec, spec: ModelSpec
     return tokenizer, model, tok_info
 
 
-MODES = ("fit", "test", "predict")
+MODES = ("fit", "test", "predict", "quantize", "prune")
 
 
 def check_mode(cfg: DictConfig, task: TaskSpec) -> str:
@@ -175,6 +181,10 @@ def check_mode(cfg: DictConfig, task: TaskSpec) -> str:
         if not cfg.data.get("path"):
             raise config_error("data.path", "mode=predict needs the file to predict on",
                                "Set data.path=FILE (one example per line or record; labels are not needed).")
+    if mode in ("quantize", "prune"):
+        from lmlab import compress
+
+        compress.check_config(cfg, mode)
     return mode
 
 
@@ -197,18 +207,24 @@ def run(cfg: DictConfig) -> RunResult:
     checks.check_numbers(cfg)  # seed, sizes, steps, lr: named errors instead of TypeErrors deep inside
     task.validate(cfg)
     mode = check_mode(cfg, task)
+    teacher = distill.prepare(cfg, task, mode)  # distill.teacher: loaded and checked before any data work
     resuming = resume.prepare(cfg)  # a bad resume= fails here, before any data work
     tracking.quiet_env()
     tracking.check_reachable(tracking.tracking_uri(cfg))
     L.seed_everything(int(cfg.seed), workers=True)
     if mode == "predict":
         return _predict(cfg, task, spec, started)
+    if mode in ("quantize", "prune"):  # score, make smaller, score again: lmlab/compress.py
+        from lmlab import compress
+
+        return compress.run(cfg, task, spec, mode, started)
 
     datamodule_cls = registry.get("datamodule", cfg.data.datamodule)
     dm = datamodule_cls(cfg.data, packing=task.packing(cfg), cache_dir=cfg.paths.cache, seed=int(cfg.seed))
-    tokenizer, model, tok_info = prepare_model_and_tokenizer(cfg, task, spec, dm)
+    tokenizer, model, tok_info = prepare_model_and_tokenizer(cfg, task, spec, dm, teacher)
     dm.setup("fit" if mode == "fit" else "test")
     module = task.build_module(cfg, model, tokenizer)
+    distill.attach(teacher, module, tokenizer, task.name)
 
     output_dir = resume.run_dir(resuming) or output_dir_for(cfg)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -222,7 +238,7 @@ def run(cfg: DictConfig) -> RunResult:
         mlrun.dict({"tokenizer": tok_info, "data": {**getattr(dm, "stats", {}), "origin": origin,
                     "tokenized_cache_hit": getattr(dm, "cache_hit", None)}}, "run_info.json")
         trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
-        mlrun.params({"n_parameters": sum(p.numel() for p in model.parameters()),
+        mlrun.params({"n_parameters": sum(p.numel() for p in model.parameters()), **distill.params(module),
                       **effective_batch(trainer_cfg, int(cfg.data.batch_size))})
         trainer, checkpoint, throughput = build_trainer(cfg, task, output_dir, mlrun.metrics_logger(cfg), model)
         export_dir = None
@@ -253,6 +269,9 @@ def run(cfg: DictConfig) -> RunResult:
             metrics.update({k: float(v) for k, v in final.items()})
         if mode == "fit":
             mlrun.metric("train/total_tokens", throughput.total_tokens)
+            for key, value in distill.score_teacher(cfg, task, module, trainer, dm).items():  # what the student costs
+                mlrun.metric(key, value)
+                metrics[key] = value
         status = "FINISHED"
     except faults.Preempted:
         status = "KILLED"  # last.ckpt holds its state: resume=auto continues it
@@ -303,9 +322,10 @@ def summary(result: RunResult) -> str:
     # Loss and perplexity first (the LM objectives), then every other final metric.
     order = sorted(result.metrics, key=lambda k: (k not in ("val/loss", "val/perplexity"), k))
     for key in order:
-        if key.startswith(("val/", "test/")):
+        if key.startswith(("val/", "test/", "teacher/", "distill/", "original/", "quantize/", "prune/")):
             value = result.metrics[key]
-            lines.append(f"  {key + ':':<18} {value:.2f}" if key.endswith("perplexity") else f"  {key + ':':<18} {value:.4f}")
+            text = f"{value:.2f}" if key.endswith("perplexity") else f"{value:,.0f}" if key.endswith("_params") else f"{value:.4f}"
+            lines.append(f"  {key + ':':<18} {text}")
     lines.append(f"  output directory:  {result.output_dir}")
     if result.export_dir is not None:
         lines.append(f"  Hugging Face model: {result.export_dir}")

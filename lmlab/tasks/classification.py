@@ -486,6 +486,9 @@ class ClassificationModule(L.LightningModule):
         self.loss_sums = torch.nn.ModuleDict({k: SumMetric() for k in ("val_loss", "val_n", "test_loss", "test_n")})
         self._test_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._predictions: tuple[np.ndarray, np.ndarray] | None = None
+        # lmlab.distill.Teacher when distilling (distill.teacher): a plain object, not a submodule,
+        # so the teacher's weights stay out of the optimizer, checkpoints and export.
+        self.teacher: Any = None
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
@@ -503,6 +506,8 @@ class ClassificationModule(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         logits = self(batch)
         loss = self.loss_sum(logits, batch["labels"]) / len(logits)
+        if self.teacher is not None:  # knowledge distillation: every example counts
+            loss = self.teacher.loss(self, loss, logits, batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(logits), sync_dist=True)
         return loss
 

@@ -31,9 +31,16 @@ class CausalLMModule(L.LightningModule):
         # and SumMetric adds them up across processes under DDP.
         self.val_loss_sum = SumMetric()
         self.val_tokens = SumMetric()
+        self.teacher: Any = None  # lmlab.distill.Teacher when distilling; not a submodule
 
     def token_losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed next-token cross-entropy and the number of predicted tokens."""
+        loss_sum, count, _, _ = self._token_losses(batch)
+        return loss_sum, count
+
+    def _token_losses(self, batch: dict[str, torch.Tensor], keep_logits: bool = False
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """token_losses, plus (when ``keep_logits``) the logits of the predicted positions and their mask."""
         ids = batch["input_ids"]
         mask = batch.get("attention_mask")
         # Targets are shifted left and padded with -100 instead of cutting the last position off the
@@ -42,15 +49,20 @@ class CausalLMModule(L.LightningModule):
         targets = F.pad(ids[:, 1:], (0, 1), value=-100)  # (B, T)
         if mask is not None:
             targets = targets.masked_fill(F.pad(mask[:, 1:], (0, 1), value=0) == 0, -100)
+        counted = targets != -100
+        picked = None
         if self._use_fused():
             body, weight = split_lm_head(self.model)  # looked up per step: strategies may swap parameters
             hidden = body(input_ids=ids, attention_mask=mask)[0]  # (B, T, D)
             loss_sum = linear_cross_entropy(hidden.flatten(0, 1), weight, targets.flatten())
+            if keep_logits:  # distillation compares whole distributions: (M, V) logits it must have
+                picked = hidden[counted] @ weight.t()
         else:
             logits = self.model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
             loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
                                        reduction="sum")
-        return loss_sum, (targets != -100).sum()
+            picked = logits[counted] if keep_logits else None
+        return loss_sum, counted.sum(), picked, counted
 
     def _use_fused(self) -> bool:
         if not self.fused_loss:
@@ -62,8 +74,11 @@ class CausalLMModule(L.LightningModule):
             isinstance(strategy, DDPStrategy) and not isinstance(strategy, DeepSpeedStrategy))
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss_sum, count = self.token_losses(batch)
+        loss_sum, count, picked, counted = self._token_losses(batch, keep_logits=self.teacher is not None)
         loss = loss_sum / count.clamp(min=1)
+        if self.teacher is not None:  # knowledge distillation on the predicted positions
+            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
+            loss = self.teacher.loss(self, loss, picked, inputs, counted)
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # the mean over processes
         return loss
 

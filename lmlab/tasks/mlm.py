@@ -49,6 +49,7 @@ class MaskedLMModule(L.LightningModule):
         self.register_buffer("special_ids", torch.tensor(sorted(set(tokenizer.all_special_ids))), persistent=False)
         self.register_buffer("continuation", continuation_table(tokenizer), persistent=False)
         self.val_sums = torch.nn.ModuleDict({k: SumMetric() for k in ("loss", "tokens", "correct", "nsp_correct", "pairs")})
+        self.teacher: Any = None  # lmlab.distill.Teacher when distilling; not a submodule
 
     def _mask(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None):
         ids = batch["input_ids"]
@@ -70,7 +71,8 @@ class MaskedLMModule(L.LightningModule):
         picked = picked.float()  # (M, V): the loss is only over masked positions
         gold = labels[chosen]
         mlm_sum = F.cross_entropy(picked, gold, reduction="sum")
-        result = {"mlm_sum": mlm_sum, "count": chosen.sum(), "correct": (picked.argmax(-1) == gold).sum()}
+        result = {"mlm_sum": mlm_sum, "count": chosen.sum(), "correct": (picked.argmax(-1) == gold).sum(),
+                  "picked": picked, "inputs": inputs, "chosen": chosen}  # the last three for distillation
         if self.nsp:
             nsp_logits = nsp_logits.float()
             nsp_gold = batch["next_sentence_label"]
@@ -101,6 +103,9 @@ class MaskedLMModule(L.LightningModule):
         r = self._forward(batch)
         loss = r["mlm_sum"] / r["count"].clamp(min=1)
         self.log("train/mlm_loss", loss)
+        if self.teacher is not None:  # knowledge distillation on the masked positions (NSP keeps its labels)
+            inputs = {**batch, "input_ids": r["inputs"]}  # the teacher reads what the student read
+            loss = self.teacher.loss(self, loss, r["picked"], inputs, r["chosen"])
         if self.nsp:
             self.log("train/nsp_loss", r["nsp_loss"])
             loss = loss + r["nsp_loss"]

@@ -624,6 +624,7 @@ class NerModule(L.LightningModule):
         self.loss_sums = torch.nn.ModuleDict({f"{s}_{k}": SumMetric() for s in ("val", "test")
                                               for k in ("loss", "tokens")})
         self.predictions: dict[str, dict[int, list[str]]] = {"val": {}, "test": {}}
+        self.teacher: Any = None  # lmlab.distill.Teacher when distilling; not a submodule
 
     def _logits_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
@@ -636,8 +637,11 @@ class NerModule(L.LightningModule):
         return logits, loss_sum, (labels != IGNORE_INDEX).sum()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        _, loss_sum, count = self._logits_loss(batch)
+        logits, loss_sum, count = self._logits_loss(batch)
         loss = loss_sum / count.clamp(min=1)
+        if self.teacher is not None:  # knowledge distillation on the subwords that carry a label
+            labelled = batch["labels"] != IGNORE_INDEX
+            loss = self.teacher.loss(self, loss, logits[labelled], batch, labelled)
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # the mean over processes
         return loss
 

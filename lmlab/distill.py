@@ -1,0 +1,253 @@
+"""Knowledge distillation: a student learns from a trained teacher's logits as well as the labels.
+
+``distill.teacher=RUN`` (an lmlab run directory, its MLflow run id, or a Hugging Face model
+directory, as for ``model.pretrained``) turns it on for classification, NER, CLM and MLM. The
+student is built from ``model.*`` as usual; without ``model.pretrained`` it takes the teacher's
+tokenizer, because both read the same token ids. Every training step the loss becomes
+
+    alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * hard loss
+
+averaged over the positions that count: every example for classification, the labelled subwords
+for NER, the predicted tokens for CLM, the masked tokens for MLM (Hinton et al., 2015; the T^2
+keeps the soft term's gradients on the hard term's scale whatever T is). Validation and test score
+the student alone, with the task's usual loss and metrics; after the test the teacher is scored
+on the same split once, so MLflow shows what the smaller model costs (``teacher/test/...``).
+
+The teacher is frozen, in eval mode, and held by a plain object rather than registered as a
+submodule: its weights never reach the optimizer, the checkpoints or the export.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+
+from lmlab import pretrained
+from lmlab.errors import config_error
+from lmlab.losses import split_lm_head
+from lmlab.specs import TaskSpec
+from lmlab.tokenization import load_pretrained
+
+log = logging.getLogger("lmlab")
+
+KEY = "distill.teacher"
+# The Hugging Face classes (by name ending) whose logits each task can learn from.
+TEACHER_HEADS = {
+    "classification": ("ForSequenceClassification",),
+    "ner": ("ForTokenClassification",),
+    "clm": ("ForCausalLM", "LMHeadModel"),
+    "mlm": ("ForMaskedLM", "ForPreTraining"),
+}
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * KL(softmax(teacher/T) || softmax(student/T)), summed over classes, averaged over rows.
+
+    ``student`` and ``teacher`` are (N, C) logits of the N positions that count; zero for N = 0.
+    """
+    if student.shape != teacher.shape:
+        raise ValueError(f"student logits {tuple(student.shape)} and teacher logits {tuple(teacher.shape)} differ")
+    if student.shape[0] == 0:
+        return student.sum() * 0.0  # keeps the graph (and the dtype) of an empty batch
+    t = float(temperature)
+    log_p_student = F.log_softmax(student.float() / t, dim=-1)
+    log_p_teacher = F.log_softmax(teacher.float() / t, dim=-1)
+    # kl_div(input=log q, target=log p, log_target=True) = sum p * (log p - log q)
+    kl = F.kl_div(log_p_student, log_p_teacher, reduction="sum", log_target=True)
+    return kl / student.shape[0] * t * t
+
+
+def combine(hard: torch.Tensor, kd: torch.Tensor, alpha: float) -> torch.Tensor:
+    """The training loss: alpha on the distillation term, 1 - alpha on the labels."""
+    return alpha * kd + (1.0 - alpha) * hard
+
+
+def logits_at(model: torch.nn.Module, inputs: dict[str, torch.Tensor], positions: torch.Tensor | None) -> torch.Tensor:
+    """Logits of ``model`` at the True entries of ``positions`` (B, T), or of every row when None.
+
+    LM heads are applied to the chosen positions only, where the model allows it, so the
+    (batch x tokens x vocabulary) tensor is not built just to pick a few rows out of it.
+    """
+    if positions is not None:
+        parts = split_lm_head(model)
+        if parts is not None:  # GPT-2: body, then a bias-free projection
+            body, weight = parts
+            return body(**inputs)[0][positions] @ weight.t()
+        head = getattr(getattr(model, "cls", None), "predictions", None)
+        if head is not None and getattr(model.config, "model_type", None) == "bert":  # BERT's MLM heads
+            return head(model.bert(**inputs).last_hidden_state[positions])
+    out = model(**inputs)
+    logits = out.logits if "logits" in out else out.prediction_logits
+    return logits if positions is None else logits[positions]
+
+
+class Teacher:
+    """A frozen teacher and the distillation settings; a LightningModule holds it as ``.teacher``.
+
+    A plain object, not an ``nn.Module``: assigning it to a LightningModule registers nothing, so
+    the teacher stays out of ``state_dict()``, ``parameters()``, checkpoints and exports. Lightning
+    does not move it either: ``logits`` follows the student's device.
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, source: str, temperature: float, alpha: float):
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer, self.source = tokenizer, source
+        self.temperature, self.alpha = float(temperature), float(alpha)
+
+    @property
+    def n_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    @torch.no_grad()
+    def logits(self, inputs: dict[str, Any], positions: torch.Tensor | None = None) -> torch.Tensor:
+        kwargs = {k: v for k, v in inputs.items() if k in MODEL_INPUTS and v is not None}
+        device = kwargs["input_ids"].device
+        if next(self.model.parameters()).device != device:
+            self.model.to(device)
+        self.model.eval()  # Lightning's test of the teacher (score) may leave it in train mode
+        return logits_at(self.model, kwargs, positions)
+
+    def loss(self, module: Any, hard: torch.Tensor, student: torch.Tensor, inputs: dict[str, Any],
+             positions: torch.Tensor | None = None) -> torch.Tensor:
+        """The distillation training loss for ``module``'s step; logs its two parts.
+
+        ``student`` holds the student's logits at ``positions`` (or of every row), ``inputs`` what
+        the student read (after masking, for MLM), ``hard`` the task's own loss on the labels.
+        """
+        kd = kd_loss(student, self.logits(inputs, positions), self.temperature)
+        rows = max(int(student.shape[0]), 1)
+        module.log("train/kd_loss", kd, sync_dist=True, batch_size=rows)
+        module.log("train/hard_loss", hard, sync_dist=True, batch_size=rows)
+        return combine(hard, kd, self.alpha)
+
+
+# -- set-up, from the config --------------------------------------------------------------------------
+def prepare(cfg: DictConfig, task: TaskSpec, mode: str = "fit") -> Teacher | None:
+    """The teacher of ``distill.teacher`` (None when unset or not training), loaded before any data.
+
+    Checks what can be checked without the data: the settings, the task, that the teacher has a
+    trained head for it and reaches as far as the data's sequences.
+    """
+    settings = cfg.get("distill") or {}
+    ref = settings.get("teacher")
+    if not ref or mode != "fit":
+        return None
+    temperature, alpha = settings.get("temperature", 2.0), settings.get("alpha", 0.5)
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not (
+            math.isfinite(temperature) and temperature > 0):
+        raise config_error("distill.temperature", f"'{temperature}' is not a positive number",
+                           "Use a temperature above 0, e.g. distill.temperature=2.")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0.0 <= alpha <= 1.0:
+        raise config_error("distill.alpha", f"'{alpha}' is not between 0 and 1",
+                           "It weighs the teacher's term (the labels get 1 - alpha), e.g. distill.alpha=0.5.")
+    if task.name not in TEACHER_HEADS:
+        raise config_error(KEY, f"distillation is not supported for task={task.name}",
+                           f"It works for task={', '.join(TEACHER_HEADS)}; unset distill.teacher for this task.")
+    if task.name == "classification" and cfg.task.get("multi_label"):
+        raise config_error(KEY, "distillation is not supported with task.multi_label=true",
+                           "Distil a single-label classifier, or unset distill.teacher.")
+    source = pretrained.resolve(str(ref), cfg, key=KEY)
+    model = load_teacher(source, task.name)
+    positions = next((getattr(model.config, k) for k in ("max_position_embeddings", "n_positions")
+                      if isinstance(getattr(model.config, k, None), int)), None)
+    needed = max(int(cfg.data.get("block_size") or 0), int(cfg.data.get("max_length") or 0))
+    if positions is not None and needed > positions:
+        raise config_error(KEY, f"the teacher attends to {positions} positions and the data feeds {needed}",
+                           f"Lower data.block_size / data.max_length to at most {positions}.")
+    tokenizer = load_pretrained(source, key=KEY)
+    teacher = Teacher(model, tokenizer, source, float(temperature), float(alpha))
+    log.info("Distilling from %s (%s, %.2fM parameters), T=%g, alpha=%g", source, type(model).__name__,
+             teacher.n_parameters / 1e6, teacher.temperature, teacher.alpha)
+    return teacher
+
+
+def load_teacher(source: str, task_name: str) -> torch.nn.Module:
+    """The teacher with the head it was trained with; an error unless that head suits the task."""
+    import transformers
+
+    config = pretrained._auto_config(source, False, key=KEY)
+    wanted = TEACHER_HEADS[task_name]
+    trained = [a for a in (getattr(config, "architectures", None) or []) if a.endswith(wanted)]
+    model_class = getattr(transformers, trained[0], None) if trained else None
+    if model_class is None:
+        have = ", ".join(getattr(config, "architectures", None) or []) or "a bare model"
+        raise config_error(KEY, f"'{source}' is {have}, with no trained *{'/*'.join(wanted)} head for "
+                           f"task={task_name} to learn from",
+                           f"Train the teacher on this task first (lmlab task={task_name} ...) and pass that run.")
+    try:
+        return model_class.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise config_error(KEY, f"cannot load the teacher '{source}' ({' '.join(str(exc).split())[:300]})",
+                           "Point it at a model written by save_pretrained (an lmlab run's export/).") from exc
+
+
+def check_compatible(teacher: Teacher, student: torch.nn.Module, tokenizer: Any, task_name: str) -> None:
+    """Same token ids, same output space: otherwise the two sets of logits cannot be compared."""
+    if tokenizer is not teacher.tokenizer and tokenizer.get_vocab() != teacher.tokenizer.get_vocab():
+        raise config_error(KEY, f"the teacher's tokenizer ({len(teacher.tokenizer)} tokens) differs from the "
+                           f"student's ({len(tokenizer)} tokens), so they read different token ids",
+                           "Leave model.pretrained and tokenizer.path unset (the student then takes the teacher's "
+                           "tokenizer) or pick a teacher trained with the student's tokenizer.")
+    t_cfg, s_cfg = teacher.model.config, student.config
+    if task_name in ("classification", "ner"):
+        t_labels, s_labels = _labels(t_cfg), _labels(s_cfg)
+        if t_labels != s_labels:
+            raise config_error(KEY, f"the teacher predicts the labels {t_labels} and the data has {s_labels}",
+                               "Distil on data with the teacher's label set (labels come from the training split).")
+    elif t_cfg.vocab_size != s_cfg.vocab_size:
+        raise config_error(KEY, f"the teacher's vocabulary has {t_cfg.vocab_size} entries and the student's "
+                           f"{s_cfg.vocab_size}", "Build the student with the teacher's tokenizer.")
+
+
+def _labels(config: Any) -> list[str]:
+    id2label = getattr(config, "id2label", None) or {}
+    return [str(id2label.get(i, id2label.get(str(i), ""))) for i in range(int(config.num_labels))]
+
+
+def attach(teacher: Teacher | None, module: Any, tokenizer: Any, task_name: str) -> None:
+    """Makes ``module``'s training step distil from ``teacher`` (nothing when it is None)."""
+    if teacher is None:
+        return
+    check_compatible(teacher, module.model, tokenizer, task_name)
+    module.teacher = teacher
+
+
+def params(module: Any) -> dict[str, Any]:
+    """MLflow params of a distillation run: where the teacher came from and both sizes."""
+    teacher = getattr(module, "teacher", None)
+    if teacher is None:
+        return {}
+    return {"distill/teacher_source": teacher.source, "distill/teacher_params": teacher.n_parameters,
+            "distill/student_params": sum(p.numel() for p in module.model.parameters())}
+
+
+def score_teacher(cfg: DictConfig, task: TaskSpec, module: Any, trainer: Any, dm: Any) -> dict[str, float]:
+    """The teacher's metrics on the split the student was last scored on, as ``teacher/<metric>``.
+
+    Test split when the data has one, validation otherwise. Runs with the run's own trainer, its
+    loggers detached so the teacher's numbers do not land on the student's metric names.
+    """
+    teacher = getattr(module, "teacher", None)
+    if teacher is None:
+        return {}
+    scored = task.build_module(cfg, teacher.model, teacher.tokenizer)
+    loggers = trainer.loggers
+    trainer.loggers = []
+    try:
+        if getattr(dm, "has_test", False):
+            out = trainer.test(scored, datamodule=dm, verbose=False)[0]
+        else:
+            out = trainer.validate(scored, datamodule=dm, verbose=False)[0]
+    finally:
+        trainer.loggers = loggers
+        teacher.model.eval().requires_grad_(False)
+    metrics = {f"teacher/{k}": float(v) for k, v in out.items()}
+    metrics["distill/teacher_params"] = float(teacher.n_parameters)
+    metrics["distill/student_params"] = float(sum(p.numel() for p in module.model.parameters()))
+    return metrics

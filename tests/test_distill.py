@@ -1,0 +1,294 @@
+"""Knowledge distillation (distill.teacher): the loss, its wiring into each task, a run end to end.
+
+Real data throughout: Wikipedia paragraphs (CLM, MLM), WNUT-16 sentences (NER) and Rotten Tomatoes
+snippets (classification) from ../shared/data; tiny models trained for a few steps on a CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import math
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import SHARED_DATA, TINY, compose_cfg
+from omegaconf import OmegaConf
+
+from lmlab import distill, registry
+from lmlab.errors import LmlabError
+from lmlab.models.build import build_hf_config, build_model
+from lmlab.tasks.ner import infer_labels, read_conll
+from lmlab.tokenization import get_tokenizer
+from lmlab.train import run
+
+ROTTEN = SHARED_DATA / "classification" / "rotten_tomatoes"
+TOPICS = SHARED_DATA / "classification" / "wiki_topics"
+WNUT = SHARED_DATA / "ner" / "wnut16"
+FAST = [*TINY, "trainer.num_sanity_val_steps=0"]
+# Steps called without a Trainer (the wiring tests) log nowhere, and Lightning says so.
+pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
+
+
+# -- the loss ------------------------------------------------------------------------------------
+def test_kd_loss_by_hand() -> None:
+    student = torch.tensor([[1.0, 0.0, -1.0], [0.5, 0.5, 2.0]])
+    teacher = torch.tensor([[2.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    for t in (1.0, 2.0, 4.0):
+        expected = 0.0
+        for s_row, t_row in zip(student.tolist(), teacher.tolist()):
+            zs = sum(math.exp(v / t) for v in s_row)
+            zt = sum(math.exp(v / t) for v in t_row)
+            p = [math.exp(v / t) / zt for v in t_row]
+            q = [math.exp(v / t) / zs for v in s_row]
+            expected += sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+        expected = expected / 2 * t * t  # mean over the two rows, times T^2
+        assert distill.kd_loss(student, teacher, t).item() == pytest.approx(expected, rel=1e-5)
+
+    # Gradient: T^2 * d KL / d s = T * (softmax(s/T) - softmax(t/T)) / N — the same scale at any T.
+    s = student.clone().requires_grad_(True)
+    distill.kd_loss(s, teacher, 2.0).backward()
+    assert torch.allclose(s.grad, 2.0 * (F.softmax(student / 2, -1) - F.softmax(teacher / 2, -1)) / 2, atol=1e-6)
+
+    assert distill.kd_loss(teacher, teacher, 3.0).item() == pytest.approx(0.0, abs=1e-7)
+    # Shifting every logit of a row changes no probability.
+    assert distill.kd_loss(student + 5.0, teacher, 2.0).item() == pytest.approx(distill.kd_loss(student, teacher, 2.0).item())
+    empty = torch.zeros(0, 3, requires_grad=True)
+    assert distill.kd_loss(empty, torch.zeros(0, 3), 2.0).item() == 0.0
+    with pytest.raises(ValueError):
+        distill.kd_loss(student, teacher[:, :2], 2.0)
+
+    hard, kd = torch.tensor(3.0), torch.tensor(1.0)
+    assert distill.combine(hard, kd, 0.0).item() == 3.0  # labels only
+    assert distill.combine(hard, kd, 1.0).item() == 1.0  # teacher only
+    assert distill.combine(hard, kd, 0.25).item() == pytest.approx(0.25 * 1.0 + 0.75 * 3.0)
+
+
+# -- wiring into each task -----------------------------------------------------------------------
+def _csv_dir(src: Path, root: Path, rows: dict[str, int]) -> Path:
+    """The first rows of each split of a real CSV dataset."""
+    root.mkdir(parents=True, exist_ok=True)
+    for split, n in rows.items():
+        with (src / f"{split}.csv").open(encoding="utf-8", newline="") as f:
+            kept = [row for _, row in zip(range(n), csv.DictReader(f))]
+        with (root / f"{split}.csv").open("w", encoding="utf-8", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(kept[0]))
+            writer.writeheader()
+            writer.writerows(kept)
+    return root
+
+
+def _ner_dir(root: Path) -> Path:
+    from tests.test_ner import write_conll
+
+    root.mkdir(parents=True, exist_ok=True)
+    train = read_conll(WNUT / "train.conll")[:300]
+    known = set(infer_labels(train))
+    write_conll(root / "train.conll", train)
+    for split in ("validation", "test"):
+        write_conll(root / f"{split}.conll", [s for s in read_conll(WNUT / f"{split}.conll") if set(s.tags) <= known][:60])
+    return root
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    for needed in (ROTTEN, WNUT, TOPICS, SHARED_DATA / "corpus" / "wiki_extracts_en.txt"):
+        if not needed.exists():
+            pytest.skip(f"real test data missing: {needed}")
+    root = tmp_path_factory.mktemp("distill_data")
+    wiki = root / "wiki.txt"
+    wiki.write_text("\n".join((SHARED_DATA / "corpus" / "wiki_extracts_en.txt").read_text(encoding="utf-8")
+                              .splitlines()[:300]) + "\n", encoding="utf-8")
+    return {"wiki": wiki, "rotten": _csv_dir(ROTTEN, root / "rotten", {"train": 300, "validation": 40, "test": 40}),
+            "ner": _ner_dir(root / "ner")}
+
+
+def build(cfg):
+    """The LightningModule, DataModule and tokenizer as lmlab.train.run assembles them (no teacher)."""
+    task = registry.get("task", cfg.task.name)
+    spec = registry.get("model", cfg.model.name)
+    dm = registry.get("datamodule", cfg.data.datamodule)(cfg.data, packing=task.packing(cfg),
+                                                          cache_dir=cfg.paths.cache, seed=int(cfg.seed))
+    tokenizer, _ = get_tokenizer(cfg.tokenizer, spec, dm.texts_for_tokenizer(), dm.fingerprint, Path(cfg.paths.cache))
+    dm.set_tokenizer(tokenizer)
+    updates = dm.model_config_updates() if hasattr(dm, "model_config_updates") else {}
+    config = build_hf_config(spec, cfg.model, tokenizer, max(int(cfg.data.get("block_size") or 0),
+                                                             int(cfg.data.get("max_length") or 0)), updates)
+    dm.setup("fit")
+    model = build_model(spec, task.head(cfg), config)
+    return task.build_module(cfg, model, tokenizer), dm, tokenizer
+
+
+TASK_ARGS = {
+    "clm": lambda d: ["task=clm", f"data.path={d['wiki']}"],
+    "mlm": lambda d: ["task=mlm", f"data.path={d['wiki']}"],
+    "ner": lambda d: ["task=ner", f"data.path={d['ner']}"],
+    "classification": lambda d: ["task=classification", f"data.path={d['rotten']}"],
+}
+
+
+@pytest.mark.parametrize("name", list(TASK_ARGS))
+def test_a_copy_of_the_student_as_teacher_adds_nothing(data: dict[str, Path], name: str) -> None:
+    """With alpha=1 the step's loss is the KL term alone, and a teacher equal to the student (no
+    dropout) makes it zero: the teacher read the same inputs (after masking, for MLM) and was
+    compared at the same positions. With alpha=0 the step's loss is the task's own."""
+    torch.manual_seed(0)
+    module, dm, tokenizer = build(compose_cfg([*FAST, *TASK_ARGS[name](data)]))
+    module.eval()  # no dropout: student and teacher compute the same function
+    batch = next(iter(dm.train_dataloader()))
+    plain = module.training_step(batch, 0)
+    teacher = distill.Teacher(copy.deepcopy(module.model), tokenizer, "copy", temperature=2.0, alpha=1.0)
+    distill.attach(teacher, module, tokenizer, name)
+
+    torch.manual_seed(1)  # MLM draws its masks from the global generator: same draws as `plain` below
+    kd = module.training_step(batch, 0)
+    assert kd.item() == pytest.approx(0.0, abs=1e-5)
+    teacher.alpha = 0.0
+    torch.manual_seed(1)
+    hard = module.training_step(batch, 0)
+    module.teacher = None
+    torch.manual_seed(1)
+    assert hard.item() == pytest.approx(module.training_step(batch, 0).item(), rel=1e-5)
+    assert plain.requires_grad and kd.requires_grad
+
+
+def _kl_on(module, batches, teacher) -> float:
+    """Mean KL(teacher || student) at T=1 over the predicted positions of held-out CLM batches."""
+    module.eval()
+    total = 0.0
+    with torch.no_grad():
+        for batch in batches:
+            _, _, picked, counted = module._token_losses(batch, keep_logits=True)
+            total += distill.kd_loss(picked, teacher.logits(batch, counted), 1.0).item()
+    return total / len(batches)
+
+
+def test_distillation_moves_the_student_toward_the_teacher(data: dict[str, Path]) -> None:
+    """A tiny GPT-2 teacher trained for a few steps; a smaller student distilled from it on other
+    batches: the KL between them on held-out batches falls, and more than with the labels alone."""
+    torch.manual_seed(0)
+    args = [*FAST, *TASK_ARGS["clm"](data), "data.batch_size=8", "data.block_size=32"]
+    teacher_module, dm, tokenizer = build(compose_cfg(args))
+    train = list(dm.train_dataloader())
+    held_out = list(dm.val_dataloader())[:2]
+    optimizer = torch.optim.AdamW(teacher_module.parameters(), lr=3e-3)
+    teacher_module.train()
+    for batch in train[:15]:
+        optimizer.zero_grad()
+        teacher_module.training_step(batch, 0).backward()
+        optimizer.step()
+    teacher = distill.Teacher(teacher_module.model, tokenizer, "in memory", temperature=2.0, alpha=1.0)
+    frozen = {k: v.clone() for k, v in teacher.model.state_dict().items()}
+
+    def student():
+        torch.manual_seed(1)
+        module, _, _ = build(compose_cfg([*args, "model.config.n_layer=1", "model.config.n_embd=64"]))
+        return module
+
+    kl = {}
+    for alpha in (1.0, 0.0):
+        module = student()
+        distill.attach(teacher, module, tokenizer, "clm")
+        teacher.alpha = alpha
+        before = _kl_on(module, held_out, teacher)
+        optimizer = torch.optim.AdamW(module.parameters(), lr=3e-3)
+        module.train()
+        for batch in train[15:30]:
+            optimizer.zero_grad()
+            module.training_step(batch, 0).backward()
+            optimizer.step()
+        kl[alpha] = (before, _kl_on(module, held_out, teacher))
+
+    before, after = kl[1.0]
+    assert after < 0.5 * before, kl
+    assert after < kl[0.0][1], kl  # the teacher's logits teach more about the teacher than the labels do
+    # The teacher did not move, and it is nowhere in the student's parameters or state.
+    assert all(torch.equal(frozen[k], v) for k, v in teacher.model.state_dict().items())
+    assert all(not k.startswith("teacher") for k in module.state_dict())
+    assert sum(p.numel() for p in module.parameters()) == sum(p.numel() for p in module.model.parameters())
+
+
+# -- a run end to end ----------------------------------------------------------------------------
+def lmlab(home: Path, *overrides: str):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LMLAB_HOME", str(home / "home"))
+        mp.setenv("LMLAB_CACHE_DIR", str(home / "cache"))
+        cfg = compose_cfg([*FAST, *overrides])
+        OmegaConf.resolve(cfg)
+        return run(cfg)
+
+
+@pytest.fixture(scope="module")
+def teacher_run(data: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
+    """A tiny BERT classifier on Rotten Tomatoes; its test split is scored with the exported weights."""
+    home = tmp_path_factory.mktemp("distill_home")
+    result = lmlab(home, "task=classification", f"data.path={data['rotten']}", "checkpoint.save_top_k=0")
+    return home, result
+
+
+def test_classification_student_distils_from_a_teacher_run(data: dict[str, Path], teacher_run) -> None:
+    home, teacher = teacher_run
+    result = lmlab(home, "task=classification", f"data.path={data['rotten']}", f"distill.teacher={teacher.output_dir}",
+                   "model.config.num_hidden_layers=1", "model.config.hidden_size=64", "model.config.intermediate_size=128",
+                   "distill.alpha=0.7", "distill.temperature=3")
+    client = mlflow.MlflowClient(tracking_uri=result.tracking_uri)
+    r = client.get_run(result.run_id)
+    params, metrics = r.data.params, r.data.metrics
+    assert r.info.status == "FINISHED"
+    assert params["distill.teacher"] == str(teacher.output_dir) and params["distill.alpha"] == "0.7"
+    assert params["distill/teacher_source"] == str(teacher.output_dir / "export")
+    teacher_params, student_params = int(params["distill/teacher_params"]), int(params["distill/student_params"])
+    assert student_params == int(params["n_parameters"]) < teacher_params
+    for key in ("train/kd_loss", "train/hard_loss", "train/loss"):
+        history = client.get_metric_history(result.run_id, key)
+        assert history and all(math.isfinite(m.value) for m in history), key
+    kd = {m.step: m.value for m in client.get_metric_history(result.run_id, "train/kd_loss")}
+    hard = {m.step: m.value for m in client.get_metric_history(result.run_id, "train/hard_loss")}
+    total = {m.step: m.value for m in client.get_metric_history(result.run_id, "train/loss")}
+    step = max(kd)
+    assert total[step] == pytest.approx(0.7 * kd[step] + 0.3 * hard[step], rel=1e-4)
+    # The teacher scored on the same test split, next to the student; with its export's weights.
+    assert metrics["teacher/test/accuracy"] == pytest.approx(teacher.metrics["test/accuracy"])
+    assert 0.0 <= metrics["test/accuracy"] <= 1.0 and "teacher/test/macro_f1" in metrics
+    assert metrics["distill/teacher_params"] == teacher_params
+    assert result.metrics["teacher/test/accuracy"] == metrics["teacher/test/accuracy"]
+    # The student uses the teacher's tokenizer, and neither checkpoint nor export holds the teacher.
+    export = result.export_dir
+    assert (export / "vocab.json").exists() or (export / "tokenizer.json").exists()
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(str(export)).get_vocab() == AutoTokenizer.from_pretrained(
+        str(teacher.export_dir)).get_vocab()
+    state = torch.load(result.output_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    weights = sum(v.numel() for k, v in state.items() if k.startswith("model."))
+    assert weights == student_params and not any("teacher" in k for k in state)
+
+
+def test_bad_teachers_are_named(data: dict[str, Path], teacher_run, tmp_path: Path) -> None:
+    home, teacher = teacher_run
+    base = ["task=classification", f"data.path={data['rotten']}"]
+    with pytest.raises(LmlabError, match=r"config key 'distill.teacher': '.*nowhere' does not exist"):
+        lmlab(home, *base, f"distill.teacher={tmp_path / 'nowhere'}")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(LmlabError, match=r"'distill.teacher'.*holds neither config.json"):
+        lmlab(home, *base, f"distill.teacher={empty}")
+    # Another label set: WikiTopics has other labels than Rotten Tomatoes.
+    topics = _csv_dir(TOPICS, tmp_path / "topics", {"train": 60, "validation": 20, "test": 20})
+    with pytest.raises(LmlabError, match=r"'distill.teacher': the teacher predicts the labels \['fresh', 'rotten'\]"):
+        lmlab(home, "task=classification", f"data.path={topics}", f"distill.teacher={teacher.output_dir}")
+    # A teacher without the task's head (a classifier asked to teach NER).
+    with pytest.raises(LmlabError, match=r"'distill.teacher'.*no trained \*ForTokenClassification head for task=ner"):
+        lmlab(home, "task=ner", f"data.path={data['ner']}", f"distill.teacher={teacher.output_dir}")
+    # Settings and tasks that are checked before anything is loaded.
+    with pytest.raises(LmlabError, match=r"'distill.alpha'"):
+        lmlab(home, *base, f"distill.teacher={teacher.output_dir}", "distill.alpha=1.5")
+    with pytest.raises(LmlabError, match=r"'distill.temperature'"):
+        lmlab(home, *base, f"distill.teacher={teacher.output_dir}", "distill.temperature=0")
+    with pytest.raises(LmlabError, match=r"not supported for task=summarization"):
+        lmlab(home, "task=summarization", f"distill.teacher={teacher.output_dir}")
+    with pytest.raises(LmlabError, match=r"not supported with task.multi_label=true"):
+        lmlab(home, *base, "task.multi_label=true", f"distill.teacher={teacher.output_dir}")
