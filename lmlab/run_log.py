@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
@@ -49,9 +50,20 @@ class RunLog:
         if self.client is not None:
             self.client.log_metric(self.run_id, key, value)
 
+    def survive_outages(self, uri: str, run_dir: Path) -> None:
+        """Queue writes while a remote tracking server is unreachable (lmlab.pending)."""
+        if self.client is not None and uri.startswith(("http://", "https://")):
+            from lmlab.pending import ResilientClient
+
+            self.client = ResilientClient(self.client, uri, run_dir)
+
     def terminate(self, status: str) -> None:
         if self.client is not None:
             self.client.set_terminated(self.run_id, status)
+            from lmlab.pending import ResilientClient
+
+            if isinstance(self.client, ResilientClient):
+                self.client.close()  # a last try at sending what an outage held back
 
     def metrics_logger(self, cfg: DictConfig) -> Any:
         from lightning.pytorch.loggers import MLFlowLogger
@@ -59,4 +71,6 @@ class RunLog:
         if self.client is None:  # never touches the store: its methods are rank-zero-only
             return MLFlowLogger(experiment_name=str(cfg.logger.experiment_name),
                                 tracking_uri=tracking.tracking_uri(cfg), log_model=False)
-        return tracking.metrics_logger(cfg, self.run_id)
+        logger = tracking.metrics_logger(cfg, self.run_id)
+        logger._mlflow_client = self.client  # Lightning's metrics take the same path as lmlab's own calls
+        return logger

@@ -18,7 +18,9 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import lightning as L
 import mlflow
 import pytest
 
@@ -56,29 +58,47 @@ def wait_healthy(url: str, proc: subprocess.Popen, log: Path) -> None:
     pytest.fail(f"mlflow server not healthy after {STARTUP_TIMEOUT} s:\n{log.read_text()[-3000:]}")
 
 
+class Server:
+    """A real ``mlflow server`` on 127.0.0.1 that can be killed and started again on the same port and
+    database, the way a tracking server goes away and comes back."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.artifacts = root / "artifacts"
+        self.url = f"http://127.0.0.1:{free_port()}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        log = self.root / "server.log"
+        command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port",
+                   self.url.rsplit(":", 1)[1], "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
+                   "--serve-artifacts", "--artifacts-destination", str(self.artifacts), "--workers", "1"]
+        with open(log, "a") as out:
+            self.proc = subprocess.Popen(command, cwd=self.root, stdout=out, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        wait_healthy(self.url, self.proc, log)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        # The server runs workers of its own: stop the whole process group.
+        os.killpg(self.proc.pid, sig)
+        try:
+            self.proc.wait(timeout=10)  # uvicorn waits for idle keep-alive connections; do not wait long
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     """(URL, artifacts folder) of a running tracking server that proxies artifact uploads."""
-    root = tmp_path_factory.mktemp("mlflow_server")
-    artifacts = root / "artifacts"
-    url = f"http://127.0.0.1:{free_port()}"
-    log = root / "server.log"
-    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1],
-               "--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--serve-artifacts",
-               "--artifacts-destination", str(artifacts), "--workers", "1"]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(command, cwd=root, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    srv = Server(tmp_path_factory.mktemp("mlflow_server"))
     try:
-        wait_healthy(url, proc, log)
-        yield url, artifacts
+        srv.start()
+        yield srv.url, srv.artifacts
     finally:
-        # The server runs workers of its own: stop the whole process group.
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)  # uvicorn waits for idle keep-alive connections; do not wait long
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        srv.stop()
 
 
 def artifact_files(client: mlflow.MlflowClient, run_id: str, path: str | None = None) -> set[str]:
@@ -190,3 +210,80 @@ def test_run_against_a_dead_server_stops_before_any_data_work(wiki_file: Path, t
         run(cfg)
     assert not (tmp_path / "cache").exists()  # no tokenizer trained, no data tokenized
     assert not (tmp_path / "lmlab_home").exists()  # no run directory, no local store
+
+
+# -- a server lost in the middle of a run ---------------------------------------------------------
+class ServerOutage(L.Callback):
+    """Kills the server (SIGKILL) before step ``down``; starts it again before step ``up``, if given."""
+
+    def __init__(self, srv: Server, down: int, up: int | None):
+        self.srv, self.down, self.up = srv, down, up
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.global_step == self.down:
+            self.srv.stop(signal.SIGKILL)
+        if trainer.global_step == self.up:
+            self.srv.start()
+
+
+def run_with_outage(srv: Server, wiki_file: Path, down: int, up: int | None,
+                    monkeypatch: pytest.MonkeyPatch):
+    from lmlab import checkpointing
+
+    real = checkpointing.callbacks
+    monkeypatch.setattr(checkpointing, "callbacks", lambda cfg, last: [*real(cfg, last), ServerOutage(srv, down, up)])
+    cfg = compose_cfg([*TINY, f"data.path={wiki_file}", f"logger.tracking_uri={srv.url}", "trainer.max_steps=12",
+                       "trainer.log_every_n_steps=1", "trainer.val_check_interval=6", "trainer.limit_val_batches=1"])
+    return run(cfg)
+
+
+@pytest.mark.slow
+def test_server_lost_mid_run_and_back_loses_nothing(wiki_file: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    srv = Server(tmp_path / "srv")
+    srv.root.mkdir()
+    srv.start()
+    try:
+        result = run_with_outage(srv, wiki_file, down=3, up=8, monkeypatch=monkeypatch)
+        client = mlflow.MlflowClient(tracking_uri=srv.url)
+        remote = client.get_run(result.run_id)
+        assert remote.info.status == "FINISHED"
+        # Every step's loss is there, those logged while the server was down included.
+        steps = sorted(m.step for m in client.get_metric_history(result.run_id, "train/loss"))
+        assert steps == list(range(12)), steps
+        assert remote.data.metrics["val/loss"] == pytest.approx(result.metrics["val/loss"])
+        assert "model/model.safetensors" in artifact_files(client, result.run_id)
+        assert not (result.output_dir / "mlflow_pending.jsonl").exists()
+        assert "cannot be reached" in caplog.text and "is back" in caplog.text
+    finally:
+        srv.stop()
+
+
+@pytest.mark.slow
+def test_server_gone_for_good_keeps_the_log_to_send_later(wiki_file: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    srv = Server(tmp_path / "srv")
+    srv.root.mkdir()
+    srv.start()
+    try:
+        result = run_with_outage(srv, wiki_file, down=5, up=None, monkeypatch=monkeypatch)
+        assert result.metrics["val/loss"] > 0 and (result.export_dir / "model.safetensors").is_file()
+        pending = result.output_dir / "mlflow_pending.jsonl"
+        assert pending.is_file() and "python -m lmlab.pending" in caplog.text
+
+        srv.start()
+        client = mlflow.MlflowClient(tracking_uri=srv.url)
+        assert client.get_run(result.run_id).info.status == "RUNNING"  # its end is in the file too
+        proc = subprocess.run([sys.executable, "-m", "lmlab.pending", str(result.output_dir)], capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert not pending.exists()
+        remote = client.get_run(result.run_id)
+        assert remote.info.status == "FINISHED"
+        steps = sorted(m.step for m in client.get_metric_history(result.run_id, "train/loss"))
+        assert steps == list(range(12)), steps
+        assert "model/model.safetensors" in artifact_files(client, result.run_id)
+    finally:
+        srv.stop()
