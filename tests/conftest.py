@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -50,3 +53,19 @@ def compose_cfg(overrides: list[str]) -> DictConfig:
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         return compose("config", overrides=_free_form(list(overrides)))
+
+
+def lmlab_command() -> list[str]:
+    """The installed console script next to this interpreter (or on PATH), else ``python -m lmlab``."""
+    script = Path(sys.executable).parent / "lmlab"
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("lmlab")
+    return [found] if found else [sys.executable, "-m", "lmlab"]
+
+
+def free_port() -> int:
+    """A local TCP port with nothing listening on it."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

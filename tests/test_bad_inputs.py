@@ -13,7 +13,6 @@ import os
 import shutil
 import sqlite3
 import subprocess
-import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, WIKI, compose_cfg
+from conftest import TINY, WIKI, compose_cfg, lmlab_command
 from lmlab import registry
 from lmlab.errors import LmlabError
 from lmlab.train import run
@@ -299,14 +298,6 @@ CLI_CASES = {
     "resume_garbage_checkpoint": (["resume={d}/garbage.ckpt"], ["garbage.ckpt", "not a readable checkpoint"]),
     "missing_data_file": (["data.path={d}/no_such_corpus.txt"], ["data.path", "no_such_corpus.txt"]),
 }
-
-
-def lmlab_command() -> list[str]:
-    script = Path(sys.executable).parent / "lmlab"
-    if script.exists():
-        return [str(script)]
-    found = shutil.which("lmlab")
-    return [found] if found else [sys.executable, "-m", "lmlab"]
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import socket
 import sqlite3
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,26 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import WIKI
+from conftest import WIKI, free_port, lmlab_command
 
 TIMEOUT = 600
 PARALLEL = 3
-
-
-def lmlab_command() -> list[str]:
-    """The installed console script next to this interpreter, else ``python -m lmlab``."""
-    script = Path(sys.executable).parent / "lmlab"
-    if script.exists():
-        return [str(script)]
-    found = shutil.which("lmlab")
-    return [found] if found else [sys.executable, "-m", "lmlab"]
-
-
-def free_port() -> int:
-    """A local TCP port with nothing listening on it."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

@@ -15,7 +15,6 @@ import shutil
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ import lightning as L
 import pytest
 import torch
 
-from conftest import TINY, WIKI, compose_cfg
+from conftest import TINY, WIKI, compose_cfg, lmlab_command
 
 pytestmark = pytest.mark.slow
 
@@ -34,14 +33,6 @@ TIMEOUT = 600
 STEPS = 20
 ARGS = [*TINY, "data.max_documents=40", f"trainer.max_steps={STEPS}", "checkpoint.every_n_steps=3",
         "trainer.log_every_n_steps=1"]
-
-
-def lmlab_command() -> list[str]:
-    script = Path(sys.executable).parent / "lmlab"
-    if script.exists():
-        return [str(script)]
-    found = shutil.which("lmlab")
-    return [found] if found else [sys.executable, "-m", "lmlab"]
 
 
 @dataclass

@@ -11,7 +11,6 @@ import math
 import os
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ from omegaconf import OmegaConf, open_dict
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from conftest import WIKI
+from conftest import WIKI, lmlab_command
 from lmlab import sweep, sweep_parent
 from lmlab.cli import _free_form, register_experiments
 from lmlab.errors import LmlabError
@@ -44,10 +43,6 @@ QUICK = [
 
 
 # -- helpers --------------------------------------------------------------------------------------
-def lmlab_command() -> list[str]:
-    script = Path(sys.executable).parent / "lmlab"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "lmlab"]
-
 
 @dataclass
 class Sweep:

@@ -10,7 +10,6 @@ import http.server
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,23 +23,12 @@ import lightning as L
 import mlflow
 import pytest
 
-from conftest import TINY, WIKI, compose_cfg
+from conftest import TINY, WIKI, compose_cfg, free_port, lmlab_command
 from lmlab import tracking
 from lmlab.errors import LmlabError
 from lmlab.train import run
 
 STARTUP_TIMEOUT = 300  # a first start migrates the database; slow on a busy CPU
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def lmlab_command() -> list[str]:
-    script = Path(sys.executable).parent / "lmlab"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "lmlab"]
 
 
 def wait_healthy(url: str, proc: subprocess.Popen, log: Path) -> None:
@@ -237,53 +225,55 @@ def run_with_outage(srv: Server, wiki_file: Path, down: int, up: int | None,
     return run(cfg)
 
 
+@pytest.fixture
+def own_server(tmp_path: Path) -> Iterator[Server]:
+    """A server of the test's own, which the test may kill and start again."""
+    srv = Server(tmp_path / "srv")
+    srv.root.mkdir()
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
 @pytest.mark.slow
-def test_server_lost_mid_run_and_back_loses_nothing(wiki_file: Path, tmp_path: Path,
+def test_server_lost_mid_run_and_back_loses_nothing(own_server: Server, wiki_file: Path,
                                                     monkeypatch: pytest.MonkeyPatch,
                                                     caplog: pytest.LogCaptureFixture) -> None:
-    srv = Server(tmp_path / "srv")
-    srv.root.mkdir()
-    srv.start()
-    try:
-        result = run_with_outage(srv, wiki_file, down=3, up=8, monkeypatch=monkeypatch)
-        client = mlflow.MlflowClient(tracking_uri=srv.url)
-        remote = client.get_run(result.run_id)
-        assert remote.info.status == "FINISHED"
-        # Every step's loss is there, those logged while the server was down included.
-        steps = sorted(m.step for m in client.get_metric_history(result.run_id, "train/loss"))
-        assert steps == list(range(12)), steps
-        assert remote.data.metrics["val/loss"] == pytest.approx(result.metrics["val/loss"])
-        assert "model/model.safetensors" in artifact_files(client, result.run_id)
-        assert not (result.output_dir / "mlflow_pending.jsonl").exists()
-        assert "cannot be reached" in caplog.text and "is back" in caplog.text
-    finally:
-        srv.stop()
+    srv = own_server
+    result = run_with_outage(srv, wiki_file, down=3, up=8, monkeypatch=monkeypatch)
+    client = mlflow.MlflowClient(tracking_uri=srv.url)
+    remote = client.get_run(result.run_id)
+    assert remote.info.status == "FINISHED"
+    # Every step's loss is there, those logged while the server was down included.
+    steps = sorted(m.step for m in client.get_metric_history(result.run_id, "train/loss"))
+    assert steps == list(range(12)), steps
+    assert remote.data.metrics["val/loss"] == pytest.approx(result.metrics["val/loss"])
+    assert "model/model.safetensors" in artifact_files(client, result.run_id)
+    assert not (result.output_dir / "mlflow_pending.jsonl").exists()
+    assert "cannot be reached" in caplog.text and "is back" in caplog.text
 
 
 @pytest.mark.slow
-def test_server_gone_for_good_keeps_the_log_to_send_later(wiki_file: Path, tmp_path: Path,
+def test_server_gone_for_good_keeps_the_log_to_send_later(own_server: Server, wiki_file: Path,
                                                           monkeypatch: pytest.MonkeyPatch,
                                                           caplog: pytest.LogCaptureFixture) -> None:
-    srv = Server(tmp_path / "srv")
-    srv.root.mkdir()
-    srv.start()
-    try:
-        result = run_with_outage(srv, wiki_file, down=5, up=None, monkeypatch=monkeypatch)
-        assert result.metrics["val/loss"] > 0 and (result.export_dir / "model.safetensors").is_file()
-        pending = result.output_dir / "mlflow_pending.jsonl"
-        assert pending.is_file() and "python -m lmlab.pending" in caplog.text
+    srv = own_server
+    result = run_with_outage(srv, wiki_file, down=5, up=None, monkeypatch=monkeypatch)
+    assert result.metrics["val/loss"] > 0 and (result.export_dir / "model.safetensors").is_file()
+    pending = result.output_dir / "mlflow_pending.jsonl"
+    assert pending.is_file() and "python -m lmlab.pending" in caplog.text
 
-        srv.start()
-        client = mlflow.MlflowClient(tracking_uri=srv.url)
-        assert client.get_run(result.run_id).info.status == "RUNNING"  # its end is in the file too
-        proc = subprocess.run([sys.executable, "-m", "lmlab.pending", str(result.output_dir)], capture_output=True,
-                              text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        assert not pending.exists()
-        remote = client.get_run(result.run_id)
-        assert remote.info.status == "FINISHED"
-        steps = sorted(m.step for m in client.get_metric_history(result.run_id, "train/loss"))
-        assert steps == list(range(12)), steps
-        assert "model/model.safetensors" in artifact_files(client, result.run_id)
-    finally:
-        srv.stop()
+    srv.start()
+    client = mlflow.MlflowClient(tracking_uri=srv.url)
+    assert client.get_run(result.run_id).info.status == "RUNNING"  # its end is in the file too
+    proc = subprocess.run([sys.executable, "-m", "lmlab.pending", str(result.output_dir)], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not pending.exists()
+    remote = client.get_run(result.run_id)
+    assert remote.info.status == "FINISHED"
+    steps = sorted(m.step for m in client.get_metric_history(result.run_id, "train/loss"))
+    assert steps == list(range(12)), steps
+    assert "model/model.safetensors" in artifact_files(client, result.run_id)
