@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from lmlab import pretrained
+from lmlab.checks import Number
 from lmlab.errors import config_error
 from lmlab.losses import split_lm_head
 from lmlab.specs import TaskSpec
@@ -36,6 +37,7 @@ from lmlab.tokenization import load_pretrained
 log = logging.getLogger("lmlab")
 
 KEY = "distill.teacher"
+ALPHA = Number("distill.alpha", False, "0.5 (the teacher's weight; the labels get 1 - alpha)", low=0, high=1)
 # The Hugging Face classes (by name ending) whose logits each task can learn from.
 TEACHER_HEADS = {
     "classification": ("ForSequenceClassification",),
@@ -143,9 +145,7 @@ def prepare(cfg: DictConfig, task: TaskSpec, mode: str = "fit") -> Teacher | Non
             math.isfinite(temperature) and temperature > 0):
         raise config_error("distill.temperature", f"'{temperature}' is not a positive number",
                            "Use a temperature above 0, e.g. distill.temperature=2.")
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0.0 <= alpha <= 1.0:
-        raise config_error("distill.alpha", f"'{alpha}' is not between 0 and 1",
-                           "It weighs the teacher's term (the labels get 1 - alpha), e.g. distill.alpha=0.5.")
+    ALPHA.check(cfg)
     if task.name not in TEACHER_HEADS:
         raise config_error(KEY, f"distillation is not supported for task={task.name}",
                            f"It works for task={', '.join(TEACHER_HEADS)}; unset distill.teacher for this task.")

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
+from lmlab.checks import Number
 from lmlab.errors import config_error
 
 METHODS = ("magnitude", "heads", "neurons")
@@ -50,6 +51,9 @@ class Pruned:
         return self.pruned / self.total if self.total else 0.0
 
 
+FINETUNE_STEPS = Number("prune.finetune_steps", True, "100 (0: no fine-tuning)", low=0)
+
+
 def check_config(cfg: Any) -> None:
     """Reject a bad ``prune.*`` before any data is read."""
     pcfg = cfg.get("prune") or {}
@@ -60,10 +64,7 @@ def check_config(cfg: Any) -> None:
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
         raise config_error("prune.sparsity", f"'{sparsity}' is not a fraction in [0, 1)",
                            "Use e.g. prune.sparsity=0.5 (the share of weights, heads or neurons to remove).")
-    steps = pcfg.get("finetune_steps", 0)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise config_error("prune.finetune_steps", f"'{steps}' is not a whole number of at least 0",
-                           "Use e.g. prune.finetune_steps=100 (0: no fine-tuning).")
+    FINETUNE_STEPS.check(cfg)
 
 
 def prune_model(model: nn.Module, method: str, sparsity: float) -> Pruned:

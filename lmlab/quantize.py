@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from lmlab.atomic import atomic_dir, write_json
+from lmlab.checks import Number
 from lmlab.errors import LmlabError, config_error
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,12 @@ FORMAT_VERSION = 1
 
 
 # -- configuration --------------------------------------------------------------------------------
+NUMBERS = (
+    Number("quantize.group_size", True, "32 (it must divide the layers' input width)", positive=True),
+    Number("quantize.latency_batches", True, "5", low=1),
+)
+
+
 def check_config(cfg: Any) -> None:
     """Reject a bad ``quantize.*`` before any data is read (and a missing torchao with it)."""
     qcfg = cfg.get("quantize") or {}
@@ -48,14 +55,8 @@ def check_config(cfg: Any) -> None:
         raise config_error("quantize.method", f"unknown method '{method}'", f"Use one of: {', '.join(METHODS)}.")
     if method in TORCHAO_METHODS:
         _torchao(method)
-    group = qcfg.get("group_size", 32)
-    if isinstance(group, bool) or not isinstance(group, int) or group <= 0:
-        raise config_error("quantize.group_size", f"'{group}' is not a positive whole number",
-                           "Use e.g. quantize.group_size=32 (it must divide the layers' input width).")
-    batches = qcfg.get("latency_batches", 5)
-    if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
-        raise config_error("quantize.latency_batches", f"'{batches}' is not a whole number of at least 1",
-                           "Use e.g. quantize.latency_batches=5.")
+    for number in NUMBERS:
+        number.check(cfg)
 
 
 def _torchao(method: str) -> Any:
