@@ -117,18 +117,18 @@ class ResilientClient:
         return len(self._queue)
 
     def _write(self, name: str, args: tuple, kwargs: dict[str, Any]) -> Any:
-        record = _encode(name, args, kwargs)
         if self._queue and not self.flush():
-            return self._enqueue(record)  # keep the order: nothing overtakes what waits
+            return self._enqueue(name, args, kwargs)  # keep the order: nothing overtakes what waits
         try:
             return getattr(self._client, name)(*args, **kwargs)
         except Exception as exc:
             if not is_outage(exc):
                 raise
             self._tell(exc)
-            return self._enqueue(record)
+            return self._enqueue(name, args, kwargs)
 
-    def _enqueue(self, record: dict[str, Any]) -> None:
+    def _enqueue(self, name: str, args: tuple, kwargs: dict[str, Any]) -> None:
+        record = _encode(name, args, kwargs)  # only when queued: the healthy path stays a plain call
         self._queue.append(record)
         self._file.parent.mkdir(parents=True, exist_ok=True)
         with open(self._file, "a", encoding="utf-8") as out:
