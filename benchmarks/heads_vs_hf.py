@@ -200,6 +200,17 @@ def _training_args(p: dict[str, Any], output_dir: str, seq2seq: bool = False) ->
     return TrainingArguments(**kwargs)
 
 
+def _train_and_score(trainer: Any, p: dict[str, Any], test_set: Any, keys: tuple[str, ...]) -> dict[str, float]:
+    """The example scripts' tail: train (unless only scoring), then ``val/KEY`` and ``test/KEY``."""
+    if p["mode"] == "train":
+        trainer.train()
+        trainer.save_model()
+    val = trainer.evaluate(metric_key_prefix="val")
+    test = trainer.predict(test_set, metric_key_prefix="test").metrics
+    return {f"{split}/{key}": float(source[f"{split}_{key}"])
+            for split, source in (("val", val), ("test", test)) for key in keys}
+
+
 def _read_conll(path: Path) -> list[tuple[list[str], list[str]]]:
     """(tokens, tags) per sentence: first column the token, last column the tag."""
     sentences: list[tuple[list[str], list[str]]] = []
@@ -281,13 +292,7 @@ def hf_ner(p: dict[str, Any], workdir: Path) -> dict[str, Any]:
     trainer = Trainer(model=model, args=_training_args(p, str(workdir / "out")), train_dataset=datasets["train"],
                       eval_dataset=datasets["validation"], processing_class=tokenizer,
                       data_collator=DataCollatorForTokenClassification(tokenizer), compute_metrics=compute_metrics)
-    if p["mode"] == "train":
-        trainer.train()
-        trainer.save_model()
-    val = trainer.evaluate(metric_key_prefix="val")
-    test = trainer.predict(datasets["test"], metric_key_prefix="test").metrics
-    metrics = {f"{split}/{key}": float(source[f"{split}_{key}"])
-               for split, source in (("val", val), ("test", test)) for key in ("precision", "recall", "f1")}
+    metrics = _train_and_score(trainer, p, datasets["test"], ("precision", "recall", "f1"))
     notes = [f"{truncated} sentences truncated at {p['max_length']} subwords"] if truncated else []
     return {"metrics": metrics, "notes": notes}
 
@@ -341,13 +346,7 @@ def hf_classification(p: dict[str, Any], workdir: Path) -> dict[str, Any]:
     trainer = Trainer(model=model, args=_training_args(p, str(workdir / "out")), train_dataset=datasets["train"],
                       eval_dataset=datasets["validation"], processing_class=tokenizer,
                       data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=compute_metrics)
-    if p["mode"] == "train":
-        trainer.train()
-        trainer.save_model()
-    val = trainer.evaluate(metric_key_prefix="val")
-    test = trainer.predict(datasets["test"], metric_key_prefix="test").metrics
-    return {"metrics": {f"{split}/{key}": float(source[f"{split}_{key}"])
-                        for split, source in (("val", val), ("test", test)) for key in ("accuracy", "macro_f1")},
+    return {"metrics": _train_and_score(trainer, p, datasets["test"], ("accuracy", "macro_f1")),
             "notes": []}
 
 
