@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import TQDMProgressBar
 
 from lmlab.flops import flops_per_token
 
@@ -19,11 +20,17 @@ class TokensPerSecond(L.Callback):
 
     def __init__(self, every: int = 10, peak_flops: float | None = None):
         self.every = max(1, every)
-        self._tokens = 0
+        # Padded batches count their mask on the device; the host reads the count once per window,
+        # not once per step (each read would stall a GPU).
+        self._tokens: Any = 0
         self._since = 0.0
-        self.total_tokens = 0
+        self._total: Any = 0
         self.peak = peak_flops  # per device; None: no MFU (unknown device, no perf.peak_flops)
         self._flops_per_token: float | None = None
+
+    @property
+    def total_tokens(self) -> int:
+        return int(self._total)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._since = time.perf_counter()
@@ -31,15 +38,15 @@ class TokensPerSecond(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         mask = batch.get("attention_mask") if isinstance(batch, dict) else None
-        tokens = int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
-        tokens *= trainer.world_size
+        tokens = mask.sum() if mask is not None else int(batch["input_ids"].numel())
+        tokens = tokens * trainer.world_size
         if self.peak and self._flops_per_token is None and hasattr(pl_module, "model"):
             self._flops_per_token = flops_per_token(pl_module.model, int(batch["input_ids"].shape[-1])) or 0.0
-        self._tokens += tokens
-        self.total_tokens += tokens
+        self._tokens = self._tokens + tokens
+        self._total = self._total + tokens
         if (batch_idx + 1) % self.every == 0:
             now = time.perf_counter()
-            rate = self._tokens / max(now - self._since, 1e-9)
+            rate = int(self._tokens) / max(now - self._since, 1e-9)
             pl_module.log("train/tokens_per_sec", float(rate), prog_bar=True)
             # Per device too, so runs on different device counts compare directly.
             pl_module.log("train/tokens_per_sec_per_device", float(rate) / trainer.world_size)
@@ -56,3 +63,19 @@ class LearningRate(L.Callback):
                            batch_idx: int) -> None:
         if trainer.optimizers:
             pl_module.log("train/lr", trainer.optimizers[0].param_groups[0]["lr"])
+
+
+class ProgressBar(TQDMProgressBar):
+    """Lightning's bar, refreshed every step on the CPU and every ``every`` steps on accelerators.
+
+    Each refresh reads the bar's metrics (the loss, tokens/s) as Python numbers, a host sync that
+    would stall a GPU once per step; ``every`` is the logging interval, where Lightning syncs anyway.
+    """
+
+    def __init__(self, every: int):
+        super().__init__()
+        self.every = max(1, every)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._refresh_rate = 1 if trainer.strategy.root_device.type == "cpu" else self.every

@@ -344,4 +344,5 @@ def callbacks(cfg: DictConfig, last: LastCheckpoint) -> list[L.Callback]:
     """What every Trainer gets beyond the checkpoints: resume state, numerical faults, preemption."""
     from lmlab import faults
 
-    return [ResumableData(), RngState(), faults.NumericalGuard(faults.policy(cfg), last), faults.Preemption(last)]
+    guard = faults.NumericalGuard(faults.policy(cfg), last, faults.check_every(cfg))
+    return [ResumableData(), RngState(), guard, faults.Preemption(last)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import threading
 from typing import TYPE_CHECKING, Any
@@ -43,19 +44,51 @@ def policy(cfg: DictConfig) -> str:
     return value
 
 
+def check_every(cfg: DictConfig) -> int | None:
+    """``faults.check_every_n_steps``: how often the host reads the verdict; None picks by device."""
+    value = (cfg.get("faults") or {}).get("check_every_n_steps")
+    return None if value is None else int(value)
+
+
+def _skips_on_device(optimizer: Any) -> bool:
+    # torch's fused Adam/AdamW take a ``found_inf`` tensor (GradScaler's protocol) and leave the
+    # parameters, moments and step count untouched when it is non-zero, without the host looking.
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer's torch optimizer
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False) and optimizer.defaults.get("fused"))
+
+
 class NumericalGuard(L.Callback):
     """Logs ``train/grad_norm`` (before clipping) and stops or skips a step whose loss or gradient is not finite.
 
     The check runs after backward and before the optimizer step, so the weights are never updated
     with NaNs and last.ckpt (saved at step boundaries) is the last good state. With a GradScaler
     (fp16) an inf gradient is the scaler's business, so only the loss is checked.
+
+    Reading the verdict on the host every step would stall a GPU once per step: the host waits for
+    backward to finish before it queues anything more, and the device idles through the loop's
+    Python until the next forward arrives. So on accelerators (or with ``check_every`` > 1) the
+    verdict is handed to a fused optimizer as its ``found_inf`` tensor, which skips the update on
+    the device, and the host reads the count of bad steps every ``check_every`` steps (default:
+    the logging interval, when Lightning syncs anyway) and at the end of training. A bad update is
+    still never applied; ``stop`` ends the run at that check and names the first bad step. On the
+    CPU, where a read costs nothing, the host decides every step.
     """
 
-    def __init__(self, policy: str, last: LastCheckpoint):
+    def __init__(self, policy: str, last: LastCheckpoint, check_every: int | None = None):
         self.policy = policy
         self.last = last
+        self.configured_every = check_every
+        self.check_every = check_every or 1
         self.skipped = 0
         self._losses: list[torch.Tensor] = []
+        self._pending: dict[str, torch.Tensor] | None = None  # device-side record of deferred verdicts
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        every = self.configured_every
+        if every is None:
+            every = 1 if pl_module.device.type == "cpu" else max(1, int(trainer.log_every_n_steps))
+        self.check_every = every
+        self._pending = None
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
         self._losses.append(loss.detach())
@@ -65,9 +98,17 @@ class NumericalGuard(L.Callback):
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=pl_module.device)
         pl_module.log("train/grad_norm", norm)
+        scaled = getattr(trainer.precision_plugin, "scaler", None) is not None
         checks = [torch.isfinite(loss).all() for loss in losses]
-        if getattr(trainer.precision_plugin, "scaler", None) is None:
+        if not scaled:
             checks.append(torch.isfinite(norm))
+        if self.check_every > 1 and not scaled and checks and _skips_on_device(optimizer):
+            self._defer(trainer, optimizer, torch.stack(checks).all(), losses, norm)
+            if self.skipped:
+                pl_module.log("train/skipped_steps", float(self.skipped))
+            if (trainer.global_step + 1) % self.check_every == 0:
+                self._read_pending(trainer, pl_module)
+            return
         finite = bool(torch.stack(checks).all()) if checks else True  # one host sync per step
         if trainer.strategy.reduce_boolean_decision(finite, all=True):
             if self.skipped:  # every step, so whichever step the logger keeps carries the count
@@ -75,15 +116,64 @@ class NumericalGuard(L.Callback):
             return
         where = self._where(trainer, losses, norm)
         if self.policy == "stop":
-            raise NonFiniteLoss(f"{where}; training stopped before applying it. {self._last_good()}. Lower "
-                                "optimizer.lr or set trainer.gradient_clip_val, or set faults.nonfinite=skip to "
-                                "drop such steps")
+            raise NonFiniteLoss(f"{where}; training stopped before applying it. {self._last_good()}. "
+                                f"{self._advice()}")
         for group in optimizer.param_groups:
             for p in group["params"]:
                 p.grad = None  # the optimizer leaves parameters without a gradient untouched
         self.skipped += 1
         pl_module.log("train/skipped_steps", float(self.skipped))
         log.warning("%s; skipped its update (faults.nonfinite=skip, %d skipped so far)", where, self.skipped)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        for optimizer in trainer.optimizers:  # the verdict belongs to one step only
+            vars(getattr(optimizer, "optimizer", optimizer)).pop("found_inf", None)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._read_pending(trainer, pl_module)  # bad steps after the last periodic check
+
+    def _defer(self, trainer: L.Trainer, optimizer: Any, finite: torch.Tensor, losses: list[torch.Tensor],
+               norm: torch.Tensor) -> None:
+        # Any process's bad step is every process's: summed on the device, no host round trip.
+        bad = trainer.strategy.reduce((~finite).float(), reduce_op="sum")
+        found = (bad > 0).float()  # a 0-d float tensor, as GradScaler hands it over
+        getattr(optimizer, "optimizer", optimizer).found_inf = found
+        loss = torch.stack([x.float().mean() for x in losses]).sum() if losses else torch.zeros_like(norm)
+        step = torch.tensor(float(trainer.global_step + 1), device=found.device)
+        if self._pending is None:
+            nan = torch.full((), math.nan, device=found.device)
+            self._pending = {"count": torch.zeros((), device=found.device), "first_step": nan,
+                             "first_loss": nan, "first_norm": nan}
+        pending = self._pending
+        first = pending["first_step"].isnan() & (found > 0)
+        pending["first_step"] = torch.where(first, step, pending["first_step"])
+        pending["first_loss"] = torch.where(first, loss.to(found.dtype), pending["first_loss"])
+        pending["first_norm"] = torch.where(first, norm.to(found.dtype), pending["first_norm"])
+        pending["count"] = pending["count"] + found
+
+    def _read_pending(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._pending is None:
+            return
+        count = int(self._pending["count"])  # the host sync, once per check
+        if count == self.skipped:
+            return
+        first_step = int(self._pending["first_step"])
+        loss, norm = float(self._pending["first_loss"]), float(self._pending["first_norm"])
+        what = f"the training loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {norm}"
+        where = (f"{what} at step {first_step} (epoch {trainer.current_epoch}; found at the check after step "
+                 f"{trainer.global_step + 1}, faults.check_every_n_steps={self.check_every})")
+        if self.policy == "stop":
+            raise NonFiniteLoss(f"{where}; training stopped, and no non-finite update was applied. "
+                                f"{self._last_good()}. {self._advice()}")
+        new, self.skipped = count - self.skipped, count
+        pl_module.log("train/skipped_steps", float(self.skipped))
+        log.warning("%s; skipped %d update(s) since the previous check (faults.nonfinite=skip, %d skipped so far)",
+                    where, new, self.skipped)
+
+    @staticmethod
+    def _advice() -> str:
+        return "Lower optimizer.lr or set trainer.gradient_clip_val, or set faults.nonfinite=skip to drop such steps"
 
     @staticmethod
     def _where(trainer: L.Trainer, losses: list[torch.Tensor], norm: torch.Tensor) -> str:

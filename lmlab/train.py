@@ -15,13 +15,14 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from lmlab import checkpointing, checks, distill, faults, pretrained, registry, resume, tracking
-from lmlab.callbacks import LearningRate, TokensPerSecond
+from lmlab.callbacks import LearningRate, ProgressBar, TokensPerSecond
 from lmlab.distributed import build_strategy, effective_batch, is_rank_zero
 from lmlab.errors import LmlabError, config_error
 from lmlab.export import export_hf
 from lmlab.flops import peak_flops
 from lmlab.run_log import RunLog
 from lmlab.models.build import build_hf_config, build_model, check_positions
+from lmlab.clipping import sharded_clipping, use_clipping_mixed_precision
 from lmlab.specs import ModelSpec, TaskSpec
 from lmlab.tokenization import get_tokenizer, load_pretrained
 
@@ -102,12 +103,15 @@ def build_trainer(
     # second, unmonitored checkpoint keeps last.ckpt at the newest weights (what resume needs).
     last = checkpointing.LastCheckpoint(output_dir / "checkpoints", checkpointing.every_n_steps(cfg))
     checkpointing.add_io_plugin(trainer_kwargs)  # atomic writes, weights_only reads
-    throughput = TokensPerSecond(every=int(trainer_kwargs.get("log_every_n_steps") or 10),
-                                 peak_flops=peak_flops(cfg.get("perf", {}).get("peak_flops")))
+    use_clipping_mixed_precision(trainer_kwargs, trainer_kwargs["strategy"])
+    clipping = sharded_clipping(trainer_kwargs, trainer_kwargs["strategy"])
+    every = int(trainer_kwargs.get("log_every_n_steps") or 10)
+    throughput = TokensPerSecond(every=every, peak_flops=peak_flops(cfg.get("perf", {}).get("peak_flops")))
+    bar = [ProgressBar(every)] if trainer_kwargs.get("enable_progress_bar", True) else []
     try:
         trainer = L.Trainer(
             **trainer_kwargs, logger=logger,
-            callbacks=[best, last, throughput, LearningRate(), *checkpointing.callbacks(cfg, last)],
+            callbacks=[best, last, throughput, LearningRate(), *bar, *checkpointing.callbacks(cfg, last), *clipping],
             default_root_dir=str(output_dir),
         )
     except TypeError as exc:

@@ -145,6 +145,7 @@ CASES: dict[str, Bad] = {
     "negative_checkpoint_interval": Bad(["checkpoint.every_n_steps=-1"], ["checkpoint.every_n_steps", "-1"]),
     "checkpoint_interval_not_a_number": Bad(["checkpoint.every_n_steps=often"], ["checkpoint.every_n_steps", "often"]),
     "unknown_nonfinite_policy": Bad(["faults.nonfinite=ignore"], ["faults.nonfinite", "ignore"]),
+    "zero_check_interval": Bad(["faults.check_every_n_steps=0"], ["faults.check_every_n_steps", "not positive"]),
     "bad_precision": Bad(["trainer.precision=banana"], ["trainer", "banana"]),
     "max_steps_not_a_number": Bad(["trainer.max_steps=many"], ["trainer.max_steps", "many"]),
     "seed_not_a_number": Bad(["seed=lucky"], ["seed", "lucky"]),

@@ -303,6 +303,50 @@ def test_nan_loss_is_skipped_when_asked(finished: tuple[RunResult, Path], monkey
     assert all(torch.isfinite(t).all() for t in last["state_dict"].values() if t.is_floating_point())
 
 
+def test_deferred_check_stops_at_the_next_check_naming_the_bad_step(
+    finished: tuple[RunResult, Path], lmlab_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What a GPU run does by default (check every log interval), forced here on the CPU.
+    _, root = finished
+    monkeypatch.setenv("LMLAB_CACHE_DIR", str(root / "cache"))
+    _nan_at_step(monkeypatch, 7)
+    with pytest.raises(LmlabError) as caught:
+        run(compose_cfg([*TINY, f"data.path={root / 'wiki.txt'}", "faults.check_every_n_steps=4"]))
+    message = str(caught.value)
+    assert "training loss is nan at step 7" in message, message
+    assert "found at the check after step 8" in message and "no non-finite update was applied" in message, message
+    (run_dir,) = (lmlab_home / "runs").iterdir()
+    last = load_safely(run_dir / "checkpoints" / "last.ckpt")
+    assert last["global_step"] == 5
+    assert all(torch.isfinite(t).all() for t in last["state_dict"].values() if t.is_floating_point())
+    assert statuses(lmlab_home) == ["FAILED"]
+
+
+def test_deferred_skip_drops_the_same_update_as_the_per_step_check(
+    finished: tuple[RunResult, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The fused optimizer skipping on its found_inf flag must leave the run exactly where the
+    # host-side skip (gradients dropped before the step) leaves it: same weights, same moments.
+    _, root = finished
+    monkeypatch.setenv("LMLAB_CACHE_DIR", str(root / "cache"))
+    _nan_at_step(monkeypatch, 3)
+    states = {}
+    for every in (1, 4):
+        result = run(compose_cfg([*TINY, f"data.path={root / 'wiki.txt'}", "faults.nonfinite=skip",
+                                  f"faults.check_every_n_steps={every}"]))
+        assert {value for _, value in metric_history(result, "train/skipped_steps")} == {1.0}
+        states[every] = load_safely(result.output_dir / "checkpoints" / "last.ckpt")
+    assert states[1]["global_step"] == states[4]["global_step"] == 10
+    per_step, deferred = states[1]["state_dict"], states[4]["state_dict"]
+    assert per_step.keys() == deferred.keys()
+    for name in per_step:
+        assert torch.equal(per_step[name], deferred[name]), name
+    moments = [s["optimizer_states"][0]["state"] for s in (states[1], states[4])]
+    for key in moments[0]:
+        assert torch.equal(moments[0][key]["step"], moments[1][key]["step"])
+        assert torch.equal(moments[0][key]["exp_avg"], moments[1][key]["exp_avg"])
+
+
 def test_a_huge_learning_rate_stops_the_run_at_a_named_step(
     finished: tuple[RunResult, Path], lmlab_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -315,3 +359,16 @@ def test_a_huge_learning_rate_stops_the_run_at_a_named_step(
     assert " at step " in message and "training stopped before applying it" in message, message
     assert statuses(lmlab_home) == ["FAILED"]
 
+
+
+def test_progress_bar_reads_metrics_every_step_only_on_the_cpu() -> None:
+    # The decision the bar makes at setup; a GPU is not needed to check it, only a device type.
+    from types import SimpleNamespace
+
+    from lmlab.callbacks import ProgressBar
+
+    for device, expected in (("cpu", 1), ("cuda", 25), ("meta", 25)):
+        bar = ProgressBar(every=25)
+        trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)), is_global_zero=True)
+        bar.setup(trainer, None, "fit")
+        assert bar.refresh_rate == expected, device
