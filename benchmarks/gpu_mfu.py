@@ -25,12 +25,15 @@ share (host time between the end of one step and the start of the next, where th
 fetched, over the timed wall time), peak GPU memory (``torch.cuda.max_memory_allocated``) and the
 ratio to the HF Trainer with its defaults.
 
-It needs a CUDA GPU and was written on a machine without one: it has not been run yet.
+It needs a CUDA GPU for its figures. ``--smoke`` runs the same code on the CPU with tiny models, bf16
+autocast and a few steps: its numbers mean nothing, but every side, the probes and the table are exercised
+(tests/test_benchmarks.py does so), so a GPU session's device time is not spent on plumbing.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -67,6 +70,11 @@ WORKLOADS = {
 }
 
 
+def smoke_workload(w: Workload) -> Workload:
+    """The CPU stand-in for ``--smoke``: the same task and model family, tiny and short."""
+    return dataclasses.replace(w, name=f"{w.name} (smoke: tiny, CPU)", seq=64, batch=8, vocab=2000)
+
+
 # =================================================================================================
 # Measuring inside the child processes
 # =================================================================================================
@@ -80,6 +88,16 @@ import torch
 import lmlab.train as train
 from lmlab import cli
 
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+def peak_memory():
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated()
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # --smoke on the CPU: peak RSS
+
 class Probe(L.Callback):
     def __init__(self):
         self.warmup = int(os.environ["LMLAB_BENCH_WARMUP"])
@@ -90,15 +108,14 @@ class Probe(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.steps += 1
         if self.steps == self.warmup or self.steps == trainer.max_steps:
-            torch.cuda.synchronize()
+            sync()
         self.last_end = time.perf_counter()
         if self.steps >= self.warmup:
             self.ends.append(self.last_end)
     def on_train_end(self, trainer, pl_module):
-        torch.cuda.synchronize()
+        sync()
         with open(os.environ["LMLAB_BENCH_OUT"], "w") as out:
-            json.dump({"ends": self.ends, "gaps": self.gaps,
-                       "peak_mem": torch.cuda.max_memory_allocated()}, out)
+            json.dump({"ends": self.ends, "gaps": self.gaps, "peak_mem": peak_memory()}, out)
 
 _build = train.build_trainer
 def build_trainer(*args, **kwargs):
@@ -120,6 +137,17 @@ def hf_worker(params_path: str) -> None:
 
     blocks = np.load(p["blocks"], mmap_mode="r")
     causal = p["task"] == "clm"
+    cuda = torch.cuda.is_available()
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    def peak_memory() -> int:
+        if cuda:
+            return torch.cuda.max_memory_allocated()
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # --smoke on the CPU: peak RSS
 
     class Blocks(torch.utils.data.Dataset):
         def __len__(self) -> int:
@@ -142,7 +170,7 @@ def hf_worker(params_path: str) -> None:
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if state.global_step in (p["warmup"], p["steps"]):
-                torch.cuda.synchronize()
+                sync()
             self.last_end = time.perf_counter()
             if state.global_step >= p["warmup"]:
                 self.ends.append(self.last_end)
@@ -154,7 +182,7 @@ def hf_worker(params_path: str) -> None:
     collator = default_data_collator if causal else DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15)
     probe = Probe()
     args = TrainingArguments(
-        output_dir=p["output_dir"], report_to=[], save_strategy="no", eval_strategy="no", bf16=True,
+        output_dir=p["output_dir"], report_to=[], save_strategy="no", eval_strategy="no", bf16=True, use_cpu=not cuda,
         max_steps=p["steps"], per_device_train_batch_size=p["batch"], learning_rate=p["lr"], weight_decay=0.01,
         adam_beta1=0.9, adam_beta2=p["beta2"], max_grad_norm=1.0, lr_scheduler_type="cosine_with_min_lr",
         lr_scheduler_kwargs={"min_lr_rate": 0.1}, warmup_steps=p["warmup_steps"], logging_steps=p["log_every"],
@@ -162,10 +190,11 @@ def hf_worker(params_path: str) -> None:
     )
     trainer = Trainer(model=model, args=args, train_dataset=Blocks(), data_collator=collator,
                       processing_class=tokenizer, callbacks=[probe])
-    torch.cuda.reset_peak_memory_stats()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     trainer.train()
-    Path(p["result"]).write_text(json.dumps({"ends": probe.ends, "gaps": probe.gaps,
-                                             "peak_mem": torch.cuda.max_memory_allocated()}))
+    sync()
+    Path(p["result"]).write_text(json.dumps({"ends": probe.ends, "gaps": probe.gaps, "peak_mem": peak_memory()}))
 
 
 # =================================================================================================
@@ -189,9 +218,10 @@ def summarise(side: str, record: dict[str, Any], tokens_per_step: int) -> Row:
 
 
 def lmlab_overrides(w: Workload, args: argparse.Namespace, data: list[str], extra: list[str]) -> list[str]:
+    device = ["model.size=tiny", "trainer=cpu"] if args.smoke else ["model.size=base", "trainer=gpu", "trainer.devices=1"]
     return [
-        f"task={w.task}", f"model={w.model}", "model.size=base", "trainer=gpu", "trainer.devices=1",
-        "trainer.precision=bf16-mixed", *data, f"data.block_size={w.seq}", f"data.batch_size={w.batch}",
+        f"task={w.task}", f"model={w.model}", *device, "trainer.precision=bf16-mixed", *data,
+        f"data.block_size={w.seq}", f"data.batch_size={w.batch}",
         f"tokenizer.vocab_size={w.vocab}", f"trainer.max_steps={args.steps}",
         f"trainer.val_check_interval={args.steps}", "trainer.limit_val_batches=2",
         f"trainer.log_every_n_steps={args.log_every}", "trainer.enable_progress_bar=false",
@@ -256,14 +286,15 @@ def measure(w: Workload, args: argparse.Namespace, work: Path, env: dict[str, st
     model = (AutoModelForCausalLM if w.task == "clm" else AutoModelForMaskedLM).from_config(config)
     per_token = flops_per_token(model, w.seq) or 0.0
     n_params = sum(p.numel() for p in model.parameters())
-    peak = args.peak_flops or peak_flops(None) or float("nan")
+    peak = args.peak_flops or peak_flops(None) or float("nan")  # nan on the CPU (--smoke): MFU n/a
     base = next(r.tokens_per_sec for r in rows if r.side == "HF Trainer")
     header = ["side", "tokens/s", "MFU", "data wait", "peak memory (GiB)", "vs HF Trainer"]
     body = [[r.side, f"{r.tokens_per_sec:,.0f}", f"{per_token * r.tokens_per_sec / peak:.1%}", f"{r.data_wait:.1%}",
              f"{r.peak_mem_gb:.1f}", f"{r.tokens_per_sec / base:.2f}x"] for r in rows]
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
     title = (f"{w.name}: N = {n_params / 1e6:.1f}M (vocab {config.vocab_size}), sequence {w.seq}, batch {w.batch}, "
              f"bf16 mixed, {args.steps} steps (first {args.warmup} not timed); "
-             f"{per_token / 1e9:.3f} GFLOP/token; peak {peak / 1e12:.0f} TFLOP/s ({torch.cuda.get_device_name(0)})")
+             f"{per_token / 1e9:.3f} GFLOP/token; peak {peak / 1e12:.0f} TFLOP/s ({device})")
     return title + "\n\n" + table(header, body, args.markdown is not None)
 
 
@@ -275,7 +306,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="a .txt corpus; when it is missing, lmlab's offline default (data=bbc_news)")
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--warmup", type=int, default=40, help="steps left out of the timing (compilation)")
-    parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--log-every", type=int, default=50, help="both sides; 50 is trainer=gpu's default")
     parser.add_argument("--lr", type=float, default=6e-4)
     parser.add_argument("--beta2", type=float, default=0.95)
     parser.add_argument("--warmup-steps", type=int, default=20, help="learning-rate warmup")
@@ -284,8 +315,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--peak-flops", type=float, help="peak FLOP/s (default: lmlab.flops.PEAK_FLOPS by GPU name)")
     parser.add_argument("--markdown", type=Path, help="also write the tables as markdown to this file")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, runs)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="check the plumbing on the CPU: tiny models, no compiled sides; figures meaningless")
     parser.add_argument("--hf-worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.compile = False  # inductor on a CPU takes minutes and says nothing about the GPU
     if args.steps - args.warmup < 10:
         parser.error("--steps must leave at least 10 timed steps after --warmup")
     return args
@@ -298,8 +333,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import torch
 
-    if not torch.cuda.is_available():
-        print("gpu_mfu.py needs a CUDA GPU; none is visible here.", file=sys.stderr)
+    if not torch.cuda.is_available() and not args.smoke:
+        print("gpu_mfu.py needs a CUDA GPU; none is visible here (--smoke checks the script on the CPU).",
+              file=sys.stderr)
         return 2
     work = Path(tempfile.mkdtemp(prefix="lmlab-gpu-mfu-"))
     env = {**os.environ, "LMLAB_HOME": str(work / "home"), "LMLAB_CACHE_DIR": str(work / "cache"),
@@ -313,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
         for key in [k.strip() for k in args.only.split(",") if k.strip()]:
             if key not in WORKLOADS:
                 raise SystemExit(f"--only: unknown '{key}' (use gpt2, bert)")
-            sections.append(measure(WORKLOADS[key], args, work, env, data))
+            workload = smoke_workload(WORKLOADS[key]) if args.smoke else WORKLOADS[key]
+            sections.append(measure(workload, args, work, env, data))
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
