@@ -6,6 +6,9 @@
 Each strategy is a real ``lmlab`` run (its own MLflow run under a temporary LMLAB_HOME); the table
 reads the logged throughput and final losses back from MLflow. Data: the Wikipedia extracts in
 ../shared/data/corpus (or --data FILE).
+
+``--smoke`` checks the script on a CPU: a tiny GPT-2, ``gpu`` as one CPU process and ``ddp`` as two
+gloo processes, both in bf16 autocast like the GPU presets (FSDP needs GPUs and is left out).
 """
 
 from __future__ import annotations
@@ -24,8 +27,10 @@ PRESETS = {"gpu": ["trainer=gpu", "trainer.devices=1"], "ddp": ["trainer=ddp"], 
 
 
 def run_one(name: str, devices: int, args: argparse.Namespace, home: Path) -> dict[str, float | str]:
+    size = ["model.size=tiny", "trainer.accelerator=cpu", "trainer.precision=bf16-mixed",
+            "tokenizer.vocab_size=2000"] if args.smoke else ["model.size=base"]
     overrides = [
-        *PRESETS[name], "model=gpt2", "model.size=base", f"data.path={args.data}", f"data.block_size={args.seq}",
+        *PRESETS[name], "model=gpt2", *size, f"data.path={args.data}", f"data.block_size={args.seq}",
         f"data.batch_size={args.batch}", f"trainer.max_steps={args.steps}", f"trainer.val_check_interval={args.steps}",
         "trainer.limit_val_batches=5", "trainer.log_every_n_steps=5", "trainer.enable_progress_bar=false",
         "export=false",
@@ -57,23 +62,33 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="per-device batch")
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--smoke", action="store_true", help="check the script on the CPU (tiny model, gpu and ddp)")
     args = parser.parse_args()
     import torch
 
-    if not torch.cuda.is_available():
-        sys.exit("multi_gpu.py needs CUDA GPUs; on the CPU see tests/test_ddp.py (gloo).")
-    devices = args.devices or torch.cuda.device_count()
+    if args.smoke:
+        args.strategies = ",".join(s for s in args.strategies.split(",") if s in ("gpu", "ddp"))
+        devices = args.devices or 2
+    elif not torch.cuda.is_available():
+        sys.exit("multi_gpu.py needs CUDA GPUs; on the CPU see tests/test_ddp.py (gloo), or --smoke.")
+    else:
+        devices = args.devices or torch.cuda.device_count()
     with tempfile.TemporaryDirectory(prefix="lmlab-multigpu-") as tmp:
         rows = [run_one(name, devices, args, Path(tmp)) for name in args.strategies.split(",")]
-    print(f"\nGPT-2 124M, sequence {args.seq}, per-device batch {args.batch}, {args.steps} steps, "
-          f"{torch.cuda.get_device_name(0)}")
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() and not args.smoke else "CPU (smoke)"
+    model = "GPT-2 tiny" if args.smoke else "GPT-2 124M"
+    print(f"\n{model}, sequence {args.seq}, per-device batch {args.batch}, {args.steps} steps, {device}")
     print(f"{'strategy':<10} {'devices':>7} {'global batch':>12} {'tokens/s':>12} {'train loss':>10} {'val loss':>9}")
+    failed = False
     for row in rows:
         if "error" in row:
             print(f"{row['strategy']:<10} failed: {row['error']}")
+            failed = True
             continue
         print(f"{row['strategy']:<10} {row['devices']:>7} {row['global_batch']:>12} {row['tokens_per_sec']:>12,.0f} "
               f"{row['train_loss']:>10.4f} {row['val_loss']:>9.4f}")
+    if failed:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

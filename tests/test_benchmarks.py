@@ -41,3 +41,20 @@ def test_gpu_mfu_smoke_runs_every_side_and_prints_the_tables(tmp_path: Path) -> 
         tokens_per_sec = float(line.split("|")[2].replace(",", ""))
         assert tokens_per_sec > 0, side
     assert "GPT-2 124M (smoke" in table and "BERT-base MLM (smoke" in table
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not WIKI.exists(), reason="needs ../shared/data")
+def test_multi_gpu_smoke_reads_both_strategies_back_from_mlflow(tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(WIKI.read_text(encoding="utf-8").splitlines()[:300]) + "\n", encoding="utf-8")
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "multi_gpu.py"), "--smoke", "--steps", "10", "--seq", "64",
+         "--batch", "4", "--data", str(corpus)],
+        capture_output=True, text=True, timeout=900, cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = {line.split()[0]: line.split() for line in done.stdout.splitlines() if line.split()[:1] in (["gpu"], ["ddp"])}
+    assert rows["gpu"][1:3] == ["1", "4"] and rows["ddp"][1:3] == ["2", "8"]  # devices, global batch
+    for row in rows.values():
+        assert float(row[3].replace(",", "")) > 0 and 0 < float(row[5]) < 10  # tokens/s, val loss
