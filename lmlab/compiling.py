@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -25,3 +27,13 @@ def compile_in_place(module: torch.nn.Module, enabled: bool) -> torch.nn.Module:
     module.compile()
     log.info("model.compile=true: %s is compiled at its first step (this takes a while)", type(module).__name__)
     return module
+
+
+def compile_function(function: Callable[..., Any]) -> Callable[..., Any]:
+    """``torch.compile(function)``, falling back to eager where a graph fails, as compile_in_place does."""
+    import torch._dynamo
+
+    torch._dynamo.config.suppress_errors = True
+    log.info("model.compile=true: %s is compiled at its first call (this takes a while)",
+             getattr(function, "__qualname__", function))
+    return torch.compile(function)

@@ -141,3 +141,36 @@ def test_fused_gelu_keeps_the_logits_and_the_config() -> None:
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
     assert model.config.activation_function == "gelu_new"  # the export still names GPT-2's activation
     assert fuse_activations(model) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fused_loss", [True, False])
+def test_compiled_step_equals_the_eager_step(fused_loss: bool) -> None:
+    # model.compile=true compiles the body (fused loss) or the model with its cross-entropy (plain
+    # loss); either way the step must compute what the eager one does.
+    from lmlab.tasks.clm import build_module
+
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    cfg = OmegaConf.create({"optimizer": {}, "scheduler": {}, "model": {"fused_loss": fused_loss, "compile": True}})
+    eager_model, compiled_model = _tiny_gpt2(), _tiny_gpt2()
+    compiled_model.load_state_dict(eager_model.state_dict())
+    eager = build_module(OmegaConf.merge(cfg, {"model": {"compile": False}}), eager_model, None)
+    compiled = build_module(cfg, compiled_model, None)
+    ids = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(3))
+    results = []
+    for module in (eager, compiled):
+        module.model.eval()  # no dropout: the two must see the same function
+        loss_sum, count = module.token_losses({"input_ids": ids})
+        loss_sum.backward()
+        results.append((loss_sum.detach(), count, [p.grad.clone() for p in module.model.parameters()]))
+    (a_loss, a_count, a_grads), (b_loss, b_count, b_grads) = results
+    assert a_count == b_count == 2 * 15
+    torch.testing.assert_close(a_loss, b_loss, rtol=1e-4, atol=1e-4)
+    for a, b in zip(a_grads, b_grads):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+    # Compiled for real: errors fall back to eager silently (suppress_errors), which would pass above.
+    assert counters["stats"]["unique_graphs"] >= 1
+    assert not counters["graph_break"], dict(counters["graph_break"])

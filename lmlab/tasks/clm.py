@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 from torchmetrics import SumMetric
 
 from lmlab import optim
-from lmlab.compiling import compile_in_place
+from lmlab.compiling import compile_function, compile_in_place
 from lmlab.fastpath import fuse_activations
 from lmlab.losses import linear_cross_entropy, split_lm_head
 from lmlab.specs import TaskSpec
@@ -58,11 +58,16 @@ class CausalLMModule(L.LightningModule):
             if keep_logits:  # distillation compares whole distributions: (M, V) logits it must have
                 picked = hidden[counted] @ weight.t()
         else:
-            logits = self.model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
-            loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
-                                       reduction="sum")
+            loss_sum, logits = self.plain_loss(ids, mask, targets)
             picked = logits[counted] if keep_logits else None
         return loss_sum, counted.sum(), picked, counted
+
+    def plain_loss(self, ids: torch.Tensor, mask: torch.Tensor | None, targets: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed cross-entropy through the (B, T, V) logits, and the logits; one graph for torch.compile."""
+        logits = self.model(input_ids=ids, attention_mask=mask).logits
+        loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
+        return loss_sum, logits
 
     def _use_fused(self) -> bool:
         if not self.fused_loss:
@@ -100,9 +105,14 @@ class CausalLMModule(L.LightningModule):
 def build_module(cfg: DictConfig, model: torch.nn.Module, tokenizer: Any) -> CausalLMModule:
     fuse_activations(model)
     module = CausalLMModule(model, cfg.optimizer, cfg.scheduler, fused_loss=bool(cfg.model.get("fused_loss", True)))
-    # The fused loss calls the body, not the whole model: compile what the training step runs.
-    parts = split_lm_head(model) if module.fused_loss else None
-    compile_in_place(parts[0] if parts else model, bool(cfg.model.get("compile", False)))
+    # Compile what the training step runs: with the fused loss the body (the chunked loss stays
+    # eager); without it the model and the cross-entropy together, so the compiler can fuse the
+    # float32 upcast and log-softmax of the (B, T, V) logits instead of writing them out.
+    compiled = bool(cfg.model.get("compile", False))
+    if module.fused_loss:
+        compile_in_place(split_lm_head(model)[0], compiled)
+    elif compiled:
+        module.plain_loss = compile_function(module.plain_loss)
     return module
 
 
