@@ -19,41 +19,37 @@ from conftest import WIKI
 REPO = Path(__file__).resolve().parents[1]
 
 
+def run_script(tmp_path: Path, script: str, *args: str) -> subprocess.CompletedProcess:
+    """benchmarks/SCRIPT --smoke on the first 300 paragraphs of the shared corpus; it must succeed."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(WIKI.read_text(encoding="utf-8").splitlines()[:300]) + "\n", encoding="utf-8")
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--smoke", "--data", str(corpus), *args],
+                          capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not WIKI.exists(), reason="needs ../shared/data")
 def test_gpu_mfu_smoke_runs_every_side_and_prints_the_tables(tmp_path: Path) -> None:
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(WIKI.read_text(encoding="utf-8").splitlines()[:300]) + "\n", encoding="utf-8")
-    done = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "gpu_mfu.py"), "--smoke", "--steps", "16", "--warmup", "4",
-         "--log-every", "2", "--data", str(corpus), "--markdown", str(tmp_path / "table.md")],
-        capture_output=True, text=True, timeout=900, cwd=tmp_path,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_script(tmp_path, "gpu_mfu.py", "--steps", "16", "--warmup", "4", "--log-every", "2",
+               "--markdown", str(tmp_path / "table.md"))
     table = (tmp_path / "table.md").read_text()
-    rows = {line.split("|")[1].strip(): line for line in table.splitlines()
-            if line.startswith("| lmlab") or line.startswith("| HF Trainer")}
+    rows = [line for line in table.splitlines() if line.startswith(("| lmlab", "| HF Trainer"))]
     # GPT-2: lmlab, lmlab without the fused loss, HF Trainer; BERT: lmlab, HF Trainer.
     assert len(re.findall(r"^\| lmlab \|", table, flags=re.M)) == 2
     assert len(re.findall(r"^\| lmlab \(model.fused_loss=false\)", table, flags=re.M)) == 1
     assert len(re.findall(r"^\| HF Trainer \|", table, flags=re.M)) == 2
-    for side, line in rows.items():
-        tokens_per_sec = float(line.split("|")[2].replace(",", ""))
-        assert tokens_per_sec > 0, side
+    assert len(rows) == 5
+    for line in rows:
+        assert float(line.split("|")[2].replace(",", "")) > 0, line  # tokens/s
     assert "GPT-2 124M (smoke" in table and "BERT-base MLM (smoke" in table
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not WIKI.exists(), reason="needs ../shared/data")
 def test_multi_gpu_smoke_reads_both_strategies_back_from_mlflow(tmp_path: Path) -> None:
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(WIKI.read_text(encoding="utf-8").splitlines()[:300]) + "\n", encoding="utf-8")
-    done = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "multi_gpu.py"), "--smoke", "--steps", "10", "--seq", "64",
-         "--batch", "4", "--data", str(corpus)],
-        capture_output=True, text=True, timeout=900, cwd=tmp_path,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    done = run_script(tmp_path, "multi_gpu.py", "--steps", "10", "--seq", "64", "--batch", "4")
     rows = {line.split()[0]: line.split() for line in done.stdout.splitlines() if line.split()[:1] in (["gpu"], ["ddp"])}
     assert rows["gpu"][1:3] == ["1", "4"] and rows["ddp"][1:3] == ["2", "8"]  # devices, global batch
     for row in rows.values():
