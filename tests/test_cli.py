@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from conftest import WIKI, free_port, lmlab_command
 
@@ -274,3 +275,21 @@ def test_trainer_option_lightning_rejects_marks_the_run_failed(lmlab_cli: Launch
     out = lmlab_cli(case)
     message = assert_clean_error(out, "'trainer'", "bogus")
     assert mlflow_statuses(out.home) == ["FAILED"], message
+
+
+def test_a_data_config_of_the_users_own_with_config_dir(tmp_path: Path) -> None:
+    # The brief's `lmlab task=mlm model=bert data=my_corpus`: my_corpus.yaml lives in the user's own
+    # folder, which Hydra's --config-dir (-cd) adds to the search path beside lmlab's conf/.
+    corpus = _wiki(tmp_path)
+    (tmp_path / "my_conf" / "data").mkdir(parents=True)
+    (tmp_path / "my_conf" / "data" / "my_corpus.yaml").write_text(
+        f"defaults:\n  - text\n  - _self_\n\npath: {corpus}\nval_fraction: 0.2\n", encoding="utf-8")
+    out = run_lmlab(["-cd", str(tmp_path / "my_conf"), "task=mlm", "model=bert", "data=my_corpus", *DEBUG,
+                     "trainer.max_steps=2", "trainer.val_check_interval=2"], tmp_path)
+    assert out.returncode == 0, out.describe()
+    (run_dir,) = (out.home / "runs").iterdir()
+    data = OmegaConf.load(run_dir / "config_resolved.yaml").data
+    assert data.path == corpus and data.val_fraction == 0.2 and data.datamodule == "text"
+    with sqlite3.connect(out.home / "mlflow.db") as con:
+        tags = dict(con.execute("SELECT key, value FROM tags WHERE key LIKE 'lmlab.%'").fetchall())
+    assert tags["lmlab.task"] == "mlm" and tags["lmlab.data"] == f"path:{corpus}"
