@@ -131,7 +131,7 @@ class NumericalGuard(L.Callback):
             vars(getattr(optimizer, "optimizer", optimizer)).pop("found_inf", None)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._read_pending(trainer, pl_module)  # bad steps after the last periodic check
+        self._read_pending(trainer, pl_module, at_end=True)  # bad steps after the last periodic check
 
     def _defer(self, trainer: L.Trainer, optimizer: Any, finite: torch.Tensor, losses: list[torch.Tensor],
                norm: torch.Tensor) -> None:
@@ -152,7 +152,7 @@ class NumericalGuard(L.Callback):
         pending["first_norm"] = torch.where(first, norm.to(found.dtype), pending["first_norm"])
         pending["count"] = pending["count"] + found
 
-    def _read_pending(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def _read_pending(self, trainer: L.Trainer, pl_module: L.LightningModule, at_end: bool = False) -> None:
         if self._pending is None:
             return
         count = int(self._pending["count"])  # the host sync, once per check
@@ -161,15 +161,20 @@ class NumericalGuard(L.Callback):
         first_step = int(self._pending["first_step"])
         loss, norm = float(self._pending["first_loss"]), float(self._pending["first_norm"])
         what = f"the training loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {norm}"
-        where = (f"{what} at step {first_step} (epoch {trainer.current_epoch}; found at the check after step "
-                 f"{trainer.global_step + 1}, faults.check_every_n_steps={self.check_every})")
+        found = f"found at the check after step {trainer.global_step + (0 if at_end else 1)}"
         if self.policy == "stop":
-            raise NonFiniteLoss(f"{where}; training stopped, and no non-finite update was applied. "
-                                f"{self._last_good()}. {self._advice()}")
+            raise NonFiniteLoss(f"{what} at step {first_step} (epoch {trainer.current_epoch}; {found}, "
+                                f"faults.check_every_n_steps={self.check_every}); training stopped, and no "
+                                f"non-finite update was applied. {self._last_good()}. {self._advice()}")
         new, self.skipped = count - self.skipped, count
-        pl_module.log("train/skipped_steps", float(self.skipped))
-        log.warning("%s; skipped %d update(s) since the previous check (faults.nonfinite=skip, %d skipped so far)",
-                    where, new, self.skipped)
+        if at_end:  # Lightning allows no self.log here; the logger itself still takes the count
+            if trainer.logger is not None:
+                trainer.logger.log_metrics({"train/skipped_steps": float(self.skipped)}, step=trainer.global_step)
+        else:
+            pl_module.log("train/skipped_steps", float(self.skipped))
+        log.warning("%d more step(s) with a non-finite loss or gradient, %s (the first of the run at step %d: %s); "
+                    "their updates were skipped (faults.nonfinite=skip, %d skipped so far)",
+                    new, found, first_step, what, self.skipped)
 
     @staticmethod
     def _advice() -> str:

@@ -308,14 +308,16 @@ def test_nan_loss_is_skipped_when_asked(finished: tuple[RunResult, Path], monkey
     assert all(torch.isfinite(t).all() for t in last["state_dict"].values() if t.is_floating_point())
 
 
+# Step 3 is read at the periodic check after step 4; step 9 (after the last one, at step 8) when training ends.
+@pytest.mark.parametrize("nan_step", [3, 9])
 def test_deferred_skip_drops_the_same_update_as_the_per_step_check(
-    finished: tuple[RunResult, Path], monkeypatch: pytest.MonkeyPatch
+    finished: tuple[RunResult, Path], monkeypatch: pytest.MonkeyPatch, nan_step: int
 ) -> None:
     # The fused optimizer skipping on its found_inf flag must leave the run exactly where the
     # host-side skip (gradients dropped before the step) leaves it: same weights, same moments.
     _, root = finished
     monkeypatch.setenv("LMLAB_CACHE_DIR", str(root / "cache"))
-    _nan_at_step(monkeypatch, 3)
+    _nan_at_step(monkeypatch, nan_step)
     states = {}
     for every in (1, 4):
         result = run(compose_cfg([*TINY, f"data.path={root / 'wiki.txt'}", "faults.nonfinite=skip",
