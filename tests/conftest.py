@@ -55,6 +55,24 @@ def compose_cfg(overrides: list[str]) -> DictConfig:
         return compose("config", overrides=_free_form(list(overrides)))
 
 
+def run_in_home(root: Path, overrides: list[str]):
+    """A real run (``lmlab.train.run``) with its home in ROOT/home and its cache in ROOT/cache.
+
+    Module-scoped fixtures and tests share one MLflow store and cache this way; the config is
+    resolved inside the environment so its paths stay pinned there. Returns (RunResult, config).
+    """
+    from omegaconf import OmegaConf
+
+    from lmlab.train import run
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LMLAB_HOME", str(root / "home"))
+        mp.setenv("LMLAB_CACHE_DIR", str(root / "cache"))
+        cfg = compose_cfg(overrides)
+        OmegaConf.resolve(cfg)
+        return run(cfg), cfg
+
+
 def lmlab_command() -> list[str]:
     """The installed console script next to this interpreter (or on PATH), else ``python -m lmlab``."""
     script = Path(sys.executable).parent / "lmlab"

@@ -16,11 +16,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import SHARED_DATA, TINY, compose_cfg
+from conftest import SHARED_DATA, TINY, compose_cfg, run_in_home
 from lmlab import registry
 from lmlab.errors import LmlabError
 from lmlab.tokenization import train_wordpiece
-from lmlab.train import run
 
 ROTTEN = SHARED_DATA / "classification" / "rotten_tomatoes"
 ROWS = {"train": 300, "validation": 60, "test": 60}
@@ -220,12 +219,7 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def lmlab_run(home: Path, *overrides: str):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LMLAB_HOME", str(home / "home"))
-        mp.setenv("LMLAB_CACHE_DIR", str(home / "cache"))
-        cfg = compose_cfg([*TINY, *overrides])
-        OmegaConf.resolve(cfg)  # pin the paths to this home
-        return run(cfg), cfg
+    return run_in_home(home, [*TINY, *overrides])
 
 
 def classify(home: Path, data: Path, *overrides: str):

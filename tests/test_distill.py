@@ -15,15 +15,13 @@ import mlflow
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SHARED_DATA, TINY, compose_cfg
-from omegaconf import OmegaConf
+from conftest import SHARED_DATA, TINY, compose_cfg, run_in_home
 
 from lmlab import distill, registry
 from lmlab.errors import LmlabError
 from lmlab.models.build import build_hf_config, build_model
 from lmlab.tasks.ner import infer_labels, read_conll
 from lmlab.tokenization import get_tokenizer
-from lmlab.train import run
 
 ROTTEN = SHARED_DATA / "classification" / "rotten_tomatoes"
 TOPICS = SHARED_DATA / "classification" / "wiki_topics"
@@ -213,12 +211,7 @@ def test_distillation_moves_the_student_toward_the_teacher(data: dict[str, Path]
 
 # -- a run end to end ----------------------------------------------------------------------------
 def lmlab(home: Path, *overrides: str):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LMLAB_HOME", str(home / "home"))
-        mp.setenv("LMLAB_CACHE_DIR", str(home / "cache"))
-        cfg = compose_cfg([*FAST, *overrides])
-        OmegaConf.resolve(cfg)
-        return run(cfg)
+    return run_in_home(home, [*FAST, *overrides])[0]
 
 
 @pytest.fixture(scope="module")

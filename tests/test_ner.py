@@ -16,7 +16,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import SHARED_DATA, TINY, compose_cfg
+from conftest import SHARED_DATA, TINY, compose_cfg, run_in_home
 from lmlab import registry
 from lmlab.errors import LmlabError
 from lmlab.tasks.ner import (
@@ -379,14 +379,7 @@ FAST = [*TINY, "trainer.num_sanity_val_steps=0"]
 
 
 def run_in(home: Path, *overrides: str):
-    from lmlab.train import run
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LMLAB_HOME", str(home / "home"))
-        mp.setenv("LMLAB_CACHE_DIR", str(home / "cache"))
-        cfg = compose_cfg([*FAST, *overrides])
-        OmegaConf.resolve(cfg)
-        return run(cfg), cfg
+    return run_in_home(home, [*FAST, *overrides])
 
 
 def artifact_files(client, run_id: str, path: str | None = None) -> set[str]:

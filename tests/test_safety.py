@@ -22,7 +22,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import TINY, WIKI, compose_cfg
+from conftest import TINY, WIKI, compose_cfg, run_in_home
 from lmlab import registry
 from lmlab.atomic import atomic_file
 from lmlab.checkpointing import AtomicCheckpointIO, LastCheckpoint, load_safely, plain
@@ -217,12 +217,7 @@ def wiki_in(tmp_path: Path) -> Path:
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[RunResult, Path]:
     root = tmp_path_factory.mktemp("safety")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LMLAB_HOME", str(root / "home"))
-        mp.setenv("LMLAB_CACHE_DIR", str(root / "cache"))
-        cfg = compose_cfg([*TINY, f"data.path={wiki_in(root)}"])
-        OmegaConf.resolve(cfg)
-        return run(cfg), root
+    return run_in_home(root, [*TINY, f"data.path={wiki_in(root)}"])[0], root
 
 
 def test_run_checkpoints_hold_only_safe_types(finished: tuple[RunResult, Path]) -> None:
