@@ -20,11 +20,13 @@ import torch
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.utilities import GradClipAlgorithmType
 
+from lmlab.optim import steps_with_found_inf
+
 MIXED = ("bf16-mixed", "16-mixed")
 
 
-def _unscales_inside(optimizer: Any) -> bool:
-    return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+def _strategy_name(strategy: Any) -> str:
+    return (strategy if isinstance(strategy, str) else type(strategy).__name__).lower()
 
 
 class ClippingMixedPrecision(MixedPrecision):
@@ -32,7 +34,7 @@ class ClippingMixedPrecision(MixedPrecision):
 
     def clip_gradients(self, optimizer: Any, clip_val: int | float = 0.0,
                        gradient_clip_algorithm: GradClipAlgorithmType = GradClipAlgorithmType.NORM) -> None:
-        if clip_val > 0 and self.scaler is not None and _unscales_inside(optimizer):
+        if clip_val > 0 and self.scaler is not None and steps_with_found_inf(optimizer):
             # fp16: unscale before clipping, as for any optimizer. The scaler's step then sees the
             # optimizer marked unscaled and hands the fused kernel no scale to divide by again.
             self.scaler.unscale_(optimizer)
@@ -57,7 +59,7 @@ def use_clipping_mixed_precision(trainer_kwargs: dict[str, Any], strategy: Any) 
     DeepSpeed bring precision plugins of their own and keep the precision string.
     """
     precision = str(trainer_kwargs.get("precision") or "")
-    name = (strategy if isinstance(strategy, str) else type(strategy).__name__).lower()
+    name = _strategy_name(strategy)
     device = _device(trainer_kwargs.get("accelerator"))
     if precision not in MIXED or device is None or "fsdp" in name or "deepspeed" in name:
         return
@@ -77,7 +79,7 @@ class ShardedClipping(L.Callback):
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
         scaler = getattr(trainer.precision_plugin, "scaler", None)
-        if scaler is not None and _unscales_inside(optimizer):
+        if scaler is not None and steps_with_found_inf(optimizer):
             scaler.unscale_(optimizer)  # fp16: clip the true gradients (Lightning did it for other optimizers)
         if self.algorithm == "value":
             params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
@@ -88,7 +90,7 @@ class ShardedClipping(L.Callback):
 
 def sharded_clipping(trainer_kwargs: dict[str, Any], strategy: Any) -> list[L.Callback]:
     """Under FSDP: moves ``gradient_clip_val`` out of ``trainer_kwargs`` into a :class:`ShardedClipping`."""
-    name = (strategy if isinstance(strategy, str) else type(strategy).__name__).lower()
+    name = _strategy_name(strategy)
     clip_val = trainer_kwargs.get("gradient_clip_val")
     if "fsdp" not in name or not clip_val:
         return []

@@ -15,6 +15,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from lmlab.errors import LmlabError, config_error
+from lmlab.optim import steps_with_found_inf
 
 if TYPE_CHECKING:
     from lmlab.checkpointing import LastCheckpoint
@@ -48,13 +49,6 @@ def check_every(cfg: DictConfig) -> int | None:
     """``faults.check_every_n_steps``: how often the host reads the verdict; None picks by device."""
     value = (cfg.get("faults") or {}).get("check_every_n_steps")
     return None if value is None else int(value)
-
-
-def _skips_on_device(optimizer: Any) -> bool:
-    # torch's fused Adam/AdamW take a ``found_inf`` tensor (GradScaler's protocol) and leave the
-    # parameters, moments and step count untouched when it is non-zero, without the host looking.
-    optimizer = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer's torch optimizer
-    return bool(getattr(optimizer, "_step_supports_amp_scaling", False) and optimizer.defaults.get("fused"))
 
 
 class NumericalGuard(L.Callback):
@@ -102,7 +96,7 @@ class NumericalGuard(L.Callback):
         checks = [torch.isfinite(loss).all() for loss in losses]
         if not scaled:
             checks.append(torch.isfinite(norm))
-        if self.check_every > 1 and not scaled and checks and _skips_on_device(optimizer):
+        if self.check_every > 1 and not scaled and checks and steps_with_found_inf(optimizer):
             self._defer(trainer, optimizer, torch.stack(checks).all(), losses, norm)
             if self.skipped:
                 pl_module.log("train/skipped_steps", float(self.skipped))

@@ -23,6 +23,18 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def steps_with_found_inf(optimizer: object) -> bool:
+    """Whether ``optimizer`` (or a LightningOptimizer's) unscales and skips inside its own step.
+
+    torch's fused Adam/AdamW take GradScaler's ``grad_scale`` and ``found_inf`` tensors and leave the
+    parameters, moments and step count untouched when ``found_inf`` is non-zero, without the host
+    looking. lmlab's optimizer is one of them (``build``), which both gradient clipping and the NaN
+    guard have to know.
+    """
+    optimizer = getattr(optimizer, "optimizer", optimizer)
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+
+
 def lr_lambda(schedule: str, warmup: int, total: int, min_ratio: float):
     def factor(step: int) -> float:
         if warmup > 0 and step < warmup:
