@@ -80,6 +80,24 @@ def smoke_workload(w: Workload) -> Workload:
 # Measuring inside the child processes
 # =================================================================================================
 
+
+def device_sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def peak_memory() -> int:
+    """Peak GPU memory allocated; under --smoke on the CPU, the process's peak RSS."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated()
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 # The lmlab command with a probe callback added to its Trainer: it writes step times, the host gaps
 # between steps and the peak GPU memory to LMLAB_BENCH_OUT when training ends.
 LMLAB_STUB = """
@@ -88,16 +106,8 @@ import lightning as L
 import torch
 import lmlab.train as train
 from lmlab import cli
-
-def sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-def peak_memory():
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated()
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # --smoke on the CPU: peak RSS
+sys.path.insert(0, os.environ["LMLAB_BENCH_DIR"])
+from gpu_mfu import device_sync as sync, peak_memory
 
 class Probe(L.Callback):
     def __init__(self):
@@ -140,16 +150,6 @@ def hf_worker(params_path: str) -> None:
     causal = p["task"] == "clm"
     cuda = torch.cuda.is_available()
 
-    def sync() -> None:
-        if cuda:
-            torch.cuda.synchronize()
-
-    def peak_memory() -> int:
-        if cuda:
-            return torch.cuda.max_memory_allocated()
-        import resource
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # --smoke on the CPU: peak RSS
-
     class Blocks(torch.utils.data.Dataset):
         def __len__(self) -> int:
             return len(blocks)
@@ -171,7 +171,7 @@ def hf_worker(params_path: str) -> None:
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if state.global_step in (p["warmup"], p["steps"]):
-                sync()
+                device_sync()
             self.last_end = time.perf_counter()
             if state.global_step >= p["warmup"]:
                 self.ends.append(self.last_end)
@@ -194,7 +194,7 @@ def hf_worker(params_path: str) -> None:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
-    sync()
+    device_sync()
     Path(p["result"]).write_text(json.dumps({"ends": probe.ends, "gaps": probe.gaps, "peak_mem": peak_memory()}))
 
 
@@ -235,7 +235,8 @@ def lmlab_overrides(w: Workload, args: argparse.Namespace, data: list[str], extr
 def run_lmlab(w: Workload, args: argparse.Namespace, work: Path, env: dict[str, str], data: list[str],
               label: str, extra: list[str]) -> Row:
     out = work / f"{w.model}-{label.replace(' ', '_')}.json"
-    child_env = {**env, "LMLAB_BENCH_OUT": str(out), "LMLAB_BENCH_WARMUP": str(args.warmup)}
+    child_env = {**env, "LMLAB_BENCH_OUT": str(out), "LMLAB_BENCH_WARMUP": str(args.warmup),
+                 "LMLAB_BENCH_DIR": str(HERE)}
     run_child([sys.executable, "-c", LMLAB_STUB, *lmlab_overrides(w, args, data, extra)], child_env,
               work / f"{w.model}-{label.replace(' ', '_')}.log")
     return summarise(label, json.loads(out.read_text()), w.seq * w.batch)
