@@ -62,6 +62,7 @@ NUMBERS = (
     Number("scheduler.warmup_steps", True, "100", low=0, nullable=True),
     Number("scheduler.min_lr_ratio", False, "0.1", low=0, high=1, nullable=True),
     Number("faults.check_every_n_steps", True, "10", positive=True, nullable=True),
+    Number("model.vocab_multiple", True, "64", positive=True, nullable=True),
 )
 
 

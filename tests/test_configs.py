@@ -143,12 +143,14 @@ def wordpiece_tokenizer():
 
 
 def test_free_form_model_config_fields(bpe_tokenizer):
-    cfg = compose_cfg(["model.config.n_layer=4", "model.config.resid_pdrop=0.0"])
+    cfg = compose_cfg(["model.config.n_layer=4", "model.config.resid_pdrop=0.1"])
     assert cfg.model.config.n_layer == 4
     config = build_hf_config(GPT2, cfg.model, bpe_tokenizer, int(cfg.data.block_size))
-    assert config.n_layer == 4 and config.resid_pdrop == 0.0
+    assert config.n_layer == 4 and config.resid_pdrop == 0.1
+    assert config.embd_pdrop == config.attn_pdrop == 0.0  # conf/model/gpt2.yaml's from-scratch default
     assert config.n_embd == GPT2.sizes["tiny"]["n_embd"]  # the rest of the size preset stays
-    assert config.vocab_size == len(bpe_tokenizer)
+    # Rows rounded up to model.vocab_multiple (64); the tokenizer's ids are the first len(tokenizer).
+    assert config.vocab_size == -(-len(bpe_tokenizer) // 64) * 64 >= len(bpe_tokenizer)
     assert config.eos_token_id == bpe_tokenizer.eos_token_id
 
 
@@ -157,7 +159,7 @@ def test_free_form_bert_fields(wordpiece_tokenizer):
     config = build_hf_config(BERT, cfg.model, wordpiece_tokenizer, int(cfg.data.block_size))
     assert config.num_hidden_layers == 3 and config.hidden_size == 128
     assert config.pad_token_id == wordpiece_tokenizer.pad_token_id == 0
-    assert config.vocab_size == len(wordpiece_tokenizer)
+    assert config.vocab_size == -(-len(wordpiece_tokenizer) // 64) * 64
 
 
 def test_unknown_model_config_field(bpe_tokenizer):

@@ -271,7 +271,9 @@ def test_export_round_trip_matches_final_checkpoint(ws: Workspace, name: str) ->
         want = out.logits if name != "nsp" else out.prediction_logits
         out0 = untrained(**inputs)
         random_init = out0.logits if name != "nsp" else out0.prediction_logits
-    assert got.shape == want.shape == (1, inputs["input_ids"].shape[1], len(tokenizer))
+    # One logit per row of the output layer: the tokenizer's ids, rounded up to model.vocab_multiple.
+    assert 0 <= hf_config.vocab_size - len(tokenizer) < int(cfg.model.vocab_multiple)
+    assert got.shape == want.shape == (1, inputs["input_ids"].shape[1], hf_config.vocab_size)
     assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
     # ...and the export is trained weights, not a fresh initialisation.
     assert not torch.allclose(got, random_init, atol=1e-3)
@@ -337,7 +339,7 @@ def test_pretrained_tokenizer_from_a_previous_export(ws: Workspace, tmp_path: Pa
     assert new_tok.get_vocab() == src_tok.get_vocab()
     assert new_tok(SAMPLE)["input_ids"] == src_tok(SAMPLE)["input_ids"]
     config = json.loads((result.export_dir / "config.json").read_text())
-    assert config["vocab_size"] == len(src_tok)
+    assert config["vocab_size"] == -(-len(src_tok) // int(cfg.model.vocab_multiple)) * int(cfg.model.vocab_multiple)
 
 
 def test_hf_dataset_directory(ws: Workspace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

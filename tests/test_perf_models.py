@@ -174,3 +174,146 @@ def test_compiled_step_equals_the_eager_step(fused_loss: bool) -> None:
     # Compiled for real: errors fall back to eager silently (suppress_errors), which would pass above.
     assert counters["stats"]["unique_graphs"] >= 1
     assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+# --- lean bodies (lmlab/fastpath.py): the model's own modules in a short loop, equal to HF's forward ---
+
+
+def _tiny_bert(**overrides):
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(0)
+    config = BertConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64,
+                        vocab_size=50, max_position_embeddings=64, **overrides)
+    return BertForMaskedLM(config)
+
+
+def _grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert"])
+def test_lean_body_equals_the_hugging_face_forward_with_its_gradients(family: str) -> None:
+    from lmlab.fastpath import bert_hidden_states, gpt2_hidden_states, lean_body
+
+    model = _tiny_gpt2() if family == "gpt2" else _tiny_bert(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    body = model.transformer if family == "gpt2" else model.bert
+    assert lean_body(body) is (gpt2_hidden_states if family == "gpt2" else bert_hidden_states)
+    ids = torch.randint(0, 50, (3, 24), generator=torch.Generator().manual_seed(5))
+    weights = torch.randn(3, 24, body.config.hidden_size, generator=torch.Generator().manual_seed(6))
+    results = []
+    for forward in (lambda: body(input_ids=ids).last_hidden_state, lambda: lean_body(body)(body, ids)):
+        body.zero_grad()
+        hidden = forward()
+        (hidden * weights).sum().backward()  # a gradient that differs per position and channel
+        results.append((hidden.detach(), _grads(body)))
+    (hf, hf_grads), (lean, lean_grads) = results
+    torch.testing.assert_close(lean, hf, rtol=1e-5, atol=1e-5)
+    assert set(lean_grads) == set(hf_grads) and len(hf_grads) > 10
+    for name in hf_grads:
+        torch.testing.assert_close(lean_grads[name], hf_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_lean_gpt2_keeps_dropout_in_training_and_drops_it_in_eval() -> None:
+    from lmlab.fastpath import gpt2_hidden_states
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=64, vocab_size=50))  # 0.1 dropout
+    ids = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        train_a, train_b = gpt2_hidden_states(model.transformer, ids), gpt2_hidden_states(model.transformer, ids)
+        model.eval()
+        torch.testing.assert_close(gpt2_hidden_states(model.transformer, ids), model.transformer(input_ids=ids)[0],
+                                   rtol=1e-5, atol=1e-5)
+    assert not torch.equal(train_a, train_b)  # two dropout draws
+
+
+def test_models_the_lean_loop_does_not_cover_keep_their_forward() -> None:
+    from transformers import GPT2Model
+
+    from lmlab.fastpath import lean_body
+
+    assert lean_body(GPT2Model(GPT2Config(n_layer=1, n_embd=32, n_head=2, add_cross_attention=True))) is None
+    assert lean_body(_tiny_bert(is_decoder=True).bert) is None
+    assert lean_body(torch.nn.Linear(2, 2)) is None
+
+
+def test_clm_step_on_unpadded_blocks_takes_the_lean_body_and_equals_hf_loss() -> None:
+    model = _tiny_gpt2()
+    opt = OmegaConf.create({})
+    ids = torch.randint(0, 97, (3, 20), generator=torch.Generator().manual_seed(8))
+    hf = model(input_ids=ids, labels=ids).loss
+    for fused in (True, False):
+        module = CausalLMModule(model, opt, opt, fused_loss=fused)
+        assert module.lean is not None
+        calls = []
+        lean = module.lean
+        module.lean = lambda body, x: calls.append(x.shape) or lean(body, x)
+        loss_sum, count = module.token_losses({"input_ids": ids})
+        assert calls == [ids.shape]  # the lean body ran, once
+        torch.testing.assert_close(loss_sum / count, hf, rtol=1e-5, atol=1e-5)
+        # A padded batch goes through the model's own forward, which applies the mask.
+        calls.clear()
+        module.token_losses({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+        assert calls == []
+
+
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_mlm_step_on_packed_blocks_equals_the_full_hugging_face_head(compiled: bool) -> None:
+    from transformers import BertForMaskedLM
+
+    from lmlab.tasks.mlm import build_module
+
+    from torch._dynamo.utils import counters
+
+    class Tok:  # what MaskedLMModule reads from a tokenizer
+        mask_token_id, all_special_ids, all_special_tokens = 4, [0, 1, 2, 3, 4], ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+        def get_vocab(self) -> dict[str, int]:
+            return {f"t{i}": i for i in range(50)}
+
+        def __len__(self) -> int:
+            return 50
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = _tiny_bert(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    reference = BertForMaskedLM(model.config)
+    reference.load_state_dict(model.state_dict())
+    cfg = OmegaConf.create({"task": {"nsp": False, "whole_word_mask": False, "mlm_probability": 0.3,
+                                     "mask_replace_prob": 0.8, "random_replace_prob": 0.1},
+                            "optimizer": {}, "scheduler": {}, "model": {"compile": compiled}})
+    module = build_module(cfg, model, Tok())
+    assert module.sparse_head and module.lean is not None
+    batch = {"input_ids": torch.randint(5, 50, (2, 16), generator=torch.Generator().manual_seed(9))}
+    got = module._forward(batch, torch.Generator().manual_seed(3))
+    got["mlm_sum"].backward()
+    # Hugging Face's own forward and loss on the same masked inputs.
+    inputs, labels = module._mask(batch, torch.Generator().manual_seed(3))
+    hf = reference(input_ids=inputs, labels=labels)
+    (hf.loss * got["count"]).backward()
+    torch.testing.assert_close(got["mlm_sum"], hf.loss * got["count"], rtol=1e-5, atol=1e-4)
+    got_grads, hf_grads = _grads(model), _grads(reference)
+    for name in hf_grads:
+        torch.testing.assert_close(got_grads[name], hf_grads[name], rtol=1e-3, atol=1e-5, msg=name)
+    if compiled:  # compiled for real (the step calls the encoder and head, never model.forward)
+        assert counters["stats"]["unique_graphs"] >= 2
+        assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+def test_vocabulary_rows_are_rounded_up_to_model_vocab_multiple() -> None:
+    from lmlab.models.build import build_hf_config, padded_vocab_size
+    from lmlab.models.gpt2 import MODEL
+
+    assert [padded_vocab_size(n, 64) for n in (50257, 50304, 1, 8000)] == [50304, 50304, 64, 8000]
+    assert padded_vocab_size(97, 1) == 97
+
+    class Tok:
+        pad_token_id = bos_token_id = eos_token_id = 0
+
+        def __len__(self) -> int:
+            return 97
+
+    for multiple, rows in ((64, 128), (None, 97)):
+        model_cfg = OmegaConf.create({"size": "tiny", "config": {}, "vocab_multiple": multiple})
+        assert build_hf_config(MODEL, model_cfg, Tok(), 32).vocab_size == rows

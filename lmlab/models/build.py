@@ -33,7 +33,7 @@ def build_hf_config(
             "Check the spelling against the Hugging Face config documentation for this model.",
         )
     kwargs = {**spec.sizes[model_cfg.size], **overrides, **(updates or {})}
-    kwargs["vocab_size"] = len(tokenizer)
+    kwargs["vocab_size"] = padded_vocab_size(len(tokenizer), int(model_cfg.get("vocab_multiple") or 1))
     for attr in ("pad_token_id", "bos_token_id", "eos_token_id"):
         value = getattr(tokenizer, attr, None)
         if value is not None:
@@ -41,6 +41,17 @@ def build_hf_config(
     config = spec.config_class(**kwargs)
     check_positions(spec, config, block_size, model_cfg.size)
     return config
+
+
+def padded_vocab_size(tokens: int, multiple: int) -> int:
+    """``tokens`` rounded up to a multiple of ``multiple`` (model.vocab_multiple).
+
+    The embedding and the output projection get that many rows; the ids past the tokenizer's are
+    never inputs nor targets. GPU matrix kernels want dimensions divisible by 8-128: an odd vocabulary
+    like GPT-2's 50,257 leaves the (tokens x vocabulary) products, the largest of a small model's step,
+    on slower unaligned kernels (nanoGPT and Megatron pad it, to 50,304 and a multiple of 128).
+    """
+    return -(-tokens // multiple) * multiple
 
 
 def check_positions(spec: ModelSpec, config: Any, block_size: int, size: str = "pretrained") -> None:

@@ -7,13 +7,12 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 from omegaconf import DictConfig
 from torchmetrics import SumMetric
 
 from lmlab import optim
 from lmlab.compiling import compile_function, compile_in_place
-from lmlab.fastpath import fuse_activations
+from lmlab.fastpath import fuse_activations, lean_body, modules_callable_one_by_one
 from lmlab.losses import linear_cross_entropy, split_lm_head
 from lmlab.specs import TaskSpec
 
@@ -26,6 +25,10 @@ class CausalLMModule(L.LightningModule):
         # The loss can skip the (B, T, V) logits tensor (lmlab.losses) when the model's head is a
         # plain projection of the body's output; model.fused_loss=false turns it off.
         self.fused_loss = fused_loss and split_lm_head(model) is not None
+        # Unpadded blocks go through lmlab.fastpath's lean loop over the body's own modules when
+        # the model has one (GPT-2); build_module may swap in a compiled version.
+        split = split_lm_head(model)
+        self.lean = lean_body(split[0]) if split is not None else None
         self.optimizer_cfg, self.scheduler_cfg = optimizer, scheduler
         # Sums, not means: perplexity is exp(total loss / total tokens) over the whole split,
         # and SumMetric adds them up across processes under DDP.
@@ -51,32 +54,31 @@ class CausalLMModule(L.LightningModule):
             targets = targets.masked_fill(F.pad(mask[:, 1:], (0, 1), value=0) == 0, -100)
         counted = targets != -100
         picked = None
-        if self._use_fused():
+        lean = self.lean is not None and mask is None and modules_callable_one_by_one(self)
+        if self.fused_loss and modules_callable_one_by_one(self):
             body, weight = split_lm_head(self.model)  # looked up per step: strategies may swap parameters
-            hidden = body(input_ids=ids, attention_mask=mask)[0]  # (B, T, D)
+            hidden = self.lean(body, ids) if lean else body(input_ids=ids, attention_mask=mask)[0]  # (B, T, D)
             loss_sum = linear_cross_entropy(hidden.flatten(0, 1), weight, targets.flatten())
             if keep_logits:  # distillation compares whole distributions: (M, V) logits it must have
                 picked = hidden[counted] @ weight.t()
         else:
-            loss_sum, logits = self.plain_loss(ids, mask, targets)
+            loss_sum, logits = self.plain_loss(ids, mask, targets, lean)
             picked = logits[counted] if keep_logits else None
         return loss_sum, counted.sum(), picked, counted
 
-    def plain_loss(self, ids: torch.Tensor, mask: torch.Tensor | None, targets: torch.Tensor
+    def plain_loss(self, ids: torch.Tensor, mask: torch.Tensor | None, targets: torch.Tensor, lean: bool = False
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed cross-entropy through the (B, T, V) logits, and the logits; one graph for torch.compile."""
-        logits = self.model(input_ids=ids, attention_mask=mask).logits
+        """Summed cross-entropy through the (B, T, V) logits, and the logits; one graph for torch.compile.
+
+        ``lean``: the body is computed by ``self.lean`` (decided by the caller, outside the graph).
+        """
+        if lean:
+            body, weight = split_lm_head(self.model)
+            logits = F.linear(self.lean(body, ids), weight)
+        else:
+            logits = self.model(input_ids=ids, attention_mask=mask).logits
         loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
         return loss_sum, logits
-
-    def _use_fused(self) -> bool:
-        if not self.fused_loss:
-            return False
-        strategy = self._trainer.strategy if self._trainer is not None else None
-        # FSDP and DeepSpeed gather a parameter only inside its own module's forward; read from
-        # outside it the output weight could be a shard, so they keep the plain loss.
-        return strategy is None or isinstance(strategy, SingleDeviceStrategy) or (
-            isinstance(strategy, DDPStrategy) and not isinstance(strategy, DeepSpeedStrategy))
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss_sum, count, picked, counted = self._token_losses(batch, keep_logits=self.teacher is not None)
@@ -110,7 +112,9 @@ def build_module(cfg: DictConfig, model: torch.nn.Module, tokenizer: Any) -> Cau
     # float32 upcast and log-softmax of the (B, T, V) logits instead of writing them out.
     compiled = bool(cfg.model.get("compile", False))
     if module.fused_loss:
-        compile_in_place(split_lm_head(model)[0], compiled)
+        compile_in_place(split_lm_head(model)[0], compiled)  # for batches the lean loop does not take
+        if compiled and module.lean is not None:
+            module.lean = compile_function(module.lean)
     elif compiled:
         module.plain_loss = compile_function(module.plain_loss)
     return module

@@ -11,7 +11,8 @@ from omegaconf import DictConfig
 from torchmetrics import SumMetric
 
 from lmlab import masking, optim
-from lmlab.compiling import compile_in_place
+from lmlab.compiling import compile_function, compile_in_place
+from lmlab.fastpath import lean_body, modules_callable_one_by_one
 from lmlab.errors import LmlabError
 from lmlab.specs import TaskSpec
 
@@ -44,6 +45,9 @@ class MaskedLMModule(L.LightningModule):
         # BERT's heads can be run on the masked positions alone (see _logits); other models as they are.
         self.sparse_head = (getattr(getattr(model, "config", None), "model_type", None) == "bert"
                             and hasattr(model, "bert") and hasattr(model, "cls"))
+        # Packed blocks (no attention mask, one segment) go through lmlab.fastpath's lean loop over
+        # the encoder's own modules; build_module may swap in a compiled version.
+        self.lean = lean_body(model.bert) if self.sparse_head else None
         self.mask_token_id = tokenizer.mask_token_id
         self.vocab_size = len(tokenizer)
         self.register_buffer("special_ids", torch.tensor(sorted(set(tokenizer.all_special_ids))), persistent=False)
@@ -89,6 +93,9 @@ class MaskedLMModule(L.LightningModule):
         if self.sparse_head:
             # The prediction head works position by position, so it only needs the ~15% chosen
             # positions: the (B, T, V) logits and most of the vocabulary projection are skipped.
+            if (self.lean is not None and not self.nsp and kwargs["attention_mask"] is None
+                    and kwargs["token_type_ids"] is None and modules_callable_one_by_one(self)):
+                return self.model.cls(self.lean(self.model.bert, inputs)[chosen]), None
             body = self.model.bert(**kwargs)
             picked = body.last_hidden_state[chosen]  # (M, D)
             if self.nsp:
@@ -148,8 +155,18 @@ def validate(cfg: DictConfig) -> None:
 def build_module(cfg: DictConfig, model: torch.nn.Module, tokenizer: Any) -> MaskedLMModule:
     if tokenizer.mask_token_id is None:
         raise LmlabError("the tokenizer has no [MASK] token, which task=mlm needs. Use tokenizer=wordpiece.")
-    compile_in_place(model, bool(cfg.model.get("compile", False)))
-    return MaskedLMModule(model, tokenizer, cfg.task, cfg.optimizer, cfg.scheduler)
+    module = MaskedLMModule(model, tokenizer, cfg.task, cfg.optimizer, cfg.scheduler)
+    compiled = bool(cfg.model.get("compile", False))
+    if module.sparse_head:
+        # The step calls the encoder and the head, never the model's own forward: compile those.
+        # The gather of the chosen positions (a data-dependent shape) stays eager between them.
+        compile_in_place(model.bert, compiled)
+        compile_in_place(model.cls, compiled)
+        if compiled and module.lean is not None:
+            module.lean = compile_function(module.lean)
+    else:
+        compile_in_place(model, compiled)
+    return module
 
 
 TASK = TaskSpec(
