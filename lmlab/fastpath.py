@@ -95,12 +95,21 @@ def lean_body(body: torch.nn.Module) -> Callable[[torch.nn.Module, torch.Tensor]
     kind = getattr(config, "model_type", None)
     if getattr(config, "add_cross_attention", False):
         return None
-    if kind == "gpt2" and hasattr(body, "h"):
+    # The attributes the loops read, as transformers 5.x names them: another release that renamed
+    # one keeps the model's own forward instead of failing mid-step.
+    if kind == "gpt2" and _layers_have(getattr(body, "h", ()), "attn", ("scaling", "split_size", "num_heads", "head_dim")):
         return gpt2_hidden_states
-    if (kind == "bert" and hasattr(body, "encoder") and not config.is_decoder
-            and getattr(config, "position_embedding_type", "absolute") == "absolute"):
+    if (kind == "bert" and not config.is_decoder
+            and getattr(config, "position_embedding_type", "absolute") == "absolute"
+            and _layers_have([layer.attention for layer in getattr(getattr(body, "encoder", None), "layer", ())], "self",
+                             ("scaling", "num_attention_heads", "attention_head_size"))):
         return bert_hidden_states
     return None
+
+
+def _layers_have(layers, child: str, names: tuple[str, ...]) -> bool:
+    layers = list(layers)
+    return bool(layers) and all(hasattr(getattr(layer, child, None), name) for layer in layers for name in names)
 
 
 def modules_callable_one_by_one(module: "L.LightningModule") -> bool:

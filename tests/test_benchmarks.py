@@ -3,10 +3,13 @@
 benchmarks/gpu_mfu.py gives its figures only on a GPU, and device time is scarce: a script that
 breaks there wastes it. ``--smoke`` takes every path the GPU run takes (lmlab's command with the
 probe, the Hugging Face Trainer worker, bf16 autocast, the MFU table) with tiny models on the CPU.
+The fast tests below check the driver's own logic (side order, streamed rows, failed sides) in
+process, with the children replaced.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -17,6 +20,10 @@ import pytest
 from conftest import WIKI
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+import gpu_mfu  # noqa: E402
+
+# The Hugging Face Trainer sides need accelerate: it is in the dev extra, so these run in CI.
 
 
 def run_script(tmp_path: Path, script: str, *args: str) -> subprocess.CompletedProcess:
@@ -29,21 +36,55 @@ def run_script(tmp_path: Path, script: str, *args: str) -> subprocess.CompletedP
     return done
 
 
+def table_rows(table: str) -> list[str]:
+    return [line for line in table.splitlines() if line.startswith(("| lmlab", "| HF Trainer"))]
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not WIKI.exists(), reason="needs ../shared/data")
 def test_gpu_mfu_smoke_runs_every_side_and_prints_the_tables(tmp_path: Path) -> None:
     run_script(tmp_path, "gpu_mfu.py", "--steps", "16", "--warmup", "4", "--log-every", "2",
                "--markdown", str(tmp_path / "table.md"))
     table = (tmp_path / "table.md").read_text()
-    rows = [line for line in table.splitlines() if line.startswith(("| lmlab", "| HF Trainer"))]
-    # GPT-2: lmlab, lmlab without the fused loss, HF Trainer; BERT: lmlab, HF Trainer.
+    rows = table_rows(table)
+    # GPT-2: lmlab, lmlab without the fused loss, HF Trainer, HF Trainer on the stock config; BERT:
+    # lmlab, HF Trainer, HF Trainer on the stock config.
     assert len(re.findall(r"^\| lmlab \|", table, flags=re.M)) == 2
     assert len(re.findall(r"^\| lmlab \(model.fused_loss=false\)", table, flags=re.M)) == 1
     assert len(re.findall(r"^\| HF Trainer \|", table, flags=re.M)) == 2
-    assert len(rows) == 5
+    assert len(re.findall(r"^\| HF Trainer \(stock config", table, flags=re.M)) == 2
+    assert len(rows) == 7
     for line in rows:
         assert float(line.split("|")[2].replace(",", "")) > 0, line  # tokens/s
     assert "GPT-2 124M (smoke" in table and "BERT-base MLM (smoke" in table
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not WIKI.exists(), reason="needs ../shared/data")
+def test_gpu_mfu_sides_in_any_order_stream_their_rows(tmp_path: Path) -> None:
+    # The HF side comes first, but needs an lmlab run's export and blocks: for GPT-2 the plain-loss
+    # lmlab side moves ahead of it; for BERT that side does not apply, so a preparation run makes them.
+    rows_file = tmp_path / "rows.jsonl"
+    cache = tmp_path / "kept-cache"
+    done = run_script(tmp_path, "gpu_mfu.py", "--only", "gpt2,bert", "--sides", "hf,lmlab-plainloss",
+                      "--steps", "14", "--warmup", "4", "--log-every", "2", "--rows", str(rows_file),
+                      "--cache", str(cache), "--markdown", str(tmp_path / "table.md"))
+    rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
+    assert [(r["workload"], r["side"]) for r in rows] == [("gpt2", "lmlab-plainloss"), ("gpt2", "hf"), ("bert", "hf")]
+    for row in rows:
+        assert row["tokens_per_sec"] > 0 and row["n_params"] > 0 and row["mfu"] is None  # no peak on a CPU
+    assert "lmlab-plainloss runs first" in done.stdout and "a 2-step lmlab run prepares" in done.stdout
+    assert "lmlab-plainloss left out (only for task clm)" in done.stdout
+    # Each row was printed as it came, and the tables list the same rows.
+    assert done.stdout.count("\nrow {") == 3
+    table = (tmp_path / "table.md").read_text()
+    assert len(table_rows(table)) == 3 and "| lmlab (model.fused_loss=false) |" in table
+    # --cache keeps the tokenizers and packed blocks; --from-rows makes the same tables again.
+    assert list(cache.glob("data/causal-64-*/train.input_ids.npy")) and list(cache.glob("data/masked-64-*/"))
+    again = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_mfu.py"), "--from-rows", str(rows_file),
+                            "--markdown", str(tmp_path / "again.md")], capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert table_rows((tmp_path / "again.md").read_text()) == table_rows(table)
 
 
 @pytest.mark.slow
@@ -54,3 +95,134 @@ def test_multi_gpu_smoke_reads_both_strategies_back_from_mlflow(tmp_path: Path) 
     assert rows["gpu"][1:3] == ["1", "4"] and rows["ddp"][1:3] == ["2", "8"]  # devices, global batch
     for row in rows.values():
         assert float(row[3].replace(",", "")) > 0 and 0 < float(row[5]) < 10  # tokens/s, val loss
+
+
+# ------------------------------------------------------------------------------------------------
+# The driver's logic, in process (seconds)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_sides_are_named_and_an_hf_side_never_runs_before_its_inputs_exist() -> None:
+    assert gpu_mfu.parse_args([]).sides == gpu_mfu.SIDES  # the default: every side, as before
+    assert gpu_mfu.parse_args(["--sides", "hf, lmlab,hf"]).sides == ["hf", "lmlab"]
+    with pytest.raises(SystemExit):
+        gpu_mfu.parse_args(["--sides", "lmlab,nope"])
+    assert gpu_mfu.plan(["lmlab", "hf"]) == ["lmlab", "hf"]
+    assert gpu_mfu.plan(["hf-compile", "hf", "lmlab-compile", "lmlab"]) == ["lmlab-compile", "hf-compile", "hf", "lmlab"]
+    assert gpu_mfu.plan(["hf"]) == ["hf"]  # measure() prepares the inputs with a short lmlab run
+    assert gpu_mfu.plan(["lmlab-plainloss"]) == ["lmlab-plainloss"]
+    args = gpu_mfu.parse_args(["--smoke"])
+    bert = gpu_mfu.WORKLOADS["bert"]
+    assert gpu_mfu.applies("lmlab-plainloss", bert, args) and gpu_mfu.applies("lmlab-compile", bert, args)
+    assert gpu_mfu.applies("lmlab", bert, args) is None
+    assert gpu_mfu.LMLAB_SIDES["lmlab-compile-plainloss"].compiled and not gpu_mfu.LMLAB_SIDES["lmlab"].compiled
+
+
+def test_a_failed_side_becomes_a_row_and_the_tables_come_back_from_the_rows_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The children replaced: the first lmlab side fails, the second provides the HF side's inputs.
+    calls = []
+
+    def run_lmlab(w, args, work, env, data, name, export):
+        calls.append((name, export))
+        if name == "lmlab":
+            raise SystemExit("lmlab ... failed (exit 1)\nCUDA out of memory")
+        return {"tokens_per_sec": 2000.0, "data_wait": 0.01, "peak_mem_gb": 3.0, "device": "NVIDIA H200"}, None
+
+    def run_hf(w, args, work, env, export, blocks, name):
+        assert export == tmp_path / "export" and blocks == tmp_path / "blocks.npy"
+        return {"tokens_per_sec": 1000.0, "data_wait": 0.02, "peak_mem_gb": 4.0, "device": "NVIDIA H200"}
+
+    monkeypatch.setattr(gpu_mfu, "run_lmlab", run_lmlab)
+    monkeypatch.setattr(gpu_mfu, "run_hf", run_hf)
+    monkeypatch.setattr(gpu_mfu, "prepare", lambda w, args, work, env, data: calls.append(("prepare", True)))
+    monkeypatch.setattr(gpu_mfu, "newest", lambda home, pattern: tmp_path / (
+        "export/config.json" if "export" in pattern else "blocks.npy"))
+    monkeypatch.setattr(gpu_mfu, "model_facts", lambda w, export: {"n_params": 124_000_000, "vocab": 50257,
+                                                                    "flop_per_token": 1e9})
+    args = gpu_mfu.parse_args(["--sides", "hf,lmlab,lmlab-compile", "--keep-going", "--steps", "60", "--warmup", "20"])
+    env = {"LMLAB_HOME": str(tmp_path / "home"), "LMLAB_CACHE_DIR": str(tmp_path / "cache")}
+    rows_file = tmp_path / "rows.jsonl"
+    rows: list[dict] = []
+
+    def emit(row: dict) -> None:
+        rows.append(row)
+        with rows_file.open("a") as out:
+            out.write(json.dumps(row) + "\n")
+
+    gpu_mfu.measure("gpt2", gpu_mfu.WORKLOADS["gpt2"], args, tmp_path, env, [], emit)
+    # lmlab moved ahead of hf and failed; a preparation run then made hf's inputs, so lmlab-compile
+    # need not export.
+    assert calls == [("lmlab", True), ("prepare", True), ("lmlab-compile", False)]
+    assert [(r["side"], "error" in r) for r in rows] == [("lmlab", True), ("hf", False), ("lmlab-compile", False)]
+    assert rows[2]["mfu"] == pytest.approx(1e9 * 2000 / 989e12)  # the H200's peak, from the child's device name
+    rows_file.write_text(rows_file.read_text() + '{"workload": "gpt2", "side": "hf-co')  # a write cut by a kill
+    markdown = tmp_path / "table.md"
+    assert gpu_mfu.main(["--from-rows", str(rows_file), "--markdown", str(markdown)]) == 0
+    table = markdown.read_text()
+    assert "| lmlab | failed |" in table and "| lmlab (model.compile=true) | 2,000 | 0.2% |" in table
+    assert "| HF Trainer | 1,000 |" in table and "2.00x" in table and "1.00x" in table
+    assert "lmlab failed: lmlab ... failed (exit 1)" in table and "peak 989 TFLOP/s (NVIDIA H200)" in table
+
+
+def test_gpu_mfu_measures_are_streamed_by_main(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # main() appends each row to --rows as it comes (the file is what a killed run leaves behind).
+    seen_in_file = []
+
+    def measure(key, w, args, work, env, data, emit):
+        for side in args.sides:
+            emit({"workload": key, "model": w.name, "side": side, "label": side, "error": "x"})
+            seen_in_file.append(len(args.rows.read_text().splitlines()))
+
+    monkeypatch.setattr(gpu_mfu, "measure", measure)
+    rows_file = tmp_path / "rows.jsonl"
+    rows_file.write_text('{"workload": "bert", "model": "earlier", "side": "hf", "label": "hf", "error": "y"}\n')
+    code = gpu_mfu.main(["--smoke", "--only", "gpt2", "--sides", "lmlab,hf", "--rows", str(rows_file),
+                         "--work", str(tmp_path / "work"), "--data", str(tmp_path / "none.txt")])
+    assert code == 1  # failed sides make the exit status non-zero
+    assert seen_in_file == [2, 3]  # appended, one line per row, at once
+
+
+# ------------------------------------------------------------------------------------------------
+# benchmarks/device/check_kit.py: the closure check of the wheels a lent GPU gets (no network)
+# ------------------------------------------------------------------------------------------------
+
+
+def fake_wheel(folder: Path, name: str, version: str, requires: list[str], tag: str = "py3-none-any") -> None:
+    """A wheel holding only its METADATA: all check_kit reads."""
+    import zipfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = "\n".join([f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}",
+                      *(f"Requires-Dist: {r}" for r in requires)]) + "\n"
+    stem = f"{name.replace('-', '_')}-{version}"
+    with zipfile.ZipFile(folder / f"{stem}-{tag}.whl", "w") as whl:
+        whl.writestr(f"{stem}.dist-info/METADATA", meta)
+
+
+def test_check_kit_names_every_requirement_neither_the_kit_nor_the_image_meets(tmp_path: Path) -> None:
+    sys.path.insert(0, str(REPO / "benchmarks" / "device"))
+    import check_kit
+
+    whl = tmp_path / "kit" / "whl"
+    fake_wheel(whl, "hydra-core", "1.3.8", ["omegaconf<2.4,>=2.2", "antlr4-python3-runtime==4.9.*", "packaging",
+                                            'importlib-resources; python_version < "3.9"'])  # not for 3.12
+    fake_wheel(whl, "omegaconf", "2.3.1", ["antlr4-python3-runtime==4.9.*", "PyYAML>=5.1.0"])
+    fake_wheel(whl, "mlflow-skinny", "3.17.2", ["transformers<5", "gunicorn; extra == 'server'"])  # image: 5.17.0
+    fake_wheel(whl, "sqlalchemy", "2.1.9", [], tag="cp311-cp311-manylinux_2_17_x86_64")  # not for CPython 3.12
+    fake_wheel(whl, "lmlab", "0.1.0", ["torch>=2.2", "mlflow>=2.16", "optuna>=4.0", "hydra-core>=1.3.2"])
+    problems, notes, needed = check_kit.check(tmp_path / "kit", installed=False)
+    assert sorted(problems) == sorted([
+        "hydra-core 1.3.8 requires antlr4-python3-runtime==4.9.*: neither in the kit nor on the image",
+        "omegaconf 2.3.1 requires antlr4-python3-runtime==4.9.*: neither in the kit nor on the image",
+        "mlflow-skinny 3.17.2 requires transformers<5: the image has 5.17.0",
+        "sqlalchemy-2.1.9-cp311-cp311-manylinux_2_17_x86_64.whl does not install on CPython 3.12 / manylinux x86_64",
+    ])
+    assert any(n.startswith("not carried: optuna") for n in notes)  # lmlab's allow-list
+    assert "mlflow>=2.16 is met by mlflow-skinny (the same import package)" in notes
+    assert {"packaging", "pyyaml", "torch", "transformers"} <= needed
+    fake_wheel(whl, "antlr4-python3-runtime", "4.9.3", [])
+    fake_wheel(whl, "pyyaml", "6.0.3", [])  # the image has it: carried only with a reason
+    problems, _, _ = check_kit.check(tmp_path / "kit", installed=False)
+    assert not any("antlr4" in p for p in problems)
+    assert "pyyaml is on the image already: carry it only for another version (then say why in REPLACES_DEVICE)" in problems
