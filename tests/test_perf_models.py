@@ -50,6 +50,18 @@ def test_chunked_loss_without_grad_and_under_bf16_autocast() -> None:
     assert low.item() == pytest.approx(_plain(hidden, weight, targets).item(), rel=2e-2)
 
 
+class BertTok:
+    """What MaskedLMModule reads from a tokenizer: 50 ids, the first five special."""
+
+    mask_token_id, all_special_ids, all_special_tokens = 4, [0, 1, 2, 3, 4], ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+    def get_vocab(self) -> dict[str, int]:
+        return {f"t{i}": i for i in range(50)}
+
+    def __len__(self) -> int:
+        return 50
+
+
 def _tiny_gpt2() -> GPT2LMHeadModel:
     torch.manual_seed(0)
     config = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=97,
@@ -102,22 +114,13 @@ def test_mlm_head_on_the_masked_positions_only_equals_the_full_head(nsp: bool) -
 
     from lmlab.tasks.mlm import MaskedLMModule
 
-    class Tok:  # what MaskedLMModule reads from a tokenizer
-        mask_token_id, all_special_ids, all_special_tokens = 4, [0, 1, 2, 3, 4], ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-
-        def get_vocab(self) -> dict[str, int]:
-            return {f"t{i}": i for i in range(50)}
-
-        def __len__(self) -> int:
-            return 50
-
     torch.manual_seed(0)
     config = BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64,
                         vocab_size=50, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     model = (BertForPreTraining if nsp else BertForMaskedLM)(config)
     task = OmegaConf.create({"nsp": nsp, "whole_word_mask": False, "mlm_probability": 0.3,
                              "mask_replace_prob": 0.8, "random_replace_prob": 0.1})
-    module = MaskedLMModule(model, Tok(), task, OmegaConf.create({}), OmegaConf.create({}))
+    module = MaskedLMModule(model, BertTok(), task, OmegaConf.create({}), OmegaConf.create({}))
     assert module.sparse_head
     batch = {"input_ids": torch.randint(5, 50, (2, 12)), "attention_mask": torch.ones(2, 12, dtype=torch.long),
              "token_type_ids": torch.zeros(2, 12, dtype=torch.long), "next_sentence_label": torch.tensor([0, 1])}
@@ -266,15 +269,6 @@ def test_mlm_step_on_packed_blocks_equals_the_full_hugging_face_head(compiled: b
 
     from torch._dynamo.utils import counters
 
-    class Tok:  # what MaskedLMModule reads from a tokenizer
-        mask_token_id, all_special_ids, all_special_tokens = 4, [0, 1, 2, 3, 4], ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-
-        def get_vocab(self) -> dict[str, int]:
-            return {f"t{i}": i for i in range(50)}
-
-        def __len__(self) -> int:
-            return 50
-
     torch._dynamo.reset()
     counters.clear()
     model = _tiny_bert(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -283,7 +277,7 @@ def test_mlm_step_on_packed_blocks_equals_the_full_hugging_face_head(compiled: b
     cfg = OmegaConf.create({"task": {"nsp": False, "whole_word_mask": False, "mlm_probability": 0.3,
                                      "mask_replace_prob": 0.8, "random_replace_prob": 0.1},
                             "optimizer": {}, "scheduler": {}, "model": {"compile": compiled}})
-    module = build_module(cfg, model, Tok())
+    module = build_module(cfg, model, BertTok())
     assert module.sparse_head and module.lean is not None
     batch = {"input_ids": torch.randint(5, 50, (2, 16), generator=torch.Generator().manual_seed(9))}
     got = module._forward(batch, torch.Generator().manual_seed(3))
@@ -316,4 +310,4 @@ def test_vocabulary_rows_are_rounded_up_to_model_vocab_multiple() -> None:
 
     for multiple, rows in ((64, 128), (None, 97)):
         model_cfg = OmegaConf.create({"size": "tiny", "config": {}, "vocab_multiple": multiple})
-        assert build_hf_config(MODEL, model_cfg, Tok(), 32).vocab_size == rows
+        assert build_hf_config(MODEL, model_cfg, BertTok(), 32).vocab_size == rows

@@ -26,6 +26,19 @@ SITE=${SIM_SITE:-/tmp/devsim-site}
 [[ -d .gpukit/whl ]] || { echo "simulate_kit: no .gpukit/whl: run benchmarks/device/make_kit.sh first" >&2; exit 1; }
 quiet() { grep -v "is ignored: it is neither a file nor a directory" || true; }  # this machine's pip config
 
+# None of the kit's own packages may come from PyPI in a simulation venv: they would hide a gap in the kit.
+no_kit_packages_from_pypi() {
+    "$1" - .gpukit/whl <<'EOF'
+import importlib.metadata as md, sys
+from pathlib import Path
+from packaging.utils import canonicalize_name, parse_wheel_filename
+kit = {canonicalize_name(parse_wheel_filename(p.name)[0]) for p in Path(sys.argv[1]).glob("*.whl")}
+leaked = sorted(kit & {canonicalize_name(d.metadata["Name"]) for d in md.distributions()})
+if leaked:
+    sys.exit(f"simulate_kit: {sys.prefix} got kit packages from PyPI ({', '.join(leaked)}): remove it and rerun")
+EOF
+}
+
 # The torch stack is what the image has and this venv cannot: everything else the kit leans on is here.
 TORCH_STACK='^(torch|lightning|pytorch-lightning|transformers|torchmetrics)(==.*)?$'
 mapfile -t device_deps < <(python3 benchmarks/device/check_kit.py --device-deps | grep -vE "$TORCH_STACK")
@@ -33,16 +46,7 @@ mapfile -t device_deps < <(python3 benchmarks/device/check_kit.py --device-deps 
 echo "== part 1: Python 3.12 venv $VENV with the image's packages the kit needs: ${device_deps[*]}"
 [[ -x $VENV/bin/python ]] || "$PY312" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check "${device_deps[@]}" 2>&1 | quiet
-# None of the kit's own packages may come from PyPI here: they would hide a gap in the kit.
-"$VENV/bin/python" - .gpukit/whl <<'EOF'
-import importlib.metadata as md, sys
-from pathlib import Path
-from packaging.utils import canonicalize_name, parse_wheel_filename
-kit = {canonicalize_name(parse_wheel_filename(p.name)[0]) for p in Path(sys.argv[1]).glob("*.whl")}
-leaked = sorted(kit & {canonicalize_name(d.metadata["Name"]) for d in md.distributions()})
-if leaked:
-    sys.exit(f"simulate_kit: the venv got kit packages from PyPI ({', '.join(leaked)}): remove {sys.prefix} and rerun")
-EOF
+no_kit_packages_from_pypi "$VENV/bin/python"
 
 echo "== the device's install command, into $SITE"
 rm -rf "$SITE"
@@ -187,15 +191,7 @@ echo "== part 2: Python 3.11 venv $VENV311: $(basename "$TORCH_WHEEL"), ${STACK[
 mapfile -t device_deps311 < <(printf '%s\n' "${device_deps[@]}" | grep -v '^numpy==')
 "$VENV311/bin/python" -m pip install -q --disable-pip-version-check "$TORCH_WHEEL" "${STACK[@]}" \
     "${device_deps311[@]}" 2>&1 | quiet
-"$VENV311/bin/python" - .gpukit/whl <<'EOF'
-import importlib.metadata as md, sys
-from pathlib import Path
-from packaging.utils import canonicalize_name, parse_wheel_filename
-kit = {canonicalize_name(parse_wheel_filename(p.name)[0]) for p in Path(sys.argv[1]).glob("*.whl")}
-leaked = sorted(kit & {canonicalize_name(d.metadata["Name"]) for d in md.distributions()})
-if leaked:
-    sys.exit(f"simulate_kit: the 3.11 venv got kit packages from PyPI ({', '.join(leaked)}): remove {sys.prefix} and rerun")
-EOF
+no_kit_packages_from_pypi "$VENV311/bin/python"
 
 # The kit for 3.11: its wheels as they are, except the cp312-only builds, for which the cp311 builds
 # of the same versions stand in.
