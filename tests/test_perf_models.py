@@ -310,4 +310,4 @@ def test_vocabulary_rows_are_rounded_up_to_model_vocab_multiple() -> None:
 
     for multiple, rows in ((64, 128), (None, 97)):
         model_cfg = OmegaConf.create({"size": "tiny", "config": {}, "vocab_multiple": multiple})
-        assert build_hf_config(MODEL, model_cfg, BertTok(), 32).vocab_size == rows
+        assert build_hf_config(MODEL, model_cfg, Tok(), 32).vocab_size == rows
