@@ -24,10 +24,10 @@ class CausalLMModule(L.LightningModule):
         self.model = model
         # The loss can skip the (B, T, V) logits tensor (lmlab.losses) when the model's head is a
         # plain projection of the body's output; model.fused_loss=false turns it off.
-        self.fused_loss = fused_loss and split_lm_head(model) is not None
+        split = split_lm_head(model)
+        self.fused_loss = fused_loss and split is not None
         # Unpadded blocks go through lmlab.fastpath's lean loop over the body's own modules when
         # the model has one (GPT-2); build_module may swap in a compiled version.
-        split = split_lm_head(model)
         self.lean = lean_body(split[0]) if split is not None else None
         self.optimizer_cfg, self.scheduler_cfg = optimizer, scheduler
         # Sums, not means: perplexity is exp(total loss / total tokens) over the whole split,
@@ -54,8 +54,9 @@ class CausalLMModule(L.LightningModule):
             targets = targets.masked_fill(F.pad(mask[:, 1:], (0, 1), value=0) == 0, -100)
         counted = targets != -100
         picked = None
-        lean = self.lean is not None and mask is None and modules_callable_one_by_one(self)
-        if self.fused_loss and modules_callable_one_by_one(self):
+        piecewise = modules_callable_one_by_one(self)
+        lean = self.lean is not None and mask is None and piecewise
+        if self.fused_loss and piecewise:
             body, weight = split_lm_head(self.model)  # looked up per step: strategies may swap parameters
             hidden = self.lean(body, ids) if lean else body(input_ids=ids, attention_mask=mask)[0]  # (B, T, D)
             loss_sum = linear_cross_entropy(hidden.flatten(0, 1), weight, targets.flatten())
