@@ -355,11 +355,9 @@ def model_facts(w: Workload, export: Path) -> dict[str, Any]:
 
 def peak_for(device: str, args: argparse.Namespace) -> float | None:
     """--peak-flops, else lmlab.flops.PEAK_FLOPS by GPU name; None on the CPU (--smoke: MFU n/a)."""
-    from lmlab.flops import PEAK_FLOPS
+    from lmlab.flops import peak_flops_of
 
-    if args.peak_flops:
-        return args.peak_flops
-    return next((value for key, value in PEAK_FLOPS.items() if key in device), None)
+    return args.peak_flops or peak_flops_of(device)
 
 
 def applies(name: str, w: Workload, args: argparse.Namespace) -> str | None:

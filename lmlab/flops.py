@@ -54,8 +54,9 @@ def peak_flops(configured: float | None = None) -> float | None:
         return float(configured)
     if not torch.cuda.is_available():
         return None  # CPUs vary too much for a table: set perf.peak_flops to get MFU there
-    name = torch.cuda.get_device_name(0)
-    for key, value in PEAK_FLOPS.items():
-        if key in name:
-            return value
-    return None
+    return peak_flops_of(torch.cuda.get_device_name(0))
+
+
+def peak_flops_of(device_name: str) -> float | None:
+    """The table entry matching a GPU's name (``torch.cuda.get_device_name``), or None."""
+    return next((value for key, value in PEAK_FLOPS.items() if key in device_name), None)
