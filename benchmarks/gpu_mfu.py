@@ -267,8 +267,9 @@ def hf_worker(params_path: str) -> None:
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
     device_sync()
+    # The facts of the model trained here: hf-stock's differs from lmlab's export (vocabulary, N).
     Path(p["result"]).write_text(json.dumps({"ends": probe.ends, "gaps": probe.gaps, "peak_mem": peak_memory(),
-                                               "device": device_name()}))
+                                               "device": device_name(), "facts": facts_of(model, blocks.shape[1])}))
 
 
 # =================================================================================================
@@ -281,7 +282,8 @@ def summarise(record: dict[str, Any], tokens_per_step: int) -> dict[str, Any]:
     ends = record["ends"]
     span = ends[-1] - ends[0]
     return {"tokens_per_sec": (len(ends) - 1) * tokens_per_step / span, "data_wait": sum(record["gaps"]) / span,
-            "peak_mem_gb": record["peak_mem"] / 2**30, "device": record.get("device", "?")}
+            "peak_mem_gb": record["peak_mem"] / 2**30, "device": record.get("device", "?"),
+            "facts": record.get("facts") or {}}
 
 
 def lmlab_overrides(w: Workload, args: argparse.Namespace, data: list[str], extra: list[str] | tuple[str, ...],
@@ -345,12 +347,16 @@ def model_facts(w: Workload, export: Path) -> dict[str, Any]:
     """N, the vocabulary and the training FLOPs per token of the model the export describes."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 
+    config = AutoConfig.from_pretrained(export)
+    return facts_of((AutoModelForCausalLM if w.task == "clm" else AutoModelForMaskedLM).from_config(config), w.seq)
+
+
+def facts_of(model: Any, seq: int) -> dict[str, Any]:
+    """N, the vocabulary and the training FLOPs per token of MODEL at sequence SEQ."""
     from lmlab.flops import flops_per_token
 
-    config = AutoConfig.from_pretrained(export)
-    model = (AutoModelForCausalLM if w.task == "clm" else AutoModelForMaskedLM).from_config(config)
-    return {"n_params": sum(p.numel() for p in model.parameters()), "vocab": config.vocab_size,
-            "flop_per_token": flops_per_token(model, w.seq) or 0.0}
+    return {"n_params": sum(p.numel() for p in model.parameters()), "vocab": model.config.vocab_size,
+            "flop_per_token": flops_per_token(model, seq) or 0.0}
 
 
 def peak_for(device: str, args: argparse.Namespace) -> float | None:
@@ -432,7 +438,7 @@ def measure(key: str, w: Workload, args: argparse.Namespace, work: Path, env: di
                     raise SystemExit("no lmlab export to read: the lmlab runs that make it failed")
                 measured = run_hf(w, args, work, env, inputs["export"], inputs["blocks"], name)
             peak = peak_for(measured["device"], args)
-            facts = inputs.get("facts", {})
+            facts = {**inputs.get("facts", {}), **measured.pop("facts", {})}  # the side's own model, where it says
             mfu = facts["flop_per_token"] * measured["tokens_per_sec"] / peak if peak and facts else None
             row.update(**facts, **measured, peak_flops=peak, mfu=mfu)
             mfu_text = "n/a" if mfu is None else f"{mfu:.1%}"

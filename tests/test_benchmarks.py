@@ -56,6 +56,12 @@ def test_gpu_mfu_smoke_runs_every_side_streams_its_rows_and_prints_the_tables(tm
         ("bert", "lmlab"), ("bert", "hf"), ("bert", "hf-stock")]
     for row in rows:
         assert row["tokens_per_sec"] > 0 and row["n_params"] > 0 and row["mfu"] is None  # no peak on a CPU
+    # hf-stock's row describes the model it trained: the tokenizer's vocabulary, not lmlab's padded one.
+    by_side = {(r["workload"], r["side"]): r for r in rows}
+    for workload in ("gpt2", "bert"):
+        stock, same = by_side[(workload, "hf-stock")], by_side[(workload, "hf")]
+        assert stock["vocab"] < same["vocab"] and stock["n_params"] < same["n_params"]
+        assert same["vocab"] == by_side[(workload, "lmlab")]["vocab"] and same["vocab"] % 64 == 0
     assert "lmlab-plainloss left out (only for task clm)" in done.stdout
     assert done.stdout.count("\nrow {") == 7  # each row printed as it came
     table = (tmp_path / "table.md").read_text()
