@@ -44,22 +44,26 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "corpus" / "wiki_extracts_en.txt"
-# fp32 FLOPs per cycle per core with AVX2: two 256-bit FMA units x 8 lanes x 2 (multiply and add).
-FLOPS_PER_CYCLE = 32
+# fp32 FLOPs per cycle per core: two FMA units x lanes x 2 (multiply and add). 8 lanes with AVX2,
+# 16 with AVX-512 (server cores since Skylake-SP have two 512-bit FMA units; a few models have one,
+# where this overstates the peak and so understates MFU).
+FLOPS_PER_CYCLE = {"AVX2": 32, "AVX-512": 64}
 
 
 def cpu_peak_flops(threads: int) -> tuple[float, str]:
     """An estimate of the fp32 peak of ``threads`` cores, and how it was reached."""
-    mhz = 2500.0
+    mhz, isa = 2500.0, "AVX2"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("cpu MHz"):
                 mhz = float(line.split(":")[1])
+            elif line.startswith("flags"):
+                isa = "AVX-512" if "avx512f" in line.split(":")[1].split() else "AVX2"
                 break
     except OSError:
         pass
-    peak = threads * FLOPS_PER_CYCLE * mhz * 1e6
-    return peak, f"{threads} cores x {FLOPS_PER_CYCLE} fp32 FLOP/cycle (AVX2 FMA) x {mhz / 1000:.2f} GHz"
+    peak = threads * FLOPS_PER_CYCLE[isa] * mhz * 1e6
+    return peak, f"{threads} cores x {FLOPS_PER_CYCLE[isa]} fp32 FLOP/cycle ({isa} FMA) x {mhz / 1000:.2f} GHz"
 
 
 @dataclass
@@ -415,7 +419,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads, both sides")
     parser.add_argument("--repeats", type=int, default=1, help="alternate the sides this many times; medians")
     parser.add_argument("--hf-compile", action="store_true", help="also run the Trainer with torch_compile=True")
-    parser.add_argument("--peak-flops", type=float, help="peak FLOP/s for MFU (default: an AVX2 estimate)")
+    parser.add_argument("--peak-flops", type=float, help="peak FLOP/s for MFU (default: an AVX2 or AVX-512 estimate from /proc/cpuinfo)")
     parser.add_argument("--lmlab-override", action="append", default=[], help="extra lmlab override (repeatable)")
     parser.add_argument("--pipeline", action="store_true", help="also compare tokenizing + packing the corpus")
     parser.add_argument("--no-training", dest="training", action="store_false", help="skip the training comparison")
