@@ -215,7 +215,8 @@ def lmlab_pipeline_worker(p: dict[str, Any]) -> dict[str, Any]:
     dm.set_tokenizer(tokenizer)
     dm.setup("fit")
     blocks = len(dm.splits["train"]) + len(dm.splits["validation"])
-    return {"seconds": time.perf_counter() - started, "blocks": blocks, "cache_hit": dm.cache_hit}
+    return {"seconds": time.perf_counter() - started, "blocks": blocks, "cache_hit": dm.cache_hit,
+            "corpus_read": dm.corpus.is_read}
 
 
 def hf_pipeline_worker(p: dict[str, Any]) -> dict[str, Any]:
@@ -271,8 +272,10 @@ def run_pipeline(args: argparse.Namespace, work: Path, env: dict[str, str], expo
             run_child([sys.executable, __file__, "--pipeline-worker", str(path)], env,
                       work / f"pipeline-{side.split()[0]}-{attempt}.log")
             times.append(json.loads(Path(params["result"]).read_text()))
-        rows.append([side, f"{times[0]['seconds']:.1f}", f"{times[1]['seconds']:.2f}", f"{times[0]['blocks']:,}"])
-    header = ["side", "first run (s)", "second run (s)", f"blocks of {args.block_size}"]
+        read = times[1].get("corpus_read")
+        rows.append([side, f"{times[0]['seconds']:.1f}", f"{times[1]['seconds']:.2f}", f"{times[0]['blocks']:,}",
+                     "—" if read is None else "yes" if read else "no (stamp)"])
+    header = ["side", "first run (s)", "second run (s)", f"blocks of {args.block_size}", "second run read the text"]
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     lines = [f"input pipeline: {data.name} ({size_mb:.1f} MB), num_proc={args.num_proc}, lmlab's tokenizer "

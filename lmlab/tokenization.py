@@ -10,7 +10,7 @@ same corpus with the same settings reuses the first one.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -108,9 +108,14 @@ def load_pretrained(path: str, trust_remote_code: bool = False, key: str = "toke
 
 
 def get_tokenizer(
-    tok_cfg: DictConfig, spec: ModelSpec, train_texts: Sequence[str], corpus_fingerprint: str, cache_dir: Path
+    tok_cfg: DictConfig, spec: ModelSpec, train_texts: Callable[[], Sequence[str]], corpus_fingerprint: str,
+    cache_dir: Path,
 ) -> tuple[Any, dict[str, Any]]:
-    """The run's tokenizer and a small record of where it came from (logged to MLflow)."""
+    """The run's tokenizer and a small record of where it came from (logged to MLflow).
+
+    ``train_texts`` is called only when a tokenizer must be trained: a cached one needs just the
+    corpus fingerprint, so a cached run need not read its corpus.
+    """
     kind = resolve_type(tok_cfg, spec)
     if kind == "pretrained":
         if not tok_cfg.get("path"):
@@ -133,11 +138,12 @@ def get_tokenizer(
         log.info("Reusing cached %s tokenizer %s", kind, where)
         return AutoTokenizer.from_pretrained(str(where)), {**info, "cached": True}
 
-    log.info("Training a %s tokenizer (vocab %d) on %d training texts", kind, vocab_size, len(train_texts))
+    texts = train_texts()
+    log.info("Training a %s tokenizer (vocab %d) on %d training texts", kind, vocab_size, len(texts))
     if kind == "wordpiece":
-        tokenizer = train_wordpiece(train_texts, vocab_size, params["min_frequency"], lowercase)
+        tokenizer = train_wordpiece(texts, vocab_size, params["min_frequency"], lowercase)
     else:
-        tokenizer = train_bpe(train_texts, vocab_size, params["min_frequency"])
+        tokenizer = train_bpe(texts, vocab_size, params["min_frequency"])
     with atomic_dir(where) as tmp:
         tokenizer.save_pretrained(str(tmp))
     return tokenizer, {**info, "cached": False}

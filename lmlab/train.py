@@ -147,7 +147,7 @@ def prepare_model_and_tokenizer(cfg: DictConfig, task: TaskSpec, spec: ModelSpec
     elif teacher is not None and cfg.tokenizer.type != "pretrained":  # the student reads the teacher's ids
         tokenizer, tok_info = teacher.tokenizer, {"type": "pretrained", "path": teacher.source, "from": "distill.teacher"}
     else:
-        tokenizer, tok_info = get_tokenizer(cfg.tokenizer, spec, dm.texts_for_tokenizer(), dm.fingerprint,
+        tokenizer, tok_info = get_tokenizer(cfg.tokenizer, spec, dm.texts_for_tokenizer, dm.fingerprint,
                                             Path(str(cfg.paths.cache)))
     dm.set_tokenizer(tokenizer)
     updates = dm.model_config_updates() if hasattr(dm, "model_config_updates") else {}

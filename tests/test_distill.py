@@ -110,7 +110,7 @@ def build(cfg):
     spec = registry.get("model", cfg.model.name)
     dm = registry.get("datamodule", cfg.data.datamodule)(cfg.data, packing=task.packing(cfg),
                                                           cache_dir=cfg.paths.cache, seed=int(cfg.seed))
-    tokenizer, _ = get_tokenizer(cfg.tokenizer, spec, dm.texts_for_tokenizer(), dm.fingerprint, Path(cfg.paths.cache))
+    tokenizer, _ = get_tokenizer(cfg.tokenizer, spec, dm.texts_for_tokenizer, dm.fingerprint, Path(cfg.paths.cache))
     dm.set_tokenizer(tokenizer)
     updates = dm.model_config_updates() if hasattr(dm, "model_config_updates") else {}
     config = build_hf_config(spec, cfg.model, tokenizer, max(int(cfg.data.get("block_size") or 0),

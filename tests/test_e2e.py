@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,7 +96,7 @@ def build_like_train(cfg: DictConfig):
     dm = registry.get("datamodule", cfg.data.datamodule)(
         cfg.data, packing=task.packing(cfg), cache_dir=cfg.paths.cache, seed=int(cfg.seed)
     )
-    tokenizer, _ = get_tokenizer(cfg.tokenizer, spec, dm.texts_for_tokenizer(), dm.fingerprint, Path(cfg.paths.cache))
+    tokenizer, _ = get_tokenizer(cfg.tokenizer, spec, dm.texts_for_tokenizer, dm.fingerprint, Path(cfg.paths.cache))
     dm.set_tokenizer(tokenizer)
     hf_config = build_hf_config(spec, cfg.model, tokenizer, int(cfg.data.block_size))
     dm.setup("fit")
@@ -298,6 +299,8 @@ def test_second_run_reuses_tokenizer_and_tokenized_data(wiki_file: Path, lmlab_h
 
     cache = Path(os.environ["LMLAB_CACHE_DIR"])
     overrides = [*TINY, f"data.path={wiki_file}"]
+    then = time.time() - 3600  # written an hour ago: old enough for its stat to be trusted
+    os.utime(wiki_file, (then, then))
 
     first = run(compose_cfg(overrides))
     tokenizers = sorted(p.name for p in (cache / "tokenizers").iterdir() if not p.name.startswith("."))
@@ -306,6 +309,7 @@ def test_second_run_reuses_tokenizer_and_tokenized_data(wiki_file: Path, lmlab_h
     info1 = run_info(first, tmp_path)
     assert info1["tokenizer"]["cached"] is False
     assert info1["data"]["tokenized_cache_hit"] is False
+    assert info1["data"]["corpus_read"] is True
 
     second = run(compose_cfg(overrides))
     assert second.run_id != first.run_id
@@ -313,6 +317,7 @@ def test_second_run_reuses_tokenizer_and_tokenized_data(wiki_file: Path, lmlab_h
     assert info2["tokenizer"]["cached"] is True
     assert info2["tokenizer"]["fingerprint"] == info1["tokenizer"]["fingerprint"]
     assert info2["data"]["tokenized_cache_hit"] is True
+    assert info2["data"]["corpus_read"] is False  # both caches found by the corpus stamp alone
     assert info2["data"]["train_blocks"] == info1["data"]["train_blocks"]
     assert sorted(p.name for p in (cache / "tokenizers").iterdir() if not p.name.startswith(".")) == tokenizers
     assert sorted(p.name for p in (cache / "data").iterdir() if not p.name.startswith(".")) == datasets

