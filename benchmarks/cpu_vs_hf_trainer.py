@@ -44,28 +44,6 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "corpus" / "wiki_extracts_en.txt"
-# fp32 FLOPs per cycle per core: two FMA units x lanes x 2 (multiply and add). 8 lanes with AVX2,
-# 16 with AVX-512 (server cores since Skylake-SP have two 512-bit FMA units; a few models have one,
-# where this overstates the peak and so understates MFU).
-FLOPS_PER_CYCLE = {"AVX2": 32, "AVX-512": 64}
-
-
-def cpu_peak_flops(threads: int) -> tuple[float, str]:
-    """An estimate of the fp32 peak of ``threads`` cores, and how it was reached."""
-    mhz, isa = 2500.0, "AVX2"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("cpu MHz"):
-                mhz = float(line.split(":")[1])
-            elif line.startswith("flags"):
-                isa = "AVX-512" if "avx512f" in line.split(":")[1].split() else "AVX2"
-                break
-    except OSError:
-        pass
-    peak = threads * FLOPS_PER_CYCLE[isa] * mhz * 1e6
-    return peak, f"{threads} cores x {FLOPS_PER_CYCLE[isa]} fp32 FLOP/cycle ({isa} FMA) x {mhz / 1000:.2f} GHz"
-
-
 @dataclass
 class Side:
     name: str
@@ -381,16 +359,18 @@ def training_table(args: argparse.Namespace, sides: dict[str, list[Side]], expor
     import numpy as np
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from lmlab.flops import flops_per_token
+    from lmlab.flops import cpu_peak_flops, flops_per_token
 
     config = GPT2Config.from_pretrained(export)
     per_token = flops_per_token(GPT2LMHeadModel(config), args.block_size) or 0.0
-    peak, peak_note = (args.peak_flops, "given with --peak-flops") if args.peak_flops else cpu_peak_flops(args.threads)
+    # Else lmlab's own estimate, the one a CPU run's train/mfu uses: AVX2 or AVX-512 FMA x clock x threads.
+    peak, peak_note = ((args.peak_flops, "given with --peak-flops") if args.peak_flops
+                       else cpu_peak_flops(args.threads) or (None, "no AVX2/AVX-512 in /proc/cpuinfo: set --peak-flops"))
     hf_rate = statistics.median(s.tokens_per_sec for s in sides["HF Trainer"])
     rows = []
     for name, runs in sides.items():
         rate = statistics.median(s.tokens_per_sec for s in runs)
-        rows.append([name, f"{rate:,.0f}", f"{per_token * rate / peak:.1%}",
+        rows.append([name, f"{rate:,.0f}", f"{per_token * rate / peak:.1%}" if peak else "—",
                      f"{statistics.median(s.peak_rss_mb for s in runs):,.0f}",
                      f"{statistics.median(s.wall_s for s in runs):.0f}",
                      f"{statistics.median(s.final_loss for s in runs):.3f}", f"{rate / hf_rate:.2f}x"])
@@ -400,8 +380,8 @@ def training_table(args: argparse.Namespace, sides: dict[str, list[Side]], expor
                 f"{args.batch_size}, fp32, {args.steps} steps (first {args.warmup} not timed), AdamW lr {args.lr} "
                 f"betas 0.9/0.95 wd 0.01, warmup {args.warmup_steps} then cosine to 10%, clip 1.0, "
                 f"{args.threads} torch threads, seed {args.seed}, {args.repeats} alternation(s), medians")
-    mfu = (f"MFU = {per_token / 1e6:.1f} MFLOP/token (6N + 12*L*H*Q*T) x tokens/s / {peak / 1e9:.0f} GFLOP/s "
-           f"({peak_note})")
+    mfu = (f"MFU = {per_token / 1e6:.1f} MFLOP/token (6N + 12*L*H*Q*T) x tokens/s / "
+           f"{f'{peak / 1e9:.0f} GFLOP/s' if peak else 'the peak'} ({peak_note})")
     return "\n".join([settings + ("." if markdown else ""), *([""] if markdown else []),
                       mfu + ("." if markdown else ""), "", table(header, rows, markdown)])
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
 
-from lmlab.flops import flops_per_token
+from lmlab.flops import flops_per_token, peak_flops
+
+log = logging.getLogger("lmlab")
 
 
 class TokensPerSecond(L.Callback):
@@ -18,14 +21,15 @@ class TokensPerSecond(L.Callback):
     rejects; counting tokens over a window of steps is all this needs.
     """
 
-    def __init__(self, every: int = 10, peak_flops: float | None = None):
+    def __init__(self, every: int = 10, configured_peak: float | None = None):
         self.every = max(1, every)
         # Padded batches count their mask on the device; the host reads the count once per window,
         # not once per step (each read would stall a GPU).
         self._tokens: Any = 0
         self._since = 0.0
         self._total: Any = 0
-        self.peak = peak_flops  # per device; None: no MFU (unknown device, no perf.peak_flops)
+        self.configured_peak = configured_peak
+        self.peak: float | None = None  # per device, set at the start of training; None: no MFU
         self._flops_per_token: float | None = None
 
     @property
@@ -33,6 +37,11 @@ class TokensPerSecond(L.Callback):
         return int(self._total)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Only now are the device and the precision plugin known.
+        found = peak_flops(self.configured_peak, trainer.strategy.root_device, str(trainer.precision))
+        self.peak = found[0] if found else None
+        if found and trainer.is_global_zero:
+            log.info("train/mfu against %.3g FLOP/s per device (%s)", *found)
         self._since = time.perf_counter()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,

@@ -7,6 +7,8 @@ Training FLOPs per token follow the PaLM / nanoGPT estimate used in our performa
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -48,13 +50,65 @@ def flops_per_token(model: torch.nn.Module, sequence: int) -> float | None:
     return 6.0 * params + 12.0 * layers * heads * head_dim * sequence
 
 
-def peak_flops(configured: float | None = None) -> float | None:
-    """The device's peak: the configured value, else the table entry matching the GPU's name."""
+# fp32 FLOPs per cycle of one x86 core, by the /proc/cpuinfo flag of its widest FMA: two FMA units x
+# SIMD lanes x 2 (multiply and add); 8 fp32 lanes with AVX2, 16 with AVX-512. Server cores since
+# Skylake-SP have two 512-bit FMA units; the few with one get an estimate twice too high.
+CPU_FLOPS_PER_CYCLE = {"avx512f": 64, "avx2": 32}
+# "Intel(R) Xeon(R) Gold 6338 CPU @ 2.00GHz": the nominal clock, steadier than "cpu MHz", which
+# follows frequency scaling on bare metal.
+_NOMINAL_GHZ = re.compile(r"@\s*([0-9.]+)\s*GHz")
+
+
+def cpu_peak_flops(threads: int, cpuinfo: str | None = None) -> tuple[float, str] | None:
+    """An fp32 peak estimate for ``threads`` cores of this x86 CPU, and how it was reached.
+
+    None where ``/proc/cpuinfo`` (or the text given) names no clock or no AVX2/AVX-512 FMA (other
+    architectures, macOS). Turbo clocks run above the nominal one, so MFU can read a little high.
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return None
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() not in fields:
+            fields[key.strip()] = value.strip()
+        if not line.strip() and fields:  # the first processor's block is enough
+            break
+    nominal = _NOMINAL_GHZ.search(fields.get("model name", ""))
+    try:
+        ghz = float(nominal.group(1)) if nominal else float(fields.get("cpu MHz", "")) / 1000
+    except ValueError:
+        return None
+    flags = set(fields.get("flags", "").split())
+    isa = next((flag for flag in CPU_FLOPS_PER_CYCLE if flag in flags), None)
+    if isa is None or ghz <= 0:
+        return None
+    per_cycle = CPU_FLOPS_PER_CYCLE[isa]
+    return threads * per_cycle * ghz * 1e9, f"{threads} cores x {per_cycle} fp32 FLOP/cycle ({isa}) x {ghz:.2f} GHz"
+
+
+def peak_flops(configured: float | None = None, device: torch.device | None = None,
+               precision: str = "32-true") -> tuple[float, str] | None:
+    """One device's peak FLOP/s for MFU, and where it came from; None when it is not known.
+
+    The configured value (``perf.peak_flops``) wins; a GPU is looked up in ``PEAK_FLOPS`` by name;
+    a CPU running in fp32 gets ``cpu_peak_flops`` for the threads torch uses. A CPU in bf16 or fp16
+    gets none: AMX and AVX512-BF16 peaks are not modelled, and fp32's would make MFU read high.
+    """
     if configured:
-        return float(configured)
-    if not torch.cuda.is_available():
-        return None  # CPUs vary too much for a table: set perf.peak_flops to get MFU there
-    return peak_flops_of(torch.cuda.get_device_name(0))
+        return float(configured), "perf.peak_flops"
+    if device is None:
+        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = peak_flops_of(name)
+        return (peak, f"{name} in lmlab.flops.PEAK_FLOPS") if peak else None
+    if device.type == "cpu" and str(precision).startswith("32"):
+        return cpu_peak_flops(torch.get_num_threads())
+    return None
 
 
 def peak_flops_of(device_name: str) -> float | None:

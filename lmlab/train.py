@@ -19,7 +19,6 @@ from lmlab.callbacks import LearningRate, ProgressBar, TokensPerSecond
 from lmlab.distributed import build_strategy, effective_batch, is_rank_zero
 from lmlab.errors import LmlabError, config_error
 from lmlab.export import export_hf
-from lmlab.flops import peak_flops
 from lmlab.run_log import RunLog
 from lmlab.models.build import build_hf_config, build_model, check_positions
 from lmlab.clipping import sharded_clipping, use_clipping_mixed_precision
@@ -106,7 +105,7 @@ def build_trainer(
     use_clipping_mixed_precision(trainer_kwargs, trainer_kwargs["strategy"])
     clipping = sharded_clipping(trainer_kwargs, trainer_kwargs["strategy"])
     every = int(trainer_kwargs.get("log_every_n_steps") or 10)
-    throughput = TokensPerSecond(every=every, peak_flops=peak_flops(cfg.get("perf", {}).get("peak_flops")))
+    throughput = TokensPerSecond(every=every, configured_peak=cfg.get("perf", {}).get("peak_flops"))
     bar = [ProgressBar(every)] if trainer_kwargs.get("enable_progress_bar", True) else []
     try:
         trainer = L.Trainer(

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from conftest import TINY, WIKI, compose_cfg
 from lmlab import registry
+from lmlab.flops import cpu_peak_flops
 from lmlab.models.build import build_hf_config, build_model
 from lmlab.tokenization import get_tokenizer
 from lmlab.train import RunResult, run
@@ -204,6 +205,8 @@ def test_mlflow_run_is_recorded(ws: Workspace, name: str, tmp_path: Path) -> Non
         assert math.isfinite(metrics[key]), key
     assert metrics["train/tokens_per_sec"] > 0
     assert metrics["train/total_tokens"] > 0
+    if cpu_peak_flops(1) is not None:  # an x86 CPU with AVX2 or AVX-512: MFU against lmlab's estimate
+        assert 0 < metrics["train/mfu"] < 1.5, metrics["train/mfu"]  # turbo may lift it past the nominal peak
     assert 0 < metrics["train/lr"] <= float(cfg.optimizer.lr)
     # The last validation logged is the final one, whose numbers run() returned.
     assert metrics["val/loss"] == pytest.approx(result.metrics["val/loss"], rel=1e-5)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from lmlab.flops import PEAK_FLOPS, flops_per_token, peak_flops
+from lmlab.flops import PEAK_FLOPS, cpu_peak_flops, flops_per_token, peak_flops
 
 
 def test_gpt2_124m_flops_per_token_matches_the_formula() -> None:
@@ -16,6 +17,45 @@ def test_gpt2_124m_flops_per_token_matches_the_formula() -> None:
 
 
 def test_peak_comes_from_config_or_the_device_table() -> None:
-    assert peak_flops(2.5e12) == 2.5e12
+    assert peak_flops(2.5e12) == (2.5e12, "perf.peak_flops")
     assert PEAK_FLOPS["H100"] == 989e12
     assert flops_per_token(object(), 128) is None  # not a transformer config: no MFU, no crash
+
+
+# Abridged /proc/cpuinfo blocks as Linux prints them (the second processor's block is ignored).
+XEON_AVX512 = """processor\t: 0
+model name\t: Intel(R) Xeon(R) Gold 6338 CPU @ 2.00GHz
+cpu MHz\t\t: 2900.123
+flags\t\t: fpu sse2 avx fma avx2 avx512f avx512dq
+
+processor\t: 1
+model name\t: Some Other CPU @ 9.00GHz
+flags\t\t: fpu
+"""
+VM_AVX2 = """processor\t: 0
+model name\t: AMD EPYC Processor
+cpu MHz\t\t: 2450.000
+flags\t\t: fpu sse2 avx fma avx2
+"""
+ARM = """processor\t: 0
+BogoMIPS\t: 50.00
+Features\t: fp asimd evtstrm aes sve
+"""
+
+
+def test_cpu_peak_estimate_reads_the_widest_fma_and_the_clock() -> None:
+    peak, how = cpu_peak_flops(2, XEON_AVX512)
+    assert peak == pytest.approx(2 * 64 * 2.00e9)  # the nominal clock in the name, not the turbo "cpu MHz"
+    assert how == "2 cores x 64 fp32 FLOP/cycle (avx512f) x 2.00 GHz"
+    peak, _ = cpu_peak_flops(1, VM_AVX2)
+    assert peak == pytest.approx(32 * 2.45e9)  # no clock in the name: "cpu MHz"
+    assert cpu_peak_flops(4, ARM) is None  # no x86 FMA flags: no estimate, no MFU
+    assert cpu_peak_flops(1, "flags\t: avx2\n") is None  # no clock
+
+
+def test_peak_for_a_cpu_run_depends_on_the_precision() -> None:
+    assert peak_flops(3e12, torch.device("cpu"), "bf16-mixed") == (3e12, "perf.peak_flops")
+    assert peak_flops(None, torch.device("cpu"), "bf16-mixed") is None  # AMX/BF16 peaks are not modelled
+    assert peak_flops(None, torch.device("meta")) is None
+    estimate = cpu_peak_flops(torch.get_num_threads())
+    assert peak_flops(None, torch.device("cpu"), "32-true") == estimate
