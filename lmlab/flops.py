@@ -90,7 +90,7 @@ def cpu_peak_flops(threads: int, cpuinfo: str | None = None) -> tuple[float, str
     return threads * per_cycle * ghz * 1e9, f"{threads} cores x {per_cycle} fp32 FLOP/cycle ({isa}) x {ghz:.2f} GHz"
 
 
-def peak_flops(configured: float | None = None, device: torch.device | None = None,
+def peak_flops(configured: float | None, device: torch.device,
                precision: str = "32-true") -> tuple[float, str] | None:
     """One device's peak FLOP/s for MFU, and where it came from; None when it is not known.
 
@@ -100,8 +100,6 @@ def peak_flops(configured: float | None = None, device: torch.device | None = No
     """
     if configured:
         return float(configured), "perf.peak_flops"
-    if device is None:
-        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         peak = peak_flops_of(name)

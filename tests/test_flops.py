@@ -17,7 +17,7 @@ def test_gpt2_124m_flops_per_token_matches_the_formula() -> None:
 
 
 def test_peak_comes_from_config_or_the_device_table() -> None:
-    assert peak_flops(2.5e12) == (2.5e12, "perf.peak_flops")
+    assert peak_flops(2.5e12, torch.device("cpu")) == (2.5e12, "perf.peak_flops")
     assert PEAK_FLOPS["H100"] == 989e12
     assert flops_per_token(object(), 128) is None  # not a transformer config: no MFU, no crash
 

@@ -125,7 +125,11 @@ def _data_files(root: Path) -> list[Path]:
 
 def read_path(path: Path, data_cfg: DictConfig) -> dict[str, list[str]]:
     """Documents by split from a file or a directory."""
-    files = _local_files(path)
+    return _read_files(path, _local_files(path), data_cfg)
+
+
+def _read_files(path: Path, files: tuple[Path, ...], data_cfg: DictConfig) -> dict[str, list[str]]:
+    """Documents by split from ``files``, the listing of ``path`` (``_local_files``)."""
     if path.is_file():
         return {"train": read_file(path, data_cfg)}
     named = {f: SPLIT_STEMS.get(f.stem.lower()) for f in files}
@@ -197,7 +201,8 @@ def _local(path: Path, data_cfg: DictConfig, origin: str, fallback: str | None =
     files = _local_files(path)
     if fallback:
         data_cfg = DictConfig({**data_cfg, "encoding_fallback": data_cfg.get("encoding_fallback") or fallback})
-    return Source(origin, lambda: read_path(path, data_cfg), files, data_cfg.get("encoding_fallback"))
+    # The files listed here are the ones read and the ones the stamp key covers: one listing, not two.
+    return Source(origin, lambda: _read_files(path, files, data_cfg), files, data_cfg.get("encoding_fallback"))
 
 
 def _from_catalog(data_cfg: DictConfig) -> Source:
