@@ -16,8 +16,10 @@ clipped at 1.0, the same number of steps and the same torch thread count:
 Steady-state tokens/s covers the steps after ``--warmup`` to the last one, on both sides measured from
 the end of one step to the end of another, so it includes loading the batch but not start-up,
 validation or saving (lmlab validates only after the last step here and writes no periodic
-checkpoint; the Trainer neither evaluates nor saves). Each side runs in its own process; with
-``--repeats N`` they alternate N times and the table shows the median.
+checkpoint; the Trainer neither evaluates nor saves). "Between steps" is the share of that span the
+host spends from the end of one step to the start of the next: fetching the batch (the data wait) and
+the logging that follows a step, taken the same way on both sides. Each side runs in its own process;
+with ``--repeats N`` they alternate N times and the table shows the median.
 
     python benchmarks/cpu_vs_hf_trainer.py                      # 150 steps per side, ~5 min on 2 cores
     python benchmarks/cpu_vs_hf_trainer.py --repeats 3 --markdown /tmp/cpu.md
@@ -51,6 +53,14 @@ class Side:
     peak_rss_mb: float
     wall_s: float
     final_loss: float
+    # Host time between one step's end and the next one's start (fetching the batch, and the
+    # logging that follows a step) over the timed span.
+    data_wait: float
+
+
+def between_steps_share(ends: list[float], gaps: list[float]) -> float:
+    """The share of the span from the first to the last timed step end spent between steps."""
+    return sum(gaps) / (ends[-1] - ends[0])
 
 
 # =================================================================================================
@@ -134,7 +144,13 @@ def hf_worker(params_path: str) -> None:
     class StepClock(TrainerCallback):
         def __init__(self) -> None:
             self.ends: list[float] = []
+            self.gaps: list[float] = []  # after the warm-up, as lmlab's probe takes them
             self.losses: list[float] = []
+
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            # The Trainer fetches the batch before this hook and logs after on_step_end.
+            if self.ends and state.global_step >= p["warmup"]:
+                self.gaps.append(time.perf_counter() - self.ends[-1])
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             self.ends.append(time.perf_counter())
@@ -167,6 +183,7 @@ def hf_worker(params_path: str) -> None:
     fused = "fused" if optimizer.defaults.get("fused") else "foreach" if optimizer.defaults.get("foreach") else "for-loop"
     Path(p["result"]).write_text(json.dumps({
         "tokens_per_sec": rate, "final_loss": clock.losses[-1] if clock.losses else float("nan"),
+        "data_wait": between_steps_share(ends[len(ends) - steps - 1:], clock.gaps),
         "threads": torch.get_num_threads(), "optimizer": f"{type(optimizer).__name__} ({fused}, optim={getattr(args.optim, 'value', args.optim)})",
         "attn": model.config._attn_implementation,
     }))
@@ -280,17 +297,39 @@ def run_child(command: list[str], env: dict[str, str], log: Path) -> tuple[float
     return time.perf_counter() - started, usage.ru_maxrss / 1024  # Linux reports KiB
 
 
-# The lmlab command with one addition: the wall-clock time of the first training batch is written to
-# a file, so the time from starting the process to its first step can be reported.
-FIRST_STEP_STUB = """
-import os, sys, time
-from lmlab import callbacks, cli
-def _first(self, trainer, pl_module, batch, batch_idx):
-    if not getattr(_first, "seen", False):
-        _first.seen = True
-        with open(os.environ["LMLAB_BENCH_FIRST_STEP"], "w") as out:
-            out.write(repr(time.time()))
-callbacks.LearningRate.on_train_batch_start = _first
+# The lmlab command with a probe added to its Trainer: it writes the wall-clock time of the first
+# training batch (for the time from starting the process to its first step) and, for the steps after
+# the warm-up, the step ends and the host gaps between one step's end and the next one's start.
+LMLAB_STUB = """
+import json, os, sys, time
+import lightning as L
+import lmlab.train as train
+from lmlab import cli
+
+class Probe(L.Callback):
+    def __init__(self):
+        self.warmup = int(os.environ["LMLAB_BENCH_WARMUP"])
+        self.first, self.ends, self.gaps, self.last_end, self.steps = None, [], [], None, 0
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.first is None:
+            self.first = time.time()
+        if self.last_end is not None and self.steps >= self.warmup:
+            self.gaps.append(time.perf_counter() - self.last_end)
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.steps += 1
+        self.last_end = time.perf_counter()
+        if self.steps >= self.warmup:
+            self.ends.append(self.last_end)
+    def on_train_end(self, trainer, pl_module):
+        with open(os.environ["LMLAB_BENCH_OUT"], "w") as out:
+            json.dump({"first_step": self.first, "ends": self.ends, "gaps": self.gaps}, out)
+
+_build = train.build_trainer
+def build_trainer(*args, **kwargs):
+    trainer, best, throughput = _build(*args, **kwargs)
+    trainer.callbacks.append(Probe())
+    return trainer, best, throughput
+train.build_trainer = build_trainer
 sys.argv = ["lmlab", *sys.argv[1:]]
 cli.main()
 """
@@ -302,15 +341,17 @@ def run_lmlab(args: argparse.Namespace, work: Path, env: dict[str, str], name: s
     overrides = lmlab_overrides(args, name)
     if steps is not None:
         overrides += [f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}"]
-    marker = work / f"{name}.first_step"
+    probe_out = work / f"{name}.probe.json"
     started = time.time()
-    wall, rss = run_child([sys.executable, "-c", FIRST_STEP_STUB, *overrides],
-                          {**env, "LMLAB_BENCH_FIRST_STEP": str(marker)}, work / f"{name}.log")
-    first_step = float(marker.read_text()) - started
+    wall, rss = run_child([sys.executable, "-c", LMLAB_STUB, *overrides],
+                          {**env, "LMLAB_BENCH_OUT": str(probe_out), "LMLAB_BENCH_WARMUP": str(args.warmup)},
+                          work / f"{name}.log")
+    probe = json.loads(probe_out.read_text())
+    first_step = probe["first_step"] - started
     if steps is not None:
         return None, first_step
     rate, loss = lmlab_rate(Path(env["LMLAB_HOME"]), name, args)
-    return Side("lmlab", rate, rss, wall, loss), first_step
+    return Side("lmlab", rate, rss, wall, loss, between_steps_share(probe["ends"], probe["gaps"])), first_step
 
 
 def run_hf(args: argparse.Namespace, work: Path, env: dict[str, str], index: int, export: Path, blocks: Path,
@@ -326,7 +367,7 @@ def run_hf(args: argparse.Namespace, work: Path, env: dict[str, str], index: int
     wall, rss = run_child([sys.executable, __file__, "--hf-worker", str(path)], env, work / f"hf-{tag}.log")
     result = json.loads(Path(params["result"]).read_text())
     label = "HF Trainer" + (" (torch_compile)" if compiled else "")
-    return Side(label, result["tokens_per_sec"], rss, wall, result["final_loss"]), result
+    return Side(label, result["tokens_per_sec"], rss, wall, result["final_loss"], result["data_wait"]), result
 
 
 def child_env(args: argparse.Namespace, work: Path) -> dict[str, str]:
@@ -371,10 +412,12 @@ def training_table(args: argparse.Namespace, sides: dict[str, list[Side]], expor
     for name, runs in sides.items():
         rate = statistics.median(s.tokens_per_sec for s in runs)
         rows.append([name, f"{rate:,.0f}", f"{per_token * rate / peak:.1%}" if peak else "—",
+                     f"{statistics.median(s.data_wait for s in runs):.1%}",
                      f"{statistics.median(s.peak_rss_mb for s in runs):,.0f}",
                      f"{statistics.median(s.wall_s for s in runs):.0f}",
                      f"{statistics.median(s.final_loss for s in runs):.3f}", f"{rate / hf_rate:.2f}x"])
-    header = ["side", "tokens/s", "MFU", "peak RSS (MB)", "process wall (s)", "last train loss", "vs HF Trainer"]
+    header = ["side", "tokens/s", "MFU", "between steps", "peak RSS (MB)", "process wall (s)", "last train loss",
+              "vs HF Trainer"]
     settings = (f"GPT-2 {args.size} ({config.n_layer} layers x {config.n_embd}, vocab {config.vocab_size}), "
                 f"{len(np.load(blocks, mmap_mode='r')):,} training blocks of {args.block_size} tokens, batch "
                 f"{args.batch_size}, fp32, {args.steps} steps (first {args.warmup} not timed), AdamW lr {args.lr} "

@@ -89,6 +89,36 @@ def test_multi_gpu_smoke_reads_both_strategies_back_from_mlflow(tmp_path: Path) 
         assert float(row[3].replace(",", "")) > 0 and 0 < float(row[5]) < 10  # tokens/s, val loss
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not WIKI.exists(), reason="needs ../shared/data")
+def test_cpu_vs_hf_trainer_times_both_sides_and_both_pipelines(tmp_path: Path) -> None:
+    # The CPU benchmark has no smoke mode: a short real run, one thread, small blocks.
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(WIKI.read_text(encoding="utf-8").splitlines()[:300]) + "\n", encoding="utf-8")
+    markdown = tmp_path / "cpu.md"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "cpu_vs_hf_trainer.py"), "--data", str(corpus),
+                           "--steps", "30", "--warmup", "10", "--log-every", "5", "--block-size", "32",
+                           "--batch-size", "4", "--threads", "1", "--pipeline", "--num-proc", "1",
+                           "--markdown", str(markdown)], capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    text = markdown.read_text()
+    rows = {cells[0]: cells for cells in (
+        [c.strip() for c in line.strip("|").split("|")] for line in table_rows(text))}
+    assert set(rows) == {"lmlab", "HF Trainer"}
+    header = [c.strip() for c in next(line for line in text.splitlines() if line.startswith("| side")).strip("|").split("|")]
+    lmlab, hf = (dict(zip(header, rows[name])) for name in ("lmlab", "HF Trainer"))
+    rates = {name: float(side["tokens/s"].replace(",", "")) for name, side in (("lmlab", lmlab), ("hf", hf))}
+    assert rates["lmlab"] > 0 and rates["hf"] > 0
+    assert lmlab["vs HF Trainer"] == f"{rates['lmlab'] / rates['hf']:.2f}x" and hf["vs HF Trainer"] == "1.00x"
+    for side in (lmlab, hf):
+        assert 0.0 <= float(side["between steps"].rstrip("%")) < 100.0
+        assert 0.0 < float(side["MFU"].rstrip("%")) < 200.0 or side["MFU"] == "—"  # — off x86
+    assert re.search(r"from starting the command to its first training step with empty caches", text)
+    # The input pipeline: both sides twice, lmlab's second run served by its stamp without reading the text.
+    pipeline = [line.split() for line in text.splitlines() if line.startswith(("lmlab ", "HF datasets.map "))]
+    assert len(pipeline) == 2 and pipeline[0][0] == "lmlab" and pipeline[0][-2:] == ["no", "(stamp)"]
+
+
 # ------------------------------------------------------------------------------------------------
 # The driver's logic, in process (seconds)
 # ------------------------------------------------------------------------------------------------
