@@ -10,6 +10,7 @@ import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
 
 from lmlab.flops import flops_per_token, peak_flops
+from lmlab.step_logging import log_step
 
 log = logging.getLogger("lmlab")
 
@@ -66,12 +67,12 @@ class TokensPerSecond(L.Callback):
 
 
 class LearningRate(L.Callback):
-    """Logs ``train/lr`` of the first parameter group at every optimizer step."""
+    """Logs ``train/lr`` of the first parameter group on the steps the loggers write."""
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if trainer.optimizers:
-            pl_module.log("train/lr", trainer.optimizers[0].param_groups[0]["lr"])
+            log_step(pl_module, "train/lr", trainer.optimizers[0].param_groups[0]["lr"])
 
 
 class ProgressBar(TQDMProgressBar):

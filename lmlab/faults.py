@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 
 from lmlab.errors import LmlabError, config_error
 from lmlab.optim import steps_with_found_inf
+from lmlab.step_logging import log_step
 
 if TYPE_CHECKING:
     from lmlab.checkpointing import LastCheckpoint
@@ -91,7 +92,7 @@ class NumericalGuard(L.Callback):
         losses, self._losses = self._losses, []
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=pl_module.device)
-        pl_module.log("train/grad_norm", norm)
+        log_step(pl_module, "train/grad_norm", norm)
         scaled = getattr(trainer.precision_plugin, "scaler", None) is not None
         checks = [torch.isfinite(loss).all() for loss in losses]
         if not scaled:

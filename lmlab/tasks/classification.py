@@ -43,6 +43,7 @@ from lmlab.data.sources import SPLIT_STEMS, carve_validation, decode_file, json_
 from lmlab.data.unlabelled import read_records
 from lmlab.errors import LmlabError, config_error, file_error
 from lmlab.specs import TaskSpec
+from lmlab.step_logging import log_step
 
 log = logging.getLogger(__name__)
 
@@ -508,7 +509,7 @@ class ClassificationModule(L.LightningModule):
         loss = self.loss_sum(logits, batch["labels"]) / len(logits)
         if self.teacher is not None:  # knowledge distillation: every example counts
             loss = self.teacher.loss(self, loss, logits, batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(logits), sync_dist=True)
+        log_step(self, "train/loss", loss, prog_bar=True, batch_size=len(logits), sync_dist=True)
         return loss
 
     def _eval_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:

@@ -15,6 +15,7 @@ from lmlab.compiling import compile_function, compile_in_place
 from lmlab.fastpath import fuse_activations, lean_body, modules_callable_one_by_one
 from lmlab.losses import linear_cross_entropy, split_lm_head
 from lmlab.specs import TaskSpec
+from lmlab.step_logging import log_step
 
 
 class CausalLMModule(L.LightningModule):
@@ -87,7 +88,7 @@ class CausalLMModule(L.LightningModule):
         if self.teacher is not None:  # knowledge distillation on the predicted positions
             inputs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
             loss = self.teacher.loss(self, loss, picked, inputs, counted)
-        self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # the mean over processes
+        log_step(self, "train/loss", loss, prog_bar=True, sync_dist=True)  # the mean over processes
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:

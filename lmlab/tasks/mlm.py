@@ -15,6 +15,7 @@ from lmlab.compiling import compile_function, compile_in_place
 from lmlab.fastpath import lean_body, modules_callable_one_by_one
 from lmlab.errors import LmlabError
 from lmlab.specs import TaskSpec
+from lmlab.step_logging import log_step
 
 # Validation masks are drawn from a generator seeded per batch, so val loss is comparable
 # between evaluations and between runs.
@@ -109,14 +110,14 @@ class MaskedLMModule(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         r = self._forward(batch)
         loss = r["mlm_sum"] / r["count"].clamp(min=1)
-        self.log("train/mlm_loss", loss)
+        log_step(self, "train/mlm_loss", loss)
         if self.teacher is not None:  # knowledge distillation on the masked positions (NSP keeps its labels)
             inputs = {**batch, "input_ids": r["inputs"]}  # the teacher reads what the student read
             loss = self.teacher.loss(self, loss, r["picked"], inputs, r["chosen"])
         if self.nsp:
-            self.log("train/nsp_loss", r["nsp_loss"])
+            log_step(self, "train/nsp_loss", r["nsp_loss"])
             loss = loss + r["nsp_loss"]
-        self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # the mean over processes
+        log_step(self, "train/loss", loss, prog_bar=True, sync_dist=True)  # the mean over processes
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:

@@ -49,6 +49,7 @@ from lmlab.data.sources import decode_file, json_records
 from lmlab.data.unlabelled import read_records
 from lmlab.errors import LmlabError, config_error, file_error
 from lmlab.specs import TaskSpec
+from lmlab.step_logging import log_step
 
 log = logging.getLogger(__name__)
 
@@ -642,7 +643,7 @@ class NerModule(L.LightningModule):
         if self.teacher is not None:  # knowledge distillation on the subwords that carry a label
             labelled = batch["labels"] != IGNORE_INDEX
             loss = self.teacher.loss(self, loss, logits[labelled], batch, labelled)
-        self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # the mean over processes
+        log_step(self, "train/loss", loss, prog_bar=True, sync_dist=True)  # the mean over processes
         return loss
 
     @staticmethod

@@ -55,6 +55,7 @@ from lmlab.data.sources import SPLIT_STEMS, decode_file, json_records
 from lmlab.data.unlabelled import read_records
 from lmlab.errors import LmlabError, config_error, file_error
 from lmlab.specs import TaskSpec
+from lmlab.step_logging import log_step
 
 log = logging.getLogger(__name__)
 
@@ -474,7 +475,7 @@ class SummarizationModule(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss_sum, count = self.token_losses(batch)
         loss = loss_sum / count.clamp(min=1)
-        self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # the mean over processes
+        log_step(self, "train/loss", loss, prog_bar=True, sync_dist=True)  # the mean over processes
         return loss
 
     # -- generation ----------------------------------------------------------------------------------
