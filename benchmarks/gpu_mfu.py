@@ -27,10 +27,12 @@ table is the parameter count of the model actually trained.
 
 Reported per side: steady-state tokens/s (the steps after ``--warmup``, timed from the end of one
 step to the end of another with the GPU synchronised at both ends), MFU = (6N + 12·L·H·Q·T) x
-tokens/s / peak (peak: ``lmlab.flops.PEAK_FLOPS`` by GPU name, or ``--peak-flops``), the data-wait
-share (host time between the end of one step and the start of the next, where the next batch is
-fetched, over the timed wall time), peak GPU memory (``torch.cuda.max_memory_allocated``) and the
-ratio to the HF Trainer with its defaults.
+tokens/s / peak (peak: ``lmlab.flops.PEAK_FLOPS`` by GPU name, or ``--peak-flops``), the data wait
+(the GPU's idle time between the end of one step and the start of the next, where the next batch is
+fetched and copied in, timed by CUDA events on the stream, over the timed wall time; ``DeviceGaps``
+says why the host's clock cannot tell it), the host gap (the host's time between steps: the batch,
+the logging, and the GPU's backlog at each sync), peak GPU memory (``torch.cuda.max_memory_allocated``)
+and the ratio to the HF Trainer with its defaults. Under ``--smoke`` the data wait is the host gap.
 
 Each finished side is one JSON object, printed and (``--rows PATH``) appended to PATH as one line at
 once, so a run stopped part-way (a time limit on a lent GPU) keeps what it measured; ``--from-rows``
@@ -139,6 +141,41 @@ def device_sync() -> None:
         torch.cuda.synchronize()
 
 
+class DeviceGaps:
+    """The GPU's idle time between one step's end and the next one's start: the data wait.
+
+    The host's clock cannot tell it. The host runs ahead of the GPU and catches up at every sync (a
+    logging step's ``.item()``), so the host time between steps also holds the GPU's backlog at those
+    syncs, and a host that waits for data while the GPU still works through earlier steps costs the
+    GPU nothing. A CUDA event recorded at each step's end and one at the next step's start run on
+    the GPU's stream: the time between them is time the GPU had nothing queued (or was copying the
+    batch in), and recording them never syncs. Read after a ``device_sync``; None on a CPU.
+    """
+
+    def __init__(self) -> None:
+        import torch
+
+        self.events = torch.cuda if torch.cuda.is_available() else None
+        self.pairs: list[tuple[Any, Any]] = []
+        self.last_end: Any = None
+
+    def step_start(self, timed: bool) -> None:
+        if self.events is not None and self.last_end is not None and timed:
+            start = self.events.Event(enable_timing=True)
+            start.record()
+            self.pairs.append((self.last_end, start))
+
+    def step_end(self) -> None:
+        if self.events is not None:
+            self.last_end = self.events.Event(enable_timing=True)
+            self.last_end.record()
+
+    def seconds(self) -> list[float] | None:
+        if self.events is None:
+            return None
+        return [end.elapsed_time(start) / 1000 for end, start in self.pairs]
+
+
 def peak_memory() -> int:
     """Peak GPU memory allocated; under --smoke on the CPU, the process's peak RSS."""
     import torch
@@ -166,17 +203,20 @@ import torch
 import lmlab.train as train
 from lmlab import cli
 sys.path.insert(0, os.environ["LMLAB_BENCH_DIR"])
-from gpu_mfu import device_sync as sync, device_name, peak_memory
+from gpu_mfu import DeviceGaps, device_sync as sync, device_name, peak_memory
 
 class Probe(L.Callback):
     def __init__(self):
         self.warmup = int(os.environ["LMLAB_BENCH_WARMUP"])
         self.ends, self.gaps, self.last_end, self.steps = [], [], None, 0
+        self.device_gaps = DeviceGaps()
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.device_gaps.step_start(self.steps >= self.warmup)
         if self.last_end is not None and self.steps >= self.warmup:
             self.gaps.append(time.perf_counter() - self.last_end)
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.steps += 1
+        self.device_gaps.step_end()
         if self.steps == self.warmup or self.steps == trainer.max_steps:
             sync()
         self.last_end = time.perf_counter()
@@ -191,7 +231,8 @@ class Probe(L.Callback):
         arrays = getattr(splits.get("train"), "arrays", None) or {}
         blocks = getattr(arrays.get("input_ids"), "filename", None)
         with open(os.environ["LMLAB_BENCH_OUT"], "w") as out:
-            json.dump({"ends": self.ends, "gaps": self.gaps, "peak_mem": peak_memory(), "device": device_name(),
+            json.dump({"ends": self.ends, "gaps": self.gaps, "idle": self.device_gaps.seconds(),
+                       "peak_mem": peak_memory(), "device": device_name(),
                        "blocks": None if blocks is None else str(blocks)}, out)
 
 _build = train.build_trainer
@@ -230,12 +271,15 @@ def hf_worker(params_path: str) -> None:
             self.ends: list[float] = []
             self.gaps: list[float] = []
             self.last_end: float | None = None
+            self.device_gaps = DeviceGaps()
 
         def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.device_gaps.step_start(state.global_step >= p["warmup"])
             if self.last_end is not None and state.global_step >= p["warmup"]:
                 self.gaps.append(time.perf_counter() - self.last_end)
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.device_gaps.step_end()
             if state.global_step in (p["warmup"], p["steps"]):
                 device_sync()
             self.last_end = time.perf_counter()
@@ -268,7 +312,8 @@ def hf_worker(params_path: str) -> None:
     trainer.train()
     device_sync()
     # The facts of the model trained here: hf-stock's differs from lmlab's export (vocabulary, N).
-    Path(p["result"]).write_text(json.dumps({"ends": probe.ends, "gaps": probe.gaps, "peak_mem": peak_memory(),
+    Path(p["result"]).write_text(json.dumps({"ends": probe.ends, "gaps": probe.gaps, "idle": probe.device_gaps.seconds(),
+                                               "peak_mem": peak_memory(),
                                                "device": device_name(), "facts": facts_of(model, blocks.shape[1])}))
 
 
@@ -281,7 +326,12 @@ def summarise(record: dict[str, Any], tokens_per_step: int) -> dict[str, Any]:
     """A child's probe record -> the measured fields of a row."""
     ends = record["ends"]
     span = ends[-1] - ends[0]
-    return {"tokens_per_sec": (len(ends) - 1) * tokens_per_step / span, "data_wait": sum(record["gaps"]) / span,
+    host_gap = sum(record["gaps"]) / span
+    # On a GPU the data wait is the device's idle time between steps (DeviceGaps); on the CPU, where
+    # nothing runs ahead, the host's time between steps.
+    idle = record.get("idle")
+    return {"tokens_per_sec": (len(ends) - 1) * tokens_per_step / span,
+            "data_wait": host_gap if idle is None else sum(idle) / span, "host_gap": host_gap,
             "peak_mem_gb": record["peak_mem"] / 2**30, "device": record.get("device", "?"),
             "facts": record.get("facts") or {}}
 
@@ -461,14 +511,15 @@ def tables(rows: list[dict[str, Any]], markdown: bool) -> str:
         group = [r for r in rows if r["workload"] == key]
         done = [r for r in group if "error" not in r]
         base = next((r["tokens_per_sec"] for r in done if r["side"] == "hf"), None)
-        header = ["side", "tokens/s", "MFU", "data wait", "peak memory (GiB)", "vs HF Trainer"]
+        header = ["side", "tokens/s", "MFU", "data wait", "host gap", "peak memory (GiB)", "vs HF Trainer"]
         body = []
         for r in group:
             if "error" in r:
-                body.append([r["label"], "failed", "", "", "", ""])
+                body.append([r["label"], "failed", "", "", "", "", ""])
                 continue
             body.append([r["label"], f"{r['tokens_per_sec']:,.0f}", "n/a" if r["mfu"] is None else f"{r['mfu']:.1%}",
-                         f"{r['data_wait']:.1%}", f"{r['peak_mem_gb']:.1f}",
+                         f"{r['data_wait']:.1%}", f"{r['host_gap']:.1%}" if "host_gap" in r else "n/a",
+                         f"{r['peak_mem_gb']:.1f}",
                          f"{r['tokens_per_sec'] / base:.2f}x" if base else "n/a"])
         first = next((r for r in done if "n_params" in r), group[0])
         if "n_params" in first:

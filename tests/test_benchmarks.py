@@ -187,6 +187,54 @@ def test_a_failed_side_becomes_a_row_and_the_tables_come_back_from_the_rows_file
     assert "lmlab failed: lmlab ... failed (exit 1)" in table and "peak 989 TFLOP/s (NVIDIA H200)" in table
 
 
+def test_the_data_wait_is_the_devices_idle_time_where_there_is_a_device() -> None:
+    import torch
+
+    # Four timed steps over 2 s; the host spent 0.3 s between steps, the GPU idled 0.02 s of it.
+    record = {"ends": [10.0, 10.5, 11.0, 11.5, 12.0], "gaps": [0.1, 0.1, 0.05, 0.05], "peak_mem": 2**30}
+    on_cpu = gpu_mfu.summarise({**record, "idle": None}, tokens_per_step=1000)
+    on_gpu = gpu_mfu.summarise({**record, "idle": [0.01, 0.0, 0.01, 0.0]}, tokens_per_step=1000)
+    assert on_cpu["tokens_per_sec"] == on_gpu["tokens_per_sec"] == 2000.0
+    assert on_cpu["data_wait"] == on_cpu["host_gap"] == on_gpu["host_gap"] == pytest.approx(0.15)
+    assert on_gpu["data_wait"] == pytest.approx(0.01)
+    if not torch.cuda.is_available():  # nothing is recorded on a CPU: the host's gaps stand in
+        gaps = gpu_mfu.DeviceGaps()
+        gaps.step_end()
+        gaps.step_start(True)
+        assert gaps.seconds() is None and gaps.pairs == []
+
+
+@pytest.mark.gpu
+def test_device_gaps_count_the_gpus_idle_time_not_the_hosts() -> None:
+    import time
+
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    x = torch.randn(4096, 4096, device="cuda")
+    torch.cuda.synchronize()
+    gaps = gpu_mfu.DeviceGaps()
+
+    def busy_step() -> None:  # a step the GPU takes a while over, queued at once
+        for _ in range(30):
+            x.matmul(x)
+
+    gaps.step_start(True)
+    busy_step()
+    gaps.step_end()
+    time.sleep(0.005)  # the host waits while the GPU still works through the step: no idle time
+    gaps.step_start(True)
+    busy_step()
+    gaps.step_end()
+    torch.cuda.synchronize()
+    time.sleep(0.05)  # now the GPU has nothing queued: idle
+    gaps.step_start(True)
+    torch.cuda.synchronize()
+    busy, idle = gaps.seconds()
+    assert busy < 0.002 and 0.04 < idle < 0.2
+
+
 def test_gpu_mfu_measures_are_streamed_by_main(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # main() appends each row to --rows as it comes (the file is what a killed run leaves behind).
     seen_in_file = []
