@@ -200,7 +200,7 @@ def open_run(cfg: DictConfig, resuming: Resume | None, tags: dict[str, str], out
         mlrun = RunLog(client, resuming.run_id)
     else:
         mlrun = RunLog.open(cfg, tags, rank_zero)
-    mlrun.survive_outages(tracking.tracking_uri(cfg), output_dir)
+    mlrun.set_up_writes(tracking.tracking_uri(cfg), output_dir)
     if resuming is not None and mlrun.client is not None:
         mlrun.client.set_tag(mlrun.run_id, "lmlab.resumed_from", str(resuming.checkpoint))
     if rank_zero:

@@ -7,6 +7,7 @@ calls do nothing (Lightning's MLFlowLogger is rank-0-only on its own).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,9 @@ from typing import Any
 from omegaconf import DictConfig
 
 from lmlab import tracking
+from lmlab.background_log import BackgroundWriter
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -50,20 +54,34 @@ class RunLog:
         if self.client is not None:
             self.client.log_metric(self.run_id, key, value)
 
-    def survive_outages(self, uri: str, run_dir: Path) -> None:
-        """Queue writes while a remote tracking server is unreachable (lmlab.pending)."""
-        if self.client is not None and uri.startswith(("http://", "https://")):
+    def set_up_writes(self, uri: str, run_dir: Path) -> None:
+        """Queue writes while a remote tracking server is unreachable (lmlab.pending), and send
+        metrics from a worker thread (lmlab.background_log), outside the training loop."""
+        if self.client is None:
+            return
+        if uri.startswith(("http://", "https://")):
             from lmlab.pending import ResilientClient
 
             self.client = ResilientClient(self.client, uri, run_dir)
+        self.client = BackgroundWriter(self.client)
 
     def terminate(self, status: str) -> None:
-        if self.client is not None:
-            self.client.set_terminated(self.run_id, status)
-            from lmlab.pending import ResilientClient
+        if self.client is None:
+            return
+        error, finished = None, status == "FINISHED"
+        if isinstance(self.client, BackgroundWriter):
+            error = self.client.close()  # the metrics still queued go first
+            if error is not None:
+                log.error("MLflow did not take the run's metrics: %s", error)
+                status = "FAILED"
+        self.client.set_terminated(self.run_id, status)
+        from lmlab.pending import ResilientClient
 
-            if isinstance(self.client, ResilientClient):
-                self.client.close()  # a last try at sending what an outage held back
+        inner = self.client.client if isinstance(self.client, BackgroundWriter) else self.client
+        if isinstance(inner, ResilientClient):
+            inner.close()  # a last try at sending what an outage held back
+        if error is not None and finished:
+            raise error  # a blocking write would have failed the run (a run failing anyway keeps its own error)
 
     def metrics_logger(self, cfg: DictConfig) -> Any:
         from lightning.pytorch.loggers import MLFlowLogger
