@@ -297,14 +297,34 @@ def run_child(command: list[str], env: dict[str, str], log: Path) -> tuple[float
     return time.perf_counter() - started, usage.ru_maxrss / 1024  # Linux reports KiB
 
 
+def lmlab_main_with(callback: Any) -> None:
+    """The ``lmlab`` command, given this process's arguments, with ``callback`` added to its Trainer.
+
+    For the probes of the benchmarks' child processes (``LMLAB_STUB`` here and in gpu_mfu.py).
+    """
+    import lmlab.train as train
+    from lmlab import cli
+
+    build = train.build_trainer
+
+    def build_trainer(*args: Any, **kwargs: Any) -> Any:
+        trainer, best, throughput = build(*args, **kwargs)
+        trainer.callbacks.append(callback)
+        return trainer, best, throughput
+
+    train.build_trainer = build_trainer
+    sys.argv = ["lmlab", *sys.argv[1:]]
+    cli.main()
+
+
 # The lmlab command with a probe added to its Trainer: it writes the wall-clock time of the first
 # training batch (for the time from starting the process to its first step) and, for the steps after
 # the warm-up, the step ends and the host gaps between one step's end and the next one's start.
 LMLAB_STUB = """
 import json, os, sys, time
 import lightning as L
-import lmlab.train as train
-from lmlab import cli
+sys.path.insert(0, os.environ["LMLAB_BENCH_DIR"])
+from cpu_vs_hf_trainer import lmlab_main_with
 
 class Probe(L.Callback):
     def __init__(self):
@@ -324,14 +344,7 @@ class Probe(L.Callback):
         with open(os.environ["LMLAB_BENCH_OUT"], "w") as out:
             json.dump({"first_step": self.first, "ends": self.ends, "gaps": self.gaps}, out)
 
-_build = train.build_trainer
-def build_trainer(*args, **kwargs):
-    trainer, best, throughput = _build(*args, **kwargs)
-    trainer.callbacks.append(Probe())
-    return trainer, best, throughput
-train.build_trainer = build_trainer
-sys.argv = ["lmlab", *sys.argv[1:]]
-cli.main()
+lmlab_main_with(Probe())
 """
 
 
@@ -344,7 +357,8 @@ def run_lmlab(args: argparse.Namespace, work: Path, env: dict[str, str], name: s
     probe_out = work / f"{name}.probe.json"
     started = time.time()
     wall, rss = run_child([sys.executable, "-c", LMLAB_STUB, *overrides],
-                          {**env, "LMLAB_BENCH_OUT": str(probe_out), "LMLAB_BENCH_WARMUP": str(args.warmup)},
+                          {**env, "LMLAB_BENCH_OUT": str(probe_out), "LMLAB_BENCH_WARMUP": str(args.warmup),
+                           "LMLAB_BENCH_DIR": str(Path(__file__).resolve().parent)},
                           work / f"{name}.log")
     probe = json.loads(probe_out.read_text())
     first_step = probe["first_step"] - started

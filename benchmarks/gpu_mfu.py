@@ -199,10 +199,8 @@ def device_name() -> str:
 LMLAB_STUB = """
 import json, os, sys, time
 import lightning as L
-import torch
-import lmlab.train as train
-from lmlab import cli
 sys.path.insert(0, os.environ["LMLAB_BENCH_DIR"])
+from cpu_vs_hf_trainer import lmlab_main_with
 from gpu_mfu import DeviceGaps, device_sync as sync, device_name, peak_memory
 
 class Probe(L.Callback):
@@ -235,14 +233,7 @@ class Probe(L.Callback):
                        "peak_mem": peak_memory(), "device": device_name(),
                        "blocks": None if blocks is None else str(blocks)}, out)
 
-_build = train.build_trainer
-def build_trainer(*args, **kwargs):
-    trainer, best, throughput = _build(*args, **kwargs)
-    trainer.callbacks.append(Probe())
-    return trainer, best, throughput
-train.build_trainer = build_trainer
-sys.argv = ["lmlab", *sys.argv[1:]]
-cli.main()
+lmlab_main_with(Probe())
 """
 
 
