@@ -20,6 +20,7 @@ from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
 from lmlab import optim
 from lmlab.errors import config_error
 from lmlab.specs import TaskSpec
+from lmlab.step_logging import log_step
 
 LOSSES = ("mse", "huber")
 STAGES = ("val", "test")
@@ -66,7 +67,7 @@ class RegressionModule(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         predicted = self(batch)
         loss = row_losses(self.loss_kind, predicted, batch["labels"].float(), self.huber_delta).mean()
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(predicted))
+        log_step(self, "train/loss", loss, prog_bar=True, batch_size=len(predicted))  # on the written steps only
         return loss
 
     def _eval_step(self, batch: dict[str, torch.Tensor], stage: str) -> None:
