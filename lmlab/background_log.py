@@ -16,12 +16,9 @@ to see an outage's error to keep the write for later instead of losing it.
 
 from __future__ import annotations
 
-import logging
 import queue
 import threading
 from typing import Any
-
-log = logging.getLogger(__name__)
 
 _STOP = object()
 
