@@ -10,6 +10,12 @@ worker has sent everything before it, so the store receives the calls in the ord
 made. An error the worker meets is raised in the calling thread at its next call to the client,
 where a blocking write would have raised it one logging step earlier.
 
+Checkpoints are the exception (``MetricsBeforeCheckpoints``). A run killed just after a checkpoint
+resumes from it without redoing the steps before it, so their metrics must be in the store first:
+a checkpoint waits for the queued writes, and the write that follows it (the checkpointed step's
+own metrics, which Lightning logs after saving) is made in the calling thread, as it was before
+this module. That costs one blocking write per checkpoint, not per logging step.
+
 Not MLflow's own ``synchronous=False``: its errors never reach the caller, and lmlab.pending has
 to see an outage's error to keep the write for later instead of losing it.
 """
@@ -19,6 +25,8 @@ from __future__ import annotations
 import queue
 import threading
 from typing import Any
+
+import lightning as L
 
 _STOP = object()
 
@@ -43,6 +51,7 @@ class BackgroundWriter:
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._next_inline = False
 
     @property
     def client(self) -> Any:
@@ -56,9 +65,11 @@ class BackgroundWriter:
             return attr
 
         def call(*args: Any, **kwargs: Any) -> Any:
-            if not self._closed and _is_metrics_only(name, args, kwargs):
-                self._submit(name, args, kwargs)
-                return None
+            if _is_metrics_only(name, args, kwargs):
+                if not (self._closed or self._next_inline):
+                    self._submit(name, args, kwargs)
+                    return None
+                self._next_inline = False
             self.wait()
             return attr(*args, **kwargs)
 
@@ -104,6 +115,11 @@ class BackgroundWriter:
         self._queue.join()
         self._raise_error()
 
+    def checkpoint_barrier(self) -> None:
+        """Before a checkpoint: send what is queued, and make the next metric write in the caller's thread."""
+        self.wait()
+        self._next_inline = True
+
     def close(self) -> BaseException | None:
         """Send what is queued, stop the worker and return (not raise) the error a write met.
 
@@ -118,3 +134,14 @@ class BackgroundWriter:
         self._closed = True
         error, self._error = self._error, None
         return error
+
+
+class MetricsBeforeCheckpoints(L.Callback):
+    """Before any checkpoint is written, the queued metrics are sent and the next ones will be sent
+    at once (see the module docstring)."""
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        for logger in trainer.loggers:
+            client = getattr(logger, "_mlflow_client", None)  # set by lmlab.run_log.RunLog.metrics_logger
+            if isinstance(client, BackgroundWriter):
+                client.checkpoint_barrier()

@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from lmlab import checkpointing, checks, distill, faults, pretrained, registry, resume, tracking
+from lmlab.background_log import MetricsBeforeCheckpoints
 from lmlab.callbacks import LearningRate, ProgressBar, TokensPerSecond
 from lmlab.distributed import build_strategy, effective_batch, is_rank_zero
 from lmlab.errors import LmlabError, config_error
@@ -110,7 +111,8 @@ def build_trainer(
     try:
         trainer = L.Trainer(
             **trainer_kwargs, logger=logger,
-            callbacks=[best, last, throughput, LearningRate(), *bar, *checkpointing.callbacks(cfg, last), *clipping],
+            callbacks=[best, last, throughput, LearningRate(), *bar, *checkpointing.callbacks(cfg, last), *clipping,
+                       MetricsBeforeCheckpoints()],
             default_root_dir=str(output_dir),
         )
     except TypeError as exc:

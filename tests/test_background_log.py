@@ -11,7 +11,7 @@ import mlflow
 import pytest
 from mlflow.entities import Metric, Param
 
-from lmlab.background_log import BackgroundWriter
+from lmlab.background_log import BackgroundWriter, MetricsBeforeCheckpoints
 from lmlab.run_log import RunLog
 
 
@@ -125,3 +125,51 @@ def test_a_writer_pickles_with_its_client_after_sending_what_it_holds(tmp_path: 
     copy.log_batch(run_id, metrics=[Metric("train/loss", 1.0, 0, 1)])
     assert copy.close() is None and writer.close() is None
     assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [0, 1]
+
+
+def test_a_checkpoint_waits_for_the_metrics_logged_before_it(tmp_path: Path) -> None:
+    # A run killed right after a checkpoint resumes from it and does not redo the steps before it:
+    # their metrics must be in the store by the time the checkpoint exists.
+    import lightning as L
+    import torch
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = client.create_run(client.create_experiment("ckpt")).info.run_id
+    inner = Recorder()
+    writer = BackgroundWriter(inner)
+    logger = MLFlowLogger(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", run_id=run_id)
+    logger._mlflow_client = writer
+
+    class Step(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+            writer.log_batch(run_id, metrics=metric("train/loss", batch_idx))
+            if batch_idx == 2:
+                inner.gate.clear()  # the store stalls: the write of step 3 waits
+            return self.layer(batch).sum()
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    trainer = L.Trainer(max_steps=4, logger=logger, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, callbacks=[MetricsBeforeCheckpoints()])
+    trainer.fit(Step(), torch.utils.data.DataLoader(torch.randn(8, 2), batch_size=2))
+    before = len(inner.calls)
+    threading.Timer(0.3, inner.gate.set).start()
+    started = time.perf_counter()
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    assert time.perf_counter() - started >= 0.25  # it waited for the stalled write
+    assert len(inner.calls) > before and (tmp_path / "last.ckpt").is_file()
+    assert [c for c in inner.calls if c[0] == "log_batch"] == [("log_batch", "lmlab-mlflow-writer")] * 4
+    # The checkpointed step's own metrics, logged after the save, are written at once, in this thread;
+    # the ones after them go back to the worker.
+    writer.log_batch(run_id, metrics=metric("train/loss", 4))
+    assert inner.calls[-1] == ("log_batch", threading.current_thread().name)
+    writer.log_batch(run_id, metrics=metric("train/loss", 5))
+    writer.wait()
+    assert inner.calls[-1] == ("log_batch", "lmlab-mlflow-writer")
+    writer.close()
