@@ -175,15 +175,13 @@ def hf_worker(params_path: str) -> None:
     trainer = Trainer(model=model, args=args, train_dataset=Blocks(), data_collator=default_data_collator,
                       processing_class=tokenizer, callbacks=[clock])
     trainer.train()
-    ends = clock.ends
-    start = ends[p["warmup"] - 1] if p["warmup"] > 0 else ends[0]
-    steps = len(ends) - max(p["warmup"], 1)
-    rate = steps * p["batch_size"] * p["block_size"] / (ends[-1] - start)
+    timed = clock.ends[max(p["warmup"], 1) - 1:]  # from the end of the last warm-up step (or the first)
+    rate = (len(timed) - 1) * p["batch_size"] * p["block_size"] / (timed[-1] - timed[0])
     optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate wraps it
     fused = "fused" if optimizer.defaults.get("fused") else "foreach" if optimizer.defaults.get("foreach") else "for-loop"
     Path(p["result"]).write_text(json.dumps({
         "tokens_per_sec": rate, "final_loss": clock.losses[-1] if clock.losses else float("nan"),
-        "data_wait": between_steps_share(ends[len(ends) - steps - 1:], clock.gaps),
+        "data_wait": between_steps_share(timed, clock.gaps),
         "threads": torch.get_num_threads(), "optimizer": f"{type(optimizer).__name__} ({fused}, optim={getattr(args.optim, 'value', args.optim)})",
         "attn": model.config._attn_implementation,
     }))

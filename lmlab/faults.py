@@ -100,14 +100,14 @@ class NumericalGuard(L.Callback):
         if self.check_every > 1 and not scaled and checks and steps_with_found_inf(optimizer):
             self._defer(trainer, optimizer, torch.stack(checks).all(), losses, norm)
             if self.skipped:
-                pl_module.log("train/skipped_steps", float(self.skipped))
+                log_step(pl_module, "train/skipped_steps", float(self.skipped))
             if (trainer.global_step + 1) % self.check_every == 0:
                 self._read_pending(trainer, pl_module)
             return
         finite = bool(torch.stack(checks).all()) if checks else True  # one host sync per step
         if trainer.strategy.reduce_boolean_decision(finite, all=True):
-            if self.skipped:  # every step, so whichever step the logger keeps carries the count
-                pl_module.log("train/skipped_steps", float(self.skipped))
+            if self.skipped:  # on every written step, so the logged count stays current
+                log_step(pl_module, "train/skipped_steps", float(self.skipped))
             return
         where = self._where(trainer, losses, norm)
         if self.policy == "stop":

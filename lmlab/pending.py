@@ -4,8 +4,8 @@
 MLFlowLogger both go through it). A write that fails because the server cannot be reached is queued
 in memory and appended to ``<run dir>/mlflow_pending.jsonl`` (flushed per record, so even a killed
 process keeps it, all but a metric write still in lmlab.background_log's queue), and the user is
-told once. Later writes first send the queue, in order, at most
-every ``retry_seconds`` (a quick TCP probe first, so a dead server costs no HTTP retries). The run's
+told once. Later writes first send the queue, in order, at most every ``retry_seconds`` (a quick
+TCP probe first, so a dead server costs no HTTP retries). The run's
 end tries once more; what is still unsent stays in the file and ``python -m lmlab.pending RUN_DIR``
 sends it when the server is back. Errors that are not about reaching the server (a bad value)
 propagate as before: queueing them would only hide them.

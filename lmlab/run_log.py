@@ -68,16 +68,16 @@ class RunLog:
     def terminate(self, status: str) -> None:
         if self.client is None:
             return
-        error, finished = None, status == "FINISHED"
-        if isinstance(self.client, BackgroundWriter):
-            error = self.client.close()  # the metrics still queued go first
-            if error is not None:
-                log.error("MLflow did not take the run's metrics: %s", error)
-                status = "FAILED"
+        writer = self.client if isinstance(self.client, BackgroundWriter) else None
+        error = writer.close() if writer is not None else None  # the metrics still queued go first
+        finished = status == "FINISHED"
+        if error is not None:
+            log.error("MLflow did not take the run's metrics: %s", error)
+            status = "FAILED"
         self.client.set_terminated(self.run_id, status)
         from lmlab.pending import ResilientClient
 
-        inner = self.client.client if isinstance(self.client, BackgroundWriter) else self.client
+        inner = writer.client if writer is not None else self.client
         if isinstance(inner, ResilientClient):
             inner.close()  # a last try at sending what an outage held back
         if error is not None and finished:
