@@ -8,6 +8,8 @@ per word, and all subword pieces of a chosen word are masked together.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 IGNORE_INDEX = -100
@@ -33,8 +35,14 @@ def mask_tokens(
     random_replace_prob: float = 0.1,
     starts: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    max_chosen: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Masked inputs and labels (IGNORE_INDEX where nothing is predicted); ``input_ids`` is kept."""
+    """Masked inputs and labels (IGNORE_INDEX where nothing is predicted); ``input_ids`` is kept.
+
+    ``max_chosen`` caps the number of chosen positions in the batch (the first ones in row-major
+    order are kept): what :func:`chosen_rows` reads must fit in its fixed size. A position over the
+    cap is neither corrupted nor predicted, as if it had not been drawn.
+    """
     shape, device = input_ids.shape, input_ids.device
     draw = torch.rand(shape, device=device, generator=generator)
     if starts is not None:
@@ -42,6 +50,8 @@ def mask_tokens(
         word_index = torch.cumsum(starts.long(), dim=1) - 1  # (B, T), in [0, T)
         draw = draw.gather(1, word_index)
     chosen = (draw < mlm_probability) & ~special
+    if max_chosen is not None:
+        chosen &= chosen.flatten().cumsum(0).view(shape) <= max_chosen
     labels = torch.where(chosen, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
 
     how = torch.rand(shape, device=device, generator=generator)
@@ -51,6 +61,32 @@ def mask_tokens(
     masked = torch.where(to_mask, torch.full_like(input_ids, mask_token_id), input_ids)
     masked = torch.where(to_random, random_ids, masked)
     return masked, labels
+
+
+def fixed_row_count(positions: int, mlm_probability: float, whole_words: bool) -> int:
+    """Rows enough for the chosen positions among ``positions`` tokens, short of a freak draw.
+
+    The count is binomial (mean n·p): the mean plus 8 standard deviations is exceeded about once in
+    10^15 batches. Whole words are drawn together, which widens the spread: twice the deviation
+    covers words of up to four pieces on average (mean square). Rounded up to a multiple of 8 for
+    the matmuls; never more than ``positions``.
+    """
+    mean = positions * mlm_probability
+    spread = math.sqrt(positions * mlm_probability * (1 - mlm_probability)) * (2 if whole_words else 1)
+    return min(positions, 8 * math.ceil((mean + 8 * spread + 16) / 8))
+
+
+def chosen_rows(chosen: torch.Tensor, rows: int) -> torch.Tensor:
+    """Flat indices (``rows``,) of the chosen positions of ``chosen`` (B, T), in order, then unchosen ones.
+
+    ``x.flatten(0, 1)[chosen.flatten()]`` reads the same chosen rows, but a boolean index has a
+    size only the device knows: on a GPU the host stops there until the GPU has caught up (twice per
+    step, and again in the backward pass), and a compiled head sees a new shape at every step.
+    A stable sort that puts the chosen positions first has a fixed size. The padding rows are
+    unchosen positions, whose label is IGNORE_INDEX, so a loss with ``ignore_index`` and an accuracy
+    against the labels leave them out. At most ``rows`` positions may be chosen (``max_chosen``).
+    """
+    return torch.argsort(chosen.flatten().logical_not(), stable=True)[:rows]
 
 
 def check_probabilities(mlm_probability: float, mask_replace_prob: float, random_replace_prob: float) -> str | None:

@@ -158,6 +158,7 @@ CASES: dict[str, Bad] = {
     "unknown_hf_config_field": Bad(["model.config.n_layerz=3"], ["n_layerz"]),
     "masking_over_one": Bad(["task=mlm", "task.mask_replace_prob=0.9", "task.random_replace_prob=0.2"],
                             ["task.mask_replace_prob", "task.random_replace_prob"]),
+    "unknown_gather": Bad(["task=mlm", "task.fixed_size_gather=sometimes"], ["task.fixed_size_gather", "sometimes"]),
     "task_without_head": Bad(["task=summarization", "model=bert"], ["summarization", "bert"]),
     "val_fraction_above_one": Bad(["data.val_fraction=1.5"], ["data.val_fraction", "1.5"]),
     "resume_outside_fit": Bad(["mode=test", "model.pretrained={d}/bert_model", "resume=auto"], ["resume", "mode=test"]),

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmlab.masking import IGNORE_INDEX, check_probabilities, mask_tokens, word_starts
+from lmlab.masking import (IGNORE_INDEX, check_probabilities, chosen_rows, fixed_row_count, mask_tokens,
+                           word_starts)
 
 VOCAB = 1000
 MASK_ID = 4
@@ -167,6 +168,59 @@ def test_seeded_generator_is_deterministic():
     g = torch.Generator().manual_seed(1235)
     other = mask_tokens(ids, special, mask_token_id=MASK_ID, vocab_size=VOCAB, generator=g)
     assert not torch.equal(outs[0][1], other[1])
+
+
+def test_a_cap_on_the_chosen_count_keeps_the_first_ones_and_leaves_the_rest_untouched():
+    ids, special = _batch(seed=4)
+    ids, special = ids[:4, :256], special[:4, :256]
+    draw = dict(mask_token_id=MASK_ID, vocab_size=VOCAB)
+    free_masked, free_labels = mask_tokens(ids, special, generator=torch.Generator().manual_seed(5), **draw)
+    n = int((free_labels != IGNORE_INDEX).sum())
+    assert n > 100
+    # A cap at or above the count changes nothing: the same draws, the same result.
+    for cap in (n, n + 1, ids.numel()):
+        masked, labels = mask_tokens(ids, special, generator=torch.Generator().manual_seed(5), max_chosen=cap, **draw)
+        assert torch.equal(masked, free_masked) and torch.equal(labels, free_labels)
+    # Below it: the first `cap` chosen positions (row-major) keep their label and corruption, and the
+    # others are neither predicted nor corrupted.
+    cap = n - 37
+    masked, labels = mask_tokens(ids, special, generator=torch.Generator().manual_seed(5), max_chosen=cap, **draw)
+    free_chosen = (free_labels != IGNORE_INDEX).flatten()
+    first = free_chosen & (free_chosen.cumsum(0) <= cap)
+    assert torch.equal((labels != IGNORE_INDEX).flatten(), first)
+    assert torch.equal(masked.flatten()[first], free_masked.flatten()[first])
+    assert torch.equal(masked.flatten()[~first], ids.flatten()[~first])
+
+
+def test_chosen_rows_reads_the_chosen_positions_in_order_then_unlabelled_padding():
+    ids, special = _batch(seed=6)
+    ids, special = ids[:8, :512], special[:8, :512]
+    rows = fixed_row_count(ids.numel(), 0.15, whole_words=False)
+    for seed in range(5):
+        _, labels = mask_tokens(ids, special, mask_token_id=MASK_ID, vocab_size=VOCAB,
+                                generator=torch.Generator().manual_seed(seed), max_chosen=rows)
+        chosen = labels != IGNORE_INDEX
+        index = chosen_rows(chosen, rows)
+        n = int(chosen.sum())
+        assert index.shape == (rows,) and n < rows
+        assert torch.equal(index[:n], chosen.flatten().nonzero().flatten())  # what a boolean index reads
+        assert (labels.flatten()[index[n:]] == IGNORE_INDEX).all()  # the padding: ignored by the loss
+        assert index.unique().numel() == rows  # distinct rows: index_select's backward adds each once
+
+
+def test_fixed_row_count_is_the_mean_plus_eight_deviations_and_never_above_the_positions():
+    # 64 x 512 (BERT-base's benchmark batch): mean 4,915.2, deviation 64.6.
+    assert fixed_row_count(32768, 0.15, whole_words=False) == 5456  # ceil(4915.2 + 517.1 + 16) to a multiple of 8
+    assert fixed_row_count(32768, 0.15, whole_words=True) == 5968  # twice the deviation
+    assert fixed_row_count(20, 0.15, whole_words=False) == 20
+    for n in (1, 7, 100, 4096, 10**6):
+        rows = fixed_row_count(n, 0.15, whole_words=False)
+        assert rows % 8 == 0 or rows == n
+        assert n * 0.15 < rows <= n
+    # The count it must hold, drawn: far below it in 2,000 batches of 64 x 512 (the largest of these
+    # is 5,163, the mean plus 3.8 deviations).
+    counts = (torch.rand(2000, 32768, generator=torch.Generator().manual_seed(0)) < 0.15).sum(1)
+    assert int(counts.max()) < 4915 + 5 * 64.6 < 5456
 
 
 def test_check_probabilities():

@@ -295,6 +295,89 @@ def test_mlm_step_on_packed_blocks_equals_the_full_hugging_face_head(compiled: b
         assert not counters["graph_break"], dict(counters["graph_break"])
 
 
+@pytest.mark.parametrize("variant", ["packed", "whole_words", "nsp"])
+def test_mlm_fixed_size_gather_equals_the_boolean_index(variant: str) -> None:
+    # task.fixed_size_gather=true (auto on GPUs) reads the chosen rows through a fixed-size index
+    # (masking.chosen_rows) instead of a boolean one; the loss, counts and gradients must not change.
+    from transformers import BertForPreTraining
+
+    from lmlab.tasks.mlm import build_module
+
+    nsp = variant == "nsp"
+    cfg = OmegaConf.create({"task": {"nsp": nsp, "whole_word_mask": variant == "whole_words",
+                                     "mlm_probability": 0.15, "mask_replace_prob": 0.8, "random_replace_prob": 0.1},
+                            "optimizer": {}, "scheduler": {}, "model": {"compile": False}})
+    base = _tiny_bert(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    ids = torch.randint(5, 50, (4, 48), generator=torch.Generator().manual_seed(11))
+    batch = {"input_ids": ids}
+    if nsp:
+        base = BertForPreTraining(base.config)
+        batch.update(token_type_ids=(torch.arange(48) >= 20).long().expand(4, 48).contiguous(),
+                     attention_mask=torch.ones_like(ids), next_sentence_label=torch.tensor([0, 1, 1, 0]))
+    results = {}
+    for fixed in (False, True):
+        model = type(base)(base.config)
+        model.load_state_dict(base.state_dict())
+        module = build_module(OmegaConf.merge(cfg, {"task": {"fixed_size_gather": fixed}}), model, BertTok())
+        rows = module._fixed_rows(ids)
+        assert (rows is not None) == fixed
+        got = module._forward(batch, torch.Generator().manual_seed(3))
+        loss = got["mlm_sum"] + (got["nsp_loss"] if nsp else 0)
+        loss.backward()
+        results[fixed] = got, _grads(model)
+        if fixed:  # fixed rows: more rows than chosen positions, and the padding ones are not counted
+            assert got["picked"].shape[0] == rows > int(got["count"]) > 20
+    (exact, exact_grads), (fixed, fixed_grads) = results[False], results[True]
+    assert int(exact["count"]) == int(fixed["count"]) == exact["picked"].shape[0]
+    assert int(exact["correct"]) == int(fixed["correct"])
+    torch.testing.assert_close(fixed["mlm_sum"], exact["mlm_sum"], rtol=1e-5, atol=1e-5)
+    if nsp:
+        torch.testing.assert_close(fixed["nsp_loss"], exact["nsp_loss"])
+        assert int(fixed["pairs"]) == 4
+    assert set(fixed_grads) == set(exact_grads)
+    for name in exact_grads:
+        torch.testing.assert_close(fixed_grads[name], exact_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_compiled_mlm_with_the_fixed_size_gather_compiles_once() -> None:
+    # A boolean index gives the compiled head a new row count at every step (a recompile, then
+    # dynamic-shape kernels); the fixed-size gather keeps one shape: two graphs, body and head.
+    from lmlab.tasks.mlm import build_module
+
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    cfg = OmegaConf.create({"task": {"nsp": False, "whole_word_mask": False, "mlm_probability": 0.15,
+                                     "mask_replace_prob": 0.8, "random_replace_prob": 0.1, "fixed_size_gather": True},
+                            "optimizer": {}, "scheduler": {}, "model": {"compile": True}})
+    module = build_module(cfg, _tiny_bert(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0), BertTok())
+    counts = set()
+    for step in range(3):
+        ids = torch.randint(5, 50, (4, 64), generator=torch.Generator().manual_seed(step))
+        got = module._forward({"input_ids": ids}, torch.Generator().manual_seed(step))
+        got["mlm_sum"].backward()
+        counts.add(int(got["count"]))
+    assert len(counts) == 3  # three different numbers of chosen positions
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+    assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+def test_mlm_gathers_exactly_on_the_cpu_and_with_a_teacher_by_default() -> None:
+    from lmlab.tasks.mlm import build_module
+
+    cfg = OmegaConf.create({"task": {"nsp": False, "whole_word_mask": False, "mlm_probability": 0.15,
+                                     "mask_replace_prob": 0.8, "random_replace_prob": 0.1, "fixed_size_gather": "auto"},
+                            "optimizer": {}, "scheduler": {}, "model": {"compile": False}})
+    module = build_module(cfg, _tiny_bert(), BertTok())
+    ids = torch.randint(5, 50, (8, 64))
+    assert module._fixed_rows(ids) is None  # auto: exact on the CPU
+    assert module._fixed_rows(ids.to("meta")) == 160  # any other device: fixed (76.8 + 8 x 8.1 + 16, to 8)
+    module.teacher = object()  # a distillation teacher picks its logits with the boolean mask
+    assert module._fixed_rows(ids.to("meta")) is None
+
+
 def test_vocabulary_rows_are_rounded_up_to_model_vocab_multiple() -> None:
     from lmlab.models.build import build_hf_config, padded_vocab_size
     from lmlab.models.gpt2 import MODEL

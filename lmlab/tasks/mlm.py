@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -56,7 +57,20 @@ class MaskedLMModule(L.LightningModule):
         self.val_sums = torch.nn.ModuleDict({k: SumMetric() for k in ("loss", "tokens", "correct", "nsp_correct", "pairs")})
         self.teacher: Any = None  # lmlab.distill.Teacher when distilling; not a submodule
 
-    def _mask(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None):
+    def _fixed_rows(self, ids: torch.Tensor) -> int | None:
+        """How many rows the head reads (masking.chosen_rows), or None for exactly the chosen ones."""
+        if self.teacher is not None:  # the teacher's logits are picked by the mask (lmlab.distill)
+            return None
+        wanted = self.task_cfg.get("fixed_size_gather", "auto")
+        if wanted == "auto":
+            wanted = ids.device.type != "cpu"  # a CPU does not wait on itself, and padding rows cost it
+        if not wanted:
+            return None
+        return masking.fixed_row_count(ids.numel(), float(self.task_cfg.mlm_probability),
+                                       bool(self.task_cfg.whole_word_mask))
+
+    def _mask(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None,
+              max_chosen: int | None = None):
         ids = batch["input_ids"]
         special = torch.isin(ids, self.special_ids)
         if "attention_mask" in batch:
@@ -67,15 +81,25 @@ class MaskedLMModule(L.LightningModule):
             mlm_probability=float(self.task_cfg.mlm_probability),
             mask_replace_prob=float(self.task_cfg.mask_replace_prob),
             random_replace_prob=float(self.task_cfg.random_replace_prob), starts=starts, generator=generator,
+            max_chosen=max_chosen,
         )
 
     def _forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None):
-        inputs, labels = self._mask(batch, generator)
+        rows = self._fixed_rows(batch["input_ids"])
+        inputs, labels = self._mask(batch, generator, rows)
         chosen = labels != masking.IGNORE_INDEX
-        picked, nsp_logits = self._logits(inputs, batch, chosen)
+        if rows is None:
+            def pick(x: torch.Tensor) -> torch.Tensor:
+                return x[chosen]
+        else:
+            index = masking.chosen_rows(chosen, rows)
+
+            def pick(x: torch.Tensor) -> torch.Tensor:  # index_select: its backward is an index_add
+                return x.flatten(0, 1).index_select(0, index)
+        picked, nsp_logits = self._logits(inputs, batch, pick)
         picked = picked.float()  # (M, V): the loss is only over masked positions
-        gold = labels[chosen]
-        mlm_sum = F.cross_entropy(picked, gold, reduction="sum")
+        gold = pick(labels)  # IGNORE_INDEX on chosen_rows' padding rows: the loss and accuracy skip them
+        mlm_sum = F.cross_entropy(picked, gold, reduction="sum", ignore_index=masking.IGNORE_INDEX)
         result = {"mlm_sum": mlm_sum, "count": chosen.sum(), "correct": (picked.argmax(-1) == gold).sum(),
                   "picked": picked, "inputs": inputs, "chosen": chosen}  # the last three for distillation
         if self.nsp:
@@ -83,12 +107,13 @@ class MaskedLMModule(L.LightningModule):
             nsp_gold = batch["next_sentence_label"]
             result["nsp_loss"] = F.cross_entropy(nsp_logits, nsp_gold)
             result["nsp_correct"] = (nsp_logits.argmax(-1) == nsp_gold).sum()
-            result["pairs"] = torch.tensor(len(nsp_gold), device=nsp_gold.device)
+            # Filled on the device: torch.tensor(n, device=...) copies from the host, which waits for the GPU.
+            result["pairs"] = torch.full((), len(nsp_gold), device=nsp_gold.device)
         return result
 
     def _logits(self, inputs: torch.Tensor, batch: dict[str, torch.Tensor],
-                chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Vocabulary logits at the chosen positions (M, V) and the NSP logits (B, 2) or None."""
+                pick: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Vocabulary logits at the rows ``pick`` takes from (B, T, ...) (M, V), and the NSP logits (B, 2) or None."""
         kwargs = {"input_ids": inputs, "attention_mask": batch.get("attention_mask"),
                   "token_type_ids": batch.get("token_type_ids")}
         if self.sparse_head:
@@ -96,16 +121,16 @@ class MaskedLMModule(L.LightningModule):
             # positions: the (B, T, V) logits and most of the vocabulary projection are skipped.
             if (self.lean is not None and not self.nsp and kwargs["attention_mask"] is None
                     and kwargs["token_type_ids"] is None and modules_callable_one_by_one(self)):
-                return self.model.cls(self.lean(self.model.bert, inputs)[chosen]), None
+                return self.model.cls(pick(self.lean(self.model.bert, inputs))), None
             body = self.model.bert(**kwargs)
-            picked = body.last_hidden_state[chosen]  # (M, D)
+            picked = pick(body.last_hidden_state)  # (M, D)
             if self.nsp:
                 return self.model.cls.predictions(picked), self.model.cls.seq_relationship(body.pooler_output)
             return self.model.cls(picked), None
         out = self.model(**kwargs)
         if self.nsp:
-            return out.prediction_logits[chosen], out.seq_relationship_logits
-        return out.logits[chosen], None
+            return pick(out.prediction_logits), out.seq_relationship_logits
+        return pick(out.logits), None
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         r = self._forward(batch)
@@ -151,6 +176,10 @@ def validate(cfg: DictConfig) -> None:
     )
     if problem:
         raise LmlabError(f"{problem}. Fix the value on the command line or in conf/task/mlm.yaml.")
+    gather = cfg.task.get("fixed_size_gather", "auto")
+    if gather not in ("auto", True, False):
+        raise LmlabError(f"task.fixed_size_gather={gather!r} must be auto, true or false "
+                         "(see conf/task/mlm.yaml). Fix the value on the command line.")
 
 
 def build_module(cfg: DictConfig, model: torch.nn.Module, tokenizer: Any) -> MaskedLMModule:
@@ -160,7 +189,8 @@ def build_module(cfg: DictConfig, model: torch.nn.Module, tokenizer: Any) -> Mas
     compiled = bool(cfg.model.get("compile", False))
     if module.sparse_head:
         # The step calls the encoder and the head, never the model's own forward: compile those.
-        # The gather of the chosen positions (a data-dependent shape) stays eager between them.
+        # The gather of the chosen positions stays eager between them (on a GPU its size is fixed:
+        # masking.chosen_rows).
         compile_in_place(model.bert, compiled)
         compile_in_place(model.cls, compiled)
         if compiled and module.lean is not None:

@@ -1,0 +1,121 @@
+"""The pretraining steps never make the host wait for the device.
+
+On a GPU the host queues kernels ahead of the device; an operation whose result the host must read
+(``.item()``, a boolean index, ``nonzero``) stops it until the GPU has caught up, and the GPU then
+idles while the host queues the rest. The H100 goals of issue 6 need steps without such stops. They
+are found here on the CPU, by the aten operations a training step calls.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from conftest import TINY, run_in_home
+
+# Operations whose output the host reads, or whose size only the device knows.
+READS_THE_DEVICE = {"_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "unique_dim",
+                    "_unique", "_unique2", "unique_consecutive", "repeat_interleave", "bincount", "histc"}
+INDEXING = {"index", "index_put", "index_put_", "_index_put_impl_"}
+
+
+class HostSyncs(TorchDispatchMode):
+    """Counts the aten operations that would stop a GPU's host, by name.
+
+    Written here because torch's own detector (``torch.cuda.set_sync_debug_mode``) exists only on
+    CUDA; the operations are the same on a CPU, so a dispatch mode can name them there.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        name = func._schema.name.split("::")[-1]
+        if name in READS_THE_DEVICE:
+            self.seen[name] += 1
+        elif name in INDEXING and any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8)
+                                      for i in args[1] if i is not None):
+            self.seen[f"{name} with a boolean mask"] += 1  # a nonzero inside the kernel
+        return func(*args, **(kwargs or {}))
+
+
+class RecordSteps(L.Callback):
+    """Records HostSyncs over whole training steps (forward, backward, optimizer, the next batch)."""
+
+    def __init__(self, first: int, last: int) -> None:
+        self.first, self.last = first, last
+        self.mode = HostSyncs()
+        self.steps = 0
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if trainer.global_step == self.first:
+            self.mode.__enter__()
+        elif trainer.global_step == self.last:
+            self.mode.__exit__(None, None, None)
+            self.steps = self.last - self.first
+
+
+def test_the_recorder_sees_what_stops_a_gpus_host() -> None:
+    x = torch.randn(6, 3)
+    with HostSyncs() as mode:
+        x[x[:, 0] > 0].sum().item()
+        x[torch.tensor([0, 2])] = 1.0  # integer indices: the device knows the size up front
+        x.index_select(0, torch.tensor([1, 3]))
+    assert mode.seen == Counter({"index with a boolean mask": 1, "_local_scalar_dense": 1})
+
+
+@pytest.mark.parametrize("task", ["clm", "mlm", "mlm-whole-words"])
+def test_pretraining_steps_do_not_wait_for_the_device(task: str, wiki_file: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import lmlab.train as train
+
+    recorder = RecordSteps(first=3, last=7)
+    build = train.build_trainer
+
+    def build_trainer(*args: Any, **kwargs: Any) -> Any:
+        trainer, best, throughput = build(*args, **kwargs)
+        trainer.callbacks.append(recorder)
+        return trainer, best, throughput
+
+    monkeypatch.setattr(train, "build_trainer", build_trainer)
+    overrides = [*TINY, f"data.path={wiki_file}", "trainer.max_steps=10", "trainer.val_check_interval=null",
+                 # What a GPU run does between its logging steps: no metric read, no NaN verdict read.
+                 "trainer.log_every_n_steps=50", "+faults.check_every_n_steps=50"]
+    if task.startswith("mlm"):  # the fixed-size gather is what a GPU gets (auto)
+        overrides += ["task=mlm", "task.fixed_size_gather=true", f"task.whole_word_mask={task.endswith('words')}"]
+    run_in_home(tmp_path, overrides)  # a failed run raises
+    assert recorder.steps == 4  # it recorded steps 4 to 7
+    assert not recorder.mode.seen, f"steps 4-7 of task={task} stop a GPU's host: {dict(recorder.mode.seen)}"
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_the_mlm_step_runs_with_host_syncs_forbidden() -> None:
+    # The same property checked by CUDA itself: set_sync_debug_mode("error") raises at any sync.
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from omegaconf import OmegaConf
+
+    from lmlab.tasks.mlm import build_module
+    from test_perf_models import BertTok, _tiny_bert
+
+    cfg = OmegaConf.create({"task": {"nsp": False, "whole_word_mask": False, "mlm_probability": 0.15,
+                                     "mask_replace_prob": 0.8, "random_replace_prob": 0.1, "fixed_size_gather": "auto"},
+                            "optimizer": {}, "scheduler": {}, "model": {"compile": False}})
+    module = build_module(cfg, _tiny_bert(), BertTok()).cuda()
+    ids = torch.randint(5, 50, (4, 64), device="cuda")
+    module._forward({"input_ids": ids})["mlm_sum"].backward()  # first call: lazy CUDA set-up may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = module._forward({"input_ids": ids})
+        got["mlm_sum"].backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert got["picked"].shape[0] == module._fixed_rows(ids) > int(got["count"]) > 0
