@@ -295,7 +295,7 @@ def test_mlm_step_on_packed_blocks_equals_the_full_hugging_face_head(compiled: b
         assert not counters["graph_break"], dict(counters["graph_break"])
 
 
-@pytest.mark.parametrize("variant", ["packed", "whole_words", "nsp"])
+@pytest.mark.parametrize("variant", ["packed", "whole_words", "nsp", "gpt2"])
 def test_mlm_fixed_size_gather_equals_the_boolean_index(variant: str) -> None:
     # task.fixed_size_gather=true (auto on GPUs) reads the chosen rows through a fixed-size index
     # (masking.chosen_rows) instead of a boolean one; the loss, counts and gradients must not change.
@@ -308,6 +308,9 @@ def test_mlm_fixed_size_gather_equals_the_boolean_index(variant: str) -> None:
                                      "mlm_probability": 0.15, "mask_replace_prob": 0.8, "random_replace_prob": 0.1},
                             "optimizer": {}, "scheduler": {}, "model": {"compile": False}})
     base = _tiny_bert(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    if variant == "gpt2":  # no sparse head: the rows are picked from the model's full logits
+        base = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=64, vocab_size=50,
+                                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
     ids = torch.randint(5, 50, (4, 48), generator=torch.Generator().manual_seed(11))
     batch = {"input_ids": ids}
     if nsp:
@@ -319,6 +322,7 @@ def test_mlm_fixed_size_gather_equals_the_boolean_index(variant: str) -> None:
         model = type(base)(base.config)
         model.load_state_dict(base.state_dict())
         module = build_module(OmegaConf.merge(cfg, {"task": {"fixed_size_gather": fixed}}), model, BertTok())
+        assert module.sparse_head == (variant != "gpt2")
         rows = module._fixed_rows(ids)
         assert (rows is not None) == fixed
         got = module._forward(batch, torch.Generator().manual_seed(3))

@@ -43,11 +43,13 @@ fi
 # name:seconds-left-needed-to-start-it:gpu_mfu.py arguments. Estimates on an H100/H200 (16 cores):
 # a process start ~15 s; tokenizer training ~15 s (once: the cache is shared); a GPT-2 step
 # ~110 ms eager in the Trainer, 35-50 ms compiled; a torch.compile warm-up 40-90 s per process.
-# gpt2 ~260 s and bert ~170 s fill the budget; the later passes run when compiles are quick, or in
-# a second call (RUN_PASSES=gpt2-plainloss,bert-hf-compile) while the machine is still warm.
+# gpt2 ~260 s and bert ~170 s fill the budget; the later passes (gpu-tests ~20 s first) run when
+# compiles are quick, or in a second call (RUN_PASSES=gpu-tests,gpt2-plainloss,bert-hf-compile)
+# while the machine is still warm.
 PASSES=(
     "gpt2:100:--only gpt2 --sides lmlab,hf,lmlab-compile,hf-compile"
     "bert:90:--only bert --sides lmlab,hf,lmlab-compile"
+    "gpu-tests:40:"  # not gpu_mfu.py: the GPU-marked tests (run_gpu_tests), which no CPU session runs
     "gpt2-plainloss:120:--only gpt2 --sides lmlab-compile-plainloss,lmlab-plainloss,hf-stock"
     "bert-hf-compile:130:--only bert --sides hf-compile"
 )
@@ -73,6 +75,24 @@ run_pass() {
         124 | 137) echo "== pass $name: stopped at its time limit (${limit} s); its finished sides are in rows.jsonl" ;;
         *) echo "== pass $name: exit $rc (failed sides are rows with an error)" ;;
     esac
+    return 0
+}
+
+# The tests marked gpu (pytest is in the image): the device's own checks of what the CPU suite can
+# only approximate, e.g. that the MLM step runs under torch.cuda.set_sync_debug_mode("error").
+run_gpu_tests() {
+    local need=$1 limit rc
+    limit=$(left)
+    if ((limit < need)); then
+        echo "== pass gpu-tests: not started, ${limit} s left of the budget (it needs ~${need} s)"
+        return 0
+    fi
+    ((limit > 120)) && limit=120
+    echo "== pass gpu-tests ($(date -u +%H:%M:%S), limit ${limit} s): pytest -m gpu"
+    timeout -k 10 "$limit" "$PY" -m pytest -q -m gpu -p no:cacheprovider -rs tests/test_host_syncs.py \
+        tests/test_benchmarks.py 2>&1 | tail -n 25
+    rc=${PIPESTATUS[0]}
+    echo "== pass gpu-tests: exit $rc"
     return 0
 }
 
@@ -128,7 +148,11 @@ EOF
     local wanted=${RUN_PASSES:-}
     for pass in "${PASSES[@]}"; do
         IFS=: read -r name need args <<<"$pass"
-        if [[ -z $wanted || ",$wanted," == *",$name,"* ]]; then
+        if [[ -n $wanted && ",$wanted," != *",$name,"* ]]; then
+            continue
+        elif [[ $name == gpu-tests ]]; then
+            run_gpu_tests "$need"
+        else
             run_pass "$name" "$need" "$args"
         fi
     done

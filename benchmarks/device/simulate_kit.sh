@@ -185,7 +185,7 @@ TORCH_WHEEL=${TORCH_WHEEL:-$(ls /opt/wheels/torch-*-cp311-*.whl 2>/dev/null | he
 # typer (transformers and huggingface_hub need it) requires pydantic from 0.29 on; the image has
 # typer and annotated-doc but no pydantic, so its typer is one of 0.24-0.28.
 STACK=(transformers==5.17.0 huggingface_hub==1.33.0 tokenizers==0.23.2 safetensors==0.8.0 torchmetrics==1.9.0
-       lightning==2.6.6 accelerate==1.15.0 "numpy<2.5" "typer>=0.24,<0.29")
+       lightning==2.6.6 accelerate==1.15.0 "numpy<2.5" "typer>=0.24,<0.29" pytest)  # pytest: the gpu-tests pass
 echo "== part 2: Python 3.11 venv $VENV311: $(basename "$TORCH_WHEEL"), ${STACK[*]}, ${device_deps[*]}"
 [[ -x $VENV311/bin/python ]] || "$PY311" -m venv "$VENV311"
 mapfile -t device_deps311 < <(printf '%s\n' "${device_deps[@]}" | grep -v '^numpy==')
@@ -228,5 +228,8 @@ print(f"rows: {sides}")
 assert not failed, failed
 assert {("gpt2", "lmlab"), ("gpt2", "hf"), ("bert", "lmlab"), ("bert", "hf"), ("gpt2", "lmlab-plainloss")} <= set(sides)
 assert (out / "table.md").read_text().count("| HF Trainer |") == 2
+log = (out / "log.txt").read_text()
+# The gpu-tests pass ran pytest, whose GPU tests skip here (a failure to collect them would not).
+assert "== pass gpu-tests: exit 0" in log and "skipped" in log.split("== pass gpu-tests (")[1], log[-3000:]
 print("part 2: run.sh rehearsal passed")
 EOF
