@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lmlab.errors import config_error
@@ -95,3 +96,16 @@ def check_numbers(cfg: DictConfig) -> None:
     check_required(cfg)
     for number in NUMBERS:
         number.check(cfg)
+
+
+def check_accelerator(cfg: DictConfig) -> None:
+    """A GPU preset (trainer=gpu/ddp/fsdp/deepspeed) on a machine without a CUDA GPU, named up front.
+
+    Lightning would say so too, but only when the Trainer is built: after the data is read and an
+    MLflow run is opened (and left FAILED), and in words that vary by version.
+    """
+    accelerator = str((cfg.get("trainer") or {}).get("accelerator", "auto"))
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise config_error("trainer.accelerator", f"it is '{accelerator}' (the trainer preset's), but this "
+                           "machine has no CUDA GPU", "Add trainer.accelerator=cpu (DDP then runs with gloo on "
+                           "CPU processes) or use trainer=cpu.")

@@ -2,7 +2,7 @@
 
 Under DDP/FSDP every process runs lmlab's code; only rank 0 opens the MLflow run and writes to it,
 so a job is one MLflow run however many processes it has. The other ranks hold a RunLog whose
-calls do nothing (Lightning's MLFlowLogger is rank-0-only on its own).
+calls do nothing and whose Lightning logger is a DummyLogger: they never open the store.
 """
 
 from __future__ import annotations
@@ -84,11 +84,14 @@ class RunLog:
             raise error  # a blocking write would have failed the run (a run failing anyway keeps its own error)
 
     def metrics_logger(self, cfg: DictConfig) -> Any:
-        from lightning.pytorch.loggers import MLFlowLogger
+        if self.client is None:
+            # Not rank 0: a logger that does nothing, so the Trainer is configured alike on every
+            # rank. Not an MLFlowLogger: its constructor opens the store, and under torchrun or srun
+            # every rank starts at once, so a new SQLite store got migrated by several processes
+            # together (and was left broken for good).
+            from lightning.pytorch.loggers.logger import DummyLogger
 
-        if self.client is None:  # never touches the store: its methods are rank-zero-only
-            return MLFlowLogger(experiment_name=str(cfg.logger.experiment_name),
-                                tracking_uri=tracking.tracking_uri(cfg), log_model=False)
+            return DummyLogger()
         logger = tracking.metrics_logger(cfg, self.run_id)
         logger._mlflow_client = self.client  # Lightning's metrics take the same path as lmlab's own calls
         return logger

@@ -119,11 +119,7 @@ def build_trainer(
         raise config_error("trainer", f"Lightning's Trainer rejected the options ({exc})",
                            "Check the trainer.* keys against lightning.Trainer's arguments.") from exc
     except Exception as exc:  # MisconfigurationException and friends carry a clear message
-        hint = ""
-        if "not available" in str(exc) and trainer_kwargs.get("accelerator") in ("gpu", "cuda"):
-            hint = (" This trainer preset needs a GPU and this machine has none: add trainer.accelerator=cpu "
-                    "(DDP then runs with gloo on CPU processes) or use trainer=cpu.")
-        raise LmlabError(f"config group 'trainer': {exc}{hint}") from exc
+        raise LmlabError(f"config group 'trainer': {exc}") from exc
     return trainer, best, throughput
 
 
@@ -210,6 +206,7 @@ def run(cfg: DictConfig) -> RunResult:
     spec: ModelSpec = registry.get("model", cfg.model.name)
     check_compatible(task, spec, cfg)
     checks.check_numbers(cfg)  # seed, sizes, steps, lr: named errors instead of TypeErrors deep inside
+    checks.check_accelerator(cfg)  # a GPU preset on a machine without one: before any data or MLflow work
     task.validate(cfg)
     mode = check_mode(cfg, task)
     teacher = distill.prepare(cfg, task, mode)  # distill.teacher: loaded and checked before any data work

@@ -332,3 +332,15 @@ def test_bad_input_on_the_command_line(name: str, files: Path, cli_outcomes: dic
     assert "RUNNING" not in run_statuses(home)
     assert leftovers(home) == []
 
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+@pytest.mark.parametrize("preset", ["gpu", "ddp", "fsdp", "deepspeed"])
+def test_a_gpu_preset_without_a_gpu_stops_before_any_data_or_mlflow_work(preset: str, wiki_file: Path,
+                                                                       lmlab_home: Path) -> None:
+    cfg = compose_cfg([*TINY, f"data.path={wiki_file}", f"trainer={preset}"])
+    with pytest.raises(LmlabError) as caught:
+        run(cfg)
+    message = str(caught.value)
+    assert "'trainer.accelerator'" in message and "no CUDA GPU" in message and "trainer.accelerator=cpu" in message
+    assert not (lmlab_home / "mlflow.db").exists()  # no FAILED run left behind

@@ -23,11 +23,11 @@ EXACT = ["model.config.resid_pdrop=0.0", "model.config.embd_pdrop=0.0", "model.c
          "trainer.limit_val_batches=1.0"]
 
 
-def lmlab(home: Path, *overrides: str) -> None:
+def lmlab(home: Path, *overrides: str, launcher: tuple[str, ...] = ()) -> None:
     env = {**os.environ, "LMLAB_HOME": str(home), "LMLAB_CACHE_DIR": str(home.parent / "cache"),
            "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "lmlab", *QUIET, *overrides], env=env, capture_output=True,
-                          text=True, timeout=600, cwd=home.parent)
+    done = subprocess.run([sys.executable, *launcher, "-m", "lmlab", *QUIET, *overrides], env=env,
+                          capture_output=True, text=True, timeout=600, cwd=home.parent)
     assert done.returncode == 0, done.stderr[-4000:]
 
 
@@ -67,6 +67,25 @@ def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tmp_path
     assert "train/tokens_per_sec_per_device" in two.data.metrics
     # Rank 0 exported once and logged the model.
     assert [a.path for a in two_client.list_artifacts(two.info.run_id, "model") if a.path.endswith("config.json")]
+
+
+@pytest.mark.slow
+def test_torchrun_starts_every_rank_at_once_on_a_new_store(tmp_path: Path) -> None:
+    # Under torchrun (and srun) the ranks start together, unlike Lightning's own launch, which starts
+    # rank 1 after rank 0 has opened the run. Ranks other than 0 once opened the new SQLite store
+    # too, and concurrent migrations broke it ("table _alembic_tmp_latest_metrics already exists").
+    if not WIKI.exists():
+        pytest.skip(f"real test data missing: {WIKI}")
+    text = tmp_path / "wiki.txt"
+    text.write_text("\n".join(WIKI.read_text(encoding="utf-8").splitlines()[:300]) + "\n", encoding="utf-8")
+    home = tmp_path / "home"
+    assert not home.exists()
+    lmlab(home, "+experiment=debug", f"data.path={text}", "trainer.max_steps=4", *DDP,
+          f"hydra.run.dir={tmp_path / 'hydra'}",
+          launcher=("-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"))
+    client, run = only_run(home)
+    assert run.data.params["world_size"] == "2"
+    assert len(history(client, run.info.run_id, "train/loss")) > 0
 
 
 @pytest.mark.slow
