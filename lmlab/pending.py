@@ -217,8 +217,17 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) not in (1, 2):
         print("usage: python -m lmlab.pending RUN_DIR [TRACKING_URI]", file=sys.stderr)
         return 2
+    run_dir = Path(args[0])
+    if not (run_dir / PENDING).exists():
+        if not (run_dir / "lmlab_run.json").is_file():
+            print(f"lmlab.pending: error: '{run_dir}' is not an lmlab run directory (no lmlab_run.json or "
+                  f"{PENDING} there). Give the run's output directory, the one the run's warning named.",
+                  file=sys.stderr)
+            return 2
+        print(f"nothing pending in {run_dir}: everything was sent (by the run, or by an earlier replay)")
+        return 0
     sent = replay(*args)
-    print(f"sent {sent} logging calls from {Path(args[0]) / PENDING}")
+    print(f"sent {sent} logging calls from {run_dir / PENDING}")
     return 0
 
 

@@ -88,13 +88,18 @@ def load_pretrained(path: str, trust_remote_code: bool = False, key: str = "toke
     """
     from transformers import AutoTokenizer
 
+    def holds_tokenizer(folder: Path) -> bool:
+        return (folder / "tokenizer_config.json").exists() or (folder / "tokenizer.json").exists()
+
     local = Path(path).expanduser()
     looks_local = local.exists() or path.startswith((".", "/", "~"))
-    if looks_local and not (local / "tokenizer_config.json").exists() and not (local / "tokenizer.json").exists():
+    if looks_local and not holds_tokenizer(local) and holds_tokenizer(local / "export"):
+        local = local / "export"  # an lmlab run directory, as model.pretrained and distill.teacher take
+    if looks_local and not holds_tokenizer(local):
         raise config_error(
             key,
             f"'{path}' is not a tokenizer directory (no tokenizer.json or tokenizer_config.json there)",
-            "Point it at a directory written by save_pretrained, e.g. an lmlab export's model/ folder.",
+            "Point it at a directory written by save_pretrained, e.g. an lmlab run directory or its export/.",
         )
     try:
         return AutoTokenizer.from_pretrained(str(local) if looks_local else path, trust_remote_code=trust_remote_code)

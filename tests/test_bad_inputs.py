@@ -63,6 +63,7 @@ def make_files(d: Path) -> None:
         "ner_lengths.jsonl": (json.dumps({"tokens": ["a", "b"], "tags": ["O", "O"]}) + "\n"
                               + json.dumps({"tokens": ["a", "b", "c"], "tags": ["O"]}) + "\n").encode(),
         "ner_empty_dir/readme.md": b"no train file here\n",
+        "ner_fields.jsonl": (json.dumps({"words": ["a", "b"], "labels": ["O", "O"]}) + "\n").encode(),
         "cls_column/train.csv": _csv(GOOD_ROWS, header="text,category").encode(),
         "cls_unknown/train.csv": _csv(GOOD_ROWS).encode(),
         "cls_unknown/validation.csv": _csv([("a film about films", "meh")] + GOOD_ROWS[:4]).encode(),
@@ -176,6 +177,8 @@ CASES: dict[str, Bad] = {
     "conll_bio_breaking_tag": Bad(NER, ["train.conll", "line 4", "BLOC"], data="data.path={d}/ner_tag/train.conll"),
     "ner_unknown_label_in_validation": Bad(NER, ["validation.conll", "line 1", "B-PLANET"],
                                            data="data.path={d}/ner_unknown"),
+    "ner_jsonl_other_fields": Bad(NER, ["ner_fields.jsonl", "line 1", "'tokens' and 'tags'", "data.tokens_field"],
+                                  data="data.path={d}/ner_fields.jsonl"),
     "ner_jsonl_tag_count": Bad(NER, ["ner_lengths.jsonl", "line 2", "3 tokens but 1 tags"],
                                data="data.path={d}/ner_lengths.jsonl"),
     "ner_folder_without_train": Bad(NER, ["data.path", "train"], data="data.path={d}/ner_empty_dir"),

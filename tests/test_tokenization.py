@@ -120,3 +120,20 @@ def test_vocab_size_too_small(texts, tmp_path):
 def test_unknown_tokenizer_type(tmp_path):
     with pytest.raises(LmlabError, match="tokenizer.type"):
         get_tokenizer(_cfg(kind="sentencepiece"), GPT2, lambda: [], "x", tmp_path)
+
+
+def test_a_pretrained_tokenizer_path_may_be_an_lmlab_run_directory(tmp_path: Path) -> None:
+    # model.pretrained and distill.teacher take a run directory; tokenizer.path takes it too (its export/).
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from lmlab.tokenization import load_pretrained
+
+    core = Tokenizer(models.WordLevel({"[UNK]": 0, "hello": 1, "world": 2}, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]").save_pretrained(tmp_path / "run" / "export")
+    loaded = load_pretrained(str(tmp_path / "run"))
+    assert loaded("hello world")["input_ids"] == [1, 2]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LmlabError, match=r"tokenizer\.path.*run directory or its export/"):
+        load_pretrained(str(tmp_path / "empty"))

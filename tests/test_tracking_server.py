@@ -272,6 +272,12 @@ def test_server_gone_for_good_keeps_the_log_to_send_later(own_server: Server, wi
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not pending.exists()
+    again = subprocess.run([sys.executable, "-m", "lmlab.pending", str(result.output_dir)], capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 0 and "nothing pending" in again.stdout
+    typo = subprocess.run([sys.executable, "-m", "lmlab.pending", str(result.output_dir) + "x"],
+                          capture_output=True, text=True, timeout=300)
+    assert typo.returncode == 2 and "not an lmlab run directory" in typo.stderr
     remote = client.get_run(result.run_id)
     assert remote.info.status == "FINISHED"
     steps = sorted(m.step for m in client.get_metric_history(result.run_id, "train/loss"))

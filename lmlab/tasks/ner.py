@@ -323,7 +323,8 @@ def read_jsonl(path: Path, tokens_field: str = "tokens", tags_field: str = "tags
     for number, record in json_records(path, decode_file(path, encoding)):
         if tokens_field not in record or tags_field not in record:
             raise file_error(path, f"needs the fields '{tokens_field}' and '{tags_field}'",
-                             "Every line must be {\"tokens\": [...], \"tags\": [...]}", line=number)
+                             f"Every line must be {{\"{tokens_field}\": [...], \"{tags_field}\": [...]}}; "
+                             "data.tokens_field / data.tags_field name other fields", line=number)
         tokens, tags = record[tokens_field], record[tags_field]
         if not (isinstance(tokens, list) and isinstance(tags, list)
                 and all(isinstance(t, str) for t in tokens) and all(isinstance(t, str) for t in tags)):
