@@ -184,9 +184,18 @@ def check_direction(cfg: DictConfig) -> None:
         return
     if wanted is None or job_context() is None:
         return
+    check_sweeper_direction(cfg, str(wanted))
+
+
+def check_sweeper_direction(cfg: DictConfig, wanted: str) -> None:
+    """``wanted`` (the sweeper's direction) against the objective's, where the task declares it.
+
+    The Optuna sweeper calls this before it creates its study: a study stored with the wrong
+    direction would refuse the corrected command line afterwards.
+    """
     metric, mode, certain = objective_direction(cfg)
     expected = {"min": "minimize", "max": "maximize"}[mode]
-    if certain and str(wanted) != expected:
+    if certain and wanted != expected:
         raise config_error("hydra.sweeper.direction",
                            f"it is '{wanted}' but the objective {metric} is best at its {mode}",
                            f"Set hydra.sweeper.direction={expected} (or objective.metric to another metric).")

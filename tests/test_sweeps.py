@@ -362,6 +362,20 @@ def test_a_sweeper_pointed_the_wrong_way_stops_the_job(tmp_path: Path) -> None:
         HydraConfig.instance().cfg = None
 
 
+def test_a_wrong_direction_stops_the_sweep_before_its_study_exists(sweeps: Path) -> None:
+    # A study stored with the wrong direction would refuse the corrected command line afterwards.
+    s = Sweep(sweeps / "wrong_direction")
+    proc = s.run("hparams_search=classification_optuna", "hydra.sweeper.n_trials=1",
+                 "hydra.sweeper.direction=minimize")
+    assert proc.returncode == 2, describe(proc)
+    assert "lmlab: error: config key 'hydra.sweeper.direction'" in proc.stderr
+    assert "hydra.sweeper.direction=maximize" in proc.stderr and "Traceback" not in proc.stderr
+    storage = s.home / "optuna.db"
+    assert not storage.exists() or not _has_study(storage)
+    parent, children = s.runs()
+    assert parent.info.status == "FAILED" and children == []  # no job started
+
+
 def test_parent_run_status_comes_from_the_job_records(tmp_path: Path) -> None:
     cfg = compose_hydra([], tmp_path / "sweep")
     cfg.hydra.overrides.task = ["optimizer.lr=1e-4,3e-4", "seed=3"]  # what `lmlab -m` hands the callback

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import threading
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
 from lmlab import sweep as lmlab_sweep
+from lmlab.errors import LmlabError
 
 from . import _space
 
@@ -190,6 +192,11 @@ class OptunaSweeperImpl:
         if not space.distributions:
             raise HydraException("Nothing to search: give hydra.sweeper.params or a sweep on the command line "
                                  "(optimizer.lr='tag(log, interval(1e-5, 1e-3))')")
+        try:  # before the study exists: a stored study keeps its direction
+            lmlab_sweep.check_sweeper_direction(self.config, self.direction)
+        except LmlabError as exc:
+            print(f"lmlab: error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from exc
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
