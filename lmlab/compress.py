@@ -90,6 +90,8 @@ def run(cfg: DictConfig, task: TaskSpec, spec: ModelSpec, mode: str, started: fl
     datamodule_cls = registry.get("datamodule", cfg.data.datamodule)
     dm = datamodule_cls(cfg.data, packing=task.packing(cfg), cache_dir=cfg.paths.cache, seed=int(cfg.seed))
     tokenizer, model, tok_info = prepare_model_and_tokenizer(local, task, spec, dm)
+    if mode == "quantize":  # before the data is tokenized and the original scored
+        quantize.check_group_size(model, str(cfg.quantize.method), int(cfg.quantize.get("group_size", 32)))
     dm.setup("fit" if finetune else "test")
 
     output_dir = output_dir_for(cfg)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,27 @@ def linearize(model: nn.Module, names: list[str] | None = None) -> list[str]:
         setattr(model.get_submodule(parent_name) if parent_name else model, child, linear)
         done.append(name)
     return done
+
+
+def check_group_size(model: nn.Module, method: str, group_size: int) -> None:
+    """int4 groups run along each layer's input: ``group_size`` must divide every input width.
+
+    Checked before the original is scored, so a bad value costs nothing (torchao would stop with an
+    assertion about block sizes only when it reaches the layer).
+    """
+    if method not in TORCHAO_METHODS or "int4" not in method:
+        return
+    from transformers.pytorch_utils import Conv1D
+
+    widths = {name: m.in_features if isinstance(m, nn.Linear) else m.weight.shape[0]
+              for name, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))}
+    misfits = {name: width for name, width in widths.items() if width % group_size}
+    if misfits:
+        name, width = next(iter(misfits.items()))
+        common = math.gcd(*widths.values())
+        raise config_error("quantize.group_size", f"{group_size} does not divide the input width {width} of "
+                           f"layer '{name}' ({len(misfits)} of {len(widths)} layers)",
+                           f"Use a divisor of {common}, the greatest common divisor of the layers' input widths.")
 
 
 def quantize(model: nn.Module, method: str, group_size: int = 32) -> tuple[nn.Module, list[str]]:

@@ -153,6 +153,18 @@ def test_gpt2_conv1d_layers_are_quantized_too(tmp_path: Path) -> None:
         assert (quantized(input_ids=ids).logits - model(input_ids=ids).logits).abs().max() < 0.1
 
 
+def test_an_int4_group_size_that_does_not_divide_a_layer_is_named_up_front() -> None:
+    # Checked on the model before any scoring; torchao would assert about block sizes mid-run.
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=300, n_layer=1, n_head=2, n_embd=64, n_positions=64))
+    quantize.check_group_size(model, "int4_weight_only", 32)  # 64 and 256 (c_fc's output, c_proj's input)
+    quantize.check_group_size(model, "dynamic_int8", 48)  # no groups there
+    with pytest.raises(LmlabError, match=r"config key 'quantize.group_size': 48 does not divide the input "
+                                         r"width 64 of layer 'transformer.h.0.attn.c_attn'.*divisor of 64"):
+        quantize.check_group_size(model, "int4_weight_only", 48)
+
+
 # -- pruning --------------------------------------------------------------------------------------
 def test_magnitude_pruning_reaches_the_exact_target_through_fine_tuning(shared: Trained) -> None:
     result = lmlab("mode=prune", f"model.pretrained={shared.run_dir}", "prune.method=magnitude",
