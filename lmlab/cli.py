@@ -122,13 +122,14 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     args = sys.argv[1:]
-    if "--help" in args or "-h" in args:
-        print(help_text())
-        return
+    # --help too: a plugin that breaks every run (a clashing name, a shadowing config) is said at once.
     try:
         from lmlab.plugin_configs import check_no_shadowing
 
         check_no_shadowing()
+        if "--help" in args or "-h" in args:
+            print(help_text())
+            return
     except LmlabError as exc:
         print(f"lmlab: error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
@@ -49,6 +50,9 @@ def ui_command(uri: str) -> str:
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """Fail before any training when a tracking server does not answer."""
+    if re.fullmatch(r"[\w.-]+:\d+(/.*)?", uri):  # HOST:PORT without a scheme: MLflow would read a local path
+        raise config_error("logger.tracking_uri", f"'{uri}' has no scheme",
+                           f"A tracking server is http://{uri} (or https://); a local store is sqlite:///PATH.")
     if not uri.startswith(("http://", "https://")):
         return
     try:

@@ -159,6 +159,8 @@ CASES: dict[str, Bad] = {
     "unknown_hf_config_field": Bad(["model.config.n_layerz=3"], ["n_layerz"]),
     "masking_over_one": Bad(["task=mlm", "task.mask_replace_prob=0.9", "task.random_replace_prob=0.2"],
                             ["task.mask_replace_prob", "task.random_replace_prob"]),
+    "tracking_uri_without_scheme": Bad(["logger.tracking_uri=127.0.0.1:5999"],
+                                       ["logger.tracking_uri", "no scheme", "http://127.0.0.1:5999"]),
     "unknown_gather": Bad(["task=mlm", "task.fixed_size_gather=sometimes"], ["task.fixed_size_gather", "sometimes"]),
     "task_without_head": Bad(["task=summarization", "model=bert"], ["summarization", "bert"]),
     "val_fraction_above_one": Bad(["data.val_fraction=1.5"], ["data.val_fraction", "1.5"]),

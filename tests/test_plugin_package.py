@@ -361,11 +361,15 @@ def test_a_copy_that_claims_a_builtin_name_or_file_is_refused(tmp_path: Path) ->
         assert ("lmlab: error: two packages register 'classification' in the entry-point group 'lmlab.tasks': "
                 "'lmlab_regression.task:TASK' from lmlab-regression 0.1.0") in refused.stderr
         assert "Traceback" not in refused.stderr
+        helped = env.lmlab("--help")  # --help says it too, in the same words
+        assert helped.returncode == 2 and "lmlab: error: two packages register 'classification'" in helped.stderr
+        assert "Traceback" not in helped.stderr
 
         env.install(shadow)  # replaces the clashing copy (same distribution name)
-        refused = env.lmlab("task=regression", *TINY)
-        assert refused.returncode == 2, refused.stderr
-        assert ("lmlab: error: plugin 'regression' (lmlab_regression.conf) ships 'task/clm.yaml', which would "
-                "shadow lmlab's own conf/task/clm.yaml") in refused.stderr
+        for args in (["task=regression", *TINY], ["--help"]):
+            refused = env.lmlab(*args)
+            assert refused.returncode == 2, refused.stderr
+            assert ("lmlab: error: plugin 'regression' (lmlab_regression.conf) ships 'task/clm.yaml', which would "
+                    "shadow lmlab's own conf/task/clm.yaml") in refused.stderr
     finally:
         env.uninstall()
