@@ -12,6 +12,7 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 from lmlab import checkpointing, checks, distill, faults, pretrained, registry, resume, tracking
@@ -245,7 +246,16 @@ def run(cfg: DictConfig) -> RunResult:
         trainer, checkpoint, throughput = build_trainer(cfg, task, output_dir, mlrun.metrics_logger(cfg), model)
         export_dir = None
         if mode == "fit":
-            faults.fit(trainer, module, dm, ckpt_path=resume.checkpoint(resuming))
+            try:
+                faults.fit(trainer, module, dm, ckpt_path=resume.checkpoint(resuming))
+            except MisconfigurationException as exc:
+                if "could not find the monitored key" not in str(exc):
+                    raise
+                watched, _ = monitored(cfg, task)
+                logged = ", ".join(sorted(k for k in trainer.callback_metrics if k.startswith("val/"))) or "(none)"
+                raise config_error("checkpoint.monitor", f"the run logs no '{watched}' at validation",
+                                   f"Use one of the metrics it logs there: {logged} (or leave checkpoint.monitor "
+                                   "unset for the task's own).") from exc
             # One last validation of the final weights, so the printed numbers describe what is exported.
             final = trainer.validate(module, datamodule=dm, verbose=False)[0]
             metrics = {k: float(v) for k, v in final.items()}

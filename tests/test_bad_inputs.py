@@ -143,6 +143,7 @@ CASES: dict[str, Bad] = {
     "unknown_schedule": Bad(["scheduler.name=zigzag"], ["scheduler.name", "zigzag"]),
     "negative_warmup": Bad(["scheduler.warmup_ratio=-0.5"], ["scheduler.warmup_ratio", "-0.5"]),
     "bad_checkpoint_mode": Bad(["checkpoint.mode=sideways"], ["checkpoint.mode", "sideways"]),
+    "misspelt_checkpoint_monitor": Bad(["checkpoint.monitor=val/los"], ["checkpoint.monitor", "val/los", "val/loss"]),
     "negative_checkpoint_interval": Bad(["checkpoint.every_n_steps=-1"], ["checkpoint.every_n_steps", "-1"]),
     "checkpoint_interval_not_a_number": Bad(["checkpoint.every_n_steps=often"], ["checkpoint.every_n_steps", "often"]),
     "unknown_nonfinite_policy": Bad(["faults.nonfinite=ignore"], ["faults.nonfinite", "ignore"]),
