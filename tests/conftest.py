@@ -36,15 +36,19 @@ def lmlab_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return home
 
 
-@pytest.fixture
-def wiki_file(tmp_path: Path) -> Path:
-    """The first 600 paragraphs of the real Wikipedia corpus in ../shared/data, as a text file."""
+def wiki_head(folder: Path, paragraphs: int = 300) -> Path:
+    """The first ``paragraphs`` of the real Wikipedia corpus in ../shared/data, as folder/wiki.txt."""
     if not WIKI.exists():
         pytest.skip(f"real test data missing: {WIKI}")
-    lines = WIKI.read_text(encoding="utf-8").splitlines()[:600]
-    path = tmp_path / "wiki.txt"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    path = folder / "wiki.txt"
+    path.write_text("\n".join(WIKI.read_text(encoding="utf-8").splitlines()[:paragraphs]) + "\n", encoding="utf-8")
     return path
+
+
+@pytest.fixture
+def wiki_file(tmp_path: Path) -> Path:
+    """The first 600 paragraphs of the real Wikipedia corpus, as a text file."""
+    return wiki_head(tmp_path, 600)
 
 
 def compose_cfg(overrides: list[str]) -> DictConfig:

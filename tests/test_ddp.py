@@ -14,7 +14,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from tests.conftest import SHARED_DATA, WIKI
+from tests.conftest import SHARED_DATA, wiki_head
 
 DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true"]
 QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
@@ -45,10 +45,7 @@ def history(client, run_id: str, key: str) -> list[float]:
 
 @pytest.mark.slow
 def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tmp_path: Path) -> None:
-    if not WIKI.exists():
-        pytest.skip(f"real test data missing: {WIKI}")
-    text = tmp_path / "wiki.txt"
-    text.write_text("\n".join(WIKI.read_text(encoding="utf-8").splitlines()[:300]) + "\n", encoding="utf-8")
+    text = wiki_head(tmp_path)
     common = ["+experiment=debug", f"data.path={text}", "trainer.max_steps=6", "trainer.val_check_interval=3",
               "trainer.log_every_n_steps=1", *EXACT]
     lmlab(tmp_path / "one", *common, "data.batch_size=8")
@@ -74,10 +71,7 @@ def test_torchrun_starts_every_rank_at_once_on_a_new_store(tmp_path: Path) -> No
     # Under torchrun (and srun) the ranks start together, unlike Lightning's own launch, which starts
     # rank 1 after rank 0 has opened the run. Ranks other than 0 once opened the new SQLite store
     # too, and concurrent migrations broke it ("table _alembic_tmp_latest_metrics already exists").
-    if not WIKI.exists():
-        pytest.skip(f"real test data missing: {WIKI}")
-    text = tmp_path / "wiki.txt"
-    text.write_text("\n".join(WIKI.read_text(encoding="utf-8").splitlines()[:300]) + "\n", encoding="utf-8")
+    text = wiki_head(tmp_path)
     home = tmp_path / "home"
     assert not home.exists()
     lmlab(home, "+experiment=debug", f"data.path={text}", "trainer.max_steps=4", *DDP,

@@ -22,7 +22,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import TINY, WIKI, compose_cfg, run_in_home
+from conftest import TINY, compose_cfg, run_in_home, wiki_head
 from lmlab import registry
 from lmlab.atomic import atomic_file
 from lmlab.checkpointing import AtomicCheckpointIO, LastCheckpoint, load_safely, plain
@@ -198,26 +198,17 @@ def test_remote_code_is_off_unless_asked_for(tmp_path: Path, lmlab_home: Path) -
     (model / "tokenizer_config.json").write_text(json.dumps({"auto_map": auto_map}))
     (model / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
     with pytest.raises(LmlabError) as caught:
-        run(compose_cfg([*TINY, f"data.path={wiki_in(tmp_path)}", f"model.pretrained={model}"]))
+        run(compose_cfg([*TINY, f"data.path={wiki_head(tmp_path)}", f"model.pretrained={model}"]))
     message = str(caught.value)
     assert "model.pretrained" in message and "trust_remote_code" in message, message
     assert not marker.exists()
-
-
-def wiki_in(tmp_path: Path) -> Path:
-    """300 paragraphs of the real Wikipedia corpus, as a text file in ``tmp_path``."""
-    if not WIKI.exists():
-        pytest.skip(f"real test data missing: {WIKI}")
-    path = tmp_path / "wiki.txt"
-    path.write_text("\n".join(WIKI.read_text(encoding="utf-8").splitlines()[:300]) + "\n", encoding="utf-8")
-    return path
 
 
 # -- runs: safe checkpoints end to end, and numerical faults --------------------------------------
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[RunResult, Path]:
     root = tmp_path_factory.mktemp("safety")
-    return run_in_home(root, [*TINY, f"data.path={wiki_in(root)}"])[0], root
+    return run_in_home(root, [*TINY, f"data.path={wiki_head(root)}"])[0], root
 
 
 def test_run_checkpoints_hold_only_safe_types(finished: tuple[RunResult, Path]) -> None:
