@@ -251,9 +251,8 @@ def run(cfg: DictConfig) -> RunResult:
             except MisconfigurationException as exc:
                 if "could not find the monitored key" not in str(exc):
                     raise
-                watched, _ = monitored(cfg, task)
                 logged = ", ".join(sorted(k for k in trainer.callback_metrics if k.startswith("val/"))) or "(none)"
-                raise config_error("checkpoint.monitor", f"the run logs no '{watched}' at validation",
+                raise config_error("checkpoint.monitor", f"the run logs no '{checkpoint.monitor}' at validation",
                                    f"Use one of the metrics it logs there: {logged} (or leave checkpoint.monitor "
                                    "unset for the task's own).") from exc
             # One last validation of the final weights, so the printed numbers describe what is exported.
