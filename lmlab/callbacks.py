@@ -89,3 +89,35 @@ class ProgressBar(TQDMProgressBar):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         self._refresh_rate = 1 if trainer.strategy.root_device.type == "cpu" else self.every
+
+
+class LastValidation(L.Callback):
+    """Remembers what the newest validation during ``fit`` logged, and at which optimizer step.
+
+    A run validates its final weights once more after ``fit`` so the printed numbers describe what
+    is exported. When ``fit`` itself ended on a validation (``max_steps`` a multiple of
+    ``val_check_interval``, the usual case) that second pass would score the same weights on the same
+    batches again and log a second point at the same step: ``metrics_at`` hands back the first one.
+    """
+
+    def __init__(self) -> None:
+        self.step: int | None = None
+        self.metrics: dict[str, float] = {}
+        self._before: dict[str, Any] = {}
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._before = dict(trainer.logged_metrics)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":  # trainer.validate() after fit: not ours
+            return
+        # Lightning puts a fresh value object under every key this validation logged, so identity
+        # against the snapshot picks exactly the validation's own metrics (what trainer.validate returns).
+        logged = trainer.logged_metrics
+        self.metrics = {k: float(v) for k, v in logged.items() if k not in self._before or v is not self._before[k]}
+        self.step = trainer.global_step
+        self._before = {}
+
+    def metrics_at(self, step: int) -> dict[str, float] | None:
+        """The metrics of a validation at ``step``; None when the newest one was earlier (or none ran)."""
+        return dict(self.metrics) if self.step == step and self.metrics else None

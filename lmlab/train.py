@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lmlab import checkpointing, checks, distill, faults, pretrained, registry, resume, tracking
 from lmlab.background_log import MetricsBeforeCheckpoints
-from lmlab.callbacks import LearningRate, ProgressBar, TokensPerSecond
+from lmlab.callbacks import LastValidation, LearningRate, ProgressBar, TokensPerSecond
 from lmlab.distributed import build_strategy, effective_batch, is_rank_zero
 from lmlab.errors import LmlabError, config_error
 from lmlab.export import export_hf
@@ -113,7 +113,7 @@ def build_trainer(
         trainer = L.Trainer(
             **trainer_kwargs, logger=logger,
             callbacks=[best, last, throughput, LearningRate(), *bar, *checkpointing.callbacks(cfg, last), *clipping,
-                       MetricsBeforeCheckpoints()],
+                       MetricsBeforeCheckpoints(), LastValidation()],
             default_root_dir=str(output_dir),
         )
     except TypeError as exc:
@@ -122,6 +122,19 @@ def build_trainer(
     except Exception as exc:  # MisconfigurationException and friends carry a clear message
         raise LmlabError(f"config group 'trainer': {exc}") from exc
     return trainer, best, throughput
+
+
+def final_validation(trainer: L.Trainer, module: L.LightningModule, dm: L.LightningDataModule) -> dict[str, float]:
+    """The validation metrics of the final weights, so the printed numbers describe what is exported.
+
+    Taken from fit's own last validation when it ran after the last optimizer step; every process
+    decides alike (by the step), so under DDP either all of them validate again or none does.
+    """
+    last = next((c for c in trainer.callbacks if isinstance(c, LastValidation)), None)
+    reused = last.metrics_at(trainer.global_step) if last is not None else None
+    if reused is not None:
+        return reused
+    return {k: float(v) for k, v in trainer.validate(module, datamodule=dm, verbose=False)[0].items()}
 
 
 def sequence_length(data_cfg: DictConfig) -> int:
@@ -255,9 +268,7 @@ def run(cfg: DictConfig) -> RunResult:
                 raise config_error("checkpoint.monitor", f"the run logs no '{checkpoint.monitor}' at validation",
                                    f"Use one of the metrics it logs there: {logged} (or leave checkpoint.monitor "
                                    "unset for the task's own).") from exc
-            # One last validation of the final weights, so the printed numbers describe what is exported.
-            final = trainer.validate(module, datamodule=dm, verbose=False)[0]
-            metrics = {k: float(v) for k, v in final.items()}
+            metrics = final_validation(trainer, module, dm)
             if cfg.export:
                 # Under FSDP/DeepSpeed the weights are sharded: every process takes part in gathering them.
                 state = trainer.strategy.lightning_module_state_dict()

@@ -212,6 +212,10 @@ def test_mlflow_run_is_recorded(ws: Workspace, name: str, tmp_path: Path) -> Non
     assert metrics["val/loss"] == pytest.approx(result.metrics["val/loss"], rel=1e-5)
     history = client.get_metric_history(result.run_id, "train/loss")
     assert len(history) >= 3  # logged every 2 of 10 steps
+    # Validated after steps 5 and 10 (val_check_interval=5), which Lightning logs 0-based like the
+    # training metrics (train/loss of the 10th step is at 9). Fit's last validation is the final
+    # one: no second point for the same weights.
+    assert [m.step for m in client.get_metric_history(result.run_id, "val/loss")] == [4, 9]
     if name == "nsp":
         assert "val/nsp_accuracy" in metrics and "val/masked_accuracy" in metrics
 
@@ -281,6 +285,27 @@ def test_export_round_trip_matches_final_checkpoint(ws: Workspace, name: str) ->
     assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
     # ...and the export is trained weights, not a fresh initialisation.
     assert not torch.allclose(got, random_init, atol=1e-3)
+
+
+def test_final_metrics_score_the_final_weights(ws: Workspace, tmp_path: Path) -> None:
+    """Reused from fit's last validation, or a validation of its own when fit ended between two."""
+    import lightning as L
+
+    reused, cfg = task_run(ws, "clm")  # validations at 5 and 10 of 10 steps
+    module, dm, _ = build_like_train(cfg)
+    ckpt = torch.load(reused.output_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    module.load_state_dict(ckpt["state_dict"])
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=int(cfg.trainer.limit_val_batches), default_root_dir=str(tmp_path))
+    scored = trainer.validate(module, datamodule=dm, verbose=False)[0]
+    assert set(reused.metrics) == set(scored) == {"val/loss", "val/perplexity"}
+    assert reused.metrics["val/loss"] == pytest.approx(float(scored["val/loss"]), rel=1e-6)
+
+    between, _ = ws.run("trainer.val_check_interval=4")  # after steps 4 and 8, then the final weights
+    history = client_for(between).get_metric_history(between.run_id, "val/loss")
+    assert [m.step for m in history] == [3, 7, 10]
+    assert history[-1].value == pytest.approx(between.metrics["val/loss"], rel=1e-6)
+    assert history[-1].value != pytest.approx(history[-2].value, rel=1e-6)
 
 
 def test_n_layer_override_reaches_the_export(ws: Workspace) -> None:
