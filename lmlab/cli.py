@@ -93,9 +93,10 @@ def _job(cfg) -> float:
     try:
         if in_sweep:
             sweep.check_direction(cfg)
+            sweep.check_objective_known(cfg)
         result = run(cfg)
         if in_sweep:
-            sweep.check_objective(result.objective_metric, result.metrics)
+            sweep.check_objective(result.objective_metric, result.metrics, cfg)
     except LmlabError as exc:
         if in_sweep and _diverged(exc):
             # A diverged trial (a learning rate too high, say) is an outcome of the search, not a

@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 SWEEP_FILE = "lmlab_sweep.json"
 JOBS_DIR = "lmlab_jobs"
+# Written by the first job whose objective never appeared (see check_objective).
+MISSING_OBJECTIVE_FILE = "lmlab_objective_missing.json"
 PARENT_TAG = "mlflow.parentRunId"
 
 
@@ -201,8 +203,43 @@ def check_sweeper_direction(cfg: DictConfig, wanted: str) -> None:
                            f"Set hydra.sweeper.direction={expected} (or objective.metric to another metric).")
 
 
-def check_objective(metric: str, metrics: Mapping[str, float]) -> None:
-    """A sweep job whose objective never appeared: a typo in objective.metric, not a bad trial."""
-    if metric not in metrics:
-        raise config_error("objective.metric", f"the run produced no '{metric}'",
-                           f"Use one of its final metrics: {', '.join(sorted(metrics)) or '(none)'}.")
+def _metric_source(cfg: DictConfig) -> str:
+    """What decides the names a job's final metrics have: its task, data and teacher settings.
+
+    Jobs that differ only in what a grid usually sweeps (learning rate, seed, model, trainer) log
+    the same names, so one job's missing objective is every such job's.
+    """
+    from omegaconf import OmegaConf
+
+    decisive = {key: cfg.get(key) for key in ("task", "data", "distill")}
+    return json.dumps(OmegaConf.to_container(OmegaConf.create(decisive), resolve=True), sort_keys=True, default=str)
+
+
+def check_objective(metric: str, metrics: Mapping[str, float], cfg: DictConfig | None = None) -> None:
+    """A sweep job whose objective never appeared: a typo in objective.metric, not a bad trial.
+
+    The verdict is left in the sweep directory, so the sweep's later jobs stop before training
+    (``check_objective_known``) instead of each training to the same error.
+    """
+    if metric in metrics:
+        return
+    produced = ", ".join(sorted(metrics)) or "(none)"
+    ctx = job_context()
+    if ctx is not None and cfg is not None:
+        write_json(ctx.sweep_dir / MISSING_OBJECTIVE_FILE,
+                   {"metric": metric, "job": ctx.num, "produced": produced, "source": _metric_source(cfg)})
+    raise config_error("objective.metric", f"the run produced no '{metric}'",
+                       f"Use one of its final metrics: {produced}.")
+
+
+def check_objective_known(cfg: DictConfig) -> None:
+    """Before training a sweep job: an earlier job with the same task and data lacked this objective."""
+    ctx = job_context()
+    record = _read_json(ctx.sweep_dir / MISSING_OBJECTIVE_FILE) if ctx is not None else None
+    if not record:
+        return
+    metric, _, _ = objective_direction(cfg)
+    if record.get("metric") == metric and record.get("source") == _metric_source(cfg):
+        raise config_error("objective.metric",
+                           f"job {record.get('job')} of this sweep, with the same task and data, produced no '{metric}'",
+                           f"Use one of its final metrics: {record.get('produced')}.")

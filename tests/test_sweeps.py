@@ -154,6 +154,21 @@ def test_a_failed_job_fails_the_parent(sweeps: Path) -> None:
 
 
 @pytest.mark.slow
+def test_a_misspelt_objective_stops_the_later_jobs_before_they_train(sweeps: Path) -> None:
+    s = Sweep(sweeps / "misspelt_objective")
+    proc = s.run("objective.metric=val/los", "seed=1,2,3")
+    assert proc.returncode != 0, describe(proc)
+    assert proc.stderr.count("lmlab: error: config key 'objective.metric'") == 3, describe(proc)
+    assert "the run produced no 'val/los'" in proc.stderr and "Use one of its final metrics: val/loss" in proc.stderr
+    assert proc.stderr.count("job 0 of this sweep, with the same task and data, produced no 'val/los'") == 2
+    parent, children = s.runs()
+    assert parent.info.status == "FAILED"
+    assert [c.data.params["seed"] for c in children] == ["1"]  # only the first job trained
+    records = sweep.job_records(Path(parent.data.tags["lmlab.sweep.dir"]))
+    assert [r["status"] for r in records.values()] == ["FAILED"] * 3
+
+
+@pytest.mark.slow
 def test_joblib_launcher_runs_jobs_in_other_processes(sweeps: Path) -> None:
     s = Sweep(sweeps / "joblib")
     proc = s.run("hydra/launcher=parallel", "seed=1,2")
