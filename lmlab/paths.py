@@ -1,7 +1,9 @@
-"""Where lmlab's own Hydra configs live: inside the package in a wheel, beside it in a checkout."""
+"""Where lmlab's own Hydra configs live (inside the package in a wheel, beside it in a checkout), and
+whether a model reference is a path."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 _PACKAGE = Path(__file__).resolve().parent
@@ -22,3 +24,21 @@ def config_dir() -> Path:
 
 def experiments_dir() -> Path:
     return _first_existing("experiments")
+
+
+# A Hugging Face hub id: a name, or an owner and a name.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+def is_local_reference(ref: str) -> bool:
+    """Whether a model or tokenizer reference is a path on this machine, existing or not.
+
+    Hub ids ("bert-base-uncased", "google/electra-small") are also valid relative paths. A reference
+    that exists, starts like a path, cannot be a hub id (two '/', say), or whose parent folder exists
+    here is a path, so a typo in it fails at once, naming the path, instead of going to the hub
+    (a minute of retries offline, then an error about the network).
+    """
+    path = Path(ref).expanduser()
+    if path.exists() or ref.startswith((".", "/", "~")) or not _HUB_ID.fullmatch(ref):
+        return True
+    return path.parent != Path(".") and path.parent.is_dir()

@@ -12,6 +12,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from lmlab.errors import config_error, file_error
+from lmlab.paths import is_local_reference
 from lmlab.specs import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -36,8 +37,8 @@ def resolve(ref: str, cfg: DictConfig, key: str = "model.pretrained") -> str:
         )
     if _RUN_ID.fullmatch(ref):
         return _download_run_model(ref, cfg, key)
-    if ref.startswith((".", "/", "~")):
-        raise config_error(key, f"'{ref}' does not exist",
+    if is_local_reference(ref):
+        raise config_error(key, f"'{ref}' does not exist (a relative path starts from {Path.cwd()})",
                            "Give an existing directory, an MLflow run id or a hub name.")
     return ref  # a hub name: only works online, and that is the user's choice
 
@@ -58,8 +59,9 @@ def _auto_config(ref: str, trust_remote_code: bool, key: str = "model.pretrained
     try:
         return AutoConfig.from_pretrained(ref, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:  # ValueError also when remote code is not trusted
+        nowhere = "" if is_local_reference(ref) else f"; nor is it a directory under {Path.cwd()}"
         raise config_error(
-            key, f"cannot load the model config of '{ref}' ({' '.join(str(exc).split())[:400]})",
+            key, f"cannot load the model config of '{ref}' ({' '.join(str(exc).split())[:400]}){nowhere}",
             "Point it at a model written by save_pretrained. A model that ships its own Python code needs "
             "model.trust_remote_code=true: set it only for code you have read and trust.",
         ) from exc

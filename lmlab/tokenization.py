@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from lmlab import fingerprint
 from lmlab.atomic import atomic_dir
 from lmlab.errors import config_error
+from lmlab.paths import is_local_reference
 from lmlab.specs import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,11 @@ def load_pretrained(path: str, trust_remote_code: bool = False, key: str = "toke
         return (folder / "tokenizer_config.json").exists() or (folder / "tokenizer.json").exists()
 
     local = Path(path).expanduser()
-    looks_local = local.exists() or path.startswith((".", "/", "~"))
+    looks_local = is_local_reference(path)
+    if looks_local and not local.exists():
+        raise config_error(key, f"'{path}' does not exist (a relative path starts from {Path.cwd()})",
+                           "Point it at a directory written by save_pretrained, e.g. an lmlab run directory or its "
+                           "export/, or at a hub name.")
     if looks_local and not holds_tokenizer(local) and holds_tokenizer(local / "export"):
         local = local / "export"  # an lmlab run directory, as model.pretrained and distill.teacher take
     if looks_local and not holds_tokenizer(local):
@@ -104,8 +109,9 @@ def load_pretrained(path: str, trust_remote_code: bool = False, key: str = "toke
     try:
         return AutoTokenizer.from_pretrained(str(local) if looks_local else path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:  # ValueError: unreadable files, or remote code not trusted
+        nowhere = "" if looks_local else f"; nor is it a directory under {Path.cwd()}"
         raise config_error(
-            key, f"could not load tokenizer '{path}' ({' '.join(str(exc).split())[:400]})",
+            key, f"could not load tokenizer '{path}' ({' '.join(str(exc).split())[:400]}){nowhere}",
             "Use a directory written by save_pretrained, or a hub name with network access. Tokenizer code "
             f"shipped with it runs only with {key.split('.')[0]}.trust_remote_code=true: set it only for code "
             "you trust.",

@@ -13,6 +13,7 @@ import os
 import shutil
 import sqlite3
 import subprocess
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ import torch
 from conftest import TINY, WIKI, compose_cfg, lmlab_command
 from lmlab import registry
 from lmlab.errors import LmlabError
+from lmlab.paths import is_local_reference
 from lmlab.train import run
 
 
@@ -350,3 +352,31 @@ def test_a_gpu_preset_without_a_gpu_stops_before_any_data_or_mlflow_work(preset:
     message = str(caught.value)
     assert "'trainer.accelerator'" in message and "no CUDA GPU" in message and "trainer.accelerator=cpu" in message
     assert not (lmlab_home / "mlflow.db").exists()  # no FAILED run left behind
+
+
+# -- a relative path with a typo is a path, not a hub name ------------------------------------------
+def test_hub_names_and_paths_are_told_apart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "models").mkdir()
+    monkeypatch.chdir(tmp_path)
+    for hub in ("bert-base-uncased", "google/electra-small-discriminator", "prajjwal1/bert-tiny"):
+        assert not is_local_reference(hub), hub
+    for path in ("models/bert-mni", "./bert", "../bert", "/abs/bert", "~/bert", "runs/x/export", "models"):
+        assert is_local_reference(path), path
+
+
+@pytest.mark.parametrize("key", ["model.pretrained", "tokenizer.path"])
+def test_a_misspelt_relative_path_is_named_before_any_hub_request(key: str, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # Sent to the hub, "models/bert-mni" would cost a minute of retries offline and then an error
+    # about the network; its folder exists here, so it is a path with a typo.
+    (tmp_path / "models" / "bert-mini").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    extra = ["task=classification", "model=bert"] if key == "model.pretrained" else ["tokenizer=pretrained"]
+    cfg = compose_cfg([*TINY, *extra, f"{key}=models/bert-mni"])
+    started = time.perf_counter()
+    with pytest.raises(LmlabError) as caught:
+        run(cfg)
+    message = str(caught.value)
+    assert f"config key '{key}': 'models/bert-mni' does not exist" in message, message
+    assert str(tmp_path) in message  # where a relative path starts from
+    assert time.perf_counter() - started < 30  # no hub retries
