@@ -204,7 +204,9 @@ def check_mode(cfg: DictConfig, task: TaskSpec) -> str:
 
 
 def _tags(cfg: DictConfig, task: TaskSpec, spec: ModelSpec, mode: str, output_dir: Path, origin: str) -> dict[str, str]:
-    return {"lmlab.task": task.name, "lmlab.model": spec.name, "lmlab.model_size": str(cfg.model.size),
+    # model.size only shapes a model built from scratch: a pretrained one has its own config.
+    size = "pretrained" if cfg.model.get("pretrained") else str(cfg.model.size)
+    return {"lmlab.task": task.name, "lmlab.model": spec.name, "lmlab.model_size": size,
             "lmlab.data": origin, "lmlab.output_dir": str(output_dir.resolve()), "lmlab.mode": mode,
             "lmlab.pretrained": str(cfg.model.get("pretrained") or "")}
 

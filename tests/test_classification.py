@@ -276,6 +276,10 @@ def test_classification_from_an_mlm_export(home: Path, rotten: Path, tmp_path: P
     result, cfg = classify(home, rotten, f"model.pretrained={mlm.export_dir}")
     assert cfg.model.pretrained == str(mlm.export_dir)
     check_run(result, ["fresh", "rotten"])
+    import mlflow
+
+    tags = mlflow.MlflowClient(tracking_uri=result.tracking_uri).get_run(result.run_id).data.tags
+    assert tags["lmlab.model_size"] == "pretrained" and tags["lmlab.pretrained"] == str(mlm.export_dir)
     # The encoder starts from the MLM weights: same vocabulary and, after a few steps, close weights.
     assert AutoTokenizer.from_pretrained(str(result.export_dir)).get_vocab() == \
         AutoTokenizer.from_pretrained(str(mlm.export_dir)).get_vocab()
