@@ -15,9 +15,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from lmlab import pretrained, prune, quantize, registry, resume, tracking
+from lmlab import faults, pretrained, prune, quantize, registry, resume, tracking
 from lmlab.distributed import is_rank_zero
 from lmlab.errors import config_error
 from lmlab.export import export_hf
@@ -133,6 +134,9 @@ def run(cfg: DictConfig, task: TaskSpec, spec: ModelSpec, mode: str, started: fl
         mlrun.params({f"{mode}/metric": key})
         metrics.update(values)
         status = "FINISHED"
+    except SIGTERMException as exc:
+        status = "KILLED"
+        raise faults.preempted_outside_training(mode, output_dir) from exc
     finally:
         mlrun.terminate(status)
         resume.close(output_dir, status)

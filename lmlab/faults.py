@@ -263,3 +263,16 @@ def _preempted(guard: Preemption | None, signum: int) -> Preempted:
         f"stopped by {name} after step {guard.stopped_after}; its state is saved in {guard.last.path}. "
         f"Continue with the same overrides plus resume={run_dir} (or resume=auto)", signum,
     )
+
+
+def preempted_outside_training(mode: str, output_dir: Any) -> Preempted:
+    """SIGTERM while scoring, exporting or predicting: Lightning's ``SIGTERMException`` is a
+    ``SystemExit`` without a code, which would end the process with status 0 as if it had succeeded.
+    Nothing is saved then (training, if any, was over), so the message says how to finish."""
+    if mode == "fit":
+        return Preempted(
+            "stopped by SIGTERM after training had finished, before the final validation, export and test were "
+            f"done; the trained state is in {output_dir}/checkpoints/last.ckpt. Finish them with the same "
+            f"overrides plus resume={output_dir} (or resume=auto)", signal.SIGTERM)
+    return Preempted(f"stopped by SIGTERM before mode={mode} had finished; nothing was written to keep. "
+                     "Run the same command again", signal.SIGTERM)

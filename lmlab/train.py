@@ -12,7 +12,7 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from lmlab import checkpointing, checks, distill, faults, pretrained, registry, resume, tracking
@@ -300,6 +300,9 @@ def run(cfg: DictConfig) -> RunResult:
     except faults.Preempted:
         status = "KILLED"  # last.ckpt holds its state: resume=auto continues it
         raise
+    except SIGTERMException as exc:  # after fit, or in mode=test: see faults.preempted_outside_training
+        status = "KILLED"
+        raise faults.preempted_outside_training(mode, output_dir) from exc
     finally:
         mlrun.terminate(status)
         resume.close(output_dir, status)
@@ -332,6 +335,9 @@ def _predict(cfg: DictConfig, task: TaskSpec, spec: ModelSpec, started: float) -
         metrics = {"predict/examples": float(getattr(module, "predicted_examples", 0))}
         mlrun.metric("predict/examples", metrics["predict/examples"])
         status = "FINISHED"
+    except SIGTERMException as exc:
+        status = "KILLED"
+        raise faults.preempted_outside_training("predict", output_dir) from exc
     finally:
         mlrun.terminate(status)
     log.info("Predictions: %s", ", ".join(str(p) for p in written))

@@ -10,6 +10,7 @@ tests below place the interruption exactly.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -272,6 +273,40 @@ def test_sigterm_during_validation_saves_after_it_and_resumes_exactly(in_process
     want = in_process.want
     assert got.output_dir == run_dir and got.metrics == want.metrics
     assert (got.export_dir / "model.safetensors").read_bytes() == (want.export_dir / "model.safetensors").read_bytes()
+
+
+class SigtermInFinalValidation(L.Callback):
+    """Sends this process SIGTERM in the validation of the final weights, after fit."""
+
+    def on_validation_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.state.fn == "validate":
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+AFTER_FIT = ("trainer.val_check_interval=6", "data.eval_batch_size=1")
+
+
+def test_sigterm_after_training_is_a_preemption_and_resume_finishes_the_run(in_process) -> None:
+    # Lightning's SIGTERMException is a SystemExit without a code: unconverted, the process would
+    # exit 0 with nothing scored or exported. Validating every 6 of 20 steps, the final weights
+    # get a validation of their own, where the signal lands (in its first of two batches: Lightning
+    # lets a signal in the last one pass).
+    import mlflow
+
+    from lmlab.faults import Preempted
+
+    with pytest.raises(Preempted, match="stopped by SIGTERM after training had finished") as caught:
+        in_process("sigterm_after_fit", *AFTER_FIT, callback=SigtermInFinalValidation())
+    (run_dir,) = (in_process.root / "sigterm_after_fit" / "runs").iterdir()
+    assert f"resume={run_dir}" in str(caught.value)
+    assert json.loads((run_dir / "lmlab_run.json").read_text())["status"] == "killed"
+    assert not (run_dir / "export").exists()
+    uri = f"sqlite:///{in_process.root / 'sigterm_after_fit' / 'mlflow.db'}"
+    (killed,) = mlflow.MlflowClient(tracking_uri=uri).search_runs(["0", "1"])
+    assert killed.info.status == "KILLED"
+    got = in_process("sigterm_after_fit", *AFTER_FIT, "resume=auto")
+    assert got.output_dir == run_dir and (got.export_dir / "model.safetensors").is_file()
+    assert checkpoint_step(run_dir / "checkpoints" / "last.ckpt") == STEPS and math.isfinite(got.metrics["val/loss"])
 
 
 def test_resume_auto_skips_finished_runs_other_models_and_live_runs(in_process) -> None:
