@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import math
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,17 +125,30 @@ def build_trainer(
     return trainer, best, throughput
 
 
-def final_validation(trainer: L.Trainer, module: L.LightningModule, dm: L.LightningDataModule) -> dict[str, float]:
-    """The validation metrics of the final weights, so the printed numbers describe what is exported.
+def final_validation(cfg: DictConfig, trainer: L.Trainer, module: L.LightningModule, dm: L.LightningDataModule,
+                     checkpoint: ModelCheckpoint) -> dict[str, float]:
+    """Validation metrics of the weights the run ends with: what it exports and tests.
 
-    Taken from fit's own last validation when it ran after the last optimizer step; every process
-    decides alike (by the step), so under DDP either all of them validate again or none does.
+    With ``checkpoint.load_best_at_end`` (the default, as Hugging Face's ``load_best_model_at_end``)
+    those are the best checkpoint's, which ``trainer.validate(ckpt_path=...)`` loads into the module
+    for good under every strategy; otherwise the last step's. When they are the weights fit's own
+    last validation scored, its metrics are reused. Every process decides alike (by checkpoint path
+    and step), so under DDP either all of them validate again or none does.
     """
+    best = checkpoint.best_model_path
+    if bool(cfg.checkpoint.get("load_best_at_end", True)) and best and checkpoint_step(best) != trainer.global_step:
+        return {k: float(v) for k, v in trainer.validate(module, datamodule=dm, ckpt_path=best, verbose=False)[0].items()}
     last = next((c for c in trainer.callbacks if isinstance(c, LastValidation)), None)
     reused = last.metrics_at(trainer.global_step) if last is not None else None
     if reused is not None:
         return reused
     return {k: float(v) for k, v in trainer.validate(module, datamodule=dm, verbose=False)[0].items()}
+
+
+def checkpoint_step(path: str | Path) -> int | None:
+    """The optimizer step in a ``best-step=N.ckpt`` name (``filename="best-{step}"`` above)."""
+    found = re.search(r"step=(\d+)", Path(path).name)
+    return int(found.group(1)) if found else None
 
 
 def sequence_length(data_cfg: DictConfig) -> int:
@@ -270,7 +284,7 @@ def run(cfg: DictConfig) -> RunResult:
                 raise config_error("checkpoint.monitor", f"the run logs no '{checkpoint.monitor}' at validation",
                                    f"Use one of the metrics it logs there: {logged} (or leave checkpoint.monitor "
                                    "unset for the task's own).") from exc
-            metrics = final_validation(trainer, module, dm)
+            metrics = final_validation(cfg, trainer, module, dm, checkpoint)
             if cfg.export:
                 # Under FSDP/DeepSpeed the weights are sharded: every process takes part in gathering them.
                 state = trainer.strategy.lightning_module_state_dict()
@@ -278,12 +292,11 @@ def run(cfg: DictConfig) -> RunResult:
                     weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
                     export_dir = export_hf(module.model, tokenizer, output_dir / "export", state_dict=weights or None)
                     mlrun.artifacts(export_dir, "model")
-            # The test split is scored with the best checkpoint by the monitored metric.
-            ckpt = "best" if checkpoint.best_model_path else None
         else:
-            metrics, ckpt = {}, None
+            metrics = {}
         if getattr(dm, "has_test", False):
-            tested = trainer.test(module, datamodule=dm, ckpt_path=ckpt, verbose=False)[0]
+            # The module holds the weights final_validation chose: the test scores what is exported.
+            tested = trainer.test(module, datamodule=dm, verbose=False)[0]
             metrics.update({k: float(v) for k, v in tested.items()})
             if hasattr(module, "export_predictions") and trainer.is_global_zero:
                 for path in module.export_predictions(output_dir / "predictions"):

@@ -301,11 +301,32 @@ def test_final_metrics_score_the_final_weights(ws: Workspace, tmp_path: Path) ->
     assert set(reused.metrics) == set(scored) == {"val/loss", "val/perplexity"}
     assert reused.metrics["val/loss"] == pytest.approx(float(scored["val/loss"]), rel=1e-6)
 
-    between, _ = ws.run("trainer.val_check_interval=4")  # after steps 4 and 8, then the final weights
+    # After steps 4 and 8, then the final weights (not the best of 4 and 8: load_best_at_end=false).
+    between, _ = ws.run("trainer.val_check_interval=4", "checkpoint.load_best_at_end=false")
     history = client_for(between).get_metric_history(between.run_id, "val/loss")
     assert [m.step for m in history] == [3, 7, 10]
     assert history[-1].value == pytest.approx(between.metrics["val/loss"], rel=1e-6)
     assert history[-1].value != pytest.approx(history[-2].value, rel=1e-6)
+
+
+@pytest.mark.parametrize("load_best", [True, False])
+def test_the_run_ends_on_the_best_checkpoint_unless_told_otherwise(ws: Workspace, load_best: bool) -> None:
+    # Monitoring val/loss for its *maximum* makes the first validation (step 5 of 10) the best, so
+    # the best and the last weights differ.
+    from safetensors.torch import load_file
+
+    result, cfg = ws.run("checkpoint.mode=max", f"checkpoint.load_best_at_end={str(load_best).lower()}")
+    (best,) = (result.output_dir / "checkpoints").glob("best-*.ckpt")
+    assert best.name == "best-step=5.ckpt"
+    chosen = best if load_best else result.output_dir / "checkpoints" / "last.ckpt"
+    state = torch.load(chosen, map_location="cpu", weights_only=True)["state_dict"]
+    exported = load_file(result.export_dir / "model.safetensors")
+    for name, tensor in exported.items():
+        assert torch.equal(tensor, state[f"model.{name}"]), name
+    history = client_for(result).get_metric_history(result.run_id, "val/loss")
+    at_5, at_10 = history[0].value, history[1].value
+    assert at_5 > at_10  # the premise: training lowered the loss
+    assert result.metrics["val/loss"] == pytest.approx(at_5 if load_best else at_10, rel=1e-6)
 
 
 def test_n_layer_override_reaches_the_export(ws: Workspace) -> None:

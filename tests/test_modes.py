@@ -63,7 +63,11 @@ def rotten_small(tmp_path: Path) -> Path:
 
 @pytest.mark.slow
 def test_classification_test_and_predict_reproduce_the_fit(rotten_small: Path, tmp_path: Path) -> None:
-    fit = lmlab("task=classification", f"data.path={rotten_small}")
+    # The worst validation loss picks the checkpoint, so the run ends on weights that are not the
+    # last step's: what it exports, tests and predicts must still be the same model.
+    fit = lmlab("task=classification", f"data.path={rotten_small}", "checkpoint.save_top_k=1",
+                "checkpoint.monitor=val/loss", "checkpoint.mode=max")
+    assert [p.name for p in (fit.output_dir / "checkpoints").glob("best-*")] == ["best-step=5.ckpt"]
     with open(fit.output_dir / "predictions" / "test_predictions.csv", encoding="utf-8", newline="") as f:
         expected = list(csv.DictReader(f))
 
