@@ -29,9 +29,34 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def _umask() -> int:
+    # /proc reads it without the set-and-restore below, which another thread could observe.
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def plain_permissions(root: Path) -> None:
+    """Give ``root`` and everything under it the modes a plain ``open()`` / ``mkdir`` would.
+
+    Writers that stage through ``mkstemp`` (safetensors' ``save_file``, hence every
+    ``save_pretrained``) leave 0600 files, which other users of a shared file system cannot read.
+    Files keep their executable bits, if any, so a staged script stays runnable.
+    """
+    mask = _umask()
+    for path in [Path(root), *Path(root).rglob("*")]:
+        if path.is_symlink():
+            continue  # chmod would follow it to a file this writer does not own
+        if path.is_dir():
+            os.chmod(path, 0o777 & ~mask)
+        else:
+            runnable = path.stat().st_mode & 0o111
+            os.chmod(path, (0o777 if runnable else 0o666) & ~mask)
 
 
 def tmp_name(final: Path) -> Path:
@@ -78,8 +103,8 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would otherwise stick to the result
         yield tmp
+        plain_permissions(tmp)  # mkdtemp's 0700 and mkstemp'd files' 0600 would otherwise stick
         if final.exists():
             # Another process finished the same cache entry first, or an export is replaced.
             old = final.with_name(f".{final.name}.old.{os.getpid()}")

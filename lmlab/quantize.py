@@ -31,6 +31,7 @@ from torch import nn
 from lmlab.atomic import atomic_dir, write_json
 from lmlab.checks import Number
 from lmlab.errors import LmlabError, config_error
+from lmlab.export import length_for_export, position_limit
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +213,8 @@ def save_quantized(model: nn.Module, method: str, linearized: list[str], tokeniz
         save_file(tensors, str(tmp / WEIGHTS), metadata=metadata or None)
         model.config.save_pretrained(str(tmp))
         if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
+            with length_for_export(tokenizer, position_limit(model.config)):
+                tokenizer.save_pretrained(str(tmp))
         write_json(tmp / MANIFEST, {
             "format_version": FORMAT_VERSION, "method": method, "group_size": group_size,
             "linearized": linearized, "aliases": aliases, "dynamic_schemes": schemes,

