@@ -1,4 +1,4 @@
-"""Early type and range checks of the numbers every run reads (seed, sizes, steps, learning rate).
+"""Early type and range checks of the numbers runs read (seed, sizes, steps, learning rate, vocabulary).
 
 These keys are consumed deep inside datamodules, the DataLoader, Lightning and the optimizer, where
 a string or a negative value surfaces as a TypeError or ValueError far from its cause. Checked
@@ -54,6 +54,18 @@ NUMBERS = (
     Number("data.max_length", True, "128", positive=True, nullable=True),
     Number("data.max_documents", True, "1000", positive=True, nullable=True),
     Number("data.num_workers", True, "2", low=0, nullable=True),
+    Number("data.num_proc", True, "4", positive=True, nullable=True),
+    Number("data.split_seed", True, "0", nullable=True),
+    Number("data.val_fraction", False, "0.05", low=0, high=1, nullable=True),
+    Number("data.test_fraction", False, "0.1", low=0, high=1, nullable=True),
+    Number("data.max_source_length", True, "512", positive=True, nullable=True),
+    Number("data.max_target_length", True, "48", positive=True, nullable=True),
+    Number("data.token_column", True, "0 (negative: from the end)", nullable=True),
+    Number("data.tag_column", True, "-1 (negative: from the end)", nullable=True),
+    Number("tokenizer.vocab_size", True, "8000", positive=True),
+    Number("tokenizer.min_frequency", True, "2", low=0),
+    Number("checkpoint.save_top_k", True, "1 (-1: keep all)", low=-1),
+    Number("task.generate_val_batches", True, "2 (0: loss only)", low=0),
     Number("trainer.max_steps", True, "1000 (-1: no limit)", low=-1, nullable=True),
     Number("trainer.max_epochs", True, "3 (-1: no limit)", low=-1, nullable=True),
     Number("trainer.accumulate_grad_batches", True, "4", positive=True, nullable=True),

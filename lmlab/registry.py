@@ -19,6 +19,8 @@ GROUPS: dict[str, str] = {
     "model": "lmlab.models",
     "datamodule": "lmlab.datamodules",
 }
+# The override that picks an entry of each kind: a datamodule is chosen by a key inside data/.
+OVERRIDE: dict[str, str] = {"task": "task", "model": "model", "datamodule": "data.datamodule"}
 # A plugin's Hydra YAML: the entry point names an importable package whose folder holds
 # config groups (task/, model/, data/ ...); see hydra_plugins/lmlab_searchpath.
 CONFIG_GROUP = "lmlab.configs"
@@ -65,6 +67,32 @@ def _load(group: str, name: str) -> Any:
         return None
 
 
+def _wrong_type(kind: str, name: str, obj: Any) -> RegistryError | None:
+    """The error for an entry point whose object is not what ``kind`` needs, else None.
+
+    Caught here, a plugin's ``TASK = {...}`` is named with its entry point; otherwise it would
+    surface as an AttributeError deep inside a run.
+    """
+    from lmlab.specs import ModelSpec, TaskSpec
+
+    expected = {"task": (TaskSpec, "an lmlab.specs.TaskSpec"), "model": (ModelSpec, "an lmlab.specs.ModelSpec")}
+    if kind in expected:
+        cls, wanted = expected[kind]
+        if isinstance(obj, cls):
+            return None
+    else:
+        # Called as Cls(data_cfg, packing=..., cache_dir=..., seed=...): a class, or a factory.
+        if callable(obj):
+            return None
+        wanted = "a datamodule class (a LightningDataModule subclass)"
+    ep = _entry_points(GROUPS[kind])[name]
+    return RegistryError(
+        f"{kind} '{name}' ({ep.value}, from {_origin(ep)}) is a {type(obj).__name__}, but an entry point "
+        f"in the group '{GROUPS[kind]}' must name {wanted}. Fix that object or the entry point in the "
+        "plugin's packaging, or uninstall the plugin."
+    )
+
+
 def names(kind: str) -> list[str]:
     """Names registered for ``kind`` (task, model, datamodule), without importing them."""
     return sorted(_entry_points(GROUPS[kind]))
@@ -73,7 +101,16 @@ def names(kind: str) -> list[str]:
 def available(kind: str) -> dict[str, Any]:
     """Every entry of ``kind`` that imports; the ones that fail become warnings."""
     loaded = {name: _load(GROUPS[kind], name) for name in names(kind)}
-    return {name: obj for name, obj in loaded.items() if obj is not None}
+    usable = {}
+    for name, obj in loaded.items():
+        if obj is None:
+            continue
+        wrong = _wrong_type(kind, name, obj)
+        if wrong is not None:
+            warnings.warn(f"lmlab plugin skipped: {wrong}", RuntimeWarning, stacklevel=2)
+            continue
+        usable[name] = obj
+    return usable
 
 
 def get(kind: str, name: str) -> Any:
@@ -83,7 +120,7 @@ def get(kind: str, name: str) -> Any:
         valid = ", ".join(names(kind)) or "(none)"
         raise RegistryError(
             f"unknown {kind} '{name}'. Registered {kind}s: {valid}. "
-            f"Pick one of them (e.g. {kind}={names(kind)[0] if names(kind) else '...'}) or install "
+            f"Pick one of them (e.g. {OVERRIDE[kind]}={names(kind)[0] if names(kind) else '...'}) or install "
             f"the plugin that provides '{name}'."
         )
     obj = _load(group, name)
@@ -92,6 +129,9 @@ def get(kind: str, name: str) -> Any:
             f"{kind} '{name}' is registered but its plugin failed to import (see the warning "
             "above). Fix or reinstall that package."
         )
+    wrong = _wrong_type(kind, name, obj)
+    if wrong is not None:
+        raise wrong
     return obj
 
 

@@ -62,11 +62,14 @@ def train_wordpiece(texts: Sequence[str], vocab_size: int, min_frequency: int, l
     )
 
 
-def train_bpe(texts: Sequence[str], vocab_size: int, min_frequency: int) -> Any:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+def train_bpe(texts: Sequence[str], vocab_size: int, min_frequency: int, lowercase: bool = False) -> Any:
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
+    if lowercase:
+        # In the tokenizer, not applied to the texts: text encoded later is lowercased the same way.
+        tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
@@ -136,10 +139,16 @@ def get_tokenizer(
 
     vocab_size = int(tok_cfg.vocab_size)
     if vocab_size < 300:
-        raise config_error("tokenizer.vocab_size", f"{vocab_size} is too small",
-                           "Byte-level BPE alone needs 257 entries; use at least 300.")
+        needs = ("WordPiece needs its 5 special tokens plus every character of the corpus, with and without "
+                 "the ## prefix" if kind == "wordpiece" else "Byte-level BPE alone needs 257 entries (256 bytes "
+                 "and <|endoftext|>)")
+        raise config_error("tokenizer.vocab_size", f"{vocab_size} is too small", f"{needs}; use at least 300.")
     lowercase = bool(tok_cfg.lowercase) if tok_cfg.get("lowercase") is not None else kind == "wordpiece"
     params = dict(type=kind, vocab_size=vocab_size, min_frequency=int(tok_cfg.min_frequency), lowercase=lowercase)
+    if kind == "bpe" and lowercase:
+        # Before the Lowercase normalizer, lowercase=true trained a cased BPE tokenizer under this
+        # key; the new entry keeps those cached ones from being reused.
+        params["normalizer"] = "lowercase"
     key = f"{kind}-{vocab_size}-{fingerprint.of_params(corpus=corpus_fingerprint, **params)[:16]}"
     where = Path(cache_dir) / "tokenizers" / key
     info = {**params, "path": str(where), "fingerprint": key}
@@ -154,7 +163,7 @@ def get_tokenizer(
     if kind == "wordpiece":
         tokenizer = train_wordpiece(texts, vocab_size, params["min_frequency"], lowercase)
     else:
-        tokenizer = train_bpe(texts, vocab_size, params["min_frequency"])
+        tokenizer = train_bpe(texts, vocab_size, params["min_frequency"], lowercase)
     with atomic_dir(where) as tmp:
         tokenizer.save_pretrained(str(tmp))
     return tokenizer, {**info, "cached": False}

@@ -14,10 +14,11 @@ import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from omegaconf import DictConfig, OmegaConf
 
-from lmlab.errors import config_error
+from lmlab.errors import LmlabError, config_error
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,16 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     if re.fullmatch(r"[\w.-]+:\d+(/.*)?", uri):  # HOST:PORT without a scheme: MLflow would read a local path
         raise config_error("logger.tracking_uri", f"'{uri}' has no scheme",
                            f"A tracking server is http://{uri} (or https://); a local store is sqlite:///PATH.")
+    if urlparse(uri).scheme in ("", "file") and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in (
+            "1", "true"):
+        # MLflow refuses its filesystem backend unless opted in, and would say so only at the first
+        # write: after the data was read and the model built.
+        raise config_error(
+            "logger.tracking_uri", f"'{uri}' is a folder, and MLflow no longer accepts a folder as a tracking store",
+            "Use a database, e.g. logger.tracking_uri=sqlite:///PATH/mlflow.db, or a tracking server, "
+            "logger.tracking_uri=http://HOST:PORT (`mlflow migrate-filestore` moves existing runs from the folder "
+            "into a database), or drop logger.tracking_uri for the embedded local store.",
+        )
     if not uri.startswith(("http://", "https://")):
         return
     try:
@@ -86,6 +97,15 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
+def _deleted_error(name: str, experiment_id: str, uri: str) -> LmlabError:
+    return config_error(
+        "logger.experiment_name", f"the MLflow experiment '{name}' (id {experiment_id}) was deleted in {uri}, "
+        "and MLflow takes no new runs into a deleted experiment",
+        f"Restore it with `MLFLOW_TRACKING_URI={uri} mlflow experiments restore --experiment-id {experiment_id}`, "
+        "or pick another name with logger.experiment_name=NAME.",
+    )
+
+
 def experiment_id(client: Any, cfg: DictConfig) -> str:
     """The id of ``logger.experiment_name``, created (with our artifact root) when it is new."""
     from mlflow.exceptions import MlflowException
@@ -93,6 +113,8 @@ def experiment_id(client: Any, cfg: DictConfig) -> str:
     name = str(cfg.logger.experiment_name)
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
+        if experiment.lifecycle_stage == "deleted":
+            raise _deleted_error(name, experiment.experiment_id, tracking_uri(cfg))
         return experiment.experiment_id
     try:
         return client.create_experiment(name, artifact_location=artifact_root(cfg))
@@ -102,6 +124,37 @@ def experiment_id(client: Any, cfg: DictConfig) -> str:
         if experiment is None:
             raise
         return experiment.experiment_id
+
+
+def check_experiment(cfg: DictConfig) -> None:
+    """Fail before any data work when ``logger.experiment_name`` names a deleted experiment.
+
+    Call after ``check_reachable``. A local store that does not exist yet holds no experiments:
+    it is not created here, so a run that fails on its data leaves no empty store behind.
+    """
+    import mlflow
+
+    uri = tracking_uri(cfg)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///").split("?")[0]).exists():
+        return
+    name = str(cfg.logger.experiment_name)
+    experiment = mlflow.MlflowClient(tracking_uri=uri).get_experiment_by_name(name)
+    if experiment is not None and experiment.lifecycle_stage == "deleted":
+        raise _deleted_error(name, experiment.experiment_id, uri)
+
+
+def default_run_name(tags: Mapping[str, str]) -> str | None:
+    """The run directory's name (``2026-12-06_03-10-00-123456_clm_gpt2``): unique, and it says when and what.
+
+    MLflow's own generated names come from ``random``, which the run has seeded by now: with a
+    fixed seed every run would be named the same.
+    """
+    output_dir = tags.get("lmlab.output_dir")
+    if not output_dir:
+        return None
+    folder = Path(output_dir)
+    # A multirun job's folder is its number: the sweep folder's name says which sweep.
+    return f"{folder.parent.name}_{folder.name}" if folder.name.isdigit() else folder.name
 
 
 def start_run(cfg: DictConfig, tags: Mapping[str, str]) -> tuple[Any, str, str]:
@@ -124,7 +177,7 @@ def start_run(cfg: DictConfig, tags: Mapping[str, str]) -> tuple[Any, str, str]:
     if job is not None:
         all_tags.update(sweep.child_tags(job, exp_id, uri))
         run_name = run_name or sweep.child_run_name(job)
-    run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
+    run = client.create_run(exp_id, run_name=run_name or default_run_name(tags), tags=all_tags)
     run_id = run.info.run_id
     if job is not None:
         sweep.job_started(job, run_id)

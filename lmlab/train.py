@@ -243,6 +243,7 @@ def run(cfg: DictConfig) -> RunResult:
     resuming = resume.prepare(cfg)  # a bad resume= fails here, before any data work
     tracking.quiet_env()
     tracking.check_reachable(tracking.tracking_uri(cfg))
+    tracking.check_experiment(cfg)  # a deleted logger.experiment_name, named before any data work
     L.seed_everything(int(cfg.seed), workers=True)
     if mode == "predict":
         return _predict(cfg, task, spec, started)

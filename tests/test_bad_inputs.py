@@ -57,6 +57,7 @@ def make_files(d: Path) -> None:
         "broken.jsonl": b'{"text": "A first document."}\n{"text": "unterminated}\n',
         "no_text.jsonl": b'{"text": "A first document."}\n{"text": "A second."}\n{"body": "no text here"}\n',
         "array.jsonl": b'["a list, not an object"]\n',
+        "number_text.jsonl": b'{"text": "A first document."}\n{"text": 5}\n',
         "notes.xml": b"<notes/>\n",
         "ner_columns/train.conll": _conll(GOOD_NER).encode() + b"Lonely\n",
         "ner_tag/train.conll": _conll(GOOD_NER[:4]).replace("B-LOC", "BLOC", 1).encode(),
@@ -154,6 +155,12 @@ CASES: dict[str, Bad] = {
     "max_steps_not_a_number": Bad(["trainer.max_steps=many"], ["trainer.max_steps", "many"]),
     "seed_not_a_number": Bad(["seed=lucky"], ["seed", "lucky"]),
     "tiny_vocabulary": Bad(["tokenizer.vocab_size=3"], ["tokenizer.vocab_size", "3"]),
+    "tiny_wordpiece_vocabulary": Bad(["tokenizer=wordpiece", "tokenizer.vocab_size=100"],
+                                     ["tokenizer.vocab_size", "100", "WordPiece needs"]),
+    "vocab_size_not_a_number": Bad(["task=mlm", "tokenizer.vocab_size=abc"], ["tokenizer.vocab_size", "abc"]),
+    "min_frequency_not_a_number": Bad(["tokenizer.min_frequency=often"], ["tokenizer.min_frequency", "often"]),
+    "split_seed_not_a_number": Bad(["data.split_seed=fixed"], ["data.split_seed", "fixed"]),
+    "save_top_k_not_a_number": Bad(["checkpoint.save_top_k=best"], ["checkpoint.save_top_k", "best"]),
     "unknown_tokenizer_type": Bad(["tokenizer.type=sentencepiece"], ["tokenizer.type", "sentencepiece"]),
     "pretrained_tokenizer_without_path": Bad(["tokenizer=pretrained"], ["tokenizer.path"]),
     "pretrained_tokenizer_missing_dir": Bad(["tokenizer=pretrained", "tokenizer.path={d}/no_such_tokenizer"],
@@ -164,6 +171,12 @@ CASES: dict[str, Bad] = {
                             ["task.mask_replace_prob", "task.random_replace_prob"]),
     "tracking_uri_without_scheme": Bad(["logger.tracking_uri=127.0.0.1:5999"],
                                        ["logger.tracking_uri", "no scheme", "http://127.0.0.1:5999"]),
+    "tracking_uri_a_folder": Bad(["logger.tracking_uri=file://{d}/mlruns"],
+                                 ["logger.tracking_uri", "file://{d}/mlruns", "sqlite:///", "http://HOST:PORT"]),
+    "deleted_experiment": Bad(["logger.experiment_name=gone"],
+                              ["logger.experiment_name", "'gone'", "deleted",
+                               "mlflow experiments restore --experiment-id"],
+                              setup=lambda site: _deleted_experiment(site, "gone")),
     "unknown_gather": Bad(["task=mlm", "task.fixed_size_gather=sometimes"], ["task.fixed_size_gather", "sometimes"]),
     "task_without_head": Bad(["task=summarization", "model=bert"], ["summarization", "bert"]),
     "val_fraction_above_one": Bad(["data.val_fraction=1.5"], ["data.val_fraction", "1.5"]),
@@ -176,6 +189,8 @@ CASES: dict[str, Bad] = {
     "json_line_without_text": Bad([], ["no_text.jsonl", "line 3", "'text'", "data.text_field"],
                                   data="data.path={d}/no_text.jsonl"),
     "json_line_not_an_object": Bad([], ["array.jsonl", "line 1", "list"], data="data.path={d}/array.jsonl"),
+    "json_text_not_a_string": Bad([], ["number_text.jsonl", "line 2", "'text'", "number", "not a string"],
+                                  data="data.path={d}/number_text.jsonl"),
     "folder_without_text": Bad([], ["data.path", "no_text_files"], data="data.path={d}/no_text_files"),
     "conll_wrong_column_count": Bad(NER, ["train.conll", "line 192", "column"],
                                     data="data.path={d}/ner_columns/train.conll"),
@@ -209,10 +224,46 @@ CASES: dict[str, Bad] = {
     "resume_finished_run": Bad(["resume={d}/finished_run"], ["resume", "finished"]),
     # plugins
     "unknown_registered_task": Bad(["task.name=nope"], ["unknown task 'nope'", "clm"]),
-    "unknown_datamodule": Bad(["data.datamodule=nope"], ["unknown datamodule 'nope'", "text"]),
+    "unknown_datamodule": Bad(["data.datamodule=nope"], ["unknown datamodule 'nope'", "text",
+                                                         "e.g. data.datamodule="]),
     "plugin_that_fails_to_import": Bad(["task.name=broken"], ["task 'broken'", "failed to import"],
                                        setup=lambda site: _broken_plugin(site)),
+    "plugin_task_not_a_taskspec": Bad(["task.name=dicttask"], ["task 'dicttask'", "lmlab_dicttask_plugin:TASK", "dict",
+                                                               "TaskSpec"],
+                                      setup=lambda site: _plugin(site, "dicttask", "TASK = {'name': 'dicttask'}\n")),
+    "plugin_task_without_its_data": Bad(["task.name=binclf"], ["data.datamodule", "text datamodule",
+                                                               "packing 'binary'", "data="],
+                                        setup=lambda site: _plugin(site, "binclf", BINARY_TASK)),
 }
+
+BINARY_TASK = """
+from lmlab.specs import TaskSpec
+
+TASK = TaskSpec(name="binclf", head=lambda cfg: "causal_lm", build_module=lambda cfg, model, tok: None,
+                packing=lambda cfg: "binary")
+"""
+
+
+def _plugin(site: Path, task: str, source: str) -> None:
+    """An installed plugin registering ``task = lmlab_<task>_plugin:TASK``, with SOURCE as that module."""
+    module = f"lmlab_{task}_plugin"
+    info = site / f"{module}-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module.replace('_', '-')}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[lmlab.tasks]\n{task} = {module}:TASK\n")
+    (site / f"{module}.py").write_text(source)
+
+
+def _deleted_experiment(site: Path, name: str) -> None:
+    """An experiment ``name`` deleted (not purged) in the embedded store the case's run uses."""
+    import mlflow
+
+    from lmlab.tracking import default_tracking_uri
+
+    home = Path(os.environ["LMLAB_HOME"])
+    home.mkdir(parents=True, exist_ok=True)
+    client = mlflow.MlflowClient(tracking_uri=default_tracking_uri(home))
+    client.delete_experiment(client.create_experiment(name))
 
 
 def _broken_plugin(site: Path) -> None:
@@ -307,6 +358,7 @@ CLI_CASES = {
     "bad_mode": (["mode=train"], ["mode", "train"]),
     "resume_garbage_checkpoint": (["resume={d}/garbage.ckpt"], ["garbage.ckpt", "not a readable checkpoint"]),
     "missing_data_file": (["data.path={d}/no_such_corpus.txt"], ["data.path", "no_such_corpus.txt"]),
+    "vocab_size_not_a_number": (["task=mlm", "tokenizer.vocab_size=abc"], ["tokenizer.vocab_size", "abc"]),
 }
 
 

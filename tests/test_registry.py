@@ -158,6 +158,34 @@ def test_broken_plugin_warns_and_the_rest_still_load(install):
         assert registry.get("model", "gpt2").name == "gpt2"
 
 
+WRONG_TYPES = """
+from lmlab.models.gpt2 import MODEL as GPT2
+
+TASK = {"name": "dicttask"}
+MODEL = GPT2.config_class  # a class, not the ModelSpec describing it
+DATAMODULE = 42
+"""
+
+
+def test_entry_points_of_the_wrong_type_are_named(install):
+    install("lmlab-wrong-types", {"lmlab.tasks": {"dicttask": "lmlab_wrong_types:TASK"},
+                                  "lmlab.models": {"classmodel": "lmlab_wrong_types:MODEL"},
+                                  "lmlab.datamodules": {"number": "lmlab_wrong_types:DATAMODULE"}},
+            {"lmlab_wrong_types.py": WRONG_TYPES})
+    for kind, name, got, wanted in [("task", "dicttask", "dict", "lmlab.specs.TaskSpec"),
+                                    ("model", "classmodel", "type", "lmlab.specs.ModelSpec"),
+                                    ("datamodule", "number", "int", "datamodule class")]:
+        with pytest.raises(RegistryError) as info:
+            registry.get(kind, name)
+        message = str(info.value)
+        assert f"{kind} '{name}' (lmlab_wrong_types:" in message and "lmlab-wrong-types 0.1" in message
+        assert f"is a {got}," in message and wanted in message
+        # Listings (lmlab --help, compatible models) skip it with a warning instead of failing later.
+        with pytest.warns(RuntimeWarning, match=name):
+            assert name not in registry.available(kind)
+    assert registry.get("model", "gpt2").name == "gpt2"
+
+
 def test_plugin_config_may_not_shadow_core_files(install):
     install(
         "lmlab-shadowing-configs",

@@ -117,6 +117,36 @@ def test_vocab_size_too_small(texts, tmp_path):
         get_tokenizer(_cfg(vocab_size=100), GPT2, lambda: texts, "x", tmp_path)
 
 
+def test_vocab_size_too_small_says_what_each_kind_needs(texts, tmp_path):
+    with pytest.raises(LmlabError, match="WordPiece needs its 5 special tokens") as caught:
+        get_tokenizer(_cfg(kind="wordpiece", vocab_size=100), GPT2, lambda: texts, "x", tmp_path)
+    assert "Byte-level" not in str(caught.value)
+    with pytest.raises(LmlabError, match="Byte-level BPE alone needs 257"):
+        get_tokenizer(_cfg(kind="bpe", vocab_size=100), GPT2, lambda: texts, "x", tmp_path)
+
+
+def test_lowercase_bpe_folds_case_and_is_cached_apart(texts, tmp_path):
+    cache = tmp_path / "cache"
+    cased, cased_info = get_tokenizer(_cfg(kind="bpe"), GPT2, lambda: texts, "corpus-a", cache)
+    lower, lower_info = get_tokenizer(_cfg(kind="bpe", lowercase=True), GPT2, lambda: texts, "corpus-a", cache)
+    assert lower_info["lowercase"] is True and lower_info["cached"] is False
+    assert lower_info["path"] != cased_info["path"]
+
+    assert lower("THE")["input_ids"] == lower("the")["input_ids"]
+    assert lower("Stick Insects")["input_ids"] == lower("stick insects")["input_ids"]
+    assert cased("THE")["input_ids"] != cased("the")["input_ids"]
+    # Trained on lowercased text, it merges no capital letters (single bytes are all there, A-Z too).
+    capitals = set("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+    assert not [p for p in lower.get_vocab() if len(p) > 1 and p != END_OF_TEXT and capitals & set(p)]
+    assert [p for p in cased.get_vocab() if len(p) > 1 and capitals & set(p)]
+
+    # The cached copy keeps the normalizer.
+    again, again_info = get_tokenizer(_cfg(kind="bpe", lowercase=True), GPT2, lambda: pytest.fail("read the corpus"),
+                                      "corpus-a", cache)
+    assert again_info["cached"] is True and again_info["path"] == lower_info["path"]
+    assert again("THE")["input_ids"] == again("the")["input_ids"] == lower("the")["input_ids"]
+
+
 def test_unknown_tokenizer_type(tmp_path):
     with pytest.raises(LmlabError, match="tokenizer.type"):
         get_tokenizer(_cfg(kind="sentencepiece"), GPT2, lambda: [], "x", tmp_path)

@@ -23,7 +23,7 @@ import lightning as L
 import mlflow
 import pytest
 
-from conftest import TINY, WIKI, compose_cfg, free_port, lmlab_command
+from conftest import TINY, WIKI, compose_cfg, free_port, lmlab_command, run_in_home, wiki_head
 from lmlab import tracking
 from lmlab.errors import LmlabError
 from lmlab.train import run
@@ -198,6 +198,57 @@ def test_run_against_a_dead_server_stops_before_any_data_work(wiki_file: Path, t
         run(cfg)
     assert not (tmp_path / "cache").exists()  # no tokenizer trained, no data tokenized
     assert not (tmp_path / "lmlab_home").exists()  # no run directory, no local store
+
+
+# -- the local store: run names, deleted experiments, folders -------------------------------------
+def test_runs_with_the_same_seed_are_named_after_their_run_directories(tmp_path: Path) -> None:
+    # MLflow draws its generated names from `random`, which the run seeds: both would be the same.
+    wiki = wiki_head(tmp_path, 200)
+    overrides = [*TINY, f"data.path={wiki}", "trainer.max_steps=2", "trainer.val_check_interval=2",
+                 "checkpoint.every_n_steps=2", "export=false", "seed=42"]
+    first, _ = run_in_home(tmp_path, overrides)
+    second, _ = run_in_home(tmp_path, overrides)
+    client = mlflow.MlflowClient(tracking_uri=first.tracking_uri)
+    names = [client.get_run(result.run_id).info.run_name for result in (first, second)]
+    assert names[0] != names[1]
+    assert names == [first.output_dir.name, second.output_dir.name]
+
+
+def test_a_run_name_from_the_config_is_kept(tmp_path: Path) -> None:
+    cfg = compose_cfg([*TINY, "logger.run_name=baseline"])
+    L.seed_everything(42)
+    client, run_id, _ = tracking.start_run(cfg, {"lmlab.output_dir": str(tmp_path / "runs" / "2026_clm_gpt2")})
+    assert client.get_run(run_id).info.run_name == "baseline"
+    # A multirun job's folder is its number: the sweep folder says which sweep.
+    job_dir = "/h/multiruns/2026-12-06_03-10-00/3"
+    assert tracking.default_run_name({"lmlab.output_dir": job_dir}) == "2026-12-06_03-10-00_3"
+
+
+def test_a_deleted_experiment_is_a_config_error(tmp_path: Path) -> None:
+    cfg = compose_cfg([*TINY, "logger.experiment_name=gone"])
+    tracking.check_experiment(cfg)  # no store yet: nothing to check, and none is created
+    assert not (tmp_path / "lmlab_home" / "mlflow.db").exists()
+    client = mlflow.MlflowClient(tracking_uri=tracking.tracking_uri(cfg))
+    gone = client.create_experiment("gone")
+    tracking.check_experiment(cfg)
+    client.delete_experiment(gone)
+    with pytest.raises(LmlabError) as caught:
+        tracking.check_experiment(cfg)
+    message = str(caught.value)
+    assert "config key 'logger.experiment_name'" in message and "'gone'" in message and "deleted" in message
+    assert f"mlflow experiments restore --experiment-id {gone}" in message
+
+
+@pytest.mark.parametrize("uri", ["file:///tmp/mlruns", "./mlruns", "/srv/mlruns"])
+def test_a_folder_as_tracking_store_is_refused(uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    with pytest.raises(LmlabError) as caught:
+        tracking.check_reachable(uri)
+    message = str(caught.value)
+    assert "config key 'logger.tracking_uri'" in message and uri in message
+    assert "sqlite:///PATH/mlflow.db" in message and "http://HOST:PORT" in message
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow's own opt-in still works
+    tracking.check_reachable(uri)
 
 
 # -- a server lost in the middle of a run ---------------------------------------------------------

@@ -95,6 +95,11 @@ def json_records(path: Path, text: str) -> Iterator[tuple[int, dict[str, Any]]]:
         yield number, record
 
 
+def _json_type(value: Any) -> str:
+    names = {bool: "boolean", int: "number", float: "number", list: "array", dict: "object"}
+    return names.get(type(value), type(value).__name__)
+
+
 def read_text_file(path: Path, encoding: str = "utf-8", fallback: str | None = None) -> list[str]:
     text = decode_file(path, encoding, fallback)
     return [line.strip() for line in text.splitlines() if line.strip()]
@@ -107,7 +112,13 @@ def read_jsonl_file(path: Path, text_field: str, encoding: str = "utf-8", fallba
             raise file_error(path, f"has no field '{text_field}' (fields: {', '.join(sorted(record))})",
                              "Set data.text_field to the field that holds the text.", line=number)
         value = record[text_field]
-        if isinstance(value, str) and value.strip():
+        if value is not None and not isinstance(value, str):
+            # Skipped, a number or a list would leave the file looking empty and the error pointing
+            # at blank lines.
+            raise file_error(path, f"field '{text_field}' holds a JSON {_json_type(value)} ({json.dumps(value)[:60]}), "
+                             "not a string", "Write the text as a JSON string, or set data.text_field to the field "
+                             "that holds the text.", line=number)
+        if value is not None and value.strip():
             docs.append(value.strip())
     return docs
 

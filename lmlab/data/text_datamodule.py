@@ -59,7 +59,16 @@ class TextDataModule(L.LightningDataModule):
     def __init__(self, data_cfg: DictConfig, *, packing: str, cache_dir: str | Path, seed: int = 0):
         super().__init__()
         if packing not in layout.PACKINGS:
-            raise ValueError(f"unknown packing '{packing}'")
+            # A task whose plugin brings its own datamodule, run with the default text data config.
+            from lmlab import registry
+
+            others = ", ".join(n for n in registry.names("datamodule") if n != "text") or "(none)"
+            raise config_error(
+                "data.datamodule", f"the text datamodule cannot serve packing '{packing}' (it packs raw text for "
+                f"language modelling: {', '.join(layout.PACKINGS)})",
+                "Use the data config that comes with the task (data=NAME, e.g. the one its plugin ships) or "
+                f"data.datamodule=NAME with a datamodule that serves it (registered: {others}).",
+            )
         self.cfg = data_cfg
         self.packing_mode = packing
         self.cache_dir = Path(cache_dir)
