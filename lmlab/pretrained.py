@@ -27,6 +27,13 @@ def resolve(ref: str, cfg: DictConfig, key: str = "model.pretrained") -> str:
     """
     path = Path(ref).expanduser()
     if path.is_dir():
+        if (path / "quantization.json").exists() or (path / "quantized" / "quantization.json").exists():
+            # from_pretrained would load it without error, with every quantized layer at random.
+            raise config_error(
+                key, f"'{ref}' is a mode=quantize run: its quantized/ model loads with "
+                "lmlab.quantize.load_quantized, not as a model to train or score here",
+                "Point it at the run the quantized model was made from (its model.pretrained).",
+            )
         for candidate in (path, path / "export"):
             if (candidate / "config.json").exists():
                 _check_json(candidate / "config.json")

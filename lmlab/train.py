@@ -210,6 +210,9 @@ def check_mode(cfg: DictConfig, task: TaskSpec) -> str:
         if not cfg.data.get("path"):
             raise config_error("data.path", "mode=predict needs the file to predict on",
                                "Set data.path=FILE (one example per line or record; labels are not needed).")
+        if not Path(str(cfg.data.path)).expanduser().exists():  # before the model is loaded or a run opened
+            raise config_error("data.path", f"'{cfg.data.path}' does not exist (a relative path starts from "
+                               f"{Path.cwd()})", "Set data.path to the file to predict on.")
     if mode in ("quantize", "prune"):
         from lmlab import compress
 
@@ -359,6 +362,10 @@ def _predict(cfg: DictConfig, task: TaskSpec, spec: ModelSpec, started: float) -
                      time.perf_counter() - started, "predict/examples")
 
 
+# Final metrics that count things: printed as whole numbers.
+COUNTS = ("_params", "parameters", "_units", "_bytes", "_heads", "_neurons", "examples")
+
+
 def summary(result: RunResult) -> str:
     if not result.run_id:  # not global rank 0: rank 0 prints the summary of the job
         return ""
@@ -368,10 +375,16 @@ def summary(result: RunResult) -> str:
     for key in order:
         if key.startswith(("val/", "test/", "teacher/", "distill/", "original/", "quantize/", "prune/")):
             value = result.metrics[key]
-            text = f"{value:.2f}" if key.endswith("perplexity") else f"{value:,.0f}" if key.endswith("_params") else f"{value:.4f}"
+            counted = key.endswith(COUNTS) and float(value).is_integer()
+            text = f"{value:.2f}" if key.endswith("perplexity") else f"{value:,.0f}" if counted else f"{value:.4f}"
             lines.append(f"  {key + ':':<18} {text}")
     lines.append(f"  output directory:  {result.output_dir}")
-    if result.export_dir is not None:
+    from lmlab.quantize import MANIFEST
+
+    if result.export_dir is not None and (result.export_dir / MANIFEST).exists():
+        # Not loadable by from_pretrained: transformers would fill the quantized layers at random.
+        lines.append(f"  quantized model:   {result.export_dir} (load with lmlab.quantize.load_quantized)")
+    elif result.export_dir is not None:
         lines.append(f"  Hugging Face model: {result.export_dir}")
     lines.append(f"  open the MLflow UI: {tracking.ui_command(result.tracking_uri)}")
     return "\n".join(lines)

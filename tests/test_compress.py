@@ -251,3 +251,34 @@ def test_torchao_missing_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch,
     with pytest.raises(LmlabError, match="pip install torchao") as info:
         lmlab("mode=quantize", "quantize.method=int4_weight_only", f"model.pretrained={tmp_path}")
     assert "config key 'quantize.method'" in str(info.value) and "dynamic_int8" in str(info.value)
+
+
+def test_the_summary_names_a_quantized_model_and_prints_counts_as_counts(tmp_path: Path) -> None:
+    from lmlab.quantize import MANIFEST
+    from lmlab.train import RunResult, summary
+
+    saved = tmp_path / "quantized"
+    saved.mkdir()
+    metrics = {"original/n_parameters": 610821.0, "prune/pruned_units": 196608.0, "test/accuracy": 0.5}
+    result = RunResult("abc", "sqlite:///x.db", tmp_path, metrics, saved, 3.0)
+    text = summary(result)
+    assert "Hugging Face model:" in text and "quantized model:" not in text
+    assert "610,821" in text and "196,608" in text and "0.5000" in text
+    (saved / MANIFEST).write_text("{}")
+    text = summary(result)
+    assert "Hugging Face model:" not in text
+    assert f"quantized model:   {saved} (load with lmlab.quantize.load_quantized)" in text
+
+
+def test_a_quantize_run_is_refused_as_a_model_to_start_from(tmp_path: Path) -> None:
+    from lmlab.errors import LmlabError
+    from lmlab.pretrained import resolve
+    from lmlab.quantize import MANIFEST
+
+    run_dir = tmp_path / "run"
+    (run_dir / "quantized").mkdir(parents=True)
+    (run_dir / "quantized" / "config.json").write_text("{}")  # loadable by from_pretrained, wrongly
+    (run_dir / "quantized" / MANIFEST).write_text("{}")
+    for ref in (run_dir, run_dir / "quantized"):
+        with pytest.raises(LmlabError, match="is a mode=quantize run: .*load_quantized"):
+            resolve(str(ref), None)

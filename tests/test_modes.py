@@ -148,7 +148,7 @@ def test_summarization_predict_generates_what_the_fit_generated(tmp_path: Path) 
     assert [r["summary"] for r in rows] == [e["generated"] for e in expected]
 
 
-def test_mode_errors_come_before_any_data(tmp_path: Path) -> None:
+def test_mode_errors_come_before_any_data(tmp_path: Path, lmlab_home: Path) -> None:
     bare = tmp_path / "bare"
     with pytest.raises(LmlabError, match="mode=test needs a trained model"):
         lmlab("task=ner", "mode=test")
@@ -156,6 +156,9 @@ def test_mode_errors_come_before_any_data(tmp_path: Path) -> None:
         lmlab("task=mlm", "mode=predict", f"model.pretrained={bare}")
     with pytest.raises(LmlabError, match="mode=predict needs the file"):
         lmlab("task=ner", "mode=predict", f"model.pretrained={bare}")
+    with pytest.raises(LmlabError, match="config key 'data.path': '.*nothere.txt' does not exist"):
+        lmlab("task=ner", "mode=predict", f"model.pretrained={bare}", f"data.path={tmp_path / 'nothere.txt'}")
+    assert not (lmlab_home / "mlflow.db").exists()  # no run was opened
     with pytest.raises(LmlabError, match="unknown mode 'train'"):
         lmlab("mode=train")
 
