@@ -1,10 +1,11 @@
-"""Runs that go wrong: a non-finite loss or gradient, and preemption by SIGTERM or SIGUSR1."""
+"""Runs that go wrong: a non-finite loss or gradient, and preemption by SIGTERM, SIGUSR1 or Ctrl-C."""
 
 from __future__ import annotations
 
 import logging
 import math
 import signal
+import sys
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -196,7 +197,7 @@ def _own_signals() -> tuple[int, ...]:
 
 
 class Preemption(L.Callback):
-    """SIGTERM or SIGUSR1: save last.ckpt at the next step boundary and stop training.
+    """SIGTERM, SIGUSR1 or a first Ctrl-C: save last.ckpt at the next step boundary and stop training.
 
     Lightning notes SIGTERM itself and raises ``SIGTERMException`` once the step is over; this saves
     the checkpoint first. A signal that lands during validation reaches ``on_exception`` instead,
@@ -212,12 +213,32 @@ class Preemption(L.Callback):
     def _note(self, signum: int, frame: Any) -> None:
         self.signum = signum
 
+    def _interrupt(self, signum: int, frame: Any) -> None:
+        # Ctrl-C: Lightning's own handling stops mid-step, saving nothing and ending the run FAILED.
+        # The first one stops like SIGTERM, at the step boundary with last.ckpt saved; a second
+        # one stops at once.
+        if self.signum is not None:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        self.signum = signum
+        print("\nlmlab: stopping after this step to save a checkpoint (Ctrl-C again to stop at once)",
+              file=sys.stderr, flush=True)
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if threading.current_thread() is not threading.main_thread():
             return
         for signum in _own_signals():
             if signal.getsignal(signum) in (signal.SIG_DFL, None):
                 self._previous[signum] = signal.signal(signum, self._note)
+        # Only Python's default: a sweep or an embedding program that handles Ctrl-C keeps doing so.
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._interrupt)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A signal that came during the last validation: training ended anyway, and LastCheckpoint
+        # (called before this callback) has saved its final state.
+        if self.signum is not None and self.stopped_after is None:
+            self.stopped_after = trainer.global_step
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:

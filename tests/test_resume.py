@@ -48,8 +48,10 @@ class Home:
         env.update(LMLAB_HOME=str(self.root), LMLAB_CACHE_DIR=str(self.cache), PYTHONUNBUFFERED="1",
                    OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
         self.root.mkdir(parents=True, exist_ok=True)
+        # Ctrl-C's default disposition even where this test runs with SIGINT ignored (a background job).
         return subprocess.Popen([*lmlab_command(), *ARGS, *extra], cwd=self.root, env=env, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
     def run(self, *extra: str) -> tuple[int, str, str]:
         proc = self.start(*extra)
@@ -174,16 +176,18 @@ def test_sigkill_then_resume_auto_matches_an_uninterrupted_run(workspace: Path, 
     assert_same_as_reference(victim, reference)
 
 
-def test_sigterm_saves_last_checkpoint_marks_killed_and_resumes(workspace: Path, reference: Home) -> None:
-    victim = home(workspace, "sigterm")
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])  # SIGINT: Ctrl-C
+def test_sigterm_saves_last_checkpoint_marks_killed_and_resumes(workspace: Path, reference: Home,
+                                                                signum: signal.Signals) -> None:
+    victim = home(workspace, signum.name.lower())
     proc = victim.start(data(workspace))
     wait_for_checkpoint(victim, proc, 5)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 2, err[-3000:]
     assert "Traceback" not in err
     message = err[err.index("lmlab: error:"):]
-    assert "stopped by SIGTERM after step" in message and "resume=" in message, message
+    assert f"stopped by {signum.name} after step" in message and "resume=" in message, message
     stopped = int(message.split("after step ")[1].split(";")[0])
     assert 5 <= stopped < STEPS
     (run_dir,) = victim.run_dirs()
