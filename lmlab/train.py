@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from lmlab import checkpointing, checks, distill, faults, pretrained, registry, resume, tracking
+from lmlab import checkpointing, checks, config_keys, distill, faults, pretrained, registry, resume, tracking
 from lmlab.background_log import MetricsBeforeCheckpoints
 from lmlab.callbacks import LastValidation, LearningRate, ProgressBar, TokensPerSecond
 from lmlab.distributed import build_strategy, effective_batch, is_rank_zero
@@ -238,6 +238,7 @@ def run(cfg: DictConfig) -> RunResult:
     task: TaskSpec = registry.get("task", cfg.task.name)
     spec: ModelSpec = registry.get("model", cfg.model.name)
     check_compatible(task, spec, cfg)
+    config_keys.check_known_keys(cfg)  # a typo in a config file of the user's own, which Hydra lets through
     checks.check_numbers(cfg)  # seed, sizes, steps, lr: named errors instead of TypeErrors deep inside
     checks.check_accelerator(cfg)  # a GPU preset on a machine without one: before any data or MLflow work
     task.validate(cfg)

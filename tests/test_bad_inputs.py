@@ -142,6 +142,9 @@ CASES: dict[str, Bad] = {
     "zero_batch": Bad(["data.batch_size=0"], ["data.batch_size", "0"]),
     "negative_batch": Bad(["data.batch_size=-3"], ["data.batch_size", "-3"]),
     "bad_mode": Bad(["mode=train"], ["mode", "train"]),
+    # what a config file of the user's own can bring in (Hydra refuses these only on the command line)
+    "file_misspelt_data_key": Bad(["+data.val_fracton=0.02"], ["data.val_fracton", "data.val_fraction"]),
+    "file_unknown_optimizer_key": Bad(["+optimizer.learning_rate=0.5"], ["optimizer.learning_rate", "betas, eps, lr"]),
     "test_without_model": Bad(["mode=test"], ["model.pretrained", "mode=test"]),
     "unknown_schedule": Bad(["scheduler.name=zigzag"], ["scheduler.name", "zigzag"]),
     "negative_warmup": Bad(["scheduler.warmup_ratio=-0.5"], ["scheduler.warmup_ratio", "-0.5"]),
@@ -234,6 +237,15 @@ CASES: dict[str, Bad] = {
     "plugin_task_without_its_data": Bad(["task.name=binclf"], ["data.datamodule", "text datamodule",
                                                                "packing 'binary'", "data="],
                                         setup=lambda site: _plugin(site, "binclf", BINARY_TASK)),
+    # raw text for the LM objectives: what the text datamodule must not read, or cannot split
+    "text_data_given_a_csv": Bad([], ["data.path", "train.csv", "CSV", "task=classification", ".txt"],
+                                 data="data.path={d}/cls_column/train.csv"),
+    "one_document_corpus": Bad([], ["data.path", "notes.txt", "the training split got no documents",
+                                    "1 document(s)", "data.val_fraction=0.05"],
+                               data="data.path={d}/not_a_run/notes.txt"),
+    "path_and_name_both_set": Bad(["data.name=wikitext"], ["data.path", "wiki.txt", "data.name='wikitext'"]),
+    "classification_path_and_name_both_set": Bad([*CLS, "data.name=imdb"], ["data.path", "data.name='imdb'"],
+                                                 data="data.path={d}/cls_unknown"),
 }
 
 BINARY_TASK = """

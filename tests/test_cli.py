@@ -293,3 +293,11 @@ def test_a_data_config_of_the_users_own_with_config_dir(tmp_path: Path) -> None:
     with sqlite3.connect(out.home / "mlflow.db") as con:
         tags = dict(con.execute("SELECT key, value FROM tags WHERE key LIKE 'lmlab.%'").fetchall())
     assert tags["lmlab.task"] == "mlm" and tags["lmlab.data"] == f"path:{corpus}"
+
+    # The same file with a misspelt key: Hydra merges it as written, lmlab refuses it.
+    (tmp_path / "my_conf" / "data" / "my_corpus.yaml").write_text(
+        f"defaults:\n  - text\n  - _self_\n\npath: {corpus}\nval_fracton: 0.2\n", encoding="utf-8")
+    second = tmp_path / "second"  # a home of its own: nothing left behind is this run's
+    second.mkdir()
+    out = run_lmlab(["-cd", str(tmp_path / "my_conf"), "task=mlm", "model=bert", "data=my_corpus", *DEBUG], second)
+    assert_clean_error(out, "config key 'data.val_fracton'", "Did you mean data.val_fraction?")
