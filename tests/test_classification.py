@@ -205,6 +205,13 @@ def test_unseen_label_names_file_and_label(tmp_path: Path) -> None:
     assert str(folder / "validation.csv") in message and "'certified fresh'" in message and "fresh, rotten" in message
 
 
+def test_path_and_name_together_are_refused(rotten: Path) -> None:
+    with pytest.raises(LmlabError) as info:
+        datamodule(f"data.path={rotten}", "data.name=imdb")
+    message = str(info.value)
+    assert "config key 'data.path'" in message and "data.name='imdb'" in message and str(rotten) in message
+
+
 def test_text_datamodule_is_rejected() -> None:
     task = registry.get("task", "classification")
     with pytest.raises(LmlabError, match="labelled data"):

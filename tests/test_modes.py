@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import mlflow
@@ -178,3 +179,114 @@ def test_mode_test_refuses_a_model_without_a_trained_head(tmp_path: Path) -> Non
     with pytest.raises(LmlabError, match="no trained head to evaluate") as info:
         lmlab("task=ner", "mode=predict", f"data.path={text}", f"model.pretrained={folder}")
     assert "BertModel" in str(info.value) and "BertForTokenClassification" in str(info.value)
+
+
+# -- data with some of the model's labels -----------------------------------------------------------
+def conll_sentences(path: Path) -> list[list[tuple[str, str]]]:
+    blocks = path.read_text(encoding="utf-8").strip().split("\n\n")
+    return [[tuple(line.split("\t")[:2]) for line in block.splitlines()] for block in blocks]  # type: ignore[misc]
+
+
+def write_conll(path: Path, sentences: list[list[tuple[str, ...]]]) -> None:
+    path.write_text("\n\n".join("\n".join("\t".join(t) for t in s) for s in sentences) + "\n", encoding="utf-8")
+
+
+@pytest.mark.slow
+def test_ner_mode_test_scores_data_with_some_of_the_models_tags(tmp_path: Path) -> None:
+    from seqeval.metrics import f1_score
+
+    if not WNUT.exists():
+        pytest.skip(f"real test data missing: {WNUT}")
+    full = tmp_path / "full"
+    full.mkdir()
+    for split, n in (("train", 300), ("validation", 30)):
+        head_lines(WNUT / f"{split}.conll", full / f"{split}.conll", n, blank_separated=True)
+    # Two steps only: the head is still close to random, so it predicts many different tags and a
+    # wrong id mapping would show in every metric.
+    fit = lmlab("task=ner", f"data.path={full}", "trainer.max_steps=2")
+    model_tags = list(json.loads((fit.export_dir / "config.json").read_text())["id2label"].values())
+    few = {"O", "B-person", "I-person", "B-geo-loc", "I-geo-loc"}
+    assert few < set(model_tags)
+    chosen = [s for s in conll_sentences(WNUT / "test.conll") if {t for _, t in s} <= few][:40]
+    assert any(t != "O" for s in chosen for _, t in s)
+
+    # The same sentences scored twice: as the test split of data whose training file has all the
+    # model's tags (labels equal, as before), and as a directory that has only five of them.
+    write_conll(full / "test.conll", chosen)
+    subset = tmp_path / "subset"
+    subset.mkdir()
+    for split in ("train", "validation", "test"):
+        write_conll(subset / f"{split}.conll", chosen)
+    model = f"model.pretrained={fit.output_dir}"
+    as_full = lmlab("task=ner", f"data.path={full}", "mode=test", model)
+    as_subset = lmlab("task=ner", f"data.path={subset}", "mode=test", model)
+    for key in ("test/f1", "test/precision", "test/recall", "test/token_accuracy", "test/loss", "test/f1_person"):
+        assert math.isfinite(as_subset.metrics[key]), key
+        assert as_subset.metrics[key] == pytest.approx(as_full.metrics[key], abs=1e-6), key
+
+    # And by hand: seqeval on the predictions file the run wrote (token, gold, predicted).
+    written = (as_subset.output_dir / "predictions" / "test_predictions.conll").read_text(encoding="utf-8")
+    rows = [[line.split("\t") for line in block.splitlines()] for block in written.strip().split("\n\n")]
+    gold, predicted = [[r[1] for r in s] for s in rows], [[r[2] for r in s] for s in rows]
+    assert gold == [[t for _, t in s] for s in chosen]
+    assert {t for s in predicted for t in s} - few, "the near-random head should predict tags outside the five"
+    assert as_subset.metrics["test/f1"] == pytest.approx(f1_score(gold, predicted), abs=1e-6)
+
+    # A tag the model does not have cannot be scored: refused, naming the tag, file and line.
+    write_conll(subset / "test.conll", [*chosen[:3], [("Mars", "B-planet"), ("is", "O"), ("red", "O")]])
+    with pytest.raises(LmlabError) as info:
+        lmlab("task=ner", f"data.path={subset}", "mode=test", model)
+    message = str(info.value)
+    lines = sum(len(s) + 1 for s in chosen[:3]) + 1
+    assert f"{subset / 'test.conll'}, line {lines}" in message and "'B-planet'" in message
+    assert "model.pretrained" in message and "training split" not in message
+
+
+@pytest.mark.slow
+def test_classification_on_data_with_one_of_the_models_two_labels(rotten_small: Path, tmp_path: Path) -> None:
+    fit = lmlab("task=classification", f"data.path={rotten_small}")
+    model = f"model.pretrained={fit.output_dir}"
+
+    def rows(split: str) -> list[dict[str, str]]:
+        with open(rotten_small / f"{split}.csv", encoding="utf-8", newline="") as f:
+            return list(csv.DictReader(f))
+
+    def write(path: Path, records: list[dict[str, str]]) -> None:
+        with open(path, "w", encoding="utf-8", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["text", "label"])
+            writer.writeheader()
+            writer.writerows(records)
+
+    fresh = {split: [r for r in rows(split) if r["label"] == "fresh"] for split in ("train", "validation", "test")}
+    assert len(fresh["test"]) >= 5 and len(fresh["test"]) < len(rows("test"))
+    # The fresh test rows inside data with both labels, and alone in data that has only "fresh".
+    full = tmp_path / "full"
+    full.mkdir()
+    for split in ("train", "validation"):
+        write(full / f"{split}.csv", rows(split))
+    write(full / "test.csv", fresh["test"])
+    subset = tmp_path / "subset"
+    subset.mkdir()
+    for split, records in fresh.items():
+        write(subset / f"{split}.csv", records)
+    as_full = lmlab("task=classification", f"data.path={full}", "mode=test", model)
+    as_subset = lmlab("task=classification", f"data.path={subset}", "mode=test", model)
+    for key in ("test/accuracy", "test/macro_f1", "test/loss"):
+        assert math.isfinite(as_subset.metrics[key]), key
+        assert as_subset.metrics[key] == pytest.approx(as_full.metrics[key], abs=1e-6), key
+    with open(as_subset.output_dir / "predictions" / "test_predictions.csv", encoding="utf-8", newline="") as f:
+        predicted = list(csv.DictReader(f))
+    assert as_subset.metrics["test/accuracy"] == pytest.approx(
+        sum(p["predicted"] == p["gold"] for p in predicted) / len(predicted), abs=1e-6)
+
+    # Fine-tuning the trained head on rows of one label keeps its two labels and their ids.
+    tuned = lmlab("task=classification", f"data.path={subset}", model, "trainer.max_steps=2")
+    assert json.loads((tuned.export_dir / "config.json").read_text())["id2label"] == {"0": "fresh", "1": "rotten"}
+
+    # A label the model does not have is refused, naming it and the file.
+    write(subset / "test.csv", [*fresh["test"][:3], {"text": "a film about films", "label": "meh"}])
+    with pytest.raises(LmlabError) as info:
+        lmlab("task=classification", f"data.path={subset}", "mode=test", model)
+    message = str(info.value)
+    assert f"{subset / 'test.csv'}, line 5" in message and "'meh'" in message
+    assert "fresh, rotten" in message and "training split" not in message

@@ -121,6 +121,60 @@ def test_empty_directory(tmp_path):
         load_corpus(data_cfg(f"data.path={tmp_path / 'd'}"))
 
 
+def test_upper_case_suffixes_are_read_like_lower_case(tmp_path, wiki_file):
+    docs = _lines(wiki_file)[:100]
+    upper = tmp_path / "UP.TXT"
+    upper.write_text("\n".join(docs) + "\n", encoding="utf-8")
+    corpus = load_corpus(data_cfg(f"data.path={upper}"))
+    assert sorted(corpus.train + corpus.validation) == sorted(docs)
+    # A directory holding only an upper-case .TXT is a directory of text, not an empty one.
+    folder = tmp_path / "shouting"
+    folder.mkdir()
+    (folder / "B.TXT").write_text("\n".join(docs) + "\n", encoding="utf-8")
+    records = folder / "MORE.JSONL"
+    records.write_text("".join(json.dumps({"text": f"record {i}"}) + "\n" for i in range(10)), encoding="utf-8")
+    corpus = load_corpus(data_cfg(f"data.path={folder}"))
+    assert sorted(corpus.train + corpus.validation) == sorted([*docs, *(f"record {i}" for i in range(10))])
+
+
+@pytest.mark.parametrize("name", ["reviews.csv", "REVIEWS.TSV"])
+def test_a_table_is_not_read_as_prose(tmp_path, name):
+    path = tmp_path / name
+    sep = "," if name.endswith("csv") else "\t"
+    path.write_text(f"text{sep}label\na fine film{sep}fresh\na dull film{sep}rotten\n", encoding="utf-8")
+    with pytest.raises(LmlabError) as info:
+        load_corpus(data_cfg(f"data.path={path}"))
+    message = str(info.value)
+    assert "config key 'data.path'" in message and str(path) in message
+    assert "task=classification" in message and ".txt" in message and ".jsonl" in message
+    # A directory of tables alone says why nothing in it was read.
+    with pytest.raises(LmlabError) as info:
+        load_corpus(data_cfg(f"data.path={tmp_path}"))
+    assert name in str(info.value) and "task=classification" in str(info.value)
+
+
+def test_path_and_name_together_are_refused(wiki_file):
+    with pytest.raises(LmlabError) as info:
+        load_corpus(data_cfg(f"data.path={wiki_file}", "data.name=wikitext"))
+    message = str(info.value)
+    assert "data.path" in message and "data.name='wikitext'" in message and str(wiki_file) in message
+
+
+@pytest.mark.parametrize("lines, fraction, took", [(1, 0.05, "took it"), (2, 0.9, "took them")])
+def test_a_corpus_whose_every_document_went_to_validation(tmp_path, wiki_file, lines, fraction, took):
+    path = tmp_path / "short.txt"
+    path.write_text("\n".join(_lines(wiki_file)[:lines]) + "\n", encoding="utf-8")
+    with pytest.raises(LmlabError) as info:
+        load_corpus(data_cfg(f"data.path={path}", f"data.val_fraction={fraction}"))
+    message = str(info.value)
+    assert "config key 'data.path'" in message and "the training split got no documents" in message
+    assert f"has {lines} document(s)" in message and f"data.val_fraction={fraction:g} {took}" in message
+    assert "validation.txt" in message
+    if lines == 2:  # with the default fraction one document is left for training
+        corpus = load_corpus(data_cfg(f"data.path={path}"))
+        assert len(corpus.train) == 1 and len(corpus.validation) == 1
+
+
 def test_jsonl_missing_text_field_names_the_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "fine"}\n\n{"text": "fine too"}\n{"body": "wrong field"}\n', encoding="utf-8")

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 TEXT_SUFFIXES = {".txt", ".text"}
 JSON_SUFFIXES = {".jsonl", ".json"}
+# Rows with columns: read as prose, every row (header included) would become a "document".
+TABLE_SUFFIXES = {".csv": "CSV", ".tsv": "TSV"}
 SPLIT_STEMS = {"train": "train", "validation": "validation", "valid": "validation", "val": "validation", "dev": "validation"}
 
 
@@ -125,13 +127,13 @@ def read_jsonl_file(path: Path, text_field: str, encoding: str = "utf-8", fallba
 
 def read_file(path: Path, data_cfg: DictConfig) -> list[str]:
     fallback = data_cfg.get("encoding_fallback")
-    if path.suffix in JSON_SUFFIXES:
+    if path.suffix.lower() in JSON_SUFFIXES:
         return read_jsonl_file(path, data_cfg.text_field, data_cfg.encoding, fallback)
     return read_text_file(path, data_cfg.encoding, fallback)
 
 
 def _data_files(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES | JSON_SUFFIXES)
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES | JSON_SUFFIXES)
 
 
 def read_path(path: Path, data_cfg: DictConfig) -> dict[str, list[str]]:
@@ -200,10 +202,20 @@ def _local_files(path: Path) -> tuple[Path, ...]:
         raise config_error("data.path", f"'{path}' does not exist",
                            "Point data.path at a .txt or .jsonl file or a directory of them.")
     if path.is_file():
+        kind = TABLE_SUFFIXES.get(path.suffix.lower())
+        if kind is not None:
+            raise config_error("data.path", f"'{path}' is a {kind} file, which the language-modelling text data "
+                               "would read as prose (every row, header included, one document)",
+                               "For labelled rows use task=classification (or task=summarization); for raw text "
+                               "give a .txt file (one document per line), a .jsonl file (data.text_field) or a "
+                               "directory of them.")
         return (path,)
     files = _data_files(path)
     if not files:
-        raise config_error("data.path", f"directory '{path}' holds no .txt, .jsonl or .json files",
+        tables = sorted(p.name for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TABLE_SUFFIXES)
+        hint = (f" ({', '.join(tables[:3])} are tables, which raw-text data does not read: for labelled rows use "
+                "task=classification)") if tables else ""
+        raise config_error("data.path", f"directory '{path}' holds no .txt, .jsonl or .json files{hint}",
                            "Put the training text there or point data.path at a file.")
     return tuple(files)
 
@@ -232,7 +244,8 @@ def _from_catalog(data_cfg: DictConfig) -> Source:
 
 
 def _source(data_cfg: DictConfig) -> Source:
-    """Where the documents come from (path > name > catalog), checked but not read yet."""
+    """Where the documents come from (data.path, data.name or the catalog), checked but not read yet."""
+    check_one_source(data_cfg)
     if data_cfg.get("path"):
         path = Path(str(data_cfg.path)).expanduser()
         return _local(path, data_cfg, f"path:{path.resolve()}")
@@ -246,17 +259,39 @@ def _source(data_cfg: DictConfig) -> Source:
                        "Set data.path=FILE_OR_DIR, data.name=HF_DATASET or pick a preset such as data=bbc_news.")
 
 
+def check_one_source(data_cfg: DictConfig) -> None:
+    """data.path and data.name both set: a config error, not one of them silently read.
+
+    The shipped data configs leave ``name`` null, so both are set only by the user's own choice.
+    """
+    if data_cfg.get("path") and data_cfg.get("name"):
+        raise config_error("data.path", f"'{data_cfg.path}' is set together with data.name='{data_cfg.name}', "
+                           "and a run reads one source", "Unset one of them: data.path=FILE_OR_DIR for local files, "
+                           "or data.name=HF_DATASET (with data.path=null) for a Hugging Face dataset.")
+
+
 def _splits(splits: dict[str, list[str]], data_cfg: DictConfig) -> tuple[list[str], list[str]]:
     train = splits.get("train", [])
+    key = "data.path" if data_cfg.get("path") else "data.name" if data_cfg.get("name") else "data.catalog"
+    where = data_cfg.get("path") or data_cfg.get("name") or data_cfg.get("catalog")
     if not train:
-        where = data_cfg.get("path") or data_cfg.get("name") or data_cfg.get("catalog")
-        raise config_error("data.path" if data_cfg.get("path") else "data.name",
-                           f"'{where}' holds no training text (empty, or only blank lines)",
+        raise config_error(key, f"'{where}' holds no training text (empty, or only blank lines)",
                            "Give a file with at least a few lines of text.")
     max_docs = data_cfg.get("max_documents")
     validation = splits.get("validation") or []
     if not validation:
-        train, validation = carve_validation(train, float(data_cfg.val_fraction), int(data_cfg.split_seed))
+        total = len(train)
+        fraction = float(data_cfg.val_fraction)
+        train, validation = carve_validation(train, fraction, int(data_cfg.split_seed))
+        if not train:
+            # The validation carve keeps at least one document, so a one-line file has none left.
+            raise config_error(
+                key, f"the training split got no documents: '{where}' has {total} document(s) (non-empty lines "
+                f"or records) in all, and data.val_fraction={fraction:g} took {'it' if total == 1 else 'them'} "
+                "for validation",
+                "Add more text (a document is a line), lower data.val_fraction, or give the validation text "
+                "its own file (a directory with train.txt and validation.txt).",
+            )
     if max_docs:
         train, validation = train[: int(max_docs)], validation[: max(1, int(max_docs) // 10)]
     return train, validation
@@ -267,7 +302,7 @@ READING_KEYS = ("encoding", "text_field", "val_fraction", "split_seed", "max_doc
 
 
 def load_corpus(data_cfg: DictConfig, stamp_dir: Path | None = None) -> Corpus:
-    """Train and validation documents from whichever source the config names (path > name > catalog).
+    """Train and validation documents from the one source the config names (path, name or catalog).
 
     With ``stamp_dir``, local files whose stat matches an earlier read are not read again until
     their documents are asked for (``lmlab.data.stamps``).

