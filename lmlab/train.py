@@ -286,6 +286,11 @@ def run(cfg: DictConfig) -> RunResult:
                 if "could not find the monitored key" not in str(exc):
                     raise
                 logged = ", ".join(sorted(k for k in trainer.callback_metrics if k.startswith("val/"))) or "(none)"
+                if cfg.checkpoint.get("monitor") is None:  # the task's own declaration: its author's to fix
+                    raise LmlabError(
+                        f"task '{task.name}' declares monitor='{checkpoint.monitor}' (its TaskSpec), but its "
+                        f"validation logs no such metric; it logs: {logged}. Fix the task's TaskSpec.monitor, or "
+                        "set checkpoint.monitor=METRIC for this run.") from exc
                 raise config_error("checkpoint.monitor", f"the run logs no '{checkpoint.monitor}' at validation",
                                    f"Use one of the metrics it logs there: {logged} (or leave checkpoint.monitor "
                                    "unset for the task's own).") from exc

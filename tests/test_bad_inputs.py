@@ -234,6 +234,9 @@ CASES: dict[str, Bad] = {
     "plugin_task_not_a_taskspec": Bad(["task.name=dicttask"], ["task 'dicttask'", "lmlab_dicttask_plugin:TASK", "dict",
                                                                "TaskSpec"],
                                       setup=lambda site: _plugin(site, "dicttask", "TASK = {'name': 'dicttask'}\n")),
+    "plugin_task_monitor_typo": Bad(["task.name=typoclm"], ["task 'typoclm' declares monitor='val/los'",
+                                                            "TaskSpec.monitor", "val/loss"],
+                                    setup=lambda site: _plugin(site, "typoclm", TYPO_MONITOR_TASK)),
     "plugin_task_without_its_data": Bad(["task.name=binclf"], ["data.datamodule", "text datamodule",
                                                                "packing 'binary'", "data="],
                                         setup=lambda site: _plugin(site, "binclf", BINARY_TASK)),
@@ -247,6 +250,14 @@ CASES: dict[str, Bad] = {
     "classification_path_and_name_both_set": Bad([*CLS, "data.name=imdb"], ["data.path", "data.name='imdb'"],
                                                  data="data.path={d}/cls_unknown"),
 }
+
+TYPO_MONITOR_TASK = """
+import dataclasses
+
+from lmlab.tasks.clm import TASK as CLM
+
+TASK = dataclasses.replace(CLM, name="typoclm", monitor="val/los")
+"""
 
 BINARY_TASK = """
 from lmlab.specs import TaskSpec
