@@ -7,6 +7,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 from lmlab.errors import LmlabError
 
@@ -89,7 +90,8 @@ def _job(cfg) -> float:
     from lmlab import sweep
     from lmlab.train import run, summary
 
-    in_sweep = sweep.job_context() is not None
+    ctx = sweep.job_context()
+    in_sweep = ctx is not None
     try:
         if in_sweep:
             sweep.check_direction(cfg)
@@ -98,6 +100,9 @@ def _job(cfg) -> float:
         if in_sweep:
             sweep.check_objective(result.objective_metric, result.metrics, cfg)
     except LmlabError as exc:
+        if in_sweep and _preempted(exc):
+            # The message of a run (resume=<its folder>) is wrong for a job: the sweep's command resumes.
+            exc = sweep.preempted_in_sweep(exc, ctx)
         if in_sweep and _diverged(exc):
             # A diverged trial (a learning rate too high, say) is an outcome of the search, not a
             # broken sweep: Optuna records it as a failed trial and the sweep goes on.
@@ -105,9 +110,9 @@ def _job(cfg) -> float:
             return math.nan
         print(f"\nlmlab: error: {exc}", file=sys.stderr)
         if in_sweep:
-            # Hydra marks the job FAILED and the sweeper decides (the basic one stops, Optuna
-            # records a failed trial); exiting here would take the whole sweep down with it.
-            raise
+            # Hydra marks the job FAILED and the sweeper decides (the grid stops with a summary,
+            # Optuna records a failed trial); exiting here would take the whole sweep down with it.
+            raise exc
         sys.exit(2)
     print(summary(result), flush=True)
     return result.objective
@@ -117,6 +122,46 @@ def _diverged(exc: Exception) -> bool:
     # By name in sys.modules: lmlab.train has imported lmlab.faults by the time a run can diverge.
     faults = sys.modules.get("lmlab.faults")
     return faults is not None and isinstance(exc, getattr(faults, "NonFiniteLoss", ()))
+
+
+def _preempted(exc: Exception) -> bool:
+    faults = sys.modules.get("lmlab.faults")
+    return faults is not None and isinstance(exc, getattr(faults, "Preempted", ()))
+
+
+def _run_hydra() -> None:
+    """Hydra's main with a sweep's early end said in one line, after the sweep's parent run is closed."""
+    import hydra
+
+    from lmlab.paths import config_dir
+
+    # Loaded by Hydra for a multirun (its callback); absent, no sweep was started.
+    def sweep_parent() -> Any:
+        return sys.modules.get("lmlab.sweep_parent")
+
+    try:
+        hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")(_job)()
+    except KeyboardInterrupt:
+        # Ctrl-C or SIGTERM on a sweep (lmlab.sweep_parent turns SIGTERM into this); a single run
+        # handles its signals itself, so anything else is left as Python reports it.
+        message = sweep_parent().stopped_message() if sweep_parent() is not None else None
+        if message is None:
+            raise
+        _end_sweep(sweep_parent(), message)
+    except SystemExit as exc:
+        from lmlab.sweep import SweepStopped
+
+        if not isinstance(exc, SweepStopped):
+            raise
+        _end_sweep(sweep_parent(), exc.message)
+
+
+def _end_sweep(sweep_parent: Any, message: str) -> None:
+    # The parent run is closed first (its log line would otherwise come last): the message ends the output.
+    if sweep_parent is not None:
+        sweep_parent.close_left_open()
+    print(f"\nlmlab: error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def main() -> None:
@@ -135,13 +180,9 @@ def main() -> None:
         print(f"lmlab: error: {exc}", file=sys.stderr)
         sys.exit(2)
 
-    import hydra
-
-    from lmlab.paths import config_dir
-
     register_experiments()
     sys.argv = [sys.argv[0], *_free_form(args)]
-    hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")(_job)()
+    _run_hydra()
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
+import signal
 import socket
 import time
 from collections.abc import Mapping
@@ -20,7 +22,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from lmlab.errors import config_error
+from lmlab.errors import LmlabError, config_error
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +31,18 @@ JOBS_DIR = "lmlab_jobs"
 # Written by the first job whose objective never appeared (see check_objective).
 MISSING_OBJECTIVE_FILE = "lmlab_objective_missing.json"
 PARENT_TAG = "mlflow.parentRunId"
+
+
+class SweepStopped(SystemExit):
+    """A sweep that ends early for a reason already explained (a job's error, a refused study).
+
+    A SystemExit, so Hydra lets it through without its traceback; lmlab's CLI closes the parent
+    run, prints ``message`` last and exits with 2. Anywhere else Python prints the code and exits 1.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"lmlab: error: {message}")
+        self.message = message
 
 
 @dataclass(frozen=True)
@@ -91,6 +105,56 @@ def job_context() -> JobContext | None:
         return None
     sweep_dir = Path(str(hc.sweep.dir))
     return JobContext(sweep_dir, int(hc.job.num), [str(o) for o in hc.overrides.task], read_sweep(sweep_dir))
+
+
+# -- after a sweep stopped ------------------------------------------------------------------------
+def is_optuna(sweeper: Mapping[str, Any]) -> bool:
+    """lmlab's Optuna sweeper (``hydra/sweeper: optuna`` and its presets), told by its settings."""
+    return "n_trials" in sweeper and "study_name" in sweeper
+
+
+def how_to_resume(sweeper: Mapping[str, Any]) -> str:
+    """The next step after a sweep stopped early: an Optuna study resumes, a grid starts anew."""
+    if is_optuna(sweeper):
+        if sweeper.get("storage") is None:
+            return ("Its study was in memory (hydra.sweeper.storage=null): running the same command again "
+                    "starts it anew")
+        return (f"Run the same command again to resume: study '{sweeper.get('study_name')}' keeps its finished "
+                "trials and runs only the missing ones (an interrupted trial again, from scratch)")
+    return "Run the same command again to start the sweep anew (a grid sweep does not skip the jobs that finished)"
+
+
+# Launchers whose jobs write to the sweep's own terminal: a failed job's error is on screen already.
+SAME_TERMINAL = ("hydra._internal.core_plugins.basic_launcher.BasicLauncher",
+                 "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher")
+
+
+def reportable_failure(job_return: Any) -> LmlabError | None:
+    """The lmlab error a failed job ended with, which the sweep sums up in a line; None for any other
+    error (a bug, whose traceback Hydra shows) or when HYDRA_FULL_ERROR=1 asks for tracebacks."""
+    error = job_return._return_value  # .return_value would print the overrides and raise it
+    if isinstance(error, LmlabError) and os.environ.get("HYDRA_FULL_ERROR") != "1":
+        return error
+    return None
+
+
+def where_the_error_is(launcher: Mapping[str, Any], error: Exception) -> str:
+    return "its error is above" if launcher.get("_target_") in SAME_TERMINAL else f"it said: {error}"
+
+
+def preempted_in_sweep(exc: Exception, ctx: JobContext) -> LmlabError:
+    """A sweep job's answer to SIGTERM: its own folder is no run to resume, the sweep's command is."""
+    from hydra.core.hydra_config import HydraConfig
+
+    signum = getattr(exc, "signum", signal.SIGTERM)
+    stopped = f"job {ctx.num} of the sweep was stopped by {signal.Signals(signum).name}; the sweep stops"
+    if (ctx.sweep or {}).get("pid") == os.getpid():
+        return LmlabError(f"{stopped}.")  # in the sweep's process, whose last line says how to resume
+    sweeper = HydraConfig.get().sweeper
+    fix = how_to_resume(sweeper)
+    if not is_optuna(sweeper):
+        fix += f", or only this job: lmlab {shlex.join(ctx.overrides)}"
+    return LmlabError(f"{stopped}. {fix}.")
 
 
 # -- what a job adds to its MLflow run ------------------------------------------------------------

@@ -24,24 +24,37 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from lmlab.errors import LmlabError
-from lmlab.sweep import (SWEEP_FILE, job_context, job_records, objective_direction, read_sweep, record_job,
-                         write_json)
+from lmlab.sweep import (SWEEP_FILE, how_to_resume, job_context, job_records, objective_direction, read_sweep,
+                         record_job, write_json)
 
 log = logging.getLogger(__name__)
 
 # Sweeps this process opened and has not closed yet (the atexit hook closes what is left).
 _open_sweeps: set[Path] = set()
 _interrupted = False
+_stop_signal: str | None = None
+# The sweeper's settings of the sweep this process started, for the line that ends a stopped sweep.
+_sweeper: dict[str, Any] | None = None
 
 
-def note_interrupted() -> None:
+def note_interrupted(signum: int | None = None) -> None:
     """An unfinished sweep's parent then ends KILLED rather than FAILED."""
-    global _interrupted
+    global _interrupted, _stop_signal
     _interrupted = True
+    if signum is not None and _stop_signal is None:
+        _stop_signal = signal.Signals(signum).name
+
+
+def stopped_message() -> str | None:
+    """What ends a sweep stopped by Ctrl-C or SIGTERM: how to resume it; None outside a sweep."""
+    if _sweeper is None:
+        return None
+    how = f"by {_stop_signal}" if _stop_signal else "by an interrupt"
+    return f"the sweep was stopped {how}. {how_to_resume(_sweeper)}."
 
 
 def _on_signal(signum: int, frame: Any) -> None:
-    note_interrupted()
+    note_interrupted(signum)
     if signum == signal.SIGTERM and signal.getsignal(signal.SIGTERM) is not _on_signal:
         # Inside a Lightning fit, whose own handler called this one: training stops at the next step
         # with last.ckpt saved (lmlab.faults), and the sweep stops when that job returns (on_job_end).
@@ -106,6 +119,8 @@ def open_parent(config: DictConfig) -> dict[str, Any]:
     if parent is None and len(study) == 2:
         parent = _study_parent(client, experiment_id, study)
     if parent is not None:
+        # A session that stops before its first job (a refused study, Ctrl-C at once) gives it back as it was.
+        info["resumed_status"] = client.get_run(parent).info.status
         client.update_run(parent, status="RUNNING")
         client.set_tag(parent, "lmlab.sweep.resumed", time.strftime("%Y-%m-%d %H:%M:%S"))
         log.info("Sweep resumed in %s: parent MLflow run %s", sweep_dir, parent)
@@ -169,6 +184,14 @@ def close_parent(sweep_dir: str | Path, ended_normally: bool) -> str | None:
     if info is None:
         return None
     records = list(job_records(sweep_dir).values())
+    client = mlflow.MlflowClient(tracking_uri=info["tracking_uri"])
+    parent = info["parent_run_id"]
+    previous = info.get("resumed_status")
+    if not records and not ended_normally and previous in ("FINISHED", "FAILED", "KILLED"):
+        # Nothing of this session is in it: the earlier sessions' verdict and records stand.
+        client.set_terminated(parent, previous)
+        log.info("Sweep parent MLflow run %s: %s again (this session ran no job)", parent, previous)
+        return previous
     failed = [r for r in records if r.get("status") == "FAILED"]
     if failed:
         status = "FAILED"
@@ -176,8 +199,6 @@ def close_parent(sweep_dir: str | Path, ended_normally: bool) -> str | None:
         status = "FINISHED"
     else:
         status = "KILLED" if _interrupted else "FAILED"
-    client = mlflow.MlflowClient(tracking_uri=info["tracking_uri"])
-    parent = info["parent_run_id"]
     client.log_metric(parent, "sweep/jobs", len(records))
     client.log_metric(parent, "sweep/jobs_failed", len(failed))
     best = _best(records, info.get("direction"))
@@ -205,9 +226,9 @@ def close_parent(sweep_dir: str | Path, ended_normally: bool) -> str | None:
     return status
 
 
-def _close_left_open() -> None:
-    # The sweep ended without on_multirun_end: a job failed (the basic sweeper re-raises), the
-    # sweeper died or Ctrl-C. A parent left RUNNING forever would look like a live sweep.
+def close_left_open() -> None:
+    """Close the parents of sweeps that ended without on_multirun_end (a failed job, a dead sweeper,
+    Ctrl-C): a parent left RUNNING forever would look like a live sweep. Also run at exit."""
     for sweep_dir in list(_open_sweeps):
         try:
             close_parent(sweep_dir, ended_normally=False)
@@ -219,7 +240,10 @@ class MlflowSweepCallback(Callback):
     """``hydra.callbacks`` entry: the MLflow parent run of a multirun and the jobs' records."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        global _sweeper
         handle_stop_signals()
+        sweeper = config.hydra.sweeper
+        _sweeper = {key: sweeper.get(key) for key in ("n_trials", "study_name", "storage") if key in sweeper}
         try:
             info = open_parent(config)
         except LmlabError as exc:
@@ -228,7 +252,7 @@ class MlflowSweepCallback(Callback):
             print(f"lmlab: error: {exc}", file=sys.stderr)
             sys.exit(2)
         if not _open_sweeps:
-            atexit.register(_close_left_open)
+            atexit.register(close_left_open)
         _open_sweeps.add(Path(info["sweep_dir"]))
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:

@@ -32,6 +32,7 @@ from lmlab.cli import _free_form, register_experiments
 from lmlab.errors import LmlabError
 from lmlab.paths import config_dir
 
+from hydra_plugins.lmlab_grid_sweeper.grid_sweeper import UseGridSweeper
 from hydra_plugins.lmlab_optuna_sweeper import _impl, _space
 
 TIMEOUT = 900
@@ -47,6 +48,7 @@ QUICK = [
 @dataclass
 class Sweep:
     root: Path
+    data: Path | None = None  # None: the module's wiki.txt
 
     @property
     def home(self) -> Path:
@@ -63,7 +65,7 @@ class Sweep:
         return env
 
     def args(self, *overrides: str) -> list[str]:
-        return [*lmlab_command(), "-m", *QUICK, f"data.path={self.root.parent / 'wiki.txt'}", *overrides]
+        return [*lmlab_command(), "-m", *QUICK, f"data.path={self.data or self.root.parent / 'wiki.txt'}", *overrides]
 
     def run(self, *overrides: str) -> subprocess.CompletedProcess:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -90,6 +92,10 @@ class Sweep:
 
 def describe(proc: subprocess.CompletedProcess) -> str:
     return f"rc={proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-5000:]}"
+
+
+def last_line(text: str) -> str:
+    return [line for line in text.splitlines() if line.strip()][-1]
 
 
 @pytest.fixture(scope="module")
@@ -139,24 +145,47 @@ def test_grid_sweep_is_one_parent_run_with_four_children(sweeps: Path) -> None:
 
 
 @pytest.mark.slow
-def test_a_failed_job_fails_the_parent(sweeps: Path) -> None:
-    # Both jobs stop before training (the block does not fit the tiny model's positions).
+def test_a_failed_job_stops_the_grid_and_fails_the_parent(sweeps: Path) -> None:
+    # Job 0 stops before training; job 1 would train (and open a child run) if it were launched.
     s = Sweep(sweeps / "failing")
-    proc = s.run("data.block_size=100000,99999")
-    assert proc.returncode != 0, describe(proc)
-    assert proc.stderr.count("lmlab: error: config key 'data.block_size'") == 2, describe(proc)
+    proc = s.run("optimizer.lr=abc,1e-3")
+    assert proc.returncode == 2, describe(proc)
+    assert proc.stderr.count("lmlab: error: config key 'optimizer.lr'") == 1, describe(proc)
+    assert "Traceback" not in proc.stderr and "Error executing job" not in proc.stderr, describe(proc)
+    assert last_line(proc.stderr).startswith(
+        "lmlab: error: job 0 (optimizer.lr=abc) failed, so the sweep stopped after launching 1 of its 2 jobs"
+    ), describe(proc)
     parent, children = s.runs()
     assert parent.info.status == "FAILED" and children == []
-    assert parent.data.metrics["sweep/jobs_failed"] == 2
+    assert parent.data.metrics["sweep/jobs_failed"] == 1
     records = sweep.job_records(Path(parent.data.tags["lmlab.sweep.dir"]))
-    assert [r["status"] for r in records.values()] == ["FAILED", "FAILED"]
-    assert "data.block_size" in records[0]["error"]
+    assert {n: r["status"] for n, r in records.items()} == {0: "FAILED"}
+    assert "optimizer.lr" in records[0]["error"]
+
+
+@pytest.mark.slow
+def test_a_failed_batch_stops_a_parallel_grid(sweeps: Path) -> None:
+    # Two jobs at a time: the first two run side by side and fail (the block does not fit the tiny
+    # model's positions); the third is never launched.
+    s = Sweep(sweeps / "failing_parallel")
+    proc = s.run("hydra/launcher=parallel", "data.block_size=100000,99999,99998")
+    assert proc.returncode == 2, describe(proc)
+    assert proc.stderr.count("lmlab: error: config key 'data.block_size'") == 2, describe(proc)
+    assert "Traceback" not in proc.stderr, describe(proc)
+    assert last_line(proc.stderr).startswith(
+        "lmlab: error: job 0 (data.block_size=100000) failed, with 1 more of its batch, so the sweep stopped after "
+        "launching 2 of its 3 jobs"), describe(proc)
+    parent, _ = s.runs()
+    records = sweep.job_records(Path(parent.data.tags["lmlab.sweep.dir"]))
+    assert {n: r["status"] for n, r in records.items()} == {0: "FAILED", 1: "FAILED"}
 
 
 @pytest.mark.slow
 def test_a_misspelt_objective_stops_the_later_jobs_before_they_train(sweeps: Path) -> None:
     s = Sweep(sweeps / "misspelt_objective")
-    proc = s.run("objective.metric=val/los", "seed=1,2,3")
+    # One batch of three jobs (the default of one at a time would stop after job 0): the case of
+    # jobs that start after an earlier one of their batch found the objective missing.
+    proc = s.run("objective.metric=val/los", "seed=1,2,3", "hydra.sweeper.max_batch_size=3")
     assert proc.returncode != 0, describe(proc)
     assert proc.stderr.count("lmlab: error: config key 'objective.metric'") == 3, describe(proc)
     assert "the run produced no 'val/los'" in proc.stderr and "Use one of its final metrics: val/loss" in proc.stderr
@@ -267,6 +296,91 @@ def test_optuna_sweep_killed_mid_trial_resumes_without_repeating(sweeps: Path) -
     assert all(c.info.status == "KILLED" for c in children if c.data.tags["optuna.trial"] == "1")
 
 
+@pytest.mark.slow
+def test_a_study_refuses_a_sweep_with_other_fixed_overrides(sweeps: Path) -> None:
+    s = Sweep(sweeps / "optuna_tied")
+    first = s.run(*OPTUNA, "hydra.sweeper.n_trials=1")
+    assert first.returncode == 0, describe(first)
+    other = sweeps / "other_corpus"
+    other.mkdir(exist_ok=True)
+    (other / "part.txt").write_text((sweeps / "wiki.txt").read_text(encoding="utf-8")[:20000], encoding="utf-8")
+
+    # Another corpus: the stored trial is no result of this search, so nothing is reused or run.
+    proc = Sweep(s.root, data=other).run(*OPTUNA, "hydra.sweeper.n_trials=2")
+    assert proc.returncode == 2, describe(proc)
+    assert "Traceback" not in proc.stderr, describe(proc)
+    error = last_line(proc.stderr)
+    assert error.startswith("lmlab: error: config key 'hydra.sweeper.study_name': study 'clm_optuna'"), describe(proc)
+    assert f"data.path={sweeps / 'wiki.txt'} in the study, data.path={other} now" in error
+    assert "hydra.sweeper.study_name=NEW_NAME" in error and f"data.path={sweeps / 'wiki.txt'}" in error
+    assert [t.state for t in load_study(s).trials] == [TrialState.COMPLETE]
+    parent, children = s.runs()
+    assert parent.info.status == "FINISHED" and len(children) == 1  # as the first session left it
+
+    # The same fixed overrides resume it, with more trials and another range for a searched key.
+    proc = s.run(*OPTUNA, "hydra.sweeper.n_trials=2", "optimizer.lr=tag(log, interval(1e-4, 1e-3))")
+    assert proc.returncode == 0, describe(proc)
+    assert "1 of 2 trials finished, 1 to run" in proc.stdout + proc.stderr, describe(proc)
+    study = load_study(s)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
+    assert study.trials[1].params["optimizer.lr"] <= 1e-3
+    assert_children_match_trials(s, study)
+
+
+@pytest.mark.slow
+def test_a_failed_trial_stops_an_optuna_sweep_and_runs_again_once_fixed(sweeps: Path) -> None:
+    s = Sweep(sweeps / "optuna_failing")
+    # The block does not fit the tiny model's positions: a config error, not a result of the search.
+    proc = s.run(*OPTUNA, "hydra.sweeper.n_trials=2", "data.block_size=100000")
+    assert proc.returncode == 2, describe(proc)
+    assert proc.stderr.count("lmlab: error: config key 'data.block_size'") == 1, describe(proc)
+    assert "Traceback" not in proc.stderr and "Error executing job" not in proc.stderr, describe(proc)
+    assert last_line(proc.stderr).startswith("lmlab: error: job 0 (trial 0: optimizer.lr="), describe(proc)
+    assert "the sweep stopped at 0 of 2 finished trials (its error is above)" in proc.stderr, describe(proc)
+    study = load_study(s)
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.WAITING]
+    assert _impl.finished_trials(study) == []
+
+    # Fixed, the command runs the queued trial: a study with no finished trial is tied to no overrides yet.
+    proc = s.run(*OPTUNA, "hydra.sweeper.n_trials=1")
+    assert proc.returncode == 0, describe(proc)
+    assert "0 of 1 trials finished, 1 to run" in proc.stdout + proc.stderr, describe(proc)
+    study = load_study(s)
+    assert study.trials[1].state == TrialState.COMPLETE and study.trials[1].params == study.trials[0].params
+
+
+@pytest.mark.slow
+def test_sigterm_ends_an_optuna_sweep_with_a_line_on_how_to_resume(sweeps: Path) -> None:
+    s = Sweep(sweeps / "optuna_sigterm")
+    args = [*OPTUNA, "hydra.sweeper.n_trials=2", "trainer.max_steps=400", "trainer.val_check_interval=400",
+            "checkpoint.every_n_steps=1"]
+    proc = s.start(*args)
+    try:
+        deadline = time.time() + TIMEOUT
+        # Once last.ckpt exists the first trial is training: SIGTERM lands in Lightning's fit.
+        while time.time() < deadline and proc.poll() is None and not list(s.home.glob("multiruns/*/0/checkpoints/*")):
+            time.sleep(0.2)
+        assert proc.poll() is None, (s.root / "first.log").read_text()[-3000:]
+        proc.send_signal(signal.SIGTERM)  # the sweep's process alone, as `timeout -s TERM` does
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    out = (s.root / "first.log").read_text()
+    assert proc.returncode == 2, out[-3000:]
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out, out[-5000:]
+    # The job's run folder is no run to resume: neither line offers resume=.
+    assert "lmlab: error: job 0 of the sweep was stopped by SIGTERM; the sweep stops." in out, out[-3000:]
+    assert "resume=" not in out, out[-3000:]
+    assert last_line(out) == ("lmlab: error: the sweep was stopped by SIGTERM. Run the same command again to resume: "
+                              "study 'clm_optuna' keeps its finished trials and runs only the missing ones (an "
+                              "interrupted trial again, from scratch)."), out[-3000:]
+    assert [t.state for t in load_study(s).trials] == [TrialState.FAIL, TrialState.WAITING]  # queued again
+    parent, children = s.runs()
+    assert parent.info.status == "KILLED" and [c.info.status for c in children] == ["KILLED"]
+
+
 def _child_running(s: Sweep, trial: int) -> bool:
     """Whether the MLflow child run of Optuna trial ``trial`` is open (the store may be mid-write)."""
     try:
@@ -344,6 +458,21 @@ def test_launcher_presets_compose() -> None:
     cfg = compose_hydra(["hydra/launcher=parallel"])
     assert cfg.hydra.launcher._target_ == "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
     assert cfg.hydra.launcher.n_jobs == 2
+
+
+def test_a_grid_launches_as_many_jobs_at_a_time_as_its_launcher_runs() -> None:
+    def sweeper(*overrides: str):
+        cfg = compose_hydra(list(overrides))
+        UseGridSweeper().on_multirun_start(cfg)  # what the hydra.callbacks entry does before the sweep
+        return cfg.hydra.sweeper
+
+    assert sweeper()._target_ == "hydra_plugins.lmlab_grid_sweeper.grid_sweeper.GridSweeper"
+    assert sweeper().max_batch_size == 1  # in-process: the first failed job is the last one
+    assert sweeper("hydra/launcher=parallel", "hydra.launcher.n_jobs=3").max_batch_size == 3
+    assert sweeper("hydra/launcher=slurm").max_batch_size == 16  # array_parallelism
+    assert sweeper("hydra.sweeper.max_batch_size=5").max_batch_size == 5
+    assert sweeper("hparams_search=clm_optuna")._target_.endswith("lmlab_optuna_sweeper.optuna_sweeper.OptunaSweeper")
+    assert "grid_sweeper" in compose_hydra([]).hydra.callbacks
 
 
 @pytest.mark.parametrize("preset", ["classification_optuna", "clm_optuna"])

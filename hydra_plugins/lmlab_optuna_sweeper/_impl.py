@@ -5,13 +5,17 @@ again against the same storage and study name runs only what is missing. A trial
 running when it died stays RUNNING in the storage; its heartbeat (a user attribute the sweep
 refreshes) goes stale, and the next sweep marks it FAIL and enqueues its parameters again, so it
 is neither lost nor counted twice.
+
+A study is tied to what it searches: it keeps the overrides every trial got unchanged (the command
+line's fixed part, ``lmlab_fixed_overrides``), and a sweep with other fixed overrides (another
+corpus, say) is refused instead of reporting the stored study's results as its own.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import sys
+import shlex
 import threading
 import time
 from pathlib import Path
@@ -27,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
 from lmlab import sweep as lmlab_sweep
-from lmlab.errors import LmlabError
+from lmlab.errors import LmlabError, config_error
 
 from . import _space
 
@@ -35,6 +39,7 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT = "lmlab_heartbeat"  # user attribute: when the sweep last saw the trial alive
 RETRY_OF = "lmlab_retry_of"  # user attribute of a re-run: the number of the interrupted trial
+FIXED = "lmlab_fixed_overrides"  # study user attribute: key -> "key=value" of every trial's fixed overrides
 DONE = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 
@@ -83,6 +88,37 @@ def recover_interrupted(study: optuna.Study, grace_period: float) -> list[optuna
         log.warning("Study '%s': trials %s were interrupted; marked FAIL and queued again", study.study_name,
                     [t.number for t in recovered])
     return recovered
+
+
+def check_same_search(study: optuna.Study, fixed: dict[str, str], storage: str | None) -> None:
+    """Tie ``study`` to the fixed overrides of the sweep that first ran trials in it; refuse others.
+
+    n_trials, n_jobs and the search space may change between sessions (that extends a study); the
+    fixed overrides decide what a trial's number means. A study without finished trials takes the
+    overrides of whoever runs it next (a first attempt refused before training, say).
+    """
+    stored = study.user_attrs.get(FIXED)
+    if stored == fixed:
+        return
+    if stored is None or not finished_trials(study):
+        if stored is None and finished_trials(study):
+            log.warning("Study '%s' has no record of the overrides its trials ran with (an older lmlab made it): "
+                        "it is tied to this command's from now on", study.study_name)
+        study.set_user_attr(FIXED, fixed)
+        return
+    changes = []
+    for key in sorted(set(stored) | set(fixed)):
+        was, now = stored.get(key), fixed.get(key)
+        if was != now:
+            changes.append(f"{was or key + ' not set'} in the study, {now or 'not set'} now")
+    where = f" in {storage}" if storage else ""
+    raise config_error(
+        "hydra.sweeper.study_name",
+        f"study '{study.study_name}'{where} has {len(finished_trials(study))} finished trials of another search: "
+        + "; ".join(changes),
+        "Give this search its own study with hydra.sweeper.study_name=NEW_NAME, or resume that one with its own "
+        f"overrides: lmlab -m {shlex.join(stored.values())}.",
+    )
 
 
 class Heartbeat:
@@ -172,9 +208,11 @@ class OptunaSweeperImpl:
         study = optuna.create_study(study_name=self.study_name, storage=storage, direction=self.direction,
                                     load_if_exists=True)
         if study.direction.name.lower() != self.direction:
-            raise HydraException(f"study '{study.study_name}' in {self.storage_url} was created to "
-                                 f"{study.direction.name.lower()}; hydra.sweeper.direction is {self.direction}. "
-                                 "Use another hydra.sweeper.study_name for a new study.")
+            raise config_error("hydra.sweeper.direction",
+                               f"study '{study.study_name}' in {self.storage_url} was created to "
+                               f"{study.direction.name.lower()}, not to {self.direction}",
+                               "Give this search its own study with hydra.sweeper.study_name=NEW_NAME.")
+        check_same_search(study, dict(space.fixed), self.storage_url)
         study.sampler = self._sampler(space, len(study.trials))
         return study
 
@@ -192,16 +230,17 @@ class OptunaSweeperImpl:
         if not space.distributions:
             raise HydraException("Nothing to search: give hydra.sweeper.params or a sweep on the command line "
                                  "(optimizer.lr='tag(log, interval(1e-5, 1e-3))')")
-        try:  # before the study exists: a stored study keeps its direction
+        # Before the study exists: a stored study keeps its direction, and its fixed overrides
+        # are those of its first trials, so a key that does not compose must not get that far.
+        self.validate_batch_is_legal([space.overrides(_space.representative(space))])
+        try:
             lmlab_sweep.check_sweeper_direction(self.config, self.direction)
+            sweep_dir = Path(str(self.config.hydra.sweep.dir))
+            sweep_dir.mkdir(parents=True, exist_ok=True)
+            OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+            study = self._open_study(space)
         except LmlabError as exc:
-            print(f"lmlab: error: {exc}", file=sys.stderr)
-            raise SystemExit(2) from exc
-        sweep_dir = Path(str(self.config.hydra.sweep.dir))
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
-
-        study = self._open_study(space)
+            raise lmlab_sweep.SweepStopped(str(exc)) from exc
         for trial in recover_interrupted(study, self.grace_period):
             attrs = trial.user_attrs
             if "hydra_job" in attrs and "hydra_sweep_dir" in attrs:  # the sweep dir of the run that died
@@ -237,10 +276,34 @@ class OptunaSweeperImpl:
             job_idx += len(trials)
             done += len(trials)
             if failed and len(failed) / len(trials) > self.max_failure_rate:
-                log.error("%d of %d jobs failed (max_failure_rate=%s): stopping the sweep",
-                          len(failed), len(trials), self.max_failure_rate)
-                _ = failed[0].return_value  # re-raises the job's own error
+                self._stop(study, space, len(trials), failed, target)
         return self._results(study, sweep_dir)
+
+    def _stop(self, study: optuna.Study, space: _space.SearchSpace, batch: int,
+              failed: list[tuple[int, optuna.trial.Trial, JobReturn]], target: int) -> None:
+        """More failed jobs in a batch than max_failure_rate allows: end the sweep, summed up in a line.
+
+        A trial that failed with an lmlab error (a config or data problem, not its values: those diverge
+        and return NaN) is no result of the search: queued again, it runs once the cause is fixed.
+        """
+        assert self.config is not None
+        num, trial, ret = failed[0]
+        error = lmlab_sweep.reportable_failure(ret)
+        for _, other, other_ret in failed:
+            if isinstance(other_ret._return_value, LmlabError):  # the exception; .return_value raises it
+                study.enqueue_trial(other.params, user_attrs={RETRY_OF: other.number})
+        if error is None:
+            _ = ret.return_value  # Hydra's own report, with the traceback
+        self._results(study, Path(str(self.config.hydra.sweep.dir)))
+        searched = set(space.keys.values())
+        values = " ".join(o for o in ret.overrides or [] if o.split("=", 1)[0] in searched)
+        more = f", {len(failed)} of the {batch} jobs of its batch did" if batch > 1 else ""
+        raise lmlab_sweep.SweepStopped(
+            f"job {num} (trial {trial.number}: {values}) failed{more}, which hydra.sweeper.max_failure_rate="
+            f"{self.max_failure_rate} does not allow, so the sweep stopped at {len(finished_trials(study))} of "
+            f"{target} finished trials "
+            f"({lmlab_sweep.where_the_error_is(self.config.hydra.launcher, error)}). Fix the cause, then run the "
+            "same command again: the study keeps its finished trials and runs this one again.")
 
     @staticmethod
     def _requeue(study: optuna.Study, trials: list[optuna.trial.Trial]) -> None:
@@ -276,7 +339,7 @@ class OptunaSweeperImpl:
                                                                sweep_overrides=list(overrides))
 
     def _tell(self, study: optuna.Study, trials: list[optuna.trial.Trial], returns: list[JobReturn],
-              sweep_dir: Path, job_idx: int) -> list[JobReturn]:
+              sweep_dir: Path, job_idx: int) -> list[tuple[int, optuna.trial.Trial, JobReturn]]:
         failed = []
         records = lmlab_sweep.job_records(sweep_dir)
         for offset, (trial, ret) in enumerate(zip(trials, returns)):
@@ -285,7 +348,7 @@ class OptunaSweeperImpl:
                 trial.set_user_attr("mlflow_run_id", run_id)
             value = ret.return_value if ret.status == JobStatus.COMPLETED else None
             if ret.status != JobStatus.COMPLETED:
-                failed.append(ret)
+                failed.append((job_idx + offset, trial, ret))
                 state, values = TrialState.FAIL, None
             elif isinstance(value, (int, float)) and math.isfinite(value):
                 state, values = TrialState.COMPLETE, [float(value)]

@@ -97,6 +97,12 @@ def grid_values(name: str, dist: BaseDistribution) -> list[Any]:
     raise HydraException(f"sampler=grid needs a finite set of values for '{name}': use choice(...) or range(...)")
 
 
+def representative(space: SearchSpace) -> dict[str, Any]:
+    """A value of every parameter without a trial (the low end, the first choice): to compose a job."""
+    return {name: dist.choices[0] if isinstance(dist, CategoricalDistribution) else dist.low
+            for name, dist in space.distributions.items()}
+
+
 def suggest(trial: Any, space: SearchSpace) -> dict[str, Any]:
     """Ask ``trial`` for a value of every parameter (public Trial API only)."""
     values: dict[str, Any] = {}
