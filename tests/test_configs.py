@@ -211,3 +211,17 @@ def test_flatten_respects_mlflow_limits():
     # The whole composed config flattens within the limits too.
     real = flatten(OmegaConf.to_container(compose_cfg(["task=mlm"]), resolve=True))
     assert real["task.mlm_probability"] == "0.15" and real["model.name"] == "bert"
+
+
+def test_the_test_split_can_be_capped_without_a_plus(tmp_path):
+    # Lightning's limit_test_batches is in trainer/cpu.yaml (every preset extends it), so the override
+    # needs no '+' and reaches the Trainer.
+    from lmlab import registry
+    from lmlab.train import build_trainer
+
+    cfg = compose_cfg(["trainer.limit_test_batches=3", "trainer.enable_progress_bar=false"])
+    trainer, _, _ = build_trainer(cfg, registry.get("task", "clm"), tmp_path, False)
+    assert trainer.limit_test_batches == 3
+    default, _, _ = build_trainer(compose_cfg(["trainer.enable_progress_bar=false"]), registry.get("task", "clm"),
+                                  tmp_path, False)
+    assert default.limit_test_batches == 1.0
