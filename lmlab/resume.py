@@ -154,6 +154,14 @@ def _newest_unfinished(cfg: DictConfig) -> Resume:
     return Resume(run_dir / LAST, run_dir, record.get("mlflow_run_id"))
 
 
+def _telling_first(key: str) -> tuple[int, str]:
+    # Of many differences, the ones that say "another experiment" come first in the message.
+    for rank, prefix in enumerate(("task.name", "model.name", "data.", "task.", "model.")):
+        if key.startswith(prefix):
+            return rank, key
+    return 5, key
+
+
 def _check_same_config(cfg: DictConfig, run_dir: Path) -> None:
     saved = run_dir / "config_resolved.yaml"
     if not saved.is_file():
@@ -164,8 +172,11 @@ def _check_same_config(cfg: DictConfig, run_dir: Path) -> None:
         raise file_error(saved, f"cannot be read ({exc})", "Restore it from the MLflow run's config/ artifact") from exc
     now = tracking.flatten(OmegaConf.to_container(cfg, resolve=True))
     changed = sorted(
-        key for key in set(before) | set(now)
-        if before.get(key) != now.get(key) and not any(key == k or key.startswith(k + ".") for k in MAY_CHANGE)
+        (key for key in set(before) | set(now)
+         if before.get(key) != now.get(key) and not any(key == k or key.startswith(k + ".") for k in MAY_CHANGE)
+         # a key a newer lmlab added with an unset value changes nothing the run did
+         and not (key not in before and now.get(key) in (None, "None"))),
+        key=_telling_first,
     )
     if changed:
         shown = "; ".join(f"{k}: {before.get(k, '(unset)')} -> {now.get(k, '(unset)')}" for k in changed[:8])

@@ -25,6 +25,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+import yaml
 
 from conftest import TINY, WIKI, compose_cfg, lmlab_command
 
@@ -350,3 +351,13 @@ def test_resume_refuses_a_changed_config(in_process) -> None:
     message = str(caught.value)
     assert "other settings (optimizer.lr: 0.001 -> 0.01)" in message, message
     assert "config_resolved.yaml" in message
+    # A config from a version without a key that is now unset still resumes; many differences list
+    # the task and model first.
+    saved = copy / "config_resolved.yaml"
+    config = yaml.safe_load(saved.read_text())
+    del config["trainer"]["limit_test_batches"]
+    saved.write_text(yaml.safe_dump(config))
+    with pytest.raises(LmlabError) as caught:
+        in_process("changed", "task=mlm", "optimizer.weight_decay=0.5", f"resume={copy}")
+    assert "limit_test_batches" not in str(caught.value)
+    assert "other settings (task.name: clm -> mlm; model.name: gpt2 -> bert;" in str(caught.value)
