@@ -37,7 +37,9 @@ LAST = Path("checkpoints") / "last.ckpt"
 # for max_steps/max_epochs, extends it on purpose). The rest must match config_resolved.yaml.
 MAY_CHANGE = ("resume", "paths", "export", "objective", "checkpoint.every_n_steps", "faults",
               "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.max_steps",
-              "trainer.max_epochs", "data.num_workers", "data.num_proc")
+              "trainer.max_epochs", "data.num_workers", "data.num_proc",
+              # what happens after training: which weights it ends on, how much of the test split is scored
+              "checkpoint.load_best_at_end", "trainer.limit_test_batches")
 
 
 @dataclass(frozen=True)

@@ -355,9 +355,9 @@ def test_resume_refuses_a_changed_config(in_process) -> None:
     # the task and model first.
     saved = copy / "config_resolved.yaml"
     config = yaml.safe_load(saved.read_text())
-    del config["trainer"]["limit_test_batches"]
+    del config["trainer"]["limit_test_batches"], config["checkpoint"]["load_best_at_end"]
     saved.write_text(yaml.safe_dump(config))
     with pytest.raises(LmlabError) as caught:
         in_process("changed", "task=mlm", "optimizer.weight_decay=0.5", f"resume={copy}")
-    assert "limit_test_batches" not in str(caught.value)
+    assert "limit_test_batches" not in str(caught.value) and "load_best_at_end" not in str(caught.value)
     assert "other settings (task.name: clm -> mlm; model.name: gpt2 -> bert;" in str(caught.value)
