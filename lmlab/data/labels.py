@@ -8,11 +8,16 @@ does not have cannot be scored and are refused (in fit mode they get a fresh hea
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+Where = TypeVar("Where")
 
 
 @dataclass(frozen=True)
@@ -71,3 +76,20 @@ def of_pretrained(data_cfg: DictConfig, tokenizer: Any, head_suffix: str) -> Mod
     if any(label is None for label in labels):
         return None
     return ModelLabels([str(label) for label in labels], source, run_mode(data_cfg))
+
+
+def first_unknown(model: ModelLabels, labelled: Iterable[tuple[str, Where]]) -> tuple[str, Where] | None:
+    """The first ``(label, where)`` whose label ``model`` lacks; None when the data fits the model.
+
+    ``where`` is whatever the caller's error needs (a file and line). When the data fits and uses
+    only some of the model's labels, that is logged: its ids stay the model's.
+    """
+    known, used = set(model.labels), set()
+    for label, where in labelled:
+        if label not in known:
+            return label, where
+        used.add(label)
+    if len(used) < len(known):
+        log.info("The data uses %d of the %d labels of %s; they keep the model's label ids",
+                 len(used), len(known), model.source)
+    return None

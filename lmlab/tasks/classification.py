@@ -383,22 +383,17 @@ class ClassificationDataModule(L.LightningDataModule):
         if model is None:
             self._check_labels()
             return
-        known = set(model.labels)
-        rows = [(labels, where) for split in SPLITS if split in self.splits
-                for labels, where in zip(self.splits[split].labels, self.splits[split].where)]
-        unknown = next(((lab, where) for labels, where in rows for lab in labels if lab not in known), None)
+        unknown = model_labels.first_unknown(
+            model, ((lab, where) for split in SPLITS if split in self.splits
+                    for labels, where in zip(self.splits[split].labels, self.splits[split].where) for lab in labels))
         if unknown is None:
-            used = {lab for labels, _ in rows for lab in labels}
-            if len(used) < len(known):
-                log.info("The data uses %d of the %d labels of %s; they keep the model's label ids",
-                         len(used), len(known), model.source)
             self.labels = list(model.labels)
             self.label2id = {label: i for i, label in enumerate(self.labels)}
             return
         label, where = unknown
         if model.mode != "fit":
             raise LmlabError(
-                f"{where}: label '{label}' is not one of the {len(known)} labels of model.pretrained ({model.source}), "
+                f"{where}: label '{label}' is not one of the {len(model.labels)} labels of model.pretrained ({model.source}), "
                 f"so mode={model.mode} cannot score it. Score data labelled with the model's labels "
                 f"({', '.join(model.labels)}), or fine-tune a model on these labels first (mode=fit)."
             )

@@ -482,21 +482,16 @@ class NerDataModule(L.LightningDataModule):
         if model is None:
             self._check_splits_against_train()
             return
-        everything = [s for split in ("train", "validation", "test") for s in self.sentences.get(split, [])]
-        known = set(model.labels)
-        unknown = next(((s, tag, line) for s in everything for tag, line in zip(s.tags, s.lines)
-                        if tag not in known), None)
+        unknown = model_labels.first_unknown(
+            model, ((tag, (s, line)) for split in ("train", "validation", "test") for s in self.sentences.get(split, [])
+                    for tag, line in zip(s.tags, s.lines)))
         if unknown is None:
-            used = {tag for s in everything for tag in s.tags}
-            if len(used) < len(known):
-                log.info("The data uses %d of the %d tags of %s; they keep the model's label ids",
-                         len(used), len(known), model.source)
             self.labels = list(model.labels)
             self.label2id = {label: i for i, label in enumerate(self.labels)}
             return
-        sentence, tag, line = unknown
+        tag, (sentence, line) = unknown
         if model.mode != "fit":
-            raise file_error(sentence.source, f"tag '{tag}' is not one of the {len(known)} labels of model.pretrained "
+            raise file_error(sentence.source, f"tag '{tag}' is not one of the {len(model.labels)} labels of model.pretrained "
                              f"({model.source}), so mode={model.mode} cannot score it",
                              f"Score data tagged with the model's labels ({', '.join(model.labels)}), or fine-tune "
                              "a model on these tags first (mode=fit)", line=line)
