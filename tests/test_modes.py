@@ -51,6 +51,16 @@ def tag(result, key: str) -> str:
     return mlflow.MlflowClient(tracking_uri=result.tracking_uri).get_run(result.run_id).data.tags[key]
 
 
+def wnut_head(folder: Path, lines: dict[str, int]) -> Path:
+    """``folder`` with the first sentences of WNUT-16's splits (up to ``lines[split]`` lines each)."""
+    if not WNUT.exists():
+        pytest.skip(f"real test data missing: {WNUT}")
+    folder.mkdir()
+    for split, n in lines.items():
+        head_lines(WNUT / f"{split}.conll", folder / f"{split}.conll", n, blank_separated=True)
+    return folder
+
+
 @pytest.fixture
 def rotten_small(tmp_path: Path) -> Path:
     if not ROTTEN.exists():
@@ -101,12 +111,7 @@ def test_classification_test_and_predict_reproduce_the_fit(rotten_small: Path, t
 
 @pytest.mark.slow
 def test_ner_test_and_predict_reproduce_the_fit(tmp_path: Path) -> None:
-    if not WNUT.exists():
-        pytest.skip(f"real test data missing: {WNUT}")
-    folder = tmp_path / "wnut"
-    folder.mkdir()
-    for split, n in (("train", 300), ("validation", 30), ("test", 25)):
-        head_lines(WNUT / f"{split}.conll", folder / f"{split}.conll", n, blank_separated=True)
+    folder = wnut_head(tmp_path / "wnut", {"train": 300, "validation": 30, "test": 25})
     fit = lmlab("task=ner", f"data.path={folder}")
     expected = (fit.output_dir / "predictions" / "test_predictions.conll").read_text(encoding="utf-8")
 
@@ -195,12 +200,7 @@ def write_conll(path: Path, sentences: list[list[tuple[str, ...]]]) -> None:
 def test_ner_mode_test_scores_data_with_some_of_the_models_tags(tmp_path: Path) -> None:
     from seqeval.metrics import f1_score
 
-    if not WNUT.exists():
-        pytest.skip(f"real test data missing: {WNUT}")
-    full = tmp_path / "full"
-    full.mkdir()
-    for split, n in (("train", 300), ("validation", 30)):
-        head_lines(WNUT / f"{split}.conll", full / f"{split}.conll", n, blank_separated=True)
+    full = wnut_head(tmp_path / "full", {"train": 300, "validation": 30})
     # Two steps only: the head is still close to random, so it predicts many different tags and a
     # wrong id mapping would show in every metric.
     fit = lmlab("task=ner", f"data.path={full}", "trainer.max_steps=2")
