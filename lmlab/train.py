@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lmlab import checkpointing, checks, config_keys, distill, faults, pretrained, registry, resume, tracking
 from lmlab.background_log import MetricsBeforeCheckpoints
+from lmlab.data import labels as model_labels
 from lmlab.callbacks import LastValidation, LearningRate, ProgressBar, TokensPerSecond
 from lmlab.distributed import build_strategy, effective_batch, is_rank_zero
 from lmlab.errors import LmlabError, config_error
@@ -165,8 +166,10 @@ def prepare_model_and_tokenizer(cfg: DictConfig, task: TaskSpec, spec: ModelSpec
     head = task.head(cfg)
     ref = cfg.model.get("pretrained")
     trust = bool(cfg.model.get("trust_remote_code", False))
+    source = pretrained.resolve(str(ref), cfg) if ref else ""
+    if hasattr(dm, "start_from"):  # a task head's labels: the model's own when they cover the data's
+        dm.start_from(model_labels.StartingModel(source, str(cfg.get("mode") or "fit"), trust) if ref else None)
     if ref:
-        source = pretrained.resolve(str(ref), cfg)
         tokenizer = load_pretrained(source, trust, key="model.pretrained")
         tok_info: dict[str, Any] = {"type": "pretrained", "path": source}
     elif teacher is not None and cfg.tokenizer.type != "pretrained":  # the student reads the teacher's ids

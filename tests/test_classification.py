@@ -57,7 +57,9 @@ def datamodule(*overrides: str):
     cfg = compose_cfg([*TINY, "task=classification", *overrides])
     task = registry.get("task", "classification")
     cls = registry.get("datamodule", cfg.data.datamodule)
-    return cls(cfg.data, packing=task.packing(cfg), cache_dir=cfg.paths.cache, seed=0), cfg
+    dm = cls(cfg.data, packing=task.packing(cfg), cache_dir=cfg.paths.cache, seed=0)
+    dm.start_from(None)  # as train.py does for a run without model.pretrained
+    return dm, cfg
 
 
 def tokenizer_for(dm):

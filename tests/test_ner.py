@@ -272,7 +272,8 @@ def test_label_unseen_in_train_is_an_error(tmp_path: Path) -> None:
     write_conll(tmp_path / "train.conll", [(["EU", "rejects"], ["B-ORG", "O"])] * 3)
     write_conll(tmp_path / "dev.conll", [(["EU"], ["B-ORG"]), (["Peter", "said"], ["B-PER", "O"])])
     with pytest.raises(LmlabError) as info:
-        NerDataModule(ner_data_cfg(tmp_path), packing="token_classification", cache_dir=tmp_path / "c")
+        dm = NerDataModule(ner_data_cfg(tmp_path), packing="token_classification", cache_dir=tmp_path / "c")
+        dm.start_from(None)  # as train.py does for a run without model.pretrained
     message = str(info.value)
     assert str(tmp_path / "dev.conll") in message and "line 3" in message and "'B-PER'" in message
 

@@ -325,11 +325,9 @@ class ClassificationDataModule(L.LightningDataModule):
         splits, self.origin = load_labelled(data_cfg, self.multi_label)
         self.splits = self._prepare(splits)
         self.labels: list[str] = sorted({lab for row in self.splits["train"].labels for lab in row})
-        # With model.pretrained the label set is the model's when the data fits it, which is known
-        # once its tokenizer arrives (set_tokenizer); until then these are the data's own.
-        self._labels_settled = not model_labels.starts_from_model(data_cfg)
-        if self._labels_settled:
-            self._check_labels()
+        # These are the data's own labels until start_from settles them: the model's when a run
+        # starts from a trained head that has every label the data uses.
+        self._labels_settled = False
         self._cap()
         self.label2id = {label: i for i, label in enumerate(self.labels)}
         self.has_test = "test" in self.splits
@@ -426,6 +424,10 @@ class ClassificationDataModule(L.LightningDataModule):
         train = self.splits["train"]
         return [*train.texts, *(p for p in (train.pairs or []) if p)]
 
+    def start_from(self, model: model_labels.StartingModel | None) -> None:
+        """Settle the labels for the model the run starts from (None: a fresh head for the data's)."""
+        self._settle_labels(model_labels.of_pretrained(model, "ForSequenceClassification") if model else None)
+
     def set_tokenizer(self, tokenizer: Any) -> None:
         if tokenizer.pad_token_id is None:
             if tokenizer.eos_token is None:
@@ -434,8 +436,8 @@ class ClassificationDataModule(L.LightningDataModule):
             tokenizer.pad_token = tokenizer.eos_token  # GPT-2 style: end-of-text doubles as padding
         self.tokenizer = tokenizer
         self.datasets = {}
-        if not self._labels_settled:
-            self._settle_labels(model_labels.of_pretrained(self.cfg, tokenizer, "ForSequenceClassification"))
+        if not self._labels_settled:  # used without train.py: a fresh head for the data's labels
+            self._settle_labels(None)
 
     def model_config_updates(self) -> dict[str, Any]:
         updates: dict[str, Any] = {

@@ -461,11 +461,9 @@ class NerDataModule(L.LightningDataModule):
         self.labels = infer_labels([*train, *self.sentences.get("validation", []), *self.sentences.get("test", [])]
                                    if self._carved else train)
         self.label2id = {label: i for i, label in enumerate(self.labels)}
-        # With model.pretrained the label set is the model's when the data fits it, which is known
-        # once its tokenizer arrives (set_tokenizer); until then these are the data's own.
-        self._labels_settled = not model_labels.starts_from_model(data_cfg)
-        if self._labels_settled:
-            self._check_splits_against_train()
+        # These are the data's own labels until start_from settles them: the model's when a run
+        # starts from a trained head that has every tag the data uses.
+        self._labels_settled = False
         self.has_test = bool(self.sentences.get("test"))
 
     def _check_splits_against_train(self) -> None:
@@ -559,14 +557,18 @@ class NerDataModule(L.LightningDataModule):
     def texts_for_tokenizer(self) -> list[str]:
         return [" ".join(s.tokens) for s in self.sentences["train"]]
 
+    def start_from(self, model: model_labels.StartingModel | None) -> None:
+        """Settle the labels for the model the run starts from (None: a fresh head for the data's)."""
+        self._settle_labels(model_labels.of_pretrained(model, "ForTokenClassification") if model else None)
+
     def set_tokenizer(self, tokenizer: Any) -> None:
         if not getattr(tokenizer, "is_fast", False):
             raise config_error("tokenizer", "NER needs a fast (Rust) tokenizer for word alignment",
                                "Use a tokenizer with tokenizer.json (lmlab's own, or a fast HF tokenizer).")
         self.tokenizer = tokenizer
         self.rows = {}
-        if not self._labels_settled:
-            self._settle_labels(model_labels.of_pretrained(self.cfg, tokenizer, "ForTokenClassification"))
+        if not self._labels_settled:  # used without train.py: a fresh head for the data's labels
+            self._settle_labels(None)
 
     def model_config_updates(self) -> dict[str, Any]:
         return {"num_labels": len(self.labels), "id2label": dict(enumerate(self.labels)),
