@@ -71,7 +71,7 @@ def test_the_recorder_sees_what_stops_a_gpus_host() -> None:
     assert mode.seen == Counter({"index with a boolean mask": 1, "_local_scalar_dense": 1})
 
 
-@pytest.mark.parametrize("task", ["clm", "mlm", "mlm-whole-words"])
+@pytest.mark.parametrize("task", ["clm", "mlm", "mlm-whole-words", "mlm-nsp"])
 def test_pretraining_steps_do_not_wait_for_the_device(task: str, wiki_file: Path, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     import lmlab.train as train
@@ -89,7 +89,8 @@ def test_pretraining_steps_do_not_wait_for_the_device(task: str, wiki_file: Path
                  # What a GPU run does between its logging steps: no metric read, no NaN verdict read.
                  "trainer.log_every_n_steps=50", "+faults.check_every_n_steps=50"]
     if task.startswith("mlm"):  # the fixed-size gather is what a GPU gets (auto)
-        overrides += ["task=mlm", "task.fixed_size_gather=true", f"task.whole_word_mask={task.endswith('words')}"]
+        overrides += ["task=mlm", "task.fixed_size_gather=true", f"task.whole_word_mask={task.endswith('words')}",
+                      f"task.nsp={task.endswith('nsp')}"]
     run_in_home(tmp_path, overrides)  # a failed run raises
     assert recorder.steps == 4  # it recorded steps 4 to 7
     assert not recorder.mode.seen, f"steps 4-7 of task={task} stop a GPU's host: {dict(recorder.mode.seen)}"
@@ -119,3 +120,29 @@ def test_on_a_gpu_the_mlm_step_runs_with_host_syncs_forbidden() -> None:
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert got["picked"].shape[0] == module._fixed_rows(ids) > int(got["count"]) > 0
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_the_nsp_padding_mask_handed_to_bert_changes_no_logit(implementation: str) -> None:
+    from transformers import BertConfig, BertForPreTraining
+
+    from lmlab.tasks.mlm import attention_mask
+
+    config = BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, attn_implementation=implementation)
+    torch.manual_seed(0)
+    model = BertForPreTraining(config).eval()
+    ids = torch.randint(5, 120, (3, 12))
+    mask = torch.ones(3, 12, dtype=torch.uint8)
+    mask[0, 7:] = 0
+    mask[2, 10:] = 0
+    given = attention_mask(model, mask)
+    assert given.dim() == (4 if implementation == "sdpa" else 2)
+    with HostSyncs() as syncs:
+        ours = model(ids, attention_mask=given)
+    if implementation == "sdpa":
+        assert not syncs.seen, dict(syncs.seen)
+    theirs = model(ids, attention_mask=mask)
+    real = mask.bool()
+    torch.testing.assert_close(ours.prediction_logits[real], theirs.prediction_logits[real])
+    torch.testing.assert_close(ours.seq_relationship_logits, theirs.seq_relationship_logits)
