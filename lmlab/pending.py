@@ -105,6 +105,8 @@ class ResilientClient:
     def get_run(self, run_id: str) -> Any:
         # Lightning's MLFlowLogger.finalize asks for the run before ending it; during an outage the
         # answer "no run" makes it skip that, and lmlab's own set_terminated is queued instead.
+        if self._queue and not self._reachable():  # still down: a refused connect, not MLflow's retries
+            return None
         try:
             return self._client.get_run(run_id)
         except Exception as exc:
