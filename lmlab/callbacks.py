@@ -19,7 +19,8 @@ class TokensPerSecond(L.Callback):
     """Logs ``train/tokens_per_sec`` (non-padding tokens, all processes) every ``every`` steps.
 
     Lightning's ThroughputMonitor needs a FLOP count and its metric names use '|', which MLflow
-    rejects; counting tokens over a window of steps is all this needs.
+    rejects; counting tokens over a window of steps is all this needs. Time spent validating inside
+    a window is left out, as ThroughputMonitor does: the figure is the training speed.
     """
 
     def __init__(self, every: int = 10, configured_peak: float | None = None):
@@ -28,6 +29,7 @@ class TokensPerSecond(L.Callback):
         # not once per step (each read would stall a GPU).
         self._tokens: Any = 0
         self._since = 0.0
+        self._validating_since: float | None = None
         self._total: Any = 0
         self.configured_peak = configured_peak
         self.peak: float | None = None  # per device, set at the start of training; None: no MFU
@@ -44,6 +46,14 @@ class TokensPerSecond(L.Callback):
         if found and trainer.is_global_zero:
             log.info("train/mfu against %.3g FLOP/s per device (%s)", *found)
         self._since = time.perf_counter()
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._validating_since = time.perf_counter()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._validating_since is not None:  # the window's clock resumes where validation began
+            self._since += time.perf_counter() - self._validating_since
+        self._validating_since = None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:

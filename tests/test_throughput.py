@@ -1,0 +1,74 @@
+"""``train/tokens_per_sec`` measures training: time spent validating inside a window is left out."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+
+import lmlab.callbacks as callbacks
+
+TOKENS_PER_BATCH = 2 * 8
+TRAIN_SECONDS, VALIDATION_SECONDS = 1.0, 50.0
+
+
+class Clock:
+    """Virtual time: a training step takes a second, a validation batch fifty."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+class TinyLM(L.LightningModule):
+    def __init__(self, clock: Clock):
+        super().__init__()
+        self.layer = torch.nn.Embedding(50, 1)
+        self.clock = clock
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        self.clock.now += TRAIN_SECONDS
+        return self.layer(batch["input_ids"]).mean()
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.clock.now += VALIDATION_SECONDS
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def _loader(self) -> torch.utils.data.DataLoader:
+        rows = [{"input_ids": torch.randint(0, 50, (8,))} for _ in range(64)]
+        return torch.utils.data.DataLoader(rows, batch_size=2)
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        return self._loader()
+
+    def val_dataloader(self) -> torch.utils.data.DataLoader:
+        return self._loader()
+
+
+def test_validation_inside_a_window_does_not_lower_the_training_speed(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = Clock()
+    monkeypatch.setattr(callbacks, "time", SimpleNamespace(perf_counter=clock.perf_counter))
+    logger = CSVLogger(tmp_path, name="", version="")
+    # Windows of 4 steps; a validation (2 batches, 100 virtual seconds) after steps 2, 6 and 10.
+    trainer = L.Trainer(max_steps=12, logger=logger, log_every_n_steps=1, val_check_interval=2,
+                        limit_val_batches=2, num_sanity_val_steps=0, check_val_every_n_epoch=None,
+                        callbacks=[callbacks.TokensPerSecond(every=4)], enable_progress_bar=False,
+                        enable_checkpointing=False, enable_model_summary=False)
+    trainer.fit(TinyLM(clock))
+    with open(Path(logger.log_dir) / "metrics.csv", newline="") as rows:
+        rates = {int(r["step"]): float(r["train/tokens_per_sec"]) for r in csv.DictReader(rows)
+                 if r.get("train/tokens_per_sec")}
+    assert clock.now > 12 * TRAIN_SECONDS + 5 * VALIDATION_SECONDS  # the validations did take their time
+    # Lightning repeats a callback's last value on the steps between windows: each is one of the three.
+    assert {3, 7, 11} <= set(rates) and max(rates) == 11
+    assert sorted(set(rates.values())) == [pytest.approx(TOKENS_PER_BATCH / TRAIN_SECONDS)]
