@@ -16,7 +16,7 @@ log = logging.getLogger("lmlab")
 
 
 class TokensPerSecond(L.Callback):
-    """Logs ``train/tokens_per_sec`` (non-padding tokens, all processes) every ``every`` steps.
+    """Logs ``train/tokens_per_sec`` (non-padding tokens, all processes) every ``every`` training batches.
 
     Lightning's ThroughputMonitor needs a FLOP count and its metric names use '|', which MLflow
     rejects; counting tokens over a window of steps is all this needs. Time spent validating inside

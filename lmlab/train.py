@@ -108,8 +108,14 @@ def build_trainer(
     checkpointing.add_io_plugin(trainer_kwargs)  # atomic writes, weights_only reads
     use_clipping_mixed_precision(trainer_kwargs, trainer_kwargs["strategy"])
     clipping = sharded_clipping(trainer_kwargs, trainer_kwargs["strategy"])
+    accumulate = int(trainer_kwargs.get("accumulate_grad_batches") or 1)
+    interval = trainer_kwargs.get("val_check_interval")
+    if isinstance(interval, int) and not isinstance(interval, bool):
+        # lmlab's trainer.val_check_interval counts optimizer steps, like max_steps and the logging
+        # interval; Lightning counts training batches, which accumulation multiplies.
+        trainer_kwargs["val_check_interval"] = interval * accumulate
     every = int(trainer_kwargs.get("log_every_n_steps") or 10)
-    throughput = TokensPerSecond(every=every, configured_peak=cfg.get("perf", {}).get("peak_flops"))
+    throughput = TokensPerSecond(every=every * accumulate, configured_peak=cfg.get("perf", {}).get("peak_flops"))
     bar = [ProgressBar(every)] if trainer_kwargs.get("enable_progress_bar", True) else []
     try:
         trainer = L.Trainer(

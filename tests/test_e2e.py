@@ -419,3 +419,18 @@ def test_hf_dataset_directory(ws: Workspace, tmp_path: Path, monkeypatch: pytest
     assert info["data"]["origin"] == f"hf:{folder}"
     assert info["data"]["train_blocks"] > 0 and info["data"]["validation_blocks"] > 0
     assert client_for(result).get_run(result.run_id).data.tags["lmlab.data"] == f"hf:{folder}"
+
+
+def test_with_gradient_accumulation_validation_follows_optimizer_steps(wiki_file: Path, tmp_path: Path) -> None:
+    # trainer.val_check_interval counts optimizer steps, as max_steps does; Lightning counts batches.
+    import mlflow
+
+    from conftest import run_in_home
+
+    result, _ = run_in_home(tmp_path, [*TINY, f"data.path={wiki_file}", "trainer.max_steps=10",
+                                       "trainer.val_check_interval=5", "trainer.limit_val_batches=1",
+                                       "trainer.log_every_n_steps=1", "trainer.accumulate_grad_batches=2"])
+    client = mlflow.MlflowClient(tracking_uri=result.tracking_uri)
+    assert [m.step for m in client.get_metric_history(result.run_id, "val/loss")] == [4, 9]
+    # The throughput window is a logging interval of optimizer steps too: a value on every step.
+    assert [m.step for m in client.get_metric_history(result.run_id, "train/tokens_per_sec")] == list(range(10))
