@@ -114,6 +114,16 @@ def test_heads_fine_tune_a_pretrained_backbone_at_a_lower_learning_rate(task: st
     assert compose_cfg(["task=clm", "model.pretrained=/some/model"]).optimizer.lr == 1e-3
 
 
+def test_ddp_on_the_cpu_is_ddp_with_the_cpu_presets_settings():
+    # trainer=ddp alone inherits trainer=gpu's bf16-mixed and 5000 steps; ddp_cpu repeats cpu.yaml's.
+    ddp_cpu = OmegaConf.to_container(compose_cfg(["trainer=ddp_cpu"]).trainer)
+    cpu = OmegaConf.to_container(compose_cfg(["trainer=cpu"]).trainer)
+    ddp = OmegaConf.to_container(compose_cfg(["trainer=ddp"]).trainer)
+    assert ddp_cpu["strategy"] == ddp["strategy"] and ddp_cpu["devices"] == 2
+    assert {k: v for k, v in ddp_cpu.items() if k not in ("strategy", "devices")} == \
+        {k: v for k, v in cpu.items() if k not in ("strategy", "devices")}
+
+
 def test_unknown_key_is_rejected():
     with pytest.raises(ConfigCompositionException, match="trainer.not_a_key"):
         compose_cfg(["trainer.not_a_key=1"])

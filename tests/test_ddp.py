@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import SHARED_DATA, wiki_head
 
-DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true"]
+DDP = ["trainer=ddp_cpu"]  # ddp with gloo, 2 processes, fp32
 QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
 # No dropout, so one process and two compute the same function; full validation on both.
 EXACT = ["model.config.resid_pdrop=0.0", "model.config.embd_pdrop=0.0", "model.config.attn_pdrop=0.0",
