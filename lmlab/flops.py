@@ -3,6 +3,9 @@
 Training FLOPs per token follow the PaLM / nanoGPT estimate used in our performance issue:
 6·N for the matrix multiplies of the forward and backward pass over N parameters, plus
 12·L·H·Q·T for attention scores and values (L layers, H heads, Q head dim, T sequence length).
+N is every parameter, as in the issue's figures for the Hugging Face Trainer (13% for GPT-2 124M at
+150,870 tokens/s on an H100 needs the embeddings in N), so lmlab's MFU compares with them; it
+overstates MLM's work, whose prediction head lmlab runs at the masked positions only.
 """
 
 from __future__ import annotations
