@@ -460,7 +460,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--peak-flops", type=float, help="peak FLOP/s for MFU (default: an AVX2 or AVX-512 estimate from /proc/cpuinfo)")
     parser.add_argument("--lmlab-override", action="append", default=[], help="extra lmlab override (repeatable)")
     parser.add_argument("--pipeline", action="store_true", help="also compare tokenizing + packing the corpus")
-    parser.add_argument("--no-training", dest="training", action="store_false", help="skip the training comparison")
+    parser.add_argument("--training", action=argparse.BooleanOptionalAction, default=True,
+                        help="the training comparison (--no-training: the input pipeline only)")
     parser.add_argument("--num-proc", type=int, default=2, help="--pipeline: processes on both sides")
     parser.add_argument("--pipeline-copies", type=int, default=1,
                         help="--pipeline: the corpus repeated this many times (20 x 4.7 MB ~ the issue's 100 MB)")

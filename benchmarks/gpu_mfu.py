@@ -575,7 +575,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--beta2", type=float, default=0.95)
     parser.add_argument("--warmup-steps", type=int, default=20, help="learning-rate warmup")
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip the compiled sides")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="the compiled sides (--no-compile skips them)")
     parser.add_argument("--peak-flops", type=float, help="peak FLOP/s (default: lmlab.flops.PEAK_FLOPS by GPU name)")
     parser.add_argument("--markdown", type=Path, help="also write the tables as markdown to this file")
     parser.add_argument("--rows", type=Path, help="append each finished side's row to this file, one JSON per line")

@@ -680,8 +680,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--only", help=f"comma-separated subset of {','.join(TASKS)}")
-    parser.add_argument("--steps", type=int, help="optimizer steps for every task "
-                        f"(default per task: {', '.join(f'{k} {v}' for k, v in DEFAULT_STEPS.items())})")
+    parser.add_argument("--steps", type=int, default=0, help="optimizer steps for every task; 0: per task, "
+                        f"{', '.join(f'{k} {v}' for k, v in DEFAULT_STEPS.items())}")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--eval-batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-4, help="peak learning rate, ner and classification")
@@ -705,8 +705,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workdir", help="logs and HF outputs (default: a temporary directory, removed at the "
                         "end unless --keep or something failed)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directories")
-    parser.add_argument("--no-crosscheck", dest="crosscheck", action="store_false",
-                        help="skip scoring lmlab's exported model with the HF evaluation code")
+    parser.add_argument("--crosscheck", action=argparse.BooleanOptionalAction, default=True,
+                        help="score lmlab's exported model with the HF evaluation code too (--no-crosscheck skips it)")
     parser.add_argument("--markdown", help="also write the table as markdown to this file")
     return parser.parse_args(argv)
 
