@@ -16,7 +16,10 @@ IGNORE_INDEX = -100
 
 
 def word_starts(input_ids: torch.Tensor, continuation: torch.Tensor, special: torch.Tensor) -> torch.Tensor:
-    """True where a token begins a word. ``continuation[v]`` is True for subword pieces (##x)."""
+    """True where a token begins a word, and at special tokens (words of their own that are never
+    chosen). ``continuation[v]`` is True for pieces that continue a word: WordPiece's '##x', and the
+    pieces without SentencePiece's '▁' or byte-level BPE's 'Ġ' (``lmlab.tasks.mlm.continuation_table``).
+    """
     starts = ~continuation[input_ids] | special
     # A piece right after a special token still opens a new word.
     starts[:, 1:] |= special[:, :-1]

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import wiki_head
+from omegaconf import OmegaConf
 
+from lmlab.errors import LmlabError
 from lmlab.masking import (IGNORE_INDEX, check_probabilities, chosen_rows, fixed_row_count, mask_tokens,
                            word_starts)
+from lmlab.tasks.mlm import MaskedLMModule, continuation_table, word_marker
 
 VOCAB = 1000
 MASK_ID = 4
@@ -156,6 +160,136 @@ def test_whole_word_masking_chooses_words_together():
     n_chosen = int(chosen.sum())
     assert abs(int((chosen & (masked == MASK_ID)).sum()) / n_chosen - 0.8) < 0.015
 
+
+
+# -- word boundaries of real tokenizers (lmlab.tasks.mlm.continuation_table) -----------------------
+TOKENIZER_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+@pytest.fixture(scope="module")
+def wiki_lines(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    path = wiki_head(tmp_path_factory.mktemp("wiki"), 300)
+    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _trained(backend, trainer, lines: list[str]):
+    """``backend`` trained on ``lines`` and wrapped as transformers wraps a saved tokenizer."""
+    from transformers import PreTrainedTokenizerFast
+
+    backend.train_from_iterator(lines, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]",
+                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+
+
+@pytest.fixture(scope="module")
+def metaspace_tokenizer(wiki_lines: list[str]):
+    """A Unigram tokenizer with SentencePiece's Metaspace pre-tokenizer ('▁the'), as T5 and ALBERT have."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    backend = Tokenizer(models.Unigram())
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(vocab_size=2000, special_tokens=TOKENIZER_SPECIALS, unk_token="[UNK]")
+    return _trained(backend, trainer, wiki_lines)
+
+
+def _rows(tokenizer, lines: list[str], rows: int = 64, length: int = 128) -> torch.Tensor:
+    """(rows, length) blocks [CLS] ... [SEP] of the lines' pieces, as MLM packing makes them."""
+    ids = [i for line in lines for i in tokenizer(line, add_special_tokens=False)["input_ids"]]
+    body = length - 2
+    assert len(ids) >= rows * body, "too little text for the rows"
+    return torch.tensor([[tokenizer.cls_token_id, *ids[k:k + body], tokenizer.sep_token_id]
+                         for k in range(0, rows * body, body)])
+
+
+def test_metaspace_pieces_with_the_marker_start_words(metaspace_tokenizer):
+    tok = metaspace_tokenizer
+    sentence = "The unbelievably quick fox jumped over seventeen lazy dogs"
+    pieces = tok.tokenize(sentence)
+    assert len(pieces) > len(sentence.split()), pieces  # some words are split: grouping is exercised
+    ids = torch.tensor([[tok.cls_token_id, *tok.convert_tokens_to_ids(pieces), tok.sep_token_id]])
+    special = torch.isin(ids, torch.tensor(tok.all_special_ids))
+    table = continuation_table(tok)
+    assert not table[tok.all_special_ids].any()
+    starts = word_starts(ids, table, special)[0, 1:-1].tolist()
+    # Grouped at the starts, the pieces spell the sentence's words; [CLS] and [SEP] join none.
+    words: list[str] = []
+    for piece, start in zip(pieces, starts):
+        if start:
+            words.append(piece)
+        else:
+            words[-1] += piece
+    assert [word.replace("▁", "") for word in words] == sentence.split()
+
+
+def test_metaspace_whole_word_masking_keeps_the_rate_in_every_row(metaspace_tokenizer, wiki_lines):
+    # Before '▁' was known every piece counted as a continuation: ~3 words per 128-token row, and a
+    # row was masked whole or not at all.
+    tok = metaspace_tokenizer
+    ids = _rows(tok, wiki_lines)
+    special = torch.isin(ids, torch.tensor(tok.all_special_ids))
+    starts = word_starts(ids, continuation_table(tok), special)
+    assert int((starts & ~special).sum(1).min()) > 30  # dozens of words in every row
+    _, labels = mask_tokens(ids, special, mask_token_id=tok.mask_token_id, vocab_size=len(tok), starts=starts,
+                            generator=torch.Generator().manual_seed(0))
+    share = (labels != IGNORE_INDEX).sum(1) / (~special).sum(1)  # (rows,)
+    assert abs(float(share.mean()) - 0.15) < 0.03, share
+    assert bool(((share > 0) & (share < 0.4)).all()), share
+
+
+def test_the_word_marker_is_the_vocabularys_convention_not_a_stray_piece():
+    wordpiece = [f"w{i}" for i in range(60)] + [f"##p{i}" for i in range(40)]
+    # GPT-2's byte-level vocabulary holds '##' and '###' (Markdown headings) among its 'Ġ' pieces.
+    byte_level = [f"Ġw{i}" for i in range(60)] + [f"p{i}" for i in range(40)] + ["##", "###"]
+    metaspace = [f"▁w{i}" for i in range(60)] + [f"p{i}" for i in range(40)] + ["##"]
+    assert word_marker(wordpiece) == "##"
+    assert word_marker(byte_level) == "Ġ"
+    assert word_marker(metaspace) == "▁"
+    assert word_marker([f"w{i}" for i in range(100)] + ["##"]) is None  # one stray piece is no convention
+    assert word_marker([]) is None
+
+
+class _ByteLevelVocab:
+    """What continuation_table reads from a tokenizer: a byte-level vocabulary with a stray '##'."""
+
+    all_special_tokens = ["<s>", "</s>", "<mask>"]
+
+    def get_vocab(self) -> dict[str, int]:
+        pieces = ["<s>", "</s>", "<mask>", "Ġthe", "Ġrun", "ner", "s", "##", "Ġ"] + [f"Ġw{i}" for i in range(20)]
+        return {piece: i for i, piece in enumerate(pieces)}
+
+    def __len__(self) -> int:
+        return len(self.get_vocab())
+
+
+def test_byte_level_pieces_without_the_marker_continue_words():
+    table = continuation_table(_ByteLevelVocab())
+    assert table[:9].tolist() == [False, False, False, False, False, True, True, True, False]
+    assert not table[9:].any()
+
+
+def test_a_tokenizer_without_word_boundaries_is_refused_for_whole_word_masking_only(wiki_lines):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import BertConfig, BertForMaskedLM
+
+    backend = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = _trained(backend, trainers.WordLevelTrainer(vocab_size=500, special_tokens=TOKENIZER_SPECIALS), wiki_lines)
+    with pytest.raises(LmlabError) as info:
+        continuation_table(tok)
+    message = str(info.value)
+    assert "config key 'task.whole_word_mask'" in message and "marks no word boundaries" in message
+    assert "task.whole_word_mask=false" in message
+
+    bert = BertForMaskedLM(BertConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2,
+                                      intermediate_size=32, vocab_size=len(tok)))
+    task = {"nsp": False, "mlm_probability": 0.15, "mask_replace_prob": 0.8, "random_replace_prob": 0.1}
+    empty = OmegaConf.create({})
+    # Token masking reads no word boundaries: the same tokenizer serves it.
+    module = MaskedLMModule(bert, tok, OmegaConf.create({**task, "whole_word_mask": False}), empty, empty)
+    assert module.continuation is None
+    with pytest.raises(LmlabError, match="task.whole_word_mask"):
+        MaskedLMModule(bert, tok, OmegaConf.create({**task, "whole_word_mask": True}), empty, empty)
 
 def test_seeded_generator_is_deterministic():
     ids, special = _batch(seed=2)

@@ -51,12 +51,14 @@ def test_chunked_loss_without_grad_and_under_bf16_autocast() -> None:
 
 
 class BertTok:
-    """What MaskedLMModule reads from a tokenizer: 50 ids, the first five special."""
+    """What MaskedLMModule reads from a tokenizer: 50 ids, the first five special, a WordPiece
+    vocabulary whose pieces 30-49 continue words (##t30 ...)."""
 
     mask_token_id, all_special_ids, all_special_tokens = 4, [0, 1, 2, 3, 4], ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
     def get_vocab(self) -> dict[str, int]:
-        return {f"t{i}": i for i in range(50)}
+        pieces = [f"t{i}" for i in range(5, 30)] + [f"##t{i}" for i in range(30, 50)]
+        return {token: i for i, token in enumerate([*self.all_special_tokens, *pieces])}
 
     def __len__(self) -> int:
         return 50

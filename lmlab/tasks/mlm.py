@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import lightning as L
@@ -14,7 +14,7 @@ from torchmetrics import SumMetric
 from lmlab import masking, optim
 from lmlab.compiling import compile_function, compile_in_place
 from lmlab.fastpath import lean_body, modules_callable_one_by_one
-from lmlab.errors import LmlabError
+from lmlab.errors import LmlabError, config_error
 from lmlab.specs import TaskSpec
 from lmlab.step_logging import log_step
 
@@ -23,19 +23,46 @@ from lmlab.step_logging import log_step
 VAL_MASK_SEED = 1234
 
 
-def continuation_table(tokenizer: Any) -> torch.Tensor:
-    """Bool per vocabulary id: True for pieces that continue a word (WordPiece '##x';
-    byte-level BPE pieces without the leading-space marker 'Ġ')."""
-    vocab = tokenizer.get_vocab()
-    table = torch.zeros(max(len(tokenizer), max(vocab.values()) + 1), dtype=torch.bool)
-    uses_hashes = any(tok.startswith("##") for tok in vocab)
-    special = set(tokenizer.all_special_tokens)
-    for token, index in vocab.items():
-        if token in special:
-            continue
-        table[index] = token.startswith("##") if uses_hashes else not token.startswith("Ġ")
-    return table
+# How subword vocabularies mark word boundaries: WordPiece marks the pieces that continue a word
+# ('##ing'); SentencePiece's Metaspace ('▁the': T5, ALBERT, XLM-R, Llama) and byte-level BPE
+# ('Ġthe': GPT-2, RoBERTa) mark the pieces that start one.
+MARKS_CONTINUATION = {"##": True, "▁": False, "Ġ": False}
+# A marker on fewer of the ordinary pieces than this is stray text, not the vocabulary's convention:
+# GPT-2's byte-level vocabulary holds '##' and '###' from Markdown headings.
+MIN_MARKER_SHARE = 0.05
 
+
+def word_marker(tokens: Collection[str]) -> str | None:
+    """The word-boundary marker (a key of MARKS_CONTINUATION) most of ``tokens`` start with, or None
+    when none of them is common enough to be the vocabulary's convention."""
+    counts = {marker: sum(token.startswith(marker) for token in tokens) for marker in MARKS_CONTINUATION}
+    marker = max(counts, key=counts.__getitem__)
+    return marker if tokens and counts[marker] >= MIN_MARKER_SHARE * len(tokens) else None
+
+
+def continuation_table(tokenizer: Any) -> torch.Tensor:
+    """Bool per vocabulary id: True for pieces that continue a word, False for pieces that start
+    one and for special tokens. Raises a config error when the vocabulary marks no word boundaries.
+    """
+    vocab = tokenizer.get_vocab()
+    special = set(tokenizer.all_special_tokens)
+    ordinary = {token: index for token, index in vocab.items() if token not in special}
+    marker = word_marker(ordinary.keys())
+    if marker is None:
+        # Without a convention every piece would count as a continuation, so a row would hold a few
+        # "words" and be masked whole or not at all; that must not pass for whole-word masking.
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise config_error(
+            "task.whole_word_mask", f"the tokenizer ({name}) marks no word boundaries: fewer than "
+            f"{MIN_MARKER_SHARE:.0%} of its pieces start with '##' (WordPiece), '▁' (SentencePiece) or 'Ġ' "
+            "(byte-level BPE), so its words cannot be told apart",
+            "Set task.whole_word_mask=false (token masking; the same thing for a tokenizer whose tokens are "
+            "whole words), or use a tokenizer with one of these conventions (tokenizer=wordpiece).")
+    table = torch.zeros(max(len(tokenizer), max(vocab.values()) + 1), dtype=torch.bool)
+    for token, index in ordinary.items():
+        marked = token.startswith(marker)
+        table[index] = marked if MARKS_CONTINUATION[marker] else not marked
+    return table
 
 
 def attention_mask(model: torch.nn.Module, mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -66,7 +93,9 @@ class MaskedLMModule(L.LightningModule):
         self.mask_token_id = tokenizer.mask_token_id
         self.vocab_size = len(tokenizer)
         self.register_buffer("special_ids", torch.tensor(sorted(set(tokenizer.all_special_ids))), persistent=False)
-        self.register_buffer("continuation", continuation_table(tokenizer), persistent=False)
+        # Only whole-word masking reads word boundaries, so only it refuses a tokenizer without them.
+        self.register_buffer("continuation", continuation_table(tokenizer) if task.whole_word_mask else None,
+                             persistent=False)
         self.val_sums = torch.nn.ModuleDict({k: SumMetric() for k in ("loss", "tokens", "correct", "nsp_correct", "pairs")})
         self.teacher: Any = None  # lmlab.distill.Teacher when distilling; not a submodule
 
