@@ -78,6 +78,67 @@ def test_directory_with_named_splits(tmp_path, wiki_file):
     assert corpus.validation == docs[500:]
 
 
+
+def _write_lines(path: Path, docs: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(docs) + "\n", encoding="utf-8")
+
+
+def test_split_names_with_files_that_fit_no_split_are_refused_not_dropped(tmp_path, wiki_file):
+    docs = _lines(wiki_file)
+    root = tmp_path / "corpus"
+    _write_lines(root / "train.txt", docs[:250])
+    _write_lines(root / "validation.txt", docs[250:290])
+    _write_lines(root / "sub" / "more.TXT", docs[290:340])
+    (root / "extra.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[340:360]), encoding="utf-8")
+    with pytest.raises(LmlabError) as info:
+        load_corpus(data_cfg(f"data.path={root}"))
+    message = str(info.value)
+    assert "config key 'data.path'" in message and str(root) in message
+    assert "2 file(s) fit no split" in message and "extra.jsonl" in message and str(Path("sub", "more.TXT")) in message
+    assert "no train.* file" not in message  # there is one
+    assert "train.txt or train.jsonl" in message and "single file" in message
+    # Done as the message says (one moved out, one renamed train.* in its folder), all of it is read.
+    (root / "extra.jsonl").unlink()
+    (root / "sub" / "more.TXT").rename(root / "sub" / "train.txt")
+    corpus = load_corpus(data_cfg(f"data.path={root}"))
+    assert sorted(corpus.train) == sorted(docs[:250] + docs[290:340]) and corpus.validation == docs[250:290]
+
+
+def test_validation_without_a_train_file_says_the_train_file_is_missing(tmp_path, wiki_file):
+    docs = _lines(wiki_file)
+    root = tmp_path / "corpus"
+    _write_lines(root / "validation.txt", docs[:40])
+    with pytest.raises(LmlabError) as info:
+        load_corpus(data_cfg(f"data.path={root}"))
+    message = str(info.value)
+    assert "config key 'data.path'" in message and "no train.* file" in message and "validation.txt" in message
+    assert "fit no split" not in message
+    # Before: 'holds no training text (empty, or only blank lines)', blaming the text, not the names.
+    _write_lines(root / "wiki.txt", docs[40:300])
+    with pytest.raises(LmlabError) as info:
+        load_corpus(data_cfg(f"data.path={root}"))
+    message = str(info.value)
+    assert "no train.* file" in message and "1 file(s) fit no split" in message and "wiki.txt" in message
+    assert "no training text" not in message
+
+
+def test_a_test_split_is_named_but_never_read(tmp_path, wiki_file):
+    docs = _lines(wiki_file)
+    root = tmp_path / "corpus"
+    _write_lines(root / "train.txt", docs[:400])
+    _write_lines(root / "dev.txt", docs[400:450])
+    _write_lines(root / "test.txt", docs[450:])
+    corpus = load_corpus(data_cfg(f"data.path={root}"))
+    assert corpus.train == docs[:400] and corpus.validation == docs[400:450]
+    # Without split names a test.txt would have been training text: held-out text in training.
+    (root / "train.txt").rename(root / "corpus.txt")
+    (root / "dev.txt").unlink()
+    with pytest.raises(LmlabError) as info:
+        load_corpus(data_cfg(f"data.path={root}"))
+    message = str(info.value)
+    assert "no train.* file" in message and "test.txt" in message and "corpus.txt" in message
+
 def test_carved_validation_is_deterministic_and_disjoint(wiki_file):
     one = load_corpus(data_cfg(f"data.path={wiki_file}", "data.split_seed=3", "data.val_fraction=0.1"))
     two = load_corpus(data_cfg(f"data.path={wiki_file}", "data.split_seed=3", "data.val_fraction=0.1", "seed=99"))

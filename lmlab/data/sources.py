@@ -2,8 +2,11 @@
 
 Every non-empty line of a text file is one document (one paragraph), as in HF's ``run_clm``.
 A JSON-lines file gives one document per line from ``data.text_field``. A directory is read
-recursively; files named ``train.*`` / ``validation.*`` (or ``valid``/``val``/``dev``) supply those
-splits, otherwise everything is training text and a validation split is carved out.
+recursively: with no file named for a split, everything is training text and a validation split is
+carved out. Once one file is named for a split, all must be: ``train.*`` gives the training text,
+``validation.*`` (or ``valid``/``val``/``dev``) the validation split and ``test.*`` is left out (no
+language-modelling task reads a test split). A file that fits no split is an error, not text
+silently dropped or merged into training (where it could be held-out text).
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ JSON_SUFFIXES = {".jsonl", ".json"}
 # Rows with columns: read as prose, every row (header included) would become a "document".
 TABLE_SUFFIXES = {".csv": "CSV", ".tsv": "TSV"}
 SPLIT_STEMS = {"train": "train", "validation": "validation", "valid": "validation", "val": "validation", "dev": "validation"}
+# Split names of a directory that pretraining has no use for: the files are named, so they are not
+# stray, but they are not read either.
+UNREAD_SPLIT_STEMS = {"test": "test"}
 
 
 class Corpus:
@@ -141,18 +147,57 @@ def read_path(path: Path, data_cfg: DictConfig) -> dict[str, list[str]]:
     return _read_files(path, _local_files(path), data_cfg)
 
 
+def _split_of(path: Path) -> str | None:
+    """The split a file of a directory is named for (``train``, ``validation`` or ``test``), or None."""
+    stem = path.stem.lower()
+    return SPLIT_STEMS.get(stem) or UNREAD_SPLIT_STEMS.get(stem)
+
+
 def _read_files(path: Path, files: tuple[Path, ...], data_cfg: DictConfig) -> dict[str, list[str]]:
-    """Documents by split from ``files``, the listing of ``path`` (``_local_files``)."""
+    """Documents by split from ``files``, the listing of ``path`` (``_local_files``, which has
+    checked that either every file or none is named for a split)."""
     if path.is_file():
         return {"train": read_file(path, data_cfg)}
-    named = {f: SPLIT_STEMS.get(f.stem.lower()) for f in files}
+    named = {f: _split_of(f) for f in files}
+    if not any(named.values()):
+        return {"train": [doc for f in files for doc in read_file(f, data_cfg)]}
     splits: dict[str, list[str]] = {}
-    if any(named.values()):
-        for f, split in named.items():
-            if split is not None:
-                splits.setdefault(split, []).extend(read_file(f, data_cfg))
-        return splits
-    return {"train": [doc for f in files for doc in read_file(f, data_cfg)]}
+    for f, split in named.items():
+        if split in UNREAD_SPLIT_STEMS.values():
+            log.info("Not reading %s: a %s split, which pretraining does not use", f, split)
+        elif split is not None:
+            splits.setdefault(split, []).extend(read_file(f, data_cfg))
+    return splits
+
+
+def _listing(root: Path, files: list[Path], most: int = 5) -> str:
+    """Up to ``most`` file names relative to ``root``, and how many more there are."""
+    names = [str(f.relative_to(root)) for f in files[:most]]
+    more = f" and {len(files) - most} more" if len(files) > most else ""
+    return ", ".join(names) + more
+
+
+def _check_split_names(root: Path, files: tuple[Path, ...]) -> None:
+    """Files named for splits make the directory a set of splits: every file must then belong to
+    one, and one must be the training text. Dropping a stray file would lose text unnoticed, and
+    reading it as training text could leak held-out text into training."""
+    named = {f: _split_of(f) for f in files}
+    if not any(named.values()):
+        return  # no split names: every file is training text
+    problems = []
+    if "train" not in named.values():
+        split_files = [f for f, split in named.items() if split is not None]
+        problems.append(f"there is no train.* file for the training text (only {_listing(root, split_files)})")
+    stray = [f for f, split in named.items() if split is None]
+    if stray:
+        problems.append(f"{len(stray)} file(s) fit no split and would be read by none: {_listing(root, stray)}")
+    if problems:
+        raise config_error(
+            "data.path", f"directory '{root}' names files for splits (train.*, validation.* or valid, val, dev, "
+            f"test.*), so only such files are read; {'; and '.join(problems)}",
+            "Name the training text train.txt or train.jsonl (several files: one per folder, part1/train.txt, "
+            f"part2/train.txt), move files that belong to no split out of '{root}', or point data.path at a "
+            "single file (every line training text, a validation split carved out).")
 
 
 def read_hf_dataset(name: str, config_name: str | None, text_field: str, trust_remote_code: bool = False) -> dict[str, list[str]]:
@@ -217,7 +262,9 @@ def _local_files(path: Path) -> tuple[Path, ...]:
                 "task=classification)") if tables else ""
         raise config_error("data.path", f"directory '{path}' holds no .txt, .jsonl or .json files{hint}",
                            "Put the training text there or point data.path at a file.")
-    return tuple(files)
+    files = tuple(files)
+    _check_split_names(path, files)
+    return files
 
 
 def _local(path: Path, data_cfg: DictConfig, origin: str, fallback: str | None = None) -> Source:
