@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
@@ -74,7 +75,7 @@ def prepare(cfg: DictConfig) -> Resume | None:
     if str(cfg.get("mode") or "fit") != "fit":
         raise config_error("resume", f"mode={cfg.mode} does not train, so there is nothing to resume",
                            "Drop resume=, or use mode=fit.")
-    found = _newest_unfinished(cfg) if str(value) == "auto" else _named(Path(str(value)).expanduser())
+    found = _newest_unfinished(cfg) if str(value) == "auto" else _named(Path(str(value)).expanduser(), cfg)
     checkpointing.check_readable(found.checkpoint)
     if found.run_dir is not None:
         _check_same_config(cfg, found.run_dir)
@@ -84,33 +85,54 @@ def prepare(cfg: DictConfig) -> Resume | None:
     return found
 
 
-def _named(path: Path) -> Resume:
+def _named(path: Path, cfg: DictConfig) -> Resume:
     if path.is_file():
         run_dir = path.parent.parent
         record = read_record(run_dir)
         if record is None:
             return Resume(path, None, None)
-        _check_unfinished(run_dir, record)
+        _check_unfinished(run_dir, record, path, cfg)
         return Resume(path, run_dir, record.get("mlflow_run_id"))
     if path.is_dir():
         record = read_record(path)
         if record is None:
             raise config_error("resume", f"'{path}' is not an lmlab run directory (it has no {RECORD})",
                                "Give the run directory (lmlab_runs/runs/<time>_<task>_<model>) or a .ckpt file.")
-        _check_unfinished(path, record)
         if not (path / LAST).is_file():
             raise config_error("resume", f"run directory '{path}' has no {LAST} yet: it stopped before its first "
                                "checkpoint", "Start it again without resume= (checkpoint.every_n_steps sets how "
                                "often checkpoints are written).")
+        _check_unfinished(path, record, path / LAST, cfg)
         return Resume(path / LAST, path, record.get("mlflow_run_id"))
     raise config_error("resume", f"'{path}' does not exist",
                        "Give a run directory, a .ckpt file, or resume=auto for the newest unfinished run.")
 
 
-def _check_unfinished(run_dir: Path, record: dict[str, Any]) -> None:
-    if record.get("status") == "finished":
-        raise config_error("resume", f"the run in '{run_dir}' finished, so there is nothing to resume",
-                           f"Start a new run from its weights with model.pretrained={run_dir}.")
+def _check_unfinished(run_dir: Path, record: dict[str, Any], ckpt: Path, cfg: DictConfig) -> None:
+    """A finished run resumes only to train longer: a ``trainer.max_steps`` past its checkpoint's step."""
+    if record.get("status") != "finished":
+        return
+    reached = checkpoint_step(ckpt)
+    wanted = cfg.trainer.get("max_steps")
+    if reached is not None and wanted is not None and int(wanted) > reached:
+        # As Hugging Face's resume_from_checkpoint with more steps: optimizer and counters carry on,
+        # and the schedule is the one for the new total.
+        log.info("The run in %s finished at step %d; training it on to step %d", run_dir, reached, int(wanted))
+        return
+    at = f" at step {reached}" if reached is not None else ""
+    raise config_error("resume", f"the run in '{run_dir}' finished{at}, so there is nothing to resume",
+                       f"Raise trainer.max_steps above {reached if reached is not None else 'its steps'} to train it "
+                       f"longer, or start a new run from its weights with model.pretrained={run_dir}.")
+
+
+def checkpoint_step(ckpt: Path) -> int | None:
+    """The optimizer step a Lightning checkpoint was saved at; None when it cannot be read."""
+    try:
+        state = torch.load(ckpt, map_location="cpu", mmap=True, weights_only=True)
+    except Exception:  # a damaged file: Lightning's own load names it when the resume gets there
+        return None
+    step = state.get("global_step") if isinstance(state, dict) else None
+    return int(step) if isinstance(step, int) else None
 
 
 def _alive(record: dict[str, Any]) -> bool:

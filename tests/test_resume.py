@@ -361,3 +361,21 @@ def test_resume_refuses_a_changed_config(in_process) -> None:
         in_process("changed", "task=mlm", "optimizer.weight_decay=0.5", f"resume={copy}")
     assert "limit_test_batches" not in str(caught.value) and "load_best_at_end" not in str(caught.value)
     assert "other settings (task.name: clm -> mlm; model.name: gpt2 -> bert;" in str(caught.value)
+
+
+def test_a_finished_run_resumes_only_to_train_longer(in_process) -> None:
+    import mlflow
+
+    from lmlab.errors import LmlabError
+
+    first = in_process("extended", "trainer.max_steps=6", "trainer.val_check_interval=3")
+    with pytest.raises(LmlabError, match="finished at step 6, so there is nothing to resume.*trainer.max_steps above 6"):
+        in_process("extended", "trainer.max_steps=6", "trainer.val_check_interval=3", f"resume={first.output_dir}")
+    longer = in_process("extended", "trainer.max_steps=9", "trainer.val_check_interval=3", f"resume={first.output_dir}")
+    assert longer.output_dir == first.output_dir and longer.run_id == first.run_id
+    assert checkpoint_step(first.output_dir / "checkpoints" / "last.ckpt") == 9
+    client = mlflow.MlflowClient(tracking_uri=longer.tracking_uri)
+    assert client.get_run(longer.run_id).info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(longer.run_id, "train/loss")] == list(range(9))
+    assert [m.step for m in client.get_metric_history(longer.run_id, "val/loss")] == [2, 5, 8]
+    assert json.loads((first.output_dir / "lmlab_run.json").read_text())["status"] == "finished"
