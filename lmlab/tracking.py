@@ -157,6 +157,15 @@ def default_run_name(tags: Mapping[str, str]) -> str | None:
     return f"{folder.parent.name}_{folder.name}" if folder.name.isdigit() else folder.name
 
 
+def logged_params(cfg: DictConfig) -> dict[str, str]:
+    """The run's config as MLflow params; ``data.catalog`` is None when data.path or data.name
+    replaced it, so a search by catalog finds only the runs that read it."""
+    params = flatten(OmegaConf.to_container(cfg, resolve=True))
+    if "data.catalog" in params and (params.get("data.path", "None") != "None" or params.get("data.name", "None") != "None"):
+        params["data.catalog"] = "None"
+    return params
+
+
 def start_run(cfg: DictConfig, tags: Mapping[str, str]) -> tuple[Any, str, str]:
     """A new MLflow run with the config as params; returns (client, run_id, experiment_id).
 
@@ -181,7 +190,7 @@ def start_run(cfg: DictConfig, tags: Mapping[str, str]) -> tuple[Any, str, str]:
     run_id = run.info.run_id
     if job is not None:
         sweep.job_started(job, run_id)
-    params = flatten(OmegaConf.to_container(cfg, resolve=True))
+    params = logged_params(cfg)
     items = [Param(k, v) for k, v in params.items()]
     for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
         client.log_batch(run_id, params=items[start : start + MAX_PARAMS_PER_BATCH])

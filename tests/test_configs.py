@@ -17,7 +17,7 @@ from lmlab.models.build import build_hf_config
 from lmlab.models.gpt2 import MODEL as GPT2
 from lmlab.paths import config_dir, experiments_dir
 from lmlab.tokenization import train_bpe, train_wordpiece
-from lmlab.tracking import MAX_PARAM_KEY, MAX_PARAM_VALUE, flatten
+from lmlab.tracking import MAX_PARAM_KEY, MAX_PARAM_VALUE, flatten, logged_params
 
 GROUP_OPTIONS = sorted(p.relative_to(config_dir()) for p in config_dir().glob("*/*.yaml"))
 EXPERIMENTS = sorted(experiments_dir().glob("*.yaml"))
@@ -196,6 +196,12 @@ def test_block_size_longer_than_the_model_positions(bpe_tokenizer, wordpiece_tok
     cfg = compose_cfg(["task=mlm", "data.block_size=1024"])
     with pytest.raises(LmlabError, match="data.block_size"):
         build_hf_config(BERT, cfg.model, wordpiece_tokenizer, int(cfg.data.block_size))
+
+
+def test_the_catalog_param_is_none_when_data_path_or_name_replaces_it():
+    assert logged_params(compose_cfg([]))["data.catalog"] == "bbc_news"
+    assert logged_params(compose_cfg(["data.path=/corpus.txt"]))["data.catalog"] == "None"
+    assert logged_params(compose_cfg(["data.name=wikitext"]))["data.catalog"] == "None"
 
 
 def test_flatten_respects_mlflow_limits():
