@@ -22,8 +22,9 @@ def build_hf_config(
         )
     node = model_cfg.get("config")
     overrides = OmegaConf.to_container(node, resolve=True) if node is not None else {}
+    defaults = spec.config_class().to_dict()
     # attribute_map holds HF's aliases (GPT-2 accepts hidden_size for n_embd, and so on).
-    known = set(spec.config_class().to_dict()) | set(getattr(spec.config_class, "attribute_map", {}))
+    known = set(defaults) | set(getattr(spec.config_class, "attribute_map", {}))
     unknown = sorted(set(overrides) - known)
     if unknown:
         # HF configs swallow unknown kwargs silently; a typo must not train the wrong model.
@@ -32,15 +33,54 @@ def build_hf_config(
             f"not a field of {spec.config_class.__name__}",
             "Check the spelling against the Hugging Face config documentation for this model.",
         )
+    check_special_ids(overrides, len(tokenizer))
     kwargs = {**spec.sizes[model_cfg.size], **overrides, **(updates or {})}
     kwargs["vocab_size"] = padded_vocab_size(len(tokenizer), int(model_cfg.get("vocab_multiple") or 1))
-    for attr in ("pad_token_id", "bos_token_id", "eos_token_id"):
-        value = getattr(tokenizer, attr, None)
-        if value is not None:
-            kwargs.setdefault(attr, value)
+    for attr, value in special_token_ids(tokenizer).items():
+        if value is None and _is_token(defaults.get(attr), len(tokenizer)):
+            continue  # the class's default names a token the tokenizer has (BERT's pad 0)
+        # None rather than a default past the vocabulary (GPT-2's 50256 with a 5,000-token WordPiece);
+        # model.config.* overrides still win.
+        kwargs.setdefault(attr, value)
     config = spec.config_class(**kwargs)
     check_positions(spec, config, block_size, model_cfg.size)
     return config
+
+
+SPECIAL_IDS = ("pad_token_id", "bos_token_id", "eos_token_id")
+
+
+def special_token_ids(tokenizer: Any) -> dict[str, int | None]:
+    """The config's pad/bos/eos ids as the tokenizer has them; None where it has no such token.
+
+    A tokenizer without an end-of-text token (WordPiece, BERT's) ends documents with its separator:
+    the causal-LM data is packed with eos, else sep, between documents (lmlab/data/text_datamodule.py)
+    and summaries end the same way. That id is what generation must stop at, and what a new text
+    follows, so it becomes eos and, lacking a bos token, bos.
+    """
+    end = _first_id(tokenizer, "eos_token_id", "sep_token_id")
+    bos = _first_id(tokenizer, "bos_token_id")
+    return {"pad_token_id": _first_id(tokenizer, "pad_token_id"), "bos_token_id": end if bos is None else bos,
+            "eos_token_id": end}
+
+
+def _first_id(tokenizer: Any, *attrs: str) -> int | None:
+    values = [getattr(tokenizer, attr, None) for attr in attrs]
+    return next((int(v) for v in values if v is not None), None)
+
+
+def _is_token(value: Any, tokens: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < tokens
+
+
+def check_special_ids(overrides: dict[str, Any], tokens: int) -> None:
+    """model.config.{pad,bos,eos}_token_id set by the user must name one of the tokenizer's ids."""
+    for attr in SPECIAL_IDS:
+        value = overrides.get(attr)
+        if value is not None and not _is_token(value, tokens):
+            raise config_error(f"model.config.{attr}",
+                               f"{value} is not a token id of the tokenizer (0 to {tokens - 1})",
+                               f"Leave it out (lmlab takes the tokenizer's own) or give an id below {tokens}.")
 
 
 def padded_vocab_size(tokens: int, multiple: int) -> int:
