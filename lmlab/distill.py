@@ -46,6 +46,8 @@ TEACHER_HEADS = {
     "mlm": ("ForMaskedLM", "ForPreTraining"),
 }
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+# Tasks whose logits are over labels; the others' are over the tokenizer's vocabulary.
+LABEL_TASKS = ("classification", "ner")
 
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -99,8 +101,11 @@ class Teacher:
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, source: str, temperature: float, alpha: float):
         self.model = model.eval().requires_grad_(False)
+        # source names the teacher in params and logs: its directory, or the MLflow run id given.
         self.tokenizer, self.source = tokenizer, source
         self.temperature, self.alpha = float(temperature), float(alpha)
+        # LM tasks: the token ids both models read (attach sets it); None compares every class.
+        self.vocabulary: int | None = None
 
     @property
     def n_parameters(self) -> int:
@@ -122,7 +127,13 @@ class Teacher:
         ``student`` holds the student's logits at ``positions`` (or of every row), ``inputs`` what
         the student read (after masking, for MLM), ``hard`` the task's own loss on the labels.
         """
-        kd = kd_loss(student, self.logits(inputs, positions), self.temperature)
+        teacher = self.logits(inputs, positions)
+        if self.vocabulary is not None:
+            # Output rows past the tokenizer's ids (model.vocab_multiple's padding, or a teacher saved
+            # with a rounded-up vocabulary) are never inputs nor targets: the two distributions are
+            # compared over the real tokens, whatever padding each model has.
+            student, teacher = student[:, :self.vocabulary], teacher[:, :self.vocabulary]
+        kd = kd_loss(student, teacher, self.temperature)
         rows = max(int(student.shape[0]), 1)
         module.log("train/kd_loss", kd, sync_dist=True, batch_size=rows)
         module.log("train/hard_loss", hard, sync_dist=True, batch_size=rows)
@@ -137,8 +148,8 @@ def prepare(cfg: DictConfig, task: TaskSpec, mode: str = "fit") -> Teacher | Non
     trained head for it and reaches as far as the data's sequences.
     """
     settings = cfg.get("distill") or {}
-    ref = settings.get("teacher")
-    if not ref or mode != "fit":
+    ref = pretrained.reference(cfg, KEY)  # an empty distill.teacher= is an error, not "no teacher"
+    if ref is None or mode != "fit":
         return None
     temperature, alpha = settings.get("temperature", 2.0), settings.get("alpha", 0.5)
     if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not (
@@ -152,7 +163,7 @@ def prepare(cfg: DictConfig, task: TaskSpec, mode: str = "fit") -> Teacher | Non
     if task.name == "classification" and cfg.task.get("multi_label"):
         raise config_error(KEY, "distillation is not supported with task.multi_label=true",
                            "Distil a single-label classifier, or unset distill.teacher.")
-    source = pretrained.resolve(str(ref), cfg, key=KEY)
+    source = pretrained.resolve(ref, cfg, key=KEY)
     model = load_teacher(source, task.name)
     positions = next((getattr(model.config, k) for k in ("max_position_embeddings", "n_positions")
                       if isinstance(getattr(model.config, k, None), int)), None)
@@ -161,8 +172,9 @@ def prepare(cfg: DictConfig, task: TaskSpec, mode: str = "fit") -> Teacher | Non
         raise config_error(KEY, f"the teacher attends to {positions} positions and the data feeds {needed}",
                            f"Lower data.block_size / data.max_length to at most {positions}.")
     tokenizer = load_pretrained(source, key=KEY)
-    teacher = Teacher(model, tokenizer, source, float(temperature), float(alpha))
-    log.info("Distilling from %s (%s, %.2fM parameters), T=%g, alpha=%g", source, type(model).__name__,
+    teacher = Teacher(model, tokenizer, pretrained.recorded_name(ref, source), float(temperature), float(alpha))
+    where = source if teacher.source == source else f"{teacher.source}, read from {source}"
+    log.info("Distilling from %s (%s, %.2fM parameters), T=%g, alpha=%g", where, type(model).__name__,
              teacher.n_parameters / 1e6, teacher.temperature, teacher.alpha)
     return teacher
 
@@ -188,21 +200,31 @@ def load_teacher(source: str, task_name: str) -> torch.nn.Module:
 
 
 def check_compatible(teacher: Teacher, student: torch.nn.Module, tokenizer: Any, task_name: str) -> None:
-    """Same token ids, same output space: otherwise the two sets of logits cannot be compared."""
+    """Same token ids, and the same labels or rows for every token: otherwise the logits cannot be compared."""
     if tokenizer is not teacher.tokenizer and tokenizer.get_vocab() != teacher.tokenizer.get_vocab():
         raise config_error(KEY, f"the teacher's tokenizer ({len(teacher.tokenizer)} tokens) differs from the "
                            f"student's ({len(tokenizer)} tokens), so they read different token ids",
                            "Leave model.pretrained and tokenizer.path unset (the student then takes the teacher's "
                            "tokenizer) or pick a teacher trained with the student's tokenizer.")
     t_cfg, s_cfg = teacher.model.config, student.config
-    if task_name in ("classification", "ner"):
+    if task_name in LABEL_TASKS:
         t_labels, s_labels = _labels(t_cfg), _labels(s_cfg)
         if t_labels != s_labels:
             raise config_error(KEY, f"the teacher predicts the labels {t_labels} and the data has {s_labels}",
                                "Distil on data with the teacher's label set (labels come from the training split).")
-    elif t_cfg.vocab_size != s_cfg.vocab_size:
-        raise config_error(KEY, f"the teacher's vocabulary has {t_cfg.vocab_size} entries and the student's "
-                           f"{s_cfg.vocab_size}", "Build the student with the teacher's tokenizer.")
+    else:
+        # Same tokenizer, so the first len(tokenizer) output rows of both models mean the same tokens;
+        # rows past those (padding) are left out of the comparison (Teacher.loss). Requiring equal
+        # vocab_size refused every teacher whose vocabulary is not a multiple of the student's
+        # model.vocab_multiple (GPT-2's 50,257, BERT's 30,522). Slicing, rather than building the
+        # student with the teacher's vocab_size, keeps the student's rows aligned for the GPU and
+        # also takes a teacher padded to another multiple.
+        for who, rows in (("teacher", t_cfg.vocab_size), ("student", s_cfg.vocab_size)):
+            if rows < len(tokenizer):
+                raise config_error(KEY, f"the {who}'s output layer has {rows} rows (config.vocab_size), fewer than "
+                                   f"the {len(tokenizer)} tokens of the tokenizer both read",
+                                   "Use a model whose config.vocab_size covers its tokenizer "
+                                   "(resize_token_embeddings, then save_pretrained).")
 
 
 def _labels(config: Any) -> list[str]:
@@ -215,6 +237,7 @@ def attach(teacher: Teacher | None, module: Any, tokenizer: Any, task_name: str)
     if teacher is None:
         return
     check_compatible(teacher, module.model, tokenizer, task_name)
+    teacher.vocabulary = None if task_name in LABEL_TASKS else len(tokenizer)
     module.teacher = teacher
 
 

@@ -4,27 +4,56 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from lmlab.errors import config_error, file_error
+from lmlab import atomic, fingerprint
+from lmlab.errors import LmlabError, config_error, file_error
 from lmlab.paths import is_local_reference
 from lmlab.specs import ModelSpec
 
 log = logging.getLogger(__name__)
 
 _RUN_ID = re.compile(r"[0-9a-f]{32}")
+# The keys that name a model to load; both take the references ``resolve`` accepts.
+REFERENCE_KEYS = ("model.pretrained", "distill.teacher")
+# What the cache entry of a downloaded run model records (beside its model/ folder).
+_SOURCE_FILE = "lmlab_source.json"
+
+
+def reference(cfg: DictConfig, key: str) -> str | None:
+    """The model reference at ``key`` (see REFERENCE_KEYS): None when unset or null, else its text.
+
+    An empty value is an error, not "unset": ``model.pretrained=$(lookup)`` whose lookup printed
+    nothing would otherwise train a random model, or drop the teacher, without a word.
+    """
+    value = OmegaConf.select(cfg, key, default=None)
+    if value is None:
+        return None
+    if not str(value).strip():
+        raise _empty(key)
+    return str(value)
+
+
+def _empty(key: str) -> LmlabError:
+    return config_error(key, "it is empty", "Give a directory, an MLflow run id or a hub name, or leave it out "
+                        f"({key}=null) to go without one.")
 
 
 def resolve(ref: str, cfg: DictConfig, key: str = "model.pretrained") -> str:
     """A local directory holding config.json, or a hub name left for transformers to fetch.
 
     ``key`` is the config key errors name (``distill.teacher`` accepts the same references).
+    An MLflow run id is resolved to its model downloaded into lmlab's cache (``paths.cache``).
     """
+    if not ref.strip():
+        raise _empty(key)
     path = Path(ref).expanduser()
     if path.is_dir():
         if (path / "quantization.json").exists() or (path / "quantized" / "quantization.json").exists():
@@ -48,6 +77,15 @@ def resolve(ref: str, cfg: DictConfig, key: str = "model.pretrained") -> str:
         raise config_error(key, f"'{ref}' does not exist (a relative path starts from {Path.cwd()})",
                            "Give an existing directory, an MLflow run id or a hub name.")
     return ref  # a hub name: only works online, and that is the user's choice
+
+
+def recorded_name(ref: str, resolved: str) -> str:
+    """What names a resolved model in MLflow params and logs.
+
+    An MLflow run id stays the run id: its local copy is only a cache entry. Anything else is the
+    directory (or hub name) ``resolve`` found.
+    """
+    return ref if _RUN_ID.fullmatch(ref) and not Path(ref).expanduser().is_dir() else resolved
 
 
 def _check_json(path: Path) -> None:
@@ -75,23 +113,89 @@ def _auto_config(ref: str, trust_remote_code: bool, key: str = "model.pretrained
 
 
 def _download_run_model(run_id: str, cfg: DictConfig, key: str = "model.pretrained") -> str:
-    import mlflow
+    """The ``model/`` artifact of MLflow run ``run_id``, in lmlab's cache: downloaded once per store.
 
+    A finished run's model does not change, so its cache entry is reused without asking MLflow
+    again (works offline, and a BERT-base is not copied again for every run). A run that has not
+    finished may still export (a resumed run does), so it is downloaded each time into the same entry.
+    """
     from lmlab.tracking import tracking_uri
 
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri(cfg))
+    uri = tracking_uri(cfg)
+    entry = run_model_entry(Path(str(cfg.paths.cache)), uri, run_id)
+    if _finished_entry(entry):
+        log.info("Using the model of MLflow run %s cached in %s", run_id, entry / "model")
+        return str(entry / "model")
+    status = _run_status(run_id, uri, key)
+    _download_into(entry, run_id, uri, status, key)
+    log.info("Downloaded the model of MLflow run %s to %s", run_id, entry / "model")
+    return str(entry / "model")
+
+
+def run_model_entry(cache: Path, uri: str, run_id: str) -> Path:
+    """Where the model of ``run_id`` in the store ``uri`` is cached: run ids are unique per store only."""
+    return Path(cache) / "mlflow_models" / fingerprint.of_params(tracking_uri=uri)[:16] / run_id
+
+
+def _finished_entry(entry: Path) -> bool:
     try:
-        client.get_run(run_id)
+        source = json.loads((entry / _SOURCE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return source.get("status") == "FINISHED" and (entry / "model" / "config.json").is_file()
+
+
+def _run_status(run_id: str, uri: str, key: str) -> str:
+    import mlflow
+
+    try:
+        return str(mlflow.MlflowClient(tracking_uri=uri).get_run(run_id).info.status)
     except Exception as exc:
-        raise config_error(key, f"no MLflow run '{run_id}' at {tracking_uri(cfg)}",
+        raise config_error(key, f"no MLflow run '{run_id}' at {uri}",
                            "Check the run id in the MLflow UI, or set logger.tracking_uri to its store.") from exc
-    target = Path(tempfile.mkdtemp(prefix=f"lmlab-{run_id[:8]}-"))
-    local = Path(client.download_artifacts(run_id, "model", str(target)))
-    if not (local / "config.json").exists():
-        raise config_error(key, f"MLflow run '{run_id}' has no exported model artifact",
-                           "Use a run that finished with export=true.")
-    log.info("Downloaded the model of MLflow run %s to %s", run_id, local)
-    return str(local)
+
+
+def _download_into(entry: Path, run_id: str, uri: str, status: str, key: str) -> None:
+    """Download into a folder beside ``entry``, then rename it there: never a half-written entry."""
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{run_id}.", dir=entry.parent))
+    try:
+        local = _download_model_artifact(run_id, uri, staging)
+        if local is None or not (local / "config.json").exists():
+            raise config_error(key, f"MLflow run '{run_id}' has no exported model artifact",
+                               "Use a run that finished with export=true.")
+        atomic.write_json(staging / _SOURCE_FILE, {"run_id": run_id, "tracking_uri": uri, "status": status})
+        atomic.plain_permissions(staging)  # mkdtemp's 0700 would keep other users of a shared cache out
+        _publish(staging, entry)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _download_model_artifact(run_id: str, uri: str, where: Path) -> Path | None:
+    """The run's ``model/`` artifact downloaded under ``where``; None when the run has none."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    if not any(a.path == "model" for a in client.list_artifacts(run_id)):
+        return None
+    return Path(client.download_artifacts(run_id, "model", str(where)))
+
+
+def _publish(staging: Path, entry: Path) -> None:
+    """``staging`` becomes ``entry``, unless another process has published a complete one meanwhile."""
+    if entry.exists() and not _finished_entry(entry):  # an unfinished run's earlier download: replaced
+        old = entry.with_name(f".{entry.name}.old.{os.getpid()}")
+        os.replace(entry, old)
+        shutil.rmtree(old, ignore_errors=True)
+    try:
+        os.rename(staging, entry)  # fails on an existing, non-empty entry: the first writer wins
+    except OSError:
+        if not (entry / "model" / "config.json").is_file():
+            raise
+        # Another process (a DDP rank, a parallel sweep job) published the same download first and
+        # may be reading it already: keep that one.
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def load_model(spec: ModelSpec, head: str, ref: str, updates: dict[str, Any], trust_remote_code: bool = False) -> Any:

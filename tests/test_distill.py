@@ -285,3 +285,64 @@ def test_bad_teachers_are_named(data: dict[str, Path], teacher_run, tmp_path: Pa
         lmlab(home, "task=summarization", f"distill.teacher={teacher.output_dir}")
     with pytest.raises(LmlabError, match=r"not supported with task.multi_label=true"):
         lmlab(home, *base, "task.multi_label=true", f"distill.teacher={teacher.output_dir}")
+
+
+# -- vocabularies, and teachers named by MLflow run id ---------------------------------------------
+def test_padding_rows_are_left_out_of_the_comparison(data: dict[str, Path]) -> None:
+    """The student's vocabulary is rounded up (model.vocab_multiple=64) and the teacher's is not: a
+    teacher that is the student cut to the tokenizer's ids teaches nothing new, so the KL is zero."""
+    torch.manual_seed(0)
+    module, dm, tokenizer = build(compose_cfg([*FAST, *TASK_ARGS["clm"](data)]))
+    module.eval()
+    assert module.model.config.vocab_size % 64 == 0 and len(tokenizer) % 64 != 0  # the case at hand
+    cut = copy.deepcopy(module.model)
+    cut.resize_token_embeddings(len(tokenizer))
+    teacher = distill.Teacher(cut, tokenizer, "cut", temperature=2.0, alpha=1.0)
+    distill.attach(teacher, module, tokenizer, "clm")
+    assert teacher.vocabulary == len(tokenizer)
+    batch = next(iter(dm.train_dataloader()))
+    assert module.training_step(batch, 0).item() == pytest.approx(0.0, abs=1e-5)
+
+    # A teacher with fewer output rows than the tokenizer has tokens cannot be compared.
+    short = copy.deepcopy(module.model)
+    short.resize_token_embeddings(len(tokenizer) - 1)
+    with pytest.raises(LmlabError, match=r"'distill.teacher': the teacher's output layer has \d+ rows"):
+        distill.attach(distill.Teacher(short, tokenizer, "short", 2.0, 1.0), module, tokenizer, "clm")
+
+
+def test_clm_student_distils_from_a_hugging_face_teacher_with_an_odd_vocabulary(data: dict[str, Path],
+                                                                               tmp_path: Path) -> None:
+    """A GPT-2 directory whose vocab_size is its tokenizer's length (GPT-2's own is 50,257) teaches a
+    student built with model.vocab_multiple=64 from the same tokenizer."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = compose_cfg([*FAST, *TASK_ARGS["clm"](data)])
+    spec = registry.get("model", "gpt2")
+    dm = registry.get("datamodule", cfg.data.datamodule)(cfg.data, packing="causal", cache_dir=cfg.paths.cache,
+                                                          seed=int(cfg.seed))
+    tokenizer, _ = get_tokenizer(cfg.tokenizer, spec, dm.texts_for_tokenizer, dm.fingerprint, Path(cfg.paths.cache))
+    assert len(tokenizer) % 64 != 0
+    teacher_dir = tmp_path / "hf_teacher"
+    config = GPT2Config(vocab_size=len(tokenizer), n_layer=1, n_embd=32, n_head=2, n_positions=128)
+    GPT2LMHeadModel(config).save_pretrained(teacher_dir)
+    tokenizer.save_pretrained(teacher_dir)
+
+    result = lmlab(tmp_path, *TASK_ARGS["clm"](data), f"distill.teacher={teacher_dir}", "trainer.max_steps=4")
+    client = mlflow.MlflowClient(tracking_uri=result.tracking_uri)
+    r = client.get_run(result.run_id)
+    assert r.info.status == "FINISHED" and r.data.params["distill/teacher_source"] == str(teacher_dir)
+    assert all(math.isfinite(m.value) for m in client.get_metric_history(result.run_id, "train/kd_loss"))
+    assert "teacher/val/loss" in result.metrics
+    from transformers import AutoConfig
+
+    assert AutoConfig.from_pretrained(str(result.export_dir)).vocab_size == -(-len(tokenizer) // 64) * 64
+
+
+def test_a_teacher_named_by_run_id_is_recorded_by_its_run_id(data: dict[str, Path], teacher_run) -> None:
+    home, teacher = teacher_run
+    result = lmlab(home, "task=classification", f"data.path={data['rotten']}", f"distill.teacher={teacher.run_id}",
+                   "model.config.num_hidden_layers=1", "trainer.max_steps=2")
+    params = mlflow.MlflowClient(tracking_uri=result.tracking_uri).get_run(result.run_id).data.params
+    assert params["distill/teacher_source"] == teacher.run_id
+    cached = list((home / "cache" / "mlflow_models").glob(f"*/{teacher.run_id}/model/config.json"))
+    assert len(cached) == 1  # downloaded into lmlab's cache, not a temporary folder

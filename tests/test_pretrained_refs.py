@@ -1,0 +1,126 @@
+"""model.pretrained / distill.teacher references: an empty value is an error, and an MLflow run id is
+downloaded once into lmlab's cache (keyed by store and run), atomically, then reused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+from conftest import TINY, compose_cfg
+
+from lmlab import pretrained
+from lmlab.checks import check_numbers
+from lmlab.errors import LmlabError
+from lmlab.tracking import default_tracking_uri
+from lmlab.train import run
+
+
+# -- empty references ------------------------------------------------------------------------------
+@pytest.mark.parametrize("key", pretrained.REFERENCE_KEYS)
+@pytest.mark.parametrize("value", ["", "' '"])
+def test_an_empty_reference_is_an_error_naming_the_key(key: str, value: str, lmlab_home: Path) -> None:
+    # model.pretrained=$(lookup) with a lookup that printed nothing must not train from scratch.
+    cfg = compose_cfg([*TINY, "task=classification", f"{key}={value}"])
+    with pytest.raises(LmlabError) as caught:
+        run(cfg)
+    message = str(caught.value)
+    assert message.startswith(f"config key '{key}': it is empty"), message
+    assert "MLflow run id" in message and f"{key}=null" in message
+    assert not (lmlab_home / "mlflow.db").exists()  # stopped before any MLflow run was opened
+    with pytest.raises(LmlabError, match=f"'{key}': it is empty"):
+        pretrained.resolve(" ", cfg, key=key)
+
+
+def test_null_or_unset_references_stay_unset() -> None:
+    cfg = compose_cfg([*TINY, "model.pretrained=null"])
+    check_numbers(cfg)  # no error
+    assert pretrained.reference(cfg, "model.pretrained") is None
+    assert pretrained.reference(cfg, "distill.teacher") is None
+    cfg = compose_cfg([*TINY, "model.pretrained=some/dir"])
+    assert pretrained.reference(cfg, "model.pretrained") == "some/dir"
+
+
+# -- MLflow run ids --------------------------------------------------------------------------------
+def _run_with_model(home: Path, tmp_path: Path, finished: bool = True, with_model: bool = True) -> str:
+    """A run in the embedded store lmlab uses under ``home``, holding a tiny model/ artifact."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    client = mlflow.MlflowClient(tracking_uri=default_tracking_uri(home))
+    name = f"refs-{len(list(tmp_path.iterdir()))}"
+    experiment = client.create_experiment(name, artifact_location=(tmp_path / "artifacts" / name).as_uri())
+    run_id = client.create_run(experiment).info.run_id
+    model = tmp_path / "model_src" / name
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16, n_positions=16)).save_pretrained(model)
+    client.log_artifacts(run_id, str(model), "model" if with_model else "other")
+    if finished:
+        client.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
+class CountDownloads:
+    def __init__(self, monkeypatch: pytest.MonkeyPatch):
+        self.calls = 0
+        real = mlflow.MlflowClient.download_artifacts
+
+        def counting(client, *args, **kwargs):
+            self.calls += 1
+            return real(client, *args, **kwargs)
+
+        monkeypatch.setattr(mlflow.MlflowClient, "download_artifacts", counting)
+
+
+def _staging_left(root: Path) -> list[Path]:
+    return [p for p in root.rglob(".*")] if root.exists() else []
+
+
+def test_a_run_id_is_downloaded_once_into_the_cache_and_reused(lmlab_home: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    scratch = tmp_path / "system_tmp"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    monkeypatch.setattr("tempfile.tempdir", None)  # re-read TMPDIR: nothing may land there
+    run_id = _run_with_model(lmlab_home, tmp_path)
+    downloads = CountDownloads(monkeypatch)
+    cfg = compose_cfg(TINY)
+    cache = Path(str(cfg.paths.cache))
+
+    first = Path(pretrained.resolve(run_id, cfg))
+    assert downloads.calls == 1
+    assert first.is_relative_to(cache / "mlflow_models") and (first / "config.json").is_file()
+    assert run_id in first.parts
+    source = json.loads((first.parent / "lmlab_source.json").read_text())
+    assert source == {"run_id": run_id, "status": "FINISHED", "tracking_uri": default_tracking_uri(lmlab_home)}
+
+    second = Path(pretrained.resolve(run_id, cfg, key="distill.teacher"))
+    assert second == first and downloads.calls == 1  # reused, not downloaded again
+    assert list(scratch.iterdir()) == [] and _staging_left(cache) == []
+    # The same run id in another store is another model.
+    other = pretrained.run_model_entry(cache, "http://elsewhere:5000", run_id)
+    assert other != first.parent and other.name == run_id
+    assert pretrained.recorded_name(run_id, str(first)) == run_id
+    assert pretrained.recorded_name(str(tmp_path), str(tmp_path / "export")) == str(tmp_path / "export")
+
+
+def test_an_unfinished_run_is_downloaded_again(lmlab_home: Path, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # A run that has not finished may export again (resumed): its cache entry is not trusted.
+    run_id = _run_with_model(lmlab_home, tmp_path, finished=False)
+    downloads = CountDownloads(monkeypatch)
+    cfg = compose_cfg(TINY)
+    first = pretrained.resolve(run_id, cfg)
+    assert pretrained.resolve(run_id, cfg) == first and downloads.calls == 2
+    assert (Path(first) / "config.json").is_file()
+    assert _staging_left(Path(str(cfg.paths.cache))) == []
+
+
+def test_a_run_without_a_model_leaves_nothing_in_the_cache(lmlab_home: Path, tmp_path: Path) -> None:
+    run_id = _run_with_model(lmlab_home, tmp_path, with_model=False)
+    cfg = compose_cfg(TINY)
+    with pytest.raises(LmlabError, match=f"'distill.teacher': MLflow run '{run_id}' has no exported model"):
+        pretrained.resolve(run_id, cfg, key="distill.teacher")
+    with pytest.raises(LmlabError, match=f"'model.pretrained': no MLflow run '{'0' * 32}'"):
+        pretrained.resolve("0" * 32, cfg)
+    store = pretrained.run_model_entry(Path(str(cfg.paths.cache)), default_tracking_uri(lmlab_home), run_id).parent
+    assert list(store.iterdir()) == []  # neither an entry nor a staging folder
