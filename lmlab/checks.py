@@ -13,6 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lmlab.errors import config_error
+from lmlab.pretrained import REFERENCE_KEYS, reference
 from lmlab.resolvers import REQUIRED
 
 _ABSENT = object()
@@ -104,8 +105,19 @@ def check_required(cfg: DictConfig) -> None:
                            f"Add {key}=... to the command line.")
 
 
+def check_references(cfg: DictConfig) -> None:
+    """model.pretrained / distill.teacher name a model or are unset (null), never empty.
+
+    Everything downstream reads them with a truth test, so ``model.pretrained=`` (a shell
+    ``$(...)`` that printed nothing) would silently mean "from scratch" or "no teacher".
+    """
+    for key in REFERENCE_KEYS:
+        reference(cfg, key)
+
+
 def check_numbers(cfg: DictConfig) -> None:
     check_required(cfg)
+    check_references(cfg)  # before the lr resolver (lmlab.if_pretrained) or anything else reads them
     for number in NUMBERS:
         number.check(cfg)
 
@@ -114,10 +126,35 @@ def check_accelerator(cfg: DictConfig) -> None:
     """A GPU preset (trainer=gpu/ddp/fsdp/deepspeed) on a machine without a CUDA GPU, named up front.
 
     Lightning would say so too, but only when the Trainer is built: after the data is read and an
-    MLflow run is opened (and left FAILED), and in words that vary by version.
+    MLflow run is opened (and left FAILED), and in words that vary by version. The advice depends
+    on the preset: each strategy has its own way (or none) of running on CPU processes.
     """
-    accelerator = str((cfg.get("trainer") or {}).get("accelerator", "auto"))
+    trainer = cfg.get("trainer") or {}
+    accelerator = str(trainer.get("accelerator", "auto"))
+    strategy = strategy_kind(trainer.get("strategy"))
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise config_error("trainer.accelerator", f"it is '{accelerator}' (the trainer preset's), but this "
-                           "machine has no CUDA GPU", "Add trainer.accelerator=cpu (DDP then runs with gloo on "
-                           "CPU processes) or use trainer=cpu.")
+                           "machine has no CUDA GPU", NO_GPU_ADVICE[strategy])
+    if accelerator == "cpu" and strategy == "deepspeed":
+        raise config_error("trainer.accelerator", "it is 'cpu', and DeepSpeed runs on CUDA GPUs only",
+                           CPU_INSTEAD[0].upper() + CPU_INSTEAD[1:] + ".")
+    if accelerator == "cpu" and str(trainer.get("devices")) == "-1":
+        raise config_error("trainer.devices", "it is -1 (every GPU, the preset's), which means nothing with "
+                           "trainer.accelerator=cpu", "Give the number of CPU processes, e.g. trainer.devices=2, or use "
+                           "trainer=ddp_cpu.")
+
+
+# What to do instead, by the preset's strategy (strategy_kind).
+CPU_INSTEAD = "use trainer=cpu, or trainer=ddp_cpu to try several processes on CPU"
+NO_GPU_ADVICE = {
+    "single": "Use trainer=cpu, or add trainer.accelerator=cpu.",
+    "ddp": "Use trainer=ddp_cpu: DDP over 2 CPU processes with gloo, with trainer=cpu's fp32 and run length.",
+    "fsdp": f"FSDP needs GPUs: {CPU_INSTEAD}.",
+    "deepspeed": f"DeepSpeed needs GPUs: {CPU_INSTEAD}.",
+}
+
+
+def strategy_kind(strategy: object) -> str:
+    """``trainer.strategy`` (a name, or a ``_target_`` node) as one of NO_GPU_ADVICE's keys."""
+    name = str(strategy.get("_target_", "")) if isinstance(strategy, (dict, DictConfig)) else str(strategy or "")
+    return next((kind for kind in ("deepspeed", "fsdp", "ddp") if kind in name.lower()), "single")

@@ -89,7 +89,7 @@ def make_files(d: Path) -> None:
     whole = d / "whole.ckpt"
     torch.save({"state_dict": {"w": torch.zeros(4096)}, "global_step": 3}, whole)
     (d / "truncated.ckpt").write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
-    # A run directory whose run finished: nothing to resume.
+    # A run directory whose run finished at step 3.
     finished = d / "finished_run"
     (finished / "checkpoints").mkdir(parents=True)
     shutil.copy(whole, finished / "checkpoints" / "last.ckpt")
@@ -184,6 +184,11 @@ CASES: dict[str, Bad] = {
     "task_without_head": Bad(["task=summarization", "model=bert"], ["summarization", "bert"]),
     "val_fraction_above_one": Bad(["data.val_fraction=1.5"], ["data.val_fraction", "1.5"]),
     "resume_outside_fit": Bad(["mode=test", "model.pretrained={d}/bert_model", "resume=auto"], ["resume", "mode=test"]),
+    # an empty value (a shell $(...) that printed nothing) is not "unset": no silent random model
+    "empty_pretrained": Bad([*CLS, "model.pretrained="], ["model.pretrained", "it is empty", "model.pretrained=null"]),
+    "empty_pretrained_in_test_mode": Bad([*CLS, "mode=test", "model.pretrained="], ["model.pretrained", "it is empty"]),
+    "empty_teacher": Bad(["distill.teacher="], ["distill.teacher", "it is empty"]),
+    "empty_pretrained_with_resume": Bad(["model.pretrained=", "resume=auto"], ["model.pretrained", "it is empty"]),
     # data files
     "missing_data_file": Bad([], ["data.path", "no_such_corpus.txt"], data="data.path={d}/no_such_corpus.txt"),
     "empty_data_file": Bad([], ["empty.txt"], data="data.path={d}/empty.txt"),
@@ -224,7 +229,9 @@ CASES: dict[str, Bad] = {
     "resume_garbage_checkpoint": Bad(["resume={d}/garbage.ckpt"], ["garbage.ckpt", "not a readable checkpoint"]),
     "resume_truncated_checkpoint": Bad(["resume={d}/truncated.ckpt"], ["truncated.ckpt", "not a readable checkpoint"]),
     "resume_auto_without_runs": Bad(["resume=auto"], ["resume=auto", "no unfinished"]),
-    "resume_finished_run": Bad(["resume={d}/finished_run"], ["resume", "finished"]),
+    # Finished at step 3: resumable only with trainer.max_steps past 3 (to train longer).
+    "resume_finished_run": Bad(["resume={d}/finished_run", "trainer.max_steps=3"],
+                               ["resume", "finished at step 3", "trainer.max_steps above 3"]),
     # plugins
     "unknown_registered_task": Bad(["task.name=nope"], ["unknown task 'nope'", "clm"]),
     "unknown_datamodule": Bad(["data.datamodule=nope"], ["unknown datamodule 'nope'", "text",
@@ -382,6 +389,8 @@ CLI_CASES = {
     "resume_garbage_checkpoint": (["resume={d}/garbage.ckpt"], ["garbage.ckpt", "not a readable checkpoint"]),
     "missing_data_file": (["data.path={d}/no_such_corpus.txt"], ["data.path", "no_such_corpus.txt"]),
     "vocab_size_not_a_number": (["task=mlm", "tokenizer.vocab_size=abc"], ["tokenizer.vocab_size", "abc"]),
+    # README's MiniLM example when its $(python -c ...) lookup prints nothing
+    "empty_pretrained": (["task=classification", "model.pretrained="], ["model.pretrained", "it is empty"]),
 }
 
 
@@ -417,16 +426,47 @@ def test_bad_input_on_the_command_line(name: str, files: Path, cli_outcomes: dic
 
 
 
+# The advice must fit the preset: following it must not lead to another dead end.
+NO_GPU_ADVICE = {
+    "gpu": ["Use trainer=cpu, or add trainer.accelerator=cpu."],
+    "ddp": ["trainer=ddp_cpu", "DDP", "gloo"],
+    "fsdp": ["FSDP needs GPUs", "trainer=ddp_cpu"],
+    "deepspeed": ["DeepSpeed needs GPUs", "trainer=ddp_cpu"],
+}
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
-@pytest.mark.parametrize("preset", ["gpu", "ddp", "fsdp", "deepspeed"])
+@pytest.mark.parametrize("preset", list(NO_GPU_ADVICE))
 def test_a_gpu_preset_without_a_gpu_stops_before_any_data_or_mlflow_work(preset: str, wiki_file: Path,
                                                                        lmlab_home: Path) -> None:
     cfg = compose_cfg([*TINY, f"data.path={wiki_file}", f"trainer={preset}"])
     with pytest.raises(LmlabError) as caught:
         run(cfg)
     message = str(caught.value)
-    assert "'trainer.accelerator'" in message and "no CUDA GPU" in message and "trainer.accelerator=cpu" in message
+    assert "'trainer.accelerator'" in message and "no CUDA GPU" in message
+    for words in NO_GPU_ADVICE[preset]:
+        assert words in message, (words, message)
+    if preset != "ddp":
+        assert "gloo" not in message and "DDP" not in message, message  # no DDP involved
     assert not (lmlab_home / "mlflow.db").exists()  # no FAILED run left behind
+
+
+@pytest.mark.parametrize(("overrides", "words"), [
+    # DeepSpeed has no CPU accelerator: not "install deepspeed (needs a CUDA toolkit)" after the data work.
+    (["trainer=deepspeed", "trainer.accelerator=cpu"],
+     ["'trainer.accelerator'", "DeepSpeed runs on CUDA GPUs only", "trainer=ddp_cpu"]),
+    # The GPU presets' devices=-1 ("every GPU") is refused by Lightning's CPU accelerator.
+    (["trainer=ddp", "trainer.accelerator=cpu"], ["'trainer.devices'", "-1", "trainer.devices=2"]),
+])
+def test_gpu_presets_moved_to_cpu_are_checked_up_front(overrides: list[str], words: list[str], wiki_file: Path,
+                                                       lmlab_home: Path) -> None:
+    cfg = compose_cfg([*TINY, f"data.path={wiki_file}", *overrides])
+    with pytest.raises(LmlabError) as caught:
+        run(cfg)
+    for word in words:
+        assert word in str(caught.value), (word, str(caught.value))
+    assert "Install" not in str(caught.value)
+    assert not (lmlab_home / "mlflow.db").exists()
 
 
 # -- a relative path with a typo is a path, not a hub name ------------------------------------------
