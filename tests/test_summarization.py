@@ -228,3 +228,16 @@ def test_export_reloads_with_auto_classes(runs: dict, model: str) -> None:
     assert torch.allclose(got, want, atol=1e-5)
     generated = exported.generate(**inputs, max_new_tokens=5)
     assert generated.shape[0] == 1
+
+
+def test_decoding_stops_at_the_token_summaries_end_with() -> None:
+    # WordPiece has no eos: summaries are packed ending with [SEP], so generation must stop there.
+    from omegaconf import OmegaConf
+
+    from lmlab.tasks.summarization import generation_settings
+    from lmlab.tokenization import train_wordpiece
+
+    tok = train_wordpiece(["a short headline about markets", "another text"] * 20, 200, 1, True)
+    assert tok.eos_token_id is None
+    settings = generation_settings(OmegaConf.create({"generation": {}}), tok)
+    assert settings["eos_token_id"] == tok.sep_token_id and settings["pad_token_id"] == tok.pad_token_id

@@ -54,6 +54,7 @@ from lmlab.data.loaders import make_loader
 from lmlab.data.sources import SPLIT_STEMS, decode_file, json_records
 from lmlab.data.unlabelled import read_records
 from lmlab.errors import LmlabError, config_error, file_error
+from lmlab.models.build import special_token_ids
 from lmlab.specs import TaskSpec
 from lmlab.step_logging import log_step
 
@@ -453,10 +454,12 @@ def _end_with(ids: list[int], eos: int, limit: int | None) -> list[int]:
 def generation_settings(task_cfg: DictConfig, tokenizer: Any) -> dict[str, Any]:
     """``model.generate`` arguments from ``task.generation``: what test, predict and the export decode with."""
     gen = task_cfg.get("generation") or {}
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    # Summaries end with eos, or sep for a tokenizer without one (WordPiece): decoding stops there.
+    ids = special_token_ids(tokenizer)
+    pad = ids["pad_token_id"] if ids["pad_token_id"] is not None else ids["eos_token_id"]
     settings: dict[str, Any] = {"max_new_tokens": int(gen.get("max_new_tokens", 48)),
                                 "num_beams": int(gen.get("num_beams", 1)), "do_sample": False,
-                                "pad_token_id": pad, "eos_token_id": tokenizer.eos_token_id}
+                                "pad_token_id": pad, "eos_token_id": ids["eos_token_id"]}
     # Beam-only settings on a greedy config make GenerationConfig warn, and refuse to save in strict mode.
     if settings["num_beams"] > 1:
         settings["length_penalty"] = float(gen.get("length_penalty", 1.0))
