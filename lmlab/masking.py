@@ -8,7 +8,9 @@ per word, and all subword pieces of a chosen word are masked together.
 
 from __future__ import annotations
 
+import hashlib
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -27,6 +29,36 @@ def word_starts(input_ids: torch.Tensor, continuation: torch.Tensor, special: to
     return starts
 
 
+@dataclass(frozen=True)
+class Draws:
+    """The random numbers one masking reads, each shaped like the input ids."""
+
+    choose: torch.Tensor  # uniform: a position (or the word it starts) is chosen below mlm_probability
+    how: torch.Tensor  # uniform: [MASK], a random token or unchanged
+    token: torch.Tensor  # the random token ids
+
+
+def row_seeded_draws(input_ids: torch.Tensor, vocab_size: int, seed: int) -> Draws:
+    """Draws that depend on each row's own tokens and ``seed`` only, for validation.
+
+    A generator seeded per batch gives a row other masks when the batching changes (another
+    eval batch size, another number of processes), and the validation loss with them; seeding by
+    the row's content keeps its masks, so val/loss compares across batchings. Drawn on the CPU,
+    one small generator per row: validation reads the ids on the host anyway.
+    """
+    rows = input_ids.detach().to("cpu", torch.int64)
+    choose, how, token = [], [], []
+    for row in rows:
+        key = int.from_bytes(hashlib.blake2b(row.numpy().tobytes(), digest_size=8).digest(), "little")
+        generator = torch.Generator().manual_seed((seed * 0x9E3779B97F4A7C15 + key) % 2**63)
+        choose.append(torch.rand(row.shape, generator=generator))
+        how.append(torch.rand(row.shape, generator=generator))
+        token.append(torch.randint(vocab_size, row.shape, generator=generator))
+    device = input_ids.device
+    return Draws(torch.stack(choose).to(device), torch.stack(how).to(device),
+                 torch.stack(token).to(device, input_ids.dtype))
+
+
 def mask_tokens(
     input_ids: torch.Tensor,
     special: torch.Tensor,
@@ -39,15 +71,19 @@ def mask_tokens(
     starts: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     max_chosen: int | None = None,
+    draws: Draws | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Masked inputs and labels (IGNORE_INDEX where nothing is predicted); ``input_ids`` is kept.
+
+    The random numbers come from ``draws`` when given (``row_seeded_draws``), else from
+    ``generator`` (or torch's default one), drawn on the device.
 
     ``max_chosen`` caps the number of chosen positions in the batch (the first ones in row-major
     order are kept): what :func:`chosen_rows` reads must fit in its fixed size. A position over the
     cap is neither corrupted nor predicted, as if it had not been drawn.
     """
     shape, device = input_ids.shape, input_ids.device
-    draw = torch.rand(shape, device=device, generator=generator)
+    draw = draws.choose if draws is not None else torch.rand(shape, device=device, generator=generator)
     if starts is not None:
         # Every piece takes the draw of the piece that starts its word.
         word_index = torch.cumsum(starts.long(), dim=1) - 1  # (B, T), in [0, T)
@@ -57,10 +93,13 @@ def mask_tokens(
         chosen &= chosen.flatten().cumsum(0).view(shape) <= max_chosen
     labels = torch.where(chosen, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
 
-    how = torch.rand(shape, device=device, generator=generator)
+    if draws is not None:
+        how, random_ids = draws.how, draws.token
+    else:
+        how = torch.rand(shape, device=device, generator=generator)
+        random_ids = torch.randint(vocab_size, shape, device=device, generator=generator, dtype=input_ids.dtype)
     to_mask = chosen & (how < mask_replace_prob)
     to_random = chosen & (how >= mask_replace_prob) & (how < mask_replace_prob + random_replace_prob)
-    random_ids = torch.randint(vocab_size, shape, device=device, generator=generator, dtype=input_ids.dtype)
     masked = torch.where(to_mask, torch.full_like(input_ids, mask_token_id), input_ids)
     masked = torch.where(to_random, random_ids, masked)
     return masked, labels

@@ -367,3 +367,38 @@ def test_check_probabilities():
         assert message and "mlm_probability" in message
     negative = check_probabilities(0.15, -0.1, 0.1)
     assert negative and "mask_replace_prob" in negative
+
+
+def test_validation_masks_follow_each_row_not_its_batch() -> None:
+    # val/loss must not move with data.eval_batch_size or the number of processes.
+    from omegaconf import OmegaConf
+
+    from lmlab.masking import row_seeded_draws
+    from lmlab.tasks.mlm import VAL_MASK_SEED, build_module
+    from test_perf_models import BertTok, _tiny_bert
+
+    ids = torch.randint(5, 50, (4, 64), generator=torch.Generator().manual_seed(0))
+    whole = row_seeded_draws(ids, 50, VAL_MASK_SEED)
+    for i in range(4):
+        alone = row_seeded_draws(ids[i : i + 1], 50, VAL_MASK_SEED)
+        for field in ("choose", "how", "token"):
+            assert torch.equal(getattr(whole, field)[i], getattr(alone, field)[0]), (i, field)
+    assert not torch.equal(whole.choose, row_seeded_draws(ids, 50, VAL_MASK_SEED + 1).choose)
+    assert not torch.equal(whole.choose[0], whole.choose[1])  # rows differ, so do their draws
+
+    cfg = OmegaConf.create({"task": {"nsp": False, "whole_word_mask": False, "mlm_probability": 0.15,
+                                     "mask_replace_prob": 0.8, "random_replace_prob": 0.1, "fixed_size_gather": False},
+                            "optimizer": {}, "scheduler": {}, "model": {"compile": False}})
+    module = build_module(cfg, _tiny_bert(), BertTok()).eval()
+
+    def loss_and_count(batches: list[torch.Tensor]) -> tuple[float, int]:
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for b in batches:
+                r = module._forward({"input_ids": b}, draws=row_seeded_draws(b, module.vocab_size, VAL_MASK_SEED))
+                total, count = total + float(r["mlm_sum"]), count + int(r["count"])
+        return total, count
+
+    one_batch, two_batches = loss_and_count([ids]), loss_and_count([ids[:2], ids[2:]])
+    assert one_batch[1] == two_batches[1] > 0
+    assert one_batch[0] == pytest.approx(two_batches[0], rel=1e-5)

@@ -18,8 +18,8 @@ from lmlab.errors import LmlabError, config_error
 from lmlab.specs import TaskSpec
 from lmlab.step_logging import log_step
 
-# Validation masks are drawn from a generator seeded per batch, so val loss is comparable
-# between evaluations and between runs.
+# Validation masks are seeded by each row's tokens (masking.row_seeded_draws), so val loss is
+# comparable between evaluations, runs, eval batch sizes and process counts.
 VAL_MASK_SEED = 1234
 
 
@@ -112,7 +112,7 @@ class MaskedLMModule(L.LightningModule):
                                        bool(self.task_cfg.whole_word_mask))
 
     def _mask(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None,
-              max_chosen: int | None = None):
+              max_chosen: int | None = None, draws: masking.Draws | None = None):
         ids = batch["input_ids"]
         special = torch.isin(ids, self.special_ids)
         if "attention_mask" in batch:
@@ -123,12 +123,13 @@ class MaskedLMModule(L.LightningModule):
             mlm_probability=float(self.task_cfg.mlm_probability),
             mask_replace_prob=float(self.task_cfg.mask_replace_prob),
             random_replace_prob=float(self.task_cfg.random_replace_prob), starts=starts, generator=generator,
-            max_chosen=max_chosen,
+            max_chosen=max_chosen, draws=draws,
         )
 
-    def _forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None):
+    def _forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None,
+                 draws: masking.Draws | None = None):
         rows = self._fixed_rows(batch["input_ids"])
-        inputs, labels = self._mask(batch, generator, rows)
+        inputs, labels = self._mask(batch, generator, rows, draws)
         chosen = labels != masking.IGNORE_INDEX
         if rows is None:
             def pick(x: torch.Tensor) -> torch.Tensor:
@@ -188,8 +189,7 @@ class MaskedLMModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        generator = torch.Generator(device=batch["input_ids"].device).manual_seed(VAL_MASK_SEED + batch_idx)
-        r = self._forward(batch, generator)
+        r = self._forward(batch, draws=masking.row_seeded_draws(batch["input_ids"], self.vocab_size, VAL_MASK_SEED))
         self.val_sums["loss"].update(r["mlm_sum"])
         self.val_sums["tokens"].update(r["count"])
         self.val_sums["correct"].update(r["correct"])
