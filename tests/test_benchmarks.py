@@ -109,7 +109,10 @@ def test_cpu_vs_hf_trainer_times_both_sides_and_both_pipelines(tmp_path: Path) -
     lmlab, hf = (dict(zip(header, rows[name])) for name in ("lmlab", "HF Trainer"))
     rates = {name: float(side["tokens/s"].replace(",", "")) for name, side in (("lmlab", lmlab), ("hf", hf))}
     assert rates["lmlab"] > 0 and rates["hf"] > 0
-    assert lmlab["vs HF Trainer"] == f"{rates['lmlab'] / rates['hf']:.2f}x" and hf["vs HF Trainer"] == "1.00x"
+    # The ratio comes from the unrounded rates; the table prints whole tokens/s, so the ratio of
+    # the printed figures may differ from it in the last digit.
+    assert lmlab["vs HF Trainer"].endswith("x") and hf["vs HF Trainer"] == "1.00x"
+    assert float(lmlab["vs HF Trainer"][:-1]) == pytest.approx(rates["lmlab"] / rates["hf"], abs=0.011)
     for side in (lmlab, hf):
         assert 0.0 <= float(side["between steps"].rstrip("%")) < 100.0
         assert 0.0 < float(side["MFU"].rstrip("%")) < 200.0 or side["MFU"] == "—"  # — off x86
