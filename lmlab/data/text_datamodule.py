@@ -24,6 +24,7 @@ from lmlab.data import packing as layout
 from lmlab.data.loaders import make_loader
 from lmlab.data.sources import Corpus, load_corpus
 from lmlab.errors import LmlabError, config_error
+from lmlab.models.build import special_token_ids
 from lmlab.tokenization import encode_texts
 
 log = logging.getLogger(__name__)
@@ -140,7 +141,7 @@ class TextDataModule(L.LightningDataModule):
         vocab = len(tok)
         if self.packing_mode == "causal":
             ids = encode_texts(tok, docs, num_proc)
-            eos = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
+            eos = special_token_ids(tok)["eos_token_id"]
             return {"input_ids": layout.pack_causal(ids, self.block_size, eos, vocab)}
         for attr in ("cls_token_id", "sep_token_id"):
             if getattr(tok, attr, None) is None:

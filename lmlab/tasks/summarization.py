@@ -381,7 +381,7 @@ class SummarizationDataModule(L.LightningDataModule):
         if self.tokenizer is None:
             raise LmlabError("SummarizationDataModule.setup() needs set_tokenizer() first")
         tok = self.tokenizer
-        eos = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
+        eos = special_token_ids(tok)["eos_token_id"]
         if eos is None:
             raise LmlabError("the tokenizer has no EOS (or SEP) token to end summaries with")
         # Decoder-only layout: the prompt is document + separator; the summary follows it.
@@ -652,7 +652,7 @@ def predict(cfg: DictConfig, module: SummarizationModule, tokenizer: Any, traine
     rows = read_records(Path(str(data.path)), [doc_key], "data.document_field", str(data.encoding), optional=(sum_key,))
     documents = [_clean(r[doc_key]) for r in rows]
     layout = module.layout
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    eos = special_token_ids(tokenizer)["eos_token_id"]
     separator = tokenizer([str(data.get("separator") or "")], add_special_tokens=False)["input_ids"][0] \
         if layout == "causal" and data.get("separator") else []
     max_source, _ = limits(data, layout, len(separator))
