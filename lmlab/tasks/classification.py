@@ -38,7 +38,7 @@ from torchmetrics.classification import (
     MultilabelF1Score,
 )
 
-from lmlab import fingerprint, optim
+from lmlab import fingerprint, optim, padding_masks
 from lmlab.data import labels as model_labels
 from lmlab.data.catalog import package_dir
 from lmlab.data.loaders import make_loader
@@ -303,7 +303,7 @@ class PadCollator:
             batch[key] = out
         batch["labels"] = torch.stack([r["labels"] for r in rows])
         batch["index"] = torch.tensor([r["index"] for r in rows], dtype=torch.long)
-        return batch
+        return padding_masks.drop_if_unpadded(batch, [len(r["input_ids"]) for r in rows])
 
 
 class ClassificationDataModule(L.LightningDataModule):
@@ -532,7 +532,8 @@ class ClassificationModule(L.LightningModule):
         self.teacher: Any = None
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+        inputs = {k: batch[k] for k in ("input_ids", "token_type_ids") if k in batch}
+        inputs["attention_mask"] = padding_masks.for_model(self.model, batch.get("attention_mask"))
         return self.model(**inputs).logits.float()
 
     def loss_sum(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

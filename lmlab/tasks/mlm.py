@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torchmetrics import SumMetric
 
-from lmlab import masking, optim
+from lmlab import masking, optim, padding_masks
 from lmlab.compiling import compile_function, compile_in_place
 from lmlab.fastpath import lean_body, modules_callable_one_by_one
 from lmlab.errors import LmlabError, config_error
@@ -64,18 +64,6 @@ def continuation_table(tokenizer: Any) -> torch.Tensor:
         table[index] = marked if MARKS_CONTINUATION[marker] else not marked
     return table
 
-
-def attention_mask(model: torch.nn.Module, mask: torch.Tensor | None) -> torch.Tensor | None:
-    """The padding mask as the model's attention takes it without making the host wait for the GPU.
-
-    Given a (B, T) mask, transformers asks ``mask.all()`` on the host each forward (to drop a mask
-    without padding); a (B, 1, 1, T) boolean mask (True: attend) goes to SDPA as it is. Sentence
-    pairs are padded to the block, so the mask is needed either way. Eager attention wants an
-    additive float mask instead: it keeps the 2-D one.
-    """
-    if mask is None or mask.dim() != 2 or getattr(model.config, "_attn_implementation", None) != "sdpa":
-        return mask
-    return mask[:, None, None, :].bool()
 
 class MaskedLMModule(L.LightningModule):
     def __init__(self, model: torch.nn.Module, tokenizer: Any, task: DictConfig, optimizer: DictConfig,
@@ -157,7 +145,7 @@ class MaskedLMModule(L.LightningModule):
     def _logits(self, inputs: torch.Tensor, batch: dict[str, torch.Tensor],
                 pick: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Vocabulary logits at the rows ``pick`` takes from (B, T, ...) (M, V), and the NSP logits (B, 2) or None."""
-        kwargs = {"input_ids": inputs, "attention_mask": attention_mask(self.model, batch.get("attention_mask")),
+        kwargs = {"input_ids": inputs, "attention_mask": padding_masks.for_model(self.model, batch.get("attention_mask")),
                   "token_type_ids": batch.get("token_type_ids")}
         if self.sparse_head:
             # The prediction head works position by position, so it only needs the ~15% chosen

@@ -45,7 +45,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics import Metric, SumMetric
 
-from lmlab import fingerprint, optim
+from lmlab import fingerprint, optim, padding_masks
 from lmlab.data import labels as model_labels
 from lmlab.data.catalog import package_dir
 from lmlab.data.loaders import make_loader
@@ -434,7 +434,7 @@ class TokenCollator:
             width = max(len(r[key]) for r in rows)
             pad = self.PAD.get(key, self.pad_token_id)
             batch[key] = torch.tensor([r[key] + [pad] * (width - len(r[key])) for r in rows], dtype=torch.long)
-        return batch
+        return padding_masks.drop_if_unpadded(batch, [len(r["input_ids"]) for r in rows])
 
 
 class NerDataModule(L.LightningDataModule):
@@ -673,7 +673,8 @@ class NerModule(L.LightningModule):
         self.teacher: Any = None  # lmlab.distill.Teacher when distilling; not a submodule
 
     def _logits_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        kwargs = {"input_ids": batch["input_ids"],
+                  "attention_mask": padding_masks.for_model(self.model, batch.get("attention_mask"))}
         if "token_type_ids" in batch:
             kwargs["token_type_ids"] = batch["token_type_ids"]
         logits = self.model(**kwargs).logits  # (B, T, num_labels)
