@@ -16,7 +16,8 @@ log = logging.getLogger("lmlab")
 
 
 class TokensPerSecond(L.Callback):
-    """Logs ``train/tokens_per_sec`` (non-padding tokens, all processes) every ``every`` training batches.
+    """Logs ``train/tokens_per_sec`` (non-padding tokens, all processes) every ``every`` training batches
+    (batches since the start of training, across epochs).
 
     Lightning's ThroughputMonitor needs a FLOP count and its metric names use '|', which MLflow
     rejects; counting tokens over a window of steps is all this needs. Time spent validating inside
@@ -31,6 +32,9 @@ class TokensPerSecond(L.Callback):
         self._since = 0.0
         self._validating_since: float | None = None
         self._total: Any = 0
+        # Counted here: Lightning's batch_idx restarts each epoch, which would stretch the window
+        # that spans an epoch's end.
+        self._batches = 0
         self.configured_peak = configured_peak
         self.peak: float | None = None  # per device, set at the start of training; None: no MFU
         self._flops_per_token: float | None = None
@@ -64,7 +68,8 @@ class TokensPerSecond(L.Callback):
             self._flops_per_token = flops_per_token(pl_module.model, int(batch["input_ids"].shape[-1])) or 0.0
         self._tokens = self._tokens + tokens
         self._total = self._total + tokens
-        if (batch_idx + 1) % self.every == 0:
+        self._batches += 1
+        if self._batches % self.every == 0:
             now = time.perf_counter()
             rate = int(self._tokens) / max(now - self._since, 1e-9)
             pl_module.log("train/tokens_per_sec", float(rate), prog_bar=True)

@@ -72,3 +72,22 @@ def test_validation_inside_a_window_does_not_lower_the_training_speed(tmp_path: 
     # Lightning repeats a callback's last value on the steps between windows: each is one of the three.
     assert {3, 7, 11} <= set(rates) and max(rates) == 11
     assert sorted(set(rates.values())) == [pytest.approx(TOKENS_PER_BATCH / TRAIN_SECONDS)]
+
+
+def test_windows_run_across_epoch_ends(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Epochs of 6 batches, windows of 4: a window every 4 batches, whatever the epoch's batch_idx."""
+    clock = Clock()
+    monkeypatch.setattr(callbacks, "time", SimpleNamespace(perf_counter=clock.perf_counter))
+    logged: list[tuple[int, float]] = []
+    batch_number = 0
+    module = SimpleNamespace(log=lambda name, value, **_: logged.append((batch_number, value))
+                             if name == "train/tokens_per_sec" else None)
+    trainer = SimpleNamespace(world_size=1)
+    monitor = callbacks.TokensPerSecond(every=4)
+    for epoch in range(2):
+        for batch_idx in range(6):
+            batch_number += 1
+            clock.now += TRAIN_SECONDS
+            monitor.on_train_batch_end(trainer, module, None, {"input_ids": torch.zeros(2, 8)}, batch_idx)
+    assert logged == [(4, TOKENS_PER_BATCH / TRAIN_SECONDS), (8, TOKENS_PER_BATCH / TRAIN_SECONDS),
+                      (12, TOKENS_PER_BATCH / TRAIN_SECONDS)]
