@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -79,6 +80,22 @@ class TokensPerSecond(L.Callback):
                 mfu = self._flops_per_token * rate / (self.peak * trainer.world_size)
                 pl_module.log("train/mfu", float(mfu), prog_bar=True)
             self._tokens, self._since = 0, now
+
+
+class MonitorLogged(L.Callback):
+    """At the end of Lightning's sanity check (a few validation batches before training): the
+    metric the best checkpoint monitors must be among those validation logged.
+
+    Otherwise a misspelled checkpoint.monitor is found at the first real validation, after
+    val_check_interval steps of training. Presets without a sanity check (trainer=cpu) find it there.
+    """
+
+    def __init__(self, monitor: str, error: Callable[[list[str]], Exception]):
+        self.monitor, self.error = monitor, error
+
+    def on_sanity_check_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.monitor not in trainer.callback_metrics:
+            raise self.error(sorted(k for k in trainer.callback_metrics if k.startswith("val/")))
 
 
 class LearningRate(L.Callback):

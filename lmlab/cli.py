@@ -94,6 +94,7 @@ def _job(cfg) -> float:
     in_sweep = ctx is not None
     try:
         if in_sweep:
+            sweep.check_objective_direction(cfg)
             sweep.check_direction(cfg)
             sweep.check_objective_known(cfg)
         result = run(cfg)

@@ -223,21 +223,48 @@ def job_killed(sweep_dir: str | Path, num: int) -> None:
 
 # -- the objective --------------------------------------------------------------------------------
 def objective_direction(cfg: DictConfig) -> tuple[str, str, bool]:
-    """(metric, "min" | "max", certain) of the objective a job returns.
+    """(metric, "min" | "max", known) of the objective a job returns.
 
-    Certain when the objective is the checkpoint's monitored metric, whose direction the task (or
-    checkpoint.mode) declares; otherwise guessed from the name (losses and perplexities fall).
+    Known when the objective is the checkpoint's monitored metric (whose direction the task or
+    checkpoint.mode declares), when objective.direction gives it, or when the metric's name says it
+    (lmlab.train.metric_mode: losses and errors fall, accuracies and F1 rise). Otherwise "max" is a
+    guess, and ``check_objective_direction`` refuses it in a sweep.
     """
     from lmlab import registry
-    from lmlab.train import monitored, objective_metric
+    from lmlab.train import metric_mode, monitored, objective_metric
 
     task = registry.get("task", cfg.task.name)
     metric = objective_metric(cfg, task)
+    given = (cfg.get("objective") or {}).get("direction")
+    if given is not None:
+        if str(given) not in ("min", "max"):
+            raise config_error("objective.direction", f"'{given}' is neither min nor max",
+                               "Use objective.direction=min or max.")
+        return metric, str(given), True
     watched, mode = monitored(cfg, task)
     if metric == watched:
         return metric, mode, True
-    falls = any(word in metric for word in ("loss", "perplexity", "error"))
-    return metric, "min" if falls else "max", False
+    named = metric_mode(metric)
+    return metric, named or "max", named is not None
+
+
+def monitored_metric(cfg: DictConfig) -> str:
+    from lmlab import registry
+    from lmlab.train import monitored
+
+    return monitored(cfg, registry.get("task", cfg.task.name))[0]
+
+
+def check_objective_direction(cfg: DictConfig) -> None:
+    """Before a sweep job trains: the sweep must know whether its objective is best high or low."""
+    if job_context() is None:
+        return
+    metric, _, known = objective_direction(cfg)
+    if not known:
+        raise config_error("objective.direction", f"it is unset, and the name of objective.metric={metric} does not "
+                           "say whether higher or lower is better, so the sweep cannot pick its best job",
+                           "Set objective.direction=max (an accuracy, a score) or objective.direction=min "
+                           f"(a loss, an error), or check the name (the checkpoint monitors {monitored_metric(cfg)}).")
 
 
 def check_direction(cfg: DictConfig) -> None:
@@ -259,9 +286,9 @@ def check_sweeper_direction(cfg: DictConfig, wanted: str) -> None:
     The Optuna sweeper calls this before it creates its study: a study stored with the wrong
     direction would refuse the corrected command line afterwards.
     """
-    metric, mode, certain = objective_direction(cfg)
+    metric, mode, known = objective_direction(cfg)
     expected = {"min": "minimize", "max": "maximize"}[mode]
-    if certain and wanted != expected:
+    if known and wanted != expected:
         raise config_error("hydra.sweeper.direction",
                            f"it is '{wanted}' but the objective {metric} is best at its {mode}",
                            f"Set hydra.sweeper.direction={expected} (or objective.metric to another metric).")

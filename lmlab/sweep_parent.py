@@ -217,6 +217,10 @@ def close_parent(sweep_dir: str | Path, ended_normally: bool) -> str | None:
                            ("best_overrides", " ".join(best.get("overrides") or []))):
             if value is not None:
                 client.set_tag(parent, f"lmlab.sweep.{key}", str(value)[:5000])
+        # The console's answer to "which job won?", as Optuna prints its best trial.
+        log.info("Best job%s: %s = %.6g%s", f" {best['num']}" if best.get("num") is not None else "",
+                 best.get("metric") or "objective", float(best["objective"]),
+                 f" ({' '.join(best['overrides'])})" if best.get("overrides") else "")
     client.log_dict(parent, {str(r["num"]): r for r in records}, "sweep/jobs.json")
     for name in ("multirun.yaml", "optimization_results.yaml"):
         if (sweep_dir / name).is_file():

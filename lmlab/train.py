@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from lmlab import checkpointing, checks, config_keys, distill, faults, pretrained, registry, resume, tracking
 from lmlab.background_log import MetricsBeforeCheckpoints
 from lmlab.data import labels as model_labels
-from lmlab.callbacks import LastValidation, LearningRate, ProgressBar, TokensPerSecond
+from lmlab.callbacks import LastValidation, LearningRate, MonitorLogged, ProgressBar, TokensPerSecond
 from lmlab.distributed import build_strategy, effective_batch, is_rank_zero
 from lmlab.errors import LmlabError, config_error
 from lmlab.export import export_hf
@@ -48,13 +48,51 @@ class RunResult:
         return self.metrics.get(self.objective_metric, math.nan)
 
 
+# Words in a metric's name that say which way it improves. Long words match anywhere in the name
+# ("masked_accuracy", "rougeL"); short ones only as a whole part of it ("macro_f1", "val/mae").
+FALLS_LONG, FALLS_SHORT = ("loss", "perplexity", "error"), {"mae", "mse", "rmse", "wer", "cer", "ter"}
+RISES_LONG = ("accuracy", "precision", "recall", "bleu", "rouge", "pearson", "spearman", "exact_match", "correlation")
+RISES_SHORT = {"f1", "auc", "r2", "mcc", "em", "acc"}
+
+
+def metric_mode(metric: str) -> str | None:
+    """"min" or "max": which way ``metric`` improves, read from its name; None when the name does not say."""
+    name = metric.rsplit("/", 1)[-1].lower()
+    parts = set(re.split(r"[^a-z0-9]+", name))
+    falls = any(word in name for word in FALLS_LONG) or bool(parts & FALLS_SHORT)
+    rises = any(word in name for word in RISES_LONG) or bool(parts & RISES_SHORT)
+    return None if falls == rises else ("min" if falls else "max")
+
+
 def monitored(cfg: DictConfig, task: TaskSpec) -> tuple[str, str]:
-    """(metric, "min" | "max") for the best checkpoint: the config's, else the task's."""
-    metric = cfg.checkpoint.get("monitor") or task.monitor
-    mode = cfg.checkpoint.get("mode") or (task.monitor_mode if metric == task.monitor else "min")
+    """(metric, "min" | "max") for the best checkpoint: the config's, else the task's.
+
+    A metric other than the task's gets its direction from checkpoint.mode, else from its name; a
+    silent "min" would keep (and export) the worst checkpoint of an F1.
+    """
+    metric = str(cfg.checkpoint.get("monitor") or task.monitor)
+    mode = cfg.checkpoint.get("mode") or (task.monitor_mode if metric == task.monitor else metric_mode(metric))
+    if mode is None:
+        raise config_error("checkpoint.mode", f"it is unset, and the name of checkpoint.monitor={metric} does not "
+                           "say whether higher or lower is better",
+                           "Set checkpoint.mode=max (an accuracy, a score) or checkpoint.mode=min (a loss, an error), "
+                           f"or check the name (task={task.name} monitors {task.monitor} by default).")
     if str(mode) not in ("min", "max"):
         raise config_error("checkpoint.mode", f"'{mode}' is neither min nor max", "Use checkpoint.mode=min or max.")
-    return str(metric), str(mode)
+    return metric, str(mode)
+
+
+def missing_monitor(cfg: DictConfig, task: TaskSpec, logged: list[str]) -> LmlabError:
+    """The error for a monitored metric that validation does not log (``logged``: what it does)."""
+    metric, _ = monitored(cfg, task)
+    names = ", ".join(logged) or "(none)"
+    if cfg.checkpoint.get("monitor") is None:  # the task's own declaration: its author's to fix
+        return LmlabError(
+            f"task '{task.name}' declares monitor='{metric}' (its TaskSpec), but its validation logs no such "
+            f"metric; it logs: {names}. Fix the task's TaskSpec.monitor, or set checkpoint.monitor=METRIC for this run.")
+    return config_error("checkpoint.monitor", f"the run logs no '{metric}' at validation",
+                        f"Use one of the metrics it logs there: {names} (or leave checkpoint.monitor unset for "
+                        "the task's own).")
 
 
 def objective_metric(cfg: DictConfig, task: TaskSpec) -> str:
@@ -121,7 +159,8 @@ def build_trainer(
         trainer = L.Trainer(
             **trainer_kwargs, logger=logger,
             callbacks=[best, last, throughput, LearningRate(), *bar, *checkpointing.callbacks(cfg, last), *clipping,
-                       MetricsBeforeCheckpoints(), LastValidation()],
+                       MetricsBeforeCheckpoints(), LastValidation(),
+                       MonitorLogged(monitor, lambda logged: missing_monitor(cfg, task, logged))],
             default_root_dir=str(output_dir),
         )
     except TypeError as exc:
@@ -251,6 +290,7 @@ def run(cfg: DictConfig) -> RunResult:
     checks.check_numbers(cfg)  # seed, sizes, steps, lr: named errors instead of TypeErrors deep inside
     checks.check_accelerator(cfg)  # a GPU preset on a machine without one: before any data or MLflow work
     task.validate(cfg)
+    monitored(cfg, task)  # an unknown direction of checkpoint.monitor, before any data work
     mode = check_mode(cfg, task)
     teacher = distill.prepare(cfg, task, mode)  # distill.teacher: loaded and checked before any data work
     resuming = resume.prepare(cfg)  # a bad resume= fails here, before any data work
@@ -294,15 +334,8 @@ def run(cfg: DictConfig) -> RunResult:
             except MisconfigurationException as exc:
                 if "could not find the monitored key" not in str(exc):
                     raise
-                logged = ", ".join(sorted(k for k in trainer.callback_metrics if k.startswith("val/"))) or "(none)"
-                if cfg.checkpoint.get("monitor") is None:  # the task's own declaration: its author's to fix
-                    raise LmlabError(
-                        f"task '{task.name}' declares monitor='{checkpoint.monitor}' (its TaskSpec), but its "
-                        f"validation logs no such metric; it logs: {logged}. Fix the task's TaskSpec.monitor, or "
-                        "set checkpoint.monitor=METRIC for this run.") from exc
-                raise config_error("checkpoint.monitor", f"the run logs no '{checkpoint.monitor}' at validation",
-                                   f"Use one of the metrics it logs there: {logged} (or leave checkpoint.monitor "
-                                   "unset for the task's own).") from exc
+                raise missing_monitor(cfg, task, sorted(k for k in trainer.callback_metrics
+                                                        if k.startswith("val/"))) from exc
             metrics = final_validation(cfg, trainer, module, dm, checkpoint)
             if cfg.export:
                 # Under FSDP/DeepSpeed the weights are sharded: every process takes part in gathering them.

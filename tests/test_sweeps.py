@@ -185,7 +185,8 @@ def test_a_misspelt_objective_stops_the_later_jobs_before_they_train(sweeps: Pat
     s = Sweep(sweeps / "misspelt_objective")
     # One batch of three jobs (the default of one at a time would stop after job 0): the case of
     # jobs that start after an earlier one of their batch found the objective missing.
-    proc = s.run("objective.metric=val/los", "seed=1,2,3", "hydra.sweeper.max_batch_size=3")
+    # (objective.direction given: a name that does not say its direction is refused before training)
+    proc = s.run("objective.metric=val/los", "objective.direction=min", "seed=1,2,3", "hydra.sweeper.max_batch_size=3")
     assert proc.returncode != 0, describe(proc)
     assert proc.stderr.count("lmlab: error: config key 'objective.metric'") == 3, describe(proc)
     assert "the run produced no 'val/los'" in proc.stderr and "Use one of its final metrics: val/loss" in proc.stderr
@@ -541,3 +542,39 @@ def test_parent_run_status_comes_from_the_job_records(tmp_path: Path) -> None:
     sweep.record_job(tmp_path / "sweep", 2, status="FAILED", error="boom")
     sweep_parent.open_parent(cfg)
     assert sweep_parent.close_parent(tmp_path / "sweep", ended_normally=True) == "FAILED"
+
+
+def test_the_objectives_direction_comes_from_the_monitor_objective_direction_or_the_name(tmp_path: Path) -> None:
+    def direction(*overrides: str):
+        return sweep.objective_direction(compose_hydra(["task=classification", *overrides]))
+
+    assert direction() == ("val/accuracy", "max", True)  # the task's monitored metric
+    # Before, a metric other than the monitored one was guessed "max" unless it held 'loss':
+    # a grid sweep over val/mae reported its worst job as best.
+    assert direction("objective.metric=val/mae") == ("val/mae", "min", True)
+    assert direction("objective.metric=val/loss") == ("val/loss", "min", True)
+    assert direction("objective.metric=val/custom") == ("val/custom", "max", False)  # a guess
+    assert direction("objective.metric=val/custom", "objective.direction=min") == ("val/custom", "min", True)
+    with pytest.raises(LmlabError, match="objective.direction"):
+        direction("objective.direction=down")
+
+
+def test_a_sweep_refuses_an_objective_whose_direction_it_cannot_know(tmp_path: Path) -> None:
+    cfg = compose_hydra(["objective.metric=val/custom"], tmp_path)
+    with open_dict(cfg):
+        cfg.hydra.mode = "MULTIRUN"
+        cfg.hydra.job.num = 0
+    HydraConfig.instance().set_config(cfg)  # what Hydra does around a multirun job
+    try:
+        with pytest.raises(LmlabError, match=r"'objective.direction'.*val/custom.*objective.direction=max"):
+            sweep.check_objective_direction(cfg)
+        with open_dict(cfg):
+            cfg.objective.direction = "max"
+        sweep.check_objective_direction(cfg)
+        # The Optuna check knows val/loss falls, though it is not the monitored metric.
+        with open_dict(cfg):
+            cfg.objective = {"metric": "val/loss", "direction": None}
+        with pytest.raises(LmlabError, match="hydra.sweeper.direction=minimize"):
+            sweep.check_sweeper_direction(cfg, "maximize")
+    finally:
+        HydraConfig.instance().cfg = None
