@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from lmlab import checkpointing, checks, config_keys, distill, faults, pretrained, registry, resume, tracking
+from lmlab import checkpointing, checks, config_keys, data_lengths, distill, faults, pretrained, registry, resume, tracking
 from lmlab.background_log import MetricsBeforeCheckpoints
 from lmlab.data import labels as model_labels
 from lmlab.callbacks import LastValidation, LearningRate, MonitorLogged, ProgressBar, TokensPerSecond
@@ -236,6 +236,8 @@ def prepare_model_and_tokenizer(cfg: DictConfig, task: TaskSpec, spec: ModelSpec
         config = build_hf_config(spec, cfg.model, tokenizer, sequence_length(cfg.data), updates)
         model = build_model(spec, head, config)
         log.info("No model.pretrained: randomly initialised %s (%s)", spec.name, cfg.model.size)
+    if str(cfg.get("mode") or "fit") == "fit":
+        data_lengths.record(model, cfg.data)  # exported with the model: see lmlab.data_lengths
     log.info("%s: %.2fM parameters", spec.name, sum(p.numel() for p in model.parameters()) / 1e6)
     return tokenizer, model, tok_info
 
@@ -294,6 +296,7 @@ def run(cfg: DictConfig) -> RunResult:
     mode = check_mode(cfg, task)
     teacher = distill.prepare(cfg, task, mode)  # distill.teacher: loaded and checked before any data work
     resuming = resume.prepare(cfg)  # a bad resume= fails here, before any data work
+    data_lengths.adopt_for_mode(cfg, mode)  # a trained model is scored on data cut as it was trained on
     tracking.quiet_env()
     tracking.check_reachable(tracking.tracking_uri(cfg))
     tracking.check_experiment(cfg)  # a deleted logger.experiment_name, named before any data work

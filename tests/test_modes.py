@@ -290,3 +290,43 @@ def test_classification_on_data_with_one_of_the_models_two_labels(rotten_small: 
     message = str(info.value)
     assert f"{subset / 'test.csv'}, line 5" in message and "'meh'" in message
     assert "fresh, rotten" in message and "training split" not in message
+
+
+def _as_command_line(overrides: list[str], tmp_path: Path):
+    """``lmlab OVERRIDES`` composed, with Hydra's record of the command line set as a real run has it."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from lmlab.cli import _free_form
+    from lmlab.paths import config_dir
+
+    cfg = compose_cfg(overrides)
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        full = compose("config", overrides=_free_form(overrides), return_hydra_config=True)
+    full.hydra.runtime.output_dir = str(tmp_path / f"run{len(list(tmp_path.glob('run*')))}")
+    HydraConfig.instance().set_config(full)
+    return cfg
+
+
+def test_scoring_a_trained_model_reads_the_data_at_its_training_lengths(rotten_small: Path, tmp_path: Path) -> None:
+    """A classifier trained on 16-token texts is scored on 16-token texts (not the preset's 128),
+    so mode=test prints its run's numbers; a length on the command line is the user's choice."""
+    from hydra.core.hydra_config import HydraConfig
+
+    fit = lmlab("task=classification", f"data.path={rotten_small}", "data.max_length=16")
+    config = json.loads((fit.export_dir / "config.json").read_text(encoding="utf-8"))
+    assert config["lmlab_data_lengths"]["max_length"] == 16
+    common = [*FINAL, "task=classification", f"data.path={rotten_small}", "mode=test", f"model.pretrained={fit.export_dir}"]
+    try:
+        cfg = _as_command_line(common, tmp_path)
+        scored = run(cfg)
+        assert cfg.data.max_length == 16
+        for key in ("test/accuracy", "test/loss"):
+            assert scored.metrics[key] == pytest.approx(fit.metrics[key], abs=1e-5), key
+        cfg = _as_command_line([*common, "data.max_length=24"], tmp_path)
+        run(cfg)
+        assert cfg.data.max_length == 24  # given: kept, with a warning
+    finally:
+        HydraConfig.instance().cfg = None
