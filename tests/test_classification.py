@@ -196,6 +196,28 @@ def test_empty_text_names_file_and_line(tmp_path: Path) -> None:
     assert f"{path}, line {line}" in str(info.value) and "empty" in str(info.value)
 
 
+def test_a_row_with_more_fields_than_the_header_names_file_and_line(tmp_path: Path) -> None:
+    # Before, the extra field was dropped and "frankly" became a label of its own.
+    path = write_csv(tmp_path / "train.csv", _rows("train", 20))
+    with path.open("a", encoding="utf-8") as f:
+        f.write("This movie, frankly, was awful,rotten\n")
+    with pytest.raises(LmlabError) as info:
+        datamodule(f"data.path={path}")
+    message = str(info.value)
+    assert f"{path}, line 22" in message and "4 fields under a header of 2" in message and "Quote" in message
+
+
+def test_a_split_named_directory_refuses_files_of_no_split(tmp_path: Path) -> None:
+    folder = make_dir(tmp_path / "data", {"train": 40, "validation": 10})
+    write_csv(folder / "extra_notes.csv", _rows("train", 5))
+    with pytest.raises(LmlabError, match=r"'data.path'.*1 file\(s\) fit no split.*extra_notes.csv"):
+        datamodule(f"data.path={folder}")
+    (folder / "extra_notes.csv").unlink()
+    (folder / "train.csv").rename(folder / "dev.csv.bak")
+    with pytest.raises(LmlabError, match=r"'data.path'.*no train\.\* file"):
+        datamodule(f"data.path={folder}")
+
+
 def test_unseen_label_names_file_and_label(tmp_path: Path) -> None:
     folder = make_dir(tmp_path / "data", {"train": 40, "validation": 10})
     rows = _rows("validation", 10)

@@ -170,7 +170,7 @@ def _read_files(path: Path, files: tuple[Path, ...], data_cfg: DictConfig) -> di
     return splits
 
 
-def _listing(root: Path, files: list[Path], most: int = 5) -> str:
+def file_listing(root: Path, files: list[Path], most: int = 5) -> str:
     """Up to ``most`` file names relative to ``root``, and how many more there are."""
     names = [str(f.relative_to(root)) for f in files[:most]]
     more = f" and {len(files) - most} more" if len(files) > most else ""
@@ -187,10 +187,10 @@ def _check_split_names(root: Path, files: tuple[Path, ...]) -> None:
     problems = []
     if "train" not in named.values():
         split_files = [f for f, split in named.items() if split is not None]
-        problems.append(f"there is no train.* file for the training text (only {_listing(root, split_files)})")
+        problems.append(f"there is no train.* file for the training text (only {file_listing(root, split_files)})")
     stray = [f for f, split in named.items() if split is None]
     if stray:
-        problems.append(f"{len(stray)} file(s) fit no split and would be read by none: {_listing(root, stray)}")
+        problems.append(f"{len(stray)} file(s) fit no split and would be read by none: {file_listing(root, stray)}")
     if problems:
         raise config_error(
             "data.path", f"directory '{root}' names files for splits (train.*, validation.* or valid, val, dev, "

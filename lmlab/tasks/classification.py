@@ -42,7 +42,8 @@ from lmlab import fingerprint, optim, padding_masks
 from lmlab.data import labels as model_labels
 from lmlab.data.catalog import package_dir
 from lmlab.data.loaders import make_loader
-from lmlab.data.sources import SPLIT_STEMS, carve_validation, check_one_source, decode_file, json_records
+from lmlab.data.sources import (SPLIT_STEMS, carve_validation, check_one_source, decode_file, file_listing,
+                                json_records)
 from lmlab.data.unlabelled import read_records
 from lmlab.errors import LmlabError, config_error, file_error
 from lmlab.specs import TaskSpec
@@ -144,6 +145,11 @@ def read_labelled_file(path: Path, cfg: DictConfig, multi_label: bool) -> Labell
                                  f"Set data.{key} to the column that holds it.", line=1)
         start = reader.line_num + 1
         for record in reader:
+            if None in record:  # csv.DictReader files the fields beyond the header's under None
+                raise file_error(path, f"has a row of {len(header) + len(record[None])} fields under a header of "
+                                 f"{len(header)} ({', '.join(header)})",
+                                 "Quote a field that holds the delimiter (\"a movie, frankly, awful\"), as "
+                                 "csv writers do.", line=start)
             _row(out, path, start, record.get(str(cfg.text_column)), record.get(pair_col) if pair_col else None,
                  record.get(str(cfg.label_column)), cfg, multi_label, bool(pair_col))
             start = reader.line_num + 1
@@ -176,6 +182,16 @@ def read_labelled_path(path: Path, cfg: DictConfig, multi_label: bool) -> dict[s
     if not any(named.values()):
         raise config_error("data.path", f"directory '{path}' has no train.csv / train.jsonl (and validation, test)",
                            "Name the files train.*, validation.* (or dev.*) and test.* (.csv, .tsv or .jsonl).")
+    stray = [f for f, split in named.items() if split is None]
+    if stray or "train" not in named.values():
+        # Dropping a stray file would lose labelled rows unnoticed; reading it as training data could
+        # leak held-out rows into training (as the text datamodule refuses, lmlab.data.sources).
+        problem = (f"{len(stray)} file(s) fit no split and would be read by none: {file_listing(path, stray)}"
+                   if stray else "there is no train.* file")
+        raise config_error("data.path", f"directory '{path}' names files for splits (train.*, validation.* or dev.*, "
+                           f"test.*), so only such files are read; {problem}",
+                           f"Name the training rows train.csv (or .tsv/.jsonl), move other files out of '{path}', or "
+                           "point data.path at one file (a validation split is carved out of it).")
     splits: dict[str, LabelledSplit] = {}
     for f, split in named.items():
         if split is not None:
@@ -677,6 +693,10 @@ def predict(cfg: DictConfig, module: ClassificationModule, tokenizer: Any, train
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     enc = tokenizer(*((texts, pairs) if pairs else (texts,)), truncation=True, max_length=int(data.max_length))
+    cut = sum(len(ids) >= int(data.max_length) for ids in enc["input_ids"])
+    if cut:  # as training says: the model sees only the start of such texts
+        log.warning("%d of %d texts reach data.max_length=%d tokens and were truncated", cut, len(texts),
+                    int(data.max_length))
     keep = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
     dataset = EncodedDataset({k: list(enc[k]) for k in keep}, torch.zeros(len(texts), dtype=torch.long))
     loader = DataLoader(dataset, batch_size=int(data.get("eval_batch_size") or data.batch_size),

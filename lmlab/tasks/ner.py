@@ -859,6 +859,11 @@ def predict(cfg: DictConfig, module: NerModule, tokenizer: Any, trainer: L.Train
     sentences = read_unlabelled(Path(str(cfg.data.path)), cfg.data)
     max_length = int(cfg.data.get("max_length") or cfg.data.block_size)
     enc = tokenizer([s for s, _ in sentences], is_split_into_words=True, truncation=True, max_length=max_length)
+    cut = sum(max((w for w in enc.word_ids(i) if w is not None), default=-1) + 1 < len(tokens)
+              for i, (tokens, _) in enumerate(sentences))
+    if cut:  # as training says: the words past the cut get no prediction of their own
+        log.warning("%d of %d sentences are longer than data.max_length=%d subwords and were truncated "
+                    "(their cut-off words are tagged O)", cut, len(sentences), max_length)
     rows = []
     for i, (tokens, _) in enumerate(sentences):
         prev, first = None, []
