@@ -70,6 +70,8 @@ NUMBERS = (
     Number("trainer.max_steps", True, "1000 (-1: no limit)", low=-1, nullable=True),
     Number("trainer.max_epochs", True, "3 (-1: no limit)", low=-1, nullable=True),
     Number("trainer.accumulate_grad_batches", True, "4", positive=True, nullable=True),
+    # 0 is not "every step": Lightning then logs no train/* metric at all, without a word.
+    Number("trainer.log_every_n_steps", True, "10", positive=True, nullable=True),
     Number("optimizer.lr", False, "3e-4", positive=True),
     Number("optimizer.weight_decay", False, "0.01", low=0, nullable=True),
     Number("scheduler.warmup_ratio", False, "0.05", low=0, high=1, nullable=True),
@@ -115,9 +117,28 @@ def check_references(cfg: DictConfig) -> None:
         reference(cfg, key)
 
 
+# Keys whose null means "not set" and which are read with a truth test, so an empty value (a shell
+# ``$(...)`` that printed nothing) would quietly mean the same as null: the preset's catalog data, a
+# fresh run. The value is what to do instead.
+NOT_EMPTY = {
+    "data.path": "Give the file or folder to read, or leave it out (data.path=null) to read the preset's data.",
+    "data.name": "Give a Hugging Face dataset name, or leave it out (data.name=null).",
+    "resume": "Give auto, a run directory or a .ckpt file, or leave it out (resume=null) to start a new run.",
+}
+
+
+def check_not_empty(cfg: DictConfig) -> None:
+    """data.path, data.name and resume are unset (null) or say something, never empty."""
+    for key, fix in NOT_EMPTY.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if isinstance(value, str) and not value.strip():
+            raise config_error(key, "it is empty", fix)
+
+
 def check_numbers(cfg: DictConfig) -> None:
     check_required(cfg)
     check_references(cfg)  # before the lr resolver (lmlab.if_pretrained) or anything else reads them
+    check_not_empty(cfg)
     for number in NUMBERS:
         number.check(cfg)
 

@@ -26,6 +26,16 @@ def _free_form(args: list[str]) -> list[str]:
     return out
 
 
+def _config_dir_arg(args: list[str]) -> Path | None:
+    """The folder given to Hydra's ``--config-dir`` / ``-cd``, if any."""
+    for i, arg in enumerate(args):
+        option, equals, value = arg.partition("=")
+        if option in ("-cd", "--config-dir"):
+            value = value if equals else (args[i + 1] if i + 1 < len(args) else "")
+            return Path(value) if value else None
+    return None
+
+
 def register_experiments() -> None:
     """Presets in experiments/*.yaml become the config group ``experiment`` (``+experiment=NAME``)."""
     from hydra.core.config_store import ConfigStore
@@ -76,7 +86,7 @@ def help_text() -> str:
     lines += [
         "",
         "Examples:",
-        "  lmlab                                       tiny GPT-2 on BBC News, CPU, a couple of minutes",
+        "  lmlab                                       tiny GPT-2 on BBC News, CPU, under a minute",
         "  lmlab task=mlm model.size=small trainer=gpu  BERT-small MLM on a GPU",
         "  lmlab data.path=corpus.txt model.config.n_layer=4 trainer.max_steps=1000",
         "  lmlab task=mlm task.whole_word_mask=true task.nsp=true",
@@ -173,7 +183,7 @@ def main() -> None:
     try:
         from lmlab.plugin_configs import check_no_shadowing
 
-        check_no_shadowing()
+        check_no_shadowing(_config_dir_arg(args))
         if "--help" in args or "-h" in args:
             print(help_text())
             return

@@ -20,10 +20,12 @@ from omegaconf import DictConfig
 from lmlab.errors import config_error
 from lmlab.paths import config_dir, experiments_dir
 
-# Nodes whose keys are a fixed vocabulary. task (per task), model.config (any Hugging Face field)
-# and trainer (Lightning's Trainer checks its own arguments) are not among them.
+# Nodes whose keys are a fixed vocabulary. For task and model it is the union over every task's and
+# model's files (a key of another task slips through; a misspelt one does not). model.config (any
+# Hugging Face field, below model) and trainer (Lightning's Trainer checks its own arguments) are
+# not checked.
 CHECKED = ("data", "optimizer", "scheduler", "tokenizer", "logger", "checkpoint", "faults", "perf", "distill",
-           "quantize", "prune", "objective")
+           "quantize", "prune", "objective", "task", "model")
 
 
 def _roots() -> list[Path]:

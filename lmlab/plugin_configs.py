@@ -2,48 +2,88 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import warnings
 from pathlib import Path
 
 from lmlab import registry
 from lmlab.errors import LmlabError
-from lmlab.paths import config_dir
+from lmlab.paths import config_dir, experiments_dir
+
+# The folders are asked for several times per command (the shadowing check, Hydra's search path, the
+# key check): a broken plugin is said once per process, not once per asking.
+_reported: set[str] = set()
 
 
 def _yaml_files(root: Path) -> set[str]:
     return {p.relative_to(root).as_posix() for p in root.rglob("*.yaml")}
 
 
+def _skip(name: str, package: str, reason: str) -> None:
+    message = (f"lmlab plugin config '{name}' ({package}, from {registry.config_origin(name)}) failed to import "
+               f"and is skipped, with the options it adds: {reason}")
+    if message not in _reported:
+        _reported.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
 def plugin_config_dirs() -> dict[str, tuple[str, Path]]:
-    """{entry-point name: (package, folder)} for every plugin config package that imports."""
+    """{entry-point name: (package, folder)} for every plugin config package that imports.
+
+    Imported here, not only looked up: Hydra imports it to read its files, and an error raised by the
+    package's ``__init__`` there would end every command, ``--help`` included, in a traceback.
+    """
     found = {}
     for name, package in registry.config_packages().items():
         try:
-            spec = importlib.util.find_spec(package)
-        except (ImportError, ValueError) as exc:
-            spec, reason = None, str(exc)
-        else:
-            reason = "package not found"
-        if spec is None or not spec.submodule_search_locations:
-            warnings.warn(f"lmlab plugin config '{name}' ({package}) is skipped: {reason}", RuntimeWarning, stacklevel=2)
+            module = importlib.import_module(package)
+        except Exception as exc:  # a broken plugin must not take the rest down
+            _skip(name, package, f"{type(exc).__name__}: {exc}")
             continue
-        found[name] = (package, Path(list(spec.submodule_search_locations)[0]))
+        folders = list(getattr(module, "__path__", []))
+        if not folders:
+            _skip(name, package, "it is a module, not a package folder of config groups")
+            continue
+        found[name] = (package, Path(folders[0]))
     return found
 
 
-def check_no_shadowing() -> None:
-    """A plugin may add group options; replacing one of lmlab's own files is an error."""
-    core = _yaml_files(config_dir())
+def _core_files() -> dict[str, str]:
+    """lmlab's own config files, by their path in Hydra's config tree: where each one lives.
+
+    The experiment presets are not under conf/: ``lmlab.cli.register_experiments`` stores each
+    experiments/NAME.yaml in Hydra's ConfigStore as experiment/NAME.
+    """
+    files = {rel: f"conf/{rel}" for rel in _yaml_files(config_dir())}
+    for path in experiments_dir().glob("*.yaml"):
+        files[f"experiment/{path.name}"] = f"experiments/{path.name} (+experiment={path.stem})"
+    return files
+
+
+def check_no_shadowing(user_dir: Path | None = None) -> None:
+    """A plugin, or the folder of Hydra's ``--config-dir`` (``user_dir``), may add group options;
+    replacing one of lmlab's own files is an error.
+
+    Hydra would not say a word: a group file of lmlab's hides the other one, and a file named like an
+    experiment preset is merged into lmlab's preset.
+    """
+    core = _core_files()
     seen: dict[str, str] = {}
     for name, (package, folder) in plugin_config_dirs().items():
         for rel in sorted(_yaml_files(folder)):
-            if rel in core or rel == "config.yaml":
+            if rel in core:
                 raise LmlabError(
                     f"plugin '{name}' ({package}) ships '{rel}', which would shadow lmlab's own "
-                    f"conf/{rel}. A plugin adds new options under new names: rename it (e.g. "
+                    f"{core[rel]}. A plugin adds new options under new names: rename it (e.g. "
                     f"'{Path(rel).parent}/{name}_{Path(rel).name}') or uninstall the plugin."
                 )
             if rel in seen:
                 raise LmlabError(f"plugins '{seen[rel]}' and '{name}' both ship '{rel}'. Rename one of them.")
             seen[rel] = name
+    shadowing = sorted(_yaml_files(user_dir) & set(core)) if user_dir is not None else []
+    if shadowing:
+        rel = shadowing[0]
+        raise LmlabError(
+            f"--config-dir '{user_dir}' holds '{rel}', which would shadow lmlab's own {core[rel]}. Your own "
+            f"files add new options under new names: rename it (e.g. '{Path(rel).parent}/my_{Path(rel).name}')."
+        )

@@ -140,6 +140,11 @@ def config_packages() -> dict[str, str]:
     return {ep.name: ep.value for ep in _entry_points(CONFIG_GROUP).values()}
 
 
+def config_origin(name: str) -> str:
+    """The distribution ('name version') registering the plugin config package ``name``."""
+    return _origin(_entry_points(CONFIG_GROUP)[name])
+
+
 def clear_cache() -> None:
     """Forget what was read, e.g. after a plugin was pip-installed in the same process."""
     _entry_points.cache_clear()

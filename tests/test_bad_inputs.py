@@ -144,10 +144,14 @@ CASES: dict[str, Bad] = {
     "bad_mode": Bad(["mode=train"], ["mode", "train"]),
     # what a config file of the user's own can bring in (Hydra refuses these only on the command line)
     "file_misspelt_data_key": Bad(["+data.val_fracton=0.02"], ["data.val_fracton", "data.val_fraction"]),
+    "file_misspelt_task_key": Bad(["task=mlm", "+task.mlm_probabilty=0.3"],
+                                  ["task.mlm_probabilty", "task.mlm_probability"]),
+    "file_misspelt_model_key": Bad(["+model.sise=small"], ["model.sise", "model.size"]),
     "file_unknown_optimizer_key": Bad(["+optimizer.learning_rate=0.5"], ["optimizer.learning_rate", "betas, eps, lr"]),
     "test_without_model": Bad(["mode=test"], ["model.pretrained", "mode=test"]),
     "unknown_schedule": Bad(["scheduler.name=zigzag"], ["scheduler.name", "zigzag"]),
     "negative_warmup": Bad(["scheduler.warmup_ratio=-0.5"], ["scheduler.warmup_ratio", "-0.5"]),
+    "zero_log_interval": Bad(["trainer.log_every_n_steps=0"], ["trainer.log_every_n_steps", "0 is not positive"]),
     "bad_checkpoint_mode": Bad(["checkpoint.mode=sideways"], ["checkpoint.mode", "sideways"]),
     "misspelt_checkpoint_monitor": Bad(["checkpoint.monitor=val/los", "checkpoint.mode=min"],
                                        ["checkpoint.monitor", "val/los", "val/loss"]),
@@ -172,6 +176,10 @@ CASES: dict[str, Bad] = {
                                             ["tokenizer.path", "no_such_tokenizer"]),
     "unknown_model_size": Bad(["model.size=huge"], ["model.size", "huge"]),
     "unknown_hf_config_field": Bad(["model.config.n_layerz=3"], ["n_layerz"]),
+    # values Hugging Face's config or model refuses: its message, under the key, not a traceback
+    "hf_config_field_not_a_number": Bad(["model.config.n_layer=abc"], ["model.config.n_layer", "GPT2Config", "'abc'"]),
+    "hf_model_width_not_divisible": Bad(["model.config.n_embd=129"],
+                                        ["'model.config'", "GPT2LMHeadModel", "129", "divisible by num_heads"]),
     "masking_over_one": Bad(["task=mlm", "task.mask_replace_prob=0.9", "task.random_replace_prob=0.2"],
                             ["task.mask_replace_prob", "task.random_replace_prob"]),
     "tracking_uri_without_scheme": Bad(["logger.tracking_uri=127.0.0.1:5999"],
@@ -191,6 +199,10 @@ CASES: dict[str, Bad] = {
     "empty_pretrained_in_test_mode": Bad([*CLS, "mode=test", "model.pretrained="], ["model.pretrained", "it is empty"]),
     "empty_teacher": Bad(["distill.teacher="], ["distill.teacher", "it is empty"]),
     "empty_pretrained_with_resume": Bad(["model.pretrained=", "resume=auto"], ["model.pretrained", "it is empty"]),
+    # ... nor the preset's own data, nor a fresh run
+    "empty_data_path": Bad([], ["data.path", "it is empty", "data.path=null"], data="data.path="),
+    "empty_data_name": Bad(["data.name="], ["data.name", "it is empty", "data.name=null"]),
+    "empty_resume": Bad(["resume="], ["resume", "it is empty", "resume=null"]),
     # data files
     "missing_data_file": Bad([], ["data.path", "no_such_corpus.txt"], data="data.path={d}/no_such_corpus.txt"),
     "empty_data_file": Bad([], ["empty.txt"], data="data.path={d}/empty.txt"),
@@ -380,6 +392,27 @@ def test_bad_input_gives_a_clear_error(name: str, files: Path, shared_cache: Pat
 
 def test_the_catalogue_is_large_enough() -> None:
     assert len(CASES) >= 40
+
+
+def test_only_what_model_config_values_cause_becomes_a_config_error() -> None:
+    from dataclasses import replace
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lmlab.models.build import build_model
+
+    spec = registry.get("model", "gpt2")
+    with pytest.raises(LmlabError, match="'model.config'") as caught:
+        build_model(spec, "causal_lm", GPT2Config(n_layer=1, n_head=2, n_embd=129, vocab_size=64))
+    assert isinstance(caught.value.__cause__, ValueError)  # chained: HF's own traceback is kept
+
+    class Buggy(GPT2LMHeadModel):
+        def __init__(self, config: GPT2Config) -> None:
+            raise RuntimeError("a bug, whatever the values")
+
+    with pytest.raises(RuntimeError, match="a bug"):
+        build_model(replace(spec, heads={"causal_lm": Buggy}), "causal_lm",
+                    GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=64))
 
 
 # -- through the real command: exit 2, one "lmlab: error:" paragraph, no traceback -----------------

@@ -182,6 +182,14 @@ def test_help_lists_groups_and_registered_plugins(lmlab_cli: Launcher, case: str
     assert not out.home.exists()  # --help starts no run
 
 
+def test_help_gives_the_default_runs_real_length() -> None:
+    from lmlab.cli import help_text
+
+    # 45 s measured on 2 CPU cores; README.md says the same.
+    (line,) = [line for line in help_text().splitlines() if line.split()[:2] == ["lmlab", "tiny"]]
+    assert line.rstrip().endswith("under a minute"), line
+
+
 # -- one real run ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("case", ["run"])
 def test_tiny_run_from_the_command_line(lmlab_cli: Launcher, case: str) -> None:

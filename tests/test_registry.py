@@ -215,6 +215,75 @@ def test_missing_plugin_config_package_warns(install):
         assert plugin_config_dirs() == {}
 
 
+BROKEN_INIT = {  # a config package's __init__ -> what the warning must say
+    "runtime": ("raise RuntimeError('no licence file')\n", "RuntimeError: no licence file"),
+    "syntax": ("def oops(:\n", "SyntaxError"),
+    "import": ("import lmlab_dependency_that_is_not_installed\n", "lmlab_dependency_that_is_not_installed"),
+}
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["package", "subpackage"])
+@pytest.mark.parametrize("error", list(BROKEN_INIT))
+def test_plugin_config_that_fails_to_import_is_one_warning(install, error: str, nested: bool):
+    """Every command (--help included) still works, and the warning names the plugin once."""
+    from lmlab.cli import help_text
+
+    source, said = BROKEN_INIT[error]
+    name = f"broken{error}{'nested' if nested else ''}"  # warnings are said once per process: one name per case
+    top = f"lmlab_{name}_configs"
+    package, folder = (f"{top}.conf", f"{top}/conf") if nested else (top, top)
+    # The broken __init__ last: with no subpackage, top and folder are one.
+    files = {f"{folder}/task/{name}.yaml": f"name: {name}\n", f"{folder}/__init__.py": "", f"{top}/__init__.py": source}
+    install(f"lmlab-{name}-configs", {"lmlab.configs": {name: package}}, files)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_no_shadowing()
+        assert name not in plugin_config_dirs()
+        assert compose_cfg([]).task.name == "clm"  # Hydra's search path leaves it out too
+        assert name not in help_text()
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning) and name in str(w.message)]
+    assert len(messages) == 1, messages
+    assert f"'{name}' ({package}, from lmlab-{name}-configs 0.1) failed to import" in messages[0]
+    assert said in messages[0]
+
+
+def test_plugin_config_may_not_shadow_an_experiment_preset(install):
+    install(
+        "lmlab-preset-configs",
+        {"lmlab.configs": {"preset": "lmlab_preset_configs"}},
+        {"lmlab_preset_configs/__init__.py": "",
+         "lmlab_preset_configs/experiment/debug.yaml": "# @package _global_\nseed: 7\n"},
+    )
+    with pytest.raises(LmlabError) as info:
+        check_no_shadowing()
+    message = str(info.value)
+    assert "plugin 'preset'" in message and "'experiment/debug.yaml'" in message
+    assert "experiments/debug.yaml (+experiment=debug)" in message and "experiment/preset_debug.yaml" in message
+
+
+@pytest.mark.parametrize("form", ["-cd", "--config-dir="])
+def test_config_dir_may_not_shadow_an_experiment_preset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture, form: str):
+    from lmlab.cli import main
+
+    mine = tmp_path / "my_conf" / "experiment"
+    mine.mkdir(parents=True)
+    (mine / "debug.yaml").write_text("# @package _global_\nseed: 7\n")
+    (mine / "my_own.yaml").write_text("# @package _global_\nseed: 8\n")
+    args = ["-cd", str(mine.parent)] if form == "-cd" else [f"{form}{mine.parent}"]
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")  # main() sets it; restored after the test
+    monkeypatch.setattr(sys, "argv", ["lmlab", *args, "--help"])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    assert exited.value.code == 2
+    error = capsys.readouterr().err
+    assert "lmlab: error: --config-dir" in error and "'experiment/debug.yaml'" in error
+    assert "experiments/debug.yaml (+experiment=debug)" in error and "my_own" not in error
+
+    (mine / "debug.yaml").unlink()
+    check_no_shadowing(mine.parent)  # a preset of its own name is what --config-dir is for
+
+
 def test_plugin_config_becomes_a_group_option(install):
     site = install(
         "lmlab-toy-configs",

@@ -6,8 +6,18 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from lmlab.errors import config_error
+from lmlab.errors import LmlabError, config_error
 from lmlab.specs import ModelSpec
+
+try:  # huggingface_hub >= 0.32 checks a config's field types when it is built
+    from huggingface_hub.errors import StrictDataclassError
+except ImportError:
+    StrictDataclassError = ValueError  # type: ignore[misc,assignment]
+
+# What Hugging Face raises for model.config values that do not fit: a field of the wrong type, a width
+# not divisible by the heads, n_head=0, an unknown activation name. Anything else (out of memory, a
+# bug) keeps its own traceback.
+REJECTED = (StrictDataclassError, ValueError, TypeError, ArithmeticError, KeyError)
 
 
 def build_hf_config(
@@ -42,7 +52,10 @@ def build_hf_config(
         # None rather than a default past the vocabulary (GPT-2's 50256 with a 5,000-token WordPiece);
         # model.config.* overrides still win.
         kwargs.setdefault(attr, value)
-    config = spec.config_class(**kwargs)
+    try:
+        config = spec.config_class(**kwargs)
+    except REJECTED as exc:
+        raise _rejected(exc, spec.config_class.__name__, overrides) from exc
     check_positions(spec, config, block_size, model_cfg.size)
     return config
 
@@ -112,4 +125,24 @@ def build_model(spec: ModelSpec, head: str, config: Any) -> Any:
     try:
         return model_class._from_config(config, attn_implementation="sdpa")
     except (ValueError, ImportError):
+        pass  # no SDPA for this model, or values it refuses: the second try says which
+    try:
         return model_class._from_config(config)
+    except REJECTED as exc:
+        raise _rejected(exc, model_class.__name__) from exc
+
+
+def _rejected(exc: Exception, by: str, overrides: dict[str, Any] | None = None) -> LmlabError:
+    """The error for model.config values that Hugging Face's config or model class ``by`` refused.
+
+    It names the field when the message quotes one the user set (the type checks do), else model.config.
+    """
+    # One paragraph: HF's messages span lines.
+    message = " ".join(f"{type(exc).__name__}: {exc}".split()).rstrip(".")
+    field = next((name for name in overrides or {} if f"'{name}'" in message), None)
+    if field is not None:
+        return config_error(f"model.config.{field}", f"{by} refused it ({message})",
+                            "Fix the value, or leave it out for model.size's own.")
+    return config_error("model.config", f"{by} refused it ({message})",
+                        "Fix the model.config.* value this is about (sizes must fit together: e.g. the width a "
+                        "multiple of the number of heads), or leave it out for model.size's own.")
