@@ -2,7 +2,9 @@
 
 * ``AtomicCheckpointIO`` writes ``name.tmp`` and renames it, so a kill mid-write leaves the
   previous checkpoint in place, and reads with ``weights_only=True``, so a file cannot run code.
-* ``LastCheckpoint`` keeps ``checkpoints/last.ckpt`` at most ``checkpoint.every_n_steps`` behind.
+* ``LastCheckpoint`` keeps ``checkpoints/last.ckpt`` at most ``checkpoint.every_n_steps`` behind,
+  written after the validation of its step, if there is one, so that the best checkpoint it records
+  is the one on disk.
 * Lightning restores weights, optimizer, scheduler and loop counters but neither the random number
   generators nor the position inside an epoch. ``RngState`` and ``ResumableLoader`` add those.
 """
@@ -146,11 +148,19 @@ class LastCheckpoint(ModelCheckpoint):
 
     Lightning's ``save_last`` only follows the monitored metric; this one always holds the newest
     state, which is what a resume needs.
+
+    A checkpoint holds every callback's state, the best-checkpoint record included, and a step's
+    validation may replace the best checkpoint (deleting the previous one). So a step that is
+    validated gets its last.ckpt after that validation, as Lightning's monitored checkpoints do:
+    deferred when Lightning is sure to validate, else written again once it has. A process killed
+    during that validation resumes from the previous last.ckpt; one stopped by a signal there saves
+    in ``Preemption.on_exception``.
     """
 
     def __init__(self, dirpath: Path, every_n_steps: int):
         super().__init__(dirpath=dirpath, filename="last", monitor=None, save_top_k=1,
                          enable_version_counter=False, every_n_train_steps=every_n_steps or None)
+        self._after_validation = False  # this step's last.ckpt is owed once its validation ends
 
     @property
     def path(self) -> Path:
@@ -162,15 +172,126 @@ class LastCheckpoint(ModelCheckpoint):
         return self._last_global_step_saved if self._last_checkpoint_saved else None
 
     def save_now(self, trainer: L.Trainer) -> None:
-        if self._last_checkpoint_saved and self._last_global_step_saved == trainer.global_step:
+        if self._saved_at(trainer.global_step):
             return
         self._save_checkpoint(trainer, str(self.path))
+
+    def _saved_at(self, step: int) -> bool:
+        return bool(self._last_checkpoint_saved) and self._last_global_step_saved == step
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._after_validation = False
+        # A resumed run's best records come from the checkpoint it resumed from, which may name files
+        # deleted since.
+        for checkpoint in trainer.checkpoint_callbacks:
+            if isinstance(checkpoint, ModelCheckpoint) and not isinstance(checkpoint, LastCheckpoint):
+                mend_best_record(trainer, checkpoint)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        due = (self._every_n_train_steps >= 1 and trainer.global_step % self._every_n_train_steps == 0
+               and not self._should_skip_saving_checkpoint(trainer))
+        if due and validation_follows(trainer):
+            self._after_validation = True
+            return
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Saved already at this step (on demand, or before Lightning had the validation loader that
+        # tells whether it validates): that file's best record is about to go stale.
+        if self._fitting(trainer) and self._saved_at(trainer.global_step):
+            self._after_validation = True
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._after_validation and self._fitting(trainer):
+            self._after_validation = False
+            self._save_checkpoint(trainer, str(self.path))
+            return
+        super().on_validation_end(trainer, pl_module)
+
+    @staticmethod
+    def _fitting(trainer: L.Trainer) -> bool:
+        return trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
         # max_steps need not be a multiple of every_n_steps: the final weights are saved regardless.
         if not trainer.fast_dev_run and trainer.state.fn == TrainerFn.FITTING:
             self.save_now(trainer)
+
+
+def validation_follows(trainer: L.Trainer) -> bool:
+    """Whether Lightning validates right after the training batch whose hooks are running.
+
+    It decides in ``_TrainingEpochLoop.on_advance_end``, after those hooks, with the same inputs (a
+    validation due by time stays due). A validation loader not set up yet, or reloaded, may turn out
+    empty, and Lightning then skips the loop and ``on_validation_end``: not sure, so False. With a
+    Lightning whose loop internals differ: False too, and last.ckpt is written as before.
+    """
+    try:
+        loop = trainer.fit_loop.epoch_loop
+        val = loop.val_loop
+        ready = val._combined_loader is not None and not val._should_reload_val_dl and not val.skip
+        return bool(ready and not loop._skip_next_val and loop._should_check_val_fx(trainer.fit_loop._data_fetcher))
+    except (AttributeError, TypeError):
+        return False
+
+
+def mend_best_record(trainer: L.Trainer, checkpoint: ModelCheckpoint) -> None:
+    """Rebuild a restored best-checkpoint record that names files no longer on disk.
+
+    A record names a missing file when last.ckpt was written before the validation of its step (as
+    lmlab did up to this version) or when the process died between the two saves at the end of a
+    validation. The newest checkpoint this callback wrote at or before the resumed step holds the
+    record as it then was (later validations that did not save left it unchanged); checkpoints it
+    wrote after that step will be written again as training repeats those steps. Without one, the
+    record starts empty, and validations from now on pick the best.
+    """
+    dirpath = str(checkpoint.dirpath or "")
+    named = [p for p in {*checkpoint.best_k_models, checkpoint.best_model_path} if p]
+    if not named or "://" in dirpath:
+        return
+    record = None
+    missing = [Path(p).name for p in named if not Path(p).is_file()]
+    if trainer.is_global_zero and missing:
+        record = _newest_record(checkpoint, trainer.global_step)
+        log.warning("The checkpoint this run resumes from records best checkpoints that no longer exist (%s): "
+                    "it was written before its step's validation (by an lmlab older than this one), or the run "
+                    "was killed between two saves. Best checkpoints from now on: %s.", ", ".join(sorted(missing)),
+                    ", ".join(Path(p).name for p in record) or "none yet, the next validation's")
+    record = trainer.strategy.broadcast(record)  # every process keeps the same record, and decides alike
+    if record is None:
+        return
+    checkpoint.best_k_models = record
+    pick, worst = (min, max) if checkpoint.mode == "min" else (max, min)
+    checkpoint.best_model_path = pick(record, key=record.get) if record else ""
+    checkpoint.best_model_score = record.get(checkpoint.best_model_path)
+    if len(record) == checkpoint.save_top_k:  # full: the next better one replaces the worst
+        checkpoint.kth_best_model_path = worst(record, key=record.get)
+        checkpoint.kth_value = record[checkpoint.kth_best_model_path]
+    else:
+        checkpoint.kth_best_model_path = ""
+        checkpoint.kth_value = torch.tensor(torch.inf if checkpoint.mode == "min" else -torch.inf)
+
+
+def _newest_record(checkpoint: ModelCheckpoint, step: int) -> dict[str, Any]:
+    """``checkpoint``'s top-k record ({path: score}) as its newest file at or before ``step`` holds it."""
+    dirpath = Path(checkpoint.dirpath)
+    newest, record = -1, {}
+    for path in dirpath.glob(f"*{checkpoint.FILE_EXTENSION}"):
+        try:
+            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            saved, own = int(state["global_step"]), state["callbacks"][checkpoint.state_key]["best_k_models"]
+        except Exception:  # not one of its checkpoints, or not readable: not a source of the record
+            continue
+        # Every checkpoint holds the callback's record; one the callback wrote itself is in it.
+        if path.name in {Path(p).name for p in own} and newest < saved <= step:
+            newest, record = saved, own
+    # The run directory may have moved since: the files are looked for by name in today's folder.
+    # Scores are copied out of the memory-mapped file, which Lightning deletes once it is beaten.
+    return {str(dirpath / Path(p).name): torch.as_tensor(score).clone() for p, score in record.items()
+            if (dirpath / Path(p).name).is_file()}
 
 
 # -- random number generators ---------------------------------------------------------------------

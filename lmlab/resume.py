@@ -5,7 +5,8 @@ task, model, status and the process running it. ``resume=auto`` picks, under
 ``${paths.root}/runs``, the newest directory of the same task and model whose run did not finish,
 is not running now and has a ``checkpoints/last.ckpt``; ``resume=DIR`` names the directory and
 ``resume=FILE.ckpt`` a checkpoint (inside a run directory: that run continues; elsewhere: a new run
-starts from it). The resumed run writes into its original directory and MLflow run.
+starts from it). The resumed run writes into its original directory and MLflow run, after removing
+what a killed process left staged there (``.export.*`` folders, ``checkpoints/*.tmp`` files).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import datetime as dt
 import json
 import logging
 import os
+import shutil
 import socket
 import warnings
 from dataclasses import dataclass
@@ -79,6 +81,7 @@ def prepare(cfg: DictConfig) -> Resume | None:
     checkpointing.check_readable(found.checkpoint)
     if found.run_dir is not None:
         _check_same_config(cfg, found.run_dir)
+        _remove_staged(found.run_dir)
     # Lightning warns about a non-empty checkpoint folder: continuing one is the point here.
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     log.info("Resuming from %s", found.checkpoint)
@@ -176,6 +179,25 @@ def _newest_unfinished(cfg: DictConfig) -> Resume:
                            "directory: resume=DIR.")
     _, run_dir, record = max(candidates, key=lambda c: (c[0], c[1].name))
     return Resume(run_dir / LAST, run_dir, record.get("mlflow_run_id"))
+
+
+def _remove_staged(run_dir: Path) -> None:
+    """Delete what writes killed midway left in ``run_dir``: nothing reads it, and it never goes away.
+
+    ``atomic.atomic_dir`` stages the export in ``.export.XXXXXXXX/`` (and keeps the previous one as
+    ``.export.old.PID/`` between its two renames); ``atomic.atomic_file`` stages checkpoints as
+    ``NAME.tmp``. Nothing is removed while the process that last ran the directory is alive.
+    """
+    record = read_record(run_dir)
+    # Other DDP ranks leave it to rank 0; resume=DIR does not refuse a live run, whose export may be under way.
+    if not is_rank_zero() or (record is not None and _alive(record)):
+        return
+    for path in [*run_dir.glob(".export.*"), *(run_dir / "checkpoints").glob("*.tmp")]:
+        log.info("Removing %s, left by a process killed while writing it", path)
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def _telling_first(key: str) -> tuple[int, str]:

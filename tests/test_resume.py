@@ -379,3 +379,74 @@ def test_a_finished_run_resumes_only_to_train_longer(in_process) -> None:
     assert [m.step for m in client.get_metric_history(longer.run_id, "train/loss")] == list(range(9))
     assert [m.step for m in client.get_metric_history(longer.run_id, "val/loss")] == [2, 5, 8]
     assert json.loads((first.output_dir / "lmlab_run.json").read_text())["status"] == "finished"
+
+
+def best_checkpoints(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in (run_dir / "checkpoints").glob("best-*.ckpt"))
+
+
+def best_record(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The best-checkpoint callback's state in a loaded checkpoint (every checkpoint holds it)."""
+    (key,) = [k for k in checkpoint["callbacks"] if k.startswith("ModelCheckpoint{'monitor': 'val/loss'")]
+    return checkpoint["callbacks"][key]
+
+
+def test_a_run_trained_longer_ends_on_the_best_checkpoint_it_had(in_process) -> None:
+    # Step 15 is a checkpoint step (every 3) and a validation step (every 5) that beats step 10.
+    # last.ckpt written before that validation recorded best-step=10.ckpt, which the validation
+    # then deleted: the longer run failed at its end, trying to load it.
+    first = in_process("longer_best", "trainer.max_steps=15")
+    run_dir = first.output_dir
+    assert best_checkpoints(run_dir) == ["best-step=15.ckpt"], "step 15 must beat step 10 for this test"
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert Path(best_record(last)["best_model_path"]).name == "best-step=15.ckpt"
+    longer = in_process("longer_best", "trainer.max_steps=18", f"resume={run_dir}")  # no validation after 15
+    assert longer.output_dir == run_dir and checkpoint_step(run_dir / "checkpoints" / "last.ckpt") == 18
+    assert best_checkpoints(run_dir) == ["best-step=15.ckpt"]
+    assert longer.metrics["val/loss"] == first.metrics["val/loss"]  # step 15's weights, validated again
+
+
+def test_a_stale_best_record_from_an_older_lmlab_is_mended_on_resume(in_process,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    # Older lmlab versions wrote last.ckpt before the validation of its step, so a run finished at
+    # step 15 holds a last.ckpt naming best-step=10.ckpt (gone) while best-step=15.ckpt is on disk.
+    first = in_process("stale_record", "trainer.max_steps=15")
+    last = first.output_dir / "checkpoints" / "last.ckpt"
+    state = torch.load(last, map_location="cpu", weights_only=True)
+    gone = str(first.output_dir / "checkpoints" / "best-step=10.ckpt")
+    score = torch.tensor(99.0)
+    best_record(state).update(best_model_path=gone, best_k_models={gone: score}, best_model_score=score,
+                              kth_best_model_path=gone, kth_value=score)
+    torch.save(state, last)
+    assert best_checkpoints(first.output_dir) == ["best-step=15.ckpt"]
+
+    with caplog.at_level("WARNING", logger="lmlab.checkpointing"):
+        longer = in_process("stale_record", "trainer.max_steps=18", f"resume={first.output_dir}")
+    assert "best-step=10.ckpt" in caplog.text and "best-step=15.ckpt" in caplog.text, caplog.text
+    assert best_checkpoints(first.output_dir) == ["best-step=15.ckpt"]
+    assert longer.metrics["val/loss"] == first.metrics["val/loss"]  # the best the run had, not step 18's
+
+    # With no best checkpoint left at all, the validations after the resume pick the best.
+    (first.output_dir / "checkpoints" / "best-step=15.ckpt").unlink()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lmlab.checkpointing"):
+        in_process("stale_record", "trainer.max_steps=21", f"resume={first.output_dir}")
+    assert "(best-step=15.ckpt)" in caplog.text and "none yet" in caplog.text, caplog.text
+    assert best_checkpoints(first.output_dir) == ["best-step=20.ckpt"]
+
+
+def test_resume_removes_the_staging_folder_of_a_killed_export(in_process) -> None:
+    from lmlab.atomic import atomic_dir
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        in_process("killed_export", "trainer.max_steps=6", callback=Crash(4))
+    (run_dir,) = (in_process.root / "killed_export" / "runs").iterdir()
+    # What a SIGKILL in the middle of the export leaves: the staging folder, entered and never left
+    # (the context manager is kept alive, or its clean-up on collection would remove the folder).
+    export = atomic_dir(run_dir / "export")
+    staged = export.__enter__()
+    (staged / "model.safetensors").write_bytes(b"half a model")
+    assert staged.name.startswith(".export.")
+    got = in_process("killed_export", "trainer.max_steps=6", "resume=auto")
+    assert got.output_dir == run_dir and (run_dir / "export" / "model.safetensors").is_file()
+    assert not list(run_dir.glob(".export.*"))
