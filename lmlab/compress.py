@@ -101,7 +101,9 @@ def run(cfg: DictConfig, task: TaskSpec, spec: ModelSpec, mode: str, started: fl
     origin = str(getattr(dm, "origin", None) or getattr(getattr(dm, "corpus", None), "origin", ""))
     mlrun = resume.open_run(cfg, None, _tags(cfg, task, spec, mode, output_dir, origin), output_dir, is_rank_zero())
     status = "FAILED"
+    sigterm = faults.SigtermOutsideTraining()  # scoring and saving: a SIGTERM ends the run KILLED
     try:
+        sigterm.start()
         mlrun.artifact(config_path, "config")
         mlrun.dict({"tokenizer": tok_info, "source": source, "data": {**getattr(dm, "stats", {}), "origin": origin}},
                    "run_info.json")
@@ -138,8 +140,9 @@ def run(cfg: DictConfig, task: TaskSpec, spec: ModelSpec, mode: str, started: fl
         status = "KILLED"
         raise faults.preempted_outside_training(mode, output_dir) from exc
     finally:
-        mlrun.terminate(status)
-        resume.close(output_dir, status)
+        with sigterm.closing():
+            mlrun.terminate(status)
+            resume.close(output_dir, status)
     log.info("%s: %s %.4f -> %.4f; saved in %s", mode, key, original.get(key, float("nan")),
              metrics.get(key, float("nan")), saved_dir)
     return RunResult(mlrun.run_id, tracking.tracking_uri(cfg), output_dir, metrics, saved_dir,

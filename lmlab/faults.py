@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import lightning as L
@@ -199,9 +201,16 @@ def _own_signals() -> tuple[int, ...]:
 class Preemption(L.Callback):
     """SIGTERM, SIGUSR1 or a first Ctrl-C: save last.ckpt at the next step boundary and stop training.
 
-    Lightning notes SIGTERM itself and raises ``SIGTERMException`` once the step is over; this saves
-    the checkpoint first. A signal that lands during validation reaches ``on_exception`` instead,
-    which saves then. ``fit`` below turns either into ``Preempted``.
+    Lightning notes SIGTERM itself and raises ``SIGTERMException`` once the step is over (after its
+    validation, if one is due then); this saves the checkpoint first. For the other signals this
+    raises the same exception before the next step or epoch starts. A signal that lands during
+    validation reaches ``on_exception`` instead, which saves then. ``fit`` below turns either into
+    ``Preempted``.
+
+    Not ``trainer.should_stop``: Lightning validates before it honours that (its early-stopping
+    rule), so every stop would add a validation nobody scheduled, and with it a best-step
+    checkpoint, a val/* point the uninterrupted run does not have and, on a large validation set,
+    a stop later than a preemption's grace period.
     """
 
     def __init__(self, last: LastCheckpoint):
@@ -246,6 +255,20 @@ class Preemption(L.Callback):
         if trainer.strategy.reduce_boolean_decision(asked, all=False):  # any rank's signal stops all
             self._stop(trainer)
 
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._raise_if_stopped()
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._raise_if_stopped()  # before the new epoch's loader starts its workers
+
+    def _raise_if_stopped(self) -> None:
+        # Not in on_train_batch_end, where the step was saved: Lightning logs the step's metrics
+        # after that hook, and runs the validation due at that step after it too; the resumed run
+        # does neither again.
+        if self.stopped_after is not None:
+            raise SIGTERMException
+
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException):
             self._stop(trainer)
@@ -256,7 +279,6 @@ class Preemption(L.Callback):
         if trainer.state.fn == TrainerFn.FITTING:
             self.last.save_now(trainer)
         self.stopped_after = trainer.global_step
-        trainer.should_stop = True
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         for signum, handler in self._previous.items():
@@ -269,8 +291,9 @@ def fit(trainer: L.Trainer, module: L.LightningModule, datamodule: Any, ckpt_pat
     guard = next((cb for cb in trainer.callbacks if isinstance(cb, Preemption)), None)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    except SIGTERMException as exc:
-        raise _preempted(guard, signal.SIGTERM) from exc
+    except SIGTERMException as exc:  # Lightning's own for SIGTERM, Preemption's for the others
+        signum = guard.signum if guard is not None and guard.signum is not None else signal.SIGTERM
+        raise _preempted(guard, signum) from exc
     if guard is not None and guard.signum is not None:
         raise _preempted(guard, guard.signum)
 
@@ -284,6 +307,47 @@ def _preempted(guard: Preemption | None, signum: int) -> Preempted:
         f"stopped by {name} after step {guard.stopped_after}; its state is saved in {guard.last.path}. "
         f"Continue with the same overrides plus resume={run_dir} (or resume=auto)", signum,
     )
+
+
+class SigtermOutsideTraining:
+    """SIGTERM after training (final validation, export, test, MLflow uploads) or in a mode that
+    does not train: ``SIGTERMException`` at once, which the run turns into ``preempted_outside_training``.
+
+    Lightning installs its SIGTERM handler only for the length of each trainer call; between them
+    Python's default would end the process on the spot, with no message, the run record "running"
+    and MLflow's run left as it was. Inside a trainer call Lightning's handler calls this one after
+    its own, so the stop comes at once there too (Lightning's own would let a signal in the last
+    batch pass). Not during ``fit``: there ``Preemption`` stops at a step boundary with last.ckpt
+    saved. A handler someone else installed (a sweep's) is left in place.
+    """
+
+    def __init__(self) -> None:
+        self._previous: Any = None
+        self._closing = False
+
+    def start(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            self._previous = signal.signal(signal.SIGTERM, self._raise)
+
+    def _raise(self, signum: int, frame: Any) -> None:
+        if self._closing:
+            return
+        self._closing = True  # a second SIGTERM must not cut short the clean-up the first one started
+        raise SIGTERMException
+
+    @contextlib.contextmanager
+    def closing(self) -> Iterator[None]:
+        """For ending the run (MLflow's status, the run record): a SIGTERM then is ignored, so they
+        are written whole; the previous handler is back afterwards."""
+        self._closing = True
+        try:
+            yield
+        finally:
+            if self._previous is not None:
+                signal.signal(signal.SIGTERM, self._previous)
+                self._previous = None
 
 
 def preempted_outside_training(mode: str, output_dir: Any) -> Preempted:

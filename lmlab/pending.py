@@ -103,8 +103,8 @@ class ResilientClient:
         return lambda *args, **kwargs: self._write(name, args, kwargs)
 
     def get_run(self, run_id: str) -> Any:
-        # Lightning's MLFlowLogger.finalize asks for the run before ending it; during an outage the
-        # answer "no run" makes it skip that, and lmlab's own set_terminated is queued instead.
+        # Whoever asks for the run during an outage (MLflow's logger, a status check) gets "no run"
+        # at once instead of MLflow's retries; lmlab's own set_terminated is queued meanwhile.
         if self._queue and not self._reachable():  # still down: a refused connect, not MLflow's retries
             return None
         try:

@@ -13,12 +13,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig
 
 from lmlab import tracking
 from lmlab.background_log import BackgroundWriter
 
 log = logging.getLogger(__name__)
+
+
+class RunMetrics(MLFlowLogger):
+    """Lightning's MLflow logger for the metrics of a run that lmlab opened and ends itself."""
+
+    def finalize(self, status: str = "success") -> None:
+        # Lightning calls this as each trainer call returns; MLFlowLogger's own would end the run
+        # FINISHED as soon as fit returns, with the final validation, export and test still to come
+        # (and a kill during them would leave it so). RunLog.terminate ends it once, with the
+        # status of the whole run.
+        return None
 
 
 @dataclass
@@ -92,6 +104,7 @@ class RunLog:
             from lightning.pytorch.loggers.logger import DummyLogger
 
             return DummyLogger()
-        logger = tracking.metrics_logger(cfg, self.run_id)
+        logger = RunMetrics(experiment_name=str(cfg.logger.experiment_name), tracking_uri=tracking.tracking_uri(cfg),
+                            run_id=self.run_id, log_model=False)
         logger._mlflow_client = self.client  # Lightning's metrics take the same path as lmlab's own calls
         return logger

@@ -1,7 +1,8 @@
 """MLflow: the embedded store by default, a tracking server when the user names one.
 
 lmlab opens the run itself (so params, tags and the config are there before the first step and
-a failed start marks the run FAILED), then hands its id to Lightning's ``MLFlowLogger`` for metrics.
+a failed start marks the run FAILED), then hands its id to Lightning's ``MLFlowLogger`` for metrics
+(``lmlab.run_log.RunMetrics``), and ends it itself once everything after training is done too.
 """
 
 from __future__ import annotations
@@ -196,15 +197,6 @@ def start_run(cfg: DictConfig, tags: Mapping[str, str]) -> tuple[Any, str, str]:
         client.log_batch(run_id, params=items[start : start + MAX_PARAMS_PER_BATCH])
     log.info("MLflow run %s in experiment '%s' at %s", run_id, cfg.logger.experiment_name, uri)
     return client, run_id, exp_id
-
-
-def metrics_logger(cfg: DictConfig, run_id: str) -> Any:
-    from lightning.pytorch.loggers import MLFlowLogger
-
-    return MLFlowLogger(
-        experiment_name=str(cfg.logger.experiment_name), tracking_uri=tracking_uri(cfg), run_id=run_id,
-        log_model=False,
-    )
 
 
 def quiet_env() -> None:

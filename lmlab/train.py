@@ -322,7 +322,10 @@ def run(cfg: DictConfig) -> RunResult:
     origin = str(getattr(dm, "origin", None) or getattr(getattr(dm, "corpus", None), "origin", ""))
     mlrun = resume.open_run(cfg, resuming, _tags(cfg, task, spec, mode, output_dir, origin), output_dir, rank_zero)
     status = "FAILED"
+    sigterm = faults.SigtermOutsideTraining()
     try:
+        if mode != "fit":
+            sigterm.start()
         mlrun.artifact(config_path, "config")
         mlrun.dict({"tokenizer": tok_info, "data": {**getattr(dm, "stats", {}), "origin": origin,
                     "tokenized_cache_hit": getattr(dm, "cache_hit", None)}}, "run_info.json")
@@ -339,6 +342,7 @@ def run(cfg: DictConfig) -> RunResult:
                     raise
                 raise missing_monitor(cfg, task, sorted(k for k in trainer.callback_metrics
                                                         if k.startswith("val/"))) from exc
+            sigterm.start()  # not before: during fit, Preemption stops at a step boundary with last.ckpt saved
             metrics = final_validation(cfg, trainer, module, dm, checkpoint)
             if cfg.export:
                 # Under FSDP/DeepSpeed the weights are sharded: every process takes part in gathering them.
@@ -372,8 +376,9 @@ def run(cfg: DictConfig) -> RunResult:
         status = "KILLED"
         raise faults.preempted_outside_training(mode, output_dir) from exc
     finally:
-        mlrun.terminate(status)
-        resume.close(output_dir, status)
+        with sigterm.closing():
+            mlrun.terminate(status)
+            resume.close(output_dir, status)
     return RunResult(mlrun.run_id, tracking.tracking_uri(cfg), output_dir, metrics, export_dir,
                      time.perf_counter() - started, objective_metric(cfg, task))
 
@@ -394,7 +399,9 @@ def _predict(cfg: DictConfig, task: TaskSpec, spec: ModelSpec, started: float) -
     config_path = save_resolved_config(cfg, output_dir)
     mlrun = RunLog.open(cfg, _tags(cfg, task, spec, "predict", output_dir, str(cfg.data.path)), is_rank_zero())
     status = "FAILED"
+    sigterm = faults.SigtermOutsideTraining()
     try:
+        sigterm.start()
         mlrun.artifact(config_path, "config")
         trainer, _, _ = build_trainer(cfg, task, output_dir, mlrun.metrics_logger(cfg), model)
         written = task.predict(cfg, module, tokenizer, trainer, output_dir / "predictions")
@@ -407,7 +414,8 @@ def _predict(cfg: DictConfig, task: TaskSpec, spec: ModelSpec, started: float) -
         status = "KILLED"
         raise faults.preempted_outside_training("predict", output_dir) from exc
     finally:
-        mlrun.terminate(status)
+        with sigterm.closing():
+            mlrun.terminate(status)
     log.info("Predictions: %s", ", ".join(str(p) for p in written))
     return RunResult(mlrun.run_id, tracking.tracking_uri(cfg), output_dir, metrics, None,
                      time.perf_counter() - started, "predict/examples")
