@@ -38,10 +38,16 @@ def tracking_uri(cfg: DictConfig) -> str:
 
 
 def artifact_root(cfg: DictConfig) -> str | None:
-    # Only the embedded store needs a place of ours; a server decides for itself.
-    if cfg.logger.get("tracking_uri"):
+    """Where a new experiment keeps its artifacts: beside a local database (the embedded store's,
+    or a sqlite:/// one given), else the server's choice."""
+    uri = cfg.logger.get("tracking_uri")
+    if not uri:
+        return (Path(str(cfg.paths.root)).resolve() / "mlartifacts").as_uri()
+    database = str(uri).removeprefix("sqlite:///") if str(uri).startswith("sqlite:///") else None
+    if not database or database.startswith(":memory:"):
         return None
-    return (Path(str(cfg.paths.root)).resolve() / "mlartifacts").as_uri()
+    # MLflow's own default is ./mlruns of whatever directory the command ran in.
+    return (Path(database).resolve().parent / "mlartifacts").as_uri()
 
 
 def ui_command(uri: str) -> str:

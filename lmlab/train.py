@@ -152,7 +152,7 @@ def build_trainer(
         # lmlab's trainer.val_check_interval counts optimizer steps, like max_steps and the logging
         # interval; Lightning counts training batches, which accumulation multiplies.
         trainer_kwargs["val_check_interval"] = interval * accumulate
-    every = int(trainer_kwargs.get("log_every_n_steps") or 10)
+    every = int(trainer_kwargs.get("log_every_n_steps") or 50)  # null: Lightning's own default, 50
     throughput = TokensPerSecond(every=every * accumulate, configured_peak=cfg.get("perf", {}).get("peak_flops"))
     bar = [ProgressBar(every)] if trainer_kwargs.get("enable_progress_bar", True) else []
     try:

@@ -338,3 +338,16 @@ def test_server_gone_for_good_keeps_the_log_to_send_later(own_server: Server, wi
     steps = sorted(m.step for m in client.get_metric_history(result.run_id, "train/loss"))
     assert steps == list(range(12)), steps
     assert "model/model.safetensors" in artifact_files(client, result.run_id)
+
+
+def test_a_sqlite_store_given_keeps_its_artifacts_beside_the_database(tmp_path: Path, wiki_file: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # MLflow's own default would put them in ./mlruns of whatever directory the command ran in.
+    work = tmp_path / "work"
+    (work / "stores").mkdir(parents=True)
+    monkeypatch.chdir(work)
+    result, _ = run_in_home(tmp_path, [*TINY, f"data.path={wiki_file}", "trainer.max_steps=2",
+                                       "logger.tracking_uri=sqlite:///stores/runs.db"])
+    run = mlflow.MlflowClient(result.tracking_uri).get_run(result.run_id)
+    assert run.info.artifact_uri.startswith((work / "stores" / "mlartifacts").as_uri())
+    assert (work / "stores" / "mlartifacts").is_dir() and not (work / "mlruns").exists()
