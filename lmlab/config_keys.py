@@ -73,6 +73,7 @@ def check_known_keys(cfg: DictConfig) -> None:
             hint = f"Did you mean {node}.{close[0]}? " if close else ""
             raise config_error(
                 f"{node}.{key}", f"no config of lmlab or of an installed plugin has this key, so nothing would read it",
-                f"{hint}Fix it in the config file that sets it (your --config-dir group file or +experiment= "
-                f"preset). The keys {node} takes: {', '.join(sorted(known[node]))}.",
+                f"{hint}Fix it where it is set (a +{node}.{key}= on the command line, your --config-dir group "
+                f"file or +experiment= preset). The keys {node} takes"
+                f"{' (of any ' + node + ')' if node in ('task', 'model') else ''}: {', '.join(sorted(known[node]))}.",
             )

@@ -331,6 +331,12 @@ class SigtermOutsideTraining:
         if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
             self._previous = signal.signal(signal.SIGTERM, self._raise)
 
+    def stop(self) -> None:
+        """Hands SIGTERM back (to Lightning's handler during fit); ``start`` takes it again."""
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
     def _raise(self, signum: int, frame: Any) -> None:
         if self._closing:
             return
@@ -354,6 +360,9 @@ def preempted_outside_training(mode: str, output_dir: Any) -> Preempted:
     """SIGTERM while scoring, exporting or predicting: Lightning's ``SIGTERMException`` is a
     ``SystemExit`` without a code, which would end the process with status 0 as if it had succeeded.
     Nothing is saved then (training, if any, was over), so the message says how to finish."""
+    if mode == "fit-not-started":
+        return Preempted("stopped by SIGTERM before training started; nothing was trained or saved. Run the same "
+                         "command again", signal.SIGTERM)
     if mode == "fit":
         return Preempted(
             "stopped by SIGTERM after training had finished, before the final validation, export and test were "

@@ -323,9 +323,9 @@ def run(cfg: DictConfig) -> RunResult:
     mlrun = resume.open_run(cfg, resuming, _tags(cfg, task, spec, mode, output_dir, origin), output_dir, rank_zero)
     status = "FAILED"
     sigterm = faults.SigtermOutsideTraining()
+    trained = False
     try:
-        if mode != "fit":
-            sigterm.start()
+        sigterm.start()  # from the open MLflow run on: a SIGTERM ends it KILLED, never left RUNNING
         mlrun.artifact(config_path, "config")
         mlrun.dict({"tokenizer": tok_info, "data": {**getattr(dm, "stats", {}), "origin": origin,
                     "tokenized_cache_hit": getattr(dm, "cache_hit", None)}}, "run_info.json")
@@ -335,14 +335,16 @@ def run(cfg: DictConfig) -> RunResult:
         trainer, checkpoint, throughput = build_trainer(cfg, task, output_dir, mlrun.metrics_logger(cfg), model)
         export_dir = None
         if mode == "fit":
+            sigterm.stop()  # during fit, Preemption stops at a step boundary with last.ckpt saved
             try:
                 faults.fit(trainer, module, dm, ckpt_path=resume.checkpoint(resuming))
+                trained = True
             except MisconfigurationException as exc:
                 if "could not find the monitored key" not in str(exc):
                     raise
                 raise missing_monitor(cfg, task, sorted(k for k in trainer.callback_metrics
                                                         if k.startswith("val/"))) from exc
-            sigterm.start()  # not before: during fit, Preemption stops at a step boundary with last.ckpt saved
+            sigterm.start()
             metrics = final_validation(cfg, trainer, module, dm, checkpoint)
             if cfg.export:
                 # Under FSDP/DeepSpeed the weights are sharded: every process takes part in gathering them.
@@ -374,7 +376,8 @@ def run(cfg: DictConfig) -> RunResult:
         raise
     except SIGTERMException as exc:  # after fit, or in mode=test: see faults.preempted_outside_training
         status = "KILLED"
-        raise faults.preempted_outside_training(mode, output_dir) from exc
+        raise faults.preempted_outside_training(mode if trained or mode != "fit" else "fit-not-started",
+                                                output_dir) from exc
     finally:
         with sigterm.closing():
             mlrun.terminate(status)

@@ -236,3 +236,30 @@ def test_sigterm_in_mode_test_ends_killed(workspace: Path, rotten: str, monkeypa
     tested = [run_dir for run_dir in home.run_dirs() if run_dir != trained.output_dir]
     assert [json.loads((d / "lmlab_run.json").read_text())["status"] for d in tested] == ["killed"]
     assert sorted(status for _, status in home.runs()) == ["FINISHED", "KILLED"]
+
+
+def test_sigterm_between_the_open_run_and_training_ends_killed(workspace: Path, rotten: str,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    # The MLflow run is open, the Trainer being built: the default handler would end the process
+    # with no message and leave the run RUNNING for good (no last.ckpt to resume from).
+    import lmlab.train as train
+    from lmlab.faults import Preempted
+
+    root = workspace / "before_fit"
+    monkeypatch.setenv("LMLAB_HOME", str(root))
+    monkeypatch.setenv("LMLAB_CACHE_DIR", str(workspace / "cache"))
+    real = train.build_trainer
+
+    def build_trainer(*args: Any, **kwargs: Any) -> Any:
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "build_trainer", build_trainer)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Preempted, match="stopped by SIGTERM before training started"):
+        train.run(compose_cfg([*TINY, "task=classification", rotten, "trainer.max_steps=2"]))
+    assert signal.getsignal(signal.SIGTERM) is before
+    home = Home(root, workspace / "cache")
+    (run_dir,) = home.run_dirs()
+    assert json.loads((run_dir / "lmlab_run.json").read_text())["status"] == "killed"
+    assert [status for _, status in home.runs()] == ["KILLED"]
