@@ -417,6 +417,13 @@ class _Rows(Dataset):
         return self.rows[index]
 
 
+def cuts_words(word_ids: list[int | None], n_words: int) -> bool:
+    """Whether truncation left words of a sentence of ``n_words`` out (``word_ids``: the tokenizer's
+    word of each subword, None for special tokens); training and predict count them alike."""
+    seen = [w for w in word_ids if w is not None]
+    return bool(seen) and max(seen) < n_words - 1
+
+
 class TokenCollator:
     """Dynamic padding: every batch is as long as its longest sentence (in subwords and in words)."""
 
@@ -620,9 +627,7 @@ class NerDataModule(L.LightningDataModule):
                     else:
                         labels.append(gold[w])
                     prev = w
-                seen = {w for w in word_ids if w is not None}
-                if seen and max(seen) < len(sentence.tokens) - 1:
-                    truncated += 1
+                truncated += cuts_words(word_ids, len(sentence.tokens))
                 row = {"index": start + j, "input_ids": enc["input_ids"][j],
                        "attention_mask": enc["attention_mask"][j], "labels": labels, "first_word": first,
                        "word_labels": gold}
@@ -859,8 +864,7 @@ def predict(cfg: DictConfig, module: NerModule, tokenizer: Any, trainer: L.Train
     sentences = read_unlabelled(Path(str(cfg.data.path)), cfg.data)
     max_length = int(cfg.data.get("max_length") or cfg.data.block_size)
     enc = tokenizer([s for s, _ in sentences], is_split_into_words=True, truncation=True, max_length=max_length)
-    cut = sum(max((w for w in enc.word_ids(i) if w is not None), default=-1) + 1 < len(tokens)
-              for i, (tokens, _) in enumerate(sentences))
+    cut = sum(cuts_words(enc.word_ids(i), len(tokens)) for i, (tokens, _) in enumerate(sentences))
     if cut:  # as training says: the words past the cut get no prediction of their own
         log.warning("%d of %d sentences are longer than data.max_length=%d subwords and were truncated "
                     "(their cut-off words are tagged O)", cut, len(sentences), max_length)
