@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from lmlab import faults, pretrained, prune, quantize, registry, resume, tracking
@@ -100,10 +99,7 @@ def run(cfg: DictConfig, task: TaskSpec, spec: ModelSpec, mode: str, started: fl
     config_path = save_resolved_config(cfg, output_dir)
     origin = str(getattr(dm, "origin", None) or getattr(getattr(dm, "corpus", None), "origin", ""))
     mlrun = resume.open_run(cfg, None, _tags(cfg, task, spec, mode, output_dir, origin), output_dir, is_rank_zero())
-    status = "FAILED"
-    sigterm = faults.SigtermOutsideTraining()  # scoring and saving: a SIGTERM ends the run KILLED
-    try:
-        sigterm.start()
+    with resume.ending(mlrun, output_dir, mode):  # scoring and saving: a SIGTERM ends the run KILLED
         mlrun.artifact(config_path, "config")
         mlrun.dict({"tokenizer": tok_info, "source": source, "data": {**getattr(dm, "stats", {}), "origin": origin}},
                    "run_info.json")
@@ -135,14 +131,6 @@ def run(cfg: DictConfig, task: TaskSpec, spec: ModelSpec, mode: str, started: fl
             mlrun.metric(name, value)
         mlrun.params({f"{mode}/metric": key})
         metrics.update(values)
-        status = "FINISHED"
-    except SIGTERMException as exc:
-        status = "KILLED"
-        raise faults.preempted_outside_training(mode, output_dir) from exc
-    finally:
-        with sigterm.closing():
-            mlrun.terminate(status)
-            resume.close(output_dir, status)
     log.info("%s: %s %.4f -> %.4f; saved in %s", mode, key, original.get(key, float("nan")),
              metrics.get(key, float("nan")), saved_dir)
     return RunResult(mlrun.run_id, tracking.tracking_uri(cfg), output_dir, metrics, saved_dir,

@@ -18,12 +18,15 @@ import os
 import shutil
 import socket
 import warnings
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from lmlab import atomic, checkpointing, faults, tracking
@@ -289,3 +292,38 @@ def close(output_dir: Path, status: str) -> None:
             atomic.write_json(output_dir / RECORD, record)
     except Exception as exc:  # called from a finally block: never hide the error that ended the run
         log.warning("Could not update %s: %s", output_dir / RECORD, exc)
+
+
+@dataclass
+class Ending:
+    """What ``ending`` needs to know of the run so far: which message a SIGTERM gets (``stage``,
+    see ``faults.preempted_outside_training``) and the SIGTERM handler, for handing the signal to
+    Lightning's ``Preemption`` during ``fit``."""
+
+    stage: str
+    sigterm: faults.SigtermOutsideTraining = field(default_factory=faults.SigtermOutsideTraining)
+    status: str = "FAILED"
+
+
+@contextmanager
+def ending(mlrun: RunLog, output_dir: Path, stage: str, record: bool = True) -> Iterator[Ending]:
+    """The body of a run whose MLflow run is open: it ends FINISHED, FAILED, or KILLED on a signal,
+    never left RUNNING. From here on a SIGTERM raises at once (``SigtermOutsideTraining``) and ends
+    the run KILLED with a message saying how to finish; ending the run is not cut short by a second
+    one. ``record``: the run directory has a run record (``lmlab_run.json``) to close too."""
+    end = Ending(stage)
+    try:
+        end.sigterm.start()
+        yield end
+        end.status = "FINISHED"
+    except faults.Preempted:
+        end.status = "KILLED"  # a stop during fit: last.ckpt holds its state, resume=auto continues it
+        raise
+    except SIGTERMException as exc:  # a SystemExit without a code: it would exit 0 as if all went well
+        end.status = "KILLED"
+        raise faults.preempted_outside_training(end.stage, output_dir) from exc
+    finally:
+        with end.sigterm.closing():
+            mlrun.terminate(end.status)
+            if record:
+                close(output_dir, end.status)

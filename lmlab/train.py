@@ -321,11 +321,7 @@ def run(cfg: DictConfig) -> RunResult:
     config_path = save_resolved_config(cfg, output_dir)
     origin = str(getattr(dm, "origin", None) or getattr(getattr(dm, "corpus", None), "origin", ""))
     mlrun = resume.open_run(cfg, resuming, _tags(cfg, task, spec, mode, output_dir, origin), output_dir, rank_zero)
-    status = "FAILED"
-    sigterm = faults.SigtermOutsideTraining()
-    trained = False
-    try:
-        sigterm.start()  # from the open MLflow run on: a SIGTERM ends it KILLED, never left RUNNING
+    with resume.ending(mlrun, output_dir, "fit-not-started" if mode == "fit" else mode) as end:
         mlrun.artifact(config_path, "config")
         mlrun.dict({"tokenizer": tok_info, "data": {**getattr(dm, "stats", {}), "origin": origin,
                     "tokenized_cache_hit": getattr(dm, "cache_hit", None)}}, "run_info.json")
@@ -335,16 +331,16 @@ def run(cfg: DictConfig) -> RunResult:
         trainer, checkpoint, throughput = build_trainer(cfg, task, output_dir, mlrun.metrics_logger(cfg), model)
         export_dir = None
         if mode == "fit":
-            sigterm.stop()  # during fit, Preemption stops at a step boundary with last.ckpt saved
+            end.sigterm.stop()  # during fit, Preemption stops at a step boundary with last.ckpt saved
             try:
                 faults.fit(trainer, module, dm, ckpt_path=resume.checkpoint(resuming))
-                trained = True
+                end.stage = "fit"  # trained: a SIGTERM from here on says how to finish with resume=
             except MisconfigurationException as exc:
                 if "could not find the monitored key" not in str(exc):
                     raise
                 raise missing_monitor(cfg, task, sorted(k for k in trainer.callback_metrics
                                                         if k.startswith("val/"))) from exc
-            sigterm.start()
+            end.sigterm.start()
             metrics = final_validation(cfg, trainer, module, dm, checkpoint)
             if cfg.export:
                 # Under FSDP/DeepSpeed the weights are sharded: every process takes part in gathering them.
@@ -370,18 +366,6 @@ def run(cfg: DictConfig) -> RunResult:
             for key, value in distill.score_teacher(cfg, task, module, trainer, dm).items():  # what the student costs
                 mlrun.metric(key, value)
                 metrics[key] = value
-        status = "FINISHED"
-    except faults.Preempted:
-        status = "KILLED"  # last.ckpt holds its state: resume=auto continues it
-        raise
-    except SIGTERMException as exc:  # after fit, or in mode=test: see faults.preempted_outside_training
-        status = "KILLED"
-        raise faults.preempted_outside_training(mode if trained or mode != "fit" else "fit-not-started",
-                                                output_dir) from exc
-    finally:
-        with sigterm.closing():
-            mlrun.terminate(status)
-            resume.close(output_dir, status)
     return RunResult(mlrun.run_id, tracking.tracking_uri(cfg), output_dir, metrics, export_dir,
                      time.perf_counter() - started, objective_metric(cfg, task))
 
@@ -401,10 +385,7 @@ def _predict(cfg: DictConfig, task: TaskSpec, spec: ModelSpec, started: float) -
     output_dir.mkdir(parents=True, exist_ok=True)
     config_path = save_resolved_config(cfg, output_dir)
     mlrun = RunLog.open(cfg, _tags(cfg, task, spec, "predict", output_dir, str(cfg.data.path)), is_rank_zero())
-    status = "FAILED"
-    sigterm = faults.SigtermOutsideTraining()
-    try:
-        sigterm.start()
+    with resume.ending(mlrun, output_dir, "predict", record=False):
         mlrun.artifact(config_path, "config")
         trainer, _, _ = build_trainer(cfg, task, output_dir, mlrun.metrics_logger(cfg), model)
         written = task.predict(cfg, module, tokenizer, trainer, output_dir / "predictions")
@@ -412,13 +393,6 @@ def _predict(cfg: DictConfig, task: TaskSpec, spec: ModelSpec, started: float) -
             mlrun.artifact(path, "predictions")
         metrics = {"predict/examples": float(getattr(module, "predicted_examples", 0))}
         mlrun.metric("predict/examples", metrics["predict/examples"])
-        status = "FINISHED"
-    except SIGTERMException as exc:
-        status = "KILLED"
-        raise faults.preempted_outside_training("predict", output_dir) from exc
-    finally:
-        with sigterm.closing():
-            mlrun.terminate(status)
     log.info("Predictions: %s", ", ".join(str(p) for p in written))
     return RunResult(mlrun.run_id, tracking.tracking_uri(cfg), output_dir, metrics, None,
                      time.perf_counter() - started, "predict/examples")
