@@ -99,12 +99,40 @@ class MonitorLogged(L.Callback):
 
 
 class LearningRate(L.Callback):
-    """Logs ``train/lr`` of the first parameter group on the steps the loggers write."""
+    """Logs ``train/lr`` of the first parameter group on the steps the loggers write: the rate the
+    step uses. Read at the batch's start, as Lightning's LearningRateMonitor does; at its end the
+    per-step scheduler has already moved on to the next step's rate."""
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
         if trainer.optimizers:
             log_step(pl_module, "train/lr", trainer.optimizers[0].param_groups[0]["lr"])
+
+
+class ValidationCoverage(L.Callback):
+    """Says once, at the first validation of ``fit``, when ``trainer.limit_val_batches`` leaves part
+    of the validation split unscored: the val/* metrics and the best checkpoint then rest on part
+    of it, which nothing else in the run's output shows."""
+
+    def __init__(self) -> None:
+        self.done = False
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.done or trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        self.done = True
+        loaders = trainer.val_dataloaders
+        loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
+        try:
+            whole = sum(len(loader) for loader in loaders)
+        except TypeError:  # an iterable dataset without a length: nothing to compare with
+            return
+        scored = int(sum(trainer.num_val_batches))
+        if scored < whole and trainer.is_global_zero:
+            limit = trainer.limit_val_batches
+            log.warning("Validation scores %d of its %d batches per process (trainer.limit_val_batches=%s): the "
+                        "val/* metrics and the best checkpoint rest on that part of the split. "
+                        "trainer.limit_val_batches=null scores all of it.", scored, whole, limit)
 
 
 class ProgressBar(TQDMProgressBar):

@@ -13,13 +13,14 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 from lmlab import checkpointing, checks, config_keys, data_lengths, distill, faults, pretrained, registry, resume, tracking
 from lmlab.background_log import MetricsBeforeCheckpoints
 from lmlab.data import labels as model_labels
-from lmlab.callbacks import LastValidation, LearningRate, MonitorLogged, ProgressBar, TokensPerSecond
+from lmlab.callbacks import LastValidation, LearningRate, MonitorLogged, ProgressBar, TokensPerSecond, \
+    ValidationCoverage
 from lmlab.distributed import build_strategy, effective_batch, is_rank_zero
 from lmlab.errors import LmlabError, config_error
 from lmlab.export import export_hf
@@ -159,7 +160,7 @@ def build_trainer(
         trainer = L.Trainer(
             **trainer_kwargs, logger=logger,
             callbacks=[best, last, throughput, LearningRate(), *bar, *checkpointing.callbacks(cfg, last), *clipping,
-                       MetricsBeforeCheckpoints(), LastValidation(),
+                       MetricsBeforeCheckpoints(), LastValidation(), ValidationCoverage(),
                        MonitorLogged(monitor, lambda logged: missing_monitor(cfg, task, logged))],
             default_root_dir=str(output_dir),
         )

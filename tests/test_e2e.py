@@ -8,6 +8,7 @@ Runs that several tests look at are made once per module in a shared lmlab home.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from conftest import TINY, WIKI, compose_cfg
 from lmlab import registry
 from lmlab.flops import cpu_peak_flops
 from lmlab.models.build import build_hf_config, build_model
+from lmlab.optim import lr_lambda
 from lmlab.tokenization import get_tokenizer
 from lmlab.train import RunResult, run
 
@@ -208,6 +210,14 @@ def test_mlflow_run_is_recorded(ws: Workspace, name: str, tmp_path: Path) -> Non
     if cpu_peak_flops(1) is not None:  # an x86 CPU with AVX2 or AVX-512: MFU against lmlab's estimate
         assert 0 < metrics["train/mfu"] < 1.5, metrics["train/mfu"]  # turbo may lift it past the nominal peak
     assert 0 < metrics["train/lr"] <= float(cfg.optimizer.lr)
+    # Each train/lr point is the rate its step trained with: step s (0-based) ran with the schedule
+    # at s. Read after the step, it would be the next step's rate (the first one never shown).
+    total = int(cfg.trainer.max_steps)
+    warmup = int(round(float(cfg.scheduler.warmup_ratio) * total))
+    factor = lr_lambda(str(cfg.scheduler.name), warmup, total, float(cfg.scheduler.get("min_lr_ratio", 0.0)))
+    lrs = client.get_metric_history(result.run_id, "train/lr")
+    assert len(lrs) >= 3
+    assert [m.value for m in lrs] == pytest.approx([float(cfg.optimizer.lr) * factor(m.step) for m in lrs])
     # The last validation logged is the final one, whose numbers run() returned.
     assert metrics["val/loss"] == pytest.approx(result.metrics["val/loss"], rel=1e-5)
     history = client.get_metric_history(result.run_id, "train/loss")
@@ -327,6 +337,15 @@ def test_the_run_ends_on_the_best_checkpoint_unless_told_otherwise(ws: Workspace
     at_5, at_10 = history[0].value, history[1].value
     assert at_5 > at_10  # the premise: training lowered the loss
     assert result.metrics["val/loss"] == pytest.approx(at_5 if load_best else at_10, rel=1e-6)
+
+
+def test_a_capped_validation_says_so(ws: Workspace, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="lmlab"):
+        ws.run("task=clm", "trainer.limit_val_batches=1", "trainer.max_steps=5")  # the split has more
+        ws.run("task=clm", "trainer.limit_val_batches=null", "trainer.max_steps=5")
+    warnings = [r.getMessage() for r in caplog.records if "trainer.limit_val_batches" in r.getMessage()]
+    assert len(warnings) == 1, warnings  # the capped run, once; the whole split: none
+    assert warnings[0].startswith("Validation scores 1 of its ") and "(trainer.limit_val_batches=1)" in warnings[0]
 
 
 def test_n_layer_override_reaches_the_export(ws: Workspace) -> None:
