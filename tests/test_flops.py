@@ -37,6 +37,14 @@ model name\t: AMD EPYC Processor
 cpu MHz\t\t: 2450.000
 flags\t\t: fpu sse2 avx fma avx2
 """
+ZEN4 = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: 17
+model name\t: AMD EPYC
+cpu MHz\t\t: 2600.000
+flags\t\t: fpu sse2 avx fma avx2 avx512f avx512dq
+"""
 ARM = """processor\t: 0
 BogoMIPS\t: 50.00
 Features\t: fp asimd evtstrm aes sve
@@ -49,6 +57,11 @@ def test_cpu_peak_estimate_reads_the_widest_fma_and_the_clock() -> None:
     assert how == "2 cores x 64 fp32 FLOP/cycle (avx512f) x 2.00 GHz"
     peak, _ = cpu_peak_flops(1, VM_AVX2)
     assert peak == pytest.approx(32 * 2.45e9)  # no clock in the name: "cpu MHz"
+    peak, how = cpu_peak_flops(2, ZEN4)
+    assert peak == pytest.approx(2 * 32 * 2.6e9)  # AVX-512 on 256-bit units: AVX2's rate, not 64 FLOP/cycle
+    assert how == "2 cores x 32 fp32 FLOP/cycle (avx512f on 256-bit units) x 2.60 GHz"
+    zen5 = ZEN4.replace("cpu family\t: 25", "cpu family\t: 26")
+    assert cpu_peak_flops(1, zen5)[0] == pytest.approx(64 * 2.6e9)
     assert cpu_peak_flops(4, ARM) is None  # no x86 FMA flags: no estimate, no MFU
     assert cpu_peak_flops(1, "flags\t: avx2\n") is None  # no clock
 
