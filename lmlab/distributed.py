@@ -21,11 +21,16 @@ def is_rank_zero() -> bool:
 
     torchrun sets RANK and SLURM sets SLURM_PROCID for every process; Lightning's own launcher
     starts the other local processes with LOCAL_RANK and NODE_RANK. A plain single process has none.
+    A process with a non-zero local or node rank is never global rank 0, whatever else it inherited:
+    in an interactive SLURM shell (``salloc``, ``srun --pty bash``) Lightning launches the processes
+    itself and every one of them inherits the shell's SLURM_PROCID=0.
     """
+    if int(os.environ.get("LOCAL_RANK") or 0) > 0 or int(os.environ.get("NODE_RANK") or 0) > 0:
+        return False
     for key in ("RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
         if os.environ.get(key, "").isdigit():
             return int(os.environ[key]) == 0
-    return int(os.environ.get("LOCAL_RANK") or 0) == 0 and int(os.environ.get("NODE_RANK") or 0) == 0
+    return True
 
 
 def block_classes(model: torch.nn.Module) -> set[type]:

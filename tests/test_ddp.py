@@ -23,9 +23,9 @@ EXACT = ["model.config.resid_pdrop=0.0", "model.config.embd_pdrop=0.0", "model.c
          "trainer.limit_val_batches=1.0"]
 
 
-def lmlab(home: Path, *overrides: str, launcher: tuple[str, ...] = ()) -> None:
+def lmlab(home: Path, *overrides: str, launcher: tuple[str, ...] = (), env: dict[str, str] | None = None) -> None:
     env = {**os.environ, "LMLAB_HOME": str(home), "LMLAB_CACHE_DIR": str(home.parent / "cache"),
-           "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+           "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", **(env or {})}
     done = subprocess.run([sys.executable, *launcher, "-m", "lmlab", *QUIET, *overrides], env=env,
                           capture_output=True, text=True, timeout=600, cwd=home.parent)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -80,6 +80,32 @@ def test_torchrun_starts_every_rank_at_once_on_a_new_store(tmp_path: Path) -> No
     client, run = only_run(home)
     assert run.data.params["world_size"] == "2"
     assert len(history(client, run.info.run_id, "train/loss")) > 0
+
+
+@pytest.mark.slow
+def test_lightning_launched_processes_in_an_interactive_slurm_shell_open_one_run(tmp_path: Path) -> None:
+    # In `salloc` / `srun --pty bash` Lightning starts the second process itself, and it inherits the
+    # shell's SLURM_PROCID=0: it once took itself for rank 0 and opened a second MLflow run.
+    home = tmp_path / "home"
+    lmlab(home, "+experiment=debug", f"data.path={wiki_head(tmp_path)}", "trainer.max_steps=4", *DDP,
+          env={"SLURM_JOB_NAME": "bash", "SLURM_NTASKS": "1", "SLURM_PROCID": "0", "SLURM_JOB_ID": "7"})
+    _, run = only_run(home)
+    assert run.data.params["world_size"] == "2"
+
+
+def test_rank_zero_is_read_from_the_launchers_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lmlab.distributed import is_rank_zero
+
+    for key in ("RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK", "LOCAL_RANK", "NODE_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    assert is_rank_zero()  # a plain process
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    assert is_rank_zero()  # srun's task 0, or the shell of an interactive allocation
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert not is_rank_zero()  # Lightning's second process there: it inherited SLURM_PROCID=0
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("RANK", "3")
+    assert not is_rank_zero()  # torchrun on the second node: local rank 0, global rank 3
 
 
 @pytest.mark.slow
