@@ -442,11 +442,18 @@ class ResumableData(L.Callback):
     """Serves the datamodule's training loader as a ResumableLoader for the duration of a fit.
 
     Datamodules keep returning plain DataLoaders; this wraps ``train_dataloader`` on the instance.
+    Not under DDP for a datamodule that leaves sharding to Lightning (no ``shards_itself``):
+    Lightning injects its DistributedSampler into the loader as built, which it cannot do through
+    the wrapper's batch sampler; such a loader resumes mid-epoch as Lightning does it.
     """
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        from lmlab.data.loaders import shards_itself
+
         dm = trainer.datamodule
         if stage != "fit" or dm is None or "train_dataloader" in vars(dm):
+            return
+        if trainer.world_size > 1 and not shards_itself(dm):
             return
         build: Callable[[], Any] = dm.train_dataloader
 

@@ -18,6 +18,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from lmlab import faults, pretrained, prune, quantize, registry, resume, tracking
+from lmlab.data.loaders import shards_itself
 from lmlab.distributed import is_rank_zero
 from lmlab.errors import config_error
 from lmlab.export import export_hf
@@ -103,7 +104,7 @@ def run(cfg: DictConfig, task: TaskSpec, spec: ModelSpec, mode: str, started: fl
         mlrun.artifact(config_path, "config")
         mlrun.dict({"tokenizer": tok_info, "source": source, "data": {**getattr(dm, "stats", {}), "origin": origin}},
                    "run_info.json")
-        quiet, _, _ = build_trainer(eval_cfg, task, output_dir, False, model)
+        quiet, _, _ = build_trainer(eval_cfg, task, output_dir, False, model, shards_itself(dm))
         original = score(quiet, task.build_module(cfg, model, tokenizer), dm)
         values: dict[str, float] = {"original/size_bytes": float(quantize.weights_bytes(source)),
                                     "original/n_parameters": float(sum(p.numel() for p in model.parameters())),
@@ -116,7 +117,8 @@ def run(cfg: DictConfig, task: TaskSpec, spec: ModelSpec, mode: str, started: fl
             if saved_dir is not None:
                 mlrun.artifacts(saved_dir, "model")
         values.update(extra)
-        trainer, _, _ = build_trainer(eval_cfg, task, output_dir, mlrun.metrics_logger(cfg), smaller)
+        trainer, _, _ = build_trainer(eval_cfg, task, output_dir, mlrun.metrics_logger(cfg), smaller,
+                                      shards_itself(dm))
         module = task.build_module(cfg, smaller, tokenizer)
         metrics = score(trainer, module, dm)
         if hasattr(module, "export_predictions") and getattr(dm, "has_test", False):
@@ -169,7 +171,8 @@ def _prune(cfg: DictConfig, local: DictConfig, task: TaskSpec, model: Any, token
         tune_cfg = _with(local, trainer={"max_steps": steps, "max_epochs": -1, "limit_val_batches": 0,
                                          "num_sanity_val_steps": 0, "val_check_interval": steps},
                          checkpoint={"save_top_k": 0})
-        trainer, _, _ = build_trainer(tune_cfg, task, output_dir, mlrun.metrics_logger(cfg), model)
+        trainer, _, _ = build_trainer(tune_cfg, task, output_dir, mlrun.metrics_logger(cfg), model,
+                                      shards_itself(dm))
         faults.fit(trainer, task.build_module(cfg, model, tokenizer), dm)
     prune.finalize(pruned)
     model = model.eval()

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from lmlab import checkpointing, checks, config_keys, data_lengths, distill, faults, pretrained, registry, resume, tracking
 from lmlab.background_log import MetricsBeforeCheckpoints
 from lmlab.data import labels as model_labels
+from lmlab.data.loaders import distributed_sampler_wanted, shards_itself
 from lmlab.callbacks import LastValidation, LearningRate, MonitorLogged, ProgressBar, TokensPerSecond, \
     ValidationCoverage
 from lmlab.distributed import build_strategy, effective_batch, is_rank_zero
@@ -131,9 +132,13 @@ def save_resolved_config(cfg: DictConfig, output_dir: Path) -> Path:
 
 
 def build_trainer(
-    cfg: DictConfig, task: TaskSpec, output_dir: Path, logger: Any, model: Any = None
+    cfg: DictConfig, task: TaskSpec, output_dir: Path, logger: Any, model: Any = None, sharded: bool = True
 ) -> tuple[L.Trainer, ModelCheckpoint, TokensPerSecond]:
+    """``sharded``: the data's loaders shard themselves (``lmlab.data.loaders``); a plugin datamodule
+    that does not gets Lightning's DistributedSampler."""
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_kwargs["use_distributed_sampler"] = distributed_sampler_wanted(
+        trainer_kwargs.get("use_distributed_sampler"), sharded)
     # FSDP wraps the model's own blocks, so the strategy is built with the model in hand.
     trainer_kwargs["strategy"] = build_strategy(trainer_kwargs.get("strategy", "auto"), model)
     monitor, mode = monitored(cfg, task)
@@ -329,7 +334,8 @@ def run(cfg: DictConfig) -> RunResult:
         trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
         mlrun.params({"n_parameters": sum(p.numel() for p in model.parameters()), **distill.params(module),
                       **effective_batch(trainer_cfg, int(cfg.data.batch_size))})
-        trainer, checkpoint, throughput = build_trainer(cfg, task, output_dir, mlrun.metrics_logger(cfg), model)
+        trainer, checkpoint, throughput = build_trainer(cfg, task, output_dir, mlrun.metrics_logger(cfg), model,
+                                                        shards_itself(dm))
         export_dir = None
         if mode == "fit":
             end.sigterm.stop()  # during fit, Preemption stops at a step boundary with last.ckpt saved

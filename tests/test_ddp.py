@@ -93,6 +93,54 @@ def test_lightning_launched_processes_in_an_interactive_slurm_shell_open_one_run
     assert run.data.params["world_size"] == "2"
 
 
+# A third party's datamodule with plain DataLoaders (no ``shards_itself``), registered the way a
+# pip-installed plugin is: a dist-info folder with an entry point, on the processes' PYTHONPATH.
+PLAIN_LOADERS = """
+import os
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from lmlab.data.text_datamodule import TextDataModule
+
+
+class PlainLoaders(TextDataModule):
+    shards_itself = False
+
+    def _loader(self, split, shuffle, batch_size):
+        return DataLoader(self.splits[split], batch_size=batch_size, shuffle=shuffle, drop_last=shuffle)
+
+    def on_before_batch_transfer(self, batch, dataloader_idx):
+        if self.trainer is not None and self.trainer.training:
+            rank = torch.distributed.get_rank()
+            with open(Path(os.environ["SEEN_DIR"]) / f"rank{rank}.txt", "a") as out:
+                out.write(repr(batch["input_ids"][:, :8].tolist()) + "\\n")
+        return batch
+"""
+
+
+@pytest.mark.slow
+def test_a_plugin_datamodule_with_plain_loaders_is_sharded_by_lightning(tmp_path: Path) -> None:
+    # The presets once turned Lightning's DistributedSampler off for every datamodule: a plugin's
+    # plain DataLoaders then fed every process the same batches (two processes did one's work).
+    site = tmp_path / "site"
+    info = site / "plain_loaders_plugin-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: plain-loaders-plugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[lmlab.datamodules]\nplain_loaders = plain_loaders:PlainLoaders\n")
+    (site / "plain_loaders.py").write_text(PLAIN_LOADERS)
+    seen = tmp_path / "seen"
+    seen.mkdir()
+    lmlab(tmp_path / "home", "+experiment=debug", f"data.path={wiki_head(tmp_path)}", "trainer.max_steps=3",
+          "data.datamodule=plain_loaders", "export=false", *DDP,
+          env={"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
+               "SEEN_DIR": str(seen)})
+    batches = {rank: (seen / f"rank{rank}.txt").read_text().splitlines() for rank in (0, 1)}
+    assert len(batches[0]) == len(batches[1]) == 3
+    assert all(a != b for a, b in zip(batches[0], batches[1])), "both processes trained on the same batches"
+
+
 def test_rank_zero_is_read_from_the_launchers_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     from lmlab.distributed import is_rank_zero
 

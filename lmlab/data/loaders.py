@@ -1,8 +1,9 @@
 """DataLoaders whose order does not depend on how many processes read them.
 
-Lightning's default swaps in ``DistributedSampler`` under DDP; the trainer presets turn that off
-(``use_distributed_sampler: false``) and every lmlab datamodule uses :class:`ShardedSampler`
-instead, for two reasons:
+Lightning's default swaps in ``DistributedSampler`` under DDP. A datamodule whose loaders come from
+:func:`make_loader` says so with ``shards_itself = True`` (every lmlab datamodule does); lmlab then
+turns the swap off (``use_distributed_sampler``, see :func:`distributed_sampler_wanted`), because
+:class:`ShardedSampler` does better, for two reasons:
 
 * training: one seeded permutation per epoch, cut into this process's share exactly as
   ``DistributedSampler`` does, so one process with batch ``B`` and ``N`` processes with batch
@@ -10,6 +11,9 @@ instead, for two reasons:
 * evaluation: no padding. ``DistributedSampler`` repeats examples to even out the shards, and
   summed metrics (loss, entity counts) would count them twice. Uneven shards are safe because
   evaluation has no collective per batch (the DDP preset sets ``broadcast_buffers: false``).
+
+A datamodule without the attribute (a plugin's plain ``DataLoader``) keeps Lightning's swap: each
+process then reads its own part of the data, not a copy of every batch.
 """
 
 from __future__ import annotations
@@ -60,6 +64,17 @@ class ShardedSampler(Sampler[int]):
         if self.pad:
             return math.ceil(self.size / world)
         return len(range(rank, self.size, world))
+
+
+def shards_itself(datamodule: Any) -> bool:
+    """Whether a datamodule's loaders are :func:`make_loader`'s: it says so with ``shards_itself = True``."""
+    return bool(getattr(datamodule, "shards_itself", False))
+
+
+def distributed_sampler_wanted(configured: Any, sharded: bool) -> bool:
+    """``trainer.use_distributed_sampler``: what the config says, or when it says nothing (null, the
+    presets), whether the loaders leave sharding to Lightning."""
+    return bool(configured) if configured is not None else not sharded
 
 
 def make_loader(dataset: Dataset, *, batch_size: int, train: bool, seed: int = 0,

@@ -57,6 +57,8 @@ def _tokenizer_fingerprint(tokenizer: Any) -> str:
 class TextDataModule(L.LightningDataModule):
     """Raw text (file, directory, catalog or HF dataset) packed for causal or masked LM."""
 
+    shards_itself = True  # its loaders are lmlab.data.loaders.make_loader's
+
     def __init__(self, data_cfg: DictConfig, *, packing: str, cache_dir: str | Path, seed: int = 0):
         super().__init__()
         if packing not in layout.PACKINGS:

@@ -325,6 +325,8 @@ class PadCollator:
 class ClassificationDataModule(L.LightningDataModule):
     """Labelled text for sequence classification; the ``packing`` string says single or multi-label."""
 
+    shards_itself = True  # its loaders are lmlab.data.loaders.make_loader's
+
     def __init__(self, data_cfg: DictConfig, *, packing: str = "single_label", cache_dir: str | Path = ".",
                  seed: int = 0):
         super().__init__()

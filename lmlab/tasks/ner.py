@@ -447,6 +447,8 @@ class TokenCollator:
 class NerDataModule(L.LightningDataModule):
     """Token-classification data: CoNLL / JSON-lines files, a directory, or a catalog name."""
 
+    shards_itself = True  # its loaders are lmlab.data.loaders.make_loader's
+
     def __init__(self, data_cfg: DictConfig, *, packing: str = "token_classification", cache_dir: str | Path = ".",
                  seed: int = 0):
         super().__init__()

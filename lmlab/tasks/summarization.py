@@ -328,6 +328,8 @@ class Collator:
 class SummarizationDataModule(L.LightningDataModule):
     """Document/summary pairs -> padded batches for an encoder-decoder or a decoder-only model."""
 
+    shards_itself = True  # its loaders are lmlab.data.loaders.make_loader's
+
     def __init__(self, data_cfg: DictConfig, *, packing: str = "seq2seq", cache_dir: Any = None, seed: int = 0):
         super().__init__()
         if packing not in ("seq2seq", "causal"):
