@@ -28,9 +28,15 @@ class Number:
     high: float | None = None
     positive: bool = False  # strictly above zero
     nullable: bool = False
+    required: bool = False  # every config has it: a plugin's own data file may not leave it out
 
     def check(self, cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, self.key, default=_ABSENT)
+        if value is _ABSENT and self.required:
+            leaf = self.key.rpartition(".")[2]
+            raise config_error(self.key, "is not set, and every run reads it",
+                               f"Add '{leaf}: {self.example}' to the config file that sets the rest of "
+                               f"'{self.key.rpartition('.')[0]}', or +{self.key}={self.example} to the command line.")
         if value is _ABSENT or (value is None and self.nullable):
             return
         kinds = (int,) if self.whole else (int, float)
@@ -49,7 +55,7 @@ class Number:
 
 NUMBERS = (
     Number("seed", True, "42"),
-    Number("data.batch_size", True, "16", positive=True),
+    Number("data.batch_size", True, "16", positive=True, required=True),
     Number("data.eval_batch_size", True, "32", positive=True, nullable=True),
     Number("data.block_size", True, "128", positive=True, nullable=True),
     Number("data.max_length", True, "128", positive=True, nullable=True),
