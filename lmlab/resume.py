@@ -91,6 +91,29 @@ def prepare(cfg: DictConfig) -> Resume | None:
     return found
 
 
+def check_new_run_dir(run_dir: Path) -> None:
+    """A new run does not write into a directory where another run left checkpoints or an export:
+    a fixed ``hydra.run.dir`` used twice (a resubmitted job script) would mix the two runs'
+    checkpoints, replace the export and rewrite the run record. A directory whose run left neither
+    is reused; one with Lightning's SLURM requeue checkpoint (``hpc_ckpt_*.ckpt``) is Lightning's
+    to resume.
+    """
+    try:
+        record = read_record(run_dir)
+    except Exception:  # an unreadable record: resume= reports it in full
+        record = {}
+    if record is None:
+        return
+    kept = [name for name in (str(LAST), "export") if (run_dir / name).exists()]
+    if not kept or any(run_dir.glob("hpc_ckpt_*.ckpt")):
+        return
+    raise config_error("hydra.run.dir", f"'{run_dir}' already holds an lmlab run (status {record.get('status')}, "
+                       f"MLflow run {record.get('mlflow_run_id')}, with {' and '.join(kept)}): a second run there "
+                       "would mix its checkpoints with that run's and replace its export",
+                       f"Continue that run with resume={run_dir} (a finished one with a higher trainer.max_steps), "
+                       "or give the new run another hydra.run.dir.")
+
+
 def _named(path: Path, cfg: DictConfig) -> Resume:
     if path.is_file():
         run_dir = path.parent.parent

@@ -302,6 +302,8 @@ def run(cfg: DictConfig) -> RunResult:
     mode = check_mode(cfg, task)
     teacher = distill.prepare(cfg, task, mode)  # distill.teacher: loaded and checked before any data work
     resuming = resume.prepare(cfg)  # a bad resume= fails here, before any data work
+    if resuming is None and mode != "predict" and is_rank_zero():  # the other ranks see rank 0's record
+        resume.check_new_run_dir(output_dir_for(cfg))
     data_lengths.adopt_for_mode(cfg, mode)  # a trained model is scored on data cut as it was trained on
     tracking.quiet_env()
     tracking.check_reachable(tracking.tracking_uri(cfg))

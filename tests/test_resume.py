@@ -381,6 +381,26 @@ def test_a_finished_run_resumes_only_to_train_longer(in_process) -> None:
     assert json.loads((first.output_dir / "lmlab_run.json").read_text())["status"] == "finished"
 
 
+def test_a_new_run_refuses_a_run_directory_in_use(workspace: Path) -> None:
+    # A job script with a fixed hydra.run.dir, submitted again without resume=: the second run once
+    # mixed its checkpoints with the first's (best-step=4.ckpt beside best-step=4-v1.ckpt), replaced
+    # its export and rewrote its run record, all without a word.
+    shared = home(workspace, "fixed_dir")
+    run_dir = shared.root / "runs" / "fixed"
+    fixed = (data(workspace), "trainer.val_check_interval=4", f"hydra.run.dir={run_dir}")
+    code, _, err = shared.run(*fixed, "trainer.max_steps=4")
+    assert code == 0, err[-3000:]
+    record = json.loads((run_dir / "lmlab_run.json").read_text())
+    code, _, err = shared.run(*fixed, "trainer.max_steps=4")
+    assert code == 2
+    assert f"config key 'hydra.run.dir': '{run_dir}' already holds an lmlab run" in err
+    assert f"resume={run_dir}" in err
+    assert json.loads((run_dir / "lmlab_run.json").read_text()) == record  # untouched
+    assert len(shared.runs()) == 1  # no second MLflow run
+    code, _, err = shared.run(*fixed, "trainer.max_steps=8", f"resume={run_dir}")
+    assert code == 0, err[-3000:]  # what the message says to do works
+
+
 def best_checkpoints(run_dir: Path) -> list[str]:
     return sorted(p.name for p in (run_dir / "checkpoints").glob("best-*.ckpt"))
 
