@@ -48,7 +48,8 @@ def register_experiments() -> None:
         store.store(group="experiment", name=path.stem, node=OmegaConf.load(path), package="_global_")
 
 
-def help_text() -> str:
+def help_text(user_dir: Path | None = None) -> str:
+    """``lmlab --help``; ``user_dir``: the ``--config-dir`` folder, whose options are listed too."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -67,22 +68,32 @@ def help_text() -> str:
         "",
         "Config groups (GROUP=OPTION; * marks the default):",
     ]
+    # As Hydra's --config-dir does: the folder joins the search path, its options beside lmlab's.
+    extra = [f"hydra.searchpath=[file://{user_dir.resolve()}]"] if user_dir is not None and user_dir.is_dir() else []
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         loader = GlobalHydra.instance().config_loader()
-        cfg = compose("config", return_hydra_config=True)
+        cfg = compose("config", overrides=extra, return_hydra_config=True)
         defaults = {str(k): str(v) for k, v in cfg.hydra.runtime.choices.items()}
-        groups = [g for g in sorted(loader.list_groups("")) if g != "hydra"]
+        mine = {p.name for p in user_dir.iterdir() if p.is_dir()} if extra and user_dir is not None else set()
+        groups = [g for g in sorted(set(loader.list_groups("")) | mine) if g != "hydra"]
         width = max(11, *(len(g) for g in groups))
         for group in groups:
-            options = loader.get_group_options(group)
+            options = loader.get_group_options(group, config_name="config", overrides=extra)
             shown = [f"{o}*" if defaults.get(group) == o else o for o in options]
             lines.append(f"  {group:<{width}} {', '.join(shown)}")
     GlobalHydra.instance().clear()
     for kind in ("task", "model", "datamodule"):
         lines.append("")
         lines.append(f"Registered {kind}s (entry-point group {registry.GROUPS[kind]}):")
-        for name, obj in sorted(registry.available(kind).items()):
-            lines.append(f"  {name:<11} {getattr(obj, 'description', '') or getattr(obj, '__doc__', '') or ''}".rstrip()[:100])
+        found = sorted(registry.available(kind).items())
+        width = max([11, *(len(name) for name, _ in found)])
+        for name, obj in found:
+            text = str(getattr(obj, "description", "") or getattr(obj, "__doc__", "") or "")
+            about = " ".join(text.strip().split("\n\n")[0].split())  # a docstring's first paragraph
+            room = 100 - width - 3
+            if len(about) > room:  # cut at a word, and say so
+                about = about[: about.rfind(" ", 0, room - 1) if " " in about[: room - 1] else room - 1] + "…"
+            lines.append(f"  {name:<{width}} {about}".rstrip())
     lines += [
         "",
         "Examples:",
@@ -185,7 +196,7 @@ def main() -> None:
 
         check_no_shadowing(_config_dir_arg(args))
         if "--help" in args or "-h" in args:
-            print(help_text())
+            print(help_text(_config_dir_arg(args)))
             return
     except LmlabError as exc:
         print(f"lmlab: error: {exc}", file=sys.stderr)

@@ -80,10 +80,13 @@ def check_no_shadowing(user_dir: Path | None = None) -> None:
             if rel in seen:
                 raise LmlabError(f"plugins '{seen[rel]}' and '{name}' both ship '{rel}'. Rename one of them.")
             seen[rel] = name
-    shadowing = sorted(_yaml_files(user_dir) & set(core)) if user_dir is not None else []
+    # The user's folder may shadow neither lmlab's files nor a plugin's: Hydra would drop one unseen.
+    owners = {rel: f"lmlab's own {where}" for rel, where in core.items()}
+    owners.update({rel: f"the file of plugin '{name}'" for rel, name in seen.items() if rel not in owners})
+    shadowing = sorted(_yaml_files(user_dir) & set(owners)) if user_dir is not None else []
     if shadowing:
         rel = shadowing[0]
         raise LmlabError(
-            f"--config-dir '{user_dir}' holds '{rel}', which would shadow lmlab's own {core[rel]}. Your own "
+            f"--config-dir '{user_dir}' holds '{rel}', which would shadow {owners[rel]}. Your own "
             f"files add new options under new names: rename it (e.g. '{Path(rel).parent}/my_{Path(rel).name}')."
         )

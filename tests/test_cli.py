@@ -285,6 +285,16 @@ def test_trainer_option_lightning_rejects_marks_the_run_failed(lmlab_cli: Launch
     assert mlflow_statuses(out.home) == ["FAILED"], message
 
 
+def test_help_lists_the_options_of_the_config_dir(tmp_path: Path) -> None:
+    from lmlab.cli import help_text
+
+    (tmp_path / "my_conf" / "data").mkdir(parents=True)
+    (tmp_path / "my_conf" / "data" / "my_corpus.yaml").write_text("defaults:\n  - text\n  - _self_\n")
+    data_line = next(line for line in help_text(tmp_path / "my_conf").splitlines() if line.startswith("  data "))
+    assert "my_corpus" in data_line and "bbc_news*" in data_line
+    assert "my_corpus" not in help_text()
+
+
 def test_a_data_config_of_the_users_own_with_config_dir(tmp_path: Path) -> None:
     # The brief's `lmlab task=mlm model=bert data=my_corpus`: my_corpus.yaml lives in the user's own
     # folder, which Hydra's --config-dir (-cd) adds to the search path beside lmlab's conf/.

@@ -284,6 +284,23 @@ def test_config_dir_may_not_shadow_an_experiment_preset(tmp_path: Path, monkeypa
     check_no_shadowing(mine.parent)  # a preset of its own name is what --config-dir is for
 
 
+def test_config_dir_may_not_shadow_a_plugin_file(install, tmp_path: Path):
+    # Hydra found the plugin's data/toy_data.yaml first and dropped the user's without a word.
+    install(
+        "lmlab-toydata-configs",
+        {"lmlab.configs": {"toydata": "lmlab_toydata_configs"}},
+        {"lmlab_toydata_configs/__init__.py": "", "lmlab_toydata_configs/data/toy_data.yaml": "batch_size: 4\n"},
+    )
+    mine = tmp_path / "my_conf" / "data"
+    mine.mkdir(parents=True)
+    (mine / "toy_data.yaml").write_text("batch_size: 8\n")
+    with pytest.raises(LmlabError) as info:
+        check_no_shadowing(mine.parent)
+    assert "'data/toy_data.yaml', which would shadow the file of plugin 'toydata'" in str(info.value)
+    (mine / "toy_data.yaml").rename(mine / "my_toy_data.yaml")
+    check_no_shadowing(mine.parent)
+
+
 def test_plugin_config_becomes_a_group_option(install):
     site = install(
         "lmlab-toy-configs",

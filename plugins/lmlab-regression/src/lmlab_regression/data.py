@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lmlab import fingerprint
 from lmlab.data.catalog import package_dir
+from lmlab.data.loaders import make_loader
 from lmlab.data.sources import SPLIT_STEMS, carve_validation, decode_file, json_records
 from lmlab.errors import LmlabError, config_error, file_error
 
@@ -207,6 +208,8 @@ class PadToLongest:
 class RegressionDataModule(L.LightningDataModule):
     """Scored text (CSV/TSV/JSON lines, or the VADER lexicon) for task=regression."""
 
+    shards_itself = True  # its loaders are lmlab.data.loaders.make_loader's
+
     def __init__(self, data_cfg: DictConfig, *, packing: str = PACKING, cache_dir: str | Path = ".", seed: int = 0):
         super().__init__()
         if packing != PACKING:
@@ -293,11 +296,12 @@ class RegressionDataModule(L.LightningDataModule):
                       "train_score_mean": float(train.mean()), "train_score_std": float(train.std())}
 
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
+        # lmlab's sharded loader: under DDP every process reads its own part of one seeded order, and
+        # evaluation shards repeat no row (Lightning's DistributedSampler would pad them).
         workers = int(self.cfg.get("num_workers") or 0)
         size = int(self.cfg.batch_size) if shuffle else int(self.cfg.get("eval_batch_size") or self.cfg.batch_size)
-        return DataLoader(self.datasets[name], batch_size=size, shuffle=shuffle, num_workers=workers,
-                          collate_fn=PadToLongest(int(self.tokenizer.pad_token_id)),
-                          persistent_workers=workers > 0)
+        return make_loader(self.datasets[name], batch_size=size, train=shuffle, seed=self.seed, num_workers=workers,
+                           collate_fn=PadToLongest(int(self.tokenizer.pad_token_id)))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True)
