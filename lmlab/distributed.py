@@ -6,6 +6,7 @@ needs to know, before a Trainer exists, whether this process is the one that tal
 
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Any
 
@@ -65,12 +66,25 @@ def build_strategy(value: Any, model: torch.nn.Module | None) -> Any:
         raise config_error("trainer.strategy._target_", f"cannot import '{target}' ({exc})",
                            "Use a Lightning strategy class, e.g. lightning.pytorch.strategies.DDPStrategy.") from exc
     try:
-        return strategy_class(**options)
+        return strategy_class(**_current_ddp_names(strategy_class, options))
     except Exception as exc:
         hint = ('Install it: pip install "lmlab[deepspeed]" (needs a CUDA toolkit).'
                 if "deepspeed" in str(exc).lower() else "Check the trainer.strategy.* keys.")
         raise LmlabError(f"config key 'trainer.strategy': {strategy_class.__name__} rejected the options "
                          f"({exc}). {hint}") from exc
+
+
+def _current_ddp_names(strategy_class: type, options: dict[str, Any]) -> dict[str, Any]:
+    """DDP's ``broadcast_buffers`` (the presets' spelling, which every torch 2.x knows) under the name
+    torch >= 2.13 wants, ``forward_sync_buffers``; the old name warns on every process there."""
+    from lightning.pytorch.strategies import DDPStrategy
+
+    parameters = inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
+    if (issubclass(strategy_class, DDPStrategy) and "broadcast_buffers" in options
+            and "forward_sync_buffers" in parameters and "forward_sync_buffers" not in options):
+        options = dict(options)
+        options["forward_sync_buffers"] = options.pop("broadcast_buffers")
+    return options
 
 
 def effective_batch(trainer_cfg: dict[str, Any], batch_size: int) -> dict[str, int]:

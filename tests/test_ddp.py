@@ -186,3 +186,22 @@ def test_ddp_evaluation_neither_duplicates_nor_drops_examples(tmp_path: Path) ->
 
     expected = predictions(one.data.tags)
     assert predictions(two.data.tags) == expected and expected.count("\n\n") == 25
+
+
+def test_the_ddp_preset_uses_the_buffer_option_name_of_this_torch() -> None:
+    import inspect
+
+    import torch
+    from omegaconf import OmegaConf
+
+    from conftest import compose_cfg
+    from lmlab.distributed import build_strategy
+
+    options = OmegaConf.to_container(compose_cfg(["trainer=ddp"]).trainer.strategy)
+    assert options["broadcast_buffers"] is False  # every torch 2.x knows this name
+    kwargs = build_strategy(options, None)._ddp_kwargs
+    if "forward_sync_buffers" in inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters:
+        # torch >= 2.13 warns about the old name on every process
+        assert kwargs.get("forward_sync_buffers") is False and "broadcast_buffers" not in kwargs
+    else:
+        assert kwargs.get("broadcast_buffers") is False
