@@ -83,11 +83,13 @@ class TokensPerSecond(L.Callback):
 
 
 class MonitorLogged(L.Callback):
-    """At the end of Lightning's sanity check (a few validation batches before training): the
-    metric the best checkpoint monitors must be among those validation logged.
+    """At the end of Lightning's sanity check (validation batches before training): the metric the
+    best checkpoint monitors must be among those validation logged.
 
     Otherwise a misspelled checkpoint.monitor is found at the first real validation, after
-    val_check_interval steps of training. Presets without a sanity check (trainer=cpu) find it there.
+    val_check_interval steps of training. ``build_trainer`` asks for a one-batch sanity check when
+    the monitor is not the task's own; Lightning runs it under ``isolate_rng``, so training draws
+    the same random numbers with or without it.
     """
 
     def __init__(self, monitor: str, error: Callable[[list[str]], Exception]):

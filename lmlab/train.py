@@ -142,6 +142,10 @@ def build_trainer(
     # FSDP wraps the model's own blocks, so the strategy is built with the model in hand.
     trainer_kwargs["strategy"] = build_strategy(trainer_kwargs.get("strategy", "auto"), model)
     monitor, mode = monitored(cfg, task)
+    if monitor != task.monitor and not trainer_kwargs.get("num_sanity_val_steps"):
+        # A metric of the user's naming is checked against what validation logs before training
+        # starts (MonitorLogged), not after val_check_interval steps: one validation batch.
+        trainer_kwargs["num_sanity_val_steps"] = 1
     best = ModelCheckpoint(
         dirpath=output_dir / "checkpoints", filename="best-{step}", monitor=monitor, mode=mode,
         save_top_k=int(cfg.checkpoint.save_top_k),

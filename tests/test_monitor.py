@@ -40,8 +40,8 @@ def test_a_monitored_metric_other_than_the_tasks_takes_its_direction_from_its_na
 
 def test_a_misspelt_monitor_stops_the_run_at_the_sanity_check_before_any_step(wiki_file: Path,
                                                                               lmlab_home: Path) -> None:
+    # The presets run no sanity check (num_sanity_val_steps: 0); a monitor of the user's naming gets one.
     cfg = compose_cfg([*TINY, f"data.path={wiki_file}", "checkpoint.monitor=val/los", "checkpoint.mode=min",
-                       "trainer.num_sanity_val_steps=1",
                        "trainer.max_steps=40", "trainer.val_check_interval=20", "trainer.log_every_n_steps=1"])
     with pytest.raises(LmlabError, match=r"'checkpoint.monitor': the run logs no 'val/los'.*val/loss, val/perplexity"):
         run(cfg)
@@ -50,3 +50,15 @@ def test_a_misspelt_monitor_stops_the_run_at_the_sanity_check_before_any_step(wi
     assert found.info.status == "FAILED"
     assert "train/loss" not in found.data.metrics  # stopped before the first training step
     assert not list(lmlab_home.rglob("*.ckpt"))
+
+
+def test_the_monitor_check_leaves_training_as_it_was(wiki_file: Path, lmlab_home: Path) -> None:
+    # The one-batch check before training must not shift the random numbers training draws (dropout
+    # on): a run monitoring val/perplexity trains exactly like one monitoring the task's val/loss.
+    common = [*TINY, f"data.path={wiki_file}", "trainer.max_steps=6", "trainer.val_check_interval=3", "model.config.resid_pdrop=0.1",
+              "trainer.log_every_n_steps=1", "export=false"]
+    own = run(compose_cfg(common))
+    other = run(compose_cfg([*common, "checkpoint.monitor=val/perplexity"]))
+    client = mlflow.MlflowClient(own.tracking_uri)
+    losses = [[m.value for m in client.get_metric_history(r.run_id, "train/loss")] for r in (own, other)]
+    assert len(losses[0]) == 6 and losses[0] == losses[1]
