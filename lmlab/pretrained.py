@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import tempfile
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -115,19 +116,33 @@ def _auto_config(ref: str, trust_remote_code: bool, key: str = "model.pretrained
 def _download_run_model(run_id: str, cfg: DictConfig, key: str = "model.pretrained") -> str:
     """The ``model/`` artifact of MLflow run ``run_id``, in lmlab's cache: downloaded once per store.
 
-    A finished run's model does not change, so its cache entry is reused without asking MLflow
-    again (works offline, and a BERT-base is not copied again for every run). A run that has not
-    finished may still export (a resumed run does), so it is downloaded each time into the same entry.
+    A finished run's entry is reused (a BERT-base is not copied again for every run) while the store
+    reports the status and end time the entry recorded: a resumed run exports a new model and ends
+    again, later. A run that has not finished may still export, so it is downloaded each time into
+    the same entry. When the store cannot answer, a finished run's entry is used unchecked (offline).
     """
     from lmlab.tracking import tracking_uri
 
     uri = tracking_uri(cfg)
     entry = run_model_entry(Path(str(cfg.paths.cache)), uri, run_id)
-    if _finished_entry(entry):
+    cached = _entry_source(entry)
+    try:
+        current = _run_source(run_id, uri)
+    except Exception as exc:
+        if cached is not None and cached.get("status") == "FINISHED":
+            log.warning("Using the model of MLflow run %s cached in %s unchecked: the store %s could not be asked "
+                        "whether the run has ended again since (%s)", run_id, entry / "model", uri,
+                        " ".join(str(exc).split())[:200])
+            return str(entry / "model")
+        raise config_error(key, f"no MLflow run '{run_id}' at {uri}",
+                           "Check the run id in the MLflow UI, or set logger.tracking_uri to its store.") from exc
+    if cached == current and current["status"] == "FINISHED":
         log.info("Using the model of MLflow run %s cached in %s", run_id, entry / "model")
         return str(entry / "model")
-    status = _run_status(run_id, uri, key)
-    _download_into(entry, run_id, uri, status, key)
+    if cached is not None and cached.get("status") == "FINISHED":
+        log.info("The model of MLflow run %s cached in %s is stale (cached: %s; the run now: %s): downloading it "
+                 "again", run_id, entry / "model", _describe(cached), _describe(current))
+    _download_into(entry, current, key)
     log.info("Downloaded the model of MLflow run %s to %s", run_id, entry / "model")
     return str(entry / "model")
 
@@ -137,26 +152,37 @@ def run_model_entry(cache: Path, uri: str, run_id: str) -> Path:
     return Path(cache) / "mlflow_models" / fingerprint.of_params(tracking_uri=uri)[:16] / run_id
 
 
-def _finished_entry(entry: Path) -> bool:
+def _entry_source(entry: Path) -> dict[str, Any] | None:
+    """What a complete cache entry says it was downloaded from; None when there is no usable entry."""
     try:
         source = json.loads((entry / _SOURCE_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return False
-    return source.get("status") == "FINISHED" and (entry / "model" / "config.json").is_file()
+        return None
+    return source if isinstance(source, dict) and (entry / "model" / "config.json").is_file() else None
 
 
-def _run_status(run_id: str, uri: str, key: str) -> str:
+def _run_source(run_id: str, uri: str) -> dict[str, Any]:
+    """The run as the store reports it now, in the form a cache entry records it."""
     import mlflow
 
-    try:
-        return str(mlflow.MlflowClient(tracking_uri=uri).get_run(run_id).info.status)
-    except Exception as exc:
-        raise config_error(key, f"no MLflow run '{run_id}' at {uri}",
-                           "Check the run id in the MLflow UI, or set logger.tracking_uri to its store.") from exc
+    from lmlab.tracking import quiet_env
+
+    quiet_env()  # a dead server must not hold up the fallback to the cache with minutes of retries
+    info = mlflow.MlflowClient(tracking_uri=uri).get_run(run_id).info
+    # end_time changes each time a resumed run ends again, with the model it exported then.
+    return {"run_id": run_id, "tracking_uri": uri, "status": str(info.status), "end_time": info.end_time}
 
 
-def _download_into(entry: Path, run_id: str, uri: str, status: str, key: str) -> None:
+def _describe(source: dict[str, Any]) -> str:
+    end = source.get("end_time")
+    if not isinstance(end, int):  # entries written before lmlab recorded it, or a run that never ended
+        return f"{source.get('status')}, no end time recorded"
+    return f"{source.get('status')}, ended {datetime.fromtimestamp(end / 1000, timezone.utc):%Y-%m-%d %H:%M:%S.%f} UTC"
+
+
+def _download_into(entry: Path, source: dict[str, Any], key: str) -> None:
     """Download into a folder beside ``entry``, then rename it there: never a half-written entry."""
+    run_id, uri = source["run_id"], source["tracking_uri"]
     entry.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{run_id}.", dir=entry.parent))
     try:
@@ -164,9 +190,9 @@ def _download_into(entry: Path, run_id: str, uri: str, status: str, key: str) ->
         if local is None or not (local / "config.json").exists():
             raise config_error(key, f"MLflow run '{run_id}' has no exported model artifact",
                                "Use a run that finished with export=true.")
-        atomic.write_json(staging / _SOURCE_FILE, {"run_id": run_id, "tracking_uri": uri, "status": status})
+        atomic.write_json(staging / _SOURCE_FILE, source)
         atomic.plain_permissions(staging)  # mkdtemp's 0700 would keep other users of a shared cache out
-        _publish(staging, entry)
+        _publish(staging, entry, source)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -182,11 +208,15 @@ def _download_model_artifact(run_id: str, uri: str, where: Path) -> Path | None:
     return Path(client.download_artifacts(run_id, "model", str(where)))
 
 
-def _publish(staging: Path, entry: Path) -> None:
-    """``staging`` becomes ``entry``, unless another process has published a complete one meanwhile."""
-    if entry.exists() and not _finished_entry(entry):  # an unfinished run's earlier download: replaced
+def _publish(staging: Path, entry: Path, source: dict[str, Any]) -> None:
+    """``staging`` becomes ``entry``, unless another process has published the same download meanwhile."""
+    if entry.exists() and not (source["status"] == "FINISHED" and _entry_source(entry) == source):
+        # An unfinished run's earlier download, or a stale one: replaced.
         old = entry.with_name(f".{entry.name}.old.{os.getpid()}")
-        os.replace(entry, old)
+        try:
+            os.replace(entry, old)
+        except FileNotFoundError:
+            pass  # another process moved it away first
         shutil.rmtree(old, ignore_errors=True)
     try:
         os.rename(staging, entry)  # fails on an existing, non-empty entry: the first writer wins

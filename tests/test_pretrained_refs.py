@@ -1,5 +1,6 @@
 """model.pretrained / distill.teacher references: an empty value is an error, and an MLflow run id is
-downloaded once into lmlab's cache (keyed by store and run), atomically, then reused."""
+downloaded once into lmlab's cache (keyed by store and run), atomically, then reused while it is the
+run's current model."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import TINY, compose_cfg
+from conftest import TINY, compose_cfg, free_port
 
 from lmlab import pretrained
 from lmlab.checks import check_numbers
@@ -43,16 +44,21 @@ def test_null_or_unset_references_stay_unset() -> None:
 
 
 # -- MLflow run ids --------------------------------------------------------------------------------
-def _run_with_model(home: Path, tmp_path: Path, finished: bool = True, with_model: bool = True) -> str:
-    """A run in the embedded store lmlab uses under ``home``, holding a tiny model/ artifact."""
+def _tiny_model(folder: Path) -> Path:
+    """A tiny GPT-2 saved in ``folder``: each call draws other weights."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16, n_positions=16)).save_pretrained(folder)
+    return folder
+
+
+def _run_with_model(home: Path, tmp_path: Path, finished: bool = True, with_model: bool = True) -> str:
+    """A run in the embedded store lmlab uses under ``home``, holding a tiny model/ artifact."""
     client = mlflow.MlflowClient(tracking_uri=default_tracking_uri(home))
     name = f"refs-{len(list(tmp_path.iterdir()))}"
     experiment = client.create_experiment(name, artifact_location=(tmp_path / "artifacts" / name).as_uri())
     run_id = client.create_run(experiment).info.run_id
-    model = tmp_path / "model_src" / name
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16, n_positions=16)).save_pretrained(model)
+    model = _tiny_model(tmp_path / "model_src" / name)
     client.log_artifacts(run_id, str(model), "model" if with_model else "other")
     if finished:
         client.set_terminated(run_id, "FINISHED")
@@ -91,7 +97,9 @@ def test_a_run_id_is_downloaded_once_into_the_cache_and_reused(lmlab_home: Path,
     assert first.is_relative_to(cache / "mlflow_models") and (first / "config.json").is_file()
     assert run_id in first.parts
     source = json.loads((first.parent / "lmlab_source.json").read_text())
-    assert source == {"run_id": run_id, "status": "FINISHED", "tracking_uri": default_tracking_uri(lmlab_home)}
+    client = mlflow.MlflowClient(tracking_uri=default_tracking_uri(lmlab_home))
+    assert source == {"run_id": run_id, "status": "FINISHED", "tracking_uri": default_tracking_uri(lmlab_home),
+                      "end_time": client.get_run(run_id).info.end_time}
 
     second = Path(pretrained.resolve(run_id, cfg, key="distill.teacher"))
     assert second == first and downloads.calls == 1  # reused, not downloaded again
@@ -124,3 +132,78 @@ def test_a_run_without_a_model_leaves_nothing_in_the_cache(lmlab_home: Path, tmp
         pretrained.resolve("0" * 32, cfg)
     store = pretrained.run_model_entry(Path(str(cfg.paths.cache)), default_tracking_uri(lmlab_home), run_id).parent
     assert list(store.iterdir()) == []  # neither an entry nor a staging folder
+
+
+def _weights(model: Path | str) -> bytes:
+    return (Path(model) / "model.safetensors").read_bytes()
+
+
+def test_a_resumed_run_that_finished_again_is_downloaded_again(lmlab_home: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    # `resume=` reopens the same MLflow run, exports a new model/ and ends it again: fine-tuning from
+    # that run id must start from the new weights, not from the download cached before the resume.
+    run_id = _run_with_model(lmlab_home, tmp_path)
+    client = mlflow.MlflowClient(tracking_uri=default_tracking_uri(lmlab_home))
+    downloads = CountDownloads(monkeypatch)
+    cfg = compose_cfg(TINY)
+    first = pretrained.resolve(run_id, cfg)
+    old = _weights(first)
+
+    client.update_run(run_id, status="RUNNING")  # what lmlab.resume does to the run
+    longer = _tiny_model(tmp_path / "model_src" / "longer")
+    client.log_artifacts(run_id, str(longer), "model")
+    ended = client.get_run(run_id).info.end_time
+    client.set_terminated(run_id, "FINISHED", end_time=ended + 5000)
+
+    caplog.set_level("INFO", logger="lmlab.pretrained")
+    resumed = pretrained.resolve(run_id, cfg, key="distill.teacher")
+    assert _weights(resumed) == _weights(longer) != old
+    assert resumed == first and downloads.calls == 2
+    assert "is stale" in caplog.text
+    assert pretrained.resolve(run_id, cfg) == first and downloads.calls == 2  # the new download is reused
+    # Resumed once more: while it runs, its cached model is not trusted.
+    client.update_run(run_id, status="RUNNING")
+    assert pretrained.resolve(run_id, cfg) == first and downloads.calls == 3
+    assert _staging_left(Path(str(cfg.paths.cache))) == []
+
+
+def test_a_cache_entry_without_the_end_time_is_downloaded_again_once(lmlab_home: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # Entries written before the end time was recorded cannot tell whether the run ended again since.
+    run_id = _run_with_model(lmlab_home, tmp_path)
+    downloads = CountDownloads(monkeypatch)
+    cfg = compose_cfg(TINY)
+    model = Path(pretrained.resolve(run_id, cfg))
+    source_file = model.parent / "lmlab_source.json"
+    source = json.loads(source_file.read_text())
+    source_file.write_text(json.dumps({k: v for k, v in source.items() if k != "end_time"}))
+    assert pretrained.resolve(run_id, cfg) == str(model) and downloads.calls == 2
+    assert json.loads(source_file.read_text()) == source
+    assert pretrained.resolve(run_id, cfg) == str(model) and downloads.calls == 2
+
+
+def test_a_finished_run_cached_is_used_unchecked_when_its_store_does_not_answer(
+        lmlab_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # a refused connection fails at once
+    run_id = _run_with_model(lmlab_home, tmp_path)
+    unfinished = _run_with_model(lmlab_home, tmp_path, finished=False)
+    cfg = compose_cfg(TINY)
+    cache = Path(str(cfg.paths.cache))
+    # The entries a server, now down, served earlier: the same files under that store's folder.
+    dead = f"http://127.0.0.1:{free_port()}"
+    for ref in (run_id, unfinished):
+        downloaded = Path(pretrained.resolve(ref, cfg)).parent
+        entry = pretrained.run_model_entry(cache, dead, ref)
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        downloaded.rename(entry)
+    offline = compose_cfg([*TINY, f"logger.tracking_uri={dead}"])
+
+    caplog.set_level("INFO", logger="lmlab.pretrained")
+    model = pretrained.resolve(run_id, offline)
+    assert model == str(pretrained.run_model_entry(cache, dead, run_id) / "model")
+    assert "unchecked" in caplog.text and dead in caplog.text
+    # An unfinished run's model may have changed since, and nothing else is there to use.
+    for ref in (unfinished, "0" * 32):
+        with pytest.raises(LmlabError, match=f"no MLflow run '{ref}' at {dead}"):
+            pretrained.resolve(ref, offline)
