@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -11,6 +12,7 @@ from omegaconf import DictConfig
 from lmlab.errors import config_error
 
 SCHEDULES = ("cosine", "linear", "constant")
+log = logging.getLogger("lmlab")
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -68,6 +70,10 @@ def build(model: torch.nn.Module, opt_cfg: DictConfig, sched_cfg: DictConfig, to
         raise config_error("scheduler.name", f"unknown schedule '{name}'", f"Use one of: {', '.join(SCHEDULES)}.")
     total = max(1, int(total_steps))
     warmup = sched_cfg.get("warmup_steps")
+    if warmup is not None and sched_cfg.get("warmup_ratio"):
+        # Every scheduler preset sets a ratio, so naming steps is the deliberate choice; said, not silent.
+        log.info("LR warmup: scheduler.warmup_steps=%s (scheduler.warmup_ratio=%s is not used)", warmup,
+                 sched_cfg.warmup_ratio)
     warmup = int(warmup) if warmup is not None else int(round(float(sched_cfg.warmup_ratio) * total))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(name, warmup, total, float(sched_cfg.get("min_lr_ratio", 0.0)))

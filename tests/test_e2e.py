@@ -453,3 +453,21 @@ def test_with_gradient_accumulation_validation_follows_optimizer_steps(wiki_file
     assert [m.step for m in client.get_metric_history(result.run_id, "val/loss")] == [4, 9]
     # The throughput window is a logging interval of optimizer steps too: a value on every step.
     assert [m.step for m in client.get_metric_history(result.run_id, "train/tokens_per_sec")] == list(range(10))
+
+
+def test_warmup_steps_win_over_the_ratio_and_say_so(caplog: pytest.LogCaptureFixture) -> None:
+    from lmlab import optim
+
+    model = torch.nn.Linear(4, 4)
+    with caplog.at_level(logging.INFO, logger="lmlab"):
+        built = optim.build(model, compose_cfg([]).optimizer, OmegaConf.create(
+            {"name": "linear", "warmup_ratio": 0.5, "warmup_steps": 2, "min_lr_ratio": 0.0}), total_steps=10)
+    scheduler = built["lr_scheduler"]["scheduler"]
+    factors = []
+    for _ in range(4):
+        factors.append(scheduler.get_last_lr()[0] / 1e-3)
+        built["optimizer"].step()
+        scheduler.step()
+    assert factors == pytest.approx([0.5, 1.0, 1.0, 1.0 - 1 / 8])  # 2 warmup steps, not 5 (the ratio's)
+    assert any("scheduler.warmup_steps=2 (scheduler.warmup_ratio=0.5 is not used)" in r.getMessage()
+               for r in caplog.records)
