@@ -80,7 +80,8 @@ def prepare(cfg: DictConfig) -> Resume | None:
     if str(cfg.get("mode") or "fit") != "fit":
         raise config_error("resume", f"mode={cfg.mode} does not train, so there is nothing to resume",
                            "Drop resume=, or use mode=fit.")
-    found = _newest_unfinished(cfg) if str(value) == "auto" else _named(Path(str(value)).expanduser(), cfg)
+    # Absolute: the summary prints the run directory and export, which a relative resume= left relative.
+    found = _newest_unfinished(cfg) if str(value) == "auto" else _named(Path(str(value)).expanduser().absolute(), cfg)
     checkpointing.check_readable(found.checkpoint)
     if found.run_dir is not None:
         _check_same_config(cfg, found.run_dir)
@@ -182,7 +183,7 @@ def _alive(record: dict[str, Any]) -> bool:
 
 
 def _newest_unfinished(cfg: DictConfig) -> Resume:
-    root = Path(str(cfg.paths.root)) / "runs"
+    root = Path(str(cfg.paths.root)).absolute() / "runs"
     task, model = str(cfg.task.name), str(cfg.model.name)
     candidates: list[tuple[str, Path, dict[str, Any]]] = []
     for run_dir in sorted(root.glob("*")) if root.is_dir() else []:
