@@ -169,6 +169,31 @@ def get_tokenizer(
     return tokenizer, {**info, "cached": False}
 
 
+def end_with_token(tokenizer: Any, token_id: int) -> bool:
+    """Make ``tokenizer(text)`` end with ``token_id`` (when it adds special tokens, as by default).
+
+    The template goes into the Rust tokenizer's post-processor, which ``save_pretrained`` writes to
+    tokenizer.json: a tokenizer reloaded from an export encodes the same way. A tokenizer that already
+    ends texts with it (BART's ``<s> ... </s>``, BERT's ``[CLS] ... [SEP]``) is left as it is. Returns
+    whether the tokenizer now ends texts with it; False for one without a Rust backend.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return False
+    probe = backend.encode("a", add_special_tokens=True).ids
+    if probe and probe[-1] == token_id:
+        return True
+    from tokenizers import processors
+
+    token = tokenizer.convert_ids_to_tokens(token_id)
+    template = processors.TemplateProcessing(single=f"$A {token}", pair=f"$A {token} $B:1 {token}:1",
+                                             special_tokens=[(token, token_id)])
+    current = backend.post_processor
+    # After the existing one: byte-level BPE's fixes offsets, a pretrained template adds BOS first.
+    backend.post_processor = template if current is None else processors.Sequence([current, template])
+    return True
+
+
 def encode_texts(tokenizer: Any, texts: Sequence[str], num_proc: int | None = None) -> list[list[int]]:
     """Token ids of each text without special tokens, using the Rust tokenizer when present."""
     backend = getattr(tokenizer, "backend_tokenizer", None)

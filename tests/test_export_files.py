@@ -145,7 +145,44 @@ def test_a_pretrained_models_sampling_defaults_do_not_block_the_export(tokenizer
     assert (saved.num_beams, saved.do_sample, saved.temperature, saved.length_penalty) == (1, False, None, None)
 
 
-# -- 3. file modes ------------------------------------------------------------------------------------
+# -- 3. padded vocabulary ------------------------------------------------------------------------------
+@pytest.mark.parametrize("model", ["gpt2", "bart"])
+def test_the_export_never_generates_a_padded_id(tokenizers: dict, tmp_path: Path, model: str) -> None:
+    """model.vocab_multiple's extra output rows decode to nothing: no decoding of the export may pick one."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, pipeline
+
+    tokenizer = tokenizer_for(tokenizers, model)
+    cfg = compose_cfg([f"model={model}", "model.size=tiny", "++model.vocab_multiple=64"])
+    spec = registry.get("model", model)
+    torch.manual_seed(0)
+    net = build_model(spec, HEADS[model], build_hf_config(spec, cfg.model, tokenizer, 64)).eval()
+    padding = list(range(len(tokenizer), net.config.vocab_size))
+    assert len(tokenizer) == 400 and net.config.vocab_size == 448  # 48 padding rows
+
+    out = export_hf(net, tokenizer, tmp_path / "export")
+    saved = json.loads((out / "generation_config.json").read_text(encoding="utf-8"))
+    assert saved["suppress_tokens"] == padding
+    assert net.generation_config.suppress_tokens is None  # the run's own model is left as it was
+
+    auto = AutoModelForSeq2SeqLM if model == "bart" else AutoModelForCausalLM
+    reloaded = auto.from_pretrained(str(out)).eval()
+    prompt = AutoTokenizer.from_pretrained(str(out))(["The city of"] * 10, return_tensors="pt")
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        generated = reloaded.generate(**prompt, do_sample=True, temperature=1.5, top_k=0, max_new_tokens=200,
+                                      min_new_tokens=200)
+    sampled = generated[:, 1:] if model == "bart" else generated[:, prompt["input_ids"].shape[1]:]
+    assert sampled.numel() == 2000
+    assert int((sampled >= len(tokenizer)).sum()) == 0  # untrained, about 1 in 9 would be padding
+
+    if model == "gpt2":  # transformers 5 has no pipeline for encoder-decoders (text2text-generation is gone)
+        torch.manual_seed(0)
+        (row,) = pipeline("text-generation", model=str(out), device="cpu")(
+            "The city of", do_sample=True, temperature=3.0, top_k=0, max_new_tokens=100, return_tensors=True)
+        assert max(row["generated_token_ids"]) < len(tokenizer)
+
+
+# -- 4. file modes ------------------------------------------------------------------------------------
 def modes(root: Path) -> dict[str, int]:
     return {str(p.relative_to(root)): stat.S_IMODE(p.stat().st_mode) for p in [root, *root.rglob("*")]}
 

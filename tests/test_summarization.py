@@ -159,6 +159,7 @@ def test_causal_layout_masks_the_prompt(news: Path) -> None:
     dm = S.SummarizationDataModule(cfg.data, packing="causal", cache_dir=None, seed=0)
     tok = train_bpe(dm.texts_for_tokenizer(), 1000, 2)
     dm.set_tokenizer(tok)
+    assert tok("a document")["input_ids"][-1] != tok.eos_token_id  # the prompt goes on with the separator
     dm.setup("fit")
     batch = next(iter(dm.val_dataloader()))
     assert batch["input_ids"].shape[1] <= 64
@@ -171,6 +172,74 @@ def test_causal_layout_masks_the_prompt(news: Path) -> None:
         assert tok.decode(summary[:-1]).strip() in dm.splits["validation"].summaries[i]
         assert batch["prompt_ids"][i, -1] != tok.pad_token_id or n_prompt == batch["prompt_ids"].shape[1]
         assert batch["prompt_mask"][i, -1] == 1  # left padded
+
+
+def test_the_exported_tokenizer_encodes_a_document_as_the_encoder_was_trained(news: Path, tmp_path: Path) -> None:
+    """``AutoTokenizer.from_pretrained(export)(document)`` is what the encoder read in training: EOS included."""
+    from transformers import AutoTokenizer
+
+    from lmlab.export import export_hf
+    from lmlab.tokenization import train_bpe
+
+    cfg = compose_cfg([*TINY, "task=summarization", f"data.path={news}", "data.block_size=512",
+                       "data.max_source_length=400", "data.max_target_length=96"])
+    dm = S.SummarizationDataModule(cfg.data, packing="seq2seq", cache_dir=None, seed=0)
+    tok = train_bpe(dm.texts_for_tokenizer(), 1000, 2)
+    dm.set_tokenizer(tok)
+    dm.setup("fit")
+    spec = registry.get("model", "bart")
+    export = export_hf(build_model(spec, "seq2seq_lm", build_hf_config(spec, cfg.model, tok, 512)), tok,
+                       tmp_path / "export")
+
+    reloaded = AutoTokenizer.from_pretrained(str(export))
+    eos, limit = tok.eos_token_id, dm.stats["max_source_tokens"]
+    whole = 0
+    for split in ("train", "validation", "test"):
+        for item in dm.datasets[split].items:
+            document, _ = dm.example(split, item["index"])
+            trained = item["input_ids"]
+            assert trained[-1] == eos and trained[-2] != eos  # one EOS, not the tokenizer's and _end_with's
+            assert reloaded(document, truncation=True, max_length=limit)["input_ids"] == trained
+            if len(trained) < limit:
+                whole += 1
+                assert reloaded(document)["input_ids"] == trained
+    assert 0 < whole < sum(len(d) for d in dm.datasets.values())  # documents cut to the limit and whole ones
+
+
+@pytest.mark.parametrize("model", ["gpt2", "bart"])
+def test_generated_summaries_never_hold_a_padded_id(model: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """model.vocab_multiple's padding rows are suppressed in the task's own decoding (validation, test, predict)."""
+    from lmlab.tokenization import train_bpe
+
+    tok = train_bpe(["Shares in the bank rose after record profits.", "The minister resigned on Friday."] * 30,
+                    300, 1)
+    cfg = compose_cfg(["task=summarization", f"model={model}", "model.size=tiny", "++model.vocab_multiple=64",
+                       "task.generation.max_new_tokens=8"])
+    task, spec = registry.get("task", "summarization"), registry.get("model", model)
+    torch.manual_seed(0)
+    net = build_model(spec, task.head(cfg), build_hf_config(spec, cfg.model, tok, 64)).eval()
+    assert net.config.vocab_size > len(tok)
+    # Padding rows that outscore every token at every step: what sampling or a barely trained model hit now and then.
+    boost = torch.zeros(net.config.vocab_size)
+    boost[len(tok):] = 100.0
+    net.get_output_embeddings().register_forward_hook(lambda module, args, logits: logits + boost)
+    module = task.build_module(cfg, net, tok)
+    outputs: list[torch.Tensor] = []
+    generate = net.generate
+
+    def recorded(*args: object, **kwargs: object) -> torch.Tensor:
+        outputs.append(generate(*args, **kwargs))
+        return outputs[-1]
+
+    monkeypatch.setattr(net, "generate", recorded)
+
+    documents = tok(["Shares in the bank rose.", "The minister resigned on Friday."])["input_ids"]
+    items = [{"input_ids": ids, "labels": [tok.eos_token_id], "prompt_ids": ids, "index": i}
+             for i, ids in enumerate(documents)]
+    texts = module.generate(S.Collator(tok.pad_token_id, S.packing(cfg))(items))
+    (generated,) = outputs
+    assert int((generated >= len(tok)).sum()) == 0
+    assert all(texts)  # a padded id decodes to nothing
 
 
 # -- end to end ----------------------------------------------------------------------------------------
@@ -228,6 +297,17 @@ def test_export_reloads_with_auto_classes(runs: dict, model: str) -> None:
     assert torch.allclose(got, want, atol=1e-5)
     generated = exported.generate(**inputs, max_new_tokens=5)
     assert generated.shape[0] == 1
+
+
+@pytest.mark.slow
+def test_mode_test_on_the_export_scores_what_the_run_did(runs: dict, news: Path) -> None:
+    """The export's tokenizer already ends sources with EOS: scoring the export adds no second one."""
+    result, _ = runs["bart"]
+    cfg = compose_cfg([*TINY, "task=summarization", "model=bart", f"data.path={news}", *FAST, "mode=test",
+                       f"model.pretrained={result.export_dir}"])
+    scored = run(cfg)
+    for key in ("test/loss", "test/bleu", "test/rouge1", "test/rouge2", "test/rougeL"):
+        assert scored.metrics[key] == pytest.approx(result.metrics[key], abs=1e-5), key
 
 
 def test_decoding_stops_at_the_token_summaries_end_with() -> None:

@@ -10,7 +10,15 @@ from omegaconf import OmegaConf
 from lmlab.errors import LmlabError
 from lmlab.models.bert import MODEL as BERT
 from lmlab.models.gpt2 import MODEL as GPT2
-from lmlab.tokenization import END_OF_TEXT, WORDPIECE_SPECIALS, get_tokenizer, train_bpe, train_wordpiece
+from lmlab.tokenization import (
+    END_OF_TEXT,
+    WORDPIECE_SPECIALS,
+    encode_texts,
+    end_with_token,
+    get_tokenizer,
+    train_bpe,
+    train_wordpiece,
+)
 
 UNICODE_TEXT = "Zoë's café — naïve Œuvre, 東京 and Привет! 🚀 costs £5 ≈ €6.\n\tTabs  and  spaces."
 
@@ -51,6 +59,30 @@ def test_train_bpe_round_trip(texts):
         assert tok.decode(ids) == text
     # Byte-level: nothing is ever unknown, and a rare character costs several byte pieces.
     assert len(tok("🚀")["input_ids"]) >= 2
+
+
+def test_end_with_token_is_saved_with_the_tokenizer_and_added_once(texts, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = train_bpe(texts, vocab_size=800, min_frequency=2)
+    eos = tok.eos_token_id
+    plain = tok(texts[0], add_special_tokens=False)["input_ids"]
+    assert end_with_token(tok, eos)
+    assert tok(texts[0])["input_ids"] == [*plain, eos]
+    assert tok(texts[0], return_offsets_mapping=True)["offset_mapping"][-1] == (0, 0)  # offsets still byte-level
+    assert encode_texts(tok, [texts[0]]) == [plain]  # the LM data reads no special tokens
+    tok.save_pretrained(str(tmp_path / "saved"))
+    reloaded = AutoTokenizer.from_pretrained(str(tmp_path / "saved"))
+    assert reloaded(texts[0])["input_ids"] == [*plain, eos]
+    assert end_with_token(reloaded, eos) and reloaded(texts[0])["input_ids"] == [*plain, eos]  # not twice
+    assert reloaded.decode(reloaded(texts[0])["input_ids"], skip_special_tokens=True) == texts[0]
+    assert reloaded(texts[0], truncation=True, max_length=5)["input_ids"] == [*plain[:4], eos]
+
+    # A tokenizer that already ends texts with it ([CLS] ... [SEP]) is left as it is.
+    wordpiece = train_wordpiece(texts, vocab_size=1200, min_frequency=2, lowercase=True)
+    before = wordpiece("stick insects")["input_ids"]
+    assert end_with_token(wordpiece, wordpiece.sep_token_id)
+    assert wordpiece("stick insects")["input_ids"] == before and before.count(wordpiece.sep_token_id) == 1
 
 
 def _cfg(kind: str = "auto", vocab_size: int = 600, **extra):

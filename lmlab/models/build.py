@@ -107,6 +107,19 @@ def padded_vocab_size(tokens: int, multiple: int) -> int:
     return -(-tokens // multiple) * multiple
 
 
+def padding_ids(config: Any, tokens: int) -> list[int]:
+    """The ids of the output rows past a ``tokens``-id tokenizer's: ``padded_vocab_size``'s padding.
+
+    No text encodes to them and they decode to nothing, yet the output layer still gives them some
+    probability (their rows are only ever pushed down, as wrong answers), so sampling or an early
+    greedy step can pick them: generation must suppress them.
+    """
+    rows = getattr(config, "vocab_size", None)
+    if not isinstance(rows, int) or isinstance(rows, bool):
+        return []
+    return list(range(tokens, rows))
+
+
 def check_positions(spec: ModelSpec, config: Any, block_size: int, size: str = "pretrained") -> None:
     positions = getattr(config, spec.positions_key)
     if block_size > positions:

@@ -4,8 +4,9 @@ Registered as the task ``summarization`` and the datamodule ``summarization``.
 
 Models. The task works with two kinds of model, and which head it asks for depends on the model:
 
-* encoder-decoders (``bart``, ``t5``): the ``seq2seq_lm`` head; the document is the encoder input,
-  the summary (+ EOS) the labels; the decoder is fed the labels shifted right.
+* encoder-decoders (``bart``, ``t5``): the ``seq2seq_lm`` head; the document (+ EOS, which the run's
+  tokenizer, and so its export's, appends) is the encoder input, the summary (+ EOS) the labels; the
+  decoder is fed the labels shifted right.
 * decoder-only models (``gpt2``): the ``causal_lm`` head; the input is
   ``document + data.separator + summary + EOS`` and the loss covers only the summary tokens (labels
   are -100 on the prompt and on padding); summaries are generated from the left-padded prompt.
@@ -54,9 +55,11 @@ from lmlab.data.loaders import make_loader
 from lmlab.data.sources import SPLIT_STEMS, decode_file, json_records
 from lmlab.data.unlabelled import read_records
 from lmlab.errors import LmlabError, config_error, file_error
+from lmlab.export import suppressed_tokens
 from lmlab.models.build import special_token_ids
 from lmlab.specs import TaskSpec
 from lmlab.step_logging import log_step
+from lmlab.tokenization import end_with_token
 
 log = logging.getLogger(__name__)
 
@@ -360,6 +363,15 @@ class SummarizationDataModule(L.LightningDataModule):
         return self._texts("train")
 
     def set_tokenizer(self, tokenizer: Any) -> None:
+        """Encode with ``tokenizer``; for an encoder-decoder it is made to end each text with EOS.
+
+        The encoder is trained on sources ending in EOS (``_end_with``). The run exports this same
+        tokenizer object, so ``AutoTokenizer.from_pretrained(export)(document)`` then gives the
+        encoder the input it was trained on; ``_end_with`` finds the EOS there and adds no second one.
+        """
+        eos = special_token_ids(tokenizer)["eos_token_id"]
+        if self.layout == "seq2seq" and eos is not None:
+            end_with_token(tokenizer, eos)
         self.tokenizer = tokenizer
         self.datasets = {}
 
@@ -493,6 +505,10 @@ class SummarizationModule(L.LightningModule):
         self.model, self.tokenizer, self.layout = model, tokenizer, layout
         self.task_cfg, self.optimizer_cfg, self.scheduler_cfg = task_cfg, optimizer, scheduler
         self.generation = generation_settings(task_cfg, tokenizer)
+        suppressed = suppressed_tokens(getattr(model, "generation_config", None), model.config, len(tokenizer))
+        if suppressed:
+            # model.vocab_multiple's padding rows decode to nothing: never a summary token.
+            self.generation["suppress_tokens"] = suppressed
         if getattr(model, "generation_config", None) is not None:
             decode_by_default(model.generation_config, self.generation)
         self.loss_sum = SumMetric()
