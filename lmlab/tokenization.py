@@ -121,6 +121,22 @@ def load_pretrained(path: str, trust_remote_code: bool = False, key: str = "toke
         ) from exc
 
 
+def _load_cached(where: Path) -> Any | None:
+    """The tokenizer cached in ``where``, or None (and a warning naming it) when it cannot be loaded.
+
+    An entry cut short or overwritten (a full disk, a copy that stopped) is a miss: the tokenizer is
+    trained again and replaces it, as if it had never been cached.
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(where))
+    except Exception as exc:  # the tokenizers library raises a plain Exception for a bad tokenizer.json
+        log.warning("Cached tokenizer %s is unreadable (%s: %s); training it again and replacing the cache entry",
+                    where, type(exc).__name__, " ".join(str(exc).split())[:300])
+        return None
+
+
 def get_tokenizer(
     tok_cfg: DictConfig, spec: ModelSpec, train_texts: Callable[[], Sequence[str]], corpus_fingerprint: str,
     cache_dir: Path,
@@ -153,10 +169,10 @@ def get_tokenizer(
     where = Path(cache_dir) / "tokenizers" / key
     info = {**params, "path": str(where), "fingerprint": key}
     if (where / "tokenizer.json").exists():
-        from transformers import AutoTokenizer
-
-        log.info("Reusing cached %s tokenizer %s", kind, where)
-        return AutoTokenizer.from_pretrained(str(where)), {**info, "cached": True}
+        cached = _load_cached(where)
+        if cached is not None:
+            log.info("Reusing cached %s tokenizer %s", kind, where)
+            return cached, {**info, "cached": True}
 
     texts = train_texts()
     log.info("Training a %s tokenizer (vocab %d) on %d training texts", kind, vocab_size, len(texts))

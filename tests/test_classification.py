@@ -331,3 +331,62 @@ def test_csv_keeps_unicode_line_separators_inside_fields(tmp_path):
     split = read_labelled_file(path, cfg, False)
     assert len(split.texts) == 2
     assert split.texts[0] == "first part\u2028second part"
+
+
+def _read(path: Path):
+    from lmlab.tasks.classification import read_labelled_file
+
+    cfg = OmegaConf.create({"text_column": "text", "label_column": "label", "text_pair_column": None,
+                            "encoding": "utf-8", "encoding_fallback": None, "label_separator": ";"})
+    return read_labelled_file(path, cfg, False)
+
+
+def test_tsv_has_no_quoting_so_a_quote_in_a_field_is_text(tmp_path: Path) -> None:
+    """TSV has no quoting convention: csv quoting ran a review that opens with a quote on through
+    the rows below it, up to the next quote, and merged them into one."""
+    rows = [('"Great," she said, "a film for everyone."', "fresh"), ("plain and dull", "rotten"),
+            ('a "so-called" thriller', "rotten"), ('"Gripping" from start to end', "fresh")]
+    path = tmp_path / "train.tsv"
+    path.write_text("text\tlabel\n" + "".join(f"{t}\t{lab}\n" for t, lab in rows), encoding="utf-8")
+    split = _read(path)
+    assert split.texts == [t for t, _ in rows]
+    assert split.labels == [(lab,) for _, lab in rows]
+    assert split.where[-1] == f"{path}, line 5"
+    # A CSV file keeps csv quoting: a quoted field may hold the delimiter.
+    csv_path = tmp_path / "train.csv"
+    csv_path.write_text('text,label\n"a movie, frankly, awful",rotten\n"""Gripping""",fresh\n', encoding="utf-8")
+    assert _read(csv_path).texts == ["a movie, frankly, awful", '"Gripping"']
+
+
+def test_a_tsv_row_with_a_tab_too_many_names_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "train.tsv"
+    path.write_text("text\tlabel\nfine\tfresh\nthe\ttab\trotten\n", encoding="utf-8")
+    with pytest.raises(LmlabError) as info:
+        _read(path)
+    message = str(info.value)
+    assert f"{path}, line 3" in message and "3 fields under a header of 2" in message and "cannot hold a tab" in message
+
+
+@pytest.mark.parametrize("name", ["train.csv", "train.tsv", "train.jsonl"])
+def test_a_utf8_byte_order_mark_does_not_rename_the_first_column(tmp_path: Path, name: str) -> None:
+    # Excel's "CSV UTF-8" starts the file with one: the header read '\ufefftext', not 'text'.
+    path = tmp_path / name
+    rows = [("a fine and moving film", "pos"), ("dull, long and pointless", "neg")]
+    if name.endswith(".jsonl"):
+        body = "".join(json.dumps({"text": t, "label": lab}) + "\n" for t, lab in rows)
+    else:
+        sep = "," if name.endswith(".csv") else "\t"
+        body = f"text{sep}label\n" + "".join(f'"{t}"{sep}{lab}\n' if sep == "," else f"{t}{sep}{lab}\n"
+                                             for t, lab in rows)
+    path.write_text("\ufeff" + body, encoding="utf-8")
+    split = _read(path)
+    assert split.texts == [t for t, _ in rows] and split.labels == [("pos",), ("neg",)]
+
+
+def test_predict_inputs_read_a_tsv_as_training_does(tmp_path: Path) -> None:
+    from lmlab.data.unlabelled import read_records
+
+    path = tmp_path / "new.tsv"
+    path.write_text('\ufefftext\n"Great," she said\nplain\n"Gripping" throughout\n', encoding="utf-8")
+    rows = read_records(path, ["text"], "data.text_column")
+    assert [r["text"] for r in rows] == ['"Great," she said', "plain", '"Gripping" throughout']

@@ -474,3 +474,41 @@ def test_pretrain_mlm_then_finetune_ner_then_reload(home: Path, ner_dir: Path, t
     after = exported.bert.embeddings.word_embeddings.weight
     assert before.shape == after.shape
     assert (after - before).abs().max() < 0.05 < before.abs().max()
+
+
+# -- byte-order marks and stray files -------------------------------------------------------------
+def test_a_utf8_byte_order_mark_is_not_part_of_the_first_token(tmp_path: Path) -> None:
+    conll = tmp_path / "train.conll"
+    conll.write_text("\ufeffAlice\tB-PER\nsleeps\tO\n", encoding="utf-8")
+    assert read_conll(conll)[0].tokens == ["Alice", "sleeps"]
+    # A mark before a two-column line split on spaces ended up in the token just the same.
+    spaced = tmp_path / "spaced.conll"
+    spaced.write_text("\ufeffEU NNP B-ORG\nrejects VBZ O\n", encoding="utf-8")
+    assert read_conll(spaced)[0].tokens == ["EU", "rejects"]
+    jsonl = tmp_path / "train.jsonl"
+    jsonl.write_text("\ufeff" + json.dumps({"tokens": ["Bob"], "tags": ["B-PER"]}) + "\n", encoding="utf-8")
+    assert read_jsonl(jsonl)[0].tokens == ["Bob"]  # was: malformed JSON on line 1
+
+
+@pytest.mark.parametrize("stray", ["train_old.conll", "notes/dev_v2.txt", "README.txt"])
+def test_a_split_named_directory_refuses_files_of_no_split(tmp_path: Path, stray: str) -> None:
+    # Left out silently before: a stale copy of the training data, or one split too few, went unseen.
+    sentences = [(["EU", "rejects"], ["B-ORG", "O"]), (["Peter", "said"], ["B-PER", "O"])] * 5
+    write_conll(tmp_path / "train.conll", sentences)
+    write_conll(tmp_path / "validation.conll", sentences[:2])
+    (tmp_path / stray).parent.mkdir(parents=True, exist_ok=True)
+    write_conll(tmp_path / stray, sentences)
+    with pytest.raises(LmlabError, match=r"'data.path'.*1 file\(s\) fit no split") as info:
+        NerDataModule(ner_data_cfg(tmp_path), packing="token_classification", cache_dir=tmp_path / "c")
+    message = str(info.value)
+    assert stray in message and "train.*, validation.* or valid, val, dev, test.*" in message
+    (tmp_path / stray).unlink()
+    dm = NerDataModule(ner_data_cfg(tmp_path), packing="token_classification", cache_dir=tmp_path / "c")
+    assert len(dm.sentences["train"]) == 10
+
+
+def test_a_split_named_directory_without_train_names_its_files(tmp_path: Path) -> None:
+    write_conll(tmp_path / "dev.conll", [(["EU", "rejects"], ["B-ORG", "O"])] * 3)
+    write_conll(tmp_path / "test.conll", [(["EU", "rejects"], ["B-ORG", "O"])] * 3)
+    with pytest.raises(LmlabError, match=r"no train\.\* file.*dev\.conll, test\.conll"):
+        NerDataModule(ner_data_cfg(tmp_path), packing="token_classification", cache_dir=tmp_path / "c")

@@ -376,3 +376,95 @@ def test_a_directory_is_stamped_by_every_file_in_it(tmp_path):
     grown = load_corpus(data_cfg(f"data.path={root}"), stamp_dir=stamps)
     assert grown.is_read and grown.fingerprint != first.fingerprint
     assert "one more document in a new file" in grown.train + grown.validation
+
+
+def test_an_edit_that_keeps_size_and_modification_time_is_read_again(wiki_file, tmp_path):
+    # `touch -r`, `cp -p` or an editor that keeps the time: size, mtime and inode all stay, the
+    # change time does not.
+    import os
+    import time
+
+    stamps = tmp_path / "stamps"
+    _age(wiki_file, 7200)
+    before = wiki_file.stat()
+    first = load_corpus(data_cfg(f"data.path={wiki_file}"), stamp_dir=stamps)
+    time.sleep(0.05)  # past the file system's timestamp tick
+    text = wiki_file.read_text(encoding="utf-8")
+    with wiki_file.open("r+", encoding="utf-8") as f:  # in place: the same inode
+        f.write(text.replace("the", "THE", 1))
+    os.utime(wiki_file, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = wiki_file.stat()
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (before.st_size, before.st_mtime_ns, before.st_ino)
+    edited = load_corpus(data_cfg(f"data.path={wiki_file}"), stamp_dir=stamps)
+    assert edited.is_read and edited.fingerprint != first.fingerprint
+
+
+# -- byte-order marks -----------------------------------------------------------------------------
+BOM = "\ufeff"
+
+
+def test_a_utf8_byte_order_mark_is_not_text(tmp_path):
+    docs = [f"document {i} of a file saved by a Windows editor" for i in range(20)]
+    txt = tmp_path / "notepad.txt"
+    txt.write_text(BOM + "\n".join(docs) + "\n", encoding="utf-8")
+    corpus = load_corpus(data_cfg(f"data.path={txt}"))
+    assert sorted(corpus.train + corpus.validation) == sorted(docs)
+
+    # In a JSON-lines file the mark made the first line malformed JSON.
+    jsonl = tmp_path / "notepad.jsonl"
+    jsonl.write_text(BOM + "".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
+    corpus = load_corpus(data_cfg(f"data.path={jsonl}"))
+    assert sorted(corpus.train + corpus.validation) == sorted(docs)
+
+
+def test_decode_file_drops_only_a_leading_utf8_mark(tmp_path):
+    from lmlab.data.sources import decode_file
+
+    path = tmp_path / "x.txt"
+    path.write_bytes(b"\xef\xbb\xbfa\xef\xbb\xbfb\n")
+    assert decode_file(path) == "a\ufeffb\n"  # one mark at the start, as utf-8-sig reads it
+    assert decode_file(path, "UTF8") == "a\ufeffb\n"
+    assert decode_file(path, "latin-1").startswith("\xef\xbb\xbf")  # another encoding: bytes as they are
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"\xef\xbb\xbfok\nbad \xff\n")
+    with pytest.raises(LmlabError, match=r"line 2: .*offset 10\)") as info:
+        decode_file(bad)
+    assert str(bad) in str(info.value)
+
+
+# -- corrupt cache entries ------------------------------------------------------------------------
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "missing"])
+def test_a_corrupt_tokenized_data_cache_entry_is_rebuilt(tmp_path, caplog, damage):
+    from lmlab.data.text_datamodule import TextDataModule
+    from lmlab.tokenization import train_bpe
+
+    docs = [f"paragraph {i} holds a few words about the topic number {i % 7}" for i in range(200)]
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(docs) + "\n", encoding="utf-8")
+    cfg = data_cfg(f"data.path={path}", "data.block_size=16")
+    tok = train_bpe(docs, vocab_size=300, min_frequency=2)
+
+    def setup() -> TextDataModule:
+        dm = TextDataModule(cfg, packing="causal", cache_dir=tmp_path / "cache")
+        dm.set_tokenizer(tok)
+        dm.setup("fit")
+        return dm
+
+    first = setup()
+    assert first.cache_hit is False
+    want = [first.splits["train"][i]["input_ids"].tolist() for i in range(len(first.splits["train"]))]
+    (entry,) = (tmp_path / "cache" / "data").iterdir()
+    victim = entry / "train.input_ids.npy"
+    if damage == "truncated":
+        victim.write_bytes(victim.read_bytes()[:200])
+    elif damage == "garbage":
+        victim.write_bytes(b"not an array at all\n" * 20)
+    else:
+        victim.unlink()
+    with caplog.at_level("WARNING", logger="lmlab.data.text_datamodule"):
+        second = setup()
+    assert second.cache_hit is False
+    assert any(str(victim) in r.getMessage() and "unreadable" in r.getMessage() for r in caplog.records)
+    assert [second.splits["train"][i]["input_ids"].tolist() for i in range(len(second.splits["train"]))] == want
+    third = setup()  # the rebuilt entry is reused
+    assert third.cache_hit is True and len(third.splits["train"]) == len(want)

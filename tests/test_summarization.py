@@ -321,3 +321,91 @@ def test_decoding_stops_at_the_token_summaries_end_with() -> None:
     assert tok.eos_token_id is None
     settings = generation_settings(OmegaConf.create({"generation": {}}), tok)
     assert settings["eos_token_id"] == tok.sep_token_id and settings["pad_token_id"] == tok.pad_token_id
+
+
+# -- reading pairs: stray files, field types, empty pairs, byte-order marks ----------------------------
+def _pairs_cfg(path: Path):
+    return compose_cfg(["task=summarization", f"data.path={path}"]).data
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+GOOD_PAIRS = [{"document": f"document {i} tells a long story about item {i}", "summary": f"item {i}"}
+              for i in range(20)]
+
+
+def test_a_split_named_directory_refuses_files_of_no_split(tmp_path: Path) -> None:
+    _write_jsonl(tmp_path / "train.jsonl", GOOD_PAIRS)
+    _write_jsonl(tmp_path / "validation.jsonl", GOOD_PAIRS[:4])
+    _write_jsonl(tmp_path / "train_old.jsonl", GOOD_PAIRS)  # left out silently before
+    with pytest.raises(LmlabError, match=r"'data.path'.*1 file\(s\) fit no split.*train_old\.jsonl"):
+        S.load_pairs(_pairs_cfg(tmp_path))
+    (tmp_path / "train_old.jsonl").unlink()
+    splits, _ = S.load_pairs(_pairs_cfg(tmp_path))
+    assert len(splits["train"]) == 20 and len(splits["validation"]) == 4
+    # Without split names the directory is still one pool.
+    pool = tmp_path / "pool"
+    _write_jsonl(pool / "part1.jsonl", GOOD_PAIRS)
+    _write_jsonl(pool / "part2.jsonl", GOOD_PAIRS)
+    splits, _ = S.load_pairs(_pairs_cfg(pool))
+    assert sum(len(p) for p in splits.values()) == 40
+
+
+@pytest.mark.parametrize(("value", "kind"), [(5, "number"), (["a", "b"], "array"), ({"text": "x"}, "object"),
+                                              (True, "boolean")])
+@pytest.mark.parametrize("key", ["document", "summary"])
+def test_a_field_that_is_not_a_string_names_file_line_and_field(tmp_path: Path, key: str, value, kind: str) -> None:
+    bad = dict(GOOD_PAIRS[0], **{key: value})
+    path = _write_jsonl(tmp_path / "pairs.jsonl", [*GOOD_PAIRS[:6], bad, *GOOD_PAIRS[6:]])
+    with pytest.raises(LmlabError) as info:
+        S.load_pairs(_pairs_cfg(path))
+    message = str(info.value)
+    assert f"{path}, line 7" in message and f"field '{key}'" in message and f"JSON {kind}" in message
+
+
+def test_pairs_with_an_empty_side_are_left_out_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    empty = [{"document": "   ", "summary": "x"}, {"document": "a text", "summary": ""},
+             {"document": None, "summary": "y"}]
+    path = _write_jsonl(tmp_path / "pairs.jsonl", [*GOOD_PAIRS[:2], *empty, *GOOD_PAIRS[2:]])
+    with caplog.at_level("WARNING", logger="lmlab.tasks.summarization"):
+        pairs = S.read_file(path, _pairs_cfg(path))
+    assert len(pairs) == 20
+    (record,) = [r for r in caplog.records if "skipped" in r.getMessage()]
+    assert str(path) in record.getMessage() and "3 of 23 records" in record.getMessage()
+    assert "line 3, 4, 5" in record.getMessage()
+
+
+def test_a_short_csv_row_names_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "pairs.csv"
+    path.write_text("document,summary\n" + "".join(f'"{p["document"]}",{p["summary"]}\n' for p in GOOD_PAIRS[:5])
+                    + "a document whose summary column is missing\n", encoding="utf-8")
+    with pytest.raises(LmlabError) as info:
+        S.load_pairs(_pairs_cfg(path))
+    assert f"{path}, line 7" in str(info.value) and "1 fields under a header of 2" in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["pairs.jsonl", "pairs.csv", "pairs.tsv"])
+def test_a_utf8_byte_order_mark_and_tsv_quotes(tmp_path: Path, name: str) -> None:
+    records = [{"document": '"No," said the minister, "not this year."', "summary": "minister says no"},
+               {"document": "plain text of a second article", "summary": "second"}] * 3
+    path = tmp_path / name
+    if name.endswith(".jsonl"):
+        body = "".join(json.dumps(r) + "\n" for r in records)
+    elif name.endswith(".csv"):
+        import csv
+        import io
+
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=["document", "summary"], lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(records)
+        body = out.getvalue()
+    else:
+        body = "document\tsummary\n" + "".join(f"{r['document']}\t{r['summary']}\n" for r in records)
+    path.write_text("\ufeff" + body, encoding="utf-8")
+    pairs = S.read_file(path, _pairs_cfg(path))
+    assert pairs.documents == [r["document"] for r in records] and pairs.summaries == [r["summary"] for r in records]

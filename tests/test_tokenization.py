@@ -199,3 +199,25 @@ def test_a_pretrained_tokenizer_path_may_be_an_lmlab_run_directory(tmp_path: Pat
     (tmp_path / "empty").mkdir()
     with pytest.raises(LmlabError, match=r"tokenizer\.path.*run directory or its export/"):
         load_pretrained(str(tmp_path / "empty"))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty_config"])
+def test_a_corrupt_cached_tokenizer_is_trained_again(texts, tmp_path, caplog, damage):
+    cache = tmp_path / "cache"
+    first, info1 = get_tokenizer(_cfg(), GPT2, lambda: texts, "corpus-a", cache)
+    where = Path(info1["path"])
+    if damage == "truncated":  # a copy or a disk that ran out part way
+        data = (where / "tokenizer.json").read_bytes()
+        (where / "tokenizer.json").write_bytes(data[: len(data) // 2])
+    elif damage == "garbage":
+        (where / "tokenizer.json").write_bytes(b"\x00\x01 not json at all")
+    else:
+        (where / "tokenizer_config.json").write_text("{", encoding="utf-8")
+    with caplog.at_level("WARNING", logger="lmlab.tokenization"):
+        again, info2 = get_tokenizer(_cfg(), GPT2, lambda: texts, "corpus-a", cache)
+    assert info2["cached"] is False and info2["path"] == info1["path"]
+    assert any(str(where) in r.getMessage() and "unreadable" in r.getMessage() for r in caplog.records)
+    assert again.get_vocab() == first.get_vocab()
+    # The entry was replaced: the next run reuses it.
+    third, info3 = get_tokenizer(_cfg(), GPT2, lambda: pytest.fail("read the corpus"), "corpus-a", cache)
+    assert info3["cached"] is True and third(UNICODE_TEXT)["input_ids"] == first(UNICODE_TEXT)["input_ids"]

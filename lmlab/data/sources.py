@@ -11,8 +11,12 @@ silently dropped or merged into training (where it could be held-out text).
 
 from __future__ import annotations
 
+import codecs
+import csv
+import io
 import json
 import logging
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,11 +74,23 @@ class Corpus:
         return self._documents()[1]
 
 
+def _is_utf8(encoding: str) -> bool:
+    try:
+        return codecs.lookup(encoding).name == "utf-8"
+    except LookupError:
+        return False
+
+
 def decode_file(path: Path, encoding: str = "utf-8", fallback: str | None = None) -> str:
-    """The file's text; undecodable bytes are an error naming the line, unless a fallback is set."""
+    """The file's text; undecodable bytes are an error naming the line, unless a fallback is set.
+
+    UTF-8 is read as ``utf-8-sig`` reads it: a byte-order mark that opens the file (Windows editors
+    and Excel's "CSV UTF-8" write one) is dropped, not left inside the first token, JSON line or
+    column name.
+    """
     raw = Path(path).read_bytes()
     try:
-        return raw.decode(encoding)
+        text = raw.decode(encoding)
     except UnicodeDecodeError as exc:
         if fallback:
             return raw.decode(fallback, errors="replace")
@@ -83,6 +99,10 @@ def decode_file(path: Path, encoding: str = "utf-8", fallback: str | None = None
             path, f"is not valid {encoding} (byte 0x{raw[exc.start]:02x} at offset {exc.start})",
             f"Re-encode the file as {encoding}, or set data.encoding to its real encoding.", line=line,
         ) from exc
+    # Stripped after decoding rather than by decoding as utf-8-sig, so error offsets stay the file's.
+    if text.startswith("\ufeff") and _is_utf8(encoding):
+        text = text[1:]
+    return text
 
 
 def json_records(path: Path, text: str) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -103,7 +123,25 @@ def json_records(path: Path, text: str) -> Iterator[tuple[int, dict[str, Any]]]:
         yield number, record
 
 
-def _json_type(value: Any) -> str:
+# Tables with columns (classification, summarization, predict inputs) by suffix: their delimiter.
+TABLE_DELIMITERS = {".csv": ",", ".tsv": "\t"}
+
+
+def table_reader(text: str, suffix: str) -> csv.DictReader:
+    """Rows of a CSV or TSV text as dicts keyed by its header row.
+
+    CSV fields may be quoted (``"a movie, frankly, awful"``), as csv writers do. TSV has no quoting
+    convention: a field ends at the next tab or line end, so a text that opens with a quotation mark
+    (``"Great," he said``) is read as written, where csv quoting would run it on through the
+    following rows up to the next quote.
+    """
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    quoting = csv.QUOTE_NONE if suffix.lower() == ".tsv" else csv.QUOTE_MINIMAL
+    # A stream, not str.splitlines(): that also splits at U+2028/U+0085 inside quoted fields.
+    return csv.DictReader(io.StringIO(text, newline=""), delimiter=TABLE_DELIMITERS[suffix.lower()], quoting=quoting)
+
+
+def json_type(value: Any) -> str:
     names = {bool: "boolean", int: "number", float: "number", list: "array", dict: "object"}
     return names.get(type(value), type(value).__name__)
 
@@ -123,7 +161,7 @@ def read_jsonl_file(path: Path, text_field: str, encoding: str = "utf-8", fallba
         if value is not None and not isinstance(value, str):
             # Skipped, a number or a list would leave the file looking empty and the error pointing
             # at blank lines.
-            raise file_error(path, f"field '{text_field}' holds a JSON {_json_type(value)} ({json.dumps(value)[:60]}), "
+            raise file_error(path, f"field '{text_field}' holds a JSON {json_type(value)} ({json.dumps(value)[:60]}), "
                              "not a string", "Write the text as a JSON string, or set data.text_field to the field "
                              "that holds the text.", line=number)
         if value is not None and value.strip():
@@ -177,27 +215,36 @@ def file_listing(root: Path, files: list[Path], most: int = 5) -> str:
     return ", ".join(names) + more
 
 
-def _check_split_names(root: Path, files: tuple[Path, ...]) -> None:
+def check_split_names(root: Path, named: dict[Path, str | None], fix: str) -> None:
     """Files named for splits make the directory a set of splits: every file must then belong to
-    one, and one must be the training text. Dropping a stray file would lose text unnoticed, and
-    reading it as training text could leak held-out text into training."""
-    named = {f: _split_of(f) for f in files}
+    one, and one must be the training data. Dropping a stray file would lose data unnoticed, and
+    reading it as training data could leak held-out data into training.
+
+    ``named`` maps each data file under ``root`` to its split (None: named for none); ``fix`` is the
+    error's advice. The pretraining text, NER and summarization readers all check their directories
+    here (classification, which reads only the directory's top level, words it alike).
+    """
     if not any(named.values()):
-        return  # no split names: every file is training text
+        return  # no split names: the caller says what a directory without them means
     problems = []
     if "train" not in named.values():
         split_files = [f for f, split in named.items() if split is not None]
-        problems.append(f"there is no train.* file for the training text (only {file_listing(root, split_files)})")
+        problems.append(f"there is no train.* file for the training data (only {file_listing(root, split_files)})")
     stray = [f for f, split in named.items() if split is None]
     if stray:
         problems.append(f"{len(stray)} file(s) fit no split and would be read by none: {file_listing(root, stray)}")
     if problems:
         raise config_error(
             "data.path", f"directory '{root}' names files for splits (train.*, validation.* or valid, val, dev, "
-            f"test.*), so only such files are read; {'; and '.join(problems)}",
-            "Name the training text train.txt or train.jsonl (several files: one per folder, part1/train.txt, "
-            f"part2/train.txt), move files that belong to no split out of '{root}', or point data.path at a "
-            "single file (every line training text, a validation split carved out).")
+            f"test.*), so only such files are read; {'; and '.join(problems)}", fix)
+
+
+def _check_split_names(root: Path, files: tuple[Path, ...]) -> None:
+    check_split_names(
+        root, {f: _split_of(f) for f in files},
+        "Name the training text train.txt or train.jsonl (several files: one per folder, part1/train.txt, "
+        f"part2/train.txt), move files that belong to no split out of '{root}', or point data.path at a "
+        "single file (every line training text, a validation split carved out).")
 
 
 def read_hf_dataset(name: str, config_name: str | None, text_field: str, trust_remote_code: bool = False) -> dict[str, list[str]]:

@@ -4,9 +4,12 @@ lmlab keys its tokenizer and block caches by the text itself, so a corpus edited
 ones. That costs a full read and hash of the corpus on every run, cached or not: 0.5 s for 100 MB,
 three times HF ``datasets``' whole cached pipeline, which keys by path and modification time alone.
 Here the content fingerprint is computed on the first read and remembered under the files' path,
-size, modification time and inode; a later run whose files stat the same takes it without reading
-them. As git's index does, a file modified in the last ``RACY_SECONDS`` is not remembered: a second
-write within the same timestamp tick, keeping the size, would otherwise go unseen.
+size, modification time, inode and status-change time (ctime); a later run whose files stat the same
+takes it without reading them. The modification time alone can be set back (``touch -r``, ``cp -p``,
+``rsync -t``, an editor that keeps it) after an edit that kept the size; the ctime cannot be set,
+and any write moves it, as git's index also compares it. As git's index does, a file modified in the
+last ``RACY_SECONDS`` is not remembered: a second write within the same timestamp tick, keeping the
+size, would otherwise go unseen.
 """
 
 from __future__ import annotations
@@ -26,12 +29,13 @@ log = logging.getLogger(__name__)
 RACY_SECONDS = 2.0
 # Part of every key: bump it when the way documents are read from files changes, so that stamps
 # written by the old code stop matching.
-READING_VERSION = 1
+# 2: a UTF-8 byte-order mark is no longer part of the first document.
+READING_VERSION = 2
 
 
 def _stat(path: Path) -> list[Any]:
     st = path.stat()
-    return [str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino]
+    return [str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
 
 
 def key_of(files: Sequence[Path], settings: dict[str, Any]) -> str | None:

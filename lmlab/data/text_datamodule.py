@@ -47,6 +47,39 @@ class BlockDataset(Dataset):
         return {k: torch.as_tensor(v[index].astype(np.int64)) for k, v in self.arrays.items()}
 
 
+class UnreadableCache(LmlabError):
+    """A file of a tokenized-data cache entry cannot be read back as the blocks it should hold."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"{path}: cached tokenized data is unreadable ({reason}). Delete the file's folder, "
+                         "or point LMLAB_CACHE_DIR at a disk with room, and run again.")
+        self.path, self.reason = path, reason
+
+
+def _load_blocks(where: Path, block_size: int) -> dict[str, dict[str, np.ndarray]]:
+    """Each split's arrays of a cache entry, memory-mapped; UnreadableCache names a file that is not
+    a whole .npy array of ``block_size`` columns (``input_ids``) with one row per block."""
+    splits: dict[str, dict[str, np.ndarray]] = {}
+    for split in ("train", "validation"):
+        arrays: dict[str, np.ndarray] = {}
+        for path in sorted(where.glob(f"{split}.*.npy")):
+            try:
+                arrays[path.name.split(".")[1]] = np.load(path, mmap_mode="r")
+            except (OSError, ValueError, EOFError) as exc:  # truncated or not an .npy file
+                raise UnreadableCache(path, f"{type(exc).__name__}: {exc}") from exc
+        ids = arrays.get("input_ids")
+        if ids is None:
+            raise UnreadableCache(where / f"{split}.input_ids.npy", "missing")
+        if ids.ndim != 2 or ids.shape[1] != block_size:
+            raise UnreadableCache(where / f"{split}.input_ids.npy",
+                                  f"shape {tuple(ids.shape)}, not (blocks, {block_size})")
+        for name, array in arrays.items():
+            if len(array) != len(ids):
+                raise UnreadableCache(where / f"{split}.{name}.npy", f"{len(array)} rows where input_ids has {len(ids)}")
+        splits[split] = arrays
+    return splits
+
+
 def _tokenizer_fingerprint(tokenizer: Any) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
@@ -107,20 +140,26 @@ class TextDataModule(L.LightningDataModule):
         )[:20]
         where = self.cache_dir / "data" / f"{self.packing_mode}-{self.block_size}-{key}"
         self.cache_hit = (where / "done").exists()
-        if not self.cache_hit:
+        loaded = None
+        if self.cache_hit:
+            try:
+                loaded = _load_blocks(where, self.block_size)
+                log.info("Reusing tokenized data %s", where)
+            except UnreadableCache as exc:
+                # A truncated or overwritten file (a full disk, a copy cut short): the entry is rebuilt
+                # from the text, as if it had never been written.
+                log.warning("Tokenized-data cache file %s is unreadable (%s); tokenizing again and replacing "
+                            "the cache entry", exc.path, exc.reason)
+                self.cache_hit = False
+        if loaded is None:
             log.info("Tokenizing and packing %d + %d documents", len(self.corpus.train), len(self.corpus.validation))
             with atomic_dir(where) as tmp:
                 for split, docs in (("train", self.corpus.train), ("validation", self.corpus.validation)):
                     for name, array in self._pack(docs, split).items():
                         np.save(tmp / f"{split}.{name}.npy", array)
                 (tmp / "done").write_text("ok\n")
-        else:
-            log.info("Reusing tokenized data %s", where)
-        for split in ("train", "validation"):
-            arrays = {
-                p.name.split(".")[1]: np.load(p, mmap_mode="r")
-                for p in sorted(where.glob(f"{split}.*.npy"))
-            }
+            loaded = _load_blocks(where, self.block_size)  # just written: unreadable now is a real error
+        for split, arrays in loaded.items():
             self.splits[split] = BlockDataset(arrays)
         n_train = len(self.splits["train"])
         if n_train == 0 or len(self.splits["validation"]) == 0:

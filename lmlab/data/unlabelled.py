@@ -6,13 +6,10 @@ so the labelled readers, which insist on a label per row, do not serve here.
 
 from __future__ import annotations
 
-import csv
-import io
-import sys
 from pathlib import Path
 from typing import Any
 
-from lmlab.data.sources import decode_file, json_records
+from lmlab.data.sources import decode_file, json_records, table_reader
 from lmlab.errors import file_error
 
 CSV_SUFFIXES = {".csv": ",", ".tsv": "\t"}
@@ -33,8 +30,7 @@ def read_records(path: Path, fields: list[str], setting: str, encoding: str = "u
     suffix = path.suffix.lower()
     rows: list[dict[str, Any]] = []
     if suffix in CSV_SUFFIXES:
-        csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=CSV_SUFFIXES[suffix])
+        reader = table_reader(text, suffix)  # as the labelled readers read the same file
         header = reader.fieldnames or []
         for name in fields:
             if name not in header:

@@ -49,7 +49,7 @@ from lmlab import fingerprint, optim, padding_masks
 from lmlab.data import labels as model_labels
 from lmlab.data.catalog import package_dir
 from lmlab.data.loaders import make_loader
-from lmlab.data.sources import decode_file, json_records
+from lmlab.data.sources import check_split_names, decode_file, json_records
 from lmlab.data.unlabelled import read_records
 from lmlab.errors import LmlabError, config_error, file_error
 from lmlab.specs import TaskSpec
@@ -366,6 +366,9 @@ def read_ner_path(path: Path, data_cfg: DictConfig) -> dict[str, list[Sentence]]
     if not any(named.values()):
         raise config_error("data.path", f"directory '{path}' has no train.* file (e.g. train.conll or train.jsonl)",
                            "Name the files train / validation / test, or point data.path at one file.")
+    check_split_names(path, named, "Name the training sentences train.conll or train.jsonl (several files: one per "
+                      f"folder, a/train.conll, b/train.conll), move files that belong to no split out of '{path}', "
+                      "or point data.path at a single file (validation and test splits carved out).")
     splits: dict[str, list[Sentence]] = {}
     for f, split in named.items():
         if split is not None:

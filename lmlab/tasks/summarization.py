@@ -32,12 +32,11 @@ Under DDP the generated strings are gathered from every process before scoring.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import random
 import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,7 +51,7 @@ from torchmetrics import SumMetric
 from lmlab import fingerprint, optim, registry
 from lmlab.data.catalog import package_dir
 from lmlab.data.loaders import make_loader
-from lmlab.data.sources import SPLIT_STEMS, decode_file, json_records
+from lmlab.data.sources import SPLIT_STEMS, check_split_names, decode_file, json_records, json_type, table_reader
 from lmlab.data.unlabelled import read_records
 from lmlab.errors import LmlabError, config_error, file_error
 from lmlab.export import suppressed_tokens
@@ -134,38 +133,75 @@ def _clean(value: Any) -> str:
     return " ".join(value.split()) if isinstance(value, str) else ""
 
 
+def _field_text(value: Any, path: Path, line: int, key: str, setting: str) -> str:
+    """A record's document or summary with whitespace collapsed; "" for an empty or null one.
+
+    Any other JSON value is an error: skipped, a number or a list would thin out the data unseen.
+    """
+    if value is None or isinstance(value, str):
+        return _clean(value)
+    raise file_error(path, f"field '{key}' holds a JSON {json_type(value)} ({json.dumps(value)[:60]}), not a string",
+                     f"Write the text as a JSON string, or set data.{setting} to the field that holds it.", line=line)
+
+
+def _add_pairs(path: Path, records: Iterable[tuple[int, str, str]]) -> Pairs:
+    """Pairs from (line, document, summary); a pair with an empty side is left out, and the log says so."""
+    pairs, skipped = Pairs(), []
+    for line, document, summary in records:
+        if document and summary:
+            pairs.add(document, summary)
+        else:
+            skipped.append(line)
+    if skipped:
+        shown = ", ".join(map(str, skipped[:5])) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+        log.warning("%s: %d of %d records skipped for an empty document or summary (line %s)", path, len(skipped),
+                    len(skipped) + len(pairs), shown)
+    return pairs
+
+
 def read_jsonl(path: Path, data_cfg: DictConfig) -> Pairs:
     doc_key, sum_key = str(data_cfg.document_field), str(data_cfg.summary_field)
     text = decode_file(path, str(data_cfg.encoding), data_cfg.get("encoding_fallback"))
-    pairs = Pairs()
-    for number, record in json_records(path, text):
-        missing = [key for key in (doc_key, sum_key) if key not in record]
-        if missing:
-            raise file_error(path, f"has no field '{missing[0]}' (fields: {', '.join(sorted(record))})",
-                             "Set data.document_field / data.summary_field to the fields that hold them.",
-                             line=number)
-        document, summary = _clean(record[doc_key]), _clean(record[sum_key])
-        if document and summary:
-            pairs.add(document, summary)
-    return pairs
+
+    def records() -> Iterator[tuple[int, str, str]]:
+        for number, record in json_records(path, text):
+            missing = [key for key in (doc_key, sum_key) if key not in record]
+            if missing:
+                raise file_error(path, f"has no field '{missing[0]}' (fields: {', '.join(sorted(record))})",
+                                 "Set data.document_field / data.summary_field to the fields that hold them.",
+                                 line=number)
+            yield (number, _field_text(record[doc_key], path, number, doc_key, "document_field"),
+                   _field_text(record[sum_key], path, number, sum_key, "summary_field"))
+
+    return _add_pairs(path, records())
 
 
 def read_csv(path: Path, data_cfg: DictConfig) -> Pairs:
     doc_key, sum_key = str(data_cfg.document_field), str(data_cfg.summary_field)
     text = decode_file(path, str(data_cfg.encoding), data_cfg.get("encoding_fallback"))
-    # A stream, not str.splitlines(): that also splits at U+2028/U+0085 inside quoted fields.
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=CSV_SUFFIXES[path.suffix.lower()])
+    reader = table_reader(text, path.suffix)
     columns = reader.fieldnames or []
     for key, setting in ((doc_key, "document_field"), (sum_key, "summary_field")):
         if key not in columns:
             raise file_error(path, f"has no column '{key}' (columns: {', '.join(columns)})",
                              f"Set data.{setting} to the column that holds it.", line=1)
-    pairs = Pairs()
-    for row in reader:
-        document, summary = _clean(row.get(doc_key)), _clean(row.get(sum_key))
-        if document and summary:
-            pairs.add(document, summary)
-    return pairs
+
+    def records() -> Iterator[tuple[int, str, str]]:
+        start = reader.line_num + 1
+        for row in reader:
+            # csv.DictReader fills the columns a short row lacks with None and files a long row's extra
+            # fields under None: either way the fields no longer line up with the header.
+            if None in row or row.get(doc_key) is None or row.get(sum_key) is None:
+                n = len(columns) + len(row[None]) if None in row else sum(v is not None for v in row.values())
+                fix = ("A TSV field cannot hold a tab (TSV has no quoting): replace the tabs inside the text, or "
+                       "write the file as CSV." if path.suffix.lower() == ".tsv" else
+                       "Quote a field that holds the delimiter (\"one, two\"), as csv writers do.")
+                raise file_error(path, f"has a row of {n} fields under a header of {len(columns)} "
+                                 f"({', '.join(columns)})", fix, line=start)
+            yield start, _clean(row[doc_key]), _clean(row[sum_key])
+            start = reader.line_num + 1
+
+    return _add_pairs(path, records())
 
 
 def read_file(path: Path, data_cfg: DictConfig) -> Pairs:
@@ -190,6 +226,9 @@ def read_path(path: Path, data_cfg: DictConfig) -> dict[str, Pairs]:
         raise config_error("data.path", f"directory '{path}' holds no .jsonl, .json, .csv or .tsv files",
                            "Put the document/summary files there or point data.path at a file.")
     named = {f: SPLIT_NAMES.get(f.stem.lower()) for f in files}
+    check_split_names(path, named, "Name the training pairs train.jsonl or train.csv (several files: one per folder, "
+                      f"a/train.jsonl, b/train.jsonl), move files that belong to no split out of '{path}', or point "
+                      "data.path at a single file (validation and test splits carved out).")
     out: dict[str, Pairs] = {}
     if any(named.values()):
         for f, split in named.items():
