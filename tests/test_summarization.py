@@ -409,3 +409,44 @@ def test_a_utf8_byte_order_mark_and_tsv_quotes(tmp_path: Path, name: str) -> Non
     path.write_text("\ufeff" + body, encoding="utf-8")
     pairs = S.read_file(path, _pairs_cfg(path))
     assert pairs.documents == [r["document"] for r in records] and pairs.summaries == [r["summary"] for r in records]
+
+
+def test_validation_summarizes_the_same_examples_at_any_number_of_processes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """task.generate_val_batches counts examples of the split, not each process's batches: over 2
+    processes (ShardedSampler's shards) the summarized indices are one process's, each once."""
+    from types import SimpleNamespace
+
+    from torch.utils.data import DataLoader
+
+    from lmlab.data import loaders
+    from lmlab.tokenization import train_bpe
+
+    tok = train_bpe(["Shares in the bank rose after record profits.", "The minister resigned on Friday."] * 30,
+                    300, 1)
+    cfg = compose_cfg(["task=summarization", "model=bart", "model.size=tiny", "task.generation.max_new_tokens=2",
+                       "task.generate_val_batches=2", "data.eval_batch_size=3"])
+    task, spec = registry.get("task", "summarization"), registry.get("model", "bart")
+    torch.manual_seed(0)
+    net = build_model(spec, task.head(cfg), build_hf_config(spec, cfg.model, tok, 64)).eval()
+    module = task.build_module(cfg, net, tok)
+    monkeypatch.setattr(S.SummarizationModule, "trainer",
+                        SimpleNamespace(datamodule=SimpleNamespace(cfg=cfg.data)), raising=False)
+    ids = tok(["Shares in the bank rose."])["input_ids"][0]
+    items = [{"input_ids": ids, "labels": [tok.eos_token_id], "prompt_ids": ids, "index": i} for i in range(11)]
+    collate = S.Collator(tok.pad_token_id, S.packing(cfg))
+
+    def summarized(rank: int, world: int) -> tuple[list[int], int]:
+        monkeypatch.setattr(loaders, "process_group", lambda: (rank, world))
+        sampler = loaders.ShardedSampler(len(items), shuffle=False)
+        module.generated, calls = [], 0
+        for batch_idx, batch in enumerate(DataLoader(items, batch_size=3, sampler=sampler, collate_fn=collate)):
+            before = len(module.generated)
+            module.validation_step(batch, batch_idx)
+            calls += len(module.generated) > before
+        return [index for index, _ in module.generated], calls
+
+    alone, alone_calls = summarized(0, 1)
+    assert alone == list(range(6)) and alone_calls == 2  # 2 batches of 3
+    (first, first_calls), (second, second_calls) = summarized(0, 2), summarized(1, 2)
+    assert sorted(first + second) == alone  # the same examples, none twice
+    assert first_calls == 1 and second_calls == 1  # the work is shared, not doubled

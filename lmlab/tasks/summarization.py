@@ -24,8 +24,8 @@ package: the headline (first line) is the summary of the rest of the article. Mi
 (and, for a single pool, test) splits are carved out with ``data.split_seed``.
 
 Metrics. ``val/loss`` (token-level cross-entropy over the whole validation split); on the first
-``task.generate_val_batches`` validation batches and on the whole test split, summaries are
-generated (``task.generation``) and scored: ``bleu`` (sacrebleu corpus BLEU, 0-100) and ``rouge1``,
+``task.generate_val_batches`` × ``data.eval_batch_size`` validation examples (the same ones at any
+number of processes) and on the whole test split, summaries are generated (``task.generation``) and scored: ``bleu`` (sacrebleu corpus BLEU, 0-100) and ``rouge1``,
 ``rouge2``, ``rougeL`` (rouge-score F-measure with the Porter stemmer, 0-1, averaged over examples).
 Under DDP the generated strings are gathered from every process before scoring.
 """
@@ -597,19 +597,39 @@ class SummarizationModule(L.LightningModule):
             self.model.train()
         return [" ".join(text.split()) for text in tok.batch_decode(out, skip_special_tokens=True)]
 
-    def _eval_step(self, batch: dict[str, torch.Tensor], batch_idx: int, generate: bool) -> None:
+    def _eval_step(self, batch: dict[str, torch.Tensor], below: int | None) -> None:
+        """Loss over the whole batch; summaries of its examples with an index under ``below`` (None: all)."""
         loss_sum, count = self.token_losses(batch)
         self.loss_sum.update(loss_sum)
         self.token_count.update(count)
-        if generate:
+        rows = batch["index"] < below if below is not None else torch.ones_like(batch["index"], dtype=torch.bool)
+        if bool(rows.all()):
             texts = self.generate(batch)
-            self.generated.extend(zip(batch["index"].tolist(), texts, strict=True))
+        elif bool(rows.any()):
+            texts = self.generate({k: v[rows] for k, v in batch.items() if isinstance(v, torch.Tensor)})
+        else:
+            return
+        self.generated.extend(zip(batch["index"][rows].tolist(), texts, strict=True))
+
+    def generated_val_examples(self) -> int:
+        """How many validation examples, from the first, are summarized: ``task.generate_val_batches``
+        batches of ``data.eval_batch_size``.
+
+        Counted in examples, not in each process's batches: under DDP every process holds every
+        world-size-th example (``ShardedSampler``), so "each process's first N batches" would summarize
+        world-size times as many, and other ones, than one process does; by index the scores are the
+        same at any number of processes, and the generation cost is shared among them.
+        """
+        batches = int(self.task_cfg.get("generate_val_batches", 0))
+        datamodule = getattr(self.trainer, "datamodule", None)
+        size = getattr(getattr(datamodule, "cfg", None), "eval_batch_size", None)
+        return batches * int(size) if size else batches
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, batch_idx, batch_idx < int(self.task_cfg.get("generate_val_batches", 0)))
+        self._eval_step(batch, self.generated_val_examples())
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, batch_idx, True)
+        self._eval_step(batch, None)
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> list[tuple[int, str]]:
         return list(zip(batch["index"].tolist(), self.generate(batch), strict=True))
