@@ -108,7 +108,8 @@ class LearningRate(L.Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         if trainer.optimizers:
-            log_step(pl_module, "train/lr", trainer.optimizers[0].param_groups[0]["lr"])
+            # The same rate at every micro-batch of an optimizer step: logged as it is, not averaged.
+            log_step(pl_module, "train/lr", trainer.optimizers[0].param_groups[0]["lr"], mean=False)
 
 
 class ValidationCoverage(L.Callback):

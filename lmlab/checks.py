@@ -1,4 +1,5 @@
-"""Early type and range checks of the numbers runs read (seed, sizes, steps, learning rate, vocabulary).
+"""Early type and range checks of the numbers runs read (seed, sizes, steps, learning rate, vocabulary),
+and of the true/false switches (model.compile, export, ...).
 
 These keys are consumed deep inside datamodules, the DataLoader, Lightning and the optimizer, where
 a string or a negative value surfaces as a TypeError or ValueError far from its cause. Checked
@@ -76,6 +77,8 @@ NUMBERS = (
     Number("trainer.max_steps", True, "1000 (-1: no limit)", low=-1, nullable=True),
     Number("trainer.max_epochs", True, "3 (-1: no limit)", low=-1, nullable=True),
     Number("trainer.accumulate_grad_batches", True, "4", positive=True, nullable=True),
+    # Lightning clips only above 0, so a negative value would quietly mean "no clipping".
+    Number("trainer.gradient_clip_val", False, "1.0 (0 or null: no clipping)", low=0, nullable=True),
     # 0 is not "every step": Lightning then logs no train/* metric at all, without a word.
     Number("trainer.log_every_n_steps", True, "10", positive=True, nullable=True),
     Number("optimizer.lr", False, "3e-4", positive=True),
@@ -85,6 +88,44 @@ NUMBERS = (
     Number("scheduler.min_lr_ratio", False, "0.1", low=0, high=1, nullable=True),
     Number("faults.check_every_n_steps", True, "10", positive=True, nullable=True),
     Number("model.vocab_multiple", True, "64", positive=True, nullable=True),
+)
+
+
+@dataclass(frozen=True)
+class Switch:
+    """A true/false key. lmlab reads switches by their truth, so ``model.compile=maybe`` would be true."""
+
+    key: str
+    nullable: bool = False  # null: lmlab (or Lightning) decides
+    words: tuple[str, ...] = ()  # other values the key takes (trainer.deterministic=warn)
+
+    def check(self, cfg: DictConfig) -> None:
+        value = OmegaConf.select(cfg, self.key, default=_ABSENT)
+        if value is _ABSENT or isinstance(value, bool) or (value is None and self.nullable) or value in self.words:
+            return
+        others = [*self.words, *(["null"] if self.nullable else [])]
+        raise config_error(self.key, f"'{value}' is not true or false{''.join(f' or {w}' for w in others)}",
+                           f"Use {self.key}=true or {self.key}=false.")
+
+
+SWITCHES = (
+    Switch("export"),
+    Switch("checkpoint.load_best_at_end"),
+    Switch("model.compile"),
+    Switch("model.fused_loss"),
+    Switch("model.trust_remote_code"),
+    Switch("data.trust_remote_code"),
+    Switch("tokenizer.trust_remote_code"),
+    Switch("tokenizer.lowercase", nullable=True),
+    Switch("task.nsp"),
+    Switch("task.whole_word_mask"),
+    Switch("task.multi_label"),
+    Switch("task.label_all_subwords"),
+    Switch("task.strict"),
+    Switch("trainer.enable_progress_bar"),
+    Switch("trainer.enable_model_summary"),
+    Switch("trainer.use_distributed_sampler", nullable=True),
+    Switch("trainer.deterministic", nullable=True, words=("warn",)),
 )
 
 
@@ -147,6 +188,8 @@ def check_numbers(cfg: DictConfig) -> None:
     check_not_empty(cfg)
     for number in NUMBERS:
         number.check(cfg)
+    for switch in SWITCHES:
+        switch.check(cfg)
 
 
 def check_accelerator(cfg: DictConfig) -> None:

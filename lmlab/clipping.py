@@ -21,6 +21,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.utilities import GradClipAlgorithmType
 
 from lmlab.optim import steps_with_found_inf
+from lmlab.precision import precision_name
 
 MIXED = ("bf16-mixed", "16-mixed")
 
@@ -56,9 +57,10 @@ def use_clipping_mixed_precision(trainer_kwargs: dict[str, Any], strategy: Any) 
     """Replaces ``precision: bf16-mixed | 16-mixed`` with :class:`ClippingMixedPrecision`, in place.
 
     Only where Lightning would build a plain ``MixedPrecision`` (one device or DDP). FSDP and
-    DeepSpeed bring precision plugins of their own and keep the precision string.
+    DeepSpeed bring precision plugins of their own and keep the precision string. Lightning's
+    aliases count as what they stand for (``bf16``, ``16``: lmlab.precision).
     """
-    precision = str(trainer_kwargs.get("precision") or "")
+    precision = str(precision_name(trainer_kwargs.get("precision")) or "")
     name = _strategy_name(strategy)
     device = _device(trainer_kwargs.get("accelerator"))
     if precision not in MIXED or device is None or "fsdp" in name or "deepspeed" in name:

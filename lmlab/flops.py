@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from lmlab.precision import precision_name
+
 # Dense bf16/fp16 tensor-core peak per device, FLOP/s (vendor data sheets, no sparsity).
 PEAK_FLOPS = {
     "H200": 989e12,
@@ -114,7 +116,7 @@ def peak_flops(configured: float | None, device: torch.device,
         name = torch.cuda.get_device_name(device)
         peak = peak_flops_of(name)
         return (peak, f"{name} in lmlab.flops.PEAK_FLOPS") if peak else None
-    if device.type == "cpu" and str(precision).startswith("32"):
+    if device.type == "cpu" and str(precision_name(precision)).startswith("32"):
         return cpu_peak_flops(torch.get_num_threads())
     return None
 

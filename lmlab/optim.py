@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from lmlab.errors import config_error
+from lmlab.errors import LmlabError, config_error
 
 SCHEDULES = ("cosine", "linear", "constant")
 log = logging.getLogger("lmlab")
@@ -51,6 +51,45 @@ def lr_lambda(schedule: str, warmup: int, total: int, min_ratio: float):
     return factor
 
 
+def needs_length(sched_cfg: DictConfig) -> list[str]:
+    """The schedule's settings that are shares of the run's length (cosine and linear decay, a warmup ratio)."""
+    needs = []
+    if sched_cfg.get("name") in ("cosine", "linear"):
+        needs.append(f"scheduler.name={sched_cfg.name} decays over the run's steps")
+    ratio = sched_cfg.get("warmup_ratio")
+    if sched_cfg.get("warmup_steps") is None and ratio:
+        needs.append(f"scheduler.warmup_ratio={ratio} is a share of them")
+    return needs
+
+
+def unbounded(trainer_cfg: DictConfig | dict) -> bool:
+    """Whether training has no set end: Lightning's ``max_steps=-1`` with ``max_epochs=-1``.
+
+    (``max_epochs`` unset with ``max_steps=-1`` is Lightning's 1,000 epochs: a known length.)
+    """
+    return trainer_cfg.get("max_steps") in (None, -1) and trainer_cfg.get("max_epochs") == -1
+
+
+def unbounded_error(sched_cfg: DictConfig) -> LmlabError | None:
+    """The error for a schedule that needs the run's length in training without end; None if it needs none."""
+    needs = needs_length(sched_cfg)
+    if not needs:
+        return None
+    return config_error(
+        "trainer.max_steps", "it is -1 with trainer.max_epochs=-1 (training without a set end), but the learning-rate "
+        f"schedule needs the run's length: {'; '.join(needs)}",
+        "Set trainer.max_steps=N (or trainer.max_epochs=N), or train until stopped with scheduler=constant "
+        "(scheduler.warmup_steps=N for a warmup).")
+
+
+def check_length(cfg: DictConfig) -> None:
+    """Before any data or MLflow work: a schedule that needs the run's length is given one."""
+    if str(cfg.get("mode") or "fit") == "fit" and unbounded(cfg.get("trainer") or {}):
+        error = unbounded_error(cfg.scheduler)
+        if error is not None:
+            raise error
+
+
 def build(model: torch.nn.Module, opt_cfg: DictConfig, sched_cfg: DictConfig, total_steps: int) -> dict[str, Any]:
     """What ``LightningModule.configure_optimizers`` returns."""
     if opt_cfg.lr <= 0:
@@ -68,6 +107,11 @@ def build(model: torch.nn.Module, opt_cfg: DictConfig, sched_cfg: DictConfig, to
     name = sched_cfg.name
     if name not in SCHEDULES:
         raise config_error("scheduler.name", f"unknown schedule '{name}'", f"Use one of: {', '.join(SCHEDULES)}.")
+    if not math.isfinite(total_steps):  # training without end (check_length names it up front)
+        error = unbounded_error(sched_cfg)
+        if error is not None:
+            raise error
+        total_steps = 1  # the schedule reads no length
     total = max(1, int(total_steps))
     warmup = sched_cfg.get("warmup_steps")
     if warmup is not None and sched_cfg.get("warmup_ratio"):

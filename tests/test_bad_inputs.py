@@ -164,6 +164,21 @@ CASES: dict[str, Bad] = {
     "zero_check_interval": Bad(["faults.check_every_n_steps=0"], ["faults.check_every_n_steps", "not positive"]),
     "bad_precision": Bad(["trainer.precision=banana"], ["trainer", "banana"]),
     "max_steps_not_a_number": Bad(["trainer.max_steps=many"], ["trainer.max_steps", "many"]),
+    # Lightning clips only above 0: a negative limit would quietly mean no clipping at all
+    "negative_gradient_clip": Bad(["trainer.gradient_clip_val=-1"], ["trainer.gradient_clip_val", "-1", "below 0"]),
+    "gradient_clip_not_a_number": Bad(["trainer.gradient_clip_val=high"], ["trainer.gradient_clip_val", "high"]),
+    # switches are read by their truth: 'maybe' (or 'no') would quietly mean true
+    "switch_not_a_boolean": Bad(["model.compile=maybe"], ["model.compile", "'maybe' is not true or false",
+                                                          "model.compile=true or model.compile=false"]),
+    "export_not_a_boolean": Bad(["export=no"], ["'export'", "'no' is not true or false"]),
+    "task_switch_not_a_boolean": Bad(["task=mlm", "task.nsp=sometimes"], ["task.nsp", "sometimes"]),
+    "trainer_switch_not_a_boolean": Bad(["trainer.enable_progress_bar=1"], ["trainer.enable_progress_bar", "'1'"]),
+    "deterministic_not_a_boolean": Bad(["trainer.deterministic=always"],
+                                       ["trainer.deterministic", "'always' is not true or false or warn or null"]),
+    # training without a set end, and a schedule that decays over the run's length
+    "unbounded_training_with_a_decay": Bad(["trainer.max_steps=-1", "trainer.max_epochs=-1"],
+                                           ["trainer.max_steps", "trainer.max_epochs=-1", "scheduler.name=cosine",
+                                            "scheduler=constant"]),
     "seed_not_a_number": Bad(["seed=lucky"], ["seed", "lucky"]),
     "tiny_vocabulary": Bad(["tokenizer.vocab_size=3"], ["tokenizer.vocab_size", "3"]),
     "tiny_wordpiece_vocabulary": Bad(["tokenizer=wordpiece", "tokenizer.vocab_size=100"],
@@ -426,6 +441,7 @@ CLI_CASES = {
     "resume_garbage_checkpoint": (["resume={d}/garbage.ckpt"], ["garbage.ckpt", "not a readable checkpoint"]),
     "missing_data_file": (["data.path={d}/no_such_corpus.txt"], ["data.path", "no_such_corpus.txt"]),
     "vocab_size_not_a_number": (["task=mlm", "tokenizer.vocab_size=abc"], ["tokenizer.vocab_size", "abc"]),
+    "switch_not_a_boolean": (["model.compile=maybe"], ["model.compile", "maybe"]),
     # README's MiniLM example when its $(python -c ...) lookup prints nothing
     "empty_pretrained": (["task=classification", "model.pretrained="], ["model.pretrained", "it is empty"]),
 }

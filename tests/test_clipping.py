@@ -13,6 +13,7 @@ import torch
 
 from conftest import TINY, WIKI, compose_cfg
 from lmlab.clipping import ClippingMixedPrecision, ShardedClipping, sharded_clipping, use_clipping_mixed_precision
+from lmlab.precision import ALIASES, precision_name
 from lmlab.train import run
 
 
@@ -58,6 +59,29 @@ def test_only_plain_mixed_precision_is_replaced() -> None:
     assert kwargs == before
 
 
+def test_precision_aliases_are_lightnings() -> None:
+    from lightning.fabric.plugins.precision.precision import _PRECISION_INPUT_STR_ALIAS_CONVERSION
+
+    assert ALIASES == _PRECISION_INPUT_STR_ALIAS_CONVERSION
+    for given, name in ((16, "16-mixed"), ("16", "16-mixed"), ("bf16", "bf16-mixed"), (32, "32-true"),
+                        ("32", "32-true"), (64, "64-true"), ("bf16-mixed", "bf16-mixed"), ("32-true", "32-true"),
+                        ("bf16-true", "bf16-true"), (None, None), ("banana", "banana"), (True, True)):
+        assert precision_name(given) == name, given
+
+
+@pytest.mark.parametrize(("given", "name"), [("bf16", "bf16-mixed"), (16, "16-mixed"), ("16", "16-mixed")])
+def test_lightnings_precision_aliases_are_mixed_precision_too(given: object, name: str) -> None:
+    # Lightning reads trainer.precision=bf16 as bf16-mixed; left to it, its MixedPrecision stops at the first clip.
+    kwargs = {"precision": given, "accelerator": "cpu"}
+    use_clipping_mixed_precision(kwargs, "auto")
+    (plugin,) = kwargs["plugins"]
+    assert isinstance(plugin, ClippingMixedPrecision) and plugin.precision == name and "precision" not in kwargs
+    for full in (32, "32", 64):
+        kept = {"precision": full, "accelerator": "cpu"}
+        use_clipping_mixed_precision(kept, "auto")
+        assert kept == {"precision": full, "accelerator": "cpu"}
+
+
 def test_fsdp_clipping_moves_from_lightning_to_the_callback() -> None:
     # FSDPPrecision raises on a norm clip; the callback clips through the root FSDP module instead.
     kwargs = {"gradient_clip_val": 1.0, "gradient_clip_algorithm": "norm"}
@@ -75,3 +99,14 @@ def test_bf16_mixed_run_with_clipping_trains(tmp_path) -> None:
                               "trainer.gradient_clip_val=0.5"]))
     assert torch.isfinite(torch.tensor(result.metrics["val/loss"]))
     assert result.metrics["val/loss"] < 6.9  # below the uniform guess over the 1,000-token vocabulary
+
+
+@pytest.mark.skipif(not WIKI.exists(), reason="needs ../shared/data")
+@pytest.mark.parametrize("alias", ["bf16", "16"])
+def test_a_lightning_precision_alias_run_with_clipping_trains(alias: str, recwarn: pytest.WarningsRecorder) -> None:
+    result = run(compose_cfg([*TINY, f"data.path={WIKI}", "data.max_documents=200", f"trainer.precision={alias}",
+                              "trainer.gradient_clip_val=0.5"]))
+    assert torch.isfinite(torch.tensor(result.metrics["val/loss"]))
+    assert result.metrics["val/loss"] < 6.9
+    # Lightning was handed the full name: no "supported for historical reasons" warning.
+    assert not [w for w in recwarn if "historical reasons" in str(w.message)]

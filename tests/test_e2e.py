@@ -471,3 +471,71 @@ def test_warmup_steps_win_over_the_ratio_and_say_so(caplog: pytest.LogCaptureFix
     assert factors == pytest.approx([0.5, 1.0, 1.0, 1.0 - 1 / 8])  # 2 warmup steps, not 5 (the ratio's)
     assert any("scheduler.warmup_steps=2 (scheduler.warmup_ratio=0.5 is not used)" in r.getMessage()
                for r in caplog.records)
+
+
+# -- training without a set end (trainer.max_steps=-1, trainer.max_epochs=-1) ---------------------
+UNBOUNDED = ["trainer.max_steps=-1", "trainer.max_epochs=-1"]
+
+
+@pytest.mark.parametrize(("overrides", "words"), [
+    (["scheduler=cosine"], ["scheduler.name=cosine decays", "scheduler.warmup_ratio=0.05"]),
+    (["scheduler=linear", "scheduler.warmup_steps=10"], ["scheduler.name=linear decays"]),
+    (["scheduler=constant", "scheduler.warmup_ratio=0.1"], ["scheduler.warmup_ratio=0.1 is a share"]),
+])
+def test_training_without_end_and_a_schedule_that_needs_its_length_stop_up_front(
+        overrides: list[str], words: list[str], wiki_file: Path, lmlab_home: Path) -> None:
+    from lmlab.errors import LmlabError
+
+    cfg = compose_cfg([*TINY, f"data.path={wiki_file}", *UNBOUNDED, *overrides])
+    with pytest.raises(LmlabError) as caught:
+        run(cfg)
+    message = str(caught.value)
+    for word in ["config key 'trainer.max_steps'", "trainer.max_epochs=-1", "trainer.max_steps=N",
+                 "scheduler=constant", "scheduler.warmup_steps=N", *words]:
+        assert word in message, (word, message)
+    assert not (lmlab_home / "mlflow.db").exists()  # before the MLflow run is opened (no FAILED run)
+
+
+def test_a_constant_schedule_builds_for_training_without_end() -> None:
+    from lmlab import optim
+    from lmlab.errors import LmlabError
+
+    model = torch.nn.Linear(4, 4)
+    built = optim.build(model, compose_cfg([]).optimizer, OmegaConf.create(
+        {"name": "constant", "warmup_ratio": 0.0, "warmup_steps": 2, "min_lr_ratio": 1.0}), total_steps=math.inf)
+    scheduler = built["lr_scheduler"]["scheduler"]
+    factors = []
+    for _ in range(4):
+        factors.append(scheduler.get_last_lr()[0] / 1e-3)
+        built["optimizer"].step()
+        scheduler.step()
+    assert factors == pytest.approx([0.5, 1.0, 1.0, 1.0])
+    with pytest.raises(LmlabError, match="scheduler.name=cosine"):  # what a plugin's path to build would get
+        optim.build(model, compose_cfg([]).optimizer, compose_cfg([]).scheduler, total_steps=math.inf)
+
+
+def test_training_without_end_runs_until_stopped_with_a_constant_schedule(ws: Workspace,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import lightning as L
+
+    from lmlab import train
+
+    class StopAfter6(L.Callback):  # what an interruption would do; the run would otherwise train on and on
+        def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+            trainer.should_stop = trainer.should_stop or trainer.global_step >= 6
+
+    def build_trainer(*args: object, **kwargs: object):
+        trainer, best, throughput = build(*args, **kwargs)
+        trainer.callbacks.append(StopAfter6())
+        return trainer, best, throughput
+
+    build = train.build_trainer
+    monkeypatch.setattr(train, "build_trainer", build_trainer)
+    result, cfg = ws.run(*UNBOUNDED, "scheduler=constant", "scheduler.warmup_steps=3")
+    assert math.isfinite(result.metrics["val/loss"]) and result.export_dir is not None
+    client = client_for(result)
+    assert client.get_run(result.run_id).info.status == "FINISHED"
+    lr = float(cfg.optimizer.lr)
+    history = sorted((m.step, m.value) for m in client.get_metric_history(result.run_id, "train/lr"))
+    # Warmup over 3 steps, then the rate itself (logged every 2nd step).
+    assert history == [(1, pytest.approx(lr * 2 / 3)), (3, pytest.approx(lr)), (5, pytest.approx(lr))]
