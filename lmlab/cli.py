@@ -122,6 +122,10 @@ def _job(cfg) -> float:
         if in_sweep:
             sweep.check_objective(result.objective_metric, result.metrics, cfg)
     except LmlabError as exc:
+        if _preempted(exc):
+            # submitit's signal before a time limit or at a preemption: the run is closed, last.ckpt
+            # saved; submitit requeues the job and exits here (returns only when it does not requeue).
+            sys.modules["lmlab.faults"].requeue(exc)
         if in_sweep and _preempted(exc):
             # The message of a run (resume=<its folder>) is wrong for a job: the sweep's command resumes.
             exc = sweep.preempted_in_sweep(exc, ctx)

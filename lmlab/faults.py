@@ -1,14 +1,17 @@
-"""Runs that go wrong: a non-finite loss or gradient, and preemption by SIGTERM, SIGUSR1 or Ctrl-C."""
+"""Runs that go wrong: a non-finite loss or gradient, and preemption by SIGTERM, SIGUSR1, Ctrl-C or,
+in a submitit job (``hydra/launcher=slurm``), submitit's signal before the time limit."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import math
+import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import lightning as L
@@ -34,11 +37,17 @@ class NonFiniteLoss(LmlabError):
 
 
 class Preempted(LmlabError):
-    """A signal asked the run to stop; last.ckpt holds the state it stopped in."""
+    """A signal asked the run to stop; last.ckpt holds the state it stopped in.
 
-    def __init__(self, message: str, signum: int):
+    ``requeue``: the signal was submitit's preemption signal, which ``requeue`` hands on to submitit
+    once the run is closed; ``stopped``: what happened, for the line said then.
+    """
+
+    def __init__(self, message: str, signum: int, requeue: bool = False, stopped: str = ""):
         super().__init__(message)
         self.signum = signum
+        self.requeue = requeue
+        self.stopped = stopped or message
 
 
 def policy(cfg: DictConfig) -> str:
@@ -193,13 +202,63 @@ class NumericalGuard(L.Callback):
         return "No checkpoint was saved before it (checkpoint.every_n_steps sets how often)"
 
 
+def submitit_preemption() -> tuple[int, Callable[..., Any]] | None:
+    """(signal, handler) of submitit's preemption handler, when this process is a submitit job that has it.
+
+    submitit installs it before the job's function runs (``JobEnvironment._handle_signals``), for
+    ``SIGUSR2`` or what ``SUBMITIT_PREEMPT_SIGNAL`` names; SLURM sends that signal
+    ``signal_delay_s`` before the time limit (sbatch ``--signal``), and submitit's LocalExecutor as
+    well. Left alone, the handler would requeue the job and exit in the middle of a training step.
+    Found by the handler itself, so a process that merely inherited submitit's environment (a
+    program a job starts) is not taken for one.
+    """
+    if not os.environ.get("SUBMITIT_EXECUTOR") or threading.current_thread() is not threading.main_thread():
+        return None
+    job_environment = sys.modules.get("submitit.core.job_environment")  # imported by submitit's job runner
+    if job_environment is None:
+        return None
+    try:
+        signum = job_environment.JobEnvironment._usr_sig()
+    except Exception:  # an unknown SUBMITIT_PREEMPT_SIGNAL: submitit could not have installed it either
+        return None
+    handler = signal.getsignal(signum)
+    if isinstance(getattr(handler, "__self__", None), job_environment.SignalHandler):
+        return signum, handler
+    return None
+
+
+def requeue(exc: Preempted) -> None:
+    """Hand a stop by submitit's preemption signal on to submitit's own handler, once the run is closed.
+
+    By then last.ckpt holds the step training stopped after, the MLflow run is KILLED and the run
+    record says ``killed``. submitit's handler (on global rank 0) has the launcher resubmit the same
+    call, requeues the job and exits; the job's next start finds its run and continues it
+    (``resume.requeued``). Returns only when there is nothing to hand on or submitit does not
+    requeue (``max_num_timeout`` time limits reached, say): the caller then reports the stop as usual.
+    """
+    found = submitit_preemption() if exc.requeue else None
+    if found is None or found[0] != exc.signum:
+        return
+    print(f"\nlmlab: {exc.stopped}. {signal.Signals(exc.signum).name} is submitit's signal for a job near "
+          "its time limit or preempted: submitit requeues the job, and the job continues this run when it "
+          "starts again", file=sys.stderr, flush=True)
+    try:
+        found[1](exc.signum, None)
+    except Exception as err:  # submitit's UncompletedJobError, or a failed `scontrol requeue`
+        print(f"lmlab: submitit did not requeue the job ({type(err).__name__}: {err})", file=sys.stderr, flush=True)
+        return
+    # submitit requeues from global rank 0 only, and exits there; the other ranks end alike.
+    raise SystemExit(-1)
+
+
 def _own_signals() -> tuple[int, ...]:
     # SIGTERM is Lightning's (Trainer.received_sigterm); SIGUSR1 is ours unless SLURM requeue took it.
     return (signal.SIGUSR1,) if hasattr(signal, "SIGUSR1") else ()
 
 
 class Preemption(L.Callback):
-    """SIGTERM, SIGUSR1 or a first Ctrl-C: save last.ckpt at the next step boundary and stop training.
+    """SIGTERM, SIGUSR1, a first Ctrl-C or submitit's preemption signal: save last.ckpt at the next
+    step boundary and stop training.
 
     Lightning notes SIGTERM itself and raises ``SIGTERMException`` once the step is over (after its
     validation, if one is due then); this saves the checkpoint first. For the other signals this
@@ -211,12 +270,19 @@ class Preemption(L.Callback):
     rule), so every stop would add a validation nobody scheduled, and with it a best-step
     checkpoint, a val/* point the uninterrupted run does not have and, on a large validation set,
     a stop later than a preemption's grace period.
+
+    In a submitit job its preemption signal (``submitit_preemption``) is taken over from submitit's
+    handler for the length of ``fit`` and stops training the same way; ``requeue`` hands the stop on
+    to submitit once the run is closed. Any process's submitit signal makes every process's stop one
+    (the decision is reduced like the stop itself), so under DDP every rank stops after the same step
+    and hands on.
     """
 
     def __init__(self, last: LastCheckpoint):
         self.last = last
         self.signum: int | None = None
         self.stopped_after: int | None = None
+        self.requeue_signum: int | None = None  # submitit's preemption signal, in a submitit job
         self._previous: dict[int, Any] = {}
 
     def _note(self, signum: int, frame: Any) -> None:
@@ -232,6 +298,13 @@ class Preemption(L.Callback):
         self.signum = signum
         print("\nlmlab: stopping after this step to save a checkpoint (Ctrl-C again to stop at once)",
               file=sys.stderr, flush=True)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Before the checkpoint is restored and the first step: submitit's handler would exit mid-way.
+        found = submitit_preemption() if stage == TrainerFn.FITTING else None
+        if found is not None:
+            self.requeue_signum = found[0]
+            self._previous[found[0]] = signal.signal(found[0], self._note)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -253,6 +326,9 @@ class Preemption(L.Callback):
                            batch_idx: int) -> None:
         asked = self.signum is not None or trainer.received_sigterm
         if trainer.strategy.reduce_boolean_decision(asked, all=False):  # any rank's signal stops all
+            submitit = self.requeue_signum is not None and self.signum == self.requeue_signum
+            if trainer.strategy.reduce_boolean_decision(submitit, all=False) and self.requeue_signum is not None:
+                self.signum = self.requeue_signum  # any rank's submitit signal: every rank hands on
             self._stop(trainer)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
@@ -281,6 +357,9 @@ class Preemption(L.Callback):
         self.stopped_after = trainer.global_step
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.restore_signals()
+
+    def restore_signals(self) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous = {}
@@ -294,19 +373,24 @@ def fit(trainer: L.Trainer, module: L.LightningModule, datamodule: Any, ckpt_pat
     except SIGTERMException as exc:  # Lightning's own for SIGTERM, Preemption's for the others
         signum = guard.signum if guard is not None and guard.signum is not None else signal.SIGTERM
         raise _preempted(guard, signum) from exc
+    finally:
+        # A fit that raised skips the callbacks' teardown, and Lightning's own puts back the handlers
+        # of when training started, Preemption's for submitit's signal among them.
+        if guard is not None:
+            guard.restore_signals()
     if guard is not None and guard.signum is not None:
         raise _preempted(guard, guard.signum)
 
 
 def _preempted(guard: Preemption | None, signum: int) -> Preempted:
     name = signal.Signals(signum).name
+    requeue = guard is not None and signum == guard.requeue_signum
     if guard is None or guard.stopped_after is None:
-        return Preempted(f"stopped by {name} before a checkpoint could be saved", signum)
+        return Preempted(f"stopped by {name} before a checkpoint could be saved", signum, requeue)
     run_dir = guard.last.path.parent.parent
-    return Preempted(
-        f"stopped by {name} after step {guard.stopped_after}; its state is saved in {guard.last.path}. "
-        f"Continue with the same overrides plus resume={run_dir} (or resume=auto)", signum,
-    )
+    stopped = f"stopped by {name} after step {guard.stopped_after}; its state is saved in {guard.last.path}"
+    return Preempted(f"{stopped}. Continue with the same overrides plus resume={run_dir} (or resume=auto)", signum,
+                     requeue, stopped)
 
 
 class SigtermOutsideTraining:
@@ -319,28 +403,39 @@ class SigtermOutsideTraining:
     its own, so the stop comes at once there too (Lightning's own would let a signal in the last
     batch pass). Not during ``fit``: there ``Preemption`` stops at a step boundary with last.ckpt
     saved. A handler someone else installed (a sweep's) is left in place.
+
+    In a submitit job, submitit's preemption signal is taken from submitit's handler the same way
+    (``signum`` says which signal came), so the run is closed KILLED before ``requeue`` hands the
+    signal on to submitit; submitit's handler alone would exit at once and leave the run FAILED.
     """
 
     def __init__(self) -> None:
-        self._previous: Any = None
+        self._previous: dict[int, Any] = {}
         self._closing = False
+        self.signum: int = signal.SIGTERM  # the signal that came
+        self.submitit_signum: int | None = None  # submitit's preemption signal, once taken from its handler
 
     def start(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             return
-        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-            self._previous = signal.signal(signal.SIGTERM, self._raise)
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and signal.SIGTERM not in self._previous:
+            self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._raise)
+        found = submitit_preemption()
+        if found is not None and found[0] not in self._previous:
+            self.submitit_signum = found[0]
+            self._previous[found[0]] = signal.signal(found[0], self._raise)
 
     def stop(self) -> None:
-        """Hands SIGTERM back (to Lightning's handler during fit); ``start`` takes it again."""
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+        """Hands the signals back (SIGTERM to Lightning's handler during fit); ``start`` takes them again."""
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
 
     def _raise(self, signum: int, frame: Any) -> None:
         if self._closing:
             return
         self._closing = True  # a second SIGTERM must not cut short the clean-up the first one started
+        self.signum = signum
         raise SIGTERMException
 
     @contextlib.contextmanager
@@ -351,22 +446,24 @@ class SigtermOutsideTraining:
         try:
             yield
         finally:
-            if self._previous is not None:
-                signal.signal(signal.SIGTERM, self._previous)
-                self._previous = None
+            self.stop()
 
 
-def preempted_outside_training(mode: str, output_dir: Any) -> Preempted:
+def preempted_outside_training(mode: str, output_dir: Any, signum: int = signal.SIGTERM,
+                               requeue: bool = False) -> Preempted:
     """SIGTERM while scoring, exporting or predicting: Lightning's ``SIGTERMException`` is a
     ``SystemExit`` without a code, which would end the process with status 0 as if it had succeeded.
-    Nothing is saved then (training, if any, was over), so the message says how to finish."""
+    Nothing is saved then (training, if any, was over), so the message says how to finish.
+    ``signum``: the signal that came; ``requeue``: it was submitit's preemption signal, for ``requeue``."""
+    name = signal.Signals(signum).name
     if mode == "fit-not-started":
-        return Preempted("stopped by SIGTERM before training started; nothing was trained or saved. Run the same "
-                         "command again", signal.SIGTERM)
+        stopped = f"stopped by {name} before training started"
+        return Preempted(f"{stopped}; nothing was trained or saved. Run the same command again", signum, requeue,
+                         stopped)
     if mode == "fit":
-        return Preempted(
-            "stopped by SIGTERM after training had finished, before the final validation, export and test were "
-            f"done; the trained state is in {output_dir}/checkpoints/last.ckpt. Finish them with the same "
-            f"overrides plus resume={output_dir} (or resume=auto)", signal.SIGTERM)
-    return Preempted(f"stopped by SIGTERM before mode={mode} had finished; nothing was written to keep. "
-                     "Run the same command again", signal.SIGTERM)
+        stopped = (f"stopped by {name} after training had finished, before the final validation, export and test "
+                   f"were done; the trained state is in {Path(output_dir) / 'checkpoints' / 'last.ckpt'}")
+        return Preempted(f"{stopped}. Finish them with the same overrides plus resume={output_dir} (or resume=auto)",
+                         signum, requeue, stopped)
+    stopped = f"stopped by {name} before mode={mode} had finished"
+    return Preempted(f"{stopped}; nothing was written to keep. Run the same command again", signum, requeue, stopped)

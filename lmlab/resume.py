@@ -7,6 +7,10 @@ is not running now and has a ``checkpoints/last.ckpt``; ``resume=DIR`` names the
 ``resume=FILE.ckpt`` a checkpoint (inside a run directory: that run continues; elsewhere: a new run
 starts from it). The resumed run writes into its original directory and MLflow run, after removing
 what a killed process left staged there (``.export.*`` folders, ``checkpoints/*.tmp`` files).
+
+A submitit job (``hydra/launcher=slurm``) that starts again, requeued after its time limit or a
+preemption, resumes without ``resume=`` (``requeued``): its run directory holds the record of a run
+that this same submitit job (by job id) started and did not finish, and a ``last.ckpt``.
 """
 
 from __future__ import annotations
@@ -70,18 +74,26 @@ def read_record(run_dir: Path) -> dict[str, Any] | None:
                          "Restore it, or resume from the checkpoint file itself: resume=DIR/checkpoints/last.ckpt")
 
 
-def prepare(cfg: DictConfig) -> Resume | None:
-    """Check the reliability keys and find what ``resume=`` names, before any data is read."""
+def prepare(cfg: DictConfig, run_dir: Path | None = None) -> Resume | None:
+    """Check the reliability keys and find what ``resume=`` names, before any data is read.
+
+    ``run_dir``: the directory a new run would write to; a submitit job started again continues the
+    run it holds (``requeued``).
+    """
     checkpointing.every_n_steps(cfg)
     faults.policy(cfg)
     value = cfg.get("resume")
     if value is None or str(value).strip() in ("", "null", "none", "false", "False"):
-        return None
-    if str(cfg.get("mode") or "fit") != "fit":
-        raise config_error("resume", f"mode={cfg.mode} does not train, so there is nothing to resume",
-                           "Drop resume=, or use mode=fit.")
-    # Absolute: the summary prints the run directory and export, which a relative resume= left relative.
-    found = _newest_unfinished(cfg) if str(value) == "auto" else _named(Path(str(value)).expanduser().absolute(), cfg)
+        found = requeued(cfg, run_dir) if run_dir is not None else None
+        if found is None:
+            return None
+    else:
+        if str(cfg.get("mode") or "fit") != "fit":
+            raise config_error("resume", f"mode={cfg.mode} does not train, so there is nothing to resume",
+                               "Drop resume=, or use mode=fit.")
+        # Absolute: the summary prints the run directory and export, which a relative resume= left relative.
+        found = (_newest_unfinished(cfg) if str(value) == "auto"
+                 else _named(Path(str(value)).expanduser().absolute(), cfg))
     checkpointing.check_readable(found.checkpoint)
     if found.run_dir is not None:
         _check_same_config(cfg, found.run_dir)
@@ -92,12 +104,51 @@ def prepare(cfg: DictConfig) -> Resume | None:
     return found
 
 
+def submitit_job_id() -> str | None:
+    """The id of the submitit job this process runs in (SLURM's job id, ``ARRAY_TASK`` for an array
+    task; the same after a requeue), or None outside one."""
+    if not os.environ.get("SUBMITIT_EXECUTOR"):
+        return None
+    try:
+        import submitit
+
+        return str(submitit.JobEnvironment().job_id)
+    except Exception:  # an environment submitit does not recognise: no job to speak of
+        return None
+
+
+def requeued(cfg: DictConfig, run_dir: Path) -> Resume | None:
+    """The run a requeued submitit job continues: the one in its own run directory, when this same
+    submitit job started it (``submitit_job_id`` in the record), it did not finish and it left a
+    ``last.ckpt``. A new submission (another job id) of the same directory is refused as before.
+
+    hydra-submitit-launcher's requeue resubmits the same call, so the job's directory is the same;
+    SLURM and submitit's LocalExecutor keep the job id across requeues. The previous start is over
+    by then (one job id runs once at a time), so its record may still say ``running`` (killed
+    outright at the time limit) or ``failed`` (submitit's handler exited before lmlab's took it).
+    """
+    job = submitit_job_id()
+    if job is None or str(cfg.get("mode") or "fit") != "fit":
+        return None
+    try:
+        record = read_record(run_dir)
+    except Exception:  # unreadable: check_new_run_dir reports it
+        return None
+    if (record is None or record.get("submitit_job_id") != job or record.get("status") == "finished"
+            or not (run_dir / LAST).is_file()):
+        return None
+    log.info("submitit job %s started again: continuing its run in %s (status %s, MLflow run %s) from %s "
+             "(step %s)", job, run_dir, record.get("status"), record.get("mlflow_run_id"), run_dir / LAST,
+             checkpoint_step(run_dir / LAST))
+    return Resume(run_dir / LAST, run_dir, record.get("mlflow_run_id"))
+
+
 def check_new_run_dir(run_dir: Path) -> None:
     """A new run does not write into a directory where another run left checkpoints or an export:
     a fixed ``hydra.run.dir`` used twice (a resubmitted job script) would mix the two runs'
     checkpoints, replace the export and rewrite the run record. A directory whose run left neither
     is reused; one with Lightning's SLURM requeue checkpoint (``hpc_ckpt_*.ckpt``) is Lightning's
-    to resume.
+    to resume; a requeued submitit job's own unfinished run is resumed before this (``requeued``).
     """
     try:
         record = read_record(run_dir)
@@ -302,6 +353,9 @@ def _write_record(cfg: DictConfig, output_dir: Path, run_id: str, resuming: Resu
     # A record without a run id (lost store) continues in the new MLflow run opened for it.
     record.update(mlflow_run_id=run_id or record.get("mlflow_run_id"), status="running", pid=os.getpid(),
                   host=socket.gethostname(), updated=_now())
+    job = submitit_job_id()
+    if job is not None:  # a requeue of this job continues the run (``requeued``)
+        record["submitit_job_id"] = job
     atomic.write_json(output_dir / RECORD, record)
 
 
@@ -332,9 +386,10 @@ class Ending:
 @contextmanager
 def ending(mlrun: RunLog, output_dir: Path, stage: str, record: bool = True) -> Iterator[Ending]:
     """The body of a run whose MLflow run is open: it ends FINISHED, FAILED, or KILLED on a signal,
-    never left RUNNING. From here on a SIGTERM raises at once (``SigtermOutsideTraining``) and ends
-    the run KILLED with a message saying how to finish; ending the run is not cut short by a second
-    one. ``record``: the run directory has a run record (``lmlab_run.json``) to close too."""
+    never left RUNNING. From here on a SIGTERM (or, in a submitit job, submitit's preemption signal)
+    raises at once (``SigtermOutsideTraining``) and ends the run KILLED with a message saying how to
+    finish; ending the run is not cut short by a second one. ``record``: the run directory has a run
+    record (``lmlab_run.json``) to close too."""
     end = Ending(stage)
     try:
         end.sigterm.start()
@@ -345,7 +400,9 @@ def ending(mlrun: RunLog, output_dir: Path, stage: str, record: bool = True) -> 
         raise
     except SIGTERMException as exc:  # a SystemExit without a code: it would exit 0 as if all went well
         end.status = "KILLED"
-        raise faults.preempted_outside_training(end.stage, output_dir) from exc
+        signum = end.sigterm.signum
+        raise faults.preempted_outside_training(end.stage, output_dir, signum,
+                                                requeue=signum == end.sigterm.submitit_signum) from exc
     finally:
         with end.sigterm.closing():
             mlrun.terminate(end.status)

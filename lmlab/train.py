@@ -16,7 +16,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
-from lmlab import checkpointing, checks, config_keys, data_lengths, distill, faults, pretrained, registry, resume, tracking
+from lmlab import checkpointing, checks, config_keys, data_lengths, distill, faults, optim, pretrained, registry, \
+    resume, tracking
 from lmlab.background_log import MetricsBeforeCheckpoints
 from lmlab.data import labels as model_labels
 from lmlab.data.loaders import distributed_sampler_wanted, shards_itself
@@ -28,6 +29,7 @@ from lmlab.export import export_hf
 from lmlab.run_log import RunLog
 from lmlab.models.build import build_hf_config, build_model, check_positions
 from lmlab.clipping import sharded_clipping, use_clipping_mixed_precision
+from lmlab.precision import precision_name
 from lmlab.specs import ModelSpec, TaskSpec
 from lmlab.tokenization import get_tokenizer, load_pretrained
 
@@ -154,6 +156,8 @@ def build_trainer(
     # second, unmonitored checkpoint keeps last.ckpt at the newest weights (what resume needs).
     last = checkpointing.LastCheckpoint(output_dir / "checkpoints", checkpointing.every_n_steps(cfg))
     checkpointing.add_io_plugin(trainer_kwargs)  # atomic writes, weights_only reads
+    if "precision" in trainer_kwargs:  # Lightning's aliases (bf16, 16) as the names lmlab compares against
+        trainer_kwargs["precision"] = precision_name(trainer_kwargs["precision"])
     use_clipping_mixed_precision(trainer_kwargs, trainer_kwargs["strategy"])
     clipping = sharded_clipping(trainer_kwargs, trainer_kwargs["strategy"])
     accumulate = int(trainer_kwargs.get("accumulate_grad_batches") or 1)
@@ -299,13 +303,15 @@ def run(cfg: DictConfig) -> RunResult:
     spec: ModelSpec = registry.get("model", cfg.model.name)
     check_compatible(task, spec, cfg)
     config_keys.check_known_keys(cfg)  # a typo in a config file of the user's own, which Hydra lets through
-    checks.check_numbers(cfg)  # seed, sizes, steps, lr: named errors instead of TypeErrors deep inside
+    checks.check_numbers(cfg)  # seed, sizes, steps, lr, switches: named errors instead of TypeErrors deep inside
     checks.check_accelerator(cfg)  # a GPU preset on a machine without one: before any data or MLflow work
+    optim.check_length(cfg)  # training without end and a schedule that needs its length
     task.validate(cfg)
     monitored(cfg, task)  # an unknown direction of checkpoint.monitor, before any data work
     mode = check_mode(cfg, task)
     teacher = distill.prepare(cfg, task, mode)  # distill.teacher: loaded and checked before any data work
-    resuming = resume.prepare(cfg)  # a bad resume= fails here, before any data work
+    # A bad resume= fails here, before any data work; a requeued submitit job finds its run here.
+    resuming = resume.prepare(cfg, output_dir_for(cfg))
     if resuming is None and mode != "predict" and is_rank_zero():  # the other ranks see rank 0's record
         resume.check_new_run_dir(output_dir_for(cfg))
     data_lengths.adopt_for_mode(cfg, mode)  # a trained model is scored on data cut as it was trained on

@@ -117,6 +117,9 @@ def test_a_failed_export_leaves_the_previous_export(tmp_path: Path) -> None:
         def __init__(self, fail: bool):
             self.fail = fail
 
+        def __len__(self) -> int:
+            return 16
+
         def save_pretrained(self, where: str) -> None:
             (Path(where) / "tokenizer.json").write_text("{}")
             if self.fail:
