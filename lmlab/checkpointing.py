@@ -327,8 +327,9 @@ class RngState(L.Callback):
     put back afterwards): creating the validation loader's iterator draws a seed, and a run resumed
     from a step-boundary checkpoint does not repeat that validation, so without this the two runs'
     dropout and masking would differ from then on. Under DDP the checkpoint holds rank 0's state
-    and every rank restores it; lmlab's tasks draw the same numbers on every rank, so that is each
-    rank's own.
+    and every rank restores it; the default generators draw the same numbers on every rank, so that
+    is each rank's own. (MLM's training masks, which must differ between ranks, come from a
+    generator of their own seeded per rank and step: ``lmlab.tasks.mlm``.)
     """
 
     def __init__(self) -> None:

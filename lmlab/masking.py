@@ -3,7 +3,10 @@
 Each position outside special tokens is chosen with probability ``mlm_probability``; a chosen
 position becomes [MASK] with probability ``mask_replace_prob``, a random token with probability
 ``random_replace_prob`` and stays as it is otherwise. With whole-word masking the choice is made
-per word, and all subword pieces of a chosen word are masked together.
+per word, and all subword pieces of a chosen word are masked together. The random tokens are
+drawn from ``replacement_ids`` when given (the task passes the ordinary, non-special ids: a random
+[CLS], [SEP], [PAD] or [MASK] in the middle of a text is no "random word"); Hugging Face's
+DataCollatorForLanguageModeling draws from the whole vocabulary, specials included.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ class Draws:
 
     choose: torch.Tensor  # uniform: a position (or the word it starts) is chosen below mlm_probability
     how: torch.Tensor  # uniform: [MASK], a random token or unchanged
-    token: torch.Tensor  # the random token ids
+    token: torch.Tensor  # the random token ids (indices into mask_tokens' replacement_ids when it has them)
 
 
 def row_seeded_draws(input_ids: torch.Tensor, vocab_size: int, seed: int) -> Draws:
@@ -59,6 +62,19 @@ def row_seeded_draws(input_ids: torch.Tensor, vocab_size: int, seed: int) -> Dra
                  torch.stack(token).to(device, input_ids.dtype))
 
 
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of one training step's masks in one process: a function of the run's seed, the
+    process's global rank and the step's micro-batch index only.
+
+    Drawn from torch's default generator, which ``seed_everything`` seeds alike in every process,
+    the masks of all DDP ranks would be the same draws (the same positions in each rank's rows).
+    Seeded by the step instead of continued from a saved state, a resumed run draws the masks of
+    the run it continues whatever the checkpoint holds.
+    """
+    key = hashlib.blake2b(f"{seed}/{rank}/{step}".encode(), digest_size=8).digest()
+    return int.from_bytes(key, "little") >> 1  # below 2**63: manual_seed's range
+
+
 def mask_tokens(
     input_ids: torch.Tensor,
     special: torch.Tensor,
@@ -72,11 +88,16 @@ def mask_tokens(
     generator: torch.Generator | None = None,
     max_chosen: int | None = None,
     draws: Draws | None = None,
+    replacement_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Masked inputs and labels (IGNORE_INDEX where nothing is predicted); ``input_ids`` is kept.
 
     The random numbers come from ``draws`` when given (``row_seeded_draws``), else from
     ``generator`` (or torch's default one), drawn on the device.
+
+    ``replacement_ids`` (R,): the ids a random replacement is drawn from, uniformly; ``None`` draws
+    from the whole vocabulary ``[0, vocab_size)``. With it, ``draws.token`` are indices into it
+    (``row_seeded_draws(..., len(replacement_ids), ...)``).
 
     ``max_chosen`` caps the number of chosen positions in the batch (the first ones in row-major
     order are kept): what :func:`chosen_rows` reads must fit in its fixed size. A position over the
@@ -93,11 +114,14 @@ def mask_tokens(
         chosen &= chosen.flatten().cumsum(0).view(shape) <= max_chosen
     labels = torch.where(chosen, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
 
+    choices = vocab_size if replacement_ids is None else len(replacement_ids)
     if draws is not None:
         how, random_ids = draws.how, draws.token
     else:
         how = torch.rand(shape, device=device, generator=generator)
-        random_ids = torch.randint(vocab_size, shape, device=device, generator=generator, dtype=input_ids.dtype)
+        random_ids = torch.randint(choices, shape, device=device, generator=generator, dtype=input_ids.dtype)
+    if replacement_ids is not None:
+        random_ids = replacement_ids.to(input_ids.dtype)[random_ids]  # (B, T): index -> id
     to_mask = chosen & (how < mask_replace_prob)
     to_random = chosen & (how >= mask_replace_prob) & (how < mask_replace_prob + random_replace_prob)
     masked = torch.where(to_mask, torch.full_like(input_ids, mask_token_id), input_ids)

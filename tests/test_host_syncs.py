@@ -105,6 +105,8 @@ def test_on_a_gpu_the_mlm_step_runs_with_host_syncs_forbidden() -> None:
     # The same property checked by CUDA itself: set_sync_debug_mode("error") raises at any sync.
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
+    from types import SimpleNamespace
+
     from omegaconf import OmegaConf
 
     from lmlab.tasks.mlm import build_module
@@ -115,15 +117,24 @@ def test_on_a_gpu_the_mlm_step_runs_with_host_syncs_forbidden() -> None:
                             "optimizer": {}, "scheduler": {}, "model": {"compile": False}})
     module = build_module(cfg, _tiny_bert(), BertTok()).cuda()
     ids = torch.randint(5, 50, (4, 64), device="cuda")
-    module._forward({"input_ids": ids})["mlm_sum"].backward()  # first call: lazy CUDA set-up may sync
+    # What training_step reads of its Trainer to seed the step's masks (MaskedLMModule._training_generator).
+    module._trainer = SimpleNamespace(global_rank=0, strategy=None,
+                                      fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(total_batch_idx=5)))
+    # First call: lazy CUDA set-up (and the step generator's creation) may sync.
+    module._forward({"input_ids": ids}, module._training_generator(ids.device))["mlm_sum"].backward()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         got = module._forward({"input_ids": ids})
         got["mlm_sum"].backward()
+        # The training step's own generator, seeded on the host per step: no sync either.
+        seeded = module._forward({"input_ids": ids}, module._training_generator(ids.device))
+        seeded["mlm_sum"].backward()
     finally:
         torch.cuda.set_sync_debug_mode(0)
+        module._trainer = None
     assert got["picked"].shape[0] == module._fixed_rows(ids) > int(got["count"]) > 0
+    assert module._mask_generator.device.type == "cuda" and int(seeded["count"]) > 0
 
 
 @pytest.mark.parametrize("implementation", ["sdpa", "eager"])

@@ -222,6 +222,32 @@ def test_metaspace_pieces_with_the_marker_start_words(metaspace_tokenizer):
     assert [word.replace("▁", "") for word in words] == sentence.split()
 
 
+@pytest.mark.parametrize("kind", ["wordpiece", "bpe"])
+def test_wordpiece_and_byte_level_pieces_group_into_the_words_they_spell(kind: str, wiki_lines: list[str]) -> None:
+    # lmlab's own tokenizers: WordPiece marks continuations ('##ing'), byte-level BPE word starts ('Ġthe').
+    from lmlab.tokenization import train_bpe, train_wordpiece
+
+    if kind == "wordpiece":
+        tok = train_wordpiece(wiki_lines, vocab_size=1000, min_frequency=2, lowercase=True)
+        edge = tok.cls_token_id, tok.sep_token_id
+    else:
+        tok = train_bpe(wiki_lines, vocab_size=600, min_frequency=2)
+        edge = tok.eos_token_id, tok.eos_token_id  # documents are joined by <|endoftext|>
+    sentence = "the unbelievably quick fox jumped over seventeen lazy dogs"
+    pieces = tok.tokenize(sentence)
+    assert len(pieces) > len(sentence.split()), pieces  # words are split: grouping is exercised
+    ids = torch.tensor([[edge[0], *tok.convert_tokens_to_ids(pieces), edge[1]]])
+    special = torch.isin(ids, torch.tensor(tok.all_special_ids))
+    starts = word_starts(ids, continuation_table(tok), special)[0, 1:-1].tolist()
+    words: list[str] = []
+    for piece, start in zip(pieces, starts):
+        if start:
+            words.append(piece)
+        else:
+            words[-1] += piece
+    assert [w.replace("##", "").replace("Ġ", "") for w in words] == sentence.split()
+
+
 def test_metaspace_whole_word_masking_keeps_the_rate_in_every_row(metaspace_tokenizer, wiki_lines):
     # Before '▁' was known every piece counted as a continuation: ~3 words per 128-token row, and a
     # row was masked whole or not at all.
@@ -395,10 +421,193 @@ def test_validation_masks_follow_each_row_not_its_batch() -> None:
         total, count = 0.0, 0
         with torch.no_grad():
             for b in batches:
-                r = module._forward({"input_ids": b}, draws=row_seeded_draws(b, module.vocab_size, VAL_MASK_SEED))
+                r = module._forward({"input_ids": b}, draws=module.validation_draws(b))
                 total, count = total + float(r["mlm_sum"]), count + int(r["count"])
         return total, count
 
     one_batch, two_batches = loss_and_count([ids]), loss_and_count([ids[:2], ids[2:]])
     assert one_batch[1] == two_batches[1] > 0
     assert one_batch[0] == pytest.approx(two_batches[0], rel=1e-5)
+
+
+# -- what the MLM task draws: random replacements, per-rank training masks ------------------------
+def _tiny_module(**task: object):
+    from test_perf_models import BertTok, _tiny_bert
+
+    from lmlab.tasks.mlm import build_module
+
+    settings = {"nsp": False, "whole_word_mask": False, "mlm_probability": 0.15, "mask_replace_prob": 0.8,
+                "random_replace_prob": 0.1, "fixed_size_gather": False, **task}
+    cfg = OmegaConf.create({"task": settings, "optimizer": {}, "scheduler": {}, "model": {"compile": False},
+                            "seed": 42})
+    return build_module(cfg, _tiny_bert(), BertTok())
+
+
+def test_random_replacements_are_ordinary_tokens_never_special_ones() -> None:
+    # Hugging Face's collator draws from the whole vocabulary: a random [CLS], [SEP], [PAD] or
+    # [MASK] mid-text. lmlab draws from the non-special ids only, each as likely as the others.
+    module = _tiny_module(mlm_probability=0.5, mask_replace_prob=0.0, random_replace_prob=1.0)
+    assert set(module.special_ids.tolist()) == {0, 1, 2, 3, 4}
+    ids = torch.randint(5, 50, (64, 128), generator=torch.Generator().manual_seed(0))
+    ids[:, 0], ids[:, -1] = 2, 3
+    for validation in (False, True):  # training (a generator) and validation (row-seeded draws)
+        draws = module.validation_draws(ids) if validation else None
+        masked, labels = module._mask({"input_ids": ids}, torch.Generator().manual_seed(1), draws=draws)
+        chosen = labels != IGNORE_INDEX
+        assert int(chosen.sum()) > 3000
+        drawn = masked[chosen]
+        assert not torch.isin(drawn, module.special_ids).any(), "a random replacement was a special token"
+        counts = torch.bincount(drawn, minlength=50)[5:].float()
+        assert bool((counts > 0).all())  # every ordinary id can be drawn
+        assert float(counts.max() / counts.mean()) < 1.5  # uniformly
+
+    # The plain function keeps Hugging Face's behaviour when given no replacement ids.
+    ids, special = _batch(seed=8)
+    with_specials, labels = mask_tokens(ids, special, mask_token_id=MASK_ID, vocab_size=VOCAB,
+                                        random_replace_prob=1.0, mask_replace_prob=0.0,
+                                        generator=torch.Generator().manual_seed(2))
+    assert torch.isin(with_specials[labels != IGNORE_INDEX], torch.tensor(SPECIAL_IDS)).any()
+
+
+def _training_masks(module, monkeypatch: pytest.MonkeyPatch, ids: torch.Tensor, *, rank: int, step: int,
+                    global_seed: int = 0) -> torch.Tensor:
+    """The masked inputs of one real ``training_step`` on process ``rank`` at micro-batch ``step``."""
+    from types import SimpleNamespace
+
+    import lmlab.tasks.mlm as mlm
+
+    monkeypatch.setattr(mlm, "log_step", lambda *args, **kwargs: None)
+    module._trainer = SimpleNamespace(global_rank=rank, strategy=None,
+                                      fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(total_batch_idx=step)))
+    seen = []
+    real = type(module)._mask
+
+    def recording(batch, generator, max_chosen=None, draws=None):
+        masked, labels = real(module, batch, generator, max_chosen, draws)
+        seen.append(masked)
+        return masked, labels
+
+    monkeypatch.setattr(module, "_mask", recording)
+    torch.manual_seed(global_seed)  # seed_everything: the same default generator in every process
+    try:
+        module.training_step({"input_ids": ids}, 0)
+    finally:
+        module._trainer = None
+    (masked,) = seen
+    return masked
+
+
+def test_ddp_ranks_mask_differently_and_a_step_masks_alike_every_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Drawn from torch's default generator, which seed_everything seeds alike in every process, every
+    # DDP rank would mask the same positions of its rows. The training masks are a function of
+    # (seed, rank, micro-batch index): other ranks, other masks; the same step, resumed or not, the same.
+    module = _tiny_module()
+    ids = torch.randint(5, 50, (8, 64), generator=torch.Generator().manual_seed(0))
+    rank0 = _training_masks(module, monkeypatch, ids, rank=0, step=3)
+    rank1 = _training_masks(module, monkeypatch, ids, rank=1, step=3)
+    assert not torch.equal(rank0 != ids, rank1 != ids), "two ranks chose the same positions"
+    # A resumed run's default generator holds whatever the checkpoint saved: the masks stay.
+    again = _training_masks(module, monkeypatch, ids, rank=0, step=3, global_seed=1234)
+    assert torch.equal(rank0, again)
+    assert not torch.equal(rank0, _training_masks(module, monkeypatch, ids, rank=0, step=4))
+    other_seed = _tiny_module()
+    other_seed.mask_seed = 43  # cfg.seed
+    assert not torch.equal(rank0, _training_masks(other_seed, monkeypatch, ids, rank=0, step=3))
+
+
+@pytest.mark.parametrize("nsp", [False, True])
+@pytest.mark.parametrize("fixed_size_gather", [False, True])
+def test_the_head_on_masked_positions_gives_hugging_faces_full_head_loss_and_gradients(nsp: bool,
+                                                                                      fixed_size_gather: bool) -> None:
+    # Packed blocks (no attention mask) take the lean body and, on a GPU, the fixed-size gather;
+    # NSP pairs the model's own body. Each must give what the model computes with labels= on every
+    # position (BertForMaskedLM / BertForPreTraining: the mean over the labelled positions).
+    from test_perf_models import BertTok
+    from transformers import BertConfig, BertForMaskedLM, BertForPreTraining
+
+    from lmlab.tasks.mlm import MaskedLMModule
+
+    torch.manual_seed(0)
+    config = BertConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64,
+                        vocab_size=50, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = (BertForPreTraining if nsp else BertForMaskedLM)(config)
+    task = OmegaConf.create({"nsp": nsp, "whole_word_mask": False, "mlm_probability": 0.15, "mask_replace_prob": 0.8,
+                             "random_replace_prob": 0.1, "fixed_size_gather": fixed_size_gather})
+    module = MaskedLMModule(model, BertTok(), task, OmegaConf.create({}), OmegaConf.create({}))
+    ids = torch.randint(5, 50, (4, 40), generator=torch.Generator().manual_seed(1))
+    ids[:, 0], ids[:, -1] = 2, 3
+    batch = {"input_ids": ids}
+    if nsp:
+        ids[:, 19] = 3
+        types = torch.zeros_like(ids)
+        types[:, 20:] = 1
+        mask = torch.ones_like(ids)
+        mask[1, 30:] = 0
+        ids[1, 30:] = 0
+        batch.update(token_type_ids=types, attention_mask=mask, next_sentence_label=torch.tensor([0, 1, 1, 0]))
+    r = module._forward(batch, torch.Generator().manual_seed(3))
+    ours = r["mlm_sum"] / r["count"] + (r["nsp_loss"] if nsp else 0)
+    ours.backward()
+    our_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+
+    labels = torch.where(r["chosen"], ids, torch.full_like(ids, IGNORE_INDEX))
+    assert 0 < int(r["count"]) == int(r["chosen"].sum())
+    kwargs = {k: v for k, v in batch.items() if k in ("attention_mask", "token_type_ids")}
+    if nsp:
+        kwargs["next_sentence_label"] = batch["next_sentence_label"]
+    theirs = model(input_ids=r["inputs"], labels=labels, **kwargs).loss
+    theirs.backward()
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    for mine, hf in zip(our_grads, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(mine, hf, rtol=1e-4, atol=1e-6)
+
+
+# -- validation scores: token-weighted over the whole split ---------------------------------------
+def _logged(module) -> dict[str, float]:
+    got: dict[str, float] = {}
+    module.log_dict = lambda metrics, **kwargs: got.update({k: float(v) for k, v in metrics.items()})
+    module.on_validation_epoch_end()
+    return got
+
+
+def test_validation_perplexity_is_the_token_weighted_mean_over_all_batches() -> None:
+    import math
+
+    from test_perf_models import _tiny_gpt2
+
+    from lmlab.tasks.clm import CausalLMModule
+
+    # CLM: two batches with very different numbers of predicted tokens (padding in the first).
+    clm = CausalLMModule(_tiny_gpt2().eval(), OmegaConf.create({}), OmegaConf.create({}))
+    gen = torch.Generator().manual_seed(0)
+    mask = torch.ones(2, 16, dtype=torch.long)
+    mask[:, 3:] = 0
+    short = {"input_ids": torch.randint(0, 97, (2, 16), generator=gen), "attention_mask": mask}
+    long = {"input_ids": torch.randint(0, 97, (4, 16), generator=gen)}
+    sums = []
+    with torch.no_grad():
+        for batch in (short, long):
+            clm.validation_step(batch, 0)
+            loss_sum, count = clm.token_losses(batch)
+            sums.append((float(loss_sum), int(count)))
+    assert [c for _, c in sums] == [2 * 2, 4 * 15]
+    total = sum(s for s, _ in sums) / sum(c for _, c in sums)
+    per_batch = sum(s / c for s, c in sums) / len(sums)
+    got = _logged(clm)
+    assert got["val/loss"] == pytest.approx(total, rel=1e-6) and got["val/loss"] != pytest.approx(per_batch, rel=1e-3)
+    assert got["val/perplexity"] == pytest.approx(math.exp(total), rel=1e-6)
+
+    # MLM: over the masked tokens of every batch.
+    mlm = _tiny_module().eval()
+    batches = [torch.randint(5, 50, (n, 64), generator=gen) for n in (1, 7)]
+    sums = []
+    with torch.no_grad():
+        for ids in batches:
+            mlm.validation_step({"input_ids": ids}, 0)
+            r = mlm._forward({"input_ids": ids}, draws=mlm.validation_draws(ids))
+            sums.append((float(r["mlm_sum"]), int(r["count"])))
+    total = sum(s for s, _ in sums) / sum(c for _, c in sums)
+    got = _logged(mlm)
+    assert got["val/loss"] == pytest.approx(total, rel=1e-6)
+    assert got["val/perplexity"] == pytest.approx(math.exp(total), rel=1e-6)

@@ -254,6 +254,22 @@ def test_resume_from_each_kind_of_checkpoint_is_exact(in_process, crash_at: int,
     assert (got.export_dir / "model.safetensors").read_bytes() == (want.export_dir / "model.safetensors").read_bytes()
 
 
+@pytest.mark.parametrize("crash_at", [10, 17])
+def test_an_mlm_run_resumes_with_the_masks_it_would_have_drawn(in_process, crash_at: int) -> None:
+    # MLM's training masks come from a generator seeded by (seed, rank, micro-batch index), not from
+    # the saved default generator: the index Lightning restores must be the one the run would have had.
+    if not hasattr(in_process, "mlm_want"):  # the uninterrupted MLM run, once for the module
+        in_process.mlm_want = in_process("mlm_reference", "task=mlm")
+    want = in_process.mlm_want
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        in_process(f"mlm_crash_{crash_at}", "task=mlm", callback=Crash(crash_at))
+    (run_dir,) = (in_process.root / f"mlm_crash_{crash_at}" / "runs").iterdir()
+    assert 0 < checkpoint_step(run_dir / "checkpoints" / "last.ckpt") < crash_at
+    got = in_process(f"mlm_crash_{crash_at}", "task=mlm", "resume=auto")
+    assert got.output_dir == run_dir and got.metrics == want.metrics
+    assert (got.export_dir / "model.safetensors").read_bytes() == (want.export_dir / "model.safetensors").read_bytes()
+
+
 class SigtermInValidation(L.Callback):
     """Sends this process SIGTERM while the validation after ``step`` runs."""
 

@@ -67,7 +67,7 @@ def continuation_table(tokenizer: Any) -> torch.Tensor:
 
 class MaskedLMModule(L.LightningModule):
     def __init__(self, model: torch.nn.Module, tokenizer: Any, task: DictConfig, optimizer: DictConfig,
-                 scheduler: DictConfig):
+                 scheduler: DictConfig, seed: int = 0):
         super().__init__()
         self.model = model
         self.task_cfg, self.optimizer_cfg, self.scheduler_cfg = task, optimizer, scheduler
@@ -81,6 +81,14 @@ class MaskedLMModule(L.LightningModule):
         self.mask_token_id = tokenizer.mask_token_id
         self.vocab_size = len(tokenizer)
         self.register_buffer("special_ids", torch.tensor(sorted(set(tokenizer.all_special_ids))), persistent=False)
+        # What a random replacement is drawn from: every id but the special ones (masking.mask_tokens).
+        ordinary = torch.ones(self.vocab_size, dtype=torch.bool)
+        ordinary[self.special_ids[self.special_ids < self.vocab_size]] = False
+        self.register_buffer("replacement_ids", ordinary.nonzero().flatten(), persistent=False)
+        # Training masks: a generator seeded per process and step (_training_generator), not torch's
+        # default one, which every DDP process seeds alike.
+        self.mask_seed = int(seed)
+        self._mask_generator: torch.Generator | None = None
         # Only whole-word masking reads word boundaries, so only it refuses a tokenizer without them.
         self.register_buffer("continuation", continuation_table(tokenizer) if task.whole_word_mask else None,
                              persistent=False)
@@ -111,8 +119,23 @@ class MaskedLMModule(L.LightningModule):
             mlm_probability=float(self.task_cfg.mlm_probability),
             mask_replace_prob=float(self.task_cfg.mask_replace_prob),
             random_replace_prob=float(self.task_cfg.random_replace_prob), starts=starts, generator=generator,
-            max_chosen=max_chosen, draws=draws,
+            max_chosen=max_chosen, draws=draws, replacement_ids=self.replacement_ids,
         )
+
+    def _training_generator(self, device: torch.device) -> torch.Generator | None:
+        """The generator of this training step's masks, seeded by (seed, global rank, micro-batch
+        index) (masking.step_seed): every DDP process masks its rows with draws of its own, and a
+        resumed run (Lightning restores the batch count) draws the masks the interrupted one would
+        have. None outside a Trainer: torch's default generator then."""
+        trainer = self._trainer
+        if trainer is None:
+            return None
+        if self._mask_generator is None or self._mask_generator.device != torch.device(device):
+            self._mask_generator = torch.Generator(device=device)
+        step = trainer.fit_loop.epoch_loop.total_batch_idx  # micro-batches so far, over all epochs
+        # On a GPU manual_seed sets the Philox seed and offset on the host: no kernel, no sync.
+        self._mask_generator.manual_seed(masking.step_seed(self.mask_seed, trainer.global_rank, step))
+        return self._mask_generator
 
     def _forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None,
                  draws: masking.Draws | None = None):
@@ -164,7 +187,7 @@ class MaskedLMModule(L.LightningModule):
         return pick(out.logits), None
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        r = self._forward(batch)
+        r = self._forward(batch, self._training_generator(batch["input_ids"].device))
         loss = r["mlm_sum"] / r["count"].clamp(min=1)
         log_step(self, "train/mlm_loss", loss)
         if self.teacher is not None:  # knowledge distillation on the masked positions (NSP keeps its labels)
@@ -176,8 +199,13 @@ class MaskedLMModule(L.LightningModule):
         log_step(self, "train/loss", loss, prog_bar=True, sync_dist=True)  # the mean over processes
         return loss
 
+    def validation_draws(self, ids: torch.Tensor) -> masking.Draws:
+        """Validation's masks for ``ids`` (B, T), seeded by each row's tokens; the token draws index
+        ``replacement_ids``, as mask_tokens reads them."""
+        return masking.row_seeded_draws(ids, len(self.replacement_ids), VAL_MASK_SEED)
+
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        r = self._forward(batch, draws=masking.row_seeded_draws(batch["input_ids"], self.vocab_size, VAL_MASK_SEED))
+        r = self._forward(batch, draws=self.validation_draws(batch["input_ids"]))
         self.val_sums["loss"].update(r["mlm_sum"])
         self.val_sums["tokens"].update(r["count"])
         self.val_sums["correct"].update(r["correct"])
@@ -215,7 +243,7 @@ def validate(cfg: DictConfig) -> None:
 def build_module(cfg: DictConfig, model: torch.nn.Module, tokenizer: Any) -> MaskedLMModule:
     if tokenizer.mask_token_id is None:
         raise LmlabError("the tokenizer has no [MASK] token, which task=mlm needs. Use tokenizer=wordpiece.")
-    module = MaskedLMModule(model, tokenizer, cfg.task, cfg.optimizer, cfg.scheduler)
+    module = MaskedLMModule(model, tokenizer, cfg.task, cfg.optimizer, cfg.scheduler, seed=int(cfg.get("seed", 0)))
     compiled = bool(cfg.model.get("compile", False))
     if module.sparse_head:
         # The step calls the encoder and the head, never the model's own forward: compile those.
