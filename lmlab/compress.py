@@ -106,9 +106,11 @@ def run(cfg: DictConfig, task: TaskSpec, spec: ModelSpec, mode: str, started: fl
                    "run_info.json")
         quiet, _, _ = build_trainer(eval_cfg, task, output_dir, False, model, shards_itself(dm))
         original = score(quiet, task.build_module(cfg, model, tokenizer), dm)
-        values: dict[str, float] = {"original/size_bytes": float(quantize.weights_bytes(source)),
-                                    "original/n_parameters": float(sum(p.numel() for p in model.parameters())),
+        values: dict[str, float] = {"original/n_parameters": float(sum(p.numel() for p in model.parameters())),
                                     "original/nonzero_parameters": float(prune.nonzero_parameters(model))}
+        original_bytes = quantize.source_weights_bytes(source)
+        if original_bytes is not None:  # not logged as 0 where the source's files cannot be found
+            values["original/size_bytes"] = float(original_bytes)
         if mode == "quantize":
             smaller, saved_dir, extra = _quantize(cfg, model, tokenizer, dm, output_dir)
             mlrun.artifacts(saved_dir, "quantized")
@@ -176,7 +178,9 @@ def _prune(cfg: DictConfig, local: DictConfig, task: TaskSpec, model: Any, token
         faults.fit(trainer, task.build_module(cfg, model, tokenizer), dm)
     prune.finalize(pruned)
     model = model.eval()
-    export_dir = export_hf(model, tokenizer, output_dir / "export") if cfg.export else None
+    # One writer, as a fit's export: under DDP every process holds the same pruned weights, and two
+    # writers replacing one directory collide (or swap it away while rank 0 logs it to MLflow).
+    export_dir = export_hf(model, tokenizer, output_dir / "export") if cfg.export and is_rank_zero() else None
     values = {
         "prune/sparsity": pruned.sparsity, "prune/target_sparsity": pruned.target,
         "prune/pruned_units": float(pruned.pruned), "prune/total_units": float(pruned.total),

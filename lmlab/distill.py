@@ -14,7 +14,11 @@ the student alone, with the task's usual loss and metrics; after the test the te
 on the same split once, so MLflow shows what the smaller model costs (``teacher/test/...``).
 
 The teacher is frozen, in eval mode, and held by a plain object rather than registered as a
-submodule: its weights never reach the optimizer, the checkpoints or the export.
+submodule: its weights never reach the optimizer, the checkpoints or the export (nor DDP's wrapper,
+so nothing of it is all-reduced). It follows the student's device at the first step, and it is held
+in float32 whatever dtype its files were saved in (transformers 5 loads a model in its saved dtype,
+4.x in float32), so mixed precision autocasts it like the student; a ``bf16-true`` / ``16-true`` /
+``64-true`` run holds it in that dtype instead, as Lightning holds the student.
 """
 
 from __future__ import annotations
@@ -31,7 +35,9 @@ from lmlab import pretrained
 from lmlab.checks import Number
 from lmlab.errors import config_error
 from lmlab.losses import split_lm_head
+from lmlab.precision import precision_name
 from lmlab.specs import TaskSpec
+from lmlab.step_logging import log_step
 from lmlab.tokenization import load_pretrained
 
 log = logging.getLogger("lmlab")
@@ -48,6 +54,8 @@ TEACHER_HEADS = {
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 # Tasks whose logits are over labels; the others' are over the tokenizer's vocabulary.
 LABEL_TASKS = ("classification", "ner")
+# trainer.precision values that hold the whole model in another dtype (Lightning converts the student).
+TRUE_PRECISION_DTYPES = {"bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64}
 
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -134,9 +142,11 @@ class Teacher:
             # compared over the real tokens, whatever padding each model has.
             student, teacher = student[:, :self.vocabulary], teacher[:, :self.vocabulary]
         kd = kd_loss(student, teacher, self.temperature)
-        rows = max(int(student.shape[0]), 1)
-        module.log("train/kd_loss", kd, sync_dist=True, batch_size=rows)
-        module.log("train/hard_loss", hard, sync_dist=True, batch_size=rows)
+        # Logged as train/loss is (lmlab.step_logging): on the written steps only, as the mean over an
+        # optimizer step's micro-batches, so alpha * kd + (1 - alpha) * hard is the logged train/loss
+        # under gradient accumulation too, and DDP all-reduces them only when they are written.
+        log_step(module, "train/kd_loss", kd, sync_dist=True)
+        log_step(module, "train/hard_loss", hard, sync_dist=True)
         return combine(hard, kd, self.alpha)
 
 
@@ -164,7 +174,7 @@ def prepare(cfg: DictConfig, task: TaskSpec, mode: str = "fit") -> Teacher | Non
         raise config_error(KEY, "distillation is not supported with task.multi_label=true",
                            "Distil a single-label classifier, or unset distill.teacher.")
     source = pretrained.resolve(ref, cfg, key=KEY)
-    model = load_teacher(source, task.name)
+    model = load_teacher(source, task.name).to(teacher_dtype(cfg))
     positions = next((getattr(model.config, k) for k in ("max_position_embeddings", "n_positions")
                       if isinstance(getattr(model.config, k, None), int)), None)
     needed = max(int(cfg.data.get("block_size") or 0), int(cfg.data.get("max_length") or 0))
@@ -177,6 +187,15 @@ def prepare(cfg: DictConfig, task: TaskSpec, mode: str = "fit") -> Teacher | Non
     log.info("Distilling from %s (%s, %.2fM parameters), T=%g, alpha=%g", where, type(model).__name__,
              teacher.n_parameters / 1e6, teacher.temperature, teacher.alpha)
     return teacher
+
+
+def teacher_dtype(cfg: DictConfig) -> torch.dtype:
+    """The dtype the teacher is held in: the run's for the ``*-true`` precisions, else float32.
+
+    Mixed precision autocasts the teacher's forward as it does the student's, from float32 weights.
+    """
+    precision = precision_name((cfg.get("trainer") or {}).get("precision"))
+    return TRUE_PRECISION_DTYPES.get(str(precision), torch.float32)
 
 
 def load_teacher(source: str, task_name: str) -> torch.nn.Module:

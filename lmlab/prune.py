@@ -45,10 +45,15 @@ class Pruned:
     pruned: int
     total: int
     masked: list[tuple[nn.Module, str]] = field(default_factory=list)  # reparametrised until finalize()
+    # magnitude: the zeros counted in the pruned weights once finalize() baked the masks in. More than
+    # ``pruned`` where the model had zeros of its own (an export pruned before, to a higher sparsity).
+    zeros: int | None = None
 
     @property
     def sparsity(self) -> float:
-        return self.pruned / self.total if self.total else 0.0
+        """The share reached: zeros / weights for magnitude (measured), else pruned / total units."""
+        done = self.pruned if self.zeros is None else self.zeros
+        return done / self.total if self.total else 0.0
 
 
 FINETUNE_STEPS = Number("prune.finetune_steps", True, "100 (0: no fine-tuning)", low=0)
@@ -79,10 +84,16 @@ def prune_model(model: nn.Module, method: str, sparsity: float) -> Pruned:
 
 
 def finalize(pruned: Pruned) -> None:
-    """Make the masks permanent: plain parameters with the zeros in them (what export needs)."""
+    """Make the masks permanent: plain parameters with the zeros in them (what export needs).
+
+    For magnitude pruning the zeros are then counted in the pruned weights: the sparsity reached
+    is measured on what is exported, not taken from the masks.
+    """
     for module, name in pruned.masked:
         if torch_prune.is_pruned(module) and hasattr(module, f"{name}_orig"):
             torch_prune.remove(module, name)
+    if pruned.method == "magnitude":
+        pruned.zeros = sum(int((getattr(module, name) == 0).sum()) for module, name in pruned.masked)
     pruned.masked = []
 
 

@@ -307,6 +307,25 @@ def weights_bytes(directory: str | Path) -> int:
     return sum(f.stat().st_size for f in files)
 
 
+def source_weights_bytes(source: str) -> int | None:
+    """Bytes of the weight files of ``model.pretrained`` as resolved: a local directory, or a hub
+    name's files in the Hugging Face cache (``from_pretrained`` put them there); None when unknown.
+
+    A hub name is no directory here: measuring it as one gave 0 bytes, and a "size" the quantized
+    model could only exceed.
+    """
+    directory = Path(source).expanduser()
+    if not directory.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            directory = Path(snapshot_download(source, local_files_only=True))
+        except Exception:  # not a hub name, or not cached: nothing to measure
+            return None
+    size = weights_bytes(directory)
+    return size or None
+
+
 def model_inputs(model: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
     """The keys of a task's batch that are model inputs (labels only where an encoder-decoder needs them)."""
     import inspect

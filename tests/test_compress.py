@@ -6,7 +6,8 @@ once for the module (40 steps) and one MLflow store
 serves all its tests; each test quantizes or prunes that classifier.
 
 Tolerance for quantization, stated: dynamic int8 may move the test accuracy by at most 0.025 (one
-of the 80 articles) and the mean test loss by at most 0.02. Pruning has no tolerance: magnitude
+of the 80 articles), the mean test loss by at most 0.02 and any logit of the reloaded artifact by at
+most 0.1 from the float model's. Pruning has no tolerance: magnitude
 pruning zeroes exactly round(sparsity * n) weights, neuron pruning exactly round(sparsity * d_ff)
 neurons per layer, head pruning exactly round(sparsity * heads) heads.
 """
@@ -31,6 +32,7 @@ BASE = [*TINY, "task=classification", "data.max_documents=800", "data.max_length
         "trainer.num_sanity_val_steps=0"]
 ACCURACY_TOLERANCE = 0.025
 LOSS_TOLERANCE = 0.02
+LOGIT_TOLERANCE = 0.1  # largest difference of one logit, reloaded int8 vs float, on five news sentences
 
 
 def lmlab(*overrides: str):
@@ -116,10 +118,14 @@ def test_dynamic_int8_shrinks_the_file_keeps_accuracy_and_reloads(shared: Traine
     assert result.export_dir == saved and (saved / "model.safetensors").exists()
     assert not list(saved.glob("*.bin")) and not list(saved.glob("*.pt"))  # nothing pickled
     batch = first_batch(shared.export)
-    in_memory, _ = quantize.quantize(float_model(shared.export), "dynamic_int8")
+    original = float_model(shared.export)
+    in_memory, _ = quantize.quantize(original, "dynamic_int8")
     reloaded = quantize.load_quantized(saved)
     with torch.inference_mode():
-        assert torch.equal(reloaded(**batch).logits, in_memory(**batch).logits)
+        got = reloaded(**batch).logits
+        assert torch.equal(got, in_memory(**batch).logits)
+        # and close to the float model's: int8 weights move each logit by a few hundredths
+        assert (got - original(**batch).logits).abs().max() < LOGIT_TOLERANCE
 
 
 @pytest.mark.parametrize("method", ["int8_weight_only", "int4_weight_only"])
@@ -151,6 +157,27 @@ def test_gpt2_conv1d_layers_are_quantized_too(tmp_path: Path) -> None:
     with torch.inference_mode():
         assert torch.equal(quantize.load_quantized(saved)(input_ids=ids).logits, quantized(input_ids=ids).logits)
         assert (quantized(input_ids=ids).logits - model(input_ids=ids).logits).abs().max() < 0.1
+
+
+def test_a_hub_sources_size_is_read_from_the_hugging_face_cache(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """model.pretrained may be a hub name: its weight files are in the Hugging Face cache, where
+    from_pretrained put them. original/size_bytes used to measure the name as a directory: 0 bytes."""
+    import huggingface_hub.constants
+
+    hub = tmp_path / "hub"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
+    repo = hub / "models--someone--tiny-bert"
+    snapshot = repo / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (snapshot / "model.safetensors").write_bytes(b"\0" * 1234)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    assert quantize.source_weights_bytes("someone/tiny-bert") == 1234
+    assert quantize.source_weights_bytes(str(snapshot)) == 1234  # a local directory, as before
+    assert quantize.source_weights_bytes("someone/not-cached") is None  # unknown: not logged, rather than 0
+    assert quantize.source_weights_bytes(str(tmp_path / "nowhere")) is None
 
 
 def test_an_int4_group_size_that_does_not_divide_a_layer_is_named_up_front() -> None:
@@ -187,6 +214,59 @@ def test_magnitude_pruning_reaches_the_exact_target_through_fine_tuning(shared: 
         assert key in metrics, key
     assert tags["lmlab.mode"] == "prune"
     assert metrics["prune/nonzero_parameters"] < metrics["original/nonzero_parameters"]
+
+
+def test_magnitude_sparsity_is_measured_on_the_exported_weights(tmp_path: Path) -> None:
+    """A model with zeros of its own (an export pruned to 40% before) pruned to 25%: the L1 ranking takes
+    its zeros first, so the masks add nothing and the export is 40% zeros. prune/sparsity is the
+    share reached, counted in the exported weights; prune/pruned_units what this run's masks cut."""
+    from torch.nn.utils import prune as torch_prune
+    from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=200, hidden_size=64, num_hidden_layers=2,
+                                                     num_attention_heads=2, intermediate_size=128)).eval()
+    weights = prune.prunable_weights(model)
+    total = sum(getattr(m, n).numel() for m, n in weights)
+    torch_prune.global_unstructured(weights, pruning_method=torch_prune.L1Unstructured, amount=0.4)
+    for m, n in weights:
+        torch_prune.remove(m, n)
+    already = sum(int((getattr(m, n) == 0).sum()) for m, n in weights)
+    assert already == round(0.4 * total)
+
+    pruned = prune.prune_model(model, "magnitude", 0.25)
+    prune.finalize(pruned)
+    assert pruned.pruned == round(0.25 * total) and pruned.total == total  # what the masks cut
+    model.save_pretrained(tmp_path / "export")
+    exported = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "export"))
+    zeros = sum(int((getattr(m, n) == 0).sum()) for m, n in prune.prunable_weights(exported))
+    assert zeros == already
+    assert pruned.sparsity == zeros / total  # 0.4 reached, not the 0.25 the masks alone would say
+
+
+@pytest.mark.parametrize("rank_env, writes", [({}, True), ({"LOCAL_RANK": "1"}, False), ({"RANK": "1"}, False)])
+def test_only_global_rank_zero_writes_the_pruned_export(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       rank_env: dict[str, str], writes: bool) -> None:
+    """Under DDP every process prunes the same weights; one writes the export, as a fit's export (two
+    processes replacing one directory collide, or swap it away while rank 0 uploads it)."""
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    from lmlab import compress
+
+    for key in ("LOCAL_RANK", "NODE_RANK", "RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in rank_env.items():
+        monkeypatch.setenv(key, value)
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "bank", "rose"]) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(vocab))
+    model = BertForSequenceClassification(BertConfig(vocab_size=8, hidden_size=32, num_hidden_layers=1,
+                                                     num_attention_heads=2, intermediate_size=64))
+    cfg = OmegaConf.create({"prune": {"method": "magnitude", "sparsity": 0.5, "finetune_steps": 0}, "export": True})
+    pruned, export_dir, values = compress._prune(cfg, cfg, None, model, tokenizer, None, tmp_path / "run", None)
+    assert values["prune/sparsity"] == 0.5
+    assert (tmp_path / "run" / "export").exists() == writes
+    assert (export_dir is not None) == writes and ("prune/size_bytes" in values) == writes
 
 
 def test_neuron_pruning_makes_a_smaller_model_that_reloads(trained: Trained, tmp_path: Path) -> None:

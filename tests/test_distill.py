@@ -15,6 +15,7 @@ import mlflow
 import pytest
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.loggers import Logger
 from conftest import SHARED_DATA, TINY, compose_cfg, run_in_home
 
 from lmlab import distill, registry
@@ -207,6 +208,88 @@ def test_distillation_moves_the_student_toward_the_teacher(data: dict[str, Path]
     assert all(torch.equal(frozen[k], v) for k, v in teacher.model.state_dict().items())
     assert all(not k.startswith("teacher") for k in module.state_dict())
     assert sum(p.numel() for p in module.parameters()) == sum(p.numel() for p in module.model.parameters())
+
+
+class _Recorder(Logger):
+    """What Lightning hands its loggers: (step, metrics) rows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[tuple[int | None, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "recorder"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, *args, **kwargs) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.rows.append((step, dict(metrics)))
+
+
+def test_the_logged_terms_make_the_logged_loss_under_gradient_accumulation(data: dict[str, Path]) -> None:
+    """train/loss is the mean over an optimizer step's micro-batches (lmlab.step_logging); the two
+    distillation terms are logged the same way, so what MLflow shows adds up at every step:
+    train/loss = alpha * train/kd_loss + (1 - alpha) * train/hard_loss. They used to be the last
+    micro-batch's values (and all-reduced at every micro-batch under DDP)."""
+    import lightning as L
+
+    torch.manual_seed(0)
+    cfg = compose_cfg([*FAST, *TASK_ARGS["clm"](data), "data.batch_size=4", "data.block_size=32"])
+    module, dm, tokenizer = build(cfg)
+    teacher_module, _, _ = build(cfg)  # another random GPT-2: a teacher that disagrees with the student
+    distill.attach(distill.Teacher(teacher_module.model, tokenizer, "t", temperature=2.0, alpha=0.25),
+                   module, tokenizer, "clm")
+    recorder = _Recorder()
+    trainer = L.Trainer(max_steps=3, accumulate_grad_batches=2, log_every_n_steps=1, logger=recorder,
+                        limit_val_batches=0, num_sanity_val_steps=0, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, dm)
+    steps = {}
+    for step, metrics in recorder.rows:
+        if "train/kd_loss" in metrics:
+            steps[step] = metrics  # the newest row of a step is what MLflow's chart shows
+    assert sorted(steps) == [0, 1, 2]
+    for step, m in steps.items():
+        assert m["train/loss"] == pytest.approx(0.25 * m["train/kd_loss"] + 0.75 * m["train/hard_loss"], rel=1e-5), step
+
+
+def _gpt2_teacher_dir(data: dict[str, Path], folder: Path, dtype: torch.dtype) -> tuple[Path, list[str]]:
+    """A tiny GPT-2 LM saved in ``dtype`` with the tokenizer lmlab trains on the wiki data."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    args = [*FAST, *TASK_ARGS["clm"](data), "data.block_size=32"]
+    cfg = compose_cfg(args)
+    spec = registry.get("model", "gpt2")
+    dm = registry.get("datamodule", cfg.data.datamodule)(cfg.data, packing="causal", cache_dir=cfg.paths.cache,
+                                                          seed=int(cfg.seed))
+    tokenizer, _ = get_tokenizer(cfg.tokenizer, spec, dm.texts_for_tokenizer, dm.fingerprint, Path(cfg.paths.cache))
+    config = GPT2Config(vocab_size=len(tokenizer), n_layer=1, n_embd=32, n_head=2, n_positions=64)
+    GPT2LMHeadModel(config).to(dtype).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder, args
+
+
+@pytest.mark.parametrize("precision, expected", [
+    (None, torch.float32),  # the CPU preset: 32-true
+    ("bf16-mixed", torch.float32),  # autocast computes in bf16 from float32 weights, as for the student
+    ("bf16", torch.float32),  # Lightning's alias of bf16-mixed
+    ("bf16-true", torch.bfloat16),  # Lightning holds the student in bf16: the teacher too
+])
+def test_the_teacher_is_held_in_the_runs_precision_not_its_files(data: dict[str, Path], tmp_path: Path,
+                                                                  precision: str | None, expected: torch.dtype) -> None:
+    """A teacher saved in bfloat16 (transformers 5 loads a model in its saved dtype) is held in float32
+    for a float32 or mixed-precision run, and in bf16 only for a bf16-true one."""
+    folder, args = _gpt2_teacher_dir(data, tmp_path / "bf16_teacher", torch.bfloat16)
+    overrides = [*args, f"distill.teacher={folder}"] + ([f"trainer.precision={precision}"] if precision else [])
+    teacher = distill.prepare(compose_cfg(overrides), registry.get("task", "clm"))
+    assert {p.dtype for p in teacher.model.parameters()} == {expected}
+    assert not teacher.model.training and not any(p.requires_grad for p in teacher.model.parameters())
 
 
 # -- a run end to end ----------------------------------------------------------------------------
