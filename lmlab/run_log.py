@@ -8,6 +8,7 @@ calls do nothing and whose Lightning logger is a DummyLogger: they never open th
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,21 @@ log = logging.getLogger(__name__)
 
 class RunMetrics(MLFlowLogger):
     """Lightning's MLflow logger for the metrics of a run that lmlab opened and ends itself."""
+
+    @property
+    def experiment(self) -> Any:
+        # Lightning's first call runs mlflow.set_tracking_uri, which also writes MLFLOW_TRACKING_URI
+        # into os.environ, where logger.tracking_uri takes its default from (conf/logger/mlflow.yaml):
+        # the next run of this process (a sweep's next job, a notebook's next call) would log to
+        # this run's store. The environment stays as the user set it.
+        before = os.environ.get("MLFLOW_TRACKING_URI")
+        try:
+            return super().experiment
+        finally:
+            if before is None:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
+            else:
+                os.environ["MLFLOW_TRACKING_URI"] = before
 
     def finalize(self, status: str = "success") -> None:
         # Lightning calls this as each trainer call returns; MLFlowLogger's own would end the run

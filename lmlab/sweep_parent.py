@@ -12,6 +12,7 @@ import atexit
 import logging
 import math
 import os
+import shlex
 import signal
 import socket
 import sys
@@ -127,6 +128,8 @@ def open_parent(config: DictConfig) -> dict[str, Any]:
     else:
         name = sweeper.get("study_name") or f"sweep {sweep_dir.name}"
         tags = {
+            # The sweep's own command line (its jobs' runs carry each job's): lmlab -m ...
+            **tracking.source_tags(shlex.join(["lmlab", *sys.argv[1:]])),
             **study,
             "lmlab.sweep.parent": "true",
             "lmlab.sweep.dir": info["sweep_dir"],
@@ -134,7 +137,7 @@ def open_parent(config: DictConfig) -> dict[str, Any]:
             "lmlab.sweep.sweeper": str(sweeper.get("_target_", "")),
             "lmlab.sweep.launcher": str(config.hydra.launcher.get("_target_", "")),
             "lmlab.task": str(config.task.name), "lmlab.model": str(config.model.name),
-            **{str(k): str(v) for k, v in (config.logger.get("tags") or {}).items()},
+            **tracking.user_tags(config),
         }
         parent = client.create_run(experiment_id, run_name=str(name), tags=tags).info.run_id
         log.info("Sweep parent MLflow run %s in experiment %s at %s", parent, experiment_id, uri)

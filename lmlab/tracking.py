@@ -7,9 +7,15 @@ a failed start marks the run FAILED), then hands its id to Lightning's ``MLFlowL
 
 from __future__ import annotations
 
+import functools
+import getpass
 import logging
 import os
+import posixpath
 import re
+import shlex
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
@@ -27,6 +33,10 @@ log = logging.getLogger(__name__)
 MAX_PARAM_KEY = 250
 MAX_PARAM_VALUE = 6000
 MAX_PARAMS_PER_BATCH = 100
+MAX_TAG_VALUE = 8000
+# What MLflow refuses in a param or tag name (anything but letters, digits, _ - . space and /;
+# a colon passes only on some platforms, so it is replaced too).
+_REFUSED = re.compile(r"[^/\w.\- ]")
 
 
 def default_tracking_uri(root: str | Path) -> str:
@@ -34,7 +44,13 @@ def default_tracking_uri(root: str | Path) -> str:
 
 
 def tracking_uri(cfg: DictConfig) -> str:
+    """``logger.tracking_uri`` (whose default is ``MLFLOW_TRACKING_URI``), else the embedded store."""
     return str(cfg.logger.tracking_uri) if cfg.logger.get("tracking_uri") else default_tracking_uri(cfg.paths.root)
+
+
+def _from_env(uri: str) -> str:
+    # conf/logger/mlflow.yaml takes MLFLOW_TRACKING_URI as logger.tracking_uri's default.
+    return " (from MLFLOW_TRACKING_URI)" if os.environ.get("MLFLOW_TRACKING_URI") == uri else ""
 
 
 def artifact_root(cfg: DictConfig) -> str | None:
@@ -59,14 +75,15 @@ def ui_command(uri: str) -> str:
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """Fail before any training when a tracking server does not answer."""
     if re.fullmatch(r"[\w.-]+:\d+(/.*)?", uri):  # HOST:PORT without a scheme: MLflow would read a local path
-        raise config_error("logger.tracking_uri", f"'{uri}' has no scheme",
+        raise config_error("logger.tracking_uri", f"'{uri}'{_from_env(uri)} has no scheme",
                            f"A tracking server is http://{uri} (or https://); a local store is sqlite:///PATH.")
     if urlparse(uri).scheme in ("", "file") and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in (
             "1", "true"):
         # MLflow refuses its filesystem backend unless opted in, and would say so only at the first
         # write: after the data was read and the model built.
         raise config_error(
-            "logger.tracking_uri", f"'{uri}' is a folder, and MLflow no longer accepts a folder as a tracking store",
+            "logger.tracking_uri",
+            f"'{uri}'{_from_env(uri)} is a folder, and MLflow no longer accepts a folder as a tracking store",
             "Use a database, e.g. logger.tracking_uri=sqlite:///PATH/mlflow.db, or a tracking server, "
             "logger.tracking_uri=http://HOST:PORT (`mlflow migrate-filestore` moves existing runs from the folder "
             "into a database), or drop logger.tracking_uri for the embedded local store.",
@@ -83,7 +100,7 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     except (urllib.error.URLError, OSError) as exc:
         problem = f"is unreachable ({getattr(exc, 'reason', exc)})"
     raise config_error(
-        "logger.tracking_uri", f"the MLflow tracking server {uri} {problem}",
+        "logger.tracking_uri", f"the MLflow tracking server {uri}{_from_env(uri)} {problem}",
         "Start it (e.g. `mlflow server --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///mlflow.db`) "
         "or drop logger.tracking_uri to log to the embedded local store.",
     )
@@ -102,6 +119,39 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
             text = text[: MAX_PARAM_VALUE - 14] + "...(truncated)"
         flat[name[:MAX_PARAM_KEY]] = text
     return flat
+
+
+def entity_key(name: str) -> str:
+    """``name`` as MLflow takes a param or tag name: a refused character becomes ``_``
+    (``logger.tags.team (nlp)`` -> ``team _nlp_``), cut to the key's limit."""
+    key = _REFUSED.sub("_", name)
+    if posixpath.normpath(key) != key or key.startswith("/"):
+        key = key.replace("/", "_")  # MLflow also wants a clean relative path: no a//b, a/./b, /a, a/
+    if key in ("", ".") or key.startswith(".."):
+        key = "_" + key
+    return key[:MAX_PARAM_KEY]
+
+
+def mlflow_safe(values: Mapping[str, Any], limit: int) -> dict[str, str]:
+    """Param or tag names MLflow takes (``entity_key``), values cut to ``limit``. A name that
+    becomes one already taken gets a number (``_2``) rather than failing the batch as a duplicate;
+    names MLflow takes as they are come first, so they are never the ones renamed."""
+    keys: dict[str, str] = {}
+    for name in sorted(values, key=lambda n: entity_key(n) != n):
+        key = entity_key(name)
+        n = 1
+        while key in keys.values():
+            n += 1
+            key = f"{entity_key(name)[:MAX_PARAM_KEY - 1 - len(str(n))]}_{n}"
+        keys[name] = key
+    renamed = [f"{name} -> {key}" for name, key in keys.items() if key != name]
+    if renamed:
+        log.warning("MLflow refuses some characters in names; logged as: %s", "; ".join(renamed))
+    out: dict[str, str] = {}
+    for name, value in values.items():
+        text = str(value)
+        out[keys[name]] = text if len(text) <= limit else text[: limit - 14] + "...(truncated)"
+    return out
 
 
 def _deleted_error(name: str, experiment_id: str, uri: str) -> LmlabError:
@@ -170,7 +220,88 @@ def logged_params(cfg: DictConfig) -> dict[str, str]:
     params = flatten(OmegaConf.to_container(cfg, resolve=True))
     if "data.catalog" in params and (params.get("data.path", "None") != "None" or params.get("data.name", "None") != "None"):
         params["data.catalog"] = "None"
-    return params
+    return mlflow_safe(params, MAX_PARAM_VALUE)
+
+
+@functools.lru_cache(maxsize=1)
+def _git_state() -> tuple[str, str] | None:
+    """(commit, "true" | "false" for uncommitted changes) of the checkout lmlab runs from; None for
+    an installed wheel (its folder may lie inside some other repository: the file must be tracked)."""
+    package = Path(__file__).resolve().parent
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(package), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    if git("ls-files", "--error-unmatch", Path(__file__).name) is None:
+        return None
+    commit = git("rev-parse", "HEAD")
+    if not commit:
+        return None
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return commit, "unknown" if status is None else str(bool(status)).lower()
+
+
+def command_line() -> str:
+    """The command that reproduces this run: the ``lmlab`` command line of a single run; for a
+    sweep's job, ``lmlab`` with that job's own overrides; outside Hydra, the process's argv."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+    except (ImportError, ValueError):
+        return shlex.join(sys.argv)
+    if hc.mode != RunMode.MULTIRUN:
+        return shlex.join(["lmlab", *sys.argv[1:]])
+    args = ["lmlab"]
+    for source in hc.runtime.get("config_sources") or []:
+        if source.get("provider") == "command-line" and source.get("schema") == "file":
+            args += ["--config-dir", str(source.path)]
+    if hc.job.get("config_name") not in (None, "config"):
+        args += ["--config-name", str(hc.job.config_name)]
+    return shlex.join([*args, *(str(o) for o in hc.overrides.task)])
+
+
+def source_tags(command: str | None = None) -> dict[str, str]:
+    """What code made the run: lmlab's version, the git commit of its checkout (and whether it had
+    uncommitted changes), the command line and the user, in MLflow's own tag names where it has them."""
+    from lmlab import __version__
+
+    try:
+        user = getpass.getuser()
+    except Exception:  # no login name (a container without a passwd entry)
+        user = ""
+    tags = {"lmlab.version": __version__, "lmlab.command": (command or command_line())[:MAX_TAG_VALUE],
+            "mlflow.source.name": "lmlab", "mlflow.source.type": "LOCAL"}
+    if user:
+        tags["mlflow.user"] = user
+    git = _git_state()
+    if git is not None:
+        tags["mlflow.source.git.commit"], tags["lmlab.git.dirty"] = git
+    return tags
+
+
+def user_tags(cfg: DictConfig) -> dict[str, str]:
+    """``logger.tags`` as MLflow takes them."""
+    return mlflow_safe({str(k): str(v) for k, v in (cfg.logger.get("tags") or {}).items()}, MAX_TAG_VALUE)
+
+
+def hydra_files() -> Path | None:
+    """The job's ``.hydra`` folder (config.yaml as composed, hydra.yaml, overrides.yaml), if Hydra wrote one."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hc = HydraConfig.get()
+    except (ImportError, ValueError):
+        return None
+    if not hc.get("output_subdir"):
+        return None
+    folder = Path(str(hc.runtime.output_dir)) / str(hc.output_subdir)
+    return folder if folder.is_dir() else None
 
 
 def start_run(cfg: DictConfig, tags: Mapping[str, str]) -> tuple[Any, str, str]:
@@ -188,19 +319,30 @@ def start_run(cfg: DictConfig, tags: Mapping[str, str]) -> tuple[Any, str, str]:
     client = mlflow.MlflowClient(tracking_uri=uri)
     exp_id = experiment_id(client, cfg)
     job = sweep.job_context()
-    all_tags = {**{str(k): str(v) for k, v in (cfg.logger.get("tags") or {}).items()}, **tags}
+    all_tags = {**source_tags(), **user_tags(cfg), **tags}
     run_name = cfg.logger.get("run_name")
     if job is not None:
         all_tags.update(sweep.child_tags(job, exp_id, uri))
         run_name = run_name or sweep.child_run_name(job)
     run = client.create_run(exp_id, run_name=run_name or default_run_name(tags), tags=all_tags)
     run_id = run.info.run_id
-    if job is not None:
-        sweep.job_started(job, run_id)
-    params = logged_params(cfg)
-    items = [Param(k, v) for k, v in params.items()]
-    for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
-        client.log_batch(run_id, params=items[start : start + MAX_PARAMS_PER_BATCH])
+    try:
+        if job is not None:
+            sweep.job_started(job, run_id)
+        params = logged_params(cfg)
+        items = [Param(k, v) for k, v in params.items()]
+        for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
+            client.log_batch(run_id, params=items[start : start + MAX_PARAMS_PER_BATCH])
+        hydra_dir = hydra_files()
+        if hydra_dir is not None:  # the overrides as typed, beside the resolved config (config/)
+            client.log_artifacts(run_id, str(hydra_dir), artifact_path="config/hydra")
+    except BaseException:
+        # Not left RUNNING for ever: the run's body (lmlab.resume.ending), which would end it, has not begun.
+        try:
+            client.set_terminated(run_id, "FAILED")
+        except Exception as exc:
+            log.warning("Could not mark MLflow run %s FAILED: %s", run_id, exc)
+        raise
     log.info("MLflow run %s in experiment '%s' at %s", run_id, cfg.logger.experiment_name, uri)
     return client, run_id, exp_id
 

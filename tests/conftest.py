@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,12 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 WIKI = SHARED_DATA / "corpus" / "wiki_extracts_en.txt"
 
+# MLflow's own variables are logger.tracking_uri's and logger.experiment_name's defaults: a
+# developer's server must not receive the tests' runs (subprocesses inherit this too).
+MLFLOW_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME")
+for _name in MLFLOW_VARIABLES:
+    os.environ.pop(_name, None)
+
 # A few steps of a 2-layer, 128-wide model with a small vocabulary: seconds on a CPU.
 TINY = [
     "+experiment=debug",
@@ -28,12 +36,16 @@ TINY = [
 
 
 @pytest.fixture(autouse=True)
-def lmlab_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def lmlab_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """Runs, the embedded MLflow store and caches go under the test's tmp_path."""
     home = tmp_path / "lmlab_home"
     monkeypatch.setenv("LMLAB_HOME", str(home))
     monkeypatch.setenv("LMLAB_CACHE_DIR", str(tmp_path / "cache"))
-    return home
+    yield home
+    # A bare Lightning MLFlowLogger (mlflow.set_tracking_uri) sets MLFLOW_TRACKING_URI to its store:
+    # the next test's runs would go there.
+    for name in MLFLOW_VARIABLES:
+        os.environ.pop(name, None)
 
 
 def wiki_head(folder: Path, paragraphs: int = 300) -> Path:

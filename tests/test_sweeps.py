@@ -142,6 +142,19 @@ def test_grid_sweep_is_one_parent_run_with_four_children(sweeps: Path) -> None:
     assert parent.data.tags["lmlab.sweep.objective_metric"] == "val/loss"
     assert parent.data.metrics["sweep/jobs"] == 4 and parent.data.metrics["sweep/jobs_failed"] == 0
     assert "optimizer.lr=1e-4,3e-4" in parent.data.tags["lmlab.sweep.overrides"]
+    # Each child says how to run it alone, and keeps Hydra's record of its overrides; the parent,
+    # the sweep's own command.
+    assert parent.data.tags["lmlab.command"].startswith("lmlab -m ")
+    assert "optimizer.lr=1e-4,3e-4" in parent.data.tags["lmlab.command"]
+    client = mlflow.MlflowClient(tracking_uri=s.uri)
+    for child in children:
+        command = child.data.tags["lmlab.command"]
+        assert command.startswith("lmlab ") and " -m " not in command
+        assert f"seed={child.data.params['seed']}" in command.split() and "optimizer.lr=1e-4,3e-4" not in command
+        overrides = OmegaConf.load(client.download_artifacts(child.info.run_id, "config/hydra/overrides.yaml",
+                                                             str(s.root)))
+        assert command == "lmlab " + " ".join(str(o) for o in overrides)
+        assert child.data.tags["lmlab.version"] and child.data.tags["mlflow.source.name"] == "lmlab"
 
 
 @pytest.mark.slow
@@ -542,6 +555,51 @@ def test_parent_run_status_comes_from_the_job_records(tmp_path: Path) -> None:
     sweep.record_job(tmp_path / "sweep", 2, status="FAILED", error="boom")
     sweep_parent.open_parent(cfg)
     assert sweep_parent.close_parent(tmp_path / "sweep", ended_normally=True) == "FAILED"
+
+
+@pytest.mark.parametrize(("direction", "sweeper", "best"), [("min", None, 0), ("max", None, 1),
+                                                             ("max", "maximize", 1), ("min", "minimize", 0)])
+def test_the_parent_names_the_best_job_in_the_objectives_direction(tmp_path: Path, direction: str,
+                                                                   sweeper: str | None, best: int) -> None:
+    preset = [] if sweeper is None else ["hparams_search=classification_optuna", f"hydra.sweeper.direction={sweeper}"]
+    cfg = compose_hydra(preset, tmp_path / "sweep")
+    cfg.hydra.overrides.task = [*preset, "optimizer.lr=1e-4,3e-4"]  # what `lmlab -m` hands the callback
+    info = sweep_parent.open_parent(cfg)
+    jobs = [(0.5, ["optimizer.lr=1e-4"], "COMPLETED"), (0.9, ["optimizer.lr=3e-4"], "COMPLETED"),
+            (math.nan, ["optimizer.lr=1"], "COMPLETED"),  # diverged: never the best
+            (5.0, ["optimizer.lr=2"], "FAILED")]
+    for num, (value, job_overrides, status) in enumerate(jobs):
+        sweep.record_job(tmp_path / "sweep", num, status=status, objective=value, direction=direction,
+                         metric="val/score", overrides=job_overrides, run_id=f"run{num}")
+    assert sweep_parent.close_parent(tmp_path / "sweep", ended_normally=True) == "FAILED"  # job 3 failed
+    run = mlflow.MlflowClient(tracking_uri=info["tracking_uri"]).get_run(info["parent_run_id"])
+    assert run.data.metrics["best_objective"] == jobs[best][0]
+    assert run.data.tags["lmlab.sweep.best_job"] == str(best)
+    assert run.data.tags["lmlab.sweep.best_run_id"] == f"run{best}"
+    assert run.data.tags["lmlab.sweep.best_overrides"] == jobs[best][1][0]
+    assert run.data.metrics["sweep/jobs"] == 4 and run.data.metrics["sweep/jobs_failed"] == 1
+
+
+def test_a_seeded_sampler_draws_the_same_trials_in_every_sweep() -> None:
+    def draws(seed: int) -> list[list[str]]:
+        sampler = OmegaConf.create({"_target_": "optuna.samplers.TPESampler", "seed": seed, "n_startup_trials": 2,
+                                    "multivariate": False, "constant_liar": False})
+        impl = _impl.OptunaSweeperImpl(sampler=sampler, direction="minimize", storage=None, study_name="s",
+                                       n_trials=5, n_jobs=1, max_failure_rate=0.0, heartbeat_interval=10,
+                                       grace_period=None, params={"optimizer.lr": "tag(log, interval(1e-5, 1e-3))",
+                                                                  "data.batch_size": "choice(16, 32)"})
+        space = _space.parse([f"{k}={v}" for k, v in impl.params.items()])
+        study = impl._open_study(space)
+        out = []
+        for _ in range(5):  # past n_startup_trials: TPE's own draws too
+            trial = study.ask()
+            values = _space.suggest(trial, space)
+            study.tell(trial, values["optimizer.lr"] * values["data.batch_size"])
+            out.append(space.overrides(values))
+        return out
+
+    assert draws(0) == draws(0)
+    assert draws(0) != draws(1)
 
 
 def test_the_objectives_direction_comes_from_the_monitor_objective_direction_or_the_name(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -22,8 +23,10 @@ from typing import Any
 import lightning as L
 import mlflow
 import pytest
+from omegaconf import OmegaConf, open_dict
 
 from conftest import TINY, WIKI, compose_cfg, free_port, lmlab_command, run_in_home, wiki_head
+import lmlab
 from lmlab import tracking
 from lmlab.errors import LmlabError
 from lmlab.train import run
@@ -140,6 +143,40 @@ def test_sweep_logs_runs_and_artifacts_through_the_server(server: tuple[str, Pat
         assert stored.is_file()
     assert "sweep/jobs.json" in artifact_files(client, parents[0].info.run_id)
     assert not (home / "mlflow.db").exists() and not (home / "mlartifacts").exists()
+
+
+@pytest.mark.slow
+def test_a_run_logs_to_the_server_mlflow_tracking_uri_names(server: tuple[str, Path], tmp_path: Path) -> None:
+    # MLflow's own variables, as every MLflow user sets them; before, lmlab ignored both and logged
+    # to its embedded store. The run also carries Hydra's record of the job and what code made it.
+    url, _ = server
+    wiki = wiki_head(tmp_path, 200)
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "PYTHONPATH")}
+    env.update(LMLAB_HOME=str(home), LMLAB_CACHE_DIR=str(tmp_path / "cache"), MLFLOW_TRACKING_URI=url,
+               MLFLOW_EXPERIMENT_NAME="from_env")
+    args = [*TINY, f"data.path={wiki}", "trainer.max_steps=2", "trainer.val_check_interval=2",
+            "trainer.limit_val_batches=1", "export=false"]
+    proc = subprocess.run([*lmlab_command(), *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    assert f"open the MLflow UI: open {url} in a browser" in proc.stdout
+    assert not (home / "mlflow.db").exists() and not (home / "mlartifacts").exists()
+
+    client = mlflow.MlflowClient(tracking_uri=url)
+    experiment = client.get_experiment_by_name("from_env")
+    (run_,) = client.search_runs([experiment.experiment_id])
+    assert run_.info.status == "FINISHED" and run_.data.params["logger.tracking_uri"] == url
+    assert run_.data.params["logger.experiment_name"] == "from_env"
+    files = artifact_files(client, run_.info.run_id)
+    assert {"config/config_resolved.yaml", "config/hydra/config.yaml", "config/hydra/overrides.yaml",
+            "config/hydra/hydra.yaml"} <= files, files
+    overrides = Path(client.download_artifacts(run_.info.run_id, "config/hydra/overrides.yaml", str(tmp_path)))
+    assert [str(o) for o in OmegaConf.load(overrides)] == args
+    tags = run_.data.tags
+    assert tags["lmlab.command"] == shlex.join(["lmlab", *args])
+    assert tags["lmlab.version"] == lmlab.__version__ and tags["mlflow.source.name"] == "lmlab"
+    assert run_.info.user_id == tags.get("mlflow.user", "unknown")  # the runs table's User column
 
 
 # -- a server that is not there -------------------------------------------------------------------
@@ -351,3 +388,122 @@ def test_a_sqlite_store_given_keeps_its_artifacts_beside_the_database(tmp_path: 
     run = mlflow.MlflowClient(result.tracking_uri).get_run(result.run_id)
     assert run.info.artifact_uri.startswith((work / "stores" / "mlartifacts").as_uri())
     assert (work / "stores" / "mlartifacts").is_dir() and not (work / "mlruns").exists()
+
+
+# -- names, values, the environment and the code a run comes from ---------------------------------
+def test_mlflow_tracking_uri_and_experiment_name_come_from_the_environment(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = compose_cfg(TINY)
+    assert tracking.tracking_uri(cfg) == tracking.default_tracking_uri(tmp_path / "lmlab_home")
+    assert cfg.logger.experiment_name == "lmlab"
+    store = tmp_path / "stores" / "team.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "team")
+    cfg = compose_cfg(TINY)
+    assert tracking.tracking_uri(cfg) == f"sqlite:///{store}" and cfg.logger.experiment_name == "team"
+    # Artifacts beside that database, as for one given on the command line (not ./mlruns of the cwd).
+    assert tracking.artifact_root(cfg) == (tmp_path / "stores" / "mlartifacts").as_uri()
+    client, run_id, _ = tracking.start_run(cfg, {})
+    assert client.get_experiment(client.get_run(run_id).info.experiment_id).name == "team"
+    assert store.is_file() and not (tmp_path / "lmlab_home" / "mlflow.db").exists()
+    # The command line wins over the environment.
+    cfg = compose_cfg([*TINY, "logger.tracking_uri=http://127.0.0.1:1", "logger.experiment_name=mine"])
+    assert tracking.tracking_uri(cfg) == "http://127.0.0.1:1" and cfg.logger.experiment_name == "mine"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "127.0.0.1:5000")  # a mistake of the environment's says so
+    with pytest.raises(LmlabError, match=r"'127.0.0.1:5000' \(from MLFLOW_TRACKING_URI\) has no scheme"):
+        tracking.check_reachable(tracking.tracking_uri(compose_cfg(TINY)))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")  # set but empty: the embedded store
+    assert tracking.tracking_uri(compose_cfg(TINY)) == tracking.default_tracking_uri(tmp_path / "lmlab_home")
+
+
+def test_names_mlflow_refuses_are_logged_under_names_it_takes(tmp_path: Path) -> None:
+    # Config files of the user's own may hold any key (logger.tags, a plugin's data options); MLflow
+    # refused the whole batch of params (and the run stayed RUNNING) for one such name.
+    cfg = compose_cfg(TINY)
+    with open_dict(cfg):
+        cfg.logger.tags = {"team (nlp)": "search", "/root": "r", "..": "up", "ok-tag": "x" * 9000}
+        cfg.data.label_names = {"B-person": 1, "a@b": 2, "a_b": 3, "x//y": 4, "c:d": 5}
+        cfg.data.long_value = "v" * 7000
+    client, run_id, _ = tracking.start_run(cfg, {})
+    run_ = client.get_run(run_id)
+    params, tags = run_.data.params, run_.data.tags
+    assert run_.info.status == "RUNNING"  # the run started; its body ends it
+    assert params["data.label_names.B-person"] == "1"
+    assert params["data.label_names.a_b"] == "3"  # a name MLflow takes is never the one renamed
+    assert params["data.label_names.a_b_2"] == "2"
+    assert params["data.label_names.x__y"] == "4" and params["data.label_names.c_d"] == "5"
+    assert params["logger.tags.team _nlp_"] == "search"
+    assert len(params["data.long_value"]) == tracking.MAX_PARAM_VALUE
+    assert params["data.long_value"].endswith("...(truncated)")
+    assert tags["team _nlp_"] == "search" and tags["_root"] == "r" and tags["_.."] == "up"
+    assert len(tags["ok-tag"]) == tracking.MAX_TAG_VALUE
+
+
+def test_a_run_whose_start_fails_ends_failed_not_running(monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = compose_cfg(TINY)
+    created: list[str] = []
+    original = mlflow.MlflowClient.create_run
+
+    def create_run(self, *args, **kwargs):
+        run_ = original(self, *args, **kwargs)
+        created.append(run_.info.run_id)
+        return run_
+
+    def refuse(self, *args, **kwargs):
+        raise mlflow.exceptions.MlflowException("the store refused the params")
+
+    with monkeypatch.context() as mp, pytest.raises(mlflow.exceptions.MlflowException, match="refused"):
+        mp.setattr(mlflow.MlflowClient, "create_run", create_run)
+        mp.setattr(mlflow.MlflowClient, "log_batch", refuse)
+        tracking.start_run(cfg, {})
+    assert len(created) == 1
+    assert mlflow.MlflowClient(tracking.tracking_uri(cfg)).get_run(created[0]).info.status == "FAILED"
+
+
+def test_a_run_carries_lmlab_version_git_commit_and_command(tmp_path: Path) -> None:
+    tags = tracking.source_tags()
+    assert tags["lmlab.version"] == lmlab.__version__
+    assert tags["lmlab.command"] == shlex.join(sys.argv)  # outside Hydra: the process's own command
+    head = subprocess.run(["git", "-C", str(Path(lmlab.__file__).parent), "rev-parse", "HEAD"], capture_output=True,
+                          text=True)
+    if head.returncode == 0:  # a checkout (an installed wheel has no commit to name)
+        assert tags["mlflow.source.git.commit"] == head.stdout.strip()
+        assert tags["lmlab.git.dirty"] in ("true", "false")
+    # A sweep's job: the command that runs that job alone, not the sweep's.
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from lmlab.paths import config_dir
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=["optimizer.lr=3e-05", "seed=2"], return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.mode = "MULTIRUN"
+        cfg.hydra.job.num = 1
+    HydraConfig.instance().set_config(cfg)
+    try:
+        assert tracking.command_line() == "lmlab optimizer.lr=3e-05 seed=2"
+    finally:
+        HydraConfig.instance().cfg = None
+
+
+def test_a_run_leaves_mlflow_tracking_uri_as_it_found_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Lightning's MLFlowLogger sets MLFLOW_TRACKING_URI to its store (mlflow.set_tracking_uri); as
+    # logger.tracking_uri's default, that sent a sweep's next in-process job (say of another
+    # paths.root) to the first job's store.
+    from lmlab.run_log import RunLog
+
+    cfg = compose_cfg(TINY)
+    OmegaConf.resolve(cfg)  # the embedded store, whatever the variable says below
+    client, run_id, _ = tracking.start_run(cfg, {})
+    for before in (None, "http://127.0.0.1:1"):
+        if before is None:
+            monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        else:
+            monkeypatch.setenv("MLFLOW_TRACKING_URI", before)
+        logger = RunLog(client, run_id).metrics_logger(cfg)
+        logger.log_metrics({"train/loss": 1.0}, step=0)
+        assert os.environ.get("MLFLOW_TRACKING_URI") == before
+    assert [m.value for m in client.get_metric_history(run_id, "train/loss")] == [1.0, 1.0]
