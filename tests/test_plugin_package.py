@@ -17,6 +17,7 @@ import math
 import os
 import re
 import shutil
+import site
 import subprocess
 import sys
 import venv
@@ -29,7 +30,7 @@ import pytest
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from conftest import REPO, SHARED_DATA, TINY
+from conftest import MLFLOW_VARIABLES, REPO, SHARED_DATA, TINY
 from lmlab.errors import LmlabError
 
 PLUGIN = REPO / "plugins" / "lmlab-regression"
@@ -239,14 +240,24 @@ class Env:
     """A venv over this environment's site-packages, with pip driven from outside it."""
 
     def __init__(self, root: Path):
-        venv.EnvBuilder(system_site_packages=True, with_pip=False, symlinks=True).create(root)
+        venv.EnvBuilder(with_pip=False, symlinks=True).create(root)
         self.python = root / "bin" / "python"
+        # Not system_site_packages: run from a venv, that is the base interpreter's site-packages, not
+        # this environment's (where lmlab and torch are). addsitedir also reads those folders' .pth
+        # files, lmlab's editable install among them; the venv's own site-packages stays first.
+        own = subprocess.run([str(self.python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+        lines = "".join(f"import site; site.addsitedir({folder!r})\n" for folder in site.getsitepackages())
+        (Path(own) / "_outer_environment.pth").write_text(lines, encoding="utf-8")
         self.cwd = root.parent  # outside the checkout, as a user's project would be
 
     def start(self, *args: object) -> subprocess.Popen:
         """``python -m lmlab ARGS`` in the venv, started and left running."""
+        # MLflow's variables too: a value another test's in-process run left would send this run's
+        # metrics to that store instead of LMLAB_HOME's (conftest clears them only between tests).
         env = {k: v for k, v in os.environ.items()
-               if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "HYDRA_FULL_ERROR", "PYTHONSAFEPATH")}
+               if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "HYDRA_FULL_ERROR", "PYTHONSAFEPATH",
+                            *MLFLOW_VARIABLES)}
         return subprocess.Popen([str(self.python), "-m", "lmlab", *map(str, args)], cwd=self.cwd, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -304,6 +315,8 @@ def test_pip_install_run_and_uninstall(tmp_path: Path, lmlab_home: Path) -> None
 
         out = ok(finish(training))
         run_id = re.search(r"MLflow run id: +([0-9a-f]{32})", out).group(1)
+        store = re.search(r"--backend-store-uri (\S+)", out).group(1)
+        assert store == f"sqlite:///{lmlab_home / 'mlflow.db'}", out[-2000:]
         (run_dir,) = (lmlab_home / "runs").iterdir()
         exported = json.loads((run_dir / "export" / "config.json").read_text())
         assert exported["problem_type"] == "regression" and exported["id2label"] == {"0": "score"}
