@@ -455,6 +455,17 @@ def test_with_gradient_accumulation_validation_follows_optimizer_steps(wiki_file
     assert [m.step for m in client.get_metric_history(result.run_id, "train/tokens_per_sec")] == list(range(10))
 
 
+def schedule_factors(built: dict, steps: int) -> list[float]:
+    """The learning rate of each of the first ``steps`` optimizer steps, as a share of optimizer.lr (1e-3)."""
+    scheduler, factors = built["lr_scheduler"]["scheduler"], []
+    for _ in range(steps):
+        factors.append(scheduler.get_last_lr()[0] / 1e-3)
+        built["optimizer"].step()
+        scheduler.step()
+    return factors
+
+
+
 def test_warmup_steps_win_over_the_ratio_and_say_so(caplog: pytest.LogCaptureFixture) -> None:
     from lmlab import optim
 
@@ -462,12 +473,7 @@ def test_warmup_steps_win_over_the_ratio_and_say_so(caplog: pytest.LogCaptureFix
     with caplog.at_level(logging.INFO, logger="lmlab"):
         built = optim.build(model, compose_cfg([]).optimizer, OmegaConf.create(
             {"name": "linear", "warmup_ratio": 0.5, "warmup_steps": 2, "min_lr_ratio": 0.0}), total_steps=10)
-    scheduler = built["lr_scheduler"]["scheduler"]
-    factors = []
-    for _ in range(4):
-        factors.append(scheduler.get_last_lr()[0] / 1e-3)
-        built["optimizer"].step()
-        scheduler.step()
+    factors = schedule_factors(built, 4)
     assert factors == pytest.approx([0.5, 1.0, 1.0, 1.0 - 1 / 8])  # 2 warmup steps, not 5 (the ratio's)
     assert any("scheduler.warmup_steps=2 (scheduler.warmup_ratio=0.5 is not used)" in r.getMessage()
                for r in caplog.records)
@@ -503,12 +509,7 @@ def test_a_constant_schedule_builds_for_training_without_end() -> None:
     model = torch.nn.Linear(4, 4)
     built = optim.build(model, compose_cfg([]).optimizer, OmegaConf.create(
         {"name": "constant", "warmup_ratio": 0.0, "warmup_steps": 2, "min_lr_ratio": 1.0}), total_steps=math.inf)
-    scheduler = built["lr_scheduler"]["scheduler"]
-    factors = []
-    for _ in range(4):
-        factors.append(scheduler.get_last_lr()[0] / 1e-3)
-        built["optimizer"].step()
-        scheduler.step()
+    factors = schedule_factors(built, 4)
     assert factors == pytest.approx([0.5, 1.0, 1.0, 1.0])
     with pytest.raises(LmlabError, match="scheduler.name=cosine"):  # what a plugin's path to build would get
         optim.build(model, compose_cfg([]).optimizer, compose_cfg([]).scheduler, total_steps=math.inf)

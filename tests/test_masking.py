@@ -202,6 +202,18 @@ def _rows(tokenizer, lines: list[str], rows: int = 64, length: int = 128) -> tor
                          for k in range(0, rows * body, body)])
 
 
+def grouped_words(pieces: list[str], starts: list[bool]) -> list[str]:
+    """The pieces joined into words at the positions ``word_starts`` marks as starting one."""
+    words: list[str] = []
+    for piece, start in zip(pieces, starts):
+        if start:
+            words.append(piece)
+        else:
+            words[-1] += piece
+    return words
+
+
+
 def test_metaspace_pieces_with_the_marker_start_words(metaspace_tokenizer):
     tok = metaspace_tokenizer
     sentence = "The unbelievably quick fox jumped over seventeen lazy dogs"
@@ -213,12 +225,7 @@ def test_metaspace_pieces_with_the_marker_start_words(metaspace_tokenizer):
     assert not table[tok.all_special_ids].any()
     starts = word_starts(ids, table, special)[0, 1:-1].tolist()
     # Grouped at the starts, the pieces spell the sentence's words; [CLS] and [SEP] join none.
-    words: list[str] = []
-    for piece, start in zip(pieces, starts):
-        if start:
-            words.append(piece)
-        else:
-            words[-1] += piece
+    words = grouped_words(pieces, starts)
     assert [word.replace("▁", "") for word in words] == sentence.split()
 
 
@@ -239,12 +246,7 @@ def test_wordpiece_and_byte_level_pieces_group_into_the_words_they_spell(kind: s
     ids = torch.tensor([[edge[0], *tok.convert_tokens_to_ids(pieces), edge[1]]])
     special = torch.isin(ids, torch.tensor(tok.all_special_ids))
     starts = word_starts(ids, continuation_table(tok), special)[0, 1:-1].tolist()
-    words: list[str] = []
-    for piece, start in zip(pieces, starts):
-        if start:
-            words.append(piece)
-        else:
-            words[-1] += piece
+    words = grouped_words(pieces, starts)
     assert [w.replace("##", "").replace("Ġ", "") for w in words] == sentence.split()
 
 
