@@ -35,12 +35,21 @@ def is_rank_zero() -> bool:
 
 
 def block_classes(model: torch.nn.Module) -> set[type]:
-    """The classes repeated in the model's layer lists (GPT2Block, BertLayer, T5Block ...)."""
+    """The classes of the model's layer lists (GPT2Block, BertLayer, T5Block ...).
+
+    A Hugging Face model names its blocks in ``_no_split_modules``: those found in its layer lists
+    count even when a list holds one layer (``model.config.n_layer=1``). A model without the
+    attribute counts the classes repeated in its layer lists.
+    """
+    declared = set(getattr(model, "_no_split_modules", None) or ())
     found: set[type] = set()
     for module in model.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) > 1:
+        if isinstance(module, torch.nn.ModuleList) and len(module) > 0:
             kinds = {type(child) for child in module}
-            if len(kinds) == 1 and any(p.requires_grad for p in module[0].parameters()):
+            kind = next(iter(kinds))
+            named = kind.__name__ in declared
+            if len(kinds) == 1 and (named or (not declared and len(module) > 1)) \
+                    and any(p.requires_grad for p in module[0].parameters()):
                 found |= kinds
     return found
 
@@ -59,6 +68,10 @@ def build_strategy(value: Any, model: torch.nn.Module | None) -> Any:
                 raise config_error(f"trainer.strategy.{key}", "found no repeated transformer blocks in the model",
                                    "Set it to null, or to a list of module classes.")
             options[key] = blocks
+    if isinstance(options.get("device_mesh"), list):
+        # FSDP's (replicas, shard size) for HYBRID_SHARD: Lightning builds the mesh from a tuple only,
+        # and the YAML (trainer.strategy.device_mesh=[2,8]) gives a list.
+        options["device_mesh"] = tuple(options["device_mesh"])
     target = str(value["_target_"])
     try:
         strategy_class = get_class(target)
@@ -72,6 +85,51 @@ def build_strategy(value: Any, model: torch.nn.Module | None) -> Any:
                 if "deepspeed" in str(exc).lower() else "Check the trainer.strategy.* keys.")
         raise LmlabError(f"config key 'trainer.strategy': {strategy_class.__name__} rejected the options "
                          f"({exc}). {hint}") from exc
+
+
+def gathered_state_dict(strategy: Any) -> dict[str, Any]:
+    """The LightningModule's full weights, for the export; every process must call it (a collective).
+
+    Lightning's ``lightning_module_state_dict`` gathers FSDP's shards on rank 0 only when the strategy
+    checkpoints full state dicts; with ``trainer.strategy.state_dict_type=sharded`` (sharded
+    checkpoints) it returns each process's shard, so here the strategy gathers as "full" for once.
+    DeepSpeed's ZeRO stage 3 partitions the parameters too, and Lightning's DeepSpeedStrategy returns
+    the partitions: see :func:`_zero3_state_dict`.
+    """
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+    if isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3:
+        return _zero3_state_dict(strategy.lightning_module, strategy.is_global_zero)
+    if isinstance(strategy, FSDPStrategy) and getattr(strategy, "_state_dict_type", "full") != "full":
+        kept = strategy._state_dict_type
+        strategy._state_dict_type = "full"
+        try:
+            return strategy.lightning_module_state_dict()
+        finally:
+            strategy._state_dict_type = kept
+    return strategy.lightning_module_state_dict()
+
+
+def _zero3_state_dict(module: torch.nn.Module, rank_zero: bool) -> dict[str, Any]:
+    """``module.state_dict()`` of a ZeRO-3 model with whole tensors, on CPU on rank 0 ({} elsewhere).
+
+    One module's own parameters are gathered at a time (DeepSpeed's ``GatheredParameters``, on every
+    process), so no process ever holds more than one layer beyond its partition.
+    """
+    import deepspeed
+
+    keys = set(module.state_dict())  # the names, with partitioned (empty) parameters
+    full: dict[str, Any] = {}
+    for prefix, child in module.named_modules():
+        params = list(child.parameters(recurse=False))
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=bool(params)):
+            if not rank_zero:
+                continue
+            for name, tensor in [*child.named_parameters(recurse=False), *child.named_buffers(recurse=False)]:
+                key = f"{prefix}.{name}" if prefix else name
+                if key in keys and key not in full:
+                    full[key] = tensor.detach().cpu().clone()
+    return full
 
 
 def _current_ddp_names(strategy_class: type, options: dict[str, Any]) -> dict[str, Any]:
@@ -90,10 +148,14 @@ def _current_ddp_names(strategy_class: type, options: dict[str, Any]) -> dict[st
 def effective_batch(trainer_cfg: dict[str, Any], batch_size: int) -> dict[str, int]:
     """Examples per optimizer step over all processes: what makes runs on N devices comparable."""
     devices = trainer_cfg.get("devices", 1)
+    if isinstance(devices, str) and "," in devices:  # Lightning's "0,1": these GPU indices
+        devices = [part for part in devices.split(",") if part.strip()]
     if isinstance(devices, (list, tuple)):
         count = len(devices)
     elif devices in (-1, "-1", "auto"):
-        count = max(1, torch.cuda.device_count()) if trainer_cfg.get("accelerator") in ("gpu", "cuda") else 1
+        accelerator = str(trainer_cfg.get("accelerator") or "auto")
+        gpus = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+        count = max(1, torch.cuda.device_count()) if gpus else 1
     else:
         count = int(devices)
     nodes = int(trainer_cfg.get("num_nodes") or 1)

@@ -23,7 +23,7 @@ from lmlab.data import labels as model_labels
 from lmlab.data.loaders import distributed_sampler_wanted, shards_itself
 from lmlab.callbacks import LastValidation, LearningRate, MonitorLogged, ProgressBar, TokensPerSecond, \
     ValidationCoverage
-from lmlab.distributed import build_strategy, effective_batch, is_rank_zero
+from lmlab.distributed import build_strategy, effective_batch, gathered_state_dict, is_rank_zero
 from lmlab.errors import LmlabError, config_error
 from lmlab.export import export_hf
 from lmlab.run_log import RunLog
@@ -363,7 +363,7 @@ def run(cfg: DictConfig) -> RunResult:
             metrics = final_validation(cfg, trainer, module, dm, checkpoint)
             if cfg.export:
                 # Under FSDP/DeepSpeed the weights are sharded: every process takes part in gathering them.
-                state = trainer.strategy.lightning_module_state_dict()
+                state = gathered_state_dict(trainer.strategy)
                 if trainer.is_global_zero:
                     weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
                     export_dir = export_hf(module.model, tokenizer, output_dir / "export", state_dict=weights or None)
