@@ -244,6 +244,28 @@ def load_model(spec: ModelSpec, head: str, ref: str, updates: dict[str, Any], tr
     return model.train()  # from_pretrained returns eval mode; fine-tuning wants dropout on
 
 
+def check_vocabulary(model: Any, tokenizer: Any, key: str = "model.pretrained") -> None:
+    """The tokenizer's ids must all be rows of the model's input embeddings.
+
+    A tokenizer with more tokens than the model's ``vocab_size`` (a model directory holding another
+    model's tokenizer, say) would otherwise fail at the first batch with torch's bare
+    ``IndexError: index out of range in self`` (on a GPU, a device-side assert).
+    """
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(embeddings, "num_embeddings", None)
+    if rows is None:
+        return
+    tokens = len(tokenizer)
+    if tokens > rows:
+        raise config_error(
+            key, f"the tokenizer has {tokens} tokens but the model's embeddings have {rows} rows "
+            f"(config.vocab_size={getattr(model.config, 'vocab_size', '?')}): its ids {rows}..{tokens - 1} "
+            "have no embedding, so tokenizer and model do not belong together",
+            "Use a model directory whose tokenizer is the one the model was trained with "
+            "(an lmlab export keeps them together).",
+        )
+
+
 def check_trained_head(spec: ModelSpec, head: str, ref: str, task: str, labels: list[str] | None,
                        trust_remote_code: bool = False) -> None:
     """mode=test / mode=predict evaluate a model as it is: its head must exist and match the data.

@@ -390,3 +390,68 @@ def test_predict_inputs_read_a_tsv_as_training_does(tmp_path: Path) -> None:
     path.write_text('\ufefftext\n"Great," she said\nplain\n"Gripping" throughout\n', encoding="utf-8")
     rows = read_records(path, ["text"], "data.text_column")
     assert [r["text"] for r in rows] == ['"Great," she said', "plain", '"Gripping" throughout']
+
+
+# -- starting from a backbone, and the multi-label decision ----------------------------------------
+def _bert_dir(where: Path, vocab_size: int | None = None) -> Path:
+    """A tiny BERT masked-LM directory with a WordPiece tokenizer trained on real reviews;
+    ``vocab_size`` smaller than the tokenizer's makes a model that does not belong to it."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    tok = train_wordpiece([r["text"] for r in _rows("train", 400)], 300, 1, True)
+    tok.save_pretrained(str(where))
+    config = BertConfig(vocab_size=vocab_size or len(tok), hidden_size=16, num_hidden_layers=1,
+                        num_attention_heads=2, intermediate_size=16)
+    torch.manual_seed(0)
+    BertForMaskedLM(config).save_pretrained(str(where))
+    return where
+
+
+def test_a_backbone_is_loaded_with_a_fresh_head(tmp_path: Path) -> None:
+    from transformers import AutoModelForMaskedLM
+
+    from lmlab import pretrained
+
+    source_dir = _bert_dir(tmp_path / "bert")
+    source = AutoModelForMaskedLM.from_pretrained(str(source_dir))
+    updates = {"num_labels": 3, "id2label": {0: "a", 1: "b", 2: "c"}, "label2id": {"a": 0, "b": 1, "c": 2}}
+    model = pretrained.load_model(registry.get("model", "bert"), "sequence_classification", str(source_dir), updates)
+    # Every backbone tensor is the source's, bit for bit; the classifier is new, with the data's labels.
+    src = source.bert.state_dict()
+    for name, tensor in model.bert.state_dict().items():
+        if name in src:
+            assert torch.equal(tensor, src[name]), name
+    assert torch.equal(model.bert.encoder.layer[0].attention.self.query.weight,
+                       source.bert.encoder.layer[0].attention.self.query.weight)
+    assert model.classifier.weight.shape == (3, 16) and model.config.id2label == updates["id2label"]
+    assert model.training  # dropout on for fine-tuning
+
+
+def test_a_tokenizer_with_ids_past_the_models_embeddings_is_a_clear_error(home: Path, rotten: Path,
+                                                                          tmp_path: Path) -> None:
+    # Without the check the first batch dies in torch with "IndexError: index out of range in self".
+    mismatched = _bert_dir(tmp_path / "mismatched", vocab_size=8)
+    with pytest.raises(LmlabError, match=r"tokenizer has \d+ tokens but the model's embeddings have 8 rows"):
+        classify(home, rotten, "model=bert", f"model.pretrained={mismatched}")
+
+
+def test_multi_label_predictions_use_the_metrics_threshold() -> None:
+    """A probability of exactly 0.5 (a logit of 0) is "not predicted" for the metrics
+    (torchmetrics: ``preds > threshold``), so the predictions file leaves the label out too."""
+    import numpy as np
+    from torchmetrics.classification import MultilabelExactMatch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from lmlab.tasks.classification import ClassificationModule
+
+    config = BertConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=16, num_labels=3, id2label={0: "a", 1: "b", 2: "c"},
+                        problem_type="multi_label_classification")
+    module = ClassificationModule(BertForSequenceClassification(config), multi_label=True,
+                                  optimizer=OmegaConf.create({}), scheduler=OmegaConf.create({}))
+    probs = torch.sigmoid(torch.tensor([[0.0, 2.0, -2.0]]))
+    assert probs[0, 0].item() == 0.5
+    exact = MultilabelExactMatch(num_labels=3, threshold=0.5)
+    exact.update(probs, torch.tensor([[0, 1, 0]]))
+    assert exact.compute().item() == 1.0  # the metrics predict only "b"
+    assert module.decide(probs[0].numpy().astype(np.float32)) == ("b", f"{probs[0, 1].item():.4f}")

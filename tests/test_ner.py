@@ -512,3 +512,18 @@ def test_a_split_named_directory_without_train_names_its_files(tmp_path: Path) -
     write_conll(tmp_path / "test.conll", [(["EU", "rejects"], ["B-ORG", "O"])] * 3)
     with pytest.raises(LmlabError, match=r"no train\.\* file.*dev\.conll, test\.conll"):
         NerDataModule(ner_data_cfg(tmp_path), packing="token_classification", cache_dir=tmp_path / "c")
+
+
+def test_a_tokenizer_with_ids_past_the_models_embeddings_is_a_clear_error(home: Path, ner_dir: Path,
+                                                                          tmp_path: Path) -> None:
+    """A model directory whose tokenizer is not the model's (more ids than embedding rows) stops the
+    run naming both sizes, not at the first batch with torch's "index out of range in self"."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    where = tmp_path / "mismatched"
+    words = [" ".join(s.tokens) for s in read_conll(ner_dir / "train.conll")]
+    train_wordpiece(words, 300, 1, True).save_pretrained(str(where))
+    BertForMaskedLM(BertConfig(vocab_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=16)).save_pretrained(str(where))
+    with pytest.raises(LmlabError, match=r"tokenizer has \d+ tokens but the model's embeddings have 8 rows"):
+        run_in(home, "task=ner", f"data.path={ner_dir}", f"model.pretrained={where}")

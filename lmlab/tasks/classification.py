@@ -36,7 +36,7 @@ from torchmetrics.classification import (
     MultilabelF1Score,
 )
 
-from lmlab import fingerprint, optim, padding_masks
+from lmlab import fingerprint, optim, padding_masks, pretrained
 from lmlab.data import labels as model_labels
 from lmlab.data.catalog import package_dir
 from lmlab.data.loaders import make_loader
@@ -642,9 +642,13 @@ class ClassificationModule(L.LightningModule):
         return [path]
 
     def decide(self, p: np.ndarray) -> tuple[str, str]:
-        """(predicted label(s), probability) of one row; multi-label keeps every label at >= 0.5."""
+        """(predicted label(s), probability) of one row; multi-label keeps every label above 0.5.
+
+        Strictly above, as the metrics' ``threshold=0.5`` (torchmetrics: ``preds > threshold``), so the
+        predictions file and the scores agree on a probability of exactly 0.5 (a logit of 0).
+        """
         if self.multi_label:
-            chosen = [j for j in range(len(p)) if p[j] >= 0.5]
+            chosen = [j for j in range(len(p)) if p[j] > 0.5]
             sep = self.label_separator
             return sep.join(self.id2label[j] for j in chosen), sep.join(f"{p[j]:.4f}" for j in chosen)
         j = int(np.argmax(p))
@@ -667,6 +671,7 @@ def _positions(config: Any) -> int | None:
 
 
 def build_module(cfg: DictConfig, model: torch.nn.Module, tokenizer: Any) -> ClassificationModule:
+    pretrained.check_vocabulary(model, tokenizer)
     positions = _positions(model.config)
     if positions is not None and int(cfg.data.max_length) > positions:
         raise config_error("data.max_length", f"{cfg.data.max_length} is longer than the model can attend to "
