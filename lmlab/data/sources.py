@@ -141,6 +141,14 @@ def table_reader(text: str, suffix: str) -> csv.DictReader:
     return csv.DictReader(io.StringIO(text, newline=""), delimiter=TABLE_DELIMITERS[suffix.lower()], quoting=quoting)
 
 
+def row_length_fix(suffix: str) -> str:
+    """The advice for a table row whose fields do not line up with its header."""
+    if suffix.lower() == ".tsv":
+        return ("A TSV field cannot hold a tab (TSV has no quoting): replace the tabs inside the text, or write "
+                "the file as CSV.")
+    return "Quote a field that holds the delimiter (\"a movie, frankly, awful\"), as csv writers do."
+
+
 def json_type(value: Any) -> str:
     names = {bool: "boolean", int: "number", float: "number", list: "array", dict: "object"}
     return names.get(type(value), type(value).__name__)

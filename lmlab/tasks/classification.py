@@ -41,7 +41,7 @@ from lmlab.data import labels as model_labels
 from lmlab.data.catalog import package_dir
 from lmlab.data.loaders import make_loader
 from lmlab.data.sources import (SPLIT_STEMS, carve_validation, check_one_source, decode_file, file_listing,
-                                json_records, table_reader)
+                                json_records, row_length_fix, table_reader)
 from lmlab.data.unlabelled import read_records
 from lmlab.errors import LmlabError, config_error, file_error
 from lmlab.specs import TaskSpec
@@ -142,11 +142,8 @@ def read_labelled_file(path: Path, cfg: DictConfig, multi_label: bool) -> Labell
         start = reader.line_num + 1
         for record in reader:
             if None in record:  # csv.DictReader files the fields beyond the header's under None
-                fix = ("A TSV field cannot hold a tab (TSV has no quoting): replace the tabs inside the text, or "
-                       "write the file as CSV." if path.suffix.lower() == ".tsv" else
-                       "Quote a field that holds the delimiter (\"a movie, frankly, awful\"), as csv writers do.")
                 raise file_error(path, f"has a row of {len(header) + len(record[None])} fields under a header of "
-                                 f"{len(header)} ({', '.join(header)})", fix, line=start)
+                                 f"{len(header)} ({', '.join(header)})", row_length_fix(path.suffix), line=start)
             _row(out, path, start, record.get(str(cfg.text_column)), record.get(pair_col) if pair_col else None,
                  record.get(str(cfg.label_column)), cfg, multi_label, bool(pair_col))
             start = reader.line_num + 1
