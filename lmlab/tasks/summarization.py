@@ -51,7 +51,8 @@ from torchmetrics import SumMetric
 from lmlab import fingerprint, optim, registry
 from lmlab.data.catalog import package_dir
 from lmlab.data.loaders import make_loader
-from lmlab.data.sources import SPLIT_STEMS, check_split_names, decode_file, json_records, json_type, table_reader
+from lmlab.data.sources import (SPLIT_STEMS, check_split_names, decode_file, json_records, json_type, row_length_fix,
+                                table_reader)
 from lmlab.data.unlabelled import read_records
 from lmlab.errors import LmlabError, config_error, file_error
 from lmlab.export import suppressed_tokens
@@ -193,11 +194,8 @@ def read_csv(path: Path, data_cfg: DictConfig) -> Pairs:
             # fields under None: either way the fields no longer line up with the header.
             if None in row or row.get(doc_key) is None or row.get(sum_key) is None:
                 n = len(columns) + len(row[None]) if None in row else sum(v is not None for v in row.values())
-                fix = ("A TSV field cannot hold a tab (TSV has no quoting): replace the tabs inside the text, or "
-                       "write the file as CSV." if path.suffix.lower() == ".tsv" else
-                       "Quote a field that holds the delimiter (\"one, two\"), as csv writers do.")
                 raise file_error(path, f"has a row of {n} fields under a header of {len(columns)} "
-                                 f"({', '.join(columns)})", fix, line=start)
+                                 f"({', '.join(columns)})", row_length_fix(path.suffix), line=start)
             yield start, _clean(row[doc_key]), _clean(row[sum_key])
             start = reader.line_num + 1
 
@@ -602,6 +600,8 @@ class SummarizationModule(L.LightningModule):
         loss_sum, count = self.token_losses(batch)
         self.loss_sum.update(loss_sum)
         self.token_count.update(count)
+        if below == 0:
+            return
         rows = batch["index"] < below if below is not None else torch.ones_like(batch["index"], dtype=torch.bool)
         if bool(rows.all()):
             texts = self.generate(batch)
@@ -626,7 +626,11 @@ class SummarizationModule(L.LightningModule):
         return batches * int(size) if size else batches
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, self.generated_val_examples())
+        below = self.generated_val_examples()
+        # The evaluation loader reads the split in order (ShardedSampler), so batch b's indices are all at
+        # least b x its size: past the summarized examples the indices (on the device) need no look, which
+        # would cost a host sync per batch.
+        self._eval_step(batch, below if batch_idx * len(batch["index"]) < below else 0)
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, None)
