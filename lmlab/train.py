@@ -244,6 +244,7 @@ def prepare_model_and_tokenizer(cfg: DictConfig, task: TaskSpec, spec: ModelSpec
             pretrained.check_trained_head(spec, head, source, task.name,
                                           [labels[i] for i in range(len(labels))] if labels else None, trust)
         model = pretrained.load_model(spec, head, source, updates, trust)
+        pretrained.check_vocabulary(model, tokenizer)
         check_positions(spec, model.config, sequence_length(cfg.data))
         log.info("Loaded pretrained %s backbone from %s", spec.name, source)
     else:
@@ -397,6 +398,7 @@ def _predict(cfg: DictConfig, task: TaskSpec, spec: ModelSpec, started: float) -
     pretrained.check_trained_head(spec, head, source, task.name, None, trust)
     tokenizer = load_pretrained(source, trust, key="model.pretrained")
     model = pretrained.load_model(spec, head, source, {}, trust).eval()
+    pretrained.check_vocabulary(model, tokenizer)
     check_positions(spec, model.config, sequence_length(cfg.data))
     module = task.build_module(cfg, model, tokenizer)
 

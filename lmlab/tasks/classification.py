@@ -36,7 +36,7 @@ from torchmetrics.classification import (
     MultilabelF1Score,
 )
 
-from lmlab import fingerprint, optim, padding_masks, pretrained
+from lmlab import fingerprint, optim, padding_masks
 from lmlab.data import labels as model_labels
 from lmlab.data.catalog import package_dir
 from lmlab.data.loaders import make_loader
@@ -668,7 +668,6 @@ def _positions(config: Any) -> int | None:
 
 
 def build_module(cfg: DictConfig, model: torch.nn.Module, tokenizer: Any) -> ClassificationModule:
-    pretrained.check_vocabulary(model, tokenizer)
     positions = _positions(model.config)
     if positions is not None and int(cfg.data.max_length) > positions:
         raise config_error("data.max_length", f"{cfg.data.max_length} is longer than the model can attend to "

@@ -45,7 +45,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics import Metric, SumMetric
 
-from lmlab import fingerprint, optim, padding_masks, pretrained
+from lmlab import fingerprint, optim, padding_masks
 from lmlab.data import labels as model_labels
 from lmlab.data.catalog import package_dir
 from lmlab.data.loaders import make_loader
@@ -914,7 +914,6 @@ def _labels_of(model: torch.nn.Module) -> list[str]:
 
 
 def build_module(cfg: DictConfig, model: torch.nn.Module, tokenizer: Any) -> NerModule:
-    pretrained.check_vocabulary(model, tokenizer)
     return NerModule(model, _labels_of(model), cfg.task, cfg.optimizer, cfg.scheduler)
 
 
