@@ -15,6 +15,7 @@ from lmlab import masking, optim, padding_masks
 from lmlab.compiling import compile_function, compile_in_place
 from lmlab.fastpath import lean_body, modules_callable_one_by_one
 from lmlab.errors import LmlabError, config_error
+from lmlab.reduced_logging import log_reduced
 from lmlab.specs import TaskSpec
 from lmlab.step_logging import log_step
 
@@ -220,7 +221,7 @@ class MaskedLMModule(L.LightningModule):
                    "val/masked_accuracy": self.val_sums["correct"].compute() / tokens}
         if self.nsp:
             metrics["val/nsp_accuracy"] = self.val_sums["nsp_correct"].compute() / self.val_sums["pairs"].compute().clamp(min=1)
-        self.log_dict(metrics, prog_bar=True)
+        log_reduced(self, metrics, prog_bar=True)
         for metric in self.val_sums.values():
             metric.reset()
 

@@ -52,6 +52,7 @@ from lmlab.data.loaders import make_loader
 from lmlab.data.sources import check_split_names, decode_file, json_records
 from lmlab.data.unlabelled import read_records
 from lmlab.errors import LmlabError, config_error, file_error
+from lmlab.reduced_logging import log_reduced
 from lmlab.specs import TaskSpec
 from lmlab.step_logging import log_step
 
@@ -734,8 +735,8 @@ class NerModule(L.LightningModule):
             logged[f"{split}/{key}"] = scores[key].float()
         for type_ in self.metrics[split].types:
             logged[f"{split}/f1_{metric_name(type_)}"] = scores[f"f1_{type_}"].float()
-        self.log(f"{split}/f1", logged.pop(f"{split}/f1"), prog_bar=True)
-        self.log_dict(logged)
+        log_reduced(self, {f"{split}/f1": logged.pop(f"{split}/f1")}, prog_bar=True)
+        log_reduced(self, logged)
         self.metrics[split].reset()
         self.loss_sums[f"{split}_loss"].reset()
         self.loss_sums[f"{split}_tokens"].reset()
