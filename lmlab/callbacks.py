@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -184,3 +186,73 @@ class LastValidation(L.Callback):
     def metrics_at(self, step: int) -> dict[str, float] | None:
         """The metrics of a validation at ``step``; None when the newest one was earlier (or none ran)."""
         return dict(self.metrics) if self.step == step and self.metrics else None
+
+
+class StepValidation(L.Callback):
+    """Validation right after every ``every``-th optimizer step, counted across epochs: what lmlab's
+    int ``trainer.val_check_interval`` means, with gradient accumulation too.
+
+    ``build_trainer`` hands Lightning ``every × accumulate_grad_batches`` as its interval, which
+    Lightning counts in training batches across epochs. It also steps the optimizer on an epoch's
+    last, partial accumulation, so when an epoch is not a whole number of accumulations its batch
+    count runs ahead of the optimizer steps from the first epoch's end on, and validation (with the
+    checkpoints after it) would land in the middle of an accumulation: 10 batches an epoch,
+    accumulating 4, every 2 steps, step 4 ends at batch 14 and Lightning validates at batch 16.
+    Then this callback decides instead, after each training batch, from the optimizer step itself;
+    the decision depends on the step only, so under DDP every rank takes the same one. Where each
+    epoch is whole accumulations it does nothing: Lightning's own count is exact there.
+
+    Lightning has no public "validate after this batch"; it reads ``trainer.val_check_batch`` (a
+    Trainer attribute its fit loop sets from ``val_check_interval``) right after
+    ``on_train_batch_end`` and validates when the number of training batches so far is a multiple
+    of it: 1 is a yes, ``sys.maxsize`` a no. A Lightning without the attribute gets a warning and
+    Lightning's own count.
+    """
+
+    def __init__(self, every: int):
+        self.every = every
+        self.active = False
+        self._step = 0
+        self._due = False  # whether the newest training batch ended a step to validate after
+        self._warned = False
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A resumed fit first asks whether the batch its checkpoint was written after validated.
+        # lmlab writes checkpoints after optimizer steps, so that batch's step answers.
+        self._step = trainer.global_step
+        self._due = self._step > 0 and self._step % self.every == 0
+        self.active = False
+        self._activate_if_needed(trainer)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._activate_if_needed(trainer)  # reloaded loaders (reload_dataloaders_every_n_epochs) change length
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        stepped = trainer.global_step != self._step
+        self._step = trainer.global_step
+        self._due = stepped and trainer.global_step % self.every == 0
+        if self.active:
+            self._steer(trainer)
+
+    def _activate_if_needed(self, trainer: L.Trainer) -> None:
+        if self.active or not partial_accumulations(trainer) or trainer.check_val_every_n_epoch is not None:
+            return  # with check_val_every_n_epoch, Lightning counts within an epoch, where steps align
+        if not isinstance(getattr(trainer, "val_check_batch", None), int):
+            if trainer.is_global_zero and not self._warned:
+                log.warning("This Lightning version has no trainer.val_check_batch: with epochs of %s batches "
+                            "and trainer.accumulate_grad_batches=%d, validation may fall between optimizer "
+                            "steps.", trainer.num_training_batches, trainer.accumulate_grad_batches)
+            self._warned = True
+            return
+        self.active = True
+        self._steer(trainer)
+
+    def _steer(self, trainer: L.Trainer) -> None:
+        trainer.val_check_batch = 1 if self._due else sys.maxsize
+
+
+def partial_accumulations(trainer: L.Trainer) -> bool:
+    """Whether an epoch may end on a partial accumulation, which Lightning steps the optimizer on."""
+    batches, accumulate = trainer.num_training_batches, int(trainer.accumulate_grad_batches)
+    return accumulate > 1 and (not math.isfinite(batches) or int(batches) % accumulate != 0)

@@ -21,8 +21,8 @@ from lmlab import checkpointing, checks, config_keys, data_lengths, distill, fau
 from lmlab.background_log import MetricsBeforeCheckpoints
 from lmlab.data import labels as model_labels
 from lmlab.data.loaders import distributed_sampler_wanted, shards_itself
-from lmlab.callbacks import LastValidation, LearningRate, MonitorLogged, ProgressBar, TokensPerSecond, \
-    ValidationCoverage
+from lmlab.callbacks import LastValidation, LearningRate, MonitorLogged, ProgressBar, StepValidation, \
+    TokensPerSecond, ValidationCoverage
 from lmlab.distributed import build_strategy, effective_batch, gathered_state_dict, is_rank_zero
 from lmlab.errors import LmlabError, config_error
 from lmlab.export import export_hf
@@ -162,18 +162,24 @@ def build_trainer(
     clipping = sharded_clipping(trainer_kwargs, trainer_kwargs["strategy"])
     accumulate = int(trainer_kwargs.get("accumulate_grad_batches") or 1)
     interval = trainer_kwargs.get("val_check_interval")
+    by_step: list[L.Callback] = []
     if isinstance(interval, int) and not isinstance(interval, bool):
         # lmlab's trainer.val_check_interval counts optimizer steps, like max_steps and the logging
         # interval; Lightning counts training batches, which accumulation multiplies.
         trainer_kwargs["val_check_interval"] = interval * accumulate
+        if accumulate > 1 and interval > 0:
+            # An epoch's partial last accumulation is a step too, and the product stops matching.
+            # First in the list: callbacks that save in on_train_batch_end (Preemption, last.ckpt)
+            # must see, and checkpoint, this batch's decision.
+            by_step.append(StepValidation(interval))
     every = int(trainer_kwargs.get("log_every_n_steps") or 50)  # null: Lightning's own default, 50
     throughput = TokensPerSecond(every=every * accumulate, configured_peak=cfg.get("perf", {}).get("peak_flops"))
     bar = [ProgressBar(every)] if trainer_kwargs.get("enable_progress_bar", True) else []
     try:
         trainer = L.Trainer(
             **trainer_kwargs, logger=logger,
-            callbacks=[best, last, throughput, LearningRate(), *bar, *checkpointing.callbacks(cfg, last), *clipping,
-                       MetricsBeforeCheckpoints(), LastValidation(), ValidationCoverage(),
+            callbacks=[*by_step, best, last, throughput, LearningRate(), *bar, *checkpointing.callbacks(cfg, last),
+                       *clipping, MetricsBeforeCheckpoints(), LastValidation(), ValidationCoverage(),
                        MonitorLogged(monitor, lambda logged: missing_monitor(cfg, task, logged))],
             default_root_dir=str(output_dir),
         )
