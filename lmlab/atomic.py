@@ -3,18 +3,36 @@
 ``os.replace`` within one directory is atomic on POSIX and Windows: a reader sees the old file or
 the new one, never a mix. The temporary name sits beside the target so the rename never crosses a
 file system.
+
+A directory is staged as ``.NAME.tmp-HOST-PID-XXXXXXXX`` beside ``NAME``; a writer killed before it
+renamed that (SIGKILL, a power cut) would leave it forever, so the next writer of ``NAME`` removes
+those whose owner is gone (see ``remove_stale``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import functools
+import hashlib
 import json
+import logging
 import os
+import re
+import secrets
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
+
+log = logging.getLogger(__name__)
+
+# How long a leftover whose owner cannot be asked (another host, or a name without an owner) stays:
+# a live writer there may be tokenizing for hours before it writes its first file.
+STALE_AFTER_SECONDS = 24 * 3600
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -92,27 +110,147 @@ def write_json(final: Path, data: Any) -> Path:
     return write_text(final, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+@functools.lru_cache(maxsize=1)
+def this_host() -> str:
+    """The host part of staging names: the host name, and where Linux tells them, a digest of its boot
+    and PID namespace.
+
+    A process id is checked only on the host, boot and PID namespace that gave it: two containers
+    sharing a host name, or a machine rebooted after a power cut, number their processes anew.
+    """
+    name = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())[:64] or "host"
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        space = f"{boot}:{os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return name
+    return f"{name}_{hashlib.sha256(space.encode()).hexdigest()[:8]}"
+
+
+def _prefix(final: Path, kind: str, host: str, pid: int) -> str:
+    return f".{final.name}.{kind}-{host}-{pid}-"
+
+
+def staging_name(final: Path, kind: str = "tmp", *, host: str | None = None, pid: int | None = None) -> str:
+    """A name beside ``final`` owned by this process (or ``host`` / ``pid``): ``kind`` is ``tmp`` for
+    what becomes ``final``, ``old`` for the previous ``final`` moved aside to be replaced."""
+    return _prefix(final, kind, host or this_host(), os.getpid() if pid is None else pid) + secrets.token_hex(4)
+
+
+def _owner(final: Path, name: str) -> tuple[str | None, int] | None:
+    """(host, pid) of a staging name of ``final``; (None, 0) for one written before names held their
+    owner (``tempfile.mkdtemp``'s ``.NAME.XXXXXXXX``, ``.NAME.old.PID``); None for any other name."""
+    stem = re.escape(final.name)
+    named = re.fullmatch(rf"\.{stem}\.(?:tmp|old)-(.+)-(\d+)-[a-z0-9_]+", name)
+    if named:
+        return named.group(1), int(named.group(2))
+    if re.fullmatch(rf"\.{stem}\.(?:[a-z0-9_]{{8}}|old\.\d+)", name):
+        return None, 0
+    return None
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid() or pid <= 0:  # 0 and below would signal process groups
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: another user's live process
+        return True
+    return True
+
+
+def _last_written(path: Path) -> float:
+    newest = 0.0
+    for p in [path, *path.rglob("*")]:
+        with contextlib.suppress(OSError):
+            newest = max(newest, p.lstat().st_mtime)
+    return newest
+
+
+def _is_stale(path: Path, host: str | None, pid: int) -> bool:
+    # os.kill(pid, 0) would end the process on Windows: there, as on another host, the age decides.
+    if host == this_host() and os.name == "posix":
+        return not _alive(pid)
+    return time.time() - _last_written(path) > STALE_AFTER_SECONDS
+
+
+def remove_stale(final: Path) -> list[Path]:
+    """Remove the staging folders of ``final`` whose writer is gone; return them.
+
+    Gone: a process of this host that no longer exists, or, where it cannot be asked, nothing written
+    for ``STALE_AFTER_SECONDS``. A live writer's folder is kept: several processes may fill one cache
+    entry at once (DDP ranks, a sweep's jobs). A folder that cannot be removed (a read-only cache) is
+    left as it is.
+    """
+    final = Path(final)
+    removed = []
+    try:
+        names = os.listdir(final.parent)
+    except OSError:
+        return removed
+    for name in names:
+        owner = _owner(final, name)
+        path = final.parent / name
+        if owner is None or path.is_symlink() or not path.is_dir() or not _is_stale(path, *owner):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists():
+            log.info("Removed %s, left by a writer that was killed before it finished", path)
+            removed.append(path)
+    return removed
+
+
+def staging_dir(final: Path) -> Path:
+    """A new empty folder beside ``final`` to write it in, once killed writers' leftovers are gone."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(final)
+    return Path(tempfile.mkdtemp(prefix=_prefix(final, "tmp", this_host(), os.getpid()), dir=final.parent))
+
+
+def _swap_in(tmp: Path, final: Path, tries: int = 20) -> None:
+    """Rename ``tmp`` to ``final``, moving a ``final`` already there aside (and deleting it).
+
+    Another process finishing the same cache entry (DDP ranks tokenize the same corpus at the same
+    pace) may publish, or move ``final`` aside, between any two of these steps: a rename that finds
+    ``final`` changed under it looks again instead of failing the run.
+    """
+    for attempt in range(tries):
+        old = final.with_name(staging_name(final, "old")) if final.exists() else None
+        try:
+            if old is not None:
+                os.replace(final, old)
+            os.replace(tmp, final)
+            return
+        except FileNotFoundError:  # another writer moved final aside first
+            if attempt == tries - 1 or not tmp.exists():
+                raise
+        except OSError as exc:  # another writer published final first
+            if attempt == tries - 1 or exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+        finally:
+            # Only once some final stands: a rename that failed otherwise leaves the previous copy
+            # as the one thing there is, for a person (or the next writer) to deal with.
+            if old is not None and final.exists():
+                shutil.rmtree(old, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a temporary sibling directory that becomes ``final`` only if the block succeeds.
 
     Replacing an existing directory takes two renames (POSIX cannot swap directories in one): a
-    kill between them leaves the previous content as ``.NAME.old.PID`` beside the missing ``final``.
+    kill between them leaves the previous content as ``.NAME.old-HOST-PID-XXXXXXXX`` beside the
+    missing ``final``, which the next writer removes with the rest of the leftovers.
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    tmp = staging_dir(final)
     try:
         yield tmp
         plain_permissions(tmp)  # mkdtemp's 0700 and mkstemp'd files' 0600 would otherwise stick
-        if final.exists():
-            # Another process finished the same cache entry first, or an export is replaced.
-            old = final.with_name(f".{final.name}.old.{os.getpid()}")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        _swap_in(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

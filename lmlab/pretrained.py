@@ -7,7 +7,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lmlab import atomic, fingerprint
 from lmlab.errors import LmlabError, config_error, file_error
-from lmlab.paths import is_local_reference
+from lmlab.paths import is_local_reference, writable_cache_dir
 from lmlab.specs import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -183,8 +182,8 @@ def _describe(source: dict[str, Any]) -> str:
 def _download_into(entry: Path, source: dict[str, Any], key: str) -> None:
     """Download into a folder beside ``entry``, then rename it there: never a half-written entry."""
     run_id, uri = source["run_id"], source["tracking_uri"]
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{run_id}.", dir=entry.parent))
+    writable_cache_dir(entry.parent)  # a model that could not be kept is not downloaded
+    staging = atomic.staging_dir(entry)  # also removes what downloads killed midway left there
     try:
         local = _download_model_artifact(run_id, uri, staging)
         if local is None or not (local / "config.json").exists():
@@ -212,7 +211,7 @@ def _publish(staging: Path, entry: Path, source: dict[str, Any]) -> None:
     """``staging`` becomes ``entry``, unless another process has published the same download meanwhile."""
     if entry.exists() and not (source["status"] == "FINISHED" and _entry_source(entry) == source):
         # An unfinished run's earlier download, or a stale one: replaced.
-        old = entry.with_name(f".{entry.name}.old.{os.getpid()}")
+        old = entry.with_name(atomic.staging_name(entry, "old"))
         try:
             os.replace(entry, old)
         except FileNotFoundError:

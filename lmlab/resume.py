@@ -262,8 +262,8 @@ def _newest_unfinished(cfg: DictConfig) -> Resume:
 def _remove_staged(run_dir: Path) -> None:
     """Delete what writes killed midway left in ``run_dir``: nothing reads it, and it never goes away.
 
-    ``atomic.atomic_dir`` stages the export in ``.export.XXXXXXXX/`` (and keeps the previous one as
-    ``.export.old.PID/`` between its two renames); ``atomic.atomic_file`` stages checkpoints as
+    ``atomic.atomic_dir`` stages the export in ``.export.tmp-HOST-PID-XXXXXXXX/`` (and keeps the previous
+    one as ``.export.old-HOST-PID-XXXXXXXX/`` between its two renames); ``atomic.atomic_file`` stages checkpoints as
     ``NAME.tmp``. Nothing is removed while the process that last ran the directory is alive.
     """
     record = read_record(run_dir)

@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from lmlab import fingerprint
 from lmlab.atomic import atomic_dir
 from lmlab.errors import config_error
-from lmlab.paths import is_local_reference
+from lmlab.paths import is_local_reference, writable_cache_dir
 from lmlab.specs import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -174,6 +174,7 @@ def get_tokenizer(
             log.info("Reusing cached %s tokenizer %s", kind, where)
             return cached, {**info, "cached": True}
 
+    writable_cache_dir(where.parent)  # before the training, whose tokenizer would have nowhere to go
     texts = train_texts()
     log.info("Training a %s tokenizer (vocab %d) on %d training texts", kind, vocab_size, len(texts))
     if kind == "wordpiece":

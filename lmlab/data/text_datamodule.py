@@ -25,10 +25,13 @@ from lmlab.data.loaders import make_loader
 from lmlab.data.sources import Corpus, load_corpus
 from lmlab.errors import LmlabError, config_error
 from lmlab.models.build import special_token_ids
+from lmlab.paths import writable_cache_dir
 from lmlab.tokenization import encode_texts
 
 log = logging.getLogger(__name__)
 
+# The packings whose blocks are drawn from the seed (layout.pack_sentence_pairs): only their cache key holds it.
+_SEEDED_PACKINGS = ("sentence_pairs",)
 # Sentence boundaries for next-sentence prediction: end punctuation followed by space.
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
@@ -134,24 +137,12 @@ class TextDataModule(L.LightningDataModule):
             return
         if self.tokenizer is None:
             raise RuntimeError("TextDataModule.set_tokenizer must be called before setup")
-        key = fingerprint.of_params(
-            corpus=self.corpus.fingerprint, tokenizer=_tokenizer_fingerprint(self.tokenizer),
-            packing=self.packing_mode, block=self.block_size, seed=self.seed, version=1,
-        )[:20]
-        where = self.cache_dir / "data" / f"{self.packing_mode}-{self.block_size}-{key}"
-        self.cache_hit = (where / "done").exists()
-        loaded = None
-        if self.cache_hit:
-            try:
-                loaded = _load_blocks(where, self.block_size)
-                log.info("Reusing tokenized data %s", where)
-            except UnreadableCache as exc:
-                # A truncated or overwritten file (a full disk, a copy cut short): the entry is rebuilt
-                # from the text, as if it had never been written.
-                log.warning("Tokenized-data cache file %s is unreadable (%s); tokenizing again and replacing "
-                            "the cache entry", exc.path, exc.reason)
-                self.cache_hit = False
+        entries = self._cache_entries()
+        loaded = self._load_cached(entries)
+        self.cache_hit = loaded is not None
         if loaded is None:
+            where = entries[0]
+            writable_cache_dir(where.parent)  # before the tokenizing, whose blocks would have nowhere to go
             log.info("Tokenizing and packing %d + %d documents", len(self.corpus.train), len(self.corpus.validation))
             with atomic_dir(where) as tmp:
                 for split, docs in (("train", self.corpus.train), ("validation", self.corpus.validation)):
@@ -175,6 +166,36 @@ class TextDataModule(L.LightningDataModule):
             # False when the tokenizer and blocks were cached and the corpus stamp matched: no text read.
             "corpus_read": self.corpus.is_read,
         }
+
+    def _cache_entries(self) -> list[Path]:
+        """Where this data's blocks may be cached: the entry written on a miss first, then any read too.
+
+        Only sentence pairs are drawn from the seed; the other packings' entries are shared by a sweep
+        over seeds. Their keys used to hold the seed too: an entry of that older key shape is still
+        read (never written), rather than the corpus tokenized again.
+        """
+        params = dict(corpus=self.corpus.fingerprint, tokenizer=_tokenizer_fingerprint(self.tokenizer),
+                      packing=self.packing_mode, block=self.block_size, version=1)
+        shapes = [{"seed": self.seed}] if self.packing_mode in _SEEDED_PACKINGS else [{}, {"seed": self.seed}]
+        return [self.cache_dir / "data" / f"{self.packing_mode}-{self.block_size}-"
+                f"{fingerprint.of_params(**params, **shape)[:20]}" for shape in shapes]
+
+    def _load_cached(self, entries: list[Path]) -> dict[str, dict[str, np.ndarray]] | None:
+        """The blocks of the first complete, readable entry; None when there is none."""
+        for where in entries:
+            if not (where / "done").exists():
+                continue
+            try:
+                loaded = _load_blocks(where, self.block_size)
+            except UnreadableCache as exc:
+                # A truncated or overwritten file (a full disk, a copy cut short): the entry is rebuilt
+                # from the text, as if it had never been written.
+                log.warning("Tokenized-data cache file %s is unreadable (%s); tokenizing again and replacing "
+                            "the cache entry", exc.path, exc.reason)
+                continue
+            log.info("Reusing tokenized data %s", where)
+            return loaded
+        return None
 
     def _pack(self, docs: list[str], split: str) -> dict[str, np.ndarray]:
         tok = self.tokenizer
