@@ -247,10 +247,12 @@ def run_pipeline(args: argparse.Namespace, work: Path, env: dict[str, str], expo
     data = Path(args.data)
     if args.pipeline_copies > 1:  # a bigger corpus: the file repeated (lmlab's cache key is its content)
         data = work / f"corpus_x{args.pipeline_copies}.txt"
-        text = Path(args.data).read_text(encoding="utf-8")
+        lines = Path(args.data).read_text(encoding="utf-8").splitlines()
         with data.open("w", encoding="utf-8") as out:
-            for _ in range(args.pipeline_copies):
-                out.write(text if text.endswith("\n") else text + "\n")
+            # Each copy's lines numbered: lmlab drops repeated documents before carving out validation,
+            # so plain copies would leave it one copy to tokenize while datasets.map tokenizes all.
+            for copy in range(args.pipeline_copies):
+                out.writelines(f"{copy} {line}\n" if line.strip() else "\n" for line in lines)
     size_mb = data.stat().st_size / 2**20
     rows = []
     for side in ("lmlab", "HF datasets.map"):

@@ -54,6 +54,12 @@ TEACHER_HEADS = {
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 # Tasks whose logits are over labels; the others' are over the tokenizer's vocabulary.
 LABEL_TASKS = ("classification", "ner")
+# What a language-modelling task's teacher must be: a model that scores every vocabulary token.
+VOCABULARY_TEACHERS = {
+    "clm": "a causal language model (*ForCausalLM / *LMHeadModel), e.g. an lmlab task=clm run",
+    "mlm": "a masked language model (*ForMaskedLM, or BertForPreTraining; of ELECTRA, the generator "
+           "ElectraForMaskedLM, not the discriminator), e.g. an lmlab task=mlm run",
+}
 # trainer.precision values that hold the whole model in another dtype (Lightning converts the student).
 TRUE_PRECISION_DTYPES = {"bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64}
 
@@ -212,10 +218,39 @@ def load_teacher(source: str, task_name: str) -> torch.nn.Module:
                            f"task={task_name} to learn from",
                            f"Train the teacher on this task first (lmlab task={task_name} ...) and pass that run.")
     try:
-        return model_class.from_pretrained(source)
+        model = model_class.from_pretrained(source)
     except (OSError, ValueError) as exc:
         raise config_error(KEY, f"cannot load the teacher '{source}' ({' '.join(str(exc).split())[:300]})",
                            "Point it at a model written by save_pretrained (an lmlab run's export/).") from exc
+    if task_name in VOCABULARY_TEACHERS:
+        check_vocabulary_logits(model, source, task_name)
+    return model
+
+
+def check_vocabulary_logits(model: torch.nn.Module, source: str, task_name: str) -> None:
+    """The teacher of a language-modelling task scores every token of its vocabulary at each position.
+
+    Its class name does not tell: ``*ForPreTraining`` is BERT's masked-LM heads, and also ELECTRA's
+    replaced-token detector, whose logits are one score per position (original or replaced), which
+    fails only at the first training step, on a shape. So the teacher reads a two-token input on the
+    CPU, through the code that reads its logits in training, and its logits must be
+    (1, 2, config.vocab_size).
+    """
+    vocabulary = int(model.config.vocab_size)
+    ids = torch.zeros((1, 2), dtype=torch.long, device=next(model.parameters()).device)
+    try:
+        with torch.no_grad():
+            logits = logits_at(model.eval(), {"input_ids": ids}, None)
+    except Exception as exc:  # whatever breaks here would break the first training step
+        raise config_error(KEY, f"the teacher '{source}' ({type(model).__name__}) fails on a two-token input "
+                           f"({type(exc).__name__}: {' '.join(str(exc).split())[:300]})",
+                           f"For task={task_name} pass {VOCABULARY_TEACHERS[task_name]}.") from exc
+    if logits.dim() != 3 or logits.shape[-1] != vocabulary:
+        raise config_error(KEY, f"the teacher '{source}' is {type(model).__name__}, whose logits for a two-token "
+                           f"input have shape {tuple(logits.shape)}, not (1, 2, {vocabulary}): one score per token "
+                           f"of its {vocabulary}-token vocabulary at each position, which task={task_name}'s student "
+                           "learns from",
+                           f"Pass {VOCABULARY_TEACHERS[task_name]}.")
 
 
 def check_compatible(teacher: Teacher, student: torch.nn.Module, tokenizer: Any, task_name: str) -> None:

@@ -429,3 +429,30 @@ def test_a_teacher_named_by_run_id_is_recorded_by_its_run_id(data: dict[str, Pat
     assert params["distill/teacher_source"] == teacher.run_id
     cached = list((home / "cache" / "mlflow_models").glob(f"*/{teacher.run_id}/model/config.json"))
     assert len(cached) == 1  # downloaded into lmlab's cache, not a temporary folder
+
+
+# -- teachers whose logits are not over the vocabulary ---------------------------------------------
+def _save_tiny(model_class: type, config_class: type, root: Path, **extra: int) -> Path:
+    config = config_class(vocab_size=120, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                          intermediate_size=64, max_position_embeddings=64, **extra)
+    model_class(config).save_pretrained(root)
+    return root
+
+
+def test_an_electra_discriminator_is_refused_before_training(tmp_path: Path) -> None:
+    """ElectraForPreTraining ends like BertForPreTraining, an MLM teacher, but scores each token as
+    original or replaced: its (batch, tokens) logits broke the first training step on a shape."""
+    from transformers import BertConfig, BertForPreTraining, ElectraConfig, ElectraForMaskedLM, ElectraForPreTraining
+
+    electra = _save_tiny(ElectraForPreTraining, ElectraConfig, tmp_path / "electra", embedding_size=16)
+    cfg = compose_cfg(["task=mlm", "model=bert", f"distill.teacher={electra}"])
+    with pytest.raises(LmlabError) as info:
+        distill.prepare(cfg, registry.get("task", "mlm"))
+    message = str(info.value)
+    assert message.startswith("config key 'distill.teacher':") and "ElectraForPreTraining" in message
+    assert "shape (1, 2), not (1, 2, 120)" in message and "ElectraForMaskedLM" in message
+    # The teachers whose logits are over the vocabulary still load.
+    for model_class, config_class, extra in ((BertForPreTraining, BertConfig, {}),
+                                             (ElectraForMaskedLM, ElectraConfig, {"embedding_size": 16})):
+        root = _save_tiny(model_class, config_class, tmp_path / model_class.__name__, **extra)
+        assert type(distill.load_teacher(str(root), "mlm")) is model_class

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -108,8 +109,9 @@ def test_bbc_headlines_split_is_deterministic() -> None:
     a, origin = S.load_pairs(cfg.data)
     b, _ = S.load_pairs(cfg.data)
     assert set(a) == {"train", "validation", "test"} and origin.startswith("catalog:bbc_headlines")
-    assert sum(len(p) for p in a.values()) == 2225
-    assert a["test"].summaries == b["test"].summaries and len(a["test"]) == 222
+    # 2,225 articles, 136 of them copies of an earlier article's text (tests/test_dedupe.py).
+    assert sum(len(p) for p in a.values()) == 2089
+    assert a["test"].summaries == b["test"].summaries and len(a["test"]) == 209
     assert a["train"].summaries[0] == "Ad sales boost Time Warner profit"  # business/001.txt's headline
     assert a["train"].documents[0].startswith("Quarterly profits at US media giant TimeWarner")
 
@@ -349,10 +351,10 @@ def test_a_split_named_directory_refuses_files_of_no_split(tmp_path: Path) -> No
     assert len(splits["train"]) == 20 and len(splits["validation"]) == 4
     # Without split names the directory is still one pool.
     pool = tmp_path / "pool"
-    _write_jsonl(pool / "part1.jsonl", GOOD_PAIRS)
-    _write_jsonl(pool / "part2.jsonl", GOOD_PAIRS)
+    _write_jsonl(pool / "part1.jsonl", GOOD_PAIRS[:12])
+    _write_jsonl(pool / "part2.jsonl", GOOD_PAIRS[8:])  # 4 pairs again: the pool keeps one of each
     splits, _ = S.load_pairs(_pairs_cfg(pool))
-    assert sum(len(p) for p in splits.values()) == 40
+    assert sum(len(p) for p in splits.values()) == 20
 
 
 @pytest.mark.parametrize(("value", "kind"), [(5, "number"), (["a", "b"], "array"), ({"text": "x"}, "object"),
@@ -450,3 +452,68 @@ def test_validation_summarizes_the_same_examples_at_any_number_of_processes(monk
     (first, first_calls), (second, second_calls) = summarized(0, 2), summarized(1, 2)
     assert sorted(first + second) == alone  # the same examples, none twice
     assert first_calls == 1 and second_calls == 1  # the work is shared, not doubled
+
+
+# -- mode=predict inputs -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def predictor() -> tuple:
+    """A tiny untrained BART, its tokenizer and a CPU trainer: what mode=predict hands S.predict."""
+    import lightning as L
+
+    from lmlab.tokenization import train_bpe
+
+    if not NEWS.exists():
+        pytest.skip(f"real test data missing: {NEWS}")
+    records = [json.loads(line) for line in (NEWS / "test.jsonl").read_text(encoding="utf-8").splitlines()[:6]]
+    tok = train_bpe([r["document"] for r in records], 400, 1)
+    cfg = compose_cfg(["task=summarization", "model=bart", "model.size=tiny", "task.generation.max_new_tokens=4"])
+    task, spec = registry.get("task", "summarization"), registry.get("model", "bart")
+    torch.manual_seed(0)
+    module = task.build_module(cfg, build_model(spec, task.head(cfg), build_hf_config(spec, cfg.model, tok, 64)), tok)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    return records, module, tok, trainer
+
+
+def _predict(predictor: tuple, path: Path, out: Path) -> list[dict]:
+    _, module, tok, trainer = predictor
+    cfg = compose_cfg(["task=summarization", "model=bart", f"data.path={path}", "mode=predict"])
+    (written,) = S.predict(cfg, module, tok, trainer, out)
+    return [json.loads(line) for line in written.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.mark.parametrize(("value", "kind"), [(1234, "number"), (None, "null"), (["a", "b"], "array")])
+def test_predict_refuses_a_document_that_is_not_a_string(predictor: tuple, tmp_path: Path, value, kind: str) -> None:
+    """Read as "", such a document got a summary of nothing, and the predictions file gave no sign of it."""
+    records = predictor[0]
+    path = _write_jsonl(tmp_path / "to_summarise.jsonl", [*records[:3], dict(records[3], document=value), *records[4:]])
+    with pytest.raises(LmlabError) as info:
+        _predict(predictor, path, tmp_path / "out")
+    message = str(info.value)
+    assert f"{path}, line 4: field 'document' holds a JSON {kind}" in message and "data.document_field" in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_predict_takes_documents_with_or_without_a_reference(predictor: tuple, tmp_path: Path) -> None:
+    records = predictor[0]
+    path = _write_jsonl(tmp_path / "to_summarise.jsonl", [*records[:2], dict(records[2], summary=None)])
+    rows = _predict(predictor, path, tmp_path / "out")
+    assert [r["document"] for r in rows] == [" ".join(r["document"].split()) for r in records[:3]]
+    assert [r["reference"] for r in rows] == [records[0]["summary"], records[1]["summary"], ""]
+    # A reference that is not text is as wrong in a predict input as in training data.
+    bad = _write_jsonl(tmp_path / "bad.jsonl", [*records[:2], dict(records[2], summary=7)])
+    with pytest.raises(LmlabError, match=rf"{re.escape(str(bad))}, line 3: field 'summary' holds a JSON number"):
+        _predict(predictor, bad, tmp_path / "out2")
+
+
+def test_predict_names_the_line_of_a_short_csv_row(predictor: tuple, tmp_path: Path) -> None:
+    import csv
+
+    path = tmp_path / "to_summarise.csv"
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["summary", "document"])
+        writer.writerows([r["summary"], r["document"]] for r in predictor[0][:2])
+        f.write("a headline with no document after it\n")
+    with pytest.raises(LmlabError, match=rf"{re.escape(str(path))}, line 4: has no value in column 'document'"):
+        _predict(predictor, path, tmp_path / "out")

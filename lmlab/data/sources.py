@@ -3,7 +3,8 @@
 Every non-empty line of a text file is one document (one paragraph), as in HF's ``run_clm``.
 A JSON-lines file gives one document per line from ``data.text_field``. A directory is read
 recursively: with no file named for a split, everything is training text and a validation split is
-carved out. Once one file is named for a split, all must be: ``train.*`` gives the training text,
+carved out, after the later copies of a repeated document are dropped (a document and its copy on
+both sides would flatter the validation scores). Once one file is named for a split, all must be: ``train.*`` gives the training text,
 ``validation.*`` (or ``valid``/``val``/``dev``) the validation split and ``test.*`` is left out (no
 language-modelling task reads a test split). A file that fits no split is an error, not text
 silently dropped or merged into training (where it could be held-out text).
@@ -13,14 +14,15 @@ from __future__ import annotations
 
 import codecs
 import csv
+import hashlib
 import io
 import json
 import logging
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from omegaconf import DictConfig
@@ -40,6 +42,7 @@ SPLIT_STEMS = {"train": "train", "validation": "validation", "valid": "validatio
 # Split names of a directory that pretraining has no use for: the files are named, so they are not
 # stray, but they are not read either.
 UNREAD_SPLIT_STEMS = {"test": "test"}
+T = TypeVar("T")
 
 
 class Corpus:
@@ -150,8 +153,14 @@ def row_length_fix(suffix: str) -> str:
 
 
 def json_type(value: Any) -> str:
-    names = {bool: "boolean", int: "number", float: "number", list: "array", dict: "object"}
+    names = {bool: "boolean", int: "number", float: "number", list: "array", dict: "object", type(None): "null"}
     return names.get(type(value), type(value).__name__)
+
+
+def not_a_string(path: Path, line: int, key: str, value: Any, fix: str) -> LmlabError:
+    """The error for a JSON record whose ``key`` holds ``value``, something other than a string."""
+    shown = "" if value is None else f" ({json.dumps(value)[:60]})"
+    return file_error(path, f"field '{key}' holds a JSON {json_type(value)}{shown}, not a string", fix, line=line)
 
 
 def read_text_file(path: Path, encoding: str = "utf-8", fallback: str | None = None) -> list[str]:
@@ -169,9 +178,8 @@ def read_jsonl_file(path: Path, text_field: str, encoding: str = "utf-8", fallba
         if value is not None and not isinstance(value, str):
             # Skipped, a number or a list would leave the file looking empty and the error pointing
             # at blank lines.
-            raise file_error(path, f"field '{text_field}' holds a JSON {json_type(value)} ({json.dumps(value)[:60]}), "
-                             "not a string", "Write the text as a JSON string, or set data.text_field to the field "
-                             "that holds the text.", line=number)
+            raise not_a_string(path, number, text_field, value, "Write the text as a JSON string, or set "
+                               "data.text_field to the field that holds the text.")
         if value is not None and value.strip():
             docs.append(value.strip())
     return docs
@@ -277,10 +285,62 @@ def read_hf_dataset(name: str, config_name: str | None, text_field: str, trust_r
     return out
 
 
-def carve_validation(docs: list[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
+def text_key(*texts: str) -> bytes:
+    """What identifies a text (or a text pair) among its duplicates: a digest of it with whitespace
+    runs made one space, so a copy that differs in line breaks or indentation still counts.
+
+    A digest rather than the text keeps the memory of a large corpus's key set small.
+    """
+    joined = "\x00".join(" ".join(text.split()) for text in texts)
+    return hashlib.blake2b(joined.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
+def drop_duplicates(items: Sequence[T], key: Callable[[T], Hashable] = text_key, what: str = "documents") -> list[T]:
+    """``items`` without the later copies of an item (same ``key``); the first copy, in file order, stays.
+
+    Run before held-out splits are carved out of one pool: a document and its copy would otherwise
+    fall on both sides of the split about as often as not, and the held-out scores would count
+    text the model trained on (the BBC News corpus holds 100 duplicated articles).
+    """
+    seen: set[Hashable] = set()
+    kept = []
+    for item in items:
+        k = key(item)
+        if k not in seen:
+            seen.add(k)
+            kept.append(item)
+    if len(kept) < len(items):
+        log.info("Dropped %d of the %d %s as copies of an earlier one (the same text, whitespace aside) before "
+                 "carving out held-out splits, so that none is both trained on and scored", len(items) - len(kept),
+                 len(items), what)
+    return kept
+
+
+def warn_if_held_out_in_train(train: Iterable[Hashable], held_out: Sequence[Hashable], split: str, where: str) -> None:
+    """A warning when examples of a held-out split the user named (``validation.txt``) also occur
+    in train (keys as ``text_key`` gives them).
+
+    Named splits are the user's to define, so they are read as given; but a score on text the model
+    trained on flatters it, which nobody would see otherwise. Only the held-out keys are held in
+    memory: ``train`` is streamed past them.
+    """
+    wanted = set(held_out)
+    found = {k for k in train if k in wanted}
+    if found:
+        n = sum(k in found for k in held_out)
+        log.warning("%d of the %d %s examples of %s also occur in its training split (the same text, whitespace "
+                    "aside); they are kept as given, and the %s scores count them, so they flatter the model. "
+                    "Remove them from one of the two files for an unbiased score.", n, len(held_out), split, where,
+                    split)
+
+
+def carve_validation(docs: Sequence[T], fraction: float, seed: int,
+                     key: Callable[[T], Hashable] = text_key) -> tuple[list[T], list[T]]:
+    """A seeded split of ``docs`` (duplicates by ``key`` dropped first) into train and validation."""
     if not 0 < fraction < 1:
         raise config_error("data.val_fraction", f"{fraction} is not between 0 and 1",
                            "Use e.g. data.val_fraction=0.05.")
+    docs = drop_duplicates(docs, key)
     order = np.random.default_rng(seed).permutation(len(docs))
     n_val = max(1, int(round(len(docs) * fraction)))
     val_idx = set(order[:n_val].tolist())
@@ -381,15 +441,17 @@ def _splits(splits: dict[str, list[str]], data_cfg: DictConfig) -> tuple[list[st
                            "Give a file with at least a few lines of text.")
     max_docs = data_cfg.get("max_documents")
     validation = splits.get("validation") or []
-    if not validation:
-        total = len(train)
+    if validation:
+        warn_if_held_out_in_train(map(text_key, train), [text_key(d) for d in validation], "validation", str(where))
+    else:
         fraction = float(data_cfg.val_fraction)
         train, validation = carve_validation(train, fraction, int(data_cfg.split_seed))
+        total = len(train) + len(validation)
         if not train:
             # The validation carve keeps at least one document, so a one-line file has none left.
             raise config_error(
                 key, f"the training split got no documents: '{where}' has {total} document(s) (non-empty lines "
-                f"or records) in all, and data.val_fraction={fraction:g} took {'it' if total == 1 else 'them'} "
+                f"or records, a repeated one counted once) in all, and data.val_fraction={fraction:g} took {'it' if total == 1 else 'them'} "
                 "for validation",
                 "Add more text (a document is a line), lower data.val_fraction, or give the validation text "
                 "its own file (a directory with train.txt and validation.txt).",
@@ -401,6 +463,10 @@ def _splits(splits: dict[str, list[str]], data_cfg: DictConfig) -> tuple[list[st
 
 # The data settings that decide which documents a local source gives.
 READING_KEYS = ("encoding", "text_field", "val_fraction", "split_seed", "max_documents")
+# Part of the stamp key with the settings: bump it when the same files and settings come to give other
+# splits, so that a stamp written before does not hand out the old splits' fingerprint (and caches).
+# 2: duplicates are dropped before the validation split is carved out.
+SPLITTING_VERSION = 2
 
 
 def load_corpus(data_cfg: DictConfig, stamp_dir: Path | None = None) -> Corpus:
@@ -417,7 +483,7 @@ def load_corpus(data_cfg: DictConfig, stamp_dir: Path | None = None) -> Corpus:
     if stamp_dir is None or not source.files:
         return Corpus(source.origin, read)
     settings = {k: data_cfg.get(k) for k in READING_KEYS}
-    settings.update(origin=source.origin, encoding_fallback=source.encoding_fallback)
+    settings.update(origin=source.origin, encoding_fallback=source.encoding_fallback, splitting=SPLITTING_VERSION)
     key = stamps.key_of(source.files, settings)
     known = stamps.lookup(stamp_dir, key)
     if known is not None:

