@@ -260,11 +260,17 @@ class Preemption(L.Callback):
     """SIGTERM, SIGUSR1, a first Ctrl-C or submitit's preemption signal: save last.ckpt at the next
     step boundary and stop training.
 
-    Lightning notes SIGTERM itself and raises ``SIGTERMException`` once the step is over (after its
-    validation, if one is due then); this saves the checkpoint first. For the other signals this
-    raises the same exception before the next step or epoch starts. A signal that lands during
-    validation reaches ``on_exception`` instead, which saves then. ``fit`` below turns either into
-    ``Preempted``.
+    A step is an optimizer step: with ``trainer.accumulate_grad_batches`` above 1, a signal that
+    lands on a micro-batch waits for the rest of its accumulation (``_ends_step``). Stopping in
+    between would save the loader's position past micro-batches whose gradients are in no weight
+    and in no checkpoint: the resumed run would skip them, and its first step would use fewer.
+
+    Lightning notes SIGTERM itself and raises ``SIGTERMException`` once the batch is over (after its
+    validation, if one is due then) and, under DDP, at the start of every batch; mid-accumulation
+    this holds that note back until the step boundary (``_hold_sigterm``), where it saves the
+    checkpoint first and hands the note back. For the other signals this raises the same exception
+    before the next step or epoch starts. A signal that lands during validation reaches
+    ``on_exception`` instead, which saves then. ``fit`` below turns either into ``Preempted``.
 
     Not ``trainer.should_stop``: Lightning validates before it honours that (its early-stopping
     rule), so every stop would add a validation nobody scheduled, and with it a best-step
@@ -284,6 +290,11 @@ class Preemption(L.Callback):
         self.stopped_after: int | None = None
         self.requeue_signum: int | None = None  # submitit's preemption signal, in a submitit job
         self._previous: dict[int, Any] = {}
+        self._trainer: L.Trainer | None = None
+        self._step = 0  # the global step after the previous training batch
+        self._holding = False  # between a batch that did not end a step and the next batch's start
+        self._sigterm_held = False  # Lightning's note of a SIGTERM, taken back until the step boundary
+        self._lightning_sigterm: Any = None  # Lightning's SIGTERM handler, while ``_on_sigterm`` wraps it
 
     def _note(self, signum: int, frame: Any) -> None:
         self.signum = signum
@@ -307,8 +318,12 @@ class Preemption(L.Callback):
             self._previous[found[0]] = signal.signal(found[0], self._note)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._trainer, self._step = trainer, trainer.global_step
+        self._holding = self._sigterm_held = False
         if threading.current_thread() is not threading.main_thread():
             return
+        if int(trainer.accumulate_grad_batches) > 1:  # without accumulation every batch is a boundary
+            self._wrap_lightning_sigterm()
         for signum in _own_signals():
             if signal.getsignal(signum) in (signal.SIG_DFL, None):
                 self._previous[signum] = signal.signal(signum, self._note)
@@ -319,21 +334,80 @@ class Preemption(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # A signal that came during the last validation: training ended anyway, and LastCheckpoint
         # (called before this callback) has saved its final state.
+        self._holding = False
+        if self._sigterm_held and self.signum is None:  # never lost, though training ended first
+            self.signum = signal.SIGTERM
         if self.signum is not None and self.stopped_after is None:
             self.stopped_after = trainer.global_step
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        asked = self.signum is not None or trainer.received_sigterm
+        if not self._ends_step(trainer):
+            # Before Lightning's note is read: a SIGTERM from here to the next batch is held too.
+            self._holding = True
+            self._hold_sigterm(trainer)
+            return  # the same on every rank, so the reductions below stay paired
+        asked = self.signum is not None or self._sigterm_held or trainer.received_sigterm
         if trainer.strategy.reduce_boolean_decision(asked, all=False):  # any rank's signal stops all
             submitit = self.requeue_signum is not None and self.signum == self.requeue_signum
             if trainer.strategy.reduce_boolean_decision(submitit, all=False) and self.requeue_signum is not None:
                 self.signum = self.requeue_signum  # any rank's submitit signal: every rank hands on
             self._stop(trainer)
+            self._release_sigterm(trainer)
+
+    def _ends_step(self, trainer: L.Trainer) -> bool:
+        """Whether the training batch whose hooks run ended an optimizer step: the global step moved
+        on it, or it was its epoch's last (Lightning steps on a partial accumulation there). Every
+        DDP rank steps together, so every rank answers alike."""
+        stepped = trainer.global_step != self._step
+        self._step = trainer.global_step
+        if int(getattr(trainer, "accumulate_grad_batches", 1)) <= 1:
+            return True  # every batch is a step
+        return stepped or _last_batch_of_epoch(trainer)
+
+    def _hold_sigterm(self, trainer: L.Trainer) -> None:
+        # Lightning would raise on its note before the step is over: after this batch in its epoch
+        # loop, and under DDP at the next batch's start, from rank 0's note.
+        connector = getattr(trainer, "_signal_connector", None)
+        if connector is not None and getattr(connector, "received_sigterm", False):
+            connector.received_sigterm = False
+            self._sigterm_held = True
+
+    def _release_sigterm(self, trainer: L.Trainer) -> None:
+        # Stopping at the boundary: Lightning raises on its note as it would have had the signal
+        # come during this batch, so a held SIGTERM ends training exactly like one that was not.
+        connector = getattr(trainer, "_signal_connector", None)
+        if self._sigterm_held and connector is not None:
+            connector.received_sigterm = True
+        self._sigterm_held = False
+
+    def _wrap_lightning_sigterm(self) -> None:
+        """Put ``_on_sigterm`` in front of the SIGTERM handler Lightning installed for this fit.
+
+        Clearing Lightning's note in ``on_train_batch_end`` alone leaves a gap: a SIGTERM after that
+        hook and before the next batch (the module's hook, the loggers' writes, the next loader
+        fetch) would be noted, and acted on, mid-accumulation. Lightning's handler still runs
+        first, so it goes on forwarding the signal to the processes its launcher started.
+
+        Not closed here: under DDP Lightning's handler also broadcasts from rank 0, inside the
+        handler, and relies on every rank receiving SIGTERM to pair those broadcasts; a rank that
+        never receives it is Lightning's case, as without accumulation.
+        """
+        handler = signal.getsignal(signal.SIGTERM)
+        if callable(handler) and handler != self._on_sigterm:
+            self._lightning_sigterm = handler
+            signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        if self._lightning_sigterm is not None:
+            self._lightning_sigterm(signum, frame)
+        if self._holding and self._trainer is not None:
+            self._hold_sigterm(self._trainer)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         self._raise_if_stopped()
+        self._holding = False  # Lightning reads its note again only once this batch is over
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._raise_if_stopped()  # before the new epoch's loader starts its workers
@@ -363,6 +437,20 @@ class Preemption(L.Callback):
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous = {}
+        # Lightning puts back the handler of before the fit when its trainer call ends; only where
+        # it has not yet is its own back in place.
+        if self._lightning_sigterm is not None and signal.getsignal(signal.SIGTERM) == self._on_sigterm:
+            signal.signal(signal.SIGTERM, self._lightning_sigterm)
+        self._lightning_sigterm = None
+        self._trainer = None
+        self._holding = False
+
+
+def _last_batch_of_epoch(trainer: L.Trainer) -> bool:
+    try:
+        return bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
+    except AttributeError:  # a Lightning without it: the global step alone tells
+        return False
 
 
 def fit(trainer: L.Trainer, module: L.LightningModule, datamodule: Any, ckpt_path: Any = None) -> None:

@@ -89,6 +89,29 @@ def run_in_home(root: Path, overrides: list[str]):
         return run(cfg), cfg
 
 
+def in_process_starter(root: Path, overrides: list[str], cache: Path):
+    """``start(name, *extra, callback=None)``: a real run (``lmlab.train.run``) in this process with
+    its home in ROOT/NAME, the cache in CACHE and ``callback`` added to the Trainer's callbacks;
+    ``start.want`` is the uninterrupted run's result (home ROOT/reference)."""
+    import lightning as L
+
+    from lmlab import checkpointing
+    from lmlab.train import run
+
+    def start(name: str, *extra: str, callback: L.Callback | None = None):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("LMLAB_HOME", str(root / name))
+            mp.setenv("LMLAB_CACHE_DIR", str(cache))
+            if callback is not None:
+                real = checkpointing.callbacks
+                mp.setattr(checkpointing, "callbacks", lambda cfg, last: [*real(cfg, last), callback])
+            return run(compose_cfg([*overrides, *extra]))
+
+    start.root = root
+    start.want = start("reference")
+    return start
+
+
 def lmlab_command() -> list[str]:
     """The installed console script next to this interpreter (or on PATH), else ``python -m lmlab``."""
     script = Path(sys.executable).parent / "lmlab"

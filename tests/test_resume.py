@@ -27,7 +27,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import TINY, WIKI, compose_cfg, lmlab_command
+from conftest import TINY, WIKI, in_process_starter, lmlab_command
 
 pytestmark = pytest.mark.slow
 
@@ -220,24 +220,8 @@ class Crash(L.Callback):
 def in_process(workspace: Path, tmp_path_factory: pytest.TempPathFactory):
     """``start(name, *extra, callback=None)`` runs lmlab.train.run in this process in its own home;
     ``want`` is the uninterrupted run's result."""
-    from lmlab import checkpointing
-    from lmlab.train import run
-
-    root = tmp_path_factory.mktemp("in_process")
     overrides = [*ARGS, data(workspace), "trainer.enable_progress_bar=false"]
-
-    def start(name: str, *extra: str, callback: L.Callback | None = None):
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("LMLAB_HOME", str(root / name))
-            mp.setenv("LMLAB_CACHE_DIR", str(workspace / "cache"))
-            if callback is not None:
-                real = checkpointing.callbacks
-                mp.setattr(checkpointing, "callbacks", lambda cfg, last: [*real(cfg, last), callback])
-            return run(compose_cfg([*overrides, *extra]))
-
-    start.root = root
-    start.want = start("reference")
-    return start
+    return in_process_starter(tmp_path_factory.mktemp("in_process"), overrides, workspace / "cache")
 
 
 @pytest.mark.parametrize("crash_at, saved", [(10, 9), (13, 12), (17, 15)])
