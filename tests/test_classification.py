@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -391,6 +392,86 @@ def test_predict_inputs_read_a_tsv_as_training_does(tmp_path: Path) -> None:
     path.write_text('\ufefftext\n"Great," she said\nplain\n"Gripping" throughout\n', encoding="utf-8")
     rows = read_records(path, ["text"], "data.text_column")
     assert [r["text"] for r in rows] == ['"Great," she said', "plain", '"Gripping" throughout']
+
+
+# -- mode=predict inputs --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def classifier() -> tuple:
+    """A tiny untrained BERT classifier, its tokenizer and a CPU trainer: what mode=predict hands
+    classification's predict, and real reviews to feed it."""
+    import lightning as L
+
+    from lmlab.models.build import build_hf_config, build_model
+
+    if not ROTTEN.exists():
+        pytest.skip(f"real test data missing: {ROTTEN}")
+    reviews = [r["text"] for r in _rows("test", 6)]
+    tok = train_wordpiece(reviews, 300, 1, True)
+    cfg = compose_cfg(["task=classification", "model=bert", "model.size=tiny"])
+    task, spec = registry.get("task", "classification"), registry.get("model", "bert")
+    labels = {"num_labels": 2, "id2label": {0: "fresh", 1: "rotten"}, "label2id": {"fresh": 0, "rotten": 1}}
+    torch.manual_seed(0)
+    model = build_model(spec, task.head(cfg), build_hf_config(spec, cfg.model, tok, 64, labels))
+    module = task.build_module(cfg, model, tok)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    return reviews, module, tok, trainer
+
+
+def _classify(classifier: tuple, path: Path, out: Path, *overrides: str) -> list[dict[str, str]]:
+    from lmlab.tasks.classification import predict
+
+    _, module, tok, trainer = classifier
+    cfg = compose_cfg(["task=classification", "model=bert", f"data.path={path}", "mode=predict", *overrides])
+    (written,) = predict(cfg, module, tok, trainer, out)
+    with written.open(encoding="utf-8", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _jsonl(path: Path, records: list[dict]) -> Path:
+    # A blank line after the first record: errors name the file's line, not the record's number.
+    path.write_text(json.dumps(records[0]) + "\n\n" + "".join(json.dumps(r) + "\n" for r in records[1:]),
+                    encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize(("value", "shown"), [(None, "null"), (1234, "number (1234)"),
+                                              (["a", "b"], 'array (["a", "b"])')])
+def test_predict_refuses_a_text_that_is_not_a_string(classifier: tuple, tmp_path: Path, value, shown: str) -> None:
+    """Read with str() before, null was classified as the text "None", a number as its digits and a
+    list as its repr, and the predictions file showed them as if someone had written them."""
+    reviews = classifier[0]
+    path = _jsonl(tmp_path / "reviews.jsonl", [{"text": reviews[0]}, {"text": reviews[1]}, {"text": value}])
+    with pytest.raises(LmlabError) as info:
+        _classify(classifier, path, tmp_path / "out")
+    message = str(info.value)
+    assert message.startswith(f"{path}, line 4: field 'text' holds a JSON {shown}, not a string")
+    assert "data.text_column" in message and not (tmp_path / "out").exists()
+
+
+def test_predict_reads_a_null_text_pair_as_training_does_and_refuses_a_number(classifier: tuple,
+                                                                             tmp_path: Path) -> None:
+    reviews = classifier[0]
+    records = [{"text": reviews[0], "film": "Bloody Sunday"}, {"text": reviews[1], "film": None}]
+    path = _jsonl(tmp_path / "pairs.jsonl", records)
+    rows = _classify(classifier, path, tmp_path / "out", "data.text_pair_column=film")
+    assert [(r["text"], r["text_pair"]) for r in rows] == [(reviews[0], "Bloody Sunday"), (reviews[1], "")]
+    bad = _jsonl(tmp_path / "bad.jsonl", [*records, {"text": reviews[2], "film": 2002}])
+    with pytest.raises(LmlabError, match=rf"{re.escape(str(bad))}, line 4: field 'film' holds a JSON number "
+                                         r"\(2002\), not a string.*data\.text_pair_column"):
+        _classify(classifier, bad, tmp_path / "out2", "data.text_pair_column=film")
+
+
+def test_predict_names_the_line_of_a_short_csv_row(classifier: tuple, tmp_path: Path) -> None:
+    """A row of fewer fields than its header has no text: a KeyError before."""
+    path = tmp_path / "reviews.csv"
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["label", "text"])
+        writer.writerows(["fresh", text] for text in classifier[0][:2])
+        f.write("rotten\n")
+    with pytest.raises(LmlabError, match=rf"{re.escape(str(path))}, line 4: has no value in column 'text'"):
+        _classify(classifier, path, tmp_path / "out")
 
 
 # -- starting from a backbone, and the multi-label decision ----------------------------------------

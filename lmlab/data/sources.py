@@ -316,6 +316,24 @@ def drop_duplicates(items: Sequence[T], key: Callable[[T], Hashable] = text_key,
     return kept
 
 
+def label_conflicts(keys: Sequence[Hashable], labels: Sequence[Hashable]) -> dict[Hashable, tuple[int, int]]:
+    """The keys given with two different labels, each mapped to (the index of its first item, the
+    index of the first item that labels it otherwise).
+
+    A caller leaves every copy of such an item out of every split (classification's text labelled
+    two ways, NER's sentence tagged two ways): held out, it would be scored against whichever label
+    its copy there has, a coin toss whatever the model learnt; and keeping one copy for training
+    would pick its label by file order. ``drop_duplicates`` then keeps one copy of the rest.
+    """
+    first: dict[Hashable, int] = {}
+    conflicts: dict[Hashable, tuple[int, int]] = {}
+    for i, (key, label) in enumerate(zip(keys, labels, strict=True)):
+        j = first.setdefault(key, i)
+        if key not in conflicts and labels[j] != label:
+            conflicts[key] = (j, i)
+    return conflicts
+
+
 def warn_if_held_out_in_train(train: Iterable[Hashable], held_out: Sequence[Hashable], split: str, where: str) -> None:
     """A warning when examples of a held-out split the user named (``validation.txt``) also occur
     in train (keys as ``text_key`` gives them).

@@ -50,3 +50,23 @@ def read_records(path: Path, fields: list[str], setting: str, encoding: str = "u
     if not rows:
         raise file_error(path, "holds no examples", "Give one example per line or record.")
     return rows
+
+
+def line_of_record(path: Path, encoding: str, index: int) -> int:
+    """The line where record ``index`` of ``read_records(path, ...)`` starts, for an error message.
+
+    read_records keeps no line numbers; the file is read again for the one record an error names.
+    """
+    path = Path(path)
+    text = decode_file(path, encoding)
+    suffix = path.suffix.lower()
+    if suffix in CSV_SUFFIXES:
+        reader = table_reader(text, suffix)
+        start = reader.line_num + 1 if reader.fieldnames else 1  # reading the header moves line_num past it
+        for i, _ in enumerate(reader):
+            if i == index:
+                return start
+            start = reader.line_num + 1
+    if suffix in JSON_SUFFIXES:
+        return next(number for i, (number, _) in enumerate(json_records(path, text)) if i == index)
+    return [number for number, line in enumerate(text.split("\n"), start=1) if line.strip()][index]

@@ -43,9 +43,9 @@ from lmlab.data import labels as model_labels
 from lmlab.data.catalog import package_dir
 from lmlab.data.loaders import make_loader
 from lmlab.data.sources import (SPLIT_STEMS, carve_validation, check_one_source, decode_file, drop_duplicates,
-                                file_listing, json_records, row_length_fix, table_reader, text_key,
-                                warn_if_held_out_in_train)
-from lmlab.data.unlabelled import read_records
+                                file_listing, json_records, label_conflicts, not_a_string, row_length_fix,
+                                table_reader, text_key, warn_if_held_out_in_train)
+from lmlab.data.unlabelled import line_of_record, read_records
 from lmlab.errors import LmlabError, config_error, file_error
 from lmlab.reduced_logging import log_reduced
 from lmlab.specs import TaskSpec
@@ -105,25 +105,19 @@ def row_keys(rows: LabelledSplit) -> list[bytes]:
 def unambiguous(rows: LabelledSplit, keys: list[bytes]) -> list[int]:
     """The indices of the rows whose text has one label (set) wherever it occurs.
 
-    A text given with two labels is left out of every split, with a warning: held out, it would be
-    scored against whichever label its copy there has, a coin toss whatever the model learnt; and
-    keeping one copy for training would pick its label by file order.
+    A text given with two labels is left out of every split, with a warning (``label_conflicts``
+    says why).
     """
-    seen: dict[bytes, tuple[str, ...]] = {}
-    conflicting: dict[bytes, int] = {}
-    for i, (key, labels) in enumerate(zip(keys, rows.labels, strict=True)):
-        first = seen.setdefault(key, labels)
-        if first != labels and key not in conflicting:
-            conflicting[key] = i
+    conflicting = label_conflicts(keys, rows.labels)
     if not conflicting:
         return list(range(len(rows)))
     kept = [i for i, key in enumerate(keys) if key not in conflicting]
-    example = next(iter(conflicting.values()))
+    first, example = next(iter(conflicting.values()))
     log.warning("%d text(s) occur with different labels (%d rows, e.g. %s, labelled %s there and %s before); "
                 "they are left out of every split, since no label of theirs can be scored or learnt as the "
                 "right one. Fix their labels to keep them.", len(conflicting), len(rows) - len(kept),
                 rows.where[example], "/".join(rows.labels[example]) or "(none)",
-                "/".join(seen[keys[example]]) or "(none)")
+                "/".join(rows.labels[first]) or "(none)")
     return kept
 
 
@@ -733,17 +727,48 @@ def build_module(cfg: DictConfig, model: torch.nn.Module, tokenizer: Any) -> Cla
                                 scheduler=cfg.scheduler, label_separator=str(cfg.data.get("label_separator", ";")))
 
 
+def read_predict_inputs(path: Path, data: DictConfig) -> tuple[list[dict[str, Any]], list[str], list[str] | None]:
+    """The records of a mode=predict file, their texts and their text pairs (None without
+    ``data.text_pair_column``).
+
+    Every record gets a row of the predictions file, so a text that is not a string is an error
+    naming its line: read with str(), null became the text "None", a number its digits and a list
+    its repr, each classified as though someone had written it. A null pair is read as "", as
+    training reads it.
+    """
+    pair_col = data.get("text_pair_column")
+    fields = [str(data.text_column), *([str(pair_col)] if pair_col else [])]
+    rows = read_records(path, fields, "data.text_column / data.text_pair_column", str(data.encoding),
+                        optional=(str(data.label_column),))
+    for index, row in enumerate(rows):
+        bad = next((f for i, f in enumerate(fields) if not _predict_text_ok(row, f, pair=i > 0)), None)
+        if bad is not None:
+            raise _bad_predict_text(row, bad, path, data, line_of_record(path, str(data.encoding), index))
+    texts = [row[fields[0]] for row in rows]
+    return rows, texts, [row[fields[1]] or "" for row in rows] if pair_col else None
+
+
+def _predict_text_ok(row: dict[str, Any], field: str, pair: bool) -> bool:
+    value = row.get(field)
+    return isinstance(value, str) or (pair and field in row and value is None)
+
+
+def _bad_predict_text(row: dict[str, Any], field: str, path: Path, data: DictConfig, line: int) -> LmlabError:
+    setting = "data.text_column" if field == str(data.text_column) else "data.text_pair_column"
+    if field not in row:  # read_records leaves out the columns a short CSV row lacks
+        return file_error(path, f"has no value in column '{field}' (a row of fewer fields than its header)",
+                          row_length_fix(path.suffix), line=line)
+    return not_a_string(path, line, field, row[field],
+                        f"mode=predict classifies every record: write its text as a JSON string (or set {setting} "
+                        "to the field that holds it), or remove the record")
+
+
 def predict(cfg: DictConfig, module: ClassificationModule, tokenizer: Any, trainer: L.Trainer,
             directory: Path) -> list[Path]:
     """mode=predict: ``predictions.csv`` (text, [text_pair], [gold], predicted, probability) for data.path."""
     data = cfg.data
-    pair_col = data.get("text_pair_column")
-    fields = [str(data.text_column), *([str(pair_col)] if pair_col else [])]
     label_col = str(data.label_column)
-    rows = read_records(Path(str(data.path)), fields, "data.text_column / data.text_pair_column",
-                        str(data.encoding), optional=(label_col,))
-    texts = [str(r[fields[0]]) for r in rows]
-    pairs = [str(r[fields[1]]) for r in rows] if pair_col else None
+    rows, texts, pairs = read_predict_inputs(Path(str(data.path)), data)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     enc = tokenizer(*((texts, pairs) if pairs else (texts,)), truncation=True, max_length=int(data.max_length))

@@ -10,7 +10,9 @@ Data
     between sentences, ``-DOCSTART-`` lines skipped. JSON-lines: ``{"tokens": [...], "tags": [...]}``.
     BIO (IOB2) and IOBES tags are both accepted. A directory gives ``train.*``, ``validation.*``
     (``valid``/``val``/``dev``) and ``test.*``; a missing validation split is carved out of train,
-    and a single-file source is split into train/validation/test with a fixed seed.
+    and a single-file source is split into train/validation/test with a fixed seed, once later
+    copies of a sentence are dropped and a sentence tagged two ways left out (``distinct_sentences``).
+    Named held-out files are read as given, with a warning when they repeat training sentences.
     The label set is inferred from train (sorted, ``O`` first); a tag in validation or test that
     train lacks is an error naming file, line and tag. Starting from a model with a trained
     token-classification head (``model.pretrained``), data whose tags are all the model's is read
@@ -49,8 +51,9 @@ from lmlab import fingerprint, optim, padding_masks
 from lmlab.data import labels as model_labels
 from lmlab.data.catalog import package_dir
 from lmlab.data.loaders import make_loader
-from lmlab.data.sources import check_split_names, decode_file, json_records
-from lmlab.data.unlabelled import read_records
+from lmlab.data.sources import (check_split_names, decode_file, drop_duplicates, json_records, label_conflicts,
+                                not_a_string, text_key, warn_if_held_out_in_train)
+from lmlab.data.unlabelled import line_of_record, read_records
 from lmlab.errors import LmlabError, config_error, file_error
 from lmlab.reduced_logging import log_reduced
 from lmlab.specs import TaskSpec
@@ -377,8 +380,55 @@ def read_ner_path(path: Path, data_cfg: DictConfig) -> dict[str, list[Sentence]]
     return splits
 
 
+def sentence_key(sentence: Sentence) -> bytes:
+    """A sentence as ``text_key`` identifies it among its copies: by its tokens, the model's whole
+    input, and not by its tags (``distinct_sentences`` says why)."""
+    return text_key(*sentence.tokens)
+
+
+def distinct_sentences(sentences: list[Sentence]) -> list[Sentence]:
+    """``sentences`` to carve held-out splits from: one copy of each (the first, in file order), and
+    none of a sentence tagged two ways.
+
+    The tags are left out of the key on purpose: a copy tagged otherwise is the same input, so held
+    out it would still be scored on a sentence trained on, and against whichever tags its copy there
+    has, a coin toss whatever the model learnt; keeping one copy for training would pick its tags by
+    file order. So such a sentence goes, as a text labelled two ways does for classification
+    (``label_conflicts``). WNUT-16 has 14: an entity tagged in one copy and not in the other, or
+    given another type or span (St Johns a facility once, a geo-loc once).
+    """
+    keys = [sentence_key(s) for s in sentences]
+    conflicts = label_conflicts(keys, [tuple(s.tags) for s in sentences])
+    kept = [i for i, key in enumerate(keys) if key not in conflicts]
+    if conflicts:
+        _warn_of_tag_conflicts(sentences, conflicts, len(sentences) - len(kept))
+    return [sentences[i] for i in drop_duplicates(kept, keys.__getitem__, "sentences")]
+
+
+def _warn_of_tag_conflicts(sentences: list[Sentence], conflicts: dict[Any, tuple[int, int]], copies: int) -> None:
+    first, other = (sentences[i] for i in next(iter(conflicts.values())))
+    log.warning("%d sentence(s) occur with different tags (%d copies, e.g. %s, line %d, tagged %s there and %s in "
+                "%s, line %d); they are left out of every split, since no tagging of theirs can be scored or "
+                "learnt as the right one. Fix their tags to keep them.", len(conflicts), copies, other.source,
+                other.lines[0], _entities(other), _entities(first), first.source, first.lines[0])
+
+
+def _entities(sentence: Sentence) -> str:
+    tagged = [f"{token}/{tag}" for token, tag in zip(sentence.tokens, sentence.tags) if tag != OUTSIDE]
+    return " ".join(tagged) or "all O"
+
+
+def _warn_if_named_splits_overlap(splits: dict[str, list[Sentence]], origin: str) -> None:
+    """Held-out files the user named are read as given; their sentences also in train are warned of.
+    Splits carved here hold no copy of a training sentence, so they never warn."""
+    for name in ("validation", "test"):
+        if splits.get(name):
+            warn_if_held_out_in_train(map(sentence_key, splits["train"]), [sentence_key(s) for s in splits[name]],
+                                      name, origin)
+
+
 def _carve(sentences: list[Sentence], fraction: float, seed: int, key: str, total: int) -> tuple[list[Sentence], list[Sentence]]:
-    """Move ``fraction`` of ``total`` (the source's size) sentences out of ``sentences``, at random."""
+    """Move ``fraction`` of ``total`` (the source's distinct sentences) out of ``sentences``, at random."""
     if not 0 < fraction < 1:
         raise config_error(key, f"{fraction} is not between 0 and 1", f"Use e.g. {key}=0.1.")
     order = np.random.default_rng(seed).permutation(len(sentences))
@@ -534,26 +584,35 @@ class NerDataModule(L.LightningDataModule):
                                "Set data.path=FILE_OR_DIR (CoNLL or JSON-lines) or use data=wnut16.")
         if not splits.get("train"):
             raise config_error("data.path", f"{origin} has no training split", "Add a train.* file.")
-        train = splits["train"]
-        total = len(train)
-        split_seed = int(cfg.get("split_seed") or 0)
-        carved = False
-        test_fraction = float(cfg.get("test_fraction") or 0)
-        if single_file and not splits.get("test") and test_fraction > 0:
-            train, splits["test"] = _carve(train, test_fraction, split_seed + 1, "data.test_fraction", total)
-            carved = True
-        if not splits.get("validation"):
-            train, splits["validation"] = _carve(train, float(cfg.val_fraction), split_seed, "data.val_fraction", total)
-            carved = True
-        splits["train"] = train
+        carved = self._carve_missing(splits, single_file)
+        _warn_if_named_splits_overlap(splits, origin)
         cap = cfg.get("max_documents")
         if cap:
             cap = int(cap)
-            splits["train"] = train[:cap]
+            splits["train"] = splits["train"][:cap]
             for split in ("validation", "test"):
                 if splits.get(split):
                     splits[split] = splits[split][: max(1, cap // 10)]
         return splits, origin, carved
+
+    def _carve_missing(self, splits: dict[str, list[Sentence]], single_file: bool) -> bool:
+        """Carve the held-out splits the source lacks out of train (``distinct_sentences`` first);
+        whether any was carved."""
+        cfg = self.cfg
+        split_seed = int(cfg.get("split_seed") or 0)
+        test_fraction = float(cfg.get("test_fraction") or 0)
+        carve_test = single_file and not splits.get("test") and test_fraction > 0
+        carve_validation = not splits.get("validation")
+        if not (carve_test or carve_validation):
+            return False
+        train = distinct_sentences(splits["train"])
+        total = len(train)
+        if carve_test:
+            train, splits["test"] = _carve(train, test_fraction, split_seed + 1, "data.test_fraction", total)
+        if carve_validation:
+            train, splits["validation"] = _carve(train, float(cfg.val_fraction), split_seed, "data.val_fraction", total)
+        splits["train"] = train
+        return True
 
     # -- the protocol train.run drives --------------------------------------------------------------
     @property
@@ -825,15 +884,7 @@ def read_unlabelled(path: Path, data_cfg: DictConfig) -> list[tuple[list[str], l
     encoding = str(data_cfg.get("encoding") or "utf-8")
     suffix = path.suffix.lower()
     if suffix in JSON_SUFFIXES:
-        field_name = str(data_cfg.get("tokens_field") or "tokens")
-        rows = read_records(path, [field_name], "data.tokens_field", encoding)
-        out = []
-        for number, row in enumerate(rows, start=1):
-            if not isinstance(row[field_name], list) or not row[field_name]:
-                raise file_error(path, f"'{field_name}' is not a non-empty list of tokens",
-                                 'Write {"tokens": ["word", ...]}', line=number)
-            out.append(([str(t) for t in row[field_name]], None))
-        return out
+        return _read_unlabelled_json(path, str(data_cfg.get("tokens_field") or "tokens"), encoding)
     text = decode_file(path, encoding)
     if suffix == ".txt" and "\t" not in text:
         return [(line.split(), None) for line in text.split("\n") if line.strip()]
@@ -860,6 +911,24 @@ def read_unlabelled(path: Path, data_cfg: DictConfig) -> list[tuple[list[str], l
     if not sentences:
         raise file_error(path, "holds no sentences", "Give one token per line, a blank line between sentences")
     return sentences
+
+
+def _read_unlabelled_json(path: Path, field_name: str, encoding: str) -> list[tuple[list[str], None]]:
+    """The token lists of a JSON-lines predict input. Every record gets a sentence of the predictions
+    file, so a token that is not a string is an error naming its line: read with str(), null became
+    the word "None", a number its digits and a list its repr, each tagged as though written so."""
+    rows = read_records(path, [field_name], "data.tokens_field", encoding)
+    for index, row in enumerate(rows):
+        tokens = row[field_name]
+        if not isinstance(tokens, list) or not tokens:
+            raise file_error(path, f"'{field_name}' is not a non-empty list of tokens",
+                             'Write {"tokens": ["word", ...]}', line=line_of_record(path, encoding, index))
+        bad = next((j for j, token in enumerate(tokens) if not isinstance(token, str)), None)
+        if bad is not None:
+            raise not_a_string(path, line_of_record(path, encoding, index), f"{field_name}[{bad}]", tokens[bad],
+                               f'Write every token as a JSON string ({{"{field_name}": ["word", ...]}}), or '
+                               "remove the record")
+    return [(row[field_name], None) for row in rows]
 
 
 def predict(cfg: DictConfig, module: NerModule, tokenizer: Any, trainer: L.Trainer, directory: Path) -> list[Path]:

@@ -54,7 +54,7 @@ from lmlab.data.catalog import package_dir
 from lmlab.data.loaders import make_loader
 from lmlab.data.sources import (SPLIT_STEMS, check_split_names, decode_file, drop_duplicates, json_records,
                                 not_a_string, row_length_fix, table_reader, text_key, warn_if_held_out_in_train)
-from lmlab.data.unlabelled import read_records
+from lmlab.data.unlabelled import line_of_record, read_records
 from lmlab.errors import LmlabError, config_error, file_error
 from lmlab.export import suppressed_tokens
 from lmlab.models.build import special_token_ids
@@ -756,7 +756,7 @@ def _check_predict_records(rows: list[dict[str, Any]], path: Path, data: DictCon
     for index, row in enumerate(rows):
         reference = row.get(sum_key)
         if not isinstance(row.get(doc_key), str) or not (reference is None or isinstance(reference, str)):
-            raise _bad_predict_record(row, path, data, _line_of_record(path, str(data.encoding), index))
+            raise _bad_predict_record(row, path, data, line_of_record(path, str(data.encoding), index))
 
 
 def _bad_predict_record(row: dict[str, Any], path: Path, data: DictConfig, line: int) -> LmlabError:
@@ -770,22 +770,6 @@ def _bad_predict_record(row: dict[str, Any], path: Path, data: DictConfig, line:
                             "data.document_field to the field that holds it), or remove the record")
     return not_a_string(path, line, sum_key, row[sum_key], "Write the reference summary as a JSON string or null "
                         "(or set data.summary_field to the field that holds it)")
-
-
-def _line_of_record(path: Path, encoding: str, index: int) -> int:
-    """The line where record ``index`` of a CSV/TSV or JSON-lines file starts, for an error message.
-
-    read_records keeps no line numbers; the file is read again for the one record an error names.
-    """
-    text = decode_file(path, encoding)
-    if path.suffix.lower() in CSV_SUFFIXES:
-        reader = table_reader(text, path.suffix)
-        start = reader.line_num + 1 if reader.fieldnames else 1  # reading the header moves line_num past it
-        for i, _ in enumerate(reader):
-            if i == index:
-                return start
-            start = reader.line_num + 1
-    return next(number for i, (number, _) in enumerate(json_records(path, text)) if i == index)
 
 
 def predict(cfg: DictConfig, module: SummarizationModule, tokenizer: Any, trainer: L.Trainer,
