@@ -10,6 +10,7 @@ same corpus with the same settings reuses the first one.
 from __future__ import annotations
 
 import logging
+import unicodedata
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,19 +37,54 @@ def resolve_type(tok_cfg: DictConfig, spec: ModelSpec) -> str:
     return spec.tokenizer if kind == "auto" else kind
 
 
+def _is_bert_punctuation(char: str) -> bool:
+    # BertPreTokenizer's rule: ASCII symbols count as punctuation too, not only Unicode's P* classes.
+    code = ord(char)
+    ascii_symbol = 33 <= code <= 47 or 58 <= code <= 64 or 91 <= code <= 96 or 123 <= code <= 126
+    return ascii_symbol or unicodedata.category(char).startswith("P")
+
+
+def continuing_pieces(texts: Sequence[str], normalizer: Any) -> list[str]:
+    """``##c`` for every character ``c`` of the normalized ``texts`` that can continue a word, sorted.
+
+    tokenizers' WordPiece trainer (0.22) numbers these pieces in the order it meets them in a hash
+    map, which changes from process to process; merges with equal counts are then chosen by those
+    numbers, so the same corpus gave other ids and, with a large vocabulary, other tokens on every
+    fresh training (huggingface/tokenizers#1794, fix unreleased). Handed to the trainer up front,
+    in sorted order, they get the same ids every time and training is deterministic. Punctuation
+    and whitespace never continue a word (the pre-tokenizer splits them off), so they are left out.
+    """
+    chars: set[str] = set()
+    for text in texts:
+        chars.update(text)
+    normalized: set[str] = set()
+    for char in chars:  # per distinct character: far cheaper than normalizing the corpus
+        normalized.update(normalizer.normalize_str(char))
+    return sorted(f"##{c}" for c in normalized if not c.isspace() and not _is_bert_punctuation(c))
+
+
 def train_wordpiece(texts: Sequence[str], vocab_size: int, min_frequency: int, lowercase: bool) -> Any:
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase, strip_accents=lowercase or None)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece(prefix="##")
+    normalizer = normalizers.BertNormalizer(lowercase=lowercase, strip_accents=lowercase or None)
+    trained = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    trained.normalizer = normalizer
+    trained.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    # The continuing pieces go in as special tokens only to fix their ids (continuing_pieces says why).
     trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=WORDPIECE_SPECIALS,
+        vocab_size=vocab_size, min_frequency=min_frequency,
+        special_tokens=WORDPIECE_SPECIALS + continuing_pieces(texts, normalizer),
         continuing_subword_prefix="##", show_progress=False,
     )
-    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    trained.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    # The same vocabulary in a tokenizer whose only special tokens are BERT's five: as special tokens
+    # the pieces would be matched in raw text and dropped from decoded output.
+    tok = Tokenizer(models.WordPiece(trained.get_vocab(with_added_tokens=True), unk_token="[UNK]"))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    tok.add_special_tokens(WORDPIECE_SPECIALS)
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
@@ -165,6 +201,10 @@ def get_tokenizer(
         # Before the Lowercase normalizer, lowercase=true trained a cased BPE tokenizer under this
         # key; the new entry keeps those cached ones from being reused.
         params["normalizer"] = "lowercase"
+    if kind == "wordpiece":
+        # Cached WordPiece tokenizers trained before continuing_pieces numbered their pieces by chance;
+        # a new key gives every machine the one deterministic tokenizer of the corpus.
+        params["pieces"] = "sorted"
     key = f"{kind}-{vocab_size}-{fingerprint.of_params(corpus=corpus_fingerprint, **params)[:16]}"
     where = Path(cache_dir) / "tokenizers" / key
     info = {**params, "path": str(where), "fingerprint": key}

@@ -47,6 +47,41 @@ def test_train_wordpiece(texts):
     assert pair["token_type_ids"][0] == 0 and pair["token_type_ids"][-1] == 1
 
 
+TRAIN_AND_PRINT = """
+import json, sys
+from lmlab.tokenization import train_bpe, train_wordpiece
+texts = [line for line in open(sys.argv[1], encoding="utf-8").read().splitlines() if line.strip()]
+train = train_wordpiece if sys.argv[2] == "wordpiece" else train_bpe
+print(json.dumps(train(texts, int(sys.argv[3]), 2, True).backend_tokenizer.to_str()))
+"""
+
+
+@pytest.mark.parametrize("kind", ["wordpiece", "bpe"])
+def test_training_in_fresh_processes_gives_the_same_tokenizer(wiki_file: Path, kind: str) -> None:
+    """Reproducible runs need the same ids from the same corpus in every process: tokenizers' trainer
+    iterates hash maps seeded per process (lmlab.tokenization.continuing_pieces)."""
+    import subprocess
+    import sys
+
+    def train() -> str:
+        done = subprocess.run([sys.executable, "-c", TRAIN_AND_PRINT, str(wiki_file), kind, "4000"],
+                              capture_output=True, text=True, timeout=300, check=True)
+        return done.stdout
+
+    first, second, third = train(), train(), train()
+    assert first == second == third and '"##' in first if kind == "wordpiece" else first == second == third
+
+
+def test_wordpiece_pieces_are_not_special_in_text(texts):
+    tok = train_wordpiece(texts, vocab_size=1200, min_frequency=2, lowercase=True)
+    assert sorted(tok.all_special_tokens) == sorted(WORDPIECE_SPECIALS)
+    assert sorted(tok.backend_tokenizer.get_added_tokens_decoder()) == [0, 1, 2, 3, 4]
+    assert "##b" in tok.get_vocab()  # a continuing piece, handed to the trainer as a special token
+    tokens = tok.convert_ids_to_tokens(tok("a ##b the")["input_ids"])
+    # "##b" in raw text is punctuation and a word, as in BERT: not matched whole as a special token.
+    assert "##b" not in tokens and tokens[-3:] == ["b", "the", "[SEP]"]
+
+
 def test_train_bpe_round_trip(texts):
     tok = train_bpe(texts, vocab_size=800, min_frequency=2)
     vocab = tok.get_vocab()
