@@ -90,6 +90,12 @@ def test_the_first_copy_is_kept_and_later_copies_do_not_move_the_split(tmp_path:
     assert len(validation) == 20 and not set(copies) & set(train + validation)
 
 
+def test_row_indices_carve_as_before() -> None:
+    """Plugins carve row numbers (lmlab-regression does): every index stays, in one split or the other."""
+    train, validation = carve_validation(list(range(50)), 0.2, seed=0)
+    assert sorted(train + validation) == list(range(50)) and len(validation) == 10
+
+
 def test_a_validation_file_that_repeats_training_text_is_read_as_given_with_a_warning(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     docs = [line for line in wiki_head(tmp_path, 120).read_text(encoding="utf-8").splitlines() if line]

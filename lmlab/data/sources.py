@@ -295,7 +295,16 @@ def text_key(*texts: str) -> bytes:
     return hashlib.blake2b(joined.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
-def drop_duplicates(items: Sequence[T], key: Callable[[T], Hashable] = text_key, what: str = "documents") -> list[T]:
+def identity_of(item: Any) -> Hashable:
+    """The default duplicate key: ``text_key`` of a text, any other item (a row index, a tuple) itself.
+
+    Callers, plugins among them, carve lists of row indices with ``carve_validation``; those are
+    distinct by construction and stay so.
+    """
+    return text_key(item) if isinstance(item, str) else item
+
+
+def drop_duplicates(items: Sequence[T], key: Callable[[T], Hashable] = identity_of, what: str = "documents") -> list[T]:
     """``items`` without the later copies of an item (same ``key``); the first copy, in file order, stays.
 
     Run before held-out splits are carved out of one pool: a document and its copy would otherwise
@@ -353,7 +362,7 @@ def warn_if_held_out_in_train(train: Iterable[Hashable], held_out: Sequence[Hash
 
 
 def carve_validation(docs: Sequence[T], fraction: float, seed: int,
-                     key: Callable[[T], Hashable] = text_key) -> tuple[list[T], list[T]]:
+                     key: Callable[[T], Hashable] = identity_of) -> tuple[list[T], list[T]]:
     """A seeded split of ``docs`` (duplicates by ``key`` dropped first) into train and validation."""
     if not 0 < fraction < 1:
         raise config_error("data.val_fraction", f"{fraction} is not between 0 and 1",
