@@ -19,7 +19,7 @@ import io
 import json
 import logging
 import sys
-from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -343,22 +343,26 @@ def label_conflicts(keys: Sequence[Hashable], labels: Sequence[Hashable]) -> dic
     return conflicts
 
 
-def warn_if_held_out_in_train(train: Iterable[Hashable], held_out: Sequence[Hashable], split: str, where: str) -> None:
-    """A warning when examples of a held-out split the user named (``validation.txt``) also occur
-    in train (keys as ``text_key`` gives them).
+def warn_if_held_out_in_train(train: Iterable[Hashable], held_out: Mapping[str, Sequence[Hashable]],
+                              where: str) -> None:
+    """A warning for each held-out split the user named (``validation.txt``, ``test.csv``) whose
+    examples also occur in train (keys as ``text_key`` gives them), split name -> its keys.
 
     Named splits are the user's to define, so they are read as given; but a score on text the model
     trained on flatters it, which nobody would see otherwise. Only the held-out keys are held in
-    memory: ``train`` is streamed past them.
+    memory: ``train`` is streamed past them once, for every split.
     """
-    wanted = set(held_out)
+    wanted = {k for keys in held_out.values() for k in keys}
+    if not wanted:
+        return
     found = {k for k in train if k in wanted}
-    if found:
-        n = sum(k in found for k in held_out)
-        log.warning("%d of the %d %s examples of %s also occur in its training split (the same text, whitespace "
-                    "aside); they are kept as given, and the %s scores count them, so they flatter the model. "
-                    "Remove them from one of the two files for an unbiased score.", n, len(held_out), split, where,
-                    split)
+    for split, keys in held_out.items():
+        n = sum(k in found for k in keys)
+        if n:
+            log.warning("%d of the %d %s examples of %s also occur in its training split (the same text, "
+                        "whitespace aside); they are kept as given, and the %s scores count them, so they flatter "
+                        "the model. Remove them from one of the two files for an unbiased score.", n, len(keys),
+                        split, where, split)
 
 
 def carve_validation(docs: Sequence[T], fraction: float, seed: int,
@@ -469,7 +473,7 @@ def _splits(splits: dict[str, list[str]], data_cfg: DictConfig) -> tuple[list[st
     max_docs = data_cfg.get("max_documents")
     validation = splits.get("validation") or []
     if validation:
-        warn_if_held_out_in_train(map(text_key, train), [text_key(d) for d in validation], "validation", str(where))
+        warn_if_held_out_in_train(map(text_key, train), {"validation": [text_key(d) for d in validation]}, str(where))
     else:
         fraction = float(data_cfg.val_fraction)
         train, validation = carve_validation(train, fraction, int(data_cfg.split_seed))

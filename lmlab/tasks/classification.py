@@ -403,11 +403,8 @@ class ClassificationDataModule(L.LightningDataModule):
     def _warn_if_named_splits_overlap(self, splits: dict[str, LabelledSplit]) -> None:
         """Held-out rows the source named (test.csv, a dataset's validation split) are read as given;
         those carved out here (and bbc_topics') hold no copy of a training row, so never warn."""
-        train_keys = row_keys(splits["train"])
-        for name in ("validation", "test"):
-            rows = splits.get(name)
-            if rows is not None and len(rows):
-                warn_if_held_out_in_train(train_keys, row_keys(rows), name, self.origin_or_source())
+        held_out = {name: row_keys(splits[name]) for name in ("validation", "test") if len(splits.get(name) or ())}
+        warn_if_held_out_in_train(row_keys(splits["train"]), held_out, self.origin_or_source())
 
     def origin_or_source(self) -> str:
         return str(self.cfg.get("path") or self.cfg.get("name") or self.cfg.get("catalog"))

@@ -421,10 +421,8 @@ def _entities(sentence: Sentence) -> str:
 def _warn_if_named_splits_overlap(splits: dict[str, list[Sentence]], origin: str) -> None:
     """Held-out files the user named are read as given; their sentences also in train are warned of.
     Splits carved here hold no copy of a training sentence, so they never warn."""
-    for name in ("validation", "test"):
-        if splits.get(name):
-            warn_if_held_out_in_train(map(sentence_key, splits["train"]), [sentence_key(s) for s in splits[name]],
-                                      name, origin)
+    held_out = {name: [sentence_key(s) for s in splits[name]] for name in ("validation", "test") if splits.get(name)}
+    warn_if_held_out_in_train(map(sentence_key, splits["train"]), held_out, origin)
 
 
 def _carve(sentences: list[Sentence], fraction: float, seed: int, key: str, total: int) -> tuple[list[Sentence], list[Sentence]]:

@@ -277,11 +277,9 @@ def _carve(pairs: Pairs, fraction: float, seed: int, key: str) -> tuple[Pairs, P
 
 def _warn_if_named_splits_overlap(splits: dict[str, Pairs], origin: str) -> None:
     """Held-out files the user named are read as given; a document of theirs also in train is warned of."""
-    train = splits.get("train") or Pairs()
-    for name in ("validation", "test"):
-        if len(train) and len(splits.get(name) or Pairs()):
-            warn_if_held_out_in_train(map(text_key, train.documents), [text_key(d) for d in splits[name].documents],
-                                      name, origin)
+    held_out = {name: [text_key(d) for d in splits[name].documents] for name in ("validation", "test")
+                if len(splits.get(name) or Pairs())}
+    warn_if_held_out_in_train(map(text_key, (splits.get("train") or Pairs()).documents), held_out, origin)
 
 
 def load_pairs(data_cfg: DictConfig) -> tuple[dict[str, Pairs], str]:
