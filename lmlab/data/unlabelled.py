@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lmlab.data.sources import decode_file, json_records, table_reader
-from lmlab.errors import file_error
+from lmlab.data.sources import decode_file, json_records, not_a_string, row_length_fix, table_reader
+from lmlab.errors import LmlabError, file_error
 
 CSV_SUFFIXES = {".csv": ",", ".tsv": "\t"}
 JSON_SUFFIXES = {".jsonl", ".json"}
@@ -50,6 +50,16 @@ def read_records(path: Path, fields: list[str], setting: str, encoding: str = "u
     if not rows:
         raise file_error(path, "holds no examples", "Give one example per line or record.")
     return rows
+
+
+def bad_field(row: dict[str, Any], field: str, path: Path, line: int, fix: str) -> LmlabError:
+    """The error for a record whose ``field`` is missing (a CSV row shorter than its header, which
+    read_records leaves without the column) or holds something other than a string; ``fix`` says
+    what to do about the latter."""
+    if field not in row:
+        return file_error(path, f"has no value in column '{field}' (a row of fewer fields than its header)",
+                          row_length_fix(path.suffix), line=line)
+    return not_a_string(path, line, field, row[field], fix)
 
 
 def line_of_record(path: Path, encoding: str, index: int) -> int:

@@ -43,9 +43,9 @@ from lmlab.data import labels as model_labels
 from lmlab.data.catalog import package_dir
 from lmlab.data.loaders import make_loader
 from lmlab.data.sources import (SPLIT_STEMS, carve_validation, check_one_source, decode_file, drop_duplicates,
-                                file_listing, json_records, label_conflicts, not_a_string, row_length_fix,
+                                file_listing, json_records, label_conflicts, row_length_fix,
                                 table_reader, text_key, warn_if_held_out_in_train)
-from lmlab.data.unlabelled import line_of_record, read_records
+from lmlab.data.unlabelled import bad_field, line_of_record, read_records
 from lmlab.errors import LmlabError, config_error, file_error
 from lmlab.reduced_logging import log_reduced
 from lmlab.specs import TaskSpec
@@ -752,12 +752,8 @@ def _predict_text_ok(row: dict[str, Any], field: str, pair: bool) -> bool:
 
 def _bad_predict_text(row: dict[str, Any], field: str, path: Path, data: DictConfig, line: int) -> LmlabError:
     setting = "data.text_column" if field == str(data.text_column) else "data.text_pair_column"
-    if field not in row:  # read_records leaves out the columns a short CSV row lacks
-        return file_error(path, f"has no value in column '{field}' (a row of fewer fields than its header)",
-                          row_length_fix(path.suffix), line=line)
-    return not_a_string(path, line, field, row[field],
-                        f"mode=predict classifies every record: write its text as a JSON string (or set {setting} "
-                        "to the field that holds it), or remove the record")
+    return bad_field(row, field, path, line, f"mode=predict classifies every record: write its text as a JSON "
+                     f"string (or set {setting} to the field that holds it), or remove the record")
 
 
 def predict(cfg: DictConfig, module: ClassificationModule, tokenizer: Any, trainer: L.Trainer,

@@ -54,7 +54,7 @@ from lmlab.data.catalog import package_dir
 from lmlab.data.loaders import make_loader
 from lmlab.data.sources import (SPLIT_STEMS, check_split_names, decode_file, drop_duplicates, json_records,
                                 not_a_string, row_length_fix, table_reader, text_key, warn_if_held_out_in_train)
-from lmlab.data.unlabelled import line_of_record, read_records
+from lmlab.data.unlabelled import bad_field, line_of_record, read_records
 from lmlab.errors import LmlabError, config_error, file_error
 from lmlab.export import suppressed_tokens
 from lmlab.models.build import special_token_ids
@@ -759,15 +759,11 @@ def _check_predict_records(rows: list[dict[str, Any]], path: Path, data: DictCon
 
 def _bad_predict_record(row: dict[str, Any], path: Path, data: DictConfig, line: int) -> LmlabError:
     doc_key, sum_key = str(data.document_field), str(data.summary_field)
-    if doc_key not in row:  # read_records leaves out the columns a short CSV row lacks
-        return file_error(path, f"has no value in column '{doc_key}' (a row of fewer fields than its header)",
-                          row_length_fix(path.suffix), line=line)
-    if not isinstance(row[doc_key], str):
-        return not_a_string(path, line, doc_key, row[doc_key],
-                            "mode=predict summarises every record: write its document as a JSON string (or set "
-                            "data.document_field to the field that holds it), or remove the record")
-    return not_a_string(path, line, sum_key, row[sum_key], "Write the reference summary as a JSON string or null "
-                        "(or set data.summary_field to the field that holds it)")
+    if not isinstance(row.get(doc_key), str):
+        return bad_field(row, doc_key, path, line, "mode=predict summarises every record: write its document as a "
+                         "JSON string (or set data.document_field to the field that holds it), or remove the record")
+    return bad_field(row, sum_key, path, line, "Write the reference summary as a JSON string or null (or set "
+                     "data.summary_field to the field that holds it)")
 
 
 def predict(cfg: DictConfig, module: SummarizationModule, tokenizer: Any, trainer: L.Trainer,
