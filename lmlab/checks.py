@@ -8,12 +8,14 @@ before any data is read, the error names the key. Task-specific keys are the tas
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lmlab.errors import config_error
+from lmlab.precision import precision_name
 from lmlab.pretrained import REFERENCE_KEYS, reference
 from lmlab.resolvers import REQUIRED
 
@@ -222,6 +224,26 @@ NO_GPU_ADVICE = {
     "fsdp": f"FSDP needs GPUs: {CPU_INSTEAD}.",
     "deepspeed": f"DeepSpeed needs GPUs: {CPU_INSTEAD}.",
 }
+
+
+def check_precision(cfg: DictConfig) -> None:
+    """``trainer.precision`` among the values Lightning accepts, named before any data or MLflow work.
+
+    Lightning checks it only when the Trainer is built, after the data is read and an MLflow run is
+    opened (and left FAILED), and its message names no config key.
+    """
+    value = (cfg.get("trainer") or {}).get("precision")
+    try:  # Lightning's own list, which has no public name; without it Lightning's check stands alone
+        from lightning.fabric.plugins.precision.precision import _PRECISION_INPUT_STR
+    except ImportError:
+        return
+    accepted = typing.get_args(_PRECISION_INPUT_STR)
+    if value is None or not accepted:
+        return
+    if isinstance(value, bool) or precision_name(value) not in accepted:
+        raise config_error("trainer.precision", f"'{value}' is not a precision Lightning knows",
+                           f"Use one of {', '.join(accepted)} (or the short forms bf16, 16, 32, 64), "
+                           "e.g. trainer.precision=bf16-mixed.")
 
 
 def strategy_kind(strategy: object) -> str:

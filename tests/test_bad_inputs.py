@@ -522,6 +522,24 @@ def test_gpu_presets_moved_to_cpu_are_checked_up_front(overrides: list[str], wor
     assert not (lmlab_home / "mlflow.db").exists()
 
 
+@pytest.mark.parametrize("value", ["fp17", "true", "17"])
+def test_an_unknown_precision_is_named_before_any_data_or_mlflow_work(value: str, wiki_file: Path,
+                                                                    lmlab_home: Path) -> None:
+    # Lightning refuses it only when the Trainer is built, in words that name no config key.
+    cfg = compose_cfg([*TINY, f"data.path={wiki_file}", f"trainer.precision={value}"])
+    with pytest.raises(LmlabError) as caught:
+        run(cfg)
+    message = str(caught.value)
+    assert "'trainer.precision'" in message and "bf16-mixed" in message, message
+    assert not (lmlab_home / "mlflow.db").exists()
+
+
+def test_lightnings_short_precision_names_pass_the_early_check() -> None:
+    from lmlab.checks import check_precision
+    for value in ("bf16", "16", "32", "64", "bf16-mixed", "32-true"):
+        check_precision(compose_cfg([*TINY, f"trainer.precision={value}"]))
+
+
 # -- a relative path with a typo is a path, not a hub name ------------------------------------------
 def test_hub_names_and_paths_are_told_apart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "models").mkdir()
