@@ -90,6 +90,9 @@ NUMBERS = (
     Number("scheduler.min_lr_ratio", False, "0.1", low=0, high=1, nullable=True),
     Number("faults.check_every_n_steps", True, "10", positive=True, nullable=True),
     Number("model.vocab_multiple", True, "64", positive=True, nullable=True),
+    Number("optimizer.eps", False, "1e-8", low=0),
+    Number("trainer.num_nodes", True, "2", positive=True, nullable=True),
+    Number("perf.peak_flops", False, "989e12 (FLOP/s of one device)", positive=True, nullable=True),
 )
 
 
@@ -192,6 +195,54 @@ def check_numbers(cfg: DictConfig) -> None:
         number.check(cfg)
     for switch in SWITCHES:
         switch.check(cfg)
+    check_betas(cfg)
+    check_devices(cfg)
+    check_schedule(cfg)
+
+
+def _real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_betas(cfg: DictConfig) -> None:
+    """``optimizer.betas``: two numbers in [0, 1), read by AdamW only once the data is ready."""
+    value = OmegaConf.select(cfg, "optimizer.betas", default=_ABSENT)
+    if value is _ABSENT:
+        return
+    betas = list(value) if OmegaConf.is_list(value) else None
+    if betas is None or len(betas) != 2 or not all(_real(b) and 0 <= b < 1 for b in betas):
+        raise config_error("optimizer.betas", f"'{value}' is not two numbers from 0 up to (not including) 1",
+                           "Use e.g. optimizer.betas=[0.9,0.95].")
+
+
+def check_devices(cfg: DictConfig) -> None:
+    """``trainer.devices`` in one of Lightning's forms: a count, -1 or "auto", or device indices."""
+    value = OmegaConf.select(cfg, "trainer.devices", default=_ABSENT)
+    if value is _ABSENT or value is None or value == "auto":
+        return
+    if OmegaConf.is_list(value):
+        ok = len(value) > 0 and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+    elif isinstance(value, str):
+        parts = [p.strip() for p in value.split(",") if p.strip()]
+        if "," in value:  # Lightning's "0,1" (and "0,"): device indices
+            ok = bool(parts) and all(p.isdigit() for p in parts)
+        else:
+            ok = value.strip().lstrip("-").isdigit() and int(value) >= -1 and int(value) != 0
+    else:
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= -1 and value != 0
+    if not ok:
+        raise config_error("trainer.devices", f"'{value}' is not a number of devices or a list of device indices",
+                           "Use e.g. trainer.devices=2 (processes on this machine), -1 or auto (every GPU), "
+                           "or trainer.devices=[0,2] for those GPU indices.")
+
+
+def check_schedule(cfg: DictConfig) -> None:
+    from lmlab.optim import SCHEDULES  # optim imports torch.optim machinery this module does not need
+
+    name = OmegaConf.select(cfg, "scheduler.name", default=_ABSENT)
+    if name is not _ABSENT and name not in SCHEDULES:
+        raise config_error("scheduler.name", f"unknown schedule '{name}'",
+                           f"Use scheduler=cosine, linear or constant (scheduler.name: one of {', '.join(SCHEDULES)}).")
 
 
 def check_accelerator(cfg: DictConfig) -> None:
@@ -244,6 +295,20 @@ def check_precision(cfg: DictConfig) -> None:
         raise config_error("trainer.precision", f"'{value}' is not a precision Lightning knows",
                            f"Use one of {', '.join(accepted)} (or the short forms bf16, 16, 32, 64), "
                            "e.g. trainer.precision=bf16-mixed.")
+
+
+def check_strategy_name(cfg: DictConfig) -> None:
+    """A ``trainer.strategy`` name Lightning has registered, named before any data or MLflow work."""
+    value = OmegaConf.select(cfg, "trainer.strategy", default=None)
+    if not isinstance(value, str) or value == "auto":
+        return  # None, or a _target_ node, which lmlab.distributed.build_strategy imports and names
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    known = StrategyRegistry.available_strategies()
+    if value not in known:
+        raise config_error("trainer.strategy", f"'{value}' is not a strategy Lightning knows",
+                           "Use a preset (trainer=ddp, trainer=fsdp, trainer=deepspeed, trainer=ddp_cpu), "
+                           f"or one of Lightning's names: auto, {', '.join(known)}.")
 
 
 def strategy_kind(strategy: object) -> str:

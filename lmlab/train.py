@@ -313,6 +313,7 @@ def run(cfg: DictConfig) -> RunResult:
     checks.check_numbers(cfg)  # seed, sizes, steps, lr, switches: named errors instead of TypeErrors deep inside
     checks.check_accelerator(cfg)  # a GPU preset on a machine without one: before any data or MLflow work
     checks.check_precision(cfg)
+    checks.check_strategy_name(cfg)
     optim.check_length(cfg)  # training without end and a schedule that needs its length
     task.validate(cfg)
     monitored(cfg, task)  # an unknown direction of checkpoint.monitor, before any data work

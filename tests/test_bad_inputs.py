@@ -164,6 +164,15 @@ CASES: dict[str, Bad] = {
     "zero_check_interval": Bad(["faults.check_every_n_steps=0"], ["faults.check_every_n_steps", "not positive"]),
     "bad_precision": Bad(["trainer.precision=banana"], ["trainer", "banana"]),
     "max_steps_not_a_number": Bad(["trainer.max_steps=many"], ["trainer.max_steps", "many"]),
+    # read deep inside (effective batch, the throughput callback, AdamW): a ValueError/IndexError there
+    "devices_not_a_number": Bad(["trainer.devices=two"], ["trainer.devices", "'two'", "trainer.devices=2"]),
+    "devices_zero": Bad(["trainer.devices=0"], ["trainer.devices", "'0'"]),
+    "peak_flops_not_a_number": Bad(["perf.peak_flops=lots"], ["perf.peak_flops", "lots"]),
+    "betas_one_value": Bad(["optimizer.betas=[0.9]"], ["optimizer.betas", "[0.9]", "optimizer.betas=[0.9,0.95]"]),
+    "beta_of_one": Bad(["optimizer.betas=[0.9,1.0]"], ["optimizer.betas", "up to (not including) 1"]),
+    "negative_eps": Bad(["optimizer.eps=-1e-8"], ["optimizer.eps", "below 0"]),
+    "unknown_strategy_name": Bad(["trainer.strategy=bogus"], ["trainer.strategy", "'bogus'", "trainer=ddp",
+                                                              "ddp_spawn"]),
     # Lightning clips only above 0: a negative limit would quietly mean no clipping at all
     "negative_gradient_clip": Bad(["trainer.gradient_clip_val=-1"], ["trainer.gradient_clip_val", "-1", "below 0"]),
     "gradient_clip_not_a_number": Bad(["trainer.gradient_clip_val=high"], ["trainer.gradient_clip_val", "high"]),
