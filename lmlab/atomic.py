@@ -15,6 +15,7 @@ import contextlib
 import errno
 import functools
 import hashlib
+import io
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TextIO
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,18 @@ def atomic_file(final: Path) -> Iterator[BinaryIO]:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(final.parent)
+
+
+@contextlib.contextmanager
+def atomic_text(final: Path, newline: str | None = None) -> Iterator[TextIO]:
+    """``atomic_file`` as UTF-8 text; ``newline`` as ``open()`` takes it ("" for the csv module)."""
+    with atomic_file(final) as raw:
+        text = io.TextIOWrapper(raw, encoding="utf-8", newline=newline)
+        try:
+            yield text
+        finally:
+            # Detached, not closed: closing would close ``raw`` before atomic_file syncs and renames it.
+            text.detach()
 
 
 def write_text(final: Path, text: str) -> Path:

@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from lmlab.atomic import atomic_text
+
 log = logging.getLogger(__name__)
 
 PENDING = "mlflow_pending.jsonl"
@@ -207,8 +209,10 @@ def replay(run_dir: str | Path, tracking_uri: str | None = None) -> int:
         try:
             getattr(client, name)(*args, **kwargs)
         except Exception:
-            # Keep what is left, so a second replay sends only that.
-            path.write_text("".join(json.dumps(r) + "\n" for r in lines[sent:]), encoding="utf-8")
+            # Keep what is left, so a second replay sends only that; staged and renamed, so a crash
+            # mid-rewrite leaves the whole previous file (what was sent goes again) rather than a torn one.
+            with atomic_text(path) as out:  # newline=None, as the file was appended
+                out.write("".join(json.dumps(r) + "\n" for r in lines[sent:]))
             raise
     path.unlink()
     return len(lines)

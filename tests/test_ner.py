@@ -6,11 +6,13 @@ Real data throughout: WNUT-16 from ../shared/data/ner/wnut16 (CoNLL, token<TAB>t
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import random
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -343,6 +345,89 @@ def test_predict_refuses_a_json_token_that_is_not_a_string(tmp_path: Path, token
     assert str(info.value).startswith(f"{path}, line 5: field 'tokens[2]' holds a JSON {kind}, not a string")
     path.write_text("\n\n".join(json.dumps(r) for r in records[:2]) + "\n", encoding="utf-8")
     assert read_unlabelled(path, data) == [(tweets[0], None), (tweets[1], None)]
+
+
+# -- predictions files: whole or absent ----------------------------------------------------------------
+def disk_full() -> OSError:
+    return OSError(errno.ENOSPC, "No space left on device")
+
+
+def tags_until_the_disk_fills(tags: list[str], keep: int):
+    """The tags of a sentence whose writing runs out of disk after ``keep`` of them."""
+    yield from tags[:keep]
+    raise disk_full()
+
+
+class TagsOnAFullDisk(list):
+    """Predicted tags that run out of disk when the writer reaches the tag at ``keep``."""
+
+    def __init__(self, tags: list[str], keep: int):
+        super().__init__(tags)
+        self.keep = keep
+
+    def __getitem__(self, j):
+        if j >= self.keep:
+            raise disk_full()
+        return super().__getitem__(j)
+
+
+def conll_text(rows: list[tuple[list[str], ...]]) -> str:
+    """The predictions files' format: a tab-separated line per token, a blank line after each sentence."""
+    return "".join("".join("\t".join(cols) + "\n" for cols in zip(*row)) + "\n" for row in rows)
+
+
+@needs_wnut
+def test_export_predictions_cut_short_leaves_the_previous_file(tmp_path: Path) -> None:
+    """A full disk mid-export used to leave a truncated validation_predictions.conll behind."""
+    sentences = {name: read_conll(WNUT / f"{name}.conll")[:4] for name in ("validation", "test")}
+    predicted = {split: {i: ["O"] * len(s.tags) for i, s in enumerate(sentences[name])}
+                 for split, name in (("val", "validation"), ("test", "test"))}
+    datamodule = SimpleNamespace(sentences=sentences)
+    module = SimpleNamespace(_trainer=object(), trainer=SimpleNamespace(datamodule=datamodule), predictions=predicted)
+    out = tmp_path / "predictions"
+    out.mkdir()
+    (out / "validation_predictions.conll").write_text("an earlier epoch's predictions\n", encoding="utf-8")
+    whole = predicted["val"][2]
+    predicted["val"][2] = tags_until_the_disk_fills(whole, 1)
+    with pytest.raises(OSError, match="No space left"):
+        NerModule.export_predictions(module, out)
+    assert sorted(p.name for p in out.iterdir()) == ["validation_predictions.conll"]  # no test file, no .tmp
+    assert (out / "validation_predictions.conll").read_text(encoding="utf-8") == "an earlier epoch's predictions\n"
+
+    predicted["val"][2] = whole
+    written = NerModule.export_predictions(module, out)
+    assert [p.name for p in written] == ["validation_predictions.conll", "test_predictions.conll"]
+    assert sorted(p.name for p in out.iterdir()) == ["test_predictions.conll", "validation_predictions.conll"]
+    for path, name in zip(written, ("validation", "test")):
+        expected = conll_text([(s.tokens, s.tags, ["O"] * len(s.tags)) for s in sentences[name]])
+        assert path.read_bytes() == expected.encode("utf-8")
+
+
+@needs_wnut
+def test_predict_cut_short_leaves_no_predictions_and_no_temporary_file(tmp_path: Path) -> None:
+    from lmlab.tasks.ner import predict, read_unlabelled
+
+    source = write_conll(tmp_path / "tweets.conll", read_conll(WNUT / "test.conll")[:4])
+    cfg = compose_cfg(["task=ner", f"data.path={source}", "mode=predict"])
+    sentences = read_unlabelled(source, cfg.data)
+    tok = train_wordpiece([" ".join(tokens) for tokens, _ in sentences] * 3, 300, 1, True)
+    tags = [["O"] * len(tokens) for tokens, _ in sentences]
+    trainer = SimpleNamespace(is_global_zero=True, predict=lambda module, dataloaders: [list(enumerate(tags))])
+    out = tmp_path / "predictions"
+    out.mkdir()
+    (out / "predictions.conll").write_text("an earlier prediction\n", encoding="utf-8")
+    whole = tags[2]
+    tags[2] = TagsOnAFullDisk(whole, 1)
+    with pytest.raises(OSError, match="No space left"):
+        predict(cfg, SimpleNamespace(), tok, trainer, out)
+    assert [p.name for p in out.iterdir()] == ["predictions.conll"]
+    assert (out / "predictions.conll").read_text(encoding="utf-8") == "an earlier prediction\n"
+
+    tags[2] = whole
+    assert predict(cfg, SimpleNamespace(), tok, trainer, out) == [out / "predictions.conll"]
+    assert [p.name for p in out.iterdir()] == ["predictions.conll"]
+    expected = conll_text([(tokens, gold, t) for (tokens, gold), t in zip(sentences, tags)])
+    assert (out / "predictions.conll").read_bytes() == expected.encode("utf-8")
 
 
 # -- subword alignment ----------------------------------------------------------------------------

@@ -48,6 +48,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchmetrics import Metric, SumMetric
 
 from lmlab import fingerprint, optim, padding_masks
+from lmlab.atomic import atomic_text
 from lmlab.data import labels as model_labels
 from lmlab.data.catalog import package_dir
 from lmlab.data.loaders import make_loader
@@ -843,7 +844,7 @@ class NerModule(L.LightningModule):
             if not predicted or not sentences:
                 continue
             path = directory / f"{name}_predictions.conll"
-            with path.open("w", encoding="utf-8") as f:
+            with atomic_text(path) as f:  # newline=None, as open("w") had it
                 for index in sorted(predicted):
                     s = sentences[index]
                     for token, gold, pred in zip(s.tokens, s.tags, predicted[index]):
@@ -961,13 +962,11 @@ def predict(cfg: DictConfig, module: NerModule, tokenizer: Any, trainer: L.Train
         return []
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "predictions.conll"
-    tmp = path.with_suffix(".conll.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
+    with atomic_text(path) as f:
         for i, (tokens, gold) in enumerate(sentences):
             for j, token in enumerate(tokens):
                 f.write("\t".join([token, *([gold[j]] if gold else []), predicted[i][j]]) + "\n")
             f.write("\n")
-    tmp.replace(path)
     return [path]
 
 
