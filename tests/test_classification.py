@@ -335,12 +335,12 @@ def test_csv_keeps_unicode_line_separators_inside_fields(tmp_path):
     assert split.texts[0] == "first part\u2028second part"
 
 
-def _read(path: Path):
+def _read(path: Path, pair: str | None = None, multi_label: bool = False):
     from lmlab.tasks.classification import read_labelled_file
 
-    cfg = OmegaConf.create({"text_column": "text", "label_column": "label", "text_pair_column": None,
+    cfg = OmegaConf.create({"text_column": "text", "label_column": "label", "text_pair_column": pair,
                             "encoding": "utf-8", "encoding_fallback": None, "label_separator": ";"})
-    return read_labelled_file(path, cfg, False)
+    return read_labelled_file(path, cfg, multi_label)
 
 
 def test_tsv_has_no_quoting_so_a_quote_in_a_field_is_text(tmp_path: Path) -> None:
@@ -383,6 +383,44 @@ def test_a_utf8_byte_order_mark_does_not_rename_the_first_column(tmp_path: Path,
     path.write_text("\ufeff" + body, encoding="utf-8")
     split = _read(path)
     assert split.texts == [t for t, _ in rows] and split.labels == [("pos",), ("neg",)]
+
+
+NOT_STRINGS = [(1234, "number (1234)"), (["a", "b"], 'array (["a", "b"])'), ({"en": "x"}, 'object ({"en": "x"})'),
+               (True, "boolean (true)")]
+
+
+@pytest.mark.parametrize(("value", "shown"), NOT_STRINGS)
+def test_a_jsonl_text_that_is_not_a_string_names_file_line_and_field(tmp_path: Path, value, shown: str) -> None:
+    """Such a text was reported as "empty", which sent one looking for a blank line."""
+    records = [{"text": "a fine film", "label": "fresh"}, {"text": "dull", "label": "rotten"},
+               {"text": value, "label": "fresh"}]
+    path = _jsonl(tmp_path / "train.jsonl", records)
+    with pytest.raises(LmlabError) as info:
+        _read(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}, line 4: field 'text' holds a JSON {shown}, not a string")
+    assert "data.text_column" in message and "remove the record" in message
+    # A blank or null text is empty, as before.
+    for empty in ("  ", None):
+        _jsonl(path, [*records[:2], {"text": empty, "label": "fresh"}])
+        with pytest.raises(LmlabError, match=rf"{re.escape(str(path))}, line 4: the text \(column 'text'\) is empty"):
+            _read(path)
+
+
+@pytest.mark.parametrize(("value", "shown"), NOT_STRINGS)
+def test_a_jsonl_text_pair_that_is_not_a_string_names_file_line_and_field(tmp_path: Path, value,
+                                                                         shown: str) -> None:
+    """Such a pair was trained on as its str(): digits, a Python repr, or "True"."""
+    records = [{"text": "a fine film", "film": "Bloody Sunday", "label": "fresh"},
+               {"text": "dull", "film": None, "label": "rotten"}]
+    path = _jsonl(tmp_path / "train.jsonl", records)
+    assert _read(path, pair="film").pairs == ["Bloody Sunday", ""]  # null: no second text
+    _jsonl(path, [*records, {"text": "long", "film": value, "label": "rotten"}])
+    with pytest.raises(LmlabError) as info:
+        _read(path, pair="film")
+    message = str(info.value)
+    assert message.startswith(f"{path}, line 4: field 'film' holds a JSON {shown}, not a string")
+    assert "data.text_pair_column" in message and "remove the record" in message
 
 
 def test_predict_inputs_read_a_tsv_as_training_does(tmp_path: Path) -> None:
@@ -474,6 +512,48 @@ def test_predict_names_the_line_of_a_short_csv_row(classifier: tuple, tmp_path: 
         _classify(classifier, path, tmp_path / "out")
 
 
+def test_predict_writes_gold_labels_as_test_predictions_does(classifier: tuple, tmp_path: Path) -> None:
+    """A JSON list of labels was written as its Python repr (['rotten', 'fresh']); now as
+    test_predictions.csv writes the labels training reads: sorted, once each, joined by the separator."""
+    reviews = classifier[0]
+    labels = [["rotten", "fresh", "rotten"], "fresh", None, []]
+    path = _jsonl(tmp_path / "labelled.jsonl", [{"text": t, "label": lab} for t, lab in zip(reviews, labels)])
+    rows = _classify(classifier, path, tmp_path / "out")
+    assert [r["gold"] for r in rows] == ["fresh;rotten", "fresh", "", ""]
+    assert [r["gold"] for r in rows] == [";".join(lab) for lab in _read(path, multi_label=True).labels]
+
+
+def failing_on_row_two(decide):
+    """ClassificationModule.decide that fails on its second row, as a full disk or a kill would
+    stop a writer part-way through a predictions file."""
+    calls = []
+
+    def decide_or_fail(module, p):
+        calls.append(p)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return decide(module, p)
+
+    return decide_or_fail
+
+
+def test_predictions_csv_is_written_atomically(classifier: tuple, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from lmlab.tasks.classification import ClassificationModule
+
+    path = _jsonl(tmp_path / "reviews.jsonl", [{"text": t} for t in classifier[0][:3]])
+    out = tmp_path / "out"
+    rows = _classify(classifier, path, out)
+    assert [r["text"] for r in rows] == classifier[0][:3]
+    before = (out / "predictions.csv").read_bytes()
+    monkeypatch.setattr(ClassificationModule, "decide", failing_on_row_two(ClassificationModule.decide))
+    with pytest.raises(OSError, match="No space left"):
+        _classify(classifier, path, out)
+    # The earlier file stands as it was, and no temporary file is left beside it.
+    assert sorted(p.name for p in out.iterdir()) == ["predictions.csv"]
+    assert (out / "predictions.csv").read_bytes() == before
+
+
 # -- starting from a backbone, and the multi-label decision ----------------------------------------
 def _bert_dir(where: Path, vocab_size: int | None = None) -> Path:
     """A tiny BERT masked-LM directory with a WordPiece tokenizer trained on real reviews;
@@ -537,3 +617,41 @@ def test_multi_label_predictions_use_the_metrics_threshold() -> None:
     exact.update(probs, torch.tensor([[0, 1, 0]]))
     assert exact.compute().item() == 1.0  # the metrics predict only "b"
     assert module.decide(probs[0].numpy().astype(np.float32)) == ("b", f"{probs[0, 1].item():.4f}")
+
+
+def test_test_predictions_csv_is_written_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """It was written in place: a run stopped part-way left a file of some rows, and replaced the
+    previous run's whole one."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from lmlab.tasks.classification import ClassificationModule, LabelledSplit
+
+    config = BertConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=16, num_labels=2, id2label={0: "fresh", 1: "rotten"})
+    module = ClassificationModule(BertForSequenceClassification(config), multi_label=False,
+                                  optimizer=OmegaConf.create({}), scheduler=OmegaConf.create({}))
+    test = LabelledSplit(texts=["a warm, funny film", "a mess", "fine"], labels=[("fresh",), ("rotten",), ("fresh",)],
+                         where=["test.csv, line 2", "test.csv, line 3", "test.csv, line 4"])
+    module.trainer = SimpleNamespace(datamodule=SimpleNamespace(splits={"test": test}))
+    module._predictions = (np.array([0, 1, 2]), np.array([[0.9, 0.1], [0.2, 0.8], [0.4, 0.6]], dtype=np.float32))
+    out = tmp_path / "predictions"
+    (path,) = module.export_predictions(out)
+    assert path == out / "test_predictions.csv"
+    with path.open(encoding="utf-8", newline="") as f:
+        assert list(csv.reader(f)) == [["text", "gold", "predicted", "probability"],
+                                       ["a warm, funny film", "fresh", "fresh", "0.9000"],
+                                       ["a mess", "rotten", "rotten", "0.8000"],
+                                       ["fine", "fresh", "rotten", "0.6000"]]
+    before, decide = path.read_bytes(), ClassificationModule.decide
+    monkeypatch.setattr(ClassificationModule, "decide", failing_on_row_two(decide))
+    with pytest.raises(OSError, match="No space left"):
+        module.export_predictions(out)
+    assert sorted(p.name for p in out.iterdir()) == ["test_predictions.csv"] and path.read_bytes() == before
+    # A first export that fails leaves nothing at all.
+    monkeypatch.setattr(ClassificationModule, "decide", failing_on_row_two(decide))
+    with pytest.raises(OSError, match="No space left"):
+        module.export_predictions(tmp_path / "first")
+    assert not any((tmp_path / "first").iterdir())

@@ -18,8 +18,10 @@ accuracy and macro-F1. Texts are truncated to ``data.max_length`` tokens and pad
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,11 +41,12 @@ from torchmetrics.classification import (
 )
 
 from lmlab import fingerprint, optim, padding_masks
+from lmlab.atomic import atomic_text
 from lmlab.data import labels as model_labels
 from lmlab.data.catalog import package_dir
 from lmlab.data.loaders import make_loader
 from lmlab.data.sources import (SPLIT_STEMS, carve_validation, check_one_source, decode_file, drop_duplicates,
-                                file_listing, json_records, label_conflicts, row_length_fix,
+                                file_listing, json_records, label_conflicts, not_a_string, row_length_fix,
                                 table_reader, text_key, warn_if_held_out_in_train)
 from lmlab.data.unlabelled import bad_field, line_of_record, read_records
 from lmlab.errors import LmlabError, config_error, file_error
@@ -133,6 +136,24 @@ def _split_labels(value: Any, multi_label: bool, separator: str) -> tuple[str, .
     return tuple(sorted({p for p in parts if p}))
 
 
+def _text_fix(setting: str) -> str:
+    return f"write its text as a JSON string (or set {setting} to the field that holds it), or remove the record"
+
+
+def _check_json_texts(path: Path, line: int, record: dict[str, Any], fields: dict[str, str]) -> None:
+    """Refuse a text or text pair (``fields``: field -> its data.* setting) that JSON gives as
+    something other than a string or null.
+
+    _row would call a number or a list an empty text, and str() a pair into digits or a Python
+    repr that the model then trains on. Null keeps its meaning there: an empty text (an error), or
+    an empty pair.
+    """
+    for name, setting in fields.items():
+        value = record[name]
+        if value is not None and not isinstance(value, str):
+            raise not_a_string(path, line, name, value, f"Every row is read as text: {_text_fix(setting)}.")
+
+
 def _row(split: LabelledSplit, path: Path, line: int, text: Any, pair: Any, label: Any, cfg: DictConfig,
          multi_label: bool, use_pair: bool) -> None:
     text = text.strip() if isinstance(text, str) else ""
@@ -177,11 +198,14 @@ def read_labelled_file(path: Path, cfg: DictConfig, multi_label: bool) -> Labell
                  record.get(str(cfg.label_column)), cfg, multi_label, bool(pair_col))
             start = reader.line_num + 1
         return out
+    text_fields = {str(cfg.text_column): "data.text_column",
+                   **({str(pair_col): "data.text_pair_column"} if pair_col else {})}
     for number, record in json_records(path, text):
         for column in columns:
             if column not in record:
                 raise file_error(path, f"has no field '{column}' (fields: {', '.join(sorted(record))})",
                                  "Set data.text_column / data.label_column / data.text_pair_column.", line=number)
+        _check_json_texts(path, number, record, text_fields)
         _row(out, path, number, record[str(cfg.text_column)], record.get(pair_col) if pair_col else None,
              record[str(cfg.label_column)], cfg, multi_label, bool(pair_col))
     return out
@@ -555,6 +579,13 @@ class ClassificationDataModule(L.LightningDataModule):
 
 
 # -- LightningModule -------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _csv_file(path: Path) -> Iterator[Any]:
+    """A csv.writer whose file appears at ``path`` only once the block finishes without an error."""
+    with atomic_text(path, newline="") as text:
+        yield csv.writer(text)
+
+
 def _metrics(num_labels: int, multi_label: bool) -> MetricCollection:
     if multi_label:
         return MetricCollection({
@@ -670,12 +701,9 @@ class ClassificationModule(L.LightningModule):
         dm = self.trainer.datamodule
         rows = dm.splits["test"]
         index, probs = self._predictions
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        path = directory / "test_predictions.csv"
+        path = Path(directory) / "test_predictions.csv"
         sep = self.label_separator
-        with path.open("w", encoding="utf-8", newline="") as f:
-            writer = csv.writer(f)
+        with _csv_file(path) as writer:
             writer.writerow(["text", *(["text_pair"] if rows.pairs is not None else []), "gold", "predicted",
                              "probability"])
             for i, p in zip(index.tolist(), probs):
@@ -752,8 +780,7 @@ def _predict_text_ok(row: dict[str, Any], field: str, pair: bool) -> bool:
 
 def _bad_predict_text(row: dict[str, Any], field: str, path: Path, data: DictConfig, line: int) -> LmlabError:
     setting = "data.text_column" if field == str(data.text_column) else "data.text_pair_column"
-    return bad_field(row, field, path, line, f"mode=predict classifies every record: write its text as a JSON "
-                     f"string (or set {setting} to the field that holds it), or remove the record")
+    return bad_field(row, field, path, line, f"mode=predict classifies every record: {_text_fix(setting)}")
 
 
 def predict(cfg: DictConfig, module: ClassificationModule, tokenizer: Any, trainer: L.Trainer,
@@ -777,19 +804,19 @@ def predict(cfg: DictConfig, module: ClassificationModule, tokenizer: Any, train
     module.predicted_examples = len(texts)
     if not trainer.is_global_zero:
         return []
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / "predictions.csv"
-    has_gold = all(label_col in r for r in rows)
-    tmp = path.with_suffix(".csv.tmp")
-    with tmp.open("w", encoding="utf-8", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["text", *(["text_pair"] if pairs else []), *(["gold"] if has_gold else []),
+    path = Path(directory) / "predictions.csv"
+    sep = module.label_separator
+    # As test_predictions.csv writes them, so the two files agree on a row's gold labels: a JSON list
+    # was written as its Python repr, and a multi-label string kept its own order and spaces.
+    gold = [sep.join(_split_labels(r[label_col], module.multi_label, sep)) for r in rows] \
+        if all(label_col in r for r in rows) else None
+    with _csv_file(path) as writer:
+        writer.writerow(["text", *(["text_pair"] if pairs else []), *(["gold"] if gold is not None else []),
                          "predicted", "probability"])
         for index, probs in outputs:
             for i, p in zip(index.tolist(), probs.cpu().numpy()):
-                writer.writerow([texts[i], *([pairs[i]] if pairs else []), *([rows[i][label_col]] if has_gold else []),
+                writer.writerow([texts[i], *([pairs[i]] if pairs else []), *([gold[i]] if gold is not None else []),
                                  *module.decide(p)])
-    tmp.replace(path)
     return [path]
 
 
