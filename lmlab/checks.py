@@ -15,6 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lmlab.errors import config_error
+from lmlab.optim import SCHEDULES
 from lmlab.precision import precision_name
 from lmlab.pretrained import REFERENCE_KEYS, reference
 from lmlab.resolvers import REQUIRED
@@ -237,8 +238,6 @@ def check_devices(cfg: DictConfig) -> None:
 
 
 def check_schedule(cfg: DictConfig) -> None:
-    from lmlab.optim import SCHEDULES  # optim imports torch.optim machinery this module does not need
-
     name = OmegaConf.select(cfg, "scheduler.name", default=_ABSENT)
     if name is not _ABSENT and name not in SCHEDULES:
         raise config_error("scheduler.name", f"unknown schedule '{name}'",

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -517,3 +519,65 @@ def test_predict_names_the_line_of_a_short_csv_row(predictor: tuple, tmp_path: P
         f.write("a headline with no document after it\n")
     with pytest.raises(LmlabError, match=rf"{re.escape(str(path))}, line 4: has no value in column 'document'"):
         _predict(predictor, path, tmp_path / "out")
+
+
+# -- predictions files: whole or absent ----------------------------------------------------------------
+def disk_full() -> OSError:
+    return OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_export_predictions_cut_short_leaves_the_previous_file(tmp_path: Path) -> None:
+    """A full disk mid-export used to leave a truncated test_predictions.jsonl behind."""
+    if not NEWS.exists():
+        pytest.skip(f"real test data missing: {NEWS}")
+    records = [json.loads(line) for line in (NEWS / "test.jsonl").read_text(encoding="utf-8").splitlines()[:4]]
+    # Non-ASCII text: the file is UTF-8, not \u escapes.
+    rows = [{"document": r["document"], "reference": r["summary"], "generated": f"{r['summary'][:20]} – é"}
+            for r in records]
+
+    def rows_until_the_disk_fills():
+        yield from rows[:2]
+        raise disk_full()
+
+    out = tmp_path / "predictions"
+    out.mkdir()
+    (out / "test_predictions.jsonl").write_text("an earlier run's predictions\n", encoding="utf-8")
+    with pytest.raises(OSError, match="No space left"):
+        S.SummarizationModule.export_predictions(SimpleNamespace(predictions=rows_until_the_disk_fills()), out)
+    assert [p.name for p in out.iterdir()] == ["test_predictions.jsonl"]  # no .tmp beside it
+    assert (out / "test_predictions.jsonl").read_text(encoding="utf-8") == "an earlier run's predictions\n"
+
+    assert S.SummarizationModule.export_predictions(SimpleNamespace(predictions=rows), out) == \
+        [out / "test_predictions.jsonl"]
+    assert [p.name for p in out.iterdir()] == ["test_predictions.jsonl"]
+    expected = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    assert (out / "test_predictions.jsonl").read_bytes() == expected.encode("utf-8")
+
+
+def test_predict_cut_short_leaves_no_predictions_and_no_temporary_file(predictor: tuple, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    records = predictor[0][:4]
+    path = _write_jsonl(tmp_path / "to_summarise.jsonl", records)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "predictions.jsonl").write_text("an earlier prediction\n", encoding="utf-8")
+    clean = S._clean
+
+    def clean_until_the_disk_fills(value):
+        # The references are cleaned as their lines are written: the third one finds the disk full.
+        if value == records[2]["summary"]:
+            raise disk_full()
+        return clean(value)
+
+    monkeypatch.setattr(S, "_clean", clean_until_the_disk_fills)
+    with pytest.raises(OSError, match="No space left"):
+        _predict(predictor, path, out)
+    assert [p.name for p in out.iterdir()] == ["predictions.jsonl"]
+    assert (out / "predictions.jsonl").read_text(encoding="utf-8") == "an earlier prediction\n"
+
+    monkeypatch.setattr(S, "_clean", clean)
+    rows = _predict(predictor, path, out)
+    assert [p.name for p in out.iterdir()] == ["predictions.jsonl"]
+    assert [r["reference"] for r in rows] == [r["summary"] for r in records]
+    expected = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    assert (out / "predictions.jsonl").read_bytes() == expected.encode("utf-8")

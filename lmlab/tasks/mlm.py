@@ -14,6 +14,7 @@ from torchmetrics import SumMetric
 from lmlab import masking, optim, padding_masks
 from lmlab.compiling import compile_function, compile_in_place
 from lmlab.fastpath import lean_body, modules_callable_one_by_one
+from lmlab.checks import Number
 from lmlab.errors import LmlabError, config_error
 from lmlab.reduced_logging import log_reduced
 from lmlab.specs import TaskSpec
@@ -229,7 +230,16 @@ class MaskedLMModule(L.LightningModule):
         return optim.build(self.model, self.optimizer_cfg, self.scheduler_cfg, self.trainer.estimated_stepping_batches)
 
 
+PROBABILITIES = (
+    Number("task.mlm_probability", False, "0.15", low=0, high=1),
+    Number("task.mask_replace_prob", False, "0.8", low=0, high=1),
+    Number("task.random_replace_prob", False, "0.1", low=0, high=1),
+)
+
+
 def validate(cfg: DictConfig) -> None:
+    for number in PROBABILITIES:  # a word where a number belongs; check_probabilities weighs the numbers
+        number.check(cfg)
     problem = masking.check_probabilities(
         float(cfg.task.mlm_probability), float(cfg.task.mask_replace_prob), float(cfg.task.random_replace_prob)
     )

@@ -50,11 +50,13 @@ from torch.utils.data import DataLoader, Dataset
 from torchmetrics import SumMetric
 
 from lmlab import fingerprint, optim, registry
+from lmlab.atomic import atomic_text
 from lmlab.data.catalog import package_dir
 from lmlab.data.loaders import make_loader
 from lmlab.data.sources import (SPLIT_STEMS, check_split_names, decode_file, drop_duplicates, json_records,
                                 not_a_string, row_length_fix, table_reader, text_key, warn_if_held_out_in_train)
 from lmlab.data.unlabelled import bad_field, line_of_record, read_records
+from lmlab.checks import Number
 from lmlab.errors import LmlabError, config_error, file_error
 from lmlab.export import suppressed_tokens
 from lmlab.models.build import special_token_ids
@@ -710,7 +712,7 @@ class SummarizationModule(L.LightningModule):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / "test_predictions.jsonl"
-        with path.open("w", encoding="utf-8") as f:
+        with atomic_text(path) as f:
             for row in self.predictions:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
         return [path]
@@ -796,24 +798,28 @@ def predict(cfg: DictConfig, module: SummarizationModule, tokenizer: Any, traine
         return []
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "predictions.jsonl"
-    tmp = path.with_suffix(".jsonl.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
+    with atomic_text(path) as f:
         for i, (row, document) in enumerate(zip(rows, documents, strict=True)):
             out = {"document": document, "summary": generated[i]}
             if sum_key in row:
                 out["reference"] = _clean(row[sum_key])
             f.write(json.dumps(out, ensure_ascii=False) + "\n")
-    tmp.replace(path)
     return [path]
 
 
+# Read by generate() and the test's sample table, after training: a word there would cost the run.
+GENERATION_NUMBERS = (
+    Number("task.generation.num_beams", True, "4", low=1),
+    Number("task.generation.max_new_tokens", True, "48", low=1),
+    Number("task.generation.length_penalty", False, "1.0", nullable=True),
+    Number("task.generation.no_repeat_ngram_size", True, "3 (0: off)", low=0, nullable=True),
+    Number("task.log_samples", True, "20 (0: none)", low=0, nullable=True),
+)
+
+
 def validate(cfg: DictConfig) -> None:
-    gen = cfg.task.get("generation") or {}
-    for key in ("num_beams", "max_new_tokens"):
-        if int(gen.get(key, 1)) < 1:
-            raise config_error(f"task.generation.{key}", f"{gen.get(key)} is below 1", "Use 1 or more.")
-    if int(cfg.task.get("generate_val_batches", 0)) < 0:
-        raise config_error("task.generate_val_batches", "is negative", "Use 0 (loss only) or more.")
+    for number in GENERATION_NUMBERS:
+        number.check(cfg)
     if cfg.data.get("datamodule") != "summarization":
         raise config_error("data", f"task=summarization needs summarization data, got datamodule "
                            f"'{cfg.data.get('datamodule')}'",
