@@ -5,7 +5,7 @@ package, offline), capped at 800 training articles (80 test articles). One class
 once for the module (40 steps) and one MLflow store
 serves all its tests; each test quantizes or prunes that classifier.
 
-Tolerance for quantization, stated: dynamic int8 may move the test accuracy by at most 0.025 (one
+Tolerance for quantization, stated: dynamic int8 may move the test accuracy by at most 0.025 (two
 of the 80 articles), the mean test loss by at most 0.02 and any logit of the reloaded artifact by at
 most 0.1 from the float model's. Pruning has no tolerance: magnitude
 pruning zeroes exactly round(sparsity * n) weights, neuron pruning exactly round(sparsity * d_ff)
