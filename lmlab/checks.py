@@ -8,6 +8,7 @@ before any data is read, the error names the key. Task-specific keys are the tas
 
 from __future__ import annotations
 
+import codecs
 import typing
 from dataclasses import dataclass
 
@@ -199,6 +200,7 @@ def check_numbers(cfg: DictConfig) -> None:
     check_betas(cfg)
     check_devices(cfg)
     check_schedule(cfg)
+    check_encodings(cfg)
 
 
 def _real(value: object) -> bool:
@@ -235,6 +237,23 @@ def check_devices(cfg: DictConfig) -> None:
         raise config_error("trainer.devices", f"'{value}' is not a number of devices or a list of device indices",
                            "Use e.g. trainer.devices=2 (processes on this machine), -1 or auto (every GPU), "
                            "or trainer.devices=[0,2] for those GPU indices.")
+
+
+def check_encodings(cfg: DictConfig) -> None:
+    """``data.encoding`` / ``data.encoding_fallback``: names Python's codecs know.
+
+    An unknown name surfaces as a LookupError traceback from the first file read, and the fallback's
+    only when some file is not in the main encoding.
+    """
+    for key in ("data.encoding", "data.encoding_fallback"):
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is None:
+            continue
+        try:
+            codecs.lookup(str(value))
+        except LookupError:
+            raise config_error(key, f"'{value}' is not an encoding Python knows",
+                               f"Use e.g. {key}=utf-8, latin-1 or cp1252 (the codecs module's names).") from None
 
 
 def check_schedule(cfg: DictConfig) -> None:

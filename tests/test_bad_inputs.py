@@ -171,6 +171,10 @@ CASES: dict[str, Bad] = {
     "betas_one_value": Bad(["optimizer.betas=[0.9]"], ["optimizer.betas", "[0.9]", "optimizer.betas=[0.9,0.95]"]),
     "beta_of_one": Bad(["optimizer.betas=[0.9,1.0]"], ["optimizer.betas", "up to (not including) 1"]),
     "negative_eps": Bad(["optimizer.eps=-1e-8"], ["optimizer.eps", "below 0"]),
+    # a LookupError traceback from the first file read; the fallback's only once a file needs it
+    "unknown_encoding": Bad(["data.encoding=utf-9"], ["data.encoding", "'utf-9'", "data.encoding=utf-8"]),
+    "unknown_fallback_encoding": Bad(["data.encoding_fallback=win-1252"],
+                                     ["data.encoding_fallback", "'win-1252'", "cp1252"]),
     "mlm_probability_not_a_number": Bad(["task=mlm", "task.mlm_probability=most"],
                                         ["task.mlm_probability", "'most' is not a number", "0.15"]),
     # read only by the test's sample table and generate(), after the training they would cost
