@@ -176,6 +176,11 @@ class LastCheckpoint(ModelCheckpoint):
             return
         self._save_checkpoint(trainer, str(self.path))
 
+    def save_after_this_validation(self) -> None:
+        """Write last.ckpt in this ``on_validation_end``: after the best checkpoint has taken the
+        validation in (checkpoint callbacks run last), so the file records it."""
+        self._after_validation = True
+
     def _saved_at(self, step: int) -> bool:
         return bool(self._last_checkpoint_saved) and self._last_global_step_saved == step
 

@@ -277,6 +277,16 @@ class Preemption(L.Callback):
     checkpoint, a val/* point the uninterrupted run does not have and, on a large validation set,
     a stop later than a preemption's grace period.
 
+    Under DDP (more than one process) SIGTERM is only noted, never acted on by one process alone:
+    Lightning's handler broadcasts from rank 0 inside the handler, a collective that pairs up only
+    when every rank takes the signal at a moment no other collective is under way. A rank that got
+    it while its peer waited in a barrier (saving a checkpoint) or in a gradient all-reduce hung for
+    good, and a rank that got it twice (``timeout``'s group signal plus Lightning's forwarding)
+    broadcast twice. ``_note_sigterm`` keeps Lightning's forwarding to the processes its launcher
+    started; the ranks agree at the step boundary (``on_train_batch_end``), after a validation
+    (``on_validation_end``) and when training ends (``on_train_end``), each a reduction every rank
+    makes at the same point.
+
     In a submitit job its preemption signal (``submitit_preemption``) is taken over from submitit's
     handler for the length of ``fit`` and stops training the same way; ``requeue`` hands the stop on
     to submitit once the run is closed. Any process's submitit signal makes every process's stop one
@@ -295,6 +305,8 @@ class Preemption(L.Callback):
         self._holding = False  # between a batch that did not end a step and the next batch's start
         self._sigterm_held = False  # Lightning's note of a SIGTERM, taken back until the step boundary
         self._lightning_sigterm: Any = None  # Lightning's SIGTERM handler, while ``_on_sigterm`` wraps it
+        self._note_only = False  # several processes: a signal is noted, and the ranks decide together
+        self._forwarded = False  # SIGTERM passed on to the processes Lightning's launcher started
 
     def _note(self, signum: int, frame: Any) -> None:
         self.signum = signum
@@ -319,11 +331,11 @@ class Preemption(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._trainer, self._step = trainer, trainer.global_step
-        self._holding = self._sigterm_held = False
+        self._holding = self._sigterm_held = self._forwarded = False
+        self._note_only = trainer.world_size > 1
         if threading.current_thread() is not threading.main_thread():
             return
-        if int(trainer.accumulate_grad_batches) > 1:  # without accumulation every batch is a boundary
-            self._wrap_lightning_sigterm()
+        self._wrap_lightning_sigterm()
         for signum in _own_signals():
             if signal.getsignal(signum) in (signal.SIG_DFL, None):
                 self._previous[signum] = signal.signal(signum, self._note)
@@ -335,6 +347,8 @@ class Preemption(L.Callback):
         # A signal that came during the last validation: training ended anyway, and LastCheckpoint
         # (called before this callback) has saved its final state.
         self._holding = False
+        if self._note_only and trainer.strategy.reduce_boolean_decision(self.signum is not None, all=False):
+            self._agree_on_signal(trainer)  # every rank reports the stop, not only those that got the signal
         if self._sigterm_held and self.signum is None:  # never lost, though training ended first
             self.signum = signal.SIGTERM
         if self.signum is not None and self.stopped_after is None:
@@ -349,11 +363,43 @@ class Preemption(L.Callback):
             return  # the same on every rank, so the reductions below stay paired
         asked = self.signum is not None or self._sigterm_held or trainer.received_sigterm
         if trainer.strategy.reduce_boolean_decision(asked, all=False):  # any rank's signal stops all
-            submitit = self.requeue_signum is not None and self.signum == self.requeue_signum
-            if trainer.strategy.reduce_boolean_decision(submitit, all=False) and self.requeue_signum is not None:
-                self.signum = self.requeue_signum  # any rank's submitit signal: every rank hands on
+            self._agree_on_signal(trainer)
             self._stop(trainer)
             self._release_sigterm(trainer)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning raises on its SIGTERM note after any validation batch but the last: the
+        # validation's metrics, its say on the best checkpoint and the generators it was to hand
+        # back (RngState) would be lost, and the resumed run, which does not repeat it, would differ.
+        # So a signal here is held until the validation is over.
+        if self._validating_in_fit(trainer):
+            self._holding = True
+            self._hold_sigterm(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._validating_in_fit(trainer):
+            return
+        self._holding = False
+        asked = self.signum is not None or self._sigterm_held
+        if trainer.strategy.reduce_boolean_decision(asked, all=False):  # every rank runs this validation
+            self._agree_on_signal(trainer)
+            # last.ckpt is written by LastCheckpoint after this hook and the best checkpoint's, with
+            # the generators RngState has put back: the state of the step and its validation.
+            self.last.save_after_this_validation()
+            self.stopped_after = trainer.global_step
+            self._release_sigterm(trainer)  # one process: Lightning raises once the validation is over
+
+    def _validating_in_fit(self, trainer: L.Trainer) -> bool:
+        return (self._trainer is not None and trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
+                and self.stopped_after is None)
+
+    def _agree_on_signal(self, trainer: L.Trainer) -> None:
+        """After the ranks found that some rank got a signal: the same signal on every rank."""
+        submitit = self.requeue_signum is not None and self.signum == self.requeue_signum
+        if trainer.strategy.reduce_boolean_decision(submitit, all=False) and self.requeue_signum is not None:
+            self.signum = self.requeue_signum  # any rank's submitit signal: every rank hands on
+        elif self.signum is None:
+            self.signum = signal.SIGTERM  # a rank that got none stops as the others did
 
     def _ends_step(self, trainer: L.Trainer) -> bool:
         """Whether the training batch whose hooks run ended an optimizer step: the global step moved
@@ -384,14 +430,11 @@ class Preemption(L.Callback):
     def _wrap_lightning_sigterm(self) -> None:
         """Put ``_on_sigterm`` in front of the SIGTERM handler Lightning installed for this fit.
 
-        Clearing Lightning's note in ``on_train_batch_end`` alone leaves a gap: a SIGTERM after that
-        hook and before the next batch (the module's hook, the loggers' writes, the next loader
-        fetch) would be noted, and acted on, mid-accumulation. Lightning's handler still runs
-        first, so it goes on forwarding the signal to the processes its launcher started.
-
-        Not closed here: under DDP Lightning's handler also broadcasts from rank 0, inside the
-        handler, and relies on every rank receiving SIGTERM to pair those broadcasts; a rank that
-        never receives it is Lightning's case, as without accumulation.
+        In one process: clearing Lightning's note in a hook alone leaves a gap: a SIGTERM after
+        ``on_train_batch_end`` and before the next batch (the module's hook, the loggers' writes, the
+        next loader fetch) would be noted, and acted on, mid-accumulation; one after a validation
+        batch's hooks, mid-validation. Lightning's handler still runs first. Under DDP it does not
+        run at all (``_note_sigterm``).
         """
         handler = signal.getsignal(signal.SIGTERM)
         if callable(handler) and handler != self._on_sigterm:
@@ -399,10 +442,25 @@ class Preemption(L.Callback):
             signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
+        if self._note_only:
+            self._note_sigterm(signum)
+            return
         if self._lightning_sigterm is not None:
             self._lightning_sigterm(signum, frame)
         if self._holding and self._trainer is not None:
             self._hold_sigterm(self._trainer)
+
+    def _note_sigterm(self, signum: int) -> None:
+        """Lightning's SIGTERM handler without its broadcast: the signal is forwarded and noted."""
+        trainer = self._trainer
+        log.info("[rank %s] Received SIGTERM: %d", getattr(trainer, "global_rank", "?"), signum)
+        if not self._forwarded and trainer is not None:
+            self._forwarded = True
+            launcher = trainer.strategy.launcher
+            if launcher is not None:
+                launcher.kill(signum)
+        if self.signum is None:
+            self.signum = signum
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
@@ -443,7 +501,7 @@ class Preemption(L.Callback):
             signal.signal(signal.SIGTERM, self._lightning_sigterm)
         self._lightning_sigterm = None
         self._trainer = None
-        self._holding = False
+        self._holding = self._note_only = False
 
 
 def _last_batch_of_epoch(trainer: L.Trainer) -> bool:
