@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 
 from lmlab.flops import flops_per_token, peak_flops
@@ -25,6 +26,12 @@ class TokensPerSecond(L.Callback):
     Lightning's ThroughputMonitor needs a FLOP count and its metric names use '|', which MLflow
     rejects; counting tokens over a window of steps is all this needs. Time spent validating inside
     a window is left out, as ThroughputMonitor does: the figure is the training speed.
+
+    Under DDP each process counts its own batches and the window's count is summed over processes
+    when it is logged (every rank reaches that batch together): padded batches differ by rank, so
+    rank 0's count times the world size was not the processes' total. The running total and the
+    window position go into checkpoints, so a resumed run's ``total_tokens`` counts the whole run
+    and its windows end on the same batches as the uninterrupted run's.
     """
 
     def __init__(self, every: int = 10, configured_peak: float | None = None):
@@ -34,17 +41,43 @@ class TokensPerSecond(L.Callback):
         self._tokens: Any = 0
         self._since = 0.0
         self._validating_since: float | None = None
-        self._total: Any = 0
+        self._total = 0  # all processes' tokens of the windows logged so far
         # Counted here: Lightning's batch_idx restarts each epoch, which would stretch the window
         # that spans an epoch's end.
         self._batches = 0
         self.configured_peak = configured_peak
         self.peak: float | None = None  # per device, set at the start of training; None: no MFU
         self._flops_per_token: float | None = None
+        self._world_size = 1
+        self._restored: dict[str, Any] | None = None  # the checkpoint's counters, for a resumed fit
 
     @property
     def total_tokens(self) -> int:
+        """Tokens trained on by all processes (read after training: ``on_train_end`` adds the last,
+        unlogged window)."""
         return int(self._total)
+
+    def state_dict(self) -> dict[str, Any]:
+        # The unlogged window's tokens are this process's: under DDP the other ranks' are taken to
+        # be as many (exact in one process, and for unpadded blocks).
+        world = self._world_size
+        return {"total": int(self._total) + int(self._tokens) * world, "batches": self._batches}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Taken up only by a fit that continues (on_train_start): Lightning restores callbacks for
+        # every checkpoint it loads, the best one that the final validation scores among them.
+        self._restored = dict(state_dict)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._total += self._summed(trainer, self._tokens)
+        self._tokens = 0
+
+    @staticmethod
+    def _summed(trainer: L.Trainer, tokens: Any) -> int:
+        if trainer.world_size <= 1:
+            return int(tokens)
+        local = torch.as_tensor(tokens, dtype=torch.float64, device=trainer.strategy.root_device)
+        return int(round(float(trainer.strategy.reduce(local, reduce_op="sum"))))
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Only now are the device and the precision plugin known.
@@ -53,6 +86,12 @@ class TokensPerSecond(L.Callback):
         if found and trainer.is_global_zero:
             log.info("train/mfu against %.3g FLOP/s per device (%s)", *found)
         self._since = time.perf_counter()
+        self._world_size = trainer.world_size
+        if self._restored is not None:
+            self._total = int(self._restored.get("total", 0))
+            self._batches = int(self._restored.get("batches", 0))
+            self._tokens = 0  # the clock restarts with the resumed run, and so does its first window
+            self._restored = None
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._validating_since = time.perf_counter()
@@ -66,15 +105,15 @@ class TokensPerSecond(L.Callback):
                            batch_idx: int) -> None:
         mask = batch.get("attention_mask") if isinstance(batch, dict) else None
         tokens = mask.sum() if mask is not None else int(batch["input_ids"].numel())
-        tokens = tokens * trainer.world_size
         if self.peak and self._flops_per_token is None and hasattr(pl_module, "model"):
             self._flops_per_token = flops_per_token(pl_module.model, int(batch["input_ids"].shape[-1])) or 0.0
         self._tokens = self._tokens + tokens
-        self._total = self._total + tokens
         self._batches += 1
         if self._batches % self.every == 0:
+            window = self._summed(trainer, self._tokens)
+            self._total += window
             now = time.perf_counter()
-            rate = int(self._tokens) / max(now - self._since, 1e-9)
+            rate = window / max(now - self._since, 1e-9)
             pl_module.log("train/tokens_per_sec", float(rate), prog_bar=True)
             # Per device too, so runs on different device counts compare directly.
             pl_module.log("train/tokens_per_sec_per_device", float(rate) / trainer.world_size)

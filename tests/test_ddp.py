@@ -161,17 +161,48 @@ def test_rank_zero_is_read_from_the_launchers_environment(monkeypatch: pytest.Mo
     assert not is_rank_zero()  # torchrun on the second node: local rank 0, global rank 3
 
 
-@pytest.mark.slow
-def test_ddp_evaluation_neither_duplicates_nor_drops_examples(tmp_path: Path) -> None:
-    """An odd-sized test split over 2 processes: entity F1 and the predictions file equal one process's."""
+def _wnut_head(tmp_path: Path, sizes: tuple[tuple[str, int], ...]) -> Path:
     wnut = SHARED_DATA / "ner" / "wnut16"
     if not wnut.exists():
         pytest.skip(f"real test data missing: {wnut}")
     folder = tmp_path / "wnut"
     folder.mkdir()
-    for split, n in (("train", 200), ("validation", 21), ("test", 25)):
+    for split, n in sizes:
         blocks = (wnut / f"{split}.conll").read_text(encoding="utf-8").strip().split("\n\n")[:n]
         (folder / f"{split}.conll").write_text("\n\n".join(blocks) + "\n\n", encoding="utf-8")
+    return folder
+
+
+@pytest.mark.slow
+def test_ddp_counts_every_processs_tokens(tmp_path: Path) -> None:
+    """Padded batches (NER sentences) hold different token counts on each rank: the total and the
+    speed are the processes' sum, equal to one process's over the same global batches."""
+    folder = _wnut_head(tmp_path, (("train", 200), ("validation", 21), ("test", 25)))
+    common = ["task=ner", "+experiment=debug", f"data.path={folder}", "data.max_documents=null",
+              "trainer.max_steps=6", "trainer.log_every_n_steps=2"]
+    lmlab(tmp_path / "one", *common, "data.batch_size=8")
+    lmlab(tmp_path / "two", *common, *DDP, "data.batch_size=4")
+    _, one = only_run(tmp_path / "one")
+    _, two = only_run(tmp_path / "two")
+    assert two.data.metrics["train/total_tokens"] == one.data.metrics["train/total_tokens"] > 0
+
+
+@pytest.mark.slow
+def test_ddp_mlm_loss_parts_are_means_over_processes_like_the_loss(tmp_path: Path) -> None:
+    text = wiki_head(tmp_path)
+    lmlab(tmp_path / "two", "task=mlm", "task.nsp=true", "+experiment=debug", f"data.path={text}", *DDP,
+          "trainer.max_steps=4", "trainer.log_every_n_steps=1", "data.batch_size=4")
+    client, run = only_run(tmp_path / "two")
+    loss, mlm, nsp = (history(client, run.info.run_id, key) for key in ("train/loss", "train/mlm_loss",
+                                                                        "train/nsp_loss"))
+    assert len(loss) == len(mlm) == len(nsp) == 4
+    assert [m + n for m, n in zip(mlm, nsp)] == pytest.approx(loss, rel=1e-5)  # rank 0's parts alone do not add up
+
+
+@pytest.mark.slow
+def test_ddp_evaluation_neither_duplicates_nor_drops_examples(tmp_path: Path) -> None:
+    """An odd-sized test split over 2 processes: entity F1 and the predictions file equal one process's."""
+    folder = _wnut_head(tmp_path, (("train", 200), ("validation", 21), ("test", 25)))
     data = ["task=ner", "+experiment=debug", f"data.path={folder}", "data.max_documents=null",
             "trainer.limit_val_batches=1.0", "data.eval_batch_size=4"]
     lmlab(tmp_path / "fit", *data, "trainer.max_steps=20")

@@ -236,6 +236,17 @@ def test_resume_from_each_kind_of_checkpoint_is_exact(in_process, crash_at: int,
     want = in_process.want
     assert got.output_dir == run_dir and got.metrics == want.metrics
     assert (got.export_dir / "model.safetensors").read_bytes() == (want.export_dir / "model.safetensors").read_bytes()
+    # The throughput counters come back with the checkpoint: the whole run's tokens, and windows
+    # that end on the uninterrupted run's steps (the resumed process's count started at 0). Steps
+    # after the checkpoint are trained, and logged, twice: the set of steps is what must match.
+    import mlflow
+
+    def throughput(result) -> tuple[float, list[int]]:
+        client = mlflow.MlflowClient(tracking_uri=result.tracking_uri)
+        steps = sorted({m.step for m in client.get_metric_history(result.run_id, "train/tokens_per_sec")})
+        return client.get_run(result.run_id).data.metrics["train/total_tokens"], steps
+
+    assert throughput(got) == throughput(want)
 
 
 @pytest.mark.parametrize("crash_at", [10, 17])

@@ -191,12 +191,12 @@ class MaskedLMModule(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         r = self._forward(batch, self._training_generator(batch["input_ids"].device))
         loss = r["mlm_sum"] / r["count"].clamp(min=1)
-        log_step(self, "train/mlm_loss", loss)
+        log_step(self, "train/mlm_loss", loss, sync_dist=True)  # over processes, as train/loss
         if self.teacher is not None:  # knowledge distillation on the masked positions (NSP keeps its labels)
             inputs = {**batch, "input_ids": r["inputs"]}  # the teacher reads what the student read
             loss = self.teacher.loss(self, loss, r["picked"], inputs, r["chosen"])
         if self.nsp:
-            log_step(self, "train/nsp_loss", r["nsp_loss"])
+            log_step(self, "train/nsp_loss", r["nsp_loss"], sync_dist=True)
             loss = loss + r["nsp_loss"]
         log_step(self, "train/loss", loss, prog_bar=True, sync_dist=True)  # the mean over processes
         return loss
