@@ -16,8 +16,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
-from lmlab import checkpointing, checks, config_keys, data_lengths, distill, faults, optim, pretrained, registry, \
-    resume, tracking
+from lmlab import atomic, checkpointing, checks, config_keys, data_lengths, distill, faults, optim, pretrained, \
+    registry, resume, tracking
 from lmlab.background_log import MetricsBeforeCheckpoints
 from lmlab.data import labels as model_labels
 from lmlab.data.loaders import distributed_sampler_wanted, shards_itself
@@ -125,11 +125,13 @@ def output_dir_for(cfg: DictConfig) -> Path:
         return Path(str(cfg.paths.root)) / "runs" / f"{stamp}_{cfg.task.name}_{cfg.model.name}"
 
 
-def save_resolved_config(cfg: DictConfig, output_dir: Path) -> Path:
+def save_resolved_config(cfg: DictConfig, output_dir: Path, write: bool = True) -> Path:
+    """``config_resolved.yaml`` in the run directory; ``write``: global rank 0 only, since every
+    process resolves the same config and writers sharing one staging name race (torchrun starts
+    every rank at once)."""
     path = output_dir / "config_resolved.yaml"
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    tmp.replace(path)
+    if write:
+        atomic.write_text(path, OmegaConf.to_yaml(cfg, resolve=True))
     return path
 
 
@@ -345,7 +347,7 @@ def run(cfg: DictConfig) -> RunResult:
     output_dir = resume.run_dir(resuming) or output_dir_for(cfg)
     output_dir.mkdir(parents=True, exist_ok=True)
     rank_zero = is_rank_zero()
-    config_path = save_resolved_config(cfg, output_dir)
+    config_path = save_resolved_config(cfg, output_dir, write=rank_zero)
     origin = str(getattr(dm, "origin", None) or getattr(getattr(dm, "corpus", None), "origin", ""))
     mlrun = resume.open_run(cfg, resuming, _tags(cfg, task, spec, mode, output_dir, origin), output_dir, rank_zero)
     with resume.ending(mlrun, output_dir, "fit-not-started" if mode == "fit" else mode) as end:
@@ -412,7 +414,7 @@ def _predict(cfg: DictConfig, task: TaskSpec, spec: ModelSpec, started: float) -
 
     output_dir = output_dir_for(cfg)
     output_dir.mkdir(parents=True, exist_ok=True)
-    config_path = save_resolved_config(cfg, output_dir)
+    config_path = save_resolved_config(cfg, output_dir, write=is_rank_zero())
     mlrun = RunLog.open(cfg, _tags(cfg, task, spec, "predict", output_dir, str(cfg.data.path)), is_rank_zero())
     with resume.ending(mlrun, output_dir, "predict", record=False):
         mlrun.artifact(config_path, "config")
@@ -422,7 +424,8 @@ def _predict(cfg: DictConfig, task: TaskSpec, spec: ModelSpec, started: float) -
             mlrun.artifact(path, "predictions")
         metrics = {"predict/examples": float(getattr(module, "predicted_examples", 0))}
         mlrun.metric("predict/examples", metrics["predict/examples"])
-    log.info("Predictions: %s", ", ".join(str(p) for p in written))
+    if written:  # global rank 0 writes them; the other ranks have nothing to say
+        log.info("Predictions: %s", ", ".join(str(p) for p in written))
     return RunResult(mlrun.run_id, tracking.tracking_uri(cfg), output_dir, metrics, None,
                      time.perf_counter() - started, "predict/examples")
 
