@@ -58,10 +58,11 @@ class TokensPerSecond(L.Callback):
         return int(self._total)
 
     def state_dict(self) -> dict[str, Any]:
-        # The unlogged window's tokens are this process's: under DDP the other ranks' are taken to
-        # be as many (exact in one process, and for unpadded blocks).
-        world = self._world_size
-        return {"total": int(self._total) + int(self._tokens) * world, "batches": self._batches}
+        # The unlogged window's count stays as it is (a device tensor for padded batches): reading
+        # it here would stop a GPU's host at every checkpoint. It is this process's: under DDP the
+        # other ranks' are taken to be as many (exact in one process, and for unpadded blocks).
+        return {"total": int(self._total), "window": self._tokens, "world_size": self._world_size,
+                "batches": self._batches}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Taken up only by a fit that continues (on_train_start): Lightning restores callbacks for
@@ -88,7 +89,8 @@ class TokensPerSecond(L.Callback):
         self._since = time.perf_counter()
         self._world_size = trainer.world_size
         if self._restored is not None:
-            self._total = int(self._restored.get("total", 0))
+            window = int(self._restored.get("window", 0)) * int(self._restored.get("world_size", 1))
+            self._total = int(self._restored.get("total", 0)) + window
             self._batches = int(self._restored.get("batches", 0))
             self._tokens = 0  # the clock restarts with the resumed run, and so does its first window
             self._restored = None
