@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lmlab.errors import config_error
-from lmlab.optim import SCHEDULES
+from lmlab.optim import check_schedule_name
 from lmlab.precision import precision_name
 from lmlab.pretrained import REFERENCE_KEYS, reference
 from lmlab.resolvers import REQUIRED
@@ -258,9 +258,8 @@ def check_encodings(cfg: DictConfig) -> None:
 
 def check_schedule(cfg: DictConfig) -> None:
     name = OmegaConf.select(cfg, "scheduler.name", default=_ABSENT)
-    if name is not _ABSENT and name not in SCHEDULES:
-        raise config_error("scheduler.name", f"unknown schedule '{name}'",
-                           f"Use scheduler=cosine, linear or constant (scheduler.name: one of {', '.join(SCHEDULES)}).")
+    if name is not _ABSENT:
+        check_schedule_name(name)
 
 
 def check_accelerator(cfg: DictConfig) -> None:

@@ -90,6 +90,13 @@ def check_length(cfg: DictConfig) -> None:
             raise error
 
 
+def check_schedule_name(name: object) -> None:
+    """``scheduler.name`` among SCHEDULES: checked up front (lmlab.checks) and where it is used."""
+    if name not in SCHEDULES:
+        raise config_error("scheduler.name", f"unknown schedule '{name}'",
+                           f"Use scheduler=cosine, linear or constant (scheduler.name: one of {', '.join(SCHEDULES)}).")
+
+
 def build(model: torch.nn.Module, opt_cfg: DictConfig, sched_cfg: DictConfig, total_steps: int) -> dict[str, Any]:
     """What ``LightningModule.configure_optimizers`` returns."""
     if opt_cfg.lr <= 0:
@@ -105,8 +112,7 @@ def build(model: torch.nn.Module, opt_cfg: DictConfig, sched_cfg: DictConfig, to
         optimizer = None
     optimizer = optimizer or torch.optim.AdamW(groups, **kwargs)
     name = sched_cfg.name
-    if name not in SCHEDULES:
-        raise config_error("scheduler.name", f"unknown schedule '{name}'", f"Use one of: {', '.join(SCHEDULES)}.")
+    check_schedule_name(name)
     if not math.isfinite(total_steps):  # training without end (check_length names it up front)
         error = unbounded_error(sched_cfg)
         if error is not None:

@@ -230,15 +230,16 @@ class MaskedLMModule(L.LightningModule):
         return optim.build(self.model, self.optimizer_cfg, self.scheduler_cfg, self.trainer.estimated_stepping_batches)
 
 
+# Types only: masking.check_probabilities judges the values, alone and together.
 PROBABILITIES = (
-    Number("task.mlm_probability", False, "0.15", low=0, high=1),
-    Number("task.mask_replace_prob", False, "0.8", low=0, high=1),
-    Number("task.random_replace_prob", False, "0.1", low=0, high=1),
+    Number("task.mlm_probability", False, "0.15"),
+    Number("task.mask_replace_prob", False, "0.8"),
+    Number("task.random_replace_prob", False, "0.1"),
 )
 
 
 def validate(cfg: DictConfig) -> None:
-    for number in PROBABILITIES:  # a word where a number belongs; check_probabilities weighs the numbers
+    for number in PROBABILITIES:  # a word where a number belongs: float() would raise a ValueError
         number.check(cfg)
     problem = masking.check_probabilities(
         float(cfg.task.mlm_probability), float(cfg.task.mask_replace_prob), float(cfg.task.random_replace_prob)
