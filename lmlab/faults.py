@@ -87,8 +87,22 @@ class NumericalGuard(L.Callback):
         self.configured_every = check_every
         self.check_every = check_every or 1
         self.skipped = 0
+        # Skipped before this fit started (a resumed run's), which the device-side count leaves out.
+        self._offset = 0
         self._losses: list[torch.Tensor] = []
         self._pending: dict[str, torch.Tensor] | None = None  # device-side record of deferred verdicts
+        self._restored: dict[str, Any] | None = None  # the checkpoint's count, for a resumed fit
+
+    def state_dict(self) -> dict[str, Any]:
+        # The deferred count stays a device tensor: reading it here would stop a GPU's host at every
+        # checkpoint. It is the same on every process (the verdicts are summed over them).
+        pending = None if self._pending is None else self._pending["count"]
+        return {"skipped": self.skipped, "offset": self._offset, "pending": pending}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Taken up only by a fit that continues (on_train_start), as TokensPerSecond does: Lightning
+        # also restores callbacks from the best checkpoint that the final validation scores.
+        self._restored = dict(state_dict)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         every = self.configured_every
@@ -96,6 +110,12 @@ class NumericalGuard(L.Callback):
             every = 1 if pl_module.device.type == "cpu" else max(1, int(trainer.log_every_n_steps))
         self.check_every = every
         self._pending = None
+        if self._restored is not None:
+            pending = self._restored.get("pending")
+            self._offset = int(self._restored.get("skipped", 0)) if pending is None else (
+                int(self._restored.get("offset", 0)) + int(pending))
+            self.skipped = self._offset
+            self._restored = None
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
         self._losses.append(loss.detach())
@@ -162,7 +182,7 @@ class NumericalGuard(L.Callback):
     def _read_pending(self, trainer: L.Trainer, pl_module: L.LightningModule, at_end: bool = False) -> None:
         if self._pending is None:
             return
-        count = int(self._pending["count"])  # the host sync, once per check
+        count = self._offset + int(self._pending["count"])  # the host sync, once per check
         if count == self.skipped:
             return
         first_step = int(self._pending["first_step"])

@@ -324,6 +324,24 @@ def test_deferred_skip_drops_the_same_update_as_the_per_step_check(
         assert torch.equal(moments[0][key]["exp_avg"], moments[1][key]["exp_avg"])
 
 
+# Step 5 is the last step of the first part: the per-step check has counted it by the checkpoint;
+# the deferred one (checks every 4 steps) holds it on the device, still unread.
+@pytest.mark.parametrize("every", [1, 4])
+def test_skipped_steps_carry_over_a_resume(finished: tuple[RunResult, Path], monkeypatch: pytest.MonkeyPatch,
+                                           every: int) -> None:
+    _, root = finished
+    monkeypatch.setenv("LMLAB_CACHE_DIR", str(root / "cache"))
+    _nan_at_step(monkeypatch, 5)
+    overrides = [*TINY, f"data.path={root / 'wiki.txt'}", "faults.nonfinite=skip",
+                 f"faults.check_every_n_steps={every}"]
+    first = run(compose_cfg([*overrides, "trainer.max_steps=5"]))
+    resumed = run(compose_cfg([*overrides, "trainer.max_steps=10", f"resume={first.output_dir}"]))
+    assert resumed.run_id == first.run_id
+    history = metric_history(resumed, "train/skipped_steps")
+    assert any(step > 5 for step, _ in history), history  # the resumed part still reports the count
+    assert {value for _, value in history} == {1.0}, history
+
+
 def test_a_huge_learning_rate_stops_the_run_at_a_named_step(
     finished: tuple[RunResult, Path], lmlab_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
