@@ -160,7 +160,6 @@ def _quantize(cfg: DictConfig, model: Any, tokenizer: Any, dm: Any, output_dir: 
 
 def _prune(cfg: DictConfig, local: DictConfig, task: TaskSpec, model: Any, tokenizer: Any, dm: Any,
            output_dir: Path, mlrun: Any) -> tuple[Any, Path | None, dict]:
-    from lmlab import faults
     from lmlab.train import build_trainer
 
     pcfg = cfg.prune

@@ -72,7 +72,7 @@ def check_known_keys(cfg: DictConfig) -> None:
             close = difflib.get_close_matches(str(key), sorted(known[node]), n=1)
             hint = f"Did you mean {node}.{close[0]}? " if close else ""
             raise config_error(
-                f"{node}.{key}", f"no config of lmlab or of an installed plugin has this key, so nothing would read it",
+                f"{node}.{key}", "no config of lmlab or of an installed plugin has this key, so nothing would read it",
                 f"{hint}Fix it where it is set (a +{node}.{key}= on the command line, your --config-dir group "
                 f"file or +experiment= preset). The keys {node} takes"
                 f"{' (of any ' + node + ')' if node in ('task', 'model') else ''}: {', '.join(sorted(known[node]))}.",
