@@ -305,6 +305,9 @@ CASES: dict[str, Bad] = {
                                     "1 document(s)", "data.val_fraction=0.05"],
                                data="data.path={d}/not_a_run/notes.txt"),
     "path_and_name_both_set": Bad(["data.name=wikitext"], ["data.path", "wiki.txt", "data.name='wikitext'"]),
+    "catalog_given_a_text_pair_column": Bad([*CLS, "data.text_pair_column=hypothesis"],
+                                            ["data.text_pair_column", "'hypothesis'", "bbc_topics", "no second text"],
+                                            data="data.catalog=bbc_topics"),
     "classification_path_and_name_both_set": Bad([*CLS, "data.name=imdb"], ["data.path", "data.name='imdb'"],
                                                  data="data.path={d}/cls_unknown"),
 }

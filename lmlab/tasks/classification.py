@@ -255,6 +255,11 @@ def distinct_rows(rows: LabelledSplit) -> list[int]:
 
 def read_bbc_topics(cfg: DictConfig) -> tuple[dict[str, LabelledSplit], str]:
     """BBC News: label = folder, text = the whole article; a seeded split stratified by label."""
+    if cfg.get("text_pair_column"):  # read from files only: training on the articles alone would hide it
+        raise config_error("data.text_pair_column", f"'{cfg.text_pair_column}' is set, but data.catalog=bbc_topics "
+                           "has one text per example (the article; its folder is the label) and no second text",
+                           "Unset it (data.text_pair_column=null), or point data.path at a CSV/JSON-lines file "
+                           "with that column.")
     root = package_dir(BBC_PACKAGE)
     folder = root / BBC_SUBPATH if root is not None else None
     if folder is None or not folder.is_dir():
