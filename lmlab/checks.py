@@ -275,8 +275,12 @@ def check_accelerator(cfg: DictConfig) -> None:
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise config_error("trainer.accelerator", f"it is '{accelerator}' (the trainer preset's), but this "
                            "machine has no CUDA GPU", NO_GPU_ADVICE[strategy])
-    if accelerator == "cpu" and strategy == "deepspeed":
-        raise config_error("trainer.accelerator", "it is 'cpu', and DeepSpeed runs on CUDA GPUs only",
+    # Lightning's FSDP and DeepSpeed strategies refuse any accelerator but CUDA ('auto' without a GPU is the CPU).
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if on_cpu and strategy in ("deepspeed", "fsdp"):
+        name = {"deepspeed": "DeepSpeed", "fsdp": "FSDP"}[strategy]
+        said = "it is 'cpu'" if accelerator == "cpu" else "it is 'auto', and this machine has no CUDA GPU"
+        raise config_error("trainer.accelerator", f"{said}, and {name} runs on CUDA GPUs only",
                            CPU_INSTEAD[0].upper() + CPU_INSTEAD[1:] + ".")
     if accelerator == "cpu" and str(trainer.get("devices")) == "-1":
         raise config_error("trainer.devices", "it is -1 (every GPU, the preset's), which means nothing with "

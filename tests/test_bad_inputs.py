@@ -531,6 +531,10 @@ def test_a_gpu_preset_without_a_gpu_stops_before_any_data_or_mlflow_work(preset:
     # DeepSpeed has no CPU accelerator: not "install deepspeed (needs a CUDA toolkit)" after the data work.
     (["trainer=deepspeed", "trainer.accelerator=cpu"],
      ["'trainer.accelerator'", "DeepSpeed runs on CUDA GPUs only", "trainer=ddp_cpu"]),
+    # Nor has Lightning's FSDP, which said so only after the data work, with an MLflow run left FAILED.
+    (["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2"],
+     ["'trainer.accelerator'", "FSDP runs on CUDA GPUs only", "trainer=ddp_cpu"]),
+    (["trainer.strategy=fsdp"], ["'trainer.accelerator'", "FSDP runs on CUDA GPUs only"]),
     # The GPU presets' devices=-1 ("every GPU") is refused by Lightning's CPU accelerator.
     (["trainer=ddp", "trainer.accelerator=cpu"], ["'trainer.devices'", "-1", "trainer.devices=2"]),
     # Lightning refuses these only when the Trainer is built, in words that name no config key.
