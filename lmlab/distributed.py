@@ -34,6 +34,26 @@ def is_rank_zero() -> bool:
     return True
 
 
+def launch_id() -> str | None:
+    """What every process of one launch that starts all ranks at once shares, and no other launch
+    does, read from the launcher's environment: for handing global rank 0's decisions to the other
+    ranks before a process group exists. None in a plain process, under Lightning's own launcher
+    (it starts the other ranks itself, after rank 0: they inherit its environment instead) and
+    under launchers not named here.
+
+    torchrun: the rendezvous id (a fresh uuid with ``--standalone``; ``--rdzv-id`` names the job
+    otherwise), the master address and port, and the restart count (a restart starts every worker anew).
+    srun: the SLURM job step and the job's restart count (a requeue runs the same step again).
+    """
+    env = os.environ
+    if env.get("TORCHELASTIC_RUN_ID") and int(env.get("WORLD_SIZE") or 1) > 1:
+        return ":".join(("torchrun", env["TORCHELASTIC_RUN_ID"], env.get("MASTER_ADDR", ""),
+                         env.get("MASTER_PORT", ""), env.get("TORCHELASTIC_RESTART_COUNT", "0")))
+    if env.get("SLURM_JOB_ID") and env.get("SLURM_STEP_ID") and int(env.get("SLURM_NTASKS") or 1) > 1:
+        return ":".join(("srun", env["SLURM_JOB_ID"], env["SLURM_STEP_ID"], env.get("SLURM_RESTART_COUNT", "0")))
+    return None
+
+
 def block_classes(model: torch.nn.Module) -> set[type]:
     """The classes of the model's layer lists (GPT2Block, BertLayer, T5Block ...).
 

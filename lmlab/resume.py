@@ -8,6 +8,8 @@ is not running now and has a ``checkpoints/last.ckpt``; ``resume=DIR`` names the
 starts from it). The resumed run writes into its original directory and MLflow run, after removing
 what a killed process left staged there (``.export.*`` folders, ``checkpoints/*.tmp`` files).
 
+Under DDP only global rank 0 searches: it hands its choice to the other ranks (``_auto``).
+
 A submitit job (``hydra/launcher=slurm``) that starts again, requeued after its time limit or a
 preemption, resumes without ``resume=`` (``requeued``): its run directory holds the record of a run
 that this same submitit job (by job id) started and did not finish, and a ``last.ckpt``.
@@ -21,6 +23,7 @@ import logging
 import os
 import shutil
 import socket
+import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,7 +37,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from lmlab import atomic, checkpointing, faults, tracking
-from lmlab.distributed import is_rank_zero
+from lmlab.distributed import is_rank_zero, launch_id
 from lmlab.errors import config_error, file_error
 from lmlab.run_log import RunLog
 
@@ -42,6 +45,13 @@ log = logging.getLogger(__name__)
 
 RECORD = "lmlab_run.json"
 LAST = Path("checkpoints") / "last.ckpt"
+# Global rank 0's resume=auto choice, "PID RUN_DIR", for the ranks Lightning's launcher starts from it.
+CHOICE_ENV = "LMLAB_RESUME_AUTO_CHOICE"
+# How long the other ranks of a torchrun/srun launch wait for rank 0's choice: torch's default
+# process-group timeout, as long as they would wait for rank 0 in Trainer.fit anyway.
+CLAIM_WAIT_S = 1800.0
+# A claim older than this before a rank looks is another launch's that happened to share the id.
+CLAIM_MAX_AGE_S = 600.0
 
 # Keys a resumed run may change: where things live, and what does not alter what is computed (or,
 # for max_steps/max_epochs, extends it on purpose). The rest must match config_resolved.yaml.
@@ -92,12 +102,13 @@ def prepare(cfg: DictConfig, run_dir: Path | None = None) -> Resume | None:
             raise config_error("resume", f"mode={cfg.mode} does not train, so there is nothing to resume",
                                "Drop resume=, or use mode=fit.")
         # Absolute: the summary prints the run directory and export, which a relative resume= left relative.
-        found = (_newest_unfinished(cfg) if str(value) == "auto"
-                 else _named(Path(str(value)).expanduser().absolute(), cfg))
+        found = _auto(cfg) if str(value) == "auto" else _named(Path(str(value)).expanduser().absolute(), cfg)
     checkpointing.check_readable(found.checkpoint)
     if found.run_dir is not None:
         _check_same_config(cfg, found.run_dir)
         _remove_staged(found.run_dir)
+        if str(value) == "auto" and is_rank_zero():
+            _hand_on(found.run_dir)
     # Lightning warns about a non-empty checkpoint folder: continuing one is the point here.
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     log.info("Resuming from %s", found.checkpoint)
@@ -233,6 +244,73 @@ def _alive(record: dict[str, Any]) -> bool:
         return True
 
 
+def _auto(cfg: DictConfig) -> Resume:
+    """``resume=auto`` in this process: global rank 0 searches, every other rank takes its choice.
+
+    The ranks cannot search alike: rank 0 skips runs whose process is alive (another job trains
+    them), which the other ranks cannot tell apart from the run rank 0 claims for itself (its
+    record takes rank 0's pid), nor at all on another host. Searching on their own, they took a
+    newer live run while rank 0 resumed an older one: each rank loaded another checkpoint.
+    No process group exists yet (Trainer.fit makes it), so the choice travels by what the launch
+    offers. Lightning's launcher starts the other ranks from rank 0, after this, with a copy of its
+    environment: ``CHOICE_ENV``, valid only in rank 0's own children (by pid), so a value left in
+    the environment by another process is ignored. torchrun and srun start every rank at once:
+    the others wait for rank 0's claim in the run record, named by the launch's id (``_claimed``).
+    """
+    if is_rank_zero():
+        return _newest_unfinished(cfg)
+    pid, _, chosen = os.environ.get(CHOICE_ENV, "").partition(" ")
+    if chosen and pid == str(os.getppid()):
+        run_dir = Path(chosen)
+        record = read_record(run_dir)
+        if record is None or not (run_dir / LAST).is_file():
+            raise file_error(run_dir / LAST, "is gone: global rank 0 chose this run to resume",
+                             "Start again; a run directory must not be moved or deleted while it resumes.")
+        return Resume(run_dir / LAST, run_dir, record.get("mlflow_run_id"))
+    launch = launch_id()
+    if launch is not None:
+        return _claimed(cfg, launch)
+    log.warning("resume=auto: this launcher gives the processes no shared id, so rank %s searches on its own "
+                "and may resume another run than rank 0 if runs change meanwhile; resume=DIR names one run "
+                "for every rank", os.environ.get("RANK") or os.environ.get("LOCAL_RANK"))
+    return _newest_unfinished(cfg)
+
+
+def _hand_on(run_dir: Path) -> None:
+    """Global rank 0 tells the other ranks which run ``resume=auto`` chose (``_auto``)."""
+    os.environ[CHOICE_ENV] = f"{os.getpid()} {run_dir}"
+    launch = launch_id()
+    if launch is None:  # one process, or Lightning's launcher: the environment is enough
+        return
+    record = read_record(run_dir) or {}
+    record["claim"] = {"launch": launch, "at": _now()}
+    atomic.write_json(run_dir / RECORD, record)
+
+
+def _claimed(cfg: DictConfig, launch: str) -> Resume:
+    """The run global rank 0 of this torchrun/srun launch claimed for ``resume=auto``, waited for."""
+    root = Path(str(cfg.paths.root)).absolute() / "runs"
+    oldest = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=CLAIM_MAX_AGE_S)
+    deadline = time.monotonic() + CLAIM_WAIT_S
+    while True:
+        for run_dir in sorted(root.glob("*")) if root.is_dir() else []:
+            try:
+                record = read_record(run_dir) or {}
+                claim = record.get("claim") or {}
+                fresh = claim.get("launch") == launch and dt.datetime.fromisoformat(claim["at"]) >= oldest
+            except Exception:  # damaged, or not a claim this launch could have written
+                continue
+            if fresh and (run_dir / LAST).is_file():
+                log.info("resume=auto: global rank 0 chose %s", run_dir)
+                return Resume(run_dir / LAST, run_dir, record.get("mlflow_run_id"))
+        if time.monotonic() >= deadline:
+            raise config_error("resume", f"global rank 0 named no run for resume=auto within "
+                               f"{CLAIM_WAIT_S:.0f} s (no {RECORD} under {root} claimed by launch {launch})",
+                               "Read global rank 0's log for what stopped it, or name the run for every rank: "
+                               "resume=DIR.")
+        time.sleep(0.5)
+
+
 def _newest_unfinished(cfg: DictConfig) -> Resume:
     root = Path(str(cfg.paths.root)).absolute() / "runs"
     task, model = str(cfg.task.name), str(cfg.model.name)
@@ -246,7 +324,8 @@ def _newest_unfinished(cfg: DictConfig) -> Resume:
         if (record is None or record.get("task") != task or record.get("model") != model
                 or record.get("status") == "finished" or not (run_dir / LAST).is_file()):
             continue
-        # Other ranks of a DDP job look after rank 0 has claimed the run: its pid is theirs.
+        # Only rank 0 searches but under an unknown launcher (``_auto``), whose ranks are meant to look
+        # after rank 0 has claimed the run: its pid is theirs.
         if is_rank_zero() and _alive(record):
             log.info("Not resuming %s: process %s is still running it", run_dir, record.get("pid"))
             continue
