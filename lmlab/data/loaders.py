@@ -14,16 +14,24 @@ turns the swap off (``use_distributed_sampler``, see :func:`distributed_sampler_
 
 A datamodule without the attribute (a plugin's plain ``DataLoader``) keeps Lightning's swap: each
 process then reads its own part of the data, not a copy of every batch.
+
+``mode=predict`` shares its file the same way (:func:`predict_in_shares`), in whole batches, and
+global rank 0 gathers the predictions to write them.
 """
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from lmlab.errors import config_error
+
+log = logging.getLogger(__name__)
 
 
 def process_group() -> tuple[int, int]:
@@ -86,3 +94,76 @@ def make_loader(dataset: Dataset, *, batch_size: int, train: bool, seed: int = 0
         collate_fn=collate_fn, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
         persistent_workers=num_workers > 0, drop_last=drop_last,
     )
+
+
+class PredictSampler(Sampler[int]):
+    """This process's rows of a mode=predict file: every world-size-th batch of ``batch_size`` rows,
+    in file order (``shared=False``: every row).
+
+    Cut into whole batches, not rows: each batch holds the rows, and so the padding, that it holds in
+    one process, so its predictions are one process's bit for bit. Nothing is repeated to even the
+    shares out; the processes differ by one batch at most.
+    """
+
+    def __init__(self, size: int, batch_size: int, *, shared: bool):
+        self.size, self.batch_size, self.shared = size, batch_size, shared
+
+    def splits(self) -> bool:
+        """Whether the rows are shared out: asked while predicting, when the process group is up.
+
+        Only when every process gets a batch: DDP with ``broadcast_buffers`` syncs the buffers in a
+        process's first forward, which would wait forever on a process without one.
+        """
+        _, world = process_group()
+        return self.shared and world > 1 and math.ceil(self.size / self.batch_size) >= world
+
+    def _rows(self) -> range | list[int]:
+        if not self.splits():
+            return range(self.size)
+        rank, world = process_group()
+        starts = range(rank * self.batch_size, self.size, world * self.batch_size)
+        return [i for start in starts for i in range(start, min(start + self.batch_size, self.size))]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._rows())
+
+    def __len__(self) -> int:
+        return len(self._rows())
+
+
+def replicates_model(trainer: Any) -> bool:
+    """Whether every process holds the whole model and runs its forward alone (DDP), so that the
+    processes can predict different rows. FSDP and DeepSpeed (a DDPStrategy too) run collectives
+    inside the forward (and generate()): there every process predicts every row, in step."""
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+
+    strategy = getattr(trainer, "strategy", None)
+    return isinstance(strategy, DDPStrategy) and not isinstance(strategy, DeepSpeedStrategy)
+
+
+def predict_in_shares(trainer: Any, module: Any, dataset: Dataset, *, batch_size: int,
+                      collate_fn: Callable[[list[Any]], Any],
+                      pairs: Callable[[Any], Iterable[tuple[int, Any]]]) -> dict[int, Any]:
+    """``trainer.predict`` over ``dataset``, each process on its share (:class:`PredictSampler`):
+    every row's prediction by row index on global rank 0, ``{}`` on the other processes.
+
+    ``pairs`` turns what ``predict_step`` returned for a batch into (row index, prediction) pairs of
+    plain objects: they travel to rank 0 with ``torch.distributed.gather_object``.
+    """
+    sampler = PredictSampler(len(dataset), batch_size, shared=replicates_model(trainer))
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn)
+    local = [pair for out in (trainer.predict(module, dataloaders=loader) or []) for pair in pairs(out)]
+    if sampler.splits():
+        rank, world = process_group()
+        log.info("Process %d of %d predicted %d of %d rows", rank, world, len(local), len(dataset))
+        parts: list[Any] | None = [None] * world if rank == 0 else None
+        torch.distributed.gather_object(local, parts, dst=0)
+        local = [pair for part in parts or [] for pair in part]
+    if not trainer.is_global_zero:
+        return {}
+    predicted = dict(local)
+    if len(predicted) != len(dataset):  # Lightning's DistributedSampler took a share of the share
+        raise config_error("trainer.use_distributed_sampler", f"is true, and the processes predicted "
+                           f"{len(predicted)} of {len(dataset)} rows", "Leave it unset (null): mode=predict "
+                           "shares the rows out itself.")
+    return predicted

@@ -44,7 +44,7 @@ from lmlab import fingerprint, optim, padding_masks
 from lmlab.atomic import atomic_text
 from lmlab.data import labels as model_labels
 from lmlab.data.catalog import package_dir
-from lmlab.data.loaders import make_loader
+from lmlab.data.loaders import make_loader, predict_in_shares
 from lmlab.data.sources import (SPLIT_STEMS, carve_validation, check_one_source, decode_file, drop_duplicates,
                                 file_listing, json_records, label_conflicts, not_a_string, row_length_fix,
                                 table_reader, text_key, warn_if_held_out_in_train)
@@ -803,9 +803,9 @@ def predict(cfg: DictConfig, module: ClassificationModule, tokenizer: Any, train
                     int(data.max_length))
     keep = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
     dataset = EncodedDataset({k: list(enc[k]) for k in keep}, torch.zeros(len(texts), dtype=torch.long))
-    loader = DataLoader(dataset, batch_size=int(data.get("eval_batch_size") or data.batch_size),
-                        collate_fn=PadCollator(int(tokenizer.pad_token_id)))
-    outputs = trainer.predict(module, dataloaders=loader) or []
+    probabilities = predict_in_shares(trainer, module, dataset,
+                                      batch_size=int(data.get("eval_batch_size") or data.batch_size),
+                                      collate_fn=PadCollator(int(tokenizer.pad_token_id)), pairs=_row_probabilities)
     module.predicted_examples = len(texts)
     if not trainer.is_global_zero:
         return []
@@ -818,11 +818,16 @@ def predict(cfg: DictConfig, module: ClassificationModule, tokenizer: Any, train
     with _csv_file(path) as writer:
         writer.writerow(["text", *(["text_pair"] if pairs else []), *(["gold"] if gold is not None else []),
                          "predicted", "probability"])
-        for index, probs in outputs:
-            for i, p in zip(index.tolist(), probs.cpu().numpy()):
-                writer.writerow([texts[i], *([pairs[i]] if pairs else []), *([gold[i]] if gold is not None else []),
-                                 *module.decide(p)])
+        for i, text in enumerate(texts):
+            writer.writerow([text, *([pairs[i]] if pairs else []), *([gold[i]] if gold is not None else []),
+                             *module.decide(probabilities[i])])
     return [path]
+
+
+def _row_probabilities(output: tuple[torch.Tensor, torch.Tensor]) -> Iterator[tuple[int, np.ndarray]]:
+    """(row index, probabilities) of a batch's ``predict_step`` output."""
+    index, probs = output
+    return zip(index.tolist(), probs.cpu().numpy())
 
 
 def validate(cfg: DictConfig) -> None:

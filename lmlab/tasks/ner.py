@@ -51,7 +51,7 @@ from lmlab import fingerprint, optim, padding_masks
 from lmlab.atomic import atomic_text
 from lmlab.data import labels as model_labels
 from lmlab.data.catalog import package_dir
-from lmlab.data.loaders import make_loader
+from lmlab.data.loaders import make_loader, predict_in_shares
 from lmlab.data.sources import (check_split_names, decode_file, drop_duplicates, json_records, label_conflicts,
                                 not_a_string, text_key, warn_if_held_out_in_train)
 from lmlab.data.unlabelled import line_of_record, read_records
@@ -954,9 +954,9 @@ def predict(cfg: DictConfig, module: NerModule, tokenizer: Any, trainer: L.Train
             row["token_type_ids"] = enc["token_type_ids"][i]
         rows.append(row)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    loader = DataLoader(_Rows(rows), batch_size=int(cfg.data.get("eval_batch_size") or cfg.data.batch_size),
-                        collate_fn=TokenCollator(pad))
-    predicted = dict(item for batch in (trainer.predict(module, dataloaders=loader) or []) for item in batch)
+    predicted = predict_in_shares(trainer, module, _Rows(rows),
+                                  batch_size=int(cfg.data.get("eval_batch_size") or cfg.data.batch_size),
+                                  collate_fn=TokenCollator(pad), pairs=iter)
     module.predicted_examples = len(sentences)
     if not trainer.is_global_zero:
         return []

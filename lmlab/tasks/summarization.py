@@ -52,7 +52,7 @@ from torchmetrics import SumMetric
 from lmlab import fingerprint, optim, registry
 from lmlab.atomic import atomic_text
 from lmlab.data.catalog import package_dir
-from lmlab.data.loaders import make_loader
+from lmlab.data.loaders import make_loader, predict_in_shares
 from lmlab.data.sources import (SPLIT_STEMS, check_split_names, decode_file, drop_duplicates, json_records,
                                 not_a_string, row_length_fix, table_reader, text_key, warn_if_held_out_in_train)
 from lmlab.data.unlabelled import bad_field, line_of_record, read_records
@@ -791,8 +791,8 @@ def predict(cfg: DictConfig, module: SummarizationModule, tokenizer: Any, traine
             prompt = src[:max_source] + separator
             items.append({"input_ids": prompt, "labels": [-100] * len(prompt), "prompt_ids": prompt, "index": i})
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    loader = DataLoader(Examples(items), batch_size=int(data.eval_batch_size), collate_fn=Collator(pad, layout))
-    generated = dict(item for batch in (trainer.predict(module, dataloaders=loader) or []) for item in batch)
+    generated = predict_in_shares(trainer, module, Examples(items), batch_size=int(data.eval_batch_size),
+                                  collate_fn=Collator(pad, layout), pairs=iter)
     module.predicted_examples = len(documents)
     if not trainer.is_global_zero:
         return []
