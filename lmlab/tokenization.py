@@ -3,6 +3,14 @@
 ``tokenizer=wordpiece`` gives a BERT tokenizer ([PAD] [UNK] [CLS] [SEP] [MASK]);
 ``tokenizer=bpe`` a byte-level GPT-2 style tokenizer with ``<|endoftext|>``;
 ``tokenizer=auto`` picks the one the model family was designed for.
+
+Normalisation (``tokenizer.lowercase``; null, the default, lowercases for WordPiece only), as BERT's
+own tokenizers: WordPiece runs BertNormalizer (control characters dropped, every whitespace a space,
+CJK ideographs split off as words of their own; with lowercase, also lowercased and accents stripped:
+NFD, combining marks dropped, as bert-base-uncased) and BertPreTokenizer (words split at whitespace
+and punctuation). Byte-level BPE keeps the text as it is (no Unicode normalisation, GPT-2's rule);
+with lowercase it only lowercases. Both normalisers are saved in tokenizer.json, so text encoded later,
+and by AutoTokenizer from an export, is normalised the same way.
 Trained tokenizers are cached under ``<cache>/tokenizers/<fingerprint>`` so a second run on the
 same corpus with the same settings reuses the first one.
 """
@@ -10,7 +18,6 @@ same corpus with the same settings reuses the first one.
 from __future__ import annotations
 
 import logging
-import unicodedata
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,30 +44,36 @@ def resolve_type(tok_cfg: DictConfig, spec: ModelSpec) -> str:
     return spec.tokenizer if kind == "auto" else kind
 
 
-def _is_bert_punctuation(char: str) -> bool:
-    # BertPreTokenizer's rule: ASCII symbols count as punctuation too, not only Unicode's P* classes.
-    code = ord(char)
-    ascii_symbol = 33 <= code <= 47 or 58 <= code <= 64 or 91 <= code <= 96 or 123 <= code <= 126
-    return ascii_symbol or unicodedata.category(char).startswith("P")
+def wordpiece_characters(texts: Sequence[str], normalizer: Any, pre_tokenizer: Any) -> tuple[list[str], list[str]]:
+    """The characters of ``texts`` as WordPiece's trainer sees them, and ``##c`` for every one that
+    can continue a word; both sorted.
 
+    The trainer puts every character of the normalized, pre-tokenized text in the vocabulary (its
+    alphabet), and ``##c`` for each one it meets inside a word. tokenizers' WordPiece trainer (0.22)
+    numbers those pieces in the order it meets them in a hash map, which changes from process to
+    process; merges with equal counts are then chosen by those numbers, so the same corpus gave other
+    ids and, with a large vocabulary, other tokens on every fresh training (huggingface/tokenizers#1794,
+    fix unreleased). Handed to the trainer up front, in sorted order, they get the same ids every time
+    and training is deterministic.
 
-def continuing_pieces(texts: Sequence[str], normalizer: Any) -> list[str]:
-    """``##c`` for every character ``c`` of the normalized ``texts`` that can continue a word, sorted.
-
-    tokenizers' WordPiece trainer (0.22) numbers these pieces in the order it meets them in a hash
-    map, which changes from process to process; merges with equal counts are then chosen by those
-    numbers, so the same corpus gave other ids and, with a large vocabulary, other tokens on every
-    fresh training (huggingface/tokenizers#1794, fix unreleased). Handed to the trainer up front,
-    in sorted order, they get the same ids every time and training is deterministic. Punctuation
-    and whitespace never continue a word (the pre-tokenizer splits them off), so they are left out.
+    A character continues a word when the normalizer and pre-tokenizer leave it joined to the letter
+    before it: not whitespace, not punctuation, and not a CJK ideograph, which BertNormalizer splits
+    off as a word of its own. A ``##`` piece of one of those could never be produced: a Chinese corpus
+    gave thousands of such dead entries, which took the room of the merges (``vocab_size`` exceeded
+    without a word). Decided per distinct character, which is far cheaper than normalizing the corpus.
     """
     chars: set[str] = set()
     for text in texts:
         chars.update(text)
-    normalized: set[str] = set()
-    for char in chars:  # per distinct character: far cheaper than normalizing the corpus
-        normalized.update(normalizer.normalize_str(char))
-    return sorted(f"##{c}" for c in normalized if not c.isspace() and not _is_bert_punctuation(c))
+    alphabet: set[str] = set()
+    continuing: set[str] = set()
+    for char in chars:
+        for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(char)):
+            alphabet.update(word)
+        # After a letter: what stays in the letter's word continues it.
+        for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str("a" + char)):
+            continuing.update(word[1:])
+    return sorted(alphabet), sorted(f"##{c}" for c in continuing)
 
 
 def train_wordpiece(texts: Sequence[str], vocab_size: int, min_frequency: int, lowercase: bool) -> Any:
@@ -68,13 +81,23 @@ def train_wordpiece(texts: Sequence[str], vocab_size: int, min_frequency: int, l
     from transformers import PreTrainedTokenizerFast
 
     normalizer = normalizers.BertNormalizer(lowercase=lowercase, strip_accents=lowercase or None)
+    alphabet, pieces = wordpiece_characters(texts, normalizer, pre_tokenizers.BertPreTokenizer())
+    needed = len(WORDPIECE_SPECIALS) + len(alphabet) + len(pieces)
+    if vocab_size < needed:
+        # The trainer keeps every character whatever vocab_size says: it would return a larger
+        # vocabulary of single characters, without a merge and without a word.
+        raise config_error(
+            "tokenizer.vocab_size", f"{vocab_size} is too small for this corpus: WordPiece needs {needed} entries "
+            f"before its first merge (its {len(WORDPIECE_SPECIALS)} special tokens, the {len(alphabet)} characters "
+            f"of the training text and {len(pieces)} '##' pieces of those that continue a word)",
+            f"Use well above {needed} (the default is 8000).")
     trained = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     trained.normalizer = normalizer
     trained.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    # The continuing pieces go in as special tokens only to fix their ids (continuing_pieces says why).
+    # The continuing pieces go in as special tokens only to fix their ids (wordpiece_characters says why).
     trainer = trainers.WordPieceTrainer(
         vocab_size=vocab_size, min_frequency=min_frequency,
-        special_tokens=WORDPIECE_SPECIALS + continuing_pieces(texts, normalizer),
+        special_tokens=WORDPIECE_SPECIALS + pieces,
         continuing_subword_prefix="##", show_progress=False,
     )
     trained.train_from_iterator(texts, trainer=trainer, length=len(texts))
@@ -191,9 +214,9 @@ def get_tokenizer(
 
     vocab_size = int(tok_cfg.vocab_size)
     if vocab_size < 300:
-        needs = ("WordPiece needs its 5 special tokens plus every character of the corpus, with and without "
-                 "the ## prefix" if kind == "wordpiece" else "Byte-level BPE alone needs 257 entries (256 bytes "
-                 "and <|endoftext|>)")
+        needs = ("WordPiece needs its 5 special tokens plus every character of the corpus, and the ## form "
+                 "of each one that continues words" if kind == "wordpiece" else "Byte-level BPE alone needs "
+                 "257 entries (256 bytes and <|endoftext|>)")
         raise config_error("tokenizer.vocab_size", f"{vocab_size} is too small", f"{needs}; use at least 300.")
     lowercase = bool(tok_cfg.lowercase) if tok_cfg.get("lowercase") is not None else kind == "wordpiece"
     params = dict(type=kind, vocab_size=vocab_size, min_frequency=int(tok_cfg.min_frequency), lowercase=lowercase)
@@ -202,9 +225,10 @@ def get_tokenizer(
         # key; the new entry keeps those cached ones from being reused.
         params["normalizer"] = "lowercase"
     if kind == "wordpiece":
-        # Cached WordPiece tokenizers trained before continuing_pieces numbered their pieces by chance;
-        # a new key gives every machine the one deterministic tokenizer of the corpus.
-        params["pieces"] = "sorted"
+        # Cached WordPiece tokenizers trained before the sorted pieces numbered them by chance, and
+        # those trained before wordpiece_characters held dead '##' pieces of CJK ideographs: a new key
+        # gives every machine the one deterministic tokenizer of the corpus.
+        params["pieces"] = "sorted-continuing"
     key = f"{kind}-{vocab_size}-{fingerprint.of_params(corpus=corpus_fingerprint, **params)[:16]}"
     where = Path(cache_dir) / "tokenizers" / key
     info = {**params, "path": str(where), "fingerprint": key}

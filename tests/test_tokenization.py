@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import SHARED_DATA
 from omegaconf import OmegaConf
 
 from lmlab.errors import LmlabError
@@ -59,7 +60,7 @@ print(json.dumps(train(texts, int(sys.argv[3]), 2, True).backend_tokenizer.to_st
 @pytest.mark.parametrize("kind", ["wordpiece", "bpe"])
 def test_training_in_fresh_processes_gives_the_same_tokenizer(wiki_file: Path, kind: str) -> None:
     """Reproducible runs need the same ids from the same corpus in every process: tokenizers' trainer
-    iterates hash maps seeded per process (lmlab.tokenization.continuing_pieces)."""
+    iterates hash maps seeded per process (lmlab.tokenization.wordpiece_characters)."""
     import subprocess
     import sys
 
@@ -81,6 +82,58 @@ def test_wordpiece_pieces_are_not_special_in_text(texts):
     # "##b" in raw text is punctuation and a word, as in BERT: not matched whole as a special token.
     assert "##b" not in tokens and tokens[-3:] == ["b", "the", "[SEP]"]
 
+
+
+def _chinese_sentences(count: int) -> list[str]:
+    """The first ``count`` sentences of the MSRA Chinese NER corpus in ../shared/data, as text."""
+    path = SHARED_DATA / "ner" / "msra_zh" / "train.conll"
+    if not path.exists():
+        pytest.skip(f"real test data missing: {path}")
+    sentences, chars = [], []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            chars.append(line.split("\t")[0])
+        elif chars:
+            sentences.append("".join(chars))
+            chars = []
+            if len(sentences) == count:
+                break
+    return sentences
+
+
+def _is_cjk_ideograph(char: str) -> bool:
+    return "\u4e00" <= char <= "\u9fff" or "\u3400" <= char <= "\u4dbf"
+
+
+def test_wordpiece_holds_no_continuing_pieces_that_no_word_can_produce(texts):
+    # BertNormalizer splits every CJK ideograph off as a word of its own, so '##中' can never be
+    # produced. Handed to the trainer all the same, such pieces filled a Chinese vocabulary (4,215
+    # '##' entries of 8,464 for vocab_size=8000 on 20,000 MSRA sentences, 40 of them ever used), and
+    # the whole English Wikipedia corpus of ../shared/data got 115 of them (from its names in Chinese).
+    mixed = _chinese_sentences(1500) + texts
+    tok = train_wordpiece(mixed, vocab_size=4000, min_frequency=2, lowercase=True)
+    vocab = tok.get_vocab()
+    assert len(tok) <= 4000
+    dead = [t for t in vocab if t.startswith("##") and _is_cjk_ideograph(t[2])]
+    assert dead == []
+    assert {"##1", "##e", "##s"} <= vocab.keys()  # letters and digits continue words
+    assert any(_is_cjk_ideograph(t) for t in vocab)  # ideographs are in, as words of their own
+    ids = tok("北京是中国的首都 in 2008")["input_ids"]
+    assert tok.unk_token_id not in ids
+    assert tok.decode(ids, skip_special_tokens=True).replace(" ", "") == "北京是中国的首都in2008"
+
+
+def test_vocab_size_below_the_corpus_alphabet_is_an_error_naming_the_key(tmp_path):
+    # The trainer keeps every character whatever vocab_size says: 1,000 asked for 1,500 Chinese
+    # sentences gave 5,327 entries (2,649 of them dead '##' pieces), without a single merge.
+    chinese = _chinese_sentences(1500)
+    too_small = r"config key 'tokenizer.vocab_size': 1000 is too small for this corpus"
+    with pytest.raises(LmlabError, match=too_small) as caught:
+        get_tokenizer(_cfg(kind="wordpiece", vocab_size=1000), BERT, lambda: chinese, "zh", tmp_path)
+    needed = int(str(caught.value).split("WordPiece needs ")[1].split()[0])
+    assert 1000 < needed < 4000
+    tok, _ = get_tokenizer(_cfg(kind="wordpiece", vocab_size=needed), BERT, lambda: chinese, "zh", tmp_path)
+    assert len(tok) == needed  # the least that works: every character, no merge
 
 def test_train_bpe_round_trip(texts):
     tok = train_bpe(texts, vocab_size=800, min_frequency=2)

@@ -42,6 +42,17 @@ def word_marker(tokens: Collection[str]) -> str | None:
     return marker if tokens and counts[marker] >= MIN_MARKER_SHARE * len(tokens) else None
 
 
+def declared_marker(tokenizer: Any) -> str | None:
+    """The marker a WordPiece model declares (its ``continuing_subword_prefix``), or None.
+
+    The declared convention holds whatever share of the pieces carries it: a Chinese WordPiece
+    vocabulary, whose ideographs are words of their own, has ## on 2% of its pieces.
+    """
+    model = getattr(getattr(tokenizer, "backend_tokenizer", None), "model", None)
+    prefix = getattr(model, "continuing_subword_prefix", None) if type(model).__name__ == "WordPiece" else None
+    return prefix if prefix in MARKS_CONTINUATION else None
+
+
 def continuation_table(tokenizer: Any) -> torch.Tensor:
     """Bool per vocabulary id: True for pieces that continue a word, False for pieces that start
     one and for special tokens. Raises a config error when the vocabulary marks no word boundaries.
@@ -49,7 +60,7 @@ def continuation_table(tokenizer: Any) -> torch.Tensor:
     vocab = tokenizer.get_vocab()
     special = set(tokenizer.all_special_tokens)
     ordinary = {token: index for token, index in vocab.items() if token not in special}
-    marker = word_marker(ordinary.keys())
+    marker = declared_marker(tokenizer) or word_marker(ordinary.keys())
     if marker is None:
         # Without a convention every piece would count as a continuation, so a row would hold a few
         # "words" and be masked whole or not at all; that must not pass for whole-word masking.
