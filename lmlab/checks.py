@@ -9,6 +9,7 @@ before any data is read, the error names the key. Task-specific keys are the tas
 from __future__ import annotations
 
 import codecs
+import math
 import typing
 from dataclasses import dataclass
 
@@ -47,6 +48,8 @@ class Number:
         kinds = (int,) if self.whole else (int, float)
         if isinstance(value, bool) or not isinstance(value, kinds):
             problem = f"'{value}' is not {'a whole number' if self.whole else 'a number'}"
+        elif not math.isfinite(value):  # nan passes every range check below: no comparison with it holds
+            problem = f"'{value}' is not a finite number"
         elif self.positive and value <= 0:
             problem = f"{value} is not positive"
         elif self.low is not None and value < self.low:

@@ -230,6 +230,9 @@ CASES: dict[str, Bad] = {
     "unknown_gather": Bad(["task=mlm", "task.fixed_size_gather=sometimes"], ["task.fixed_size_gather", "sometimes"]),
     "task_without_head": Bad(["task=summarization", "model=bert"], ["summarization", "bert"]),
     "val_fraction_above_one": Bad(["data.val_fraction=1.5"], ["data.val_fraction", "1.5"]),
+    # nan passes every range check (no comparison with it holds): a nan lr trained to nan losses.
+    "nan_learning_rate": Bad(["optimizer.lr=nan"], ["optimizer.lr", "'nan' is not a finite number"]),
+    "infinite_val_fraction": Bad(["data.val_fraction=inf"], ["data.val_fraction", "'inf' is not a finite number"]),
     "resume_outside_fit": Bad(["mode=test", "model.pretrained={d}/bert_model", "resume=auto"], ["resume", "mode=test"]),
     # an empty value (a shell $(...) that printed nothing) is not "unset": no silent random model
     "empty_pretrained": Bad([*CLS, "model.pretrained="], ["model.pretrained", "it is empty", "model.pretrained=null"]),

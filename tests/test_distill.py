@@ -371,6 +371,14 @@ def test_bad_teachers_are_named(data: dict[str, Path], teacher_run, tmp_path: Pa
 
 
 # -- vocabularies, and teachers named by MLflow run id ---------------------------------------------
+def test_a_nan_alpha_is_named_before_the_teacher_is_loaded(tmp_path: Path) -> None:
+    # nan passes a range check (no comparison with it holds); it made every training loss nan, and the
+    # run stopped at its first step with advice about optimizer.lr.
+    cfg = compose_cfg([*FAST, "task=classification", f"distill.teacher={tmp_path / 'nowhere'}", "distill.alpha=nan"])
+    with pytest.raises(LmlabError, match=r"config key 'distill.alpha': 'nan' is not a finite number"):
+        distill.prepare(cfg, registry.get("task", "classification"))
+
+
 def test_padding_rows_are_left_out_of_the_comparison(data: dict[str, Path]) -> None:
     """The student's vocabulary is rounded up (model.vocab_multiple=64) and the teacher's is not: a
     teacher that is the student cut to the tokenizer's ids teaches nothing new, so the KL is zero."""
