@@ -11,6 +11,7 @@ task's main metric (smaller minus original: negative accuracy, positive loss is 
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,17 @@ def _with(cfg: DictConfig, **groups: dict[str, Any]) -> DictConfig:
     for group, values in groups.items():
         data.setdefault(group, {}).update(values)
     return OmegaConf.create(data)
+
+
+def scoring_cfg(cfg: DictConfig, mode: str) -> DictConfig:
+    """The config the smaller model's LightningModule is built from.
+
+    A quantized model is scored through its own forward pass: ``model.fused_loss`` computes the
+    causal-LM loss from the output projection's weight as a plain matrix, and torchao's weights are
+    tensor subclasses that do not support it (GPT-2 under int8_weight_only / int4_weight_only stopped
+    with NotImplementedError for aten.to / aten.t). The fused loss equals the plain one to rounding.
+    """
+    return _with(cfg, model={"fused_loss": False}) if mode == "quantize" else cfg
 
 
 def score(trainer: Any, module: Any, dm: Any) -> dict[str, float]:
@@ -121,7 +133,7 @@ def run(cfg: DictConfig, task: TaskSpec, spec: ModelSpec, mode: str, started: fl
         values.update(extra)
         trainer, _, _ = build_trainer(eval_cfg, task, output_dir, mlrun.metrics_logger(cfg), smaller,
                                       shards_itself(dm))
-        module = task.build_module(cfg, smaller, tokenizer)
+        module = task.build_module(scoring_cfg(cfg, mode), smaller, tokenizer)
         metrics = score(trainer, module, dm)
         if hasattr(module, "export_predictions") and getattr(dm, "has_test", False):
             for path in module.export_predictions(output_dir / "predictions"):
@@ -174,7 +186,17 @@ def _prune(cfg: DictConfig, local: DictConfig, task: TaskSpec, model: Any, token
                          checkpoint={"save_top_k": 0})
         trainer, _, _ = build_trainer(tune_cfg, task, output_dir, mlrun.metrics_logger(cfg), model,
                                       shards_itself(dm))
-        faults.fit(trainer, task.build_module(cfg, model, tokenizer), dm)
+        try:
+            faults.fit(trainer, task.build_module(cfg, model, tokenizer), dm)
+        except faults.Preempted as exc:
+            # Its message said to continue with resume=, which mode=prune refuses (check_config):
+            # a stopped fine-tuning is run again from the start.
+            raise faults.preempted_outside_training("prune", output_dir, exc.signum, exc.requeue) from exc
+        finally:
+            # The fine-tuning's last.ckpt (weights with their masks, optimizer state; three times the
+            # model) is nothing a prune run can continue from or load: it would only take the disk.
+            if is_rank_zero():
+                shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
     prune.finalize(pruned)
     model = model.eval()
     # One writer, as a fit's export: under DDP every process holds the same pruned weights, and two

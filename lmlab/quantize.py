@@ -257,10 +257,25 @@ def load_quantized(directory: str | Path) -> nn.Module:
         _torchao(method)
         from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
 
-        state, _ = unflatten_tensor_state_dict(tensors, metadata)
+        # torchao rebuilds the quantized tensors; the plain ones come back as its leftovers, as stored.
+        state, plain = unflatten_tensor_state_dict(tensors, _quantized_entries(metadata))
+        state.update(plain)
         state.update({alias: state[kept] for alias, kept in aliases.items() if kept in state})
         _load_checked(model, state, assign=True)
     return model.eval()
+
+
+def _quantized_entries(metadata: dict[str, str]) -> dict[str, str]:
+    """torchao's safetensors metadata with only the tensor subclasses listed in ``tensor_names``.
+
+    ``unflatten_tensor_state_dict`` splits every listed name at its last dot, so a plain tensor at
+    the model's top level (BART's ``final_logits_bias`` buffer) stopped the reload with "not enough
+    values to unpack". Plain tensors need no rebuilding: left unlisted, they are returned as stored.
+    Artifacts written before this change list them too, so it is done on reading.
+    """
+    names = json.loads(metadata.get("tensor_names", "[]"))
+    quantized = [n for n in names if json.loads(metadata.get(n, "{}")).get("_type") != torch.Tensor.__name__]
+    return {**metadata, "tensor_names": json.dumps(quantized)}
 
 
 def _load_dynamic(model: nn.Module, tensors: dict[str, torch.Tensor], aliases: dict[str, str],

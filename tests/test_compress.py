@@ -14,10 +14,15 @@ neurons per layer, head pruning exactly round(sparsity * heads) heads.
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import lightning as L
 import mlflow
 import pytest
 import torch
@@ -159,6 +164,51 @@ def test_gpt2_conv1d_layers_are_quantized_too(tmp_path: Path) -> None:
         assert (quantized(input_ids=ids).logits - model(input_ids=ids).logits).abs().max() < 0.1
 
 
+@pytest.mark.parametrize("method", ["int8_weight_only", "int4_weight_only"])
+def test_a_torchao_bart_with_a_top_level_buffer_reloads(tmp_path: Path, method: str) -> None:
+    """BART keeps final_logits_bias at the model's top level; torchao's unflatten splits every stored
+    name at its last dot, and reloading the artifact stopped with "not enough values to unpack"."""
+    pytest.importorskip("torchao")
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = BartForConditionalGeneration(BartConfig(
+        vocab_size=200, d_model=64, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64)).eval()
+    model.config.architectures = ["BartForConditionalGeneration"]
+    quantized, linearized = quantize.quantize(model, method)
+    saved = quantize.save_quantized(quantized, method, linearized, None, tmp_path / "q")
+    reloaded = quantize.load_quantized(saved)
+    ids = torch.randint(4, 200, (2, 10))
+    with torch.inference_mode():
+        assert torch.equal(reloaded(input_ids=ids, decoder_input_ids=ids).logits,
+                           quantized(input_ids=ids, decoder_input_ids=ids).logits)
+    assert torch.equal(reloaded.final_logits_bias, model.final_logits_bias)
+
+
+@pytest.mark.parametrize("method", ["int8_weight_only", "int4_weight_only"])
+def test_a_torchao_gpt2_is_scored_through_its_own_forward(method: str) -> None:
+    """The causal-LM task's fused loss reads the output projection's weight as a plain matrix; torchao's
+    weights are tensor subclasses without those ops, so scoring the quantized GPT-2 (mode=quantize
+    task=clm) stopped with NotImplementedError. The smaller model is scored with model.fused_loss off."""
+    pytest.importorskip("torchao")
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lmlab import compress, registry
+
+    cfg = compose_cfg([*TINY, "task=clm", "mode=quantize", f"quantize.method={method}"])
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=300, n_layer=2, n_head=2, n_embd=64, n_positions=64)).eval()
+    quantized, _ = quantize.quantize(model, method)
+    task = registry.get("task", "clm")
+    batch = {"input_ids": torch.randint(0, 300, (2, 12))}
+    with torch.inference_mode():
+        expected, n = task.build_module(cfg, model, None).token_losses(batch)
+        got, count = task.build_module(compress.scoring_cfg(cfg, "quantize"), quantized, None).token_losses(batch)
+    assert count == n
+    assert abs(float(got / count) - float(expected / n)) < 0.05  # weights only, 8 or 4 bits
+
+
 def test_a_hub_sources_size_is_read_from_the_hugging_face_cache(tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """model.pretrained may be a hub name: its weight files are in the Hugging Face cache, where
@@ -207,6 +257,8 @@ def test_magnitude_pruning_reaches_the_exact_target_through_fine_tuning(shared: 
     assert sum(getattr(mod, n).numel() for mod, n in weights) == total
     assert sum(int((getattr(mod, n) == 0).sum()) for mod, n in weights) == round(0.37 * total)
     assert not any(name.endswith(("_orig", "_mask")) for name, _ in exported.named_parameters())
+    # The fine-tuning's last.ckpt (masked weights, optimizer state) is nothing to resume or load: not kept.
+    assert not (result.output_dir / "checkpoints").exists()
 
     metrics, tags = logged(result)
     for key in ("prune/sparsity", "prune/metric_delta", "original/test/accuracy", "test/accuracy", "train/loss",
@@ -214,6 +266,36 @@ def test_magnitude_pruning_reaches_the_exact_target_through_fine_tuning(shared: 
         assert key in metrics, key
     assert tags["lmlab.mode"] == "prune"
     assert metrics["prune/nonzero_parameters"] < metrics["original/nonzero_parameters"]
+
+
+class SigtermDuringFineTuning(L.Callback):
+    """Sends this process SIGTERM after the first fine-tuning step."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_during_the_fine_tuning_says_to_run_again_not_to_resume(shared: Trained,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fine-tuning's stop said "Continue with the same overrides plus resume=RUN", which mode=prune
+    refuses ("does not train a run that could be resumed"), and left that unusable last.ckpt behind."""
+    from lmlab import checkpointing
+    from lmlab.faults import Preempted
+
+    real = checkpointing.callbacks
+    monkeypatch.setattr(checkpointing, "callbacks", lambda cfg, last: [*real(cfg, last), SigtermDuringFineTuning()])
+    before = set((shared.home / "runs").iterdir())
+    with pytest.raises(Preempted) as info:
+        lmlab("mode=prune", f"model.pretrained={shared.run_dir}", "prune.finetune_steps=50")
+    message = str(info.value)
+    assert "stopped by SIGTERM before mode=prune had finished" in message and "resume=" not in message, message
+    (run_dir,) = set((shared.home / "runs").iterdir()) - before
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "export").exists()
+    record = json.loads((run_dir / "lmlab_run.json").read_text())
+    assert record["status"] == "killed"
+    client = mlflow.MlflowClient(tracking_uri=record["tracking_uri"])
+    assert client.get_run(record["mlflow_run_id"]).info.status == "KILLED"
 
 
 def test_magnitude_sparsity_is_measured_on_the_exported_weights(tmp_path: Path) -> None:
