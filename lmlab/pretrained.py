@@ -71,6 +71,10 @@ def resolve(ref: str, cfg: DictConfig, key: str = "model.pretrained") -> str:
             key, f"directory '{ref}' holds neither config.json nor export/config.json",
             "Point it at a Hugging Face model directory or an lmlab run directory.",
         )
+    if path.exists():  # a file: a model is a directory (a checkpoint file is for resume=)
+        raise config_error(key, f"'{ref}' is a file, not a model directory",
+                           "Point it at a Hugging Face model directory (with config.json) or an lmlab run "
+                           "directory; a .ckpt checkpoint continues a run with resume=FILE instead.")
     if _RUN_ID.fullmatch(ref):
         return _download_run_model(ref, cfg, key)
     if is_local_reference(ref):

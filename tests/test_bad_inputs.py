@@ -270,6 +270,7 @@ CASES: dict[str, Bad] = {
     "classification_wrong_file_type": Bad(CLS, ["data.path", "notes.xml"], data="data.path={d}/notes.xml"),
     # model, tokenizer and checkpoint paths
     "pretrained_missing_dir": Bad(["model.pretrained={d}/no_such_model"], ["model.pretrained", "no_such_model"]),
+    "pretrained_is_a_file": Bad(["model.pretrained={d}/wiki.txt"], ["model.pretrained", "wiki.txt", "is a file"]),
     "pretrained_dir_without_config": Bad(["model.pretrained={d}/no_config_model"], ["model.pretrained", "config.json"]),
     "pretrained_broken_config": Bad(["model.pretrained={d}/bad_config_model"],
                                     ["bad_config_model/config.json", "line 1", "JSON", "model.pretrained"]),
