@@ -109,7 +109,7 @@ def run(cfg: DictConfig, task: TaskSpec, spec: ModelSpec, mode: str, started: fl
 
     output_dir = output_dir_for(cfg)
     output_dir.mkdir(parents=True, exist_ok=True)
-    config_path = save_resolved_config(cfg, output_dir, write=is_rank_zero())
+    config_path = save_resolved_config(cfg, output_dir)
     origin = str(getattr(dm, "origin", None) or getattr(getattr(dm, "corpus", None), "origin", ""))
     mlrun = resume.open_run(cfg, None, _tags(cfg, task, spec, mode, output_dir, origin), output_dir, is_rank_zero())
     with resume.ending(mlrun, output_dir, mode):  # scoring and saving: a SIGTERM ends the run KILLED

@@ -125,12 +125,12 @@ def output_dir_for(cfg: DictConfig) -> Path:
         return Path(str(cfg.paths.root)) / "runs" / f"{stamp}_{cfg.task.name}_{cfg.model.name}"
 
 
-def save_resolved_config(cfg: DictConfig, output_dir: Path, write: bool = True) -> Path:
-    """``config_resolved.yaml`` in the run directory; ``write``: global rank 0 only, since every
-    process resolves the same config and writers sharing one staging name race (torchrun starts
-    every rank at once)."""
+def save_resolved_config(cfg: DictConfig, output_dir: Path) -> Path:
+    """``config_resolved.yaml`` in the run directory, written by global rank 0 only: every process
+    resolves the same config, and writers sharing one staging name race (torchrun starts every rank
+    at once). Every process gets the path."""
     path = output_dir / "config_resolved.yaml"
-    if write:
+    if is_rank_zero():
         atomic.write_text(path, OmegaConf.to_yaml(cfg, resolve=True))
     return path
 
@@ -347,7 +347,7 @@ def run(cfg: DictConfig) -> RunResult:
     output_dir = resume.run_dir(resuming) or output_dir_for(cfg)
     output_dir.mkdir(parents=True, exist_ok=True)
     rank_zero = is_rank_zero()
-    config_path = save_resolved_config(cfg, output_dir, write=rank_zero)
+    config_path = save_resolved_config(cfg, output_dir)
     origin = str(getattr(dm, "origin", None) or getattr(getattr(dm, "corpus", None), "origin", ""))
     mlrun = resume.open_run(cfg, resuming, _tags(cfg, task, spec, mode, output_dir, origin), output_dir, rank_zero)
     with resume.ending(mlrun, output_dir, "fit-not-started" if mode == "fit" else mode) as end:
@@ -414,7 +414,7 @@ def _predict(cfg: DictConfig, task: TaskSpec, spec: ModelSpec, started: float) -
 
     output_dir = output_dir_for(cfg)
     output_dir.mkdir(parents=True, exist_ok=True)
-    config_path = save_resolved_config(cfg, output_dir, write=is_rank_zero())
+    config_path = save_resolved_config(cfg, output_dir)
     mlrun = RunLog.open(cfg, _tags(cfg, task, spec, "predict", output_dir, str(cfg.data.path)), is_rank_zero())
     with resume.ending(mlrun, output_dir, "predict", record=False):
         mlrun.artifact(config_path, "config")
