@@ -38,12 +38,17 @@ def steps_with_found_inf(optimizer: object) -> bool:
 
 
 def lr_lambda(schedule: str, warmup: int, total: int, min_ratio: float):
+    """The LR factor of 0-based step ``step`` of ``total``: ``warmup`` steps rising to the peak, reached
+    on the last of them (no step at LR 0, unlike HF's schedule), then decaying from the next step so
+    that the peak is trained with once and the last step trains at ``min_ratio``."""
+    peak = max(0, warmup - 1)
+
     def factor(step: int) -> float:
         if warmup > 0 and step < warmup:
             return (step + 1) / warmup
         if schedule == "constant":
             return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        progress = min(1.0, (step - peak) / max(1, total - 1 - peak))
         if schedule == "linear":
             return 1.0 - (1.0 - min_ratio) * progress
         return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -466,6 +466,17 @@ def schedule_factors(built: dict, steps: int) -> list[float]:
 
 
 
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+@pytest.mark.parametrize("warmup", [0, 1, 3])
+def test_schedule_peaks_once_and_ends_at_the_floor(schedule: str, warmup: int) -> None:
+    factor = lr_lambda(schedule, warmup, 10, 0.1)
+    factors = [factor(step) for step in range(10)]
+    assert factors.count(1.0) == 1 and factors[max(0, warmup - 1)] == 1.0
+    assert factors[-1] == pytest.approx(0.1)  # the last step trains at min_lr_ratio, not above it
+    assert all(a > b for a, b in zip(factors[warmup:], factors[warmup + 1:]))
+    assert factors[0] > 0  # no step at LR 0
+
+
 def test_warmup_steps_win_over_the_ratio_and_say_so(caplog: pytest.LogCaptureFixture) -> None:
     from lmlab import optim
 
@@ -474,7 +485,7 @@ def test_warmup_steps_win_over_the_ratio_and_say_so(caplog: pytest.LogCaptureFix
         built = optim.build(model, compose_cfg([]).optimizer, OmegaConf.create(
             {"name": "linear", "warmup_ratio": 0.5, "warmup_steps": 2, "min_lr_ratio": 0.0}), total_steps=10)
     factors = schedule_factors(built, 4)
-    assert factors == pytest.approx([0.5, 1.0, 1.0, 1.0 - 1 / 8])  # 2 warmup steps, not 5 (the ratio's)
+    assert factors == pytest.approx([0.5, 1.0, 1.0 - 1 / 8, 1.0 - 2 / 8])  # 2 warmup steps, not 5 (the ratio's)
     assert any("scheduler.warmup_steps=2 (scheduler.warmup_ratio=0.5 is not used)" in r.getMessage()
                for r in caplog.records)
 
