@@ -286,6 +286,10 @@ def check_mode(cfg: DictConfig, task: TaskSpec) -> str:
         if not Path(str(cfg.data.path)).expanduser().exists():  # before the model is loaded or a run opened
             raise config_error("data.path", f"'{cfg.data.path}' does not exist (a relative path starts from "
                                f"{Path.cwd()})", "Set data.path to the file to predict on.")
+        if cfg.trainer.get("use_distributed_sampler"):  # before the model loads, not after predicting
+            raise config_error("trainer.use_distributed_sampler", "is true, and mode=predict shares the rows "
+                               "out itself: Lightning's sampler would take a share of each process's share "
+                               "and drop rows", "Leave it unset (null).")
     if mode in ("quantize", "prune"):
         from lmlab import compress
 

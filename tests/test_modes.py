@@ -164,6 +164,11 @@ def test_mode_errors_come_before_any_data(tmp_path: Path, lmlab_home: Path) -> N
         lmlab("task=ner", "mode=predict", f"model.pretrained={bare}")
     with pytest.raises(LmlabError, match="config key 'data.path': '.*nothere.txt' does not exist"):
         lmlab("task=ner", "mode=predict", f"model.pretrained={bare}", f"data.path={tmp_path / 'nothere.txt'}")
+    here = tmp_path / "here.txt"
+    here.write_text("a line\n", encoding="utf-8")
+    with pytest.raises(LmlabError, match="use_distributed_sampler': is true, and mode=predict shares the rows"):
+        lmlab("task=ner", "mode=predict", f"model.pretrained={bare}", f"data.path={here}",
+              "trainer.use_distributed_sampler=true")
     assert not (lmlab_home / "mlflow.db").exists()  # no run was opened
     with pytest.raises(LmlabError, match="unknown mode 'train'"):
         lmlab("mode=train")

@@ -162,7 +162,9 @@ def predict_in_shares(trainer: Any, module: Any, dataset: Dataset, *, batch_size
     if not trainer.is_global_zero:
         return {}
     predicted = dict(local)
-    if len(predicted) != len(dataset):  # Lightning's DistributedSampler took a share of the share
+    # Lightning's DistributedSampler took a share of the share: check_mode refuses that config up front,
+    # this catches a caller (a plugin task) that builds its own trainer.
+    if len(predicted) != len(dataset):
         raise config_error("trainer.use_distributed_sampler", f"is true, and the processes predicted "
                            f"{len(predicted)} of {len(dataset)} rows", "Leave it unset (null): mode=predict "
                            "shares the rows out itself.")
