@@ -18,6 +18,7 @@ that this same submitit job (by job id) started and did not finish, and a ``last
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import logging
 import os
@@ -102,13 +103,15 @@ def prepare(cfg: DictConfig, run_dir: Path | None = None) -> Resume | None:
             raise config_error("resume", f"mode={cfg.mode} does not train, so there is nothing to resume",
                                "Drop resume=, or use mode=fit.")
         # Absolute: the summary prints the run directory and export, which a relative resume= left relative.
-        found = _auto(cfg) if str(value) == "auto" else _named(Path(str(value)).expanduser().absolute(), cfg)
-    checkpointing.check_readable(found.checkpoint)
-    if found.run_dir is not None:
-        _check_same_config(cfg, found.run_dir)
-        _remove_staged(found.run_dir)
-        if str(value) == "auto" and is_rank_zero():
-            _hand_on(found.run_dir)
+        found = None if str(value) == "auto" else _named(Path(str(value)).expanduser().absolute(), cfg)
+    if found is None:
+        with _failure_told(cfg):
+            found = _auto(cfg)
+            _check_found(cfg, found)
+            if found.run_dir is not None and is_rank_zero():
+                _hand_on(found.run_dir)
+    else:
+        _check_found(cfg, found)
     # Lightning warns about a non-empty checkpoint folder: continuing one is the point here.
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     log.info("Resuming from %s", found.checkpoint)
@@ -276,6 +279,46 @@ def _auto(cfg: DictConfig) -> Resume:
     return _newest_unfinished(cfg)
 
 
+def _check_found(cfg: DictConfig, found: Resume) -> None:
+    checkpointing.check_readable(found.checkpoint)
+    if found.run_dir is not None:
+        _check_same_config(cfg, found.run_dir)
+        _remove_staged(found.run_dir)
+
+
+def _failure_path(cfg: DictConfig, launch: str) -> Path:
+    name = hashlib.sha256(launch.encode()).hexdigest()[:20]
+    return Path(str(cfg.paths.root)).absolute() / "resume_auto_failed" / f"{name}.json"
+
+
+@contextmanager
+def _failure_told(cfg: DictConfig) -> Iterator[None]:
+    """Global rank 0 of a torchrun/srun launch writes why ``resume=auto`` failed for the ranks waiting
+    for its claim (``_claimed``). torchrun stops them when rank 0 exits, srun only with
+    ``--kill-on-bad-exit``: without it they waited ``CLAIM_WAIT_S`` (30 min) for a claim never made."""
+    launch = launch_id() if is_rank_zero() else None
+    try:
+        yield
+    except Exception as exc:
+        if launch is not None:
+            try:
+                atomic.write_json(_failure_path(cfg, launch), {"launch": launch, "at": _now(), "error": str(exc)})
+            except OSError as write_error:  # the first error is the one to report
+                log.warning("Could not tell the other ranks that resume=auto failed: %s", write_error)
+        raise
+
+
+def _failure_of(cfg: DictConfig, launch: str, oldest: dt.datetime) -> str | None:
+    """What global rank 0 of this launch wrote when ``resume=auto`` failed there (``_failure_told``)."""
+    try:
+        told = json.loads(_failure_path(cfg, launch).read_text(encoding="utf-8"))
+        if told.get("launch") == launch and dt.datetime.fromisoformat(told["at"]) >= oldest:
+            return str(told["error"])
+    except Exception:  # none yet, being written, or another launch's
+        pass
+    return None
+
+
 def _hand_on(run_dir: Path) -> None:
     """Global rank 0 tells the other ranks which run ``resume=auto`` chose (``_auto``)."""
     os.environ[CHOICE_ENV] = f"{os.getpid()} {run_dir}"
@@ -303,6 +346,10 @@ def _claimed(cfg: DictConfig, launch: str) -> Resume:
             if fresh and (run_dir / LAST).is_file():
                 log.info("resume=auto: global rank 0 chose %s", run_dir)
                 return Resume(run_dir / LAST, run_dir, record.get("mlflow_run_id"))
+        failure = _failure_of(cfg, launch, oldest)
+        if failure is not None:
+            raise config_error("resume", f"global rank 0 of launch {launch} stopped resume=auto: {failure}",
+                               "Fix what it says, or name the run for every rank: resume=DIR.")
         if time.monotonic() >= deadline:
             raise config_error("resume", f"global rank 0 named no run for resume=auto within "
                                f"{CLAIM_WAIT_S:.0f} s (no {RECORD} under {root} claimed by launch {launch})",

@@ -210,3 +210,28 @@ def test_launch_ids_of_the_launchers_that_start_every_rank_at_once(monkeypatch: 
     for key, value in (("TORCHELASTIC_RUN_ID", "u"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "h"), ("MASTER_PORT", "1")):
         monkeypatch.setenv(key, value)
     assert launch_id() == "torchrun:u:h:1:0"
+
+
+def test_torchrun_ranks_stop_when_rank_zero_finds_no_run(fake_runs, monkeypatch: pytest.MonkeyPatch) -> None:
+    """srun without --kill-on-bad-exit leaves the other ranks running when rank 0 fails: they read
+    why, instead of waiting CLAIM_WAIT_S for a claim never made."""
+    from conftest import compose_cfg
+
+    from lmlab import resume
+    from lmlab.errors import LmlabError
+
+    _, older, _ = fake_runs
+    cfg = compose_cfg(["task=mlm", "resume=auto", f"paths.root={older.parent.parent}"])  # no mlm run there
+    for key, value in {"SLURM_JOB_ID": "7", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "2"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    with pytest.raises(LmlabError, match="found no unfinished task=mlm"):
+        resume.prepare(cfg)
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    with pytest.raises(LmlabError, match=r"global rank 0 of launch srun:7:0:0 stopped resume=auto: "
+                                         r".*found no unfinished task=mlm"):
+        resume.prepare(cfg)  # at once, not after CLAIM_WAIT_S
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # the requeued step is another launch: it waits again
+    monkeypatch.setattr(resume, "CLAIM_WAIT_S", 0.2)
+    with pytest.raises(LmlabError, match="named no run for resume=auto within 0 s"):
+        resume.prepare(cfg)
