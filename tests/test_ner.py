@@ -33,7 +33,7 @@ from lmlab.tasks.ner import (
     spans_default,
     spans_strict,
 )
-from lmlab.tokenization import train_wordpiece
+from lmlab.tokenization import train_bpe, train_wordpiece
 
 WNUT = SHARED_DATA / "ner" / "wnut16"
 
@@ -468,6 +468,64 @@ def test_label_on_first_subword_and_truncation(tmp_path: Path, all_subwords: boo
     # A model trained elsewhere may keep O at another id: cut words get that id, not 0.
     words_pred = NerModule.word_predictions(logits, batch["first_word"], 4, outside=2)
     assert words_pred[0].tolist()[-1] == 2 and words_pred[0].tolist()[0] == 1
+
+
+def test_later_subwords_of_a_b_word_are_labelled_i(tmp_path: Path) -> None:
+    """task.label_all_subwords put B-X on every piece of a B-X word, as though each piece began an
+    entity (538 of the 780 entity pieces after a first one in WNUT-16's train split, with
+    all-MiniLM-L6-v2's WordPiece); run_ner.py's label_all_tokens gives them I-X."""
+    sentences = [(["Blackburnshire", "Rovers", "won"], ["B-ORG", "I-ORG", "O"]),
+                 (["Blackburnshire", "is", "in", "Lancashire"], ["B-LOC", "O", "O", "B-LOC"])] * 4
+    write_conll(tmp_path / "train.conll", sentences)
+    write_conll(tmp_path / "validation.conll", sentences[:2])
+    dm = NerDataModule(ner_data_cfg(tmp_path), packing="token_classification_all", cache_dir=tmp_path / "c")
+    dm.set_tokenizer(train_wordpiece(["is in won Rovers Lancashire Blackburn"] * 5, 300, 1, True))
+    dm.setup("fit")
+    for row, (_, tags) in zip(dm.rows["train"][:2], sentences):
+        pieces = [dm.labels[label] for label, w in zip(row["labels"], row["first_word"]) if label != -100 and w == -1]
+        assert pieces  # "Blackburnshire" is several pieces
+        # No I-LOC among the labels: a B-LOC word keeps B-LOC on its later pieces, as in run_ner.py.
+        assert set(pieces) == {"I-ORG" if tags[0] == "B-ORG" else "B-LOC"}
+        first = [dm.labels[label] for label, w in zip(row["labels"], row["first_word"]) if w >= 0]
+        assert first == tags  # the word's own label stays on its first piece, which the metric reads
+
+
+@needs_wnut
+def test_byte_level_bpe_reads_the_words_as_running_text(tmp_path: Path) -> None:
+    """Handed bare words, byte-level BPE (model=gpt2's tokenizer) cut every word but the first into
+    pieces it never saw in training ('w' 'ait' for 'Ġwait'): on WNUT-16's validation tweets, 9,222
+    subwords where the same text has 8,003, and none of the 240 tweets read as the text does."""
+    from lmlab.tasks.ner import predict
+
+    train = read_conll(WNUT / "train.conll")[:300]
+    held_out = [s for s in read_conll(WNUT / "validation.conll") if set(s.tags) <= set(infer_labels(train))][:20]
+    write_conll(tmp_path / "train.conll", train)
+    write_conll(tmp_path / "validation.conll", held_out)
+    tok = train_bpe([" ".join(s.tokens) for s in train], 2000, 2)
+    dm = NerDataModule(ner_data_cfg(tmp_path), packing="token_classification", cache_dir=tmp_path / "c")
+    dm.set_tokenizer(tok)
+    dm.setup("fit")
+    for row, sentence in zip(dm.rows["validation"], dm.sentences["validation"], strict=True):
+        assert row["input_ids"] == tok(" ".join(sentence.tokens))["input_ids"]
+        # Still one labelled first piece per word, in order.
+        assert [w for w in row["first_word"] if w >= 0] == list(range(len(sentence.tokens)))
+
+    # mode=predict encodes its words the same way.
+    cfg = compose_cfg(["task=ner", f"data.path={write_conll(tmp_path / 'tweets.conll', held_out)}", "mode=predict"])
+    seen: list[list[int]] = []
+
+    def run_predict(module, dataloaders):
+        out = []
+        for batch in dataloaders:
+            for index, ids, mask in zip(batch["index"].tolist(), batch["input_ids"].tolist(),
+                                        batch.get("attention_mask", torch.ones_like(batch["input_ids"])).tolist()):
+                seen.append([i for i, m in zip(ids, mask) if m])
+                out.append((index, ["O"] * len(held_out[index].tokens)))
+        return [out]
+
+    trainer = SimpleNamespace(is_global_zero=True, predict=run_predict)
+    predict(cfg, SimpleNamespace(), tok, trainer, tmp_path / "out")
+    assert seen == [tok(" ".join(s.tokens))["input_ids"] for s in held_out]
 
 
 # -- end to end -----------------------------------------------------------------------------------

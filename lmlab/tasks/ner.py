@@ -19,9 +19,11 @@ Data
     with the model's label ids, however few of them it uses; in mode=test a tag the model lacks is
     an error, in fit mode it gets a fresh head for the data's labels (lmlab/data/labels.py).
 Tokens
-    Words are split into subwords with the fast tokenizer (``is_split_into_words=True``); the word's
-    label sits on its first subword (``task.label_all_subwords=true`` labels every subword for the
-    loss). Sentences are truncated to ``data.max_length`` subwords and padded per batch.
+    Words are split into subwords with the fast tokenizer (``is_split_into_words=True``), each but
+    the first after a space as in running text (``words_as_in_text``); the word's label sits on its
+    first subword (``task.label_all_subwords=true`` labels every subword for the loss, a B-X word's
+    later ones I-X, as Hugging Face's run_ner.py does). Sentences are truncated to
+    ``data.max_length`` subwords and padded per batch.
 Metric
     Entity-level precision/recall/F1 with seqeval's semantics, computed on words (the first
     subword's prediction; truncated words count as ``O``), micro-averaged, plus F1 per entity
@@ -470,6 +472,24 @@ class _Rows(Dataset):
         return self.rows[index]
 
 
+def words_as_in_text(words: Sequence[str]) -> list[str]:
+    """``words`` as running text has them, each after a space but the first, for the tokenizer.
+
+    Byte-level BPE (lmlab's own for gpt2, GPT-2's, RoBERTa's) gives a word without its space other,
+    rarer pieces than the text it learnt from ('wait': 'w' 'ait', not 'Ġwait'); WordPiece and
+    SentencePiece split the space off, so their pieces are the same either way.
+    """
+    return [*words[:1], *(" " + word for word in words[1:])]
+
+
+def continuation_ids(labels: Sequence[str]) -> list[int]:
+    """The label id each label's word puts on its later subwords under ``task.label_all_subwords``:
+    I-X for B-X (when I-X is a label), as Hugging Face's run_ner.py does; B-X on every piece would
+    read as one entity per piece. Other labels are kept."""
+    index = {label: i for i, label in enumerate(labels)}
+    return [index.get("I-" + label[2:], i) if label.startswith("B-") else i for i, label in enumerate(labels)]
+
+
 def cuts_words(word_ids: list[int | None], n_words: int) -> bool:
     """Whether truncation left words of a sentence of ``n_words`` out (``word_ids``: the tokenizer's
     word of each subword, None for special tokens); training and predict count them alike."""
@@ -673,10 +693,11 @@ class NerDataModule(L.LightningDataModule):
     def _encode(self, sentences: list[Sentence]) -> tuple[list[dict[str, Any]], int]:
         tok = self.tokenizer
         rows, truncated = [], 0
+        continues = continuation_ids(self.labels)
         step = 512
         for start in range(0, len(sentences), step):
             chunk = sentences[start : start + step]
-            enc = tok([s.tokens for s in chunk], is_split_into_words=True, truncation=True,
+            enc = tok([words_as_in_text(s.tokens) for s in chunk], is_split_into_words=True, truncation=True,
                       max_length=self.max_length)
             for j, sentence in enumerate(chunk):
                 word_ids = enc.word_ids(j)
@@ -689,7 +710,7 @@ class NerDataModule(L.LightningDataModule):
                     if w is None or (not is_first and not self.label_all_subwords):
                         labels.append(IGNORE_INDEX)
                     else:
-                        labels.append(gold[w])
+                        labels.append(gold[w] if is_first else continues[gold[w]])
                     prev = w
                 truncated += cuts_words(word_ids, len(sentence.tokens))
                 row = {"index": start + j, "input_ids": enc["input_ids"][j],
@@ -937,7 +958,8 @@ def predict(cfg: DictConfig, module: NerModule, tokenizer: Any, trainer: L.Train
                            "Use a model directory with tokenizer.json.")
     sentences = read_unlabelled(Path(str(cfg.data.path)), cfg.data)
     max_length = int(cfg.data.get("max_length") or cfg.data.block_size)
-    enc = tokenizer([s for s, _ in sentences], is_split_into_words=True, truncation=True, max_length=max_length)
+    enc = tokenizer([words_as_in_text(s) for s, _ in sentences], is_split_into_words=True, truncation=True,
+                    max_length=max_length)
     cut = sum(cuts_words(enc.word_ids(i), len(tokens)) for i, (tokens, _) in enumerate(sentences))
     if cut:  # as training says: the words past the cut get no prediction of their own
         log.warning("%d of %d sentences are longer than data.max_length=%d subwords and were truncated "
