@@ -327,6 +327,47 @@ def test_decoding_stops_at_the_token_summaries_end_with() -> None:
     assert settings["eos_token_id"] == tok.sep_token_id and settings["pad_token_id"] == tok.pad_token_id
 
 
+@pytest.mark.parametrize("model", ["bart", "gpt2"])
+def test_no_repeat_ngram_size_zero_turns_off_the_loaded_models_own(model: str) -> None:
+    """task.generation.no_repeat_ngram_size=0 is off, even for a model whose generation config blocks
+    trigrams (facebook/bart-large-cnn's, or an export of +experiment=summarization): it used to keep them blocked."""
+    from lmlab.tokenization import train_bpe
+
+    tok = train_bpe(["Shares in the bank rose after record profits.", "The minister resigned on Friday."] * 30,
+                    300, 1)
+    task, spec = registry.get("task", "summarization"), registry.get("model", model)
+    word = tok("rose", add_special_tokens=False)["input_ids"][0]
+    document = tok(["Shares in the bank fell."], add_special_tokens=model == "bart")["input_ids"][0]
+    batch = S.Collator(tok.pad_token_id, S.packing(compose_cfg(["task=summarization", f"model={model}"])))(
+        [{"input_ids": document, "labels": [tok.eos_token_id], "prompt_ids": document, "index": 0}])
+
+    def summary(no_repeat: int) -> list[int]:
+        cfg = compose_cfg(["task=summarization", f"model={model}", "model.size=tiny", "task.generation.max_new_tokens=5",
+                           f"task.generation.no_repeat_ngram_size={no_repeat}"])
+        torch.manual_seed(0)
+        net = build_model(spec, task.head(cfg), build_hf_config(spec, cfg.model, tok, 64)).eval()
+        net.generation_config.no_repeat_ngram_size = 3
+        boost = torch.zeros(net.config.vocab_size)
+        boost[word] = 100.0  # a model that says one word over and over
+        net.get_output_embeddings().register_forward_hook(lambda module, args, logits: logits + boost)
+        text = task.build_module(cfg, net, tok).generate(batch)[0]
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    repeated = [word] * (4 if model == "bart" else 5)  # BART forces EOS at the last step
+    assert summary(0) == repeated
+    assert summary(3) != repeated  # the constraint itself still works when asked for
+
+
+def test_a_null_length_penalty_is_transformers_default() -> None:
+    """validate() accepts task.generation.length_penalty=null; with beam search it used to be float(None)."""
+    from lmlab.tokenization import train_bpe
+
+    tok = train_bpe(["a short headline about markets", "another text"] * 20, 200, 1)
+    cfg = compose_cfg(["task=summarization", "task.generation.num_beams=4", "task.generation.length_penalty=null"])
+    S.validate(cfg)
+    assert S.generation_settings(cfg.task, tok)["length_penalty"] == 1.0
+
+
 # -- reading pairs: stray files, field types, empty pairs, byte-order marks ----------------------------
 def _pairs_cfg(path: Path):
     return compose_cfg(["task=summarization", f"data.path={path}"]).data

@@ -534,10 +534,13 @@ def generation_settings(task_cfg: DictConfig, tokenizer: Any) -> dict[str, Any]:
                                 "pad_token_id": pad, "eos_token_id": ids["eos_token_id"]}
     # Beam-only settings on a greedy config make GenerationConfig warn, and refuse to save in strict mode.
     if settings["num_beams"] > 1:
-        settings["length_penalty"] = float(gen.get("length_penalty", 1.0))
+        # validate() lets null through: it means transformers' own default, not a crash here.
+        penalty = gen.get("length_penalty")
+        settings["length_penalty"] = 1.0 if penalty is None else float(penalty)
         settings["early_stopping"] = True
-    if int(gen.get("no_repeat_ngram_size") or 0) > 0:
-        settings["no_repeat_ngram_size"] = int(gen.no_repeat_ngram_size)
+    # Set even when off (0): a loaded model's generation config (facebook/bart-large-cnn's, or an export
+    # trained with 3) would otherwise go on blocking n-grams that task.generation turned off.
+    settings["no_repeat_ngram_size"] = int(gen.get("no_repeat_ngram_size") or 0)
     return settings
 
 
