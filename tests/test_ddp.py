@@ -353,3 +353,38 @@ def test_predict_shares_are_whole_batches_of_one_process(monkeypatch: pytest.Mon
     lost = SimpleNamespace(strategy=None, is_global_zero=True, predict=lambda module, dataloaders: [[(0, "O")]])
     with pytest.raises(LmlabError, match=r"use_distributed_sampler': is true, and the processes predicted 1 of 2"):
         loaders.predict_in_shares(lost, None, [{}, {}], batch_size=2, collate_fn=list, pairs=iter)
+
+
+def test_evaluation_batches_are_as_many_on_every_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """FSDP and DeepSpeed gather parameters inside each forward: a process with a batch fewer left the
+    others waiting (25 rows, 2 processes, batches of 4: 4 batches and 3). Each row is still read once."""
+    from lmlab.data import loaders
+
+    for size, batch, world in [(25, 4, 2), (9, 4, 2), (17, 4, 4), (8, 4, 2), (30, 7, 3), (5, 2, 4), (100, 8, 8)]:
+        shards = []
+        for rank in range(world):
+            monkeypatch.setattr(loaders, "process_group", lambda rank=rank: (rank, world))
+            batches = list(loaders.EvalBatches(size, batch))
+            assert len(batches) == len(loaders.EvalBatches(size, batch))
+            sampler_rows = list(loaders.ShardedSampler(size, shuffle=False))
+            assert [row for part in batches for row in part] == sampler_rows  # the same rows, in file order
+            assert all(0 < len(part) <= batch for part in batches)
+            starts = [sum(map(len, batches[:b])) for b in range(len(batches))]
+            for b, (start, part) in enumerate(zip(starts, batches)):
+                assert start >= b * len(part) and start >= b * batch - 1  # what summarization relies on
+            shards.append(batches)
+        assert len({len(batches) for batches in shards}) == 1, (size, batch, world, shards)
+        assert sorted(row for batches in shards for part in batches for row in part) == list(range(size))
+    monkeypatch.setattr(loaders, "process_group", lambda: (0, 1))
+    assert list(loaders.EvalBatches(10, 4)) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]  # one process: as before
+
+
+def test_lightnings_sampler_is_refused_for_loaders_that_shard_themselves() -> None:
+    from lmlab.data import loaders
+    from lmlab.errors import LmlabError
+
+    with pytest.raises(LmlabError, match="use_distributed_sampler': is true, but this data's loaders shard themselves"):
+        loaders.distributed_sampler_wanted(True, sharded=True)
+    assert loaders.distributed_sampler_wanted(True, sharded=False)  # a plugin's plain loaders
+    assert not loaders.distributed_sampler_wanted(None, sharded=True)
+    assert loaders.distributed_sampler_wanted(None, sharded=False)

@@ -497,6 +497,61 @@ def test_validation_summarizes_the_same_examples_at_any_number_of_processes(monk
     assert first_calls == 1 and second_calls == 1  # the work is shared, not doubled
 
 
+def test_under_fsdp_every_process_generates_for_the_same_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """FSDP and DeepSpeed gather parameters inside each forward, so generate() is a collective: every
+    process calls it for the same batches, with synced_gpus (each process's batch ends at its own
+    step). Which examples are summarized does not change: those of one process."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+    from torch.utils.data import DataLoader
+
+    from lmlab.data import loaders
+    from lmlab.tokenization import train_bpe
+
+    tok = train_bpe(["Shares in the bank rose after record profits.", "The minister resigned on Friday."] * 30,
+                    300, 1)
+    cfg = compose_cfg(["task=summarization", "model=bart", "model.size=tiny", "task.generation.max_new_tokens=2",
+                       "task.generate_val_batches=2", "data.eval_batch_size=3"])
+    task, spec = registry.get("task", "summarization"), registry.get("model", "bart")
+    torch.manual_seed(0)
+    net = build_model(spec, task.head(cfg), build_hf_config(spec, cfg.model, tok, 64)).eval()
+    module = task.build_module(cfg, net, tok)
+    synced: list[bool] = []
+    real_generate = net.generate
+
+    def generate(**kwargs):
+        synced.append(kwargs.pop("synced_gpus", False))  # no process group here to sync with
+        return real_generate(**kwargs)
+
+    monkeypatch.setattr(net, "generate", generate)
+    ids = tok(["Shares in the bank rose."])["input_ids"][0]
+    items = [{"input_ids": ids, "labels": [tok.eos_token_id], "prompt_ids": ids, "index": i} for i in range(13)]
+    collate = S.Collator(tok.pad_token_id, S.packing(cfg))
+
+    def run(rank: int, world: int) -> tuple[list[int], list[int]]:
+        """(summarized indices, the batches generate() was called for) of one process."""
+        trainer = SimpleNamespace(datamodule=SimpleNamespace(cfg=cfg.data), world_size=world,
+                                  strategy=object.__new__(FSDPStrategy))
+        monkeypatch.setattr(module, "_trainer", trainer)
+        monkeypatch.setattr(S.SummarizationModule, "trainer", trainer, raising=False)
+        monkeypatch.setattr(loaders, "process_group", lambda: (rank, world))
+        module.generated, calls = [], []
+        loader = DataLoader(items, batch_sampler=loaders.EvalBatches(len(items), 3), collate_fn=collate)
+        for batch_idx, batch in enumerate(loader):
+            before = len(synced)
+            module.validation_step(batch, batch_idx)
+            calls += [batch_idx] * (len(synced) - before)
+        return [index for index, _ in module.generated], calls
+
+    alone, _ = run(0, 1)
+    assert alone == list(range(6)) and not any(synced)
+    synced.clear()
+    (first, first_calls), (second, second_calls) = run(0, 2), run(1, 2)
+    assert first_calls == second_calls == [0, 1]  # the same batches on both, though only 0-5 are kept
+    assert sorted(first + second) == alone and all(synced)
+
+
 # -- mode=predict inputs -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def predictor() -> tuple:

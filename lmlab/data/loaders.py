@@ -9,8 +9,11 @@ turns the swap off (``use_distributed_sampler``, see :func:`distributed_sampler_
   ``DistributedSampler`` does, so one process with batch ``B`` and ``N`` processes with batch
   ``B / N`` see the same global batches (a single process's ``RandomSampler`` draws another order);
 * evaluation: no padding. ``DistributedSampler`` repeats examples to even out the shards, and
-  summed metrics (loss, entity counts) would count them twice. Uneven shards are safe because
-  evaluation has no collective per batch (the DDP preset sets ``broadcast_buffers: false``).
+  summed metrics (loss, entity counts) would count them twice. The shards differ by one row at
+  most, and every process still gets as many batches (:class:`EvalBatches`): FSDP and DeepSpeed
+  ZeRO-3 gather parameters inside every forward, a collective that a process with one batch fewer
+  would leave the others waiting in. (DDP's evaluation has none: its preset sets
+  ``broadcast_buffers: false``.)
 
 A datamodule without the attribute (a plugin's plain ``DataLoader``) keeps Lightning's swap: each
 process then reads its own part of the data, not a copy of every batch.
@@ -81,19 +84,63 @@ def shards_itself(datamodule: Any) -> bool:
 
 def distributed_sampler_wanted(configured: Any, sharded: bool) -> bool:
     """``trainer.use_distributed_sampler``: what the config says, or when it says nothing (null, the
-    presets), whether the loaders leave sharding to Lightning."""
+    presets), whether the loaders leave sharding to Lightning. True for loaders that shard themselves
+    is refused: Lightning's sampler would replace theirs and repeat evaluation rows to even the
+    shards out, which the summed metrics count twice (and it cannot rebuild :class:`EvalBatches`)."""
+    if configured and sharded:
+        raise config_error("trainer.use_distributed_sampler", "is true, but this data's loaders shard "
+                           "themselves: Lightning's DistributedSampler would repeat evaluation rows, which "
+                           "the summed metrics would count twice", "Leave it unset (null).")
     return bool(configured) if configured is not None else not sharded
+
+
+class EvalBatches(Sampler[list[int]]):
+    """This process's evaluation batches: its rows of :class:`ShardedSampler` (every world-size-th, in
+    file order), in as many batches as every other process has.
+
+    A process one row short whose rows would fill a batch fewer (9 rows, 2 processes, batches of 4:
+    5 and 4 rows) splits its last batch instead (4+1 and 3+1). Batches shrink only at the end, so
+    batch ``b`` starts at this process's row ``b x`` its size or later (the summarization task reads
+    that). Where the rows cannot fill the batches (batches of one row, or fewer rows than processes)
+    the counts stay uneven: DDP evaluates that fine; FSDP and DeepSpeed would wait.
+    """
+
+    def __init__(self, size: int, batch_size: int):
+        self.size, self.batch_size = size, max(1, batch_size)
+
+    def _batches(self) -> list[list[int]]:
+        rank, world = process_group()
+        rows = list(range(rank, self.size, world))
+        count = math.ceil(math.ceil(self.size / world) / self.batch_size)  # global rank 0's, the most
+        sizes = [self.batch_size] * count
+        excess = len(sizes) * self.batch_size - len(rows)
+        for i in reversed(range(len(sizes))):  # shrink from the end, keeping a row in each batch
+            taken = min(excess, sizes[i] - 1)
+            sizes[i] -= taken
+            excess -= taken
+        if excess > 0:  # too few rows for a row per batch
+            sizes = [self.batch_size] * math.ceil(len(rows) / self.batch_size)
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        return [rows[start:start + n] for start, n in zip(starts, sizes) if rows[start:start + n]]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self._batches())
+
+    def __len__(self) -> int:
+        return len(self._batches())
 
 
 def make_loader(dataset: Dataset, *, batch_size: int, train: bool, seed: int = 0,
                 collate_fn: Callable[[list[Any]], Any] | None = None, num_workers: int = 0,
                 drop_last: bool = False) -> DataLoader:
-    """A DataLoader over :class:`ShardedSampler`: shuffled and even for training, exact for evaluation."""
-    return DataLoader(
-        dataset, batch_size=batch_size, sampler=ShardedSampler(len(dataset), shuffle=train, seed=seed),
-        collate_fn=collate_fn, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-        persistent_workers=num_workers > 0, drop_last=drop_last,
-    )
+    """A DataLoader over :class:`ShardedSampler`: shuffled and even for training, exact for evaluation
+    (:class:`EvalBatches`)."""
+    common = dict(collate_fn=collate_fn, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+                  persistent_workers=num_workers > 0)
+    if train or drop_last:
+        return DataLoader(dataset, batch_size=batch_size, drop_last=drop_last,
+                          sampler=ShardedSampler(len(dataset), shuffle=train, seed=seed), **common)
+    return DataLoader(dataset, batch_sampler=EvalBatches(len(dataset), batch_size), **common)
 
 
 class PredictSampler(Sampler[int]):
@@ -139,6 +186,12 @@ def replicates_model(trainer: Any) -> bool:
 
     strategy = getattr(trainer, "strategy", None)
     return isinstance(strategy, DDPStrategy) and not isinstance(strategy, DeepSpeedStrategy)
+
+
+def forward_is_collective(trainer: Any) -> bool:
+    """Whether the processes' forward passes meet in collectives (FSDP, DeepSpeed, over several
+    processes): each process must then run as many forwards, in step, as every other."""
+    return int(getattr(trainer, "world_size", 1) or 1) > 1 and not replicates_model(trainer)
 
 
 def predict_in_shares(trainer: Any, module: Any, dataset: Dataset, *, batch_size: int,

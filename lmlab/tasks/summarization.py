@@ -52,7 +52,7 @@ from torchmetrics import SumMetric
 from lmlab import fingerprint, optim, registry
 from lmlab.atomic import atomic_text
 from lmlab.data.catalog import package_dir
-from lmlab.data.loaders import make_loader, predict_in_shares
+from lmlab.data.loaders import forward_is_collective, make_loader, predict_in_shares
 from lmlab.data.sources import (SPLIT_STEMS, check_split_names, decode_file, drop_duplicates, json_records,
                                 not_a_string, row_length_fix, table_reader, text_key, warn_if_held_out_in_train)
 from lmlab.data.unlabelled import bad_field, line_of_record, read_records
@@ -602,6 +602,12 @@ class SummarizationModule(L.LightningModule):
         tok = self.tokenizer
         # Explicit, not only the model's defaults: a loaded checkpoint or a swapped-in model may carry others.
         kwargs: dict[str, Any] = dict(self.generation)
+        if self._collective():
+            # Each process's batch ends at its own step; with the parameters gathered inside every
+            # forward (FSDP, DeepSpeed), the finished ones must go on stepping until all are done.
+            # transformers turns this on only for a model that is itself FSDP-wrapped or for its own
+            # DeepSpeed integration, neither of which Lightning's wrapping is.
+            kwargs["synced_gpus"] = True
         was_training = self.model.training
         self.model.eval()
         with torch.no_grad():
@@ -619,6 +625,10 @@ class SummarizationModule(L.LightningModule):
             self.model.train()
         return [" ".join(text.split()) for text in tok.batch_decode(out, skip_special_tokens=True)]
 
+    def _collective(self) -> bool:
+        trainer = self._trainer if hasattr(self, "_trainer") else None  # None outside a Trainer
+        return trainer is not None and forward_is_collective(trainer)
+
     def _eval_step(self, batch: dict[str, torch.Tensor], below: int | None) -> None:
         """Loss over the whole batch; summaries of its examples with an index under ``below`` (None: all)."""
         loss_sum, count = self.token_losses(batch)
@@ -629,6 +639,8 @@ class SummarizationModule(L.LightningModule):
         rows = batch["index"] < below if below is not None else torch.ones_like(batch["index"], dtype=torch.bool)
         if bool(rows.all()):
             texts = self.generate(batch)
+        elif self._collective():  # every process generates for the batch, or none: the whole of it
+            texts = [text for text, kept in zip(self.generate(batch), rows.tolist()) if kept]
         elif bool(rows.any()):
             texts = self.generate({k: v[rows] for k, v in batch.items() if isinstance(v, torch.Tensor)})
         else:
@@ -645,15 +657,26 @@ class SummarizationModule(L.LightningModule):
         same at any number of processes, and the generation cost is shared among them.
         """
         batches = int(self.task_cfg.get("generate_val_batches", 0))
+        size = self._eval_batch_size()
+        return batches * size if size else batches
+
+    def _eval_batch_size(self) -> int | None:
         datamodule = getattr(self.trainer, "datamodule", None)
         size = getattr(getattr(datamodule, "cfg", None), "eval_batch_size", None)
-        return batches * int(size) if size else batches
+        return int(size) if size else None
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         below = self.generated_val_examples()
         # The evaluation loader reads the split in order (ShardedSampler), so batch b's indices are all at
         # least b x its size: past the summarized examples the indices (on the device) need no look, which
         # would cost a host sync per batch.
+        if self._collective():
+            # Decided alike on every process, as the generate() calls inside must be: by the configured
+            # size, since the processes' last batches differ. EvalBatches starts a process's batch b at
+            # its row b x size - 1 or later (it may shorten the one before by a row).
+            size, world = self._eval_batch_size(), self.trainer.world_size
+            self._eval_step(batch, below if size is None or (batch_idx * size - 1) * world < below else 0)
+            return
         self._eval_step(batch, below if batch_idx * len(batch["index"]) < below else 0)
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
