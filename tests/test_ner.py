@@ -347,6 +347,22 @@ def test_predict_refuses_a_json_token_that_is_not_a_string(tmp_path: Path, token
     assert read_unlabelled(path, data) == [(tweets[0], None), (tweets[1], None)]
 
 
+def test_predict_reads_the_gold_tags_from_data_tag_column(tmp_path: Path) -> None:
+    """The predict input's gold column came from the last column whatever data.tag_column said: a
+    CoNLL file with tags then part-of-speech gave the part of speech as the gold tags."""
+    from lmlab.tasks.ner import read_unlabelled
+
+    path = tmp_path / "tagged.conll"
+    path.write_text("Paris\tB-LOC\tNNP\nis\tO\tVBZ\n\nRome\tB-LOC\tNNP\n", encoding="utf-8")
+    data = ner_data_cfg(path)
+    data.tag_column = 1
+    assert read_unlabelled(path, data) == [(["Paris", "is"], ["B-LOC", "O"]), (["Rome"], ["B-LOC"])]
+    data.tag_column = -1
+    assert read_unlabelled(path, data) == [(["Paris", "is"], ["NNP", "VBZ"]), (["Rome"], ["NNP"])]
+    path.write_text("Paris\nis\n", encoding="utf-8")  # tokens only: no gold tags
+    assert read_unlabelled(path, data) == [(["Paris", "is"], None)]
+
+
 # -- predictions files: whole or absent ----------------------------------------------------------------
 def disk_full() -> OSError:
     return OSError(errno.ENOSPC, "No space left on device")

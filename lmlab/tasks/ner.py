@@ -911,7 +911,7 @@ def read_unlabelled(path: Path, data_cfg: DictConfig) -> list[tuple[list[str], l
     sentences: list[tuple[list[str], list[str] | None]] = []
     tokens: list[str] = []
     tags: list[str] = []
-    column = int(data_cfg.get("token_column", 0))
+    column, tag_column = int(data_cfg.get("token_column", 0)), int(data_cfg.get("tag_column", -1))
     for number, line in enumerate(text.split("\n"), start=1):
         columns = line.split("\t") if "\t" in line else line.split()
         if not columns or columns[0] == "-DOCSTART-":
@@ -923,9 +923,12 @@ def read_unlabelled(path: Path, data_cfg: DictConfig) -> list[tuple[list[str], l
             tokens.append(columns[column].strip())
         except IndexError:
             raise file_error(path, f"has {len(columns)} column(s) and data.token_column is {column}",
-                             "Put one token per line (its gold tag, if any, in the last column)", line=number) from None
-        if len(columns) > 1:
-            tags.append(columns[-1].strip())
+                             "Put one token per line (its gold tag, if any, in data.tag_column)", line=number) from None
+        # The gold tag where training reads it (data.tag_column), not always the last column.
+        n = len(columns)
+        token_at, tag_at = column % n, tag_column if tag_column >= 0 else n + tag_column
+        if 0 <= tag_at < n and tag_at != token_at:
+            tags.append(columns[tag_at].strip())
     if tokens:
         sentences.append((tokens, tags if len(tags) == len(tokens) else None))
     if not sentences:
