@@ -225,6 +225,11 @@ def test_jsonl_reader_and_iobes(tmp_path: Path) -> None:
     assert [s.tags for s in sentences] == [r["tags"] for r in rows]
     assert infer_labels(sentences) == ["O", "B-LOC", "E-LOC", "S-PER"]
     assert EntityF1(infer_labels(sentences), strict=True).scheme == "IOBES"
+    # A scheme the labels contradict is named as the module is built, not at the first validation.
+    with pytest.raises(LmlabError, match="'task.scheme': is IOB2, and the labels E-LOC, S-PER are not tags of "
+                                         r"that scheme.*task.scheme=auto \(IOBES for these labels\)"):
+        EntityF1(infer_labels(sentences), strict=True, scheme="IOB2")
+    assert EntityF1(infer_labels(sentences), strict=False, scheme="IOB2").scheme == "IOB2"  # unused unless strict
 
 
 @pytest.mark.parametrize(

@@ -199,6 +199,11 @@ class EntityF1(Metric):
         self.scheme = detect_scheme(self.labels) if scheme == "auto" else scheme
         if self.scheme not in _STRICT:
             raise config_error("task.scheme", f"unknown scheme '{scheme}'", f"Use one of: {', '.join(SCHEMES)}.")
+        foreign = [tag for tag in self.labels if _strict_token(tag)[0] not in _STRICT[self.scheme]["allowed"]]
+        if strict and foreign:  # here, as the module is built: spans_strict would refuse them mid-validation
+            raise config_error("task.scheme", f"is {self.scheme}, and the labels {', '.join(foreign[:5])} are not "
+                               "tags of that scheme", f"Use task.scheme=auto ({detect_scheme(self.labels)} for these "
+                               "labels), or task.strict=false.")
         n = len(self.types)
         for name in ("tp", "pred", "gold"):
             self.add_state(name, default=torch.zeros(n, dtype=torch.long), dist_reduce_fx="sum")
