@@ -655,3 +655,71 @@ def test_test_predictions_csv_is_written_atomically(tmp_path: Path, monkeypatch:
     with pytest.raises(OSError, match="No space left"):
         module.export_predictions(tmp_path / "first")
     assert not any((tmp_path / "first").iterdir())
+
+
+# -- a Hugging Face dataset's unlabelled rows, and GPT-2 predictions of texts as training reads them --
+def _glue_like(monkeypatch: pytest.MonkeyPatch, labels: dict[str, list[int]]) -> None:
+    """data.name loads a DatasetDict of real reviews whose label is a ClassLabel, as GLUE's are;
+    ``labels`` holds each split's ids (-1: no label, as in every row of GLUE's test splits)."""
+    import datasets
+
+    features = datasets.Features({"sentence": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["fresh", "rotten"])})
+    reviews = iter(_rows("train", sum(map(len, labels.values()))))
+    built = datasets.DatasetDict({
+        split: datasets.Dataset.from_dict({"sentence": [next(reviews)["text"] for _ in ids], "label": ids},
+                                          features=features)
+        for split, ids in labels.items()
+    })
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: built)
+
+
+def test_a_dataset_split_without_labels_is_not_scored_as_the_last_class(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ClassLabel's -1 (no label) was read as names[-1]: GLUE's test splits, unlabelled, were scored
+    as if every row had the last class, and test/accuracy was the share of rows predicted as it."""
+    if not ROTTEN.exists():
+        pytest.skip(f"real test data missing: {ROTTEN}")
+    _glue_like(monkeypatch, {"train": [0, 1] * 10, "validation": [1, 0, 1, 0], "test": [-1] * 6})
+    dm, _ = datamodule("data.catalog=null", "data.name=glue", "data.config_name=sst2", "data.text_column=sentence")
+    assert "test" not in dm.splits and not dm.has_test
+    assert dm.splits["validation"].labels == [("rotten",), ("fresh",), ("rotten",), ("fresh",)]
+    # One unlabelled row among labelled ones is an error naming it, not a row of the last class.
+    _glue_like(monkeypatch, {"train": [0, 1] * 10, "validation": [1, 0, -1, 0]})
+    with pytest.raises(LmlabError, match=r"glue\[validation\], line 3: the label \(column 'label'\) is -1"):
+        datamodule("data.catalog=null", "data.name=glue", "data.text_column=sentence")
+
+
+@pytest.fixture(scope="module")
+def gpt2_classifier(classifier: tuple) -> tuple:
+    """A tiny untrained GPT-2 classifier with a byte-level BPE tokenizer (lmlab's, for GPT-2)."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    from lmlab.tokenization import train_bpe
+
+    reviews, _, _, trainer = classifier
+    tok = train_bpe(reviews, 300, 1)
+    config = GPT2Config(vocab_size=len(tok), n_embd=16, n_layer=1, n_head=2, n_positions=128, num_labels=2,
+                        id2label={0: "fresh", 1: "rotten"}, label2id={"fresh": 0, "rotten": 1},
+                        pad_token_id=tok.pad_token_id, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    cfg = compose_cfg(["task=classification", "model=gpt2", "model.size=tiny"])
+    module = registry.get("task", "classification").build_module(cfg, GPT2ForSequenceClassification(config), tok)
+    return reviews, module.eval(), tok, trainer
+
+
+def test_predict_strips_texts_as_training_does(gpt2_classifier: tuple, tmp_path: Path) -> None:
+    """Training strips each text and pair (_row); predict classified them as given, and to byte-level
+    BPE a leading space or final newline is a token the model never saw there, the last of which
+    GPT-2 pools: the same review got another label from mode=predict than in test_predictions.csv."""
+    reviews = gpt2_classifier[0][:3]
+    records = [{"text": t, "film": "Bloody Sunday"} for t in reviews]
+    records += [{"text": f" {t}\n", "film": " Bloody Sunday\n"} for t in reviews]
+    rows = _classify(gpt2_classifier, _jsonl(tmp_path / "spaced.jsonl", records), tmp_path / "out",
+                     "model=gpt2", "data.text_pair_column=film")
+    assert [r["text"] for r in rows] == reviews * 2 and {r["text_pair"] for r in rows} == {"Bloody Sunday"}
+    assert [(r["predicted"], r["probability"]) for r in rows[3:]] == [(r["predicted"], r["probability"])
+                                                                      for r in rows[:3]]
+    # A blank text, which training refuses, is an error naming its line (GPT-2 failed in torch's indexing).
+    path = _jsonl(tmp_path / "blank.jsonl", [{"text": reviews[0]}, {"text": " \n"}])
+    with pytest.raises(LmlabError, match=rf"{re.escape(str(path))}, line 3: the text \('text'\) is empty"):
+        _classify(gpt2_classifier, path, tmp_path / "out2", "model=gpt2")

