@@ -723,3 +723,19 @@ def test_predict_strips_texts_as_training_does(gpt2_classifier: tuple, tmp_path:
     path = _jsonl(tmp_path / "blank.jsonl", [{"text": reviews[0]}, {"text": " \n"}])
     with pytest.raises(LmlabError, match=rf"{re.escape(str(path))}, line 3: the text \('text'\) is empty"):
         _classify(gpt2_classifier, path, tmp_path / "out2", "model=gpt2")
+
+
+def test_predict_with_a_gpt2_and_tokenizer_that_have_no_pad_token(gpt2_classifier: tuple, tmp_path: Path) -> None:
+    """A GPT-2 classifier saved without pad_token_id, with a tokenizer without a pad token (as
+    Hugging Face's GPT-2 ships): predict gave the tokenizer one after the module was built, and the
+    model, left without, refused batches of more than one row."""
+    import copy
+
+    reviews, module, tok, trainer = gpt2_classifier
+    tok, module = copy.deepcopy(tok), copy.deepcopy(module)
+    tok.pad_token = None
+    module.model.config.pad_token_id = None
+    assert tok.pad_token_id is None
+    rows = _classify((reviews, module, tok, trainer), _jsonl(tmp_path / "r.jsonl", [{"text": t} for t in reviews[:3]]),
+                     tmp_path / "out", "model=gpt2")
+    assert len(rows) == 3 and module.model.config.pad_token_id == tok.eos_token_id

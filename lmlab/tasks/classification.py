@@ -817,6 +817,9 @@ def predict(cfg: DictConfig, module: ClassificationModule, tokenizer: Any, train
     rows, texts, pairs = read_predict_inputs(Path(str(data.path)), data)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    config = module.model.config
+    if getattr(config, "pad_token_id", None) is None:  # build_module ran before the tokenizer had one
+        config.pad_token_id = tokenizer.pad_token_id  # GPT-2 finds each row's last token by it
     enc = tokenizer(*((texts, pairs) if pairs else (texts,)), truncation=True, max_length=int(data.max_length))
     cut = sum(len(ids) >= int(data.max_length) for ids in enc["input_ids"])
     if cut:  # as training says: the model sees only the start of such texts
