@@ -99,6 +99,18 @@ def test_clm_step_with_and_without_the_fused_loss() -> None:
     hf = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
     torch.testing.assert_close(b_loss / b_count, hf, rtol=1e-5, atol=1e-5)
 
+    # Neither path keeps a key/value cache in evaluation (GPT-2's config has use_cache on).
+    caches = []
+    hooks = [m.register_forward_hook(lambda mod, args, out: caches.append(out.past_key_values))
+             for m in (model, model.transformer)]
+    model.eval()
+    with torch.no_grad():
+        for module in (fused, plain):
+            module.token_losses(batch)
+    for hook in hooks:
+        hook.remove()
+    assert len(caches) == 3 and all(cache is None for cache in caches), caches
+
 
 def test_models_with_another_head_keep_the_plain_loss() -> None:
     from transformers import BertConfig, BertForMaskedLM

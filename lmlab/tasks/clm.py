@@ -60,7 +60,9 @@ class CausalLMModule(L.LightningModule):
         lean = self.lean is not None and mask is None and piecewise
         if self.fused_loss and piecewise:
             body, weight = split_lm_head(self.model)  # looked up per step: strategies may swap parameters
-            hidden = self.lean(body, ids) if lean else body(input_ids=ids, attention_mask=mask)[0]  # (B, T, D)
+            # use_cache=False: in eval mode a decoder otherwise keeps every layer's keys and values, for
+            # a generation that never comes (the config's default stays on, for the export's users).
+            hidden = self.lean(body, ids) if lean else body(input_ids=ids, attention_mask=mask, use_cache=False)[0]
             loss_sum = linear_cross_entropy(hidden.flatten(0, 1), weight, targets.flatten())
             if keep_logits:  # distillation compares whole distributions: (M, V) logits it must have
                 picked = hidden[counted] @ weight.t()
@@ -79,7 +81,7 @@ class CausalLMModule(L.LightningModule):
             body, weight = split_lm_head(self.model)
             logits = F.linear(self.lean(body, ids), weight)
         else:
-            logits = self.model(input_ids=ids, attention_mask=mask).logits
+            logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
         return loss_sum, logits
 
