@@ -113,7 +113,8 @@ class Teacher:
     does not move it either: ``logits`` follows the student's device.
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, source: str, temperature: float, alpha: float):
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, source: str, temperature: float, alpha: float,
+                 directory: str = ""):
         self.model = model.eval().requires_grad_(False)
         # A decoder in eval mode keeps every layer's keys and values for a generation that never
         # comes: a 12-layer, 768-wide GPT-2 teacher peaked 1.2 GB higher on a 16 x 1024 batch (CPU).
@@ -121,6 +122,7 @@ class Teacher:
             model.config.use_cache = False
         # source names the teacher in params and logs: its directory, or the MLflow run id given.
         self.tokenizer, self.source = tokenizer, source
+        self.directory = directory  # where it was loaded from (a local directory, or a hub name)
         self.temperature, self.alpha = float(temperature), float(alpha)
         # LM tasks: the token ids both models read (attach sets it); None compares every class.
         self.vocabulary: int | None = None
@@ -192,7 +194,8 @@ def prepare(cfg: DictConfig, task: TaskSpec, mode: str = "fit") -> Teacher | Non
         raise config_error(KEY, f"the teacher attends to {positions} positions and the data feeds {needed}",
                            f"Lower data.block_size / data.max_length to at most {positions}.")
     tokenizer = load_pretrained(source, key=KEY)
-    teacher = Teacher(model, tokenizer, pretrained.recorded_name(ref, source), float(temperature), float(alpha))
+    teacher = Teacher(model, tokenizer, pretrained.recorded_name(ref, source), float(temperature), float(alpha),
+                      directory=source)
     where = source if teacher.source == source else f"{teacher.source}, read from {source}"
     log.info("Distilling from %s (%s, %.2fM parameters), T=%g, alpha=%g", where, type(model).__name__,
              teacher.n_parameters / 1e6, teacher.temperature, teacher.alpha)

@@ -235,7 +235,16 @@ def prepare_model_and_tokenizer(cfg: DictConfig, task: TaskSpec, spec: ModelSpec
     trust = bool(cfg.model.get("trust_remote_code", False))
     source = pretrained.resolve(str(ref), cfg) if ref else ""
     if hasattr(dm, "start_from"):  # a task head's labels: the model's own when they cover the data's
-        dm.start_from(model_labels.StartingModel(source, str(cfg.get("mode") or "fit"), trust) if ref else None)
+        mode = str(cfg.get("mode") or "fit")
+        if ref:
+            dm.start_from(model_labels.StartingModel(source, mode, trust))
+        elif teacher is not None and teacher.directory:
+            # A fresh student takes the teacher's label ids when they cover the data's: the two heads'
+            # logits are compared row by row, and the data's own order (sorted) may not be the
+            # teacher's (a Hugging Face NER model's, say), which distillation would then refuse.
+            dm.start_from(model_labels.StartingModel(teacher.directory, mode))
+        else:
+            dm.start_from(None)
     if ref:
         tokenizer = load_pretrained(source, trust, key="model.pretrained")
         tok_info: dict[str, Any] = {"type": "pretrained", "path": source}

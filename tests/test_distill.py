@@ -389,6 +389,33 @@ def test_classification_student_distils_from_a_teacher_run(data: dict[str, Path]
     assert weights == student_params and not any("teacher" in k for k in state)
 
 
+def test_a_fresh_student_takes_the_teachers_label_order(data: dict[str, Path], teacher_run, tmp_path: Path) -> None:
+    """A student without model.pretrained read the data's labels in their own (sorted) order, and a
+    teacher with the same labels in another order (a Hugging Face model's) was refused as "another
+    label set"; the student now takes the teacher's ids, as a fine-tuned model's are taken."""
+    import json
+    import shutil
+
+    from lmlab.train import prepare_model_and_tokenizer
+
+    _, teacher = teacher_run
+    swapped = tmp_path / "swapped"
+    shutil.copytree(teacher.export_dir, swapped)
+    config = json.loads((swapped / "config.json").read_text())
+    assert config["id2label"] == {"0": "fresh", "1": "rotten"}
+    config.update(id2label={"0": "rotten", "1": "fresh"}, label2id={"rotten": 0, "fresh": 1})
+    (swapped / "config.json").write_text(json.dumps(config))
+    cfg = compose_cfg([*FAST, "task=classification", f"data.path={data['rotten']}", f"distill.teacher={swapped}",
+                       f"paths.root={tmp_path / 'home'}"])
+    task = registry.get("task", "classification")
+    found = distill.prepare(cfg, task)
+    dm = registry.get("datamodule", cfg.data.datamodule)(cfg.data, packing=task.packing(cfg),
+                                                          cache_dir=cfg.paths.cache, seed=0)
+    _, student, _ = prepare_model_and_tokenizer(cfg, task, registry.get("model", cfg.model.name), dm, found)
+    assert dm.labels == ["rotten", "fresh"] and student.config.id2label == {0: "rotten", 1: "fresh"}
+    distill.check_compatible(found, student, found.tokenizer, "classification")
+
+
 def test_bad_teachers_are_named(data: dict[str, Path], teacher_run, tmp_path: Path) -> None:
     home, teacher = teacher_run
     base = ["task=classification", f"data.path={data['rotten']}"]
