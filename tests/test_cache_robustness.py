@@ -17,11 +17,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import compose_cfg
 from omegaconf import DictConfig, OmegaConf
 
-from lmlab import atomic, fingerprint
+from lmlab import atomic
 from lmlab.atomic import atomic_dir
 from lmlab.data.text_datamodule import TextDataModule, _tokenizer_fingerprint
 from lmlab.errors import LmlabError
@@ -82,17 +83,41 @@ def test_sentence_pairs_are_drawn_from_the_seed_so_each_seed_has_its_blocks(corp
     assert _setup(corpus, tok, tmp_path / "cache", "sentence_pairs", seed=1).cache_hit is True
 
 
-def test_blocks_cached_under_the_key_that_held_the_seed_are_still_read(corpus, tokenizers, tmp_path):
-    # Entries written before the seed left the causal key: reused, not tokenized and stored again.
-    cache, tok = tmp_path / "cache", tokenizers["causal"]
-    fresh = _setup(corpus, tok, cache, "causal", seed=42)
-    (entry,) = (cache / "data").iterdir()
-    key = fingerprint.of_params(corpus=fresh.corpus.fingerprint, tokenizer=_tokenizer_fingerprint(tok),
-                                packing="causal", block=16, seed=42, version=1)[:20]
-    entry.rename(cache / "data" / f"causal-16-{key}")
-    again = _setup(corpus, tok, cache, "causal", seed=42)
-    assert again.cache_hit is True and _rows(again) == _rows(fresh)
-    assert _entries(cache) == [f"causal-16-{key}"]  # nothing written
+@pytest.mark.parametrize(("packing", "changed"), [("causal", "eos_token"), ("masked", "sep_token")])
+def test_blocks_are_keyed_by_the_special_tokens_the_tokenizer_config_names(corpus, tokenizers, tmp_path, packing,
+                                                                           changed):
+    # One tokenizer.json, two configs naming another separator (a chat model's eos beside its base
+    # model's): the tokenizer fingerprint is the same, the blocks must not be.
+    from transformers import AutoTokenizer
+
+    saved = tmp_path / "tokenizer"
+    tokenizers[packing].save_pretrained(saved)
+    with_alt = AutoTokenizer.from_pretrained(saved)
+    with_alt.add_special_tokens({"additional_special_tokens": ["<|alt|>"]})
+    with_alt.save_pretrained(saved)
+    base = AutoTokenizer.from_pretrained(saved)
+    other = AutoTokenizer.from_pretrained(saved, **{changed: "<|alt|>"})
+    assert _tokenizer_fingerprint(other) == _tokenizer_fingerprint(base)
+    old_id, new_id = getattr(base, f"{changed}_id"), getattr(other, f"{changed}_id")
+    assert old_id != new_id
+    first = _setup(corpus, base, tmp_path / "cache", packing, seed=0)
+    second = _setup(corpus, other, tmp_path / "cache", packing, seed=0)
+    assert second.cache_hit is False and len(_entries(tmp_path / "cache")) == 2
+    assert (np.array(_rows(second)) == new_id).any() and not (np.array(_rows(first)) == new_id).any()
+
+
+def test_a_sentence_pairs_entry_missing_its_attention_mask_is_rebuilt(corpus, tokenizers, tmp_path, caplog):
+    # A copy of the cache cut short: "done" and the ids are there, the padding mask is not.
+    tok = tokenizers["masked"]
+    first = _setup(corpus, tok, tmp_path / "cache", "sentence_pairs", seed=0)
+    (entry,) = (tmp_path / "cache" / "data").iterdir()
+    (entry / "train.attention_mask.npy").unlink()
+    with caplog.at_level("WARNING", logger="lmlab.data.text_datamodule"):
+        second = _setup(corpus, tok, tmp_path / "cache", "sentence_pairs", seed=0)
+    assert second.cache_hit is False
+    assert any("train.attention_mask.npy" in r.getMessage() and "missing" in r.getMessage() for r in caplog.records)
+    assert sorted(second.splits["train"][0]) == sorted(first.splits["train"][0])
+    assert _setup(corpus, tok, tmp_path / "cache", "sentence_pairs", seed=0).cache_hit is True
 
 
 # -- 2. a cache that cannot be written ----------------------------------------------------------

@@ -432,6 +432,25 @@ def test_decode_file_drops_only_a_leading_utf8_mark(tmp_path):
     assert str(bad) in str(info.value)
 
 
+def test_a_text_file_line_ends_only_at_line_breaks(tmp_path):
+    """A document is a line as HF's text loader reads it: CRLF, CR and LF end it; a form feed
+    (pdftotext's page break), U+2028/U+2029, NEL and the other separators str.splitlines() knows
+    stay inside the paragraph."""
+    inner = ["page one\x0cpage two", "a line\u2028separator", "a para\u2029separator", "next\x85line",
+             "vertical\x0btab", "file\x1cgroup\x1drecord\x1eseparators"]
+    docs = [f"{text} in paragraph {i}" for i, text in enumerate(inner * 4)]
+    path = tmp_path / "corpus.txt"
+    breaks = ["\n", "\r\n", "\r"]
+    path.write_bytes("".join(d + breaks[i % 3] for i, d in enumerate(docs)).encode("utf-8"))
+    corpus = load_corpus(data_cfg(f"data.path={path}"))
+    assert sorted(corpus.train + corpus.validation) == sorted(docs)
+    # cp1252's ellipsis (0x85) read as latin-1 is NEL: it ended the paragraph there.
+    western = tmp_path / "western.txt"
+    western.write_bytes(b"".join(b"Wait\x85 then paragraph %d goes on.\r\n" % i for i in range(20)))
+    corpus = load_corpus(data_cfg(f"data.path={western}", "data.encoding=latin-1"))
+    assert sorted(corpus.train + corpus.validation) == sorted(f"Wait\x85 then paragraph {i} goes on." for i in range(20))
+
+
 # -- corrupt cache entries ------------------------------------------------------------------------
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "missing"])
 def test_a_corrupt_tokenized_data_cache_entry_is_rebuilt(tmp_path, caplog, damage):

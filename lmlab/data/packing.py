@@ -14,6 +14,9 @@ from collections.abc import Sequence
 import numpy as np
 
 PACKINGS = ("causal", "masked", "sentence_pairs")
+# The arrays each packing returns, one row per block: a cache entry lacking one is incomplete.
+ARRAYS = {"causal": ("input_ids",), "masked": ("input_ids",),
+          "sentence_pairs": ("input_ids", "token_type_ids", "attention_mask", "next_sentence_label")}
 
 
 def _dtype_for(vocab_size: int) -> np.dtype:

@@ -165,7 +165,11 @@ def not_a_string(path: Path, line: int, key: str, value: Any, fix: str) -> Lmlab
 
 def read_text_file(path: Path, encoding: str = "utf-8", fallback: str | None = None) -> list[str]:
     text = decode_file(path, encoding, fallback)
-    return [line.strip() for line in text.splitlines() if line.strip()]
+    # Lines end at "\n", "\r\n" or "\r", as HF's text loader (universal newlines) ends them.
+    # str.splitlines() would also cut a paragraph at a form feed (pdftotext's page break), U+2028,
+    # or U+0085 (cp1252's ellipsis read as latin-1), making two documents of it.
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    return [line.strip() for line in lines if line.strip()]
 
 
 def read_jsonl_file(path: Path, text_field: str, encoding: str = "utf-8", fallback: str | None = None) -> list[str]:

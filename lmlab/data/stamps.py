@@ -30,7 +30,8 @@ RACY_SECONDS = 2.0
 # Part of every key: bump it when the way documents are read from files changes, so that stamps
 # written by the old code stop matching.
 # 2: a UTF-8 byte-order mark is no longer part of the first document.
-READING_VERSION = 2
+# 3: a text file's lines end at line breaks only, not at form feeds or Unicode separators.
+READING_VERSION = 3
 
 
 def _stat(path: Path) -> list[Any]:

@@ -59,9 +59,10 @@ class UnreadableCache(LmlabError):
         self.path, self.reason = path, reason
 
 
-def _load_blocks(where: Path, block_size: int) -> dict[str, dict[str, np.ndarray]]:
-    """Each split's arrays of a cache entry, memory-mapped; UnreadableCache names a file that is not
-    a whole .npy array of ``block_size`` columns (``input_ids``) with one row per block."""
+def _load_blocks(where: Path, block_size: int, names: tuple[str, ...]) -> dict[str, dict[str, np.ndarray]]:
+    """Each split's arrays of a cache entry, memory-mapped; UnreadableCache names a file of ``names``
+    that is missing or not a whole .npy array of ``block_size`` columns (``input_ids``) with one row
+    per block."""
     splits: dict[str, dict[str, np.ndarray]] = {}
     for split in ("train", "validation"):
         arrays: dict[str, np.ndarray] = {}
@@ -70,9 +71,12 @@ def _load_blocks(where: Path, block_size: int) -> dict[str, dict[str, np.ndarray
                 arrays[path.name.split(".")[1]] = np.load(path, mmap_mode="r")
             except (OSError, ValueError, EOFError) as exc:  # truncated or not an .npy file
                 raise UnreadableCache(path, f"{type(exc).__name__}: {exc}") from exc
-        ids = arrays.get("input_ids")
-        if ids is None:
-            raise UnreadableCache(where / f"{split}.input_ids.npy", "missing")
+        # A copy cut short can hold ``done`` and input_ids but not the attention mask or segment ids,
+        # without which the blocks would be served with their padding attended to.
+        for name in names:
+            if name not in arrays:
+                raise UnreadableCache(where / f"{split}.{name}.npy", "missing")
+        ids = arrays["input_ids"]
         if ids.ndim != 2 or ids.shape[1] != block_size:
             raise UnreadableCache(where / f"{split}.input_ids.npy",
                                   f"shape {tuple(ids.shape)}, not (blocks, {block_size})")
@@ -81,6 +85,21 @@ def _load_blocks(where: Path, block_size: int) -> dict[str, dict[str, np.ndarray
                 raise UnreadableCache(where / f"{split}.{name}.npy", f"{len(array)} rows where input_ids has {len(ids)}")
         splits[split] = arrays
     return splits
+
+
+def _layout_ids(tokenizer: Any, packing: str) -> dict[str, int | None]:
+    """The special token ids that ``packing`` writes into the blocks.
+
+    They come from the tokenizer's config (tokenizer_config.json), not from tokenizer.json, which
+    the tokenizer fingerprint hashes: one tokenizer.json loaded with another eos token (a chat
+    model's tokenizer beside its base model's) would otherwise be served the other's blocks.
+    """
+    if packing == "causal":
+        return {"eos": special_token_ids(tokenizer)["eos_token_id"]}
+    ids = {"cls": getattr(tokenizer, "cls_token_id", None), "sep": getattr(tokenizer, "sep_token_id", None)}
+    if packing == "sentence_pairs":
+        ids["pad"] = getattr(tokenizer, "pad_token_id", None)
+    return ids
 
 
 def _tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -137,11 +156,10 @@ class TextDataModule(L.LightningDataModule):
             return
         if self.tokenizer is None:
             raise RuntimeError("TextDataModule.set_tokenizer must be called before setup")
-        entries = self._cache_entries()
-        loaded = self._load_cached(entries)
+        where = self._cache_entry()
+        loaded = self._load_cached(where)
         self.cache_hit = loaded is not None
         if loaded is None:
-            where = entries[0]
             writable_cache_dir(where.parent)  # before the tokenizing, whose blocks would have nowhere to go
             log.info("Tokenizing and packing %d + %d documents", len(self.corpus.train), len(self.corpus.validation))
             with atomic_dir(where) as tmp:
@@ -149,7 +167,8 @@ class TextDataModule(L.LightningDataModule):
                     for name, array in self._pack(docs, split).items():
                         np.save(tmp / f"{split}.{name}.npy", array)
                 (tmp / "done").write_text("ok\n")
-            loaded = _load_blocks(where, self.block_size)  # just written: unreadable now is a real error
+            # Just written: unreadable now is a real error.
+            loaded = _load_blocks(where, self.block_size, layout.ARRAYS[self.packing_mode])
         for split, arrays in loaded.items():
             self.splits[split] = BlockDataset(arrays)
         n_train = len(self.splits["train"])
@@ -167,35 +186,34 @@ class TextDataModule(L.LightningDataModule):
             "corpus_read": self.corpus.is_read,
         }
 
-    def _cache_entries(self) -> list[Path]:
-        """Where this data's blocks may be cached: the entry written on a miss first, then any read too.
+    def _cache_entry(self) -> Path:
+        """Where this data's blocks are cached.
 
         Only sentence pairs are drawn from the seed; the other packings' entries are shared by a sweep
-        over seeds. Their keys used to hold the seed too: an entry of that older key shape is still
-        read (never written), rather than the corpus tokenized again.
+        over seeds. Entries keyed before the special ids joined the key (those that held the seed
+        among them) are not read: nothing in them tells which separator they were packed with.
         """
         params = dict(corpus=self.corpus.fingerprint, tokenizer=_tokenizer_fingerprint(self.tokenizer),
-                      packing=self.packing_mode, block=self.block_size, version=1)
-        shapes = [{"seed": self.seed}] if self.packing_mode in _SEEDED_PACKINGS else [{}, {"seed": self.seed}]
-        return [self.cache_dir / "data" / f"{self.packing_mode}-{self.block_size}-"
-                f"{fingerprint.of_params(**params, **shape)[:20]}" for shape in shapes]
+                      packing=self.packing_mode, block=self.block_size, version=1,
+                      specials=_layout_ids(self.tokenizer, self.packing_mode))
+        if self.packing_mode in _SEEDED_PACKINGS:
+            params["seed"] = self.seed
+        return self.cache_dir / "data" / f"{self.packing_mode}-{self.block_size}-{fingerprint.of_params(**params)[:20]}"
 
-    def _load_cached(self, entries: list[Path]) -> dict[str, dict[str, np.ndarray]] | None:
-        """The blocks of the first complete, readable entry; None when there is none."""
-        for where in entries:
-            if not (where / "done").exists():
-                continue
-            try:
-                loaded = _load_blocks(where, self.block_size)
-            except UnreadableCache as exc:
-                # A truncated or overwritten file (a full disk, a copy cut short): the entry is rebuilt
-                # from the text, as if it had never been written.
-                log.warning("Tokenized-data cache file %s is unreadable (%s); tokenizing again and replacing "
-                            "the cache entry", exc.path, exc.reason)
-                continue
-            log.info("Reusing tokenized data %s", where)
-            return loaded
-        return None
+    def _load_cached(self, where: Path) -> dict[str, dict[str, np.ndarray]] | None:
+        """The blocks of the entry when it is complete and readable; None otherwise."""
+        if not (where / "done").exists():
+            return None
+        try:
+            loaded = _load_blocks(where, self.block_size, layout.ARRAYS[self.packing_mode])
+        except UnreadableCache as exc:
+            # A truncated or overwritten file (a full disk, a copy cut short): the entry is rebuilt
+            # from the text, as if it had never been written.
+            log.warning("Tokenized-data cache file %s is unreadable (%s); tokenizing again and replacing "
+                        "the cache entry", exc.path, exc.reason)
+            return None
+        log.info("Reusing tokenized data %s", where)
+        return loaded
 
     def _pack(self, docs: list[str], split: str) -> dict[str, np.ndarray]:
         tok = self.tokenizer
