@@ -76,6 +76,10 @@ def test_directory_with_named_splits(tmp_path, wiki_file):
     corpus = load_corpus(data_cfg(f"data.path={root}"))
     assert corpus.train == docs[:500]
     assert corpus.validation == docs[500:]
+    # A validation file with no text is an error, not a reason to carve a validation split silently.
+    (root / "validation.txt").write_text("\n  \n", encoding="utf-8")
+    with pytest.raises(LmlabError, match=r"has a validation split, and it holds no text"):
+        load_corpus(data_cfg(f"data.path={root}")).train
 
 
 

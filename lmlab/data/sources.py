@@ -476,6 +476,10 @@ def _splits(splits: dict[str, list[str]], data_cfg: DictConfig) -> tuple[list[st
                            "Give a file with at least a few lines of text.")
     max_docs = data_cfg.get("max_documents")
     validation = splits.get("validation") or []
+    if "validation" in splits and not validation:  # named, yet empty: not a reason to carve one silently
+        raise config_error(key, f"'{where}' has a validation split, and it holds no text (empty, or only blank "
+                           "lines)", "Fill it, or remove it to carve the validation split out of the training text "
+                           "(data.val_fraction).")
     if validation:
         warn_if_held_out_in_train(map(text_key, train), {"validation": [text_key(d) for d in validation]}, str(where))
     else:
