@@ -31,6 +31,9 @@ JOBS_DIR = "lmlab_jobs"
 # Written by the first job whose objective never appeared (see check_objective).
 MISSING_OBJECTIVE_FILE = "lmlab_objective_missing.json"
 PARENT_TAG = "mlflow.parentRunId"
+# MLflow's runs.name column: PostgreSQL and MySQL refuse a longer name, so the job would fail at its
+# start (SQLite does not check). The lmlab.sweep.overrides tag keeps every value.
+MAX_RUN_NAME = 250
 
 
 class SweepStopped(SystemExit):
@@ -167,7 +170,7 @@ def child_run_name(ctx: JobContext) -> str | None:
     swept = set((ctx.sweep or {}).get("swept_keys") or [])
     parts = [f"{_override_key(o)}={_short(o.split('=', 1)[1])}" for o in ctx.overrides
              if "=" in o and _override_key(o) in swept]
-    return " ".join(parts) or None
+    return " ".join(parts)[:MAX_RUN_NAME] or None
 
 
 def _short(value: str) -> str:

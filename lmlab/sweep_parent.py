@@ -258,6 +258,13 @@ class MlflowSweepCallback(Callback):
             # would. (Hydra only warns about an Exception from a callback; SystemExit gets through.)
             print(f"lmlab: error: {exc}", file=sys.stderr)
             sys.exit(2)
+        except Exception as exc:
+            # Hydra would only warn and run every job anyway: with no parent (runs not grouped), or
+            # under the parent an earlier sweep left in this directory, which this sweep then closes.
+            log.debug("Opening the sweep's parent run failed", exc_info=True)
+            print(f"lmlab: error: the sweep could not open its parent MLflow run ({type(exc).__name__}: {exc}), "
+                  "so no job was started", file=sys.stderr)
+            sys.exit(2)
         if not _open_sweeps:
             atexit.register(close_left_open)
         _open_sweeps.add(Path(info["sweep_dir"]))

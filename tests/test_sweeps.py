@@ -557,6 +557,37 @@ def test_parent_run_status_comes_from_the_job_records(tmp_path: Path) -> None:
     assert sweep_parent.close_parent(tmp_path / "sweep", ended_normally=True) == "FAILED"
 
 
+def test_a_sweep_whose_parent_run_cannot_be_opened_starts_no_job(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from hydra._internal.callbacks import Callbacks
+
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("")
+    # MLflow fails there with an OSError, no lmlab error; Hydra only warns about an Exception from a
+    # callback, so before, every job ran without the parent (or under one left in the sweep directory).
+    cfg = compose_hydra([f"logger.tracking_uri=sqlite:///{blocker}/mlflow.db"], tmp_path / "sweep")
+    cfg.hydra.overrides.task = ["seed=1,2"]
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            Callbacks(cfg).on_multirun_start(config=cfg)  # as Hydra calls the hydra.callbacks entries
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        sweep_parent._sweeper = None
+    assert stopped.value.code == 2
+    assert "lmlab: error: the sweep could not open its parent MLflow run (FileExistsError" in capsys.readouterr().err
+
+
+def test_a_childs_run_name_fits_mlflows_name_column(tmp_path: Path) -> None:
+    # runs.name holds 250 characters: PostgreSQL and MySQL refused a longer name at the job's start.
+    keys = [f"model.config.option_number_{i}" for i in range(12)]
+    ctx = sweep.JobContext(tmp_path, 0, ["seed=3", *(f"{k}=0.000123456789" for k in keys)], {"swept_keys": keys})
+    name = sweep.child_run_name(ctx)
+    assert name is not None and len(name) == 250
+    assert name.startswith("model.config.option_number_0=0.0001235 model.config.option_number_1=0.0001235 ")
+
+
 @pytest.mark.parametrize(("direction", "sweeper", "best"), [("min", None, 0), ("max", None, 1),
                                                              ("max", "maximize", 1), ("min", "minimize", 0)])
 def test_the_parent_names_the_best_job_in_the_objectives_direction(tmp_path: Path, direction: str,
