@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import time
@@ -436,6 +437,10 @@ def test_search_space_from_hydra_sweep_syntax() -> None:
     assert grid == {"seed": [1, 2, 3], "model.size": ["tiny", "small"]}
     with pytest.raises(HydraException, match="grid needs a finite set"):
         _space.parse(["optimizer.lr=interval(1e-5, 1e-3)"]).grid()
+    # An interval Optuna refuses names the override it came from, not only Optuna's words.
+    for bad in ("optimizer.lr=tag(log, interval(0.0, 1e-3))", "optimizer.lr=interval(1e-3, 1e-5)"):
+        with pytest.raises(HydraException, match=re.escape(bad.split("=", 1)[0])):
+            _space.parse([bad])
 
 
 def test_interrupted_trials_are_failed_requeued_and_not_counted(tmp_path: Path) -> None:

@@ -80,9 +80,13 @@ def distribution(override: Override) -> BaseDistribution:
         return FloatDistribution(values[0], values[-1], step=float(step))
     if isinstance(sweep, IntervalSweep):
         log = "log" in sweep.tags
-        if isinstance(sweep.start, int) and isinstance(sweep.end, int):
-            return IntDistribution(sweep.start, sweep.end, log=log)
-        return FloatDistribution(float(sweep.start), float(sweep.end), log=log)
+        try:
+            if isinstance(sweep.start, int) and isinstance(sweep.end, int):
+                return IntDistribution(sweep.start, sweep.end, log=log)
+            return FloatDistribution(float(sweep.start), float(sweep.end), log=log)
+        except ValueError as exc:  # Optuna's own words, without the override they came from
+            raise HydraException(f"{override.input_line}: {exc} (an interval runs from its low end to its "
+                                 "high end; a log one needs a low end above 0)") from exc
     raise HydraException(f"{override.input_line}: not a sweep Optuna can search (use choice, range or interval)")
 
 
