@@ -241,9 +241,21 @@ def load_model(spec: ModelSpec, head: str, ref: str, updates: dict[str, Any], tr
             f"Pick the model group that matches it (model={config.model_type} if registered).",
         )
     model_class = spec.heads[head]
-    # A new head (or one with another label count) is initialised fresh; HF logs which weights.
-    model = model_class.from_pretrained(ref, ignore_mismatched_sizes=True, trust_remote_code=trust_remote_code,
-                                        **updates)
+    from safetensors import SafetensorError
+
+    try:
+        # A new head (or one with another label count) is initialised fresh; HF logs which weights.
+        model = model_class.from_pretrained(ref, ignore_mismatched_sizes=True, trust_remote_code=trust_remote_code,
+                                            **updates)
+    except (OSError, SafetensorError) as exc:
+        # A weights file cut short (a copy that stopped, a full disk) gives safetensors' bare "incomplete
+        # metadata" traceback, which names no file; a missing one, a traceback from deep in transformers.
+        raise config_error(
+            "model.pretrained", f"cannot load the weights of '{ref}' ({type(exc).__name__}: "
+            f"{' '.join(str(exc).split())[:400]})",
+            "Point it at a complete model directory written by save_pretrained (an lmlab export is written "
+            "whole; a copy of one may not be).",
+        ) from exc
     return model.train()  # from_pretrained returns eval mode; fine-tuning wants dropout on
 
 

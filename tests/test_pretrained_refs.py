@@ -5,6 +5,7 @@ run's current model."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import mlflow
@@ -207,3 +208,34 @@ def test_a_finished_run_cached_is_used_unchecked_when_its_store_does_not_answer(
     for ref in (unfinished, "0" * 32):
         with pytest.raises(LmlabError, match=f"no MLflow run '{ref}' at {dead}"):
             pretrained.resolve(ref, offline)
+
+
+# -- loading ---------------------------------------------------------------------------------------
+def test_a_pretrained_t5_without_n_positions_has_no_length_to_check() -> None:
+    # google/t5-v1_1-* and mT5 configs, and any T5 saved with the stock config, lack n_positions:
+    # fine-tuning one stopped with AttributeError before the first step.
+    from transformers import T5Config
+
+    from lmlab.models.build import check_positions
+    from lmlab.models.t5 import MODEL as T5
+    from lmlab.models.t5 import T5Config as LmlabT5Config
+
+    assert not hasattr(T5Config(), "n_positions")
+    check_positions(T5, T5Config(), 4096)
+    # lmlab's own T5 records a nominal limit, and data.block_size is still checked against it.
+    with pytest.raises(LmlabError, match=r"'data.block_size': 4096 is longer .* \(n_positions=512\)"):
+        check_positions(T5, LmlabT5Config(), 4096)
+
+
+@pytest.mark.parametrize("damage", ["cut_short", "missing"])
+def test_a_model_directory_with_broken_weights_is_an_error_naming_it(tmp_path: Path, damage: str) -> None:
+    from lmlab.models.gpt2 import MODEL as GPT2
+
+    folder = _tiny_model(tmp_path / "copied_export")
+    weights = folder / "model.safetensors"
+    if damage == "cut_short":  # a copy that stopped midway: safetensors' own error names no file
+        weights.write_bytes(weights.read_bytes()[:100])
+    else:
+        weights.unlink()
+    with pytest.raises(LmlabError, match=rf"'model.pretrained': cannot load the weights of '{re.escape(str(folder))}'"):
+        pretrained.load_model(GPT2, "causal_lm", str(folder), {})

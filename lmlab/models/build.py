@@ -121,7 +121,11 @@ def padding_ids(config: Any, tokens: int) -> list[int]:
 
 
 def check_positions(spec: ModelSpec, config: Any, block_size: int, size: str = "pretrained") -> None:
-    positions = getattr(config, spec.positions_key)
+    # A pretrained T5 saved with the stock config (google/t5-v1_1-*, mT5) has no n_positions: its
+    # relative position buckets put no bound on the length, so there is nothing to check.
+    positions = getattr(config, spec.positions_key, None)
+    if positions is None:
+        return
     if block_size > positions:
         raise config_error(
             "data.block_size",
