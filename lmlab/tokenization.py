@@ -282,14 +282,31 @@ def encode_texts(tokenizer: Any, texts: Sequence[str], num_proc: int | None = No
         return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
     if num_proc and num_proc > 1 and len(texts) > 10_000:
         return _encode_in_processes(tokenizer, texts, num_proc)
-    return [enc.ids for enc in backend.encode_batch(list(texts), add_special_tokens=False)]
+    return [enc.ids for enc in unbounded_backend(backend).encode_batch(list(texts), add_special_tokens=False)]
+
+
+def unbounded_backend(backend: Any) -> Any:
+    """The Rust tokenizer without the truncation and padding a pretrained tokenizer.json may store.
+
+    ``tokenizer(...)`` sets both for each call, but the backend called directly keeps the file's: for
+    all-MiniLM-L6-v2 (128 and 128) every text came out as 128 ids, "hello world" as 2 words and 126
+    [PAD]s, and a language-modelling corpus was packed with padding and cut at 128 tokens a line.
+    """
+    if backend.truncation is None and backend.padding is None:
+        return backend
+    from tokenizers import Tokenizer
+
+    plain = Tokenizer.from_str(backend.to_str())  # a copy: the caller's tokenizer keeps its settings
+    plain.no_truncation()
+    plain.no_padding()
+    return plain
 
 
 def _encode_shard(args: tuple[str, list[str]]) -> list[list[int]]:
     from tokenizers import Tokenizer
 
     serialized, texts = args
-    tok = Tokenizer.from_str(serialized)
+    tok = unbounded_backend(Tokenizer.from_str(serialized))
     return [enc.ids for enc in tok.encode_batch(texts, add_special_tokens=False)]
 
 

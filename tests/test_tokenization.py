@@ -309,3 +309,32 @@ def test_a_corrupt_cached_tokenizer_is_trained_again(texts, tmp_path, caplog, da
     # The entry was replaced: the next run reuses it.
     third, info3 = get_tokenizer(_cfg(), GPT2, lambda: pytest.fail("read the corpus"), "corpus-a", cache)
     assert info3["cached"] is True and third(UNICODE_TEXT)["input_ids"] == first(UNICODE_TEXT)["input_ids"]
+
+
+def test_encoding_ignores_the_truncation_and_padding_a_tokenizer_file_stores(tmp_path: Path) -> None:
+    """all-MiniLM-L6-v2's tokenizer.json stores truncation and padding at 128: read through the Rust
+    backend directly, "hello world" came out as 2 ids and 126 [PAD]s, and every line was cut at 128,
+    so a language-modelling corpus was packed with padding."""
+    from lmlab.data.text_datamodule import _tokenizer_fingerprint
+    from lmlab.tokenization import _encode_shard, load_pretrained
+
+    from tokenizers import Tokenizer
+
+    tok = train_wordpiece(["hello world, a line of words to read"] * 20, 300, 1, True)
+    tok.save_pretrained(tmp_path / "stored")
+    stored = Tokenizer.from_file(str(tmp_path / "stored" / "tokenizer.json"))  # as MiniLM's file has them
+    stored.enable_truncation(8)
+    stored.enable_padding(length=8, pad_id=tok.pad_token_id, pad_token=tok.pad_token)
+    stored.save(str(tmp_path / "stored" / "tokenizer.json"))
+    loaded = load_pretrained(str(tmp_path / "stored"))
+    assert loaded.backend_tokenizer.truncation is not None and loaded.backend_tokenizer.padding is not None
+    texts = ["hello world", " ".join(["words"] * 20)]
+    key = _tokenizer_fingerprint(loaded)
+    encoded = encode_texts(loaded, texts)
+    in_processes = _encode_shard((loaded.backend_tokenizer.to_str(), texts))  # data.num_proc's workers
+    assert loaded.backend_tokenizer.truncation is not None  # the tokenizer itself is left as it was
+    # tokenizer(...) sets truncation and padding per call (and clears the stored ones).
+    expected = [loaded(text, add_special_tokens=False)["input_ids"] for text in texts]
+    assert [len(ids) for ids in expected] == [2, 20]
+    assert encoded == in_processes == expected
+    assert _tokenizer_fingerprint(loaded) == key  # the blocks' cache key does not move when they are cleared

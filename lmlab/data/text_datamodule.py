@@ -26,7 +26,7 @@ from lmlab.data.sources import Corpus, load_corpus
 from lmlab.errors import LmlabError, config_error
 from lmlab.models.build import special_token_ids
 from lmlab.paths import writable_cache_dir
-from lmlab.tokenization import encode_texts
+from lmlab.tokenization import encode_texts, unbounded_backend
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,9 @@ def _layout_ids(tokenizer: Any, packing: str) -> dict[str, int | None]:
 def _tokenizer_fingerprint(tokenizer: Any) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        return fingerprint.of_params(tokenizer=backend.to_str())[:16]
+        # Without a pretrained file's stored truncation and padding, which encoding ignores and
+        # tokenizer(...) clears: with them the key would depend on whether anything called it first.
+        return fingerprint.of_params(tokenizer=unbounded_backend(backend).to_str())[:16]
     return fingerprint.of_params(name=tokenizer.name_or_path, vocab=len(tokenizer))[:16]
 
 
