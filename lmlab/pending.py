@@ -93,10 +93,34 @@ class ResilientClient:
         self._client = client
         self._uri = uri
         self._file = Path(run_dir) / PENDING
-        self._queue: list[dict[str, Any]] = []
+        self._queue = self._left_over()
         self._retry_seconds = retry_seconds
         self._next_try = 0.0
         self._warned = False
+
+    def _left_over(self) -> list[dict[str, Any]]:
+        """The calls an earlier part of a resumed run left in its directory: they go first. Left
+        behind, the next outage's end deleted the file with them unsent."""
+        if not self._file.is_file():
+            return []
+        lines = [line for line in self._file.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+        kept = []
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except ValueError:  # the line a kill cut short: that call never completed
+                continue
+            # That part's end is not this one's: sent now, it would mark the reopened run KILLED or FINISHED.
+            if record["call"] != "set_terminated":
+                kept.append(record)
+        if not kept:
+            self._file.unlink()
+            return []
+        if len(kept) < len(lines):
+            self._rewrite(kept)
+        log.warning("%d logging calls of an earlier part of this run were never sent to %s (%s): they are sent "
+                    "before this part's.", len(kept), self._uri, self._file)
+        return kept
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._client, name)
@@ -141,6 +165,10 @@ class ResilientClient:
             out.flush()
         return None
 
+    def _rewrite(self, records: list[dict[str, Any]]) -> None:
+        with atomic_text(self._file) as out:  # staged and renamed: a crash leaves the previous file whole
+            out.write("".join(json.dumps(r) + "\n" for r in records))
+
     def _tell(self, exc: BaseException) -> None:
         self._next_try = time.monotonic() + self._retry_seconds
         if not self._warned:
@@ -169,16 +197,24 @@ class ResilientClient:
         if not self._reachable():
             self._next_try = time.monotonic() + self._retry_seconds
             return False
-        while self._queue:
-            name, args, kwargs = _decode(self._queue[0])
-            try:
-                getattr(self._client, name)(*args, **kwargs)
-            except Exception as exc:
-                if not is_outage(exc):
-                    raise
-                self._next_try = time.monotonic() + self._retry_seconds
-                return False
-            self._queue.pop(0)
+        sent = 0
+        try:
+            while self._queue:
+                name, args, kwargs = _decode(self._queue[0])
+                try:
+                    getattr(self._client, name)(*args, **kwargs)
+                except Exception as exc:
+                    if not is_outage(exc):
+                        raise
+                    self._next_try = time.monotonic() + self._retry_seconds
+                    return False
+                self._queue.pop(0)
+                sent += 1
+        finally:
+            if self._queue and sent:
+                # What went out leaves the file too: a replay would send it again, and a log_metric
+                # (its timestamp taken when sent) would be a second point.
+                self._rewrite(self._queue)
         self._file.unlink(missing_ok=True)
         log.warning("MLflow tracking server %s is back: everything the run logged meanwhile was sent.", self._uri)
         return True

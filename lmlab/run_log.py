@@ -34,6 +34,19 @@ class RunMetrics(MLFlowLogger):
         # this run's store. The environment stays as the user set it.
         before = os.environ.get("MLFLOW_TRACKING_URI")
         try:
+            # Lightning's private attributes: read with defaults, so a Lightning without them keeps
+            # its own behaviour instead of failing every run.
+            if not getattr(self, "_initialized", True) and getattr(self, "_run_id", None) is not None:
+                # Lightning's own first call reads the run for its experiment id, and fails on the
+                # "no run" that lmlab.pending's client answers while the tracking server is away:
+                # the step that logs first would fail the training. The run exists (lmlab opened
+                # it); its metrics are queued for the server like everything else.
+                import mlflow
+
+                mlflow.set_tracking_uri(self._tracking_uri)
+                run = self._mlflow_client.get_run(self._run_id)
+                self._experiment_id = run.info.experiment_id if run is not None else None
+                self._initialized = True
             return super().experiment
         finally:
             if before is None:
@@ -74,8 +87,18 @@ class RunLog:
             self.client.log_dict(self.run_id, value, name)
 
     def params(self, values: Mapping[str, Any]) -> None:
-        if self.client is not None:
-            for key, value in values.items():
+        """Log ``values`` as params. A resumed run keeps the values it holds: MLflow refuses to change
+        a param, and a value that differs now (``world_size`` of ``trainer.devices=-1`` on another
+        machine) would fail the resume."""
+        if self.client is None:
+            return
+        run = self.client.get_run(self.run_id)  # None while the tracking server is away (lmlab.pending)
+        logged = dict(run.data.params) if run is not None else {}
+        changed = [f"{k}={logged[k]} (now {v})" for k, v in values.items() if k in logged and logged[k] != str(v)]
+        if changed:
+            log.warning("MLflow keeps the params this run started with: %s", "; ".join(changed))
+        for key, value in values.items():
+            if key not in logged:
                 self.client.log_param(self.run_id, key, value)
 
     def metric(self, key: str, value: float) -> None:

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import signal
 import sys
 from pathlib import Path
 
 import mlflow
 import pytest
+import requests
 from mlflow.entities import Metric, Param
 
 from lmlab import pending
@@ -105,3 +107,101 @@ def test_a_rewrite_that_fails_keeps_every_pending_record(tmp_path: Path, server:
     server.refuse = None
     assert pending.replay(tmp_path, "http://tracking.invalid") == len(before.splitlines())
     assert not path.exists()
+
+
+class Flaky:
+    """A client whose server answers ``calls_left`` more calls (None: all of them), then is gone."""
+
+    def __init__(self, client: mlflow.MlflowClient) -> None:
+        self.client = client
+        self.calls_left: int | None = None
+
+    def __getattr__(self, name: str):
+        def call(*args, **kwargs):
+            if self.calls_left is not None:
+                if self.calls_left == 0:
+                    raise requests.ConnectionError("Connection refused")
+                self.calls_left -= 1
+            return getattr(self.client, name)(*args, **kwargs)
+        return call
+
+
+def test_a_flush_cut_short_leaves_only_the_unsent_calls_for_replay(tmp_path: Path) -> None:
+    """What a flush sent before the server went away again left the file with it: the replay sent it
+    again, and a log_metric, whose timestamp is taken when it is sent, became a second point."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = mlflow.MlflowClient(uri)
+    run_id = store.create_run(store.create_experiment("outage")).info.run_id
+    server = Flaky(store)
+    client = pending.ResilientClient(server, uri, tmp_path, retry_seconds=0)
+    server.calls_left = 0
+    client.log_metric(run_id, "train/total_tokens", 10240.0)
+    client.log_param(run_id, "n_parameters", "5")
+    client.set_terminated(run_id, "FINISHED")
+    server.calls_left = 1  # back for one call, then gone until the run has ended
+    client.close()
+    assert client.pending == 2
+    assert pending.replay(tmp_path, uri) == 2
+    assert len(store.get_metric_history(run_id, "train/total_tokens")) == 1
+    run = store.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.params == {"n_parameters": "5"}
+
+
+def test_metrics_logged_first_while_the_server_is_away_are_kept(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lightning's logger reads the run at its first write; during an outage it got "no run" and
+    failed the training step (AttributeError: 'NoneType' object has no attribute 'info')."""
+    from omegaconf import OmegaConf
+
+    from lmlab.background_log import BackgroundWriter
+    from lmlab.run_log import RunLog
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = mlflow.MlflowClient(uri)
+    run_id = store.create_run(store.create_experiment("outage")).info.run_id
+    server = Flaky(store)
+    mlrun = RunLog(BackgroundWriter(pending.ResilientClient(server, uri, tmp_path, retry_seconds=0)), run_id)
+    logger = mlrun.metrics_logger(OmegaConf.create({"logger": {"experiment_name": "outage", "tracking_uri": uri},
+                                                    "paths": {"root": str(tmp_path)}}))
+    server.calls_left = 0  # gone before the first metrics
+    logger.log_metrics({"train/loss": 2.5}, step=0)
+    server.calls_left = None
+    logger.log_metrics({"train/loss": 2.0}, step=1)
+    mlrun.terminate("FINISHED")
+    assert [m.step for m in store.get_metric_history(run_id, "train/loss")] == [0, 1]
+    assert store.get_run(run_id).info.status == "FINISHED"
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+
+
+def test_a_resumed_run_sends_what_its_earlier_part_left_pending(tmp_path: Path) -> None:
+    """A run that ended during an outage and was resumed in its directory before a replay: the
+    resumed part's first outage, once over, deleted the file with the earlier part's calls unsent."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = mlflow.MlflowClient(uri)
+    run_id = store.create_run(store.create_experiment("resumed")).info.run_id
+    server = Flaky(store)
+    server.calls_left = 0
+    earlier = pending.ResilientClient(server, uri, tmp_path, retry_seconds=0)
+    for step in range(2):
+        earlier.log_batch(run_id, metrics=[Metric("train/loss", 2.0 - step / 10, 1_700_000_000_000 + step, step)])
+    earlier.set_terminated(run_id, "KILLED")
+    earlier.close()
+
+    store.update_run(run_id, status="RUNNING")  # resume reopens it, then logs through a new client
+    resumed = pending.ResilientClient(server, uri, tmp_path, retry_seconds=0)
+    resumed.log_batch(run_id, metrics=[Metric("train/loss", 1.8, 1_700_000_000_002, 2)])
+    server.calls_left = None
+    resumed.log_batch(run_id, metrics=[Metric("train/loss", 1.7, 1_700_000_000_003, 3)])
+    assert [m.step for m in store.get_metric_history(run_id, "train/loss")] == [0, 1, 2, 3]
+    assert store.get_run(run_id).info.status == "RUNNING"  # the earlier part's end is not this run's
+    assert not (tmp_path / pending.PENDING).exists()
+
+
+def test_a_line_cut_short_by_a_kill_does_not_stop_the_resumed_run(tmp_path: Path) -> None:
+    path = pending_file(tmp_path)
+    whole = path.read_text(encoding="utf-8")
+    path.write_text(whole + '{"call": "log_batch", "args": ["ru', encoding="utf-8")
+    client = pending.ResilientClient(object(), "http://tracking.invalid", tmp_path)
+    assert client.pending == len(whole.splitlines())
+    assert path.read_text(encoding="utf-8") == whole

@@ -507,3 +507,16 @@ def test_a_run_leaves_mlflow_tracking_uri_as_it_found_it(tmp_path: Path, monkeyp
         logger.log_metrics({"train/loss": 1.0}, step=0)
         assert os.environ.get("MLFLOW_TRACKING_URI") == before
     assert [m.value for m in client.get_metric_history(run_id, "train/loss")] == [1.0, 1.0]
+
+
+def test_a_resumed_run_keeps_the_params_it_started_with(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """MLflow refuses to change a param: a resume whose world_size differs (trainer.devices=-1 on a
+    machine with other GPUs) failed at its first MLflow call."""
+    from lmlab.run_log import RunLog
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = client.create_run(client.create_experiment("resumed")).info.run_id
+    RunLog(client, run_id).params({"n_parameters": 5, "world_size": 2})
+    RunLog(client, run_id).params({"n_parameters": 5, "world_size": 4, "effective_batch_size": 64})
+    assert client.get_run(run_id).data.params == {"n_parameters": "5", "world_size": "2", "effective_batch_size": "64"}
+    assert "world_size=2 (now 4)" in caplog.text
