@@ -524,6 +524,9 @@ def ending(mlrun: RunLog, output_dir: Path, stage: str, record: bool = True) -> 
     except faults.Preempted:
         end.status = "KILLED"  # a stop during fit: last.ckpt holds its state, resume=auto continues it
         raise
+    except KeyboardInterrupt:  # Ctrl-C outside fit (the final test, the export): stopped, not failed
+        end.status = "KILLED"
+        raise
     except SIGTERMException as exc:  # a SystemExit without a code: it would exit 0 as if all went well
         end.status = "KILLED"
         signum = end.sigterm.signum

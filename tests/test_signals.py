@@ -263,3 +263,20 @@ def test_sigterm_between_the_open_run_and_training_ends_killed(workspace: Path, 
     (run_dir,) = home.run_dirs()
     assert json.loads((run_dir / "lmlab_run.json").read_text())["status"] == "killed"
     assert [status for _, status in home.runs()] == ["KILLED"]
+
+
+def test_ctrl_c_outside_training_ends_the_run_killed_not_failed(tmp_path: Path) -> None:
+    """A KeyboardInterrupt through the run's body (Ctrl-C during the final test or the export) ended
+    the MLflow run FAILED, as an error would."""
+    from types import SimpleNamespace
+
+    from lmlab import resume
+
+    closed: list[str] = []
+    with pytest.raises(KeyboardInterrupt):
+        with resume.ending(SimpleNamespace(terminate=closed.append), tmp_path, "test", record=False):
+            raise KeyboardInterrupt
+    with pytest.raises(ValueError):
+        with resume.ending(SimpleNamespace(terminate=closed.append), tmp_path, "test", record=False):
+            raise ValueError("an error")
+    assert closed == ["KILLED", "FAILED"]
