@@ -101,9 +101,11 @@ class RunLog:
             if key not in logged:
                 self.client.log_param(self.run_id, key, value)
 
-    def metric(self, key: str, value: float) -> None:
+    def metric(self, key: str, value: float, step: int | None = None) -> None:
+        """``step``: where the value belongs in the run's history (MLflow's default is 0, so a run
+        resumed to train longer would put a second, different point at step 0)."""
         if self.client is not None:
-            self.client.log_metric(self.run_id, key, value)
+            self.client.log_metric(self.run_id, key, value, step=step)
 
     def set_up_writes(self, uri: str, run_dir: Path) -> None:
         """Queue writes while a remote tracking server is unreachable (lmlab.pending), and send

@@ -405,9 +405,10 @@ def run(cfg: DictConfig) -> RunResult:
             final = trainer.validate(module, datamodule=dm, verbose=False)[0]
             metrics.update({k: float(v) for k, v in final.items()})
         if mode == "fit":
-            mlrun.metric("train/total_tokens", throughput.total_tokens)
+            last_step = max(int(trainer.global_step) - 1, 0)  # 0-based, as Lightning logs the training steps
+            mlrun.metric("train/total_tokens", throughput.total_tokens, step=last_step)
             for key, value in distill.score_teacher(cfg, task, module, trainer, dm).items():  # what the student costs
-                mlrun.metric(key, value)
+                mlrun.metric(key, value, step=last_step)
                 metrics[key] = value
     return RunResult(mlrun.run_id, tracking.tracking_uri(cfg), output_dir, metrics, export_dir,
                      time.perf_counter() - started, objective_metric(cfg, task))

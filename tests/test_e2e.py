@@ -215,6 +215,8 @@ def test_mlflow_run_is_recorded(ws: Workspace, name: str, tmp_path: Path) -> Non
     total = int(cfg.trainer.max_steps)
     warmup = int(round(float(cfg.scheduler.warmup_ratio) * total))
     factor = lr_lambda(str(cfg.scheduler.name), warmup, total, float(cfg.scheduler.get("min_lr_ratio", 0.0)))
+    # The run's total, logged once training ended, sits at its last step (MLflow's default is 0).
+    assert [m.step for m in client.get_metric_history(result.run_id, "train/total_tokens")] == [total - 1]
     lrs = client.get_metric_history(result.run_id, "train/lr")
     assert len(lrs) >= 3
     assert [m.value for m in lrs] == pytest.approx([float(cfg.optimizer.lr) * factor(m.step) for m in lrs])
