@@ -456,14 +456,9 @@ def test_a_utf8_byte_order_mark_and_tsv_quotes(tmp_path: Path, name: str) -> Non
     assert pairs.documents == [r["document"] for r in records] and pairs.summaries == [r["summary"] for r in records]
 
 
-def test_validation_summarizes_the_same_examples_at_any_number_of_processes(monkeypatch: pytest.MonkeyPatch) -> None:
-    """task.generate_val_batches counts examples of the split, not each process's batches: over 2
-    processes (ShardedSampler's shards) the summarized indices are one process's, each once."""
-    from types import SimpleNamespace
-
-    from torch.utils.data import DataLoader
-
-    from lmlab.data import loaders
+def _tiny_bart_summarizer() -> tuple:
+    """(tokenizer, config, model, module): a tiny untrained BART summarizer that summarizes the
+    first 2 batches of 3 validation examples in 2 tokens."""
     from lmlab.tokenization import train_bpe
 
     tok = train_bpe(["Shares in the bank rose after record profits.", "The minister resigned on Friday."] * 30,
@@ -473,7 +468,18 @@ def test_validation_summarizes_the_same_examples_at_any_number_of_processes(monk
     task, spec = registry.get("task", "summarization"), registry.get("model", "bart")
     torch.manual_seed(0)
     net = build_model(spec, task.head(cfg), build_hf_config(spec, cfg.model, tok, 64)).eval()
-    module = task.build_module(cfg, net, tok)
+    return tok, cfg, net, task.build_module(cfg, net, tok)
+
+
+def test_validation_summarizes_the_same_examples_at_any_number_of_processes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """task.generate_val_batches counts examples of the split, not each process's batches: over 2
+    processes (ShardedSampler's shards) the summarized indices are one process's, each once."""
+    from types import SimpleNamespace
+
+    from torch.utils.data import DataLoader
+
+    from lmlab.data import loaders
+    tok, cfg, net, module = _tiny_bart_summarizer()
     monkeypatch.setattr(S.SummarizationModule, "trainer",
                         SimpleNamespace(datamodule=SimpleNamespace(cfg=cfg.data)), raising=False)
     ids = tok(["Shares in the bank rose."])["input_ids"][0]
@@ -507,16 +513,7 @@ def test_under_fsdp_every_process_generates_for_the_same_batches(monkeypatch: py
     from torch.utils.data import DataLoader
 
     from lmlab.data import loaders
-    from lmlab.tokenization import train_bpe
-
-    tok = train_bpe(["Shares in the bank rose after record profits.", "The minister resigned on Friday."] * 30,
-                    300, 1)
-    cfg = compose_cfg(["task=summarization", "model=bart", "model.size=tiny", "task.generation.max_new_tokens=2",
-                       "task.generate_val_batches=2", "data.eval_batch_size=3"])
-    task, spec = registry.get("task", "summarization"), registry.get("model", "bart")
-    torch.manual_seed(0)
-    net = build_model(spec, task.head(cfg), build_hf_config(spec, cfg.model, tok, 64)).eval()
-    module = task.build_module(cfg, net, tok)
+    tok, cfg, net, module = _tiny_bart_summarizer()
     synced: list[bool] = []
     real_generate = net.generate
 
