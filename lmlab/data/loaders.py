@@ -24,6 +24,7 @@ global rank 0 gathers the predictions to write them.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Callable, Iterable, Iterator
@@ -120,7 +121,9 @@ class EvalBatches(Sampler[list[int]]):
             excess -= taken
         if excess > 0:  # too few rows for a row per batch
             sizes = [self.batch_size] * math.ceil(len(rows) / self.batch_size)
-        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        # Running starts, not a sum per batch: that was quadratic in the batches, and Lightning asks
+        # the length several times an epoch.
+        starts = itertools.accumulate(sizes[:-1], initial=0)
         return [rows[start:start + n] for start, n in zip(starts, sizes) if rows[start:start + n]]
 
     def __iter__(self) -> Iterator[list[int]]:

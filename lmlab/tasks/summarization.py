@@ -626,7 +626,7 @@ class SummarizationModule(L.LightningModule):
         return [" ".join(text.split()) for text in tok.batch_decode(out, skip_special_tokens=True)]
 
     def _collective(self) -> bool:
-        trainer = self._trainer if hasattr(self, "_trainer") else None  # None outside a Trainer
+        trainer = getattr(self, "_trainer", None)  # None outside a Trainer
         return trainer is not None and forward_is_collective(trainer)
 
     def _eval_step(self, batch: dict[str, torch.Tensor], below: int | None) -> None:
