@@ -18,7 +18,6 @@ that this same submitit job (by job id) started and did not finish, and a ``last
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import logging
 import os
@@ -37,7 +36,7 @@ import yaml
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from lmlab import atomic, checkpointing, faults, tracking
+from lmlab import atomic, checkpointing, faults, fingerprint, tracking
 from lmlab.distributed import is_rank_zero, launch_id
 from lmlab.errors import config_error, file_error
 from lmlab.run_log import RunLog
@@ -287,7 +286,7 @@ def _check_found(cfg: DictConfig, found: Resume) -> None:
 
 
 def _failure_path(cfg: DictConfig, launch: str) -> Path:
-    name = hashlib.sha256(launch.encode()).hexdigest()[:20]
+    name = fingerprint.of_params(launch=launch)[:20]
     return Path(str(cfg.paths.root)).absolute() / "resume_auto_failed" / f"{name}.json"
 
 

@@ -289,6 +289,12 @@ def _check_tag(tag: str, path: Path, line: int) -> None:
                          "Use BIO or IOBES tags, or point data.tag_column at the tag column.", line=line)
 
 
+def _column_at(column: int, n: int) -> int:
+    """``data.token_column`` / ``data.tag_column`` as an index into a line of ``n`` columns (negative:
+    from the end); out of range when the line has no such column."""
+    return column if column >= 0 else n + column
+
+
 def read_conll(path: Path, token_column: int = 0, tag_column: int = -1, encoding: str = "utf-8") -> list[Sentence]:
     """Sentences of a CoNLL file: one token per line, blank lines between sentences."""
     path = Path(path)
@@ -313,8 +319,7 @@ def read_conll(path: Path, token_column: int = 0, tag_column: int = -1, encoding
             flush()
             continue
         n = len(columns)
-        tok_i = token_column if token_column >= 0 else n + token_column
-        tag_i = tag_column if tag_column >= 0 else n + tag_column
+        tok_i, tag_i = _column_at(token_column, n), _column_at(tag_column, n)
         if not (0 <= tok_i < n and 0 <= tag_i < n) or tok_i == tag_i:
             raise file_error(
                 path, f"has {n} column(s) where a token (data.token_column={token_column}) and a tag "
@@ -931,8 +936,8 @@ def read_unlabelled(path: Path, data_cfg: DictConfig) -> list[tuple[list[str], l
                              "Put one token per line (its gold tag, if any, in data.tag_column)", line=number) from None
         # The gold tag where training reads it (data.tag_column), not always the last column.
         n = len(columns)
-        token_at, tag_at = column % n, tag_column if tag_column >= 0 else n + tag_column
-        if 0 <= tag_at < n and tag_at != token_at:
+        tag_at = _column_at(tag_column, n)
+        if 0 <= tag_at < n and tag_at != _column_at(column, n):
             tags.append(columns[tag_at].strip())
     if tokens:
         sentences.append((tokens, tags if len(tags) == len(tokens) else None))
