@@ -8,7 +8,10 @@ told once. Later writes first send the queue, in order, at most every ``retry_se
 TCP probe first, so a dead server costs no HTTP retries). The run's
 end tries once more; what is still unsent stays in the file and ``python -m lmlab.pending RUN_DIR``
 sends it when the server is back. Errors that are not about reaching the server (a bad value)
-propagate as before: queueing them would only hide them.
+propagate as before: queueing them would only hide them. A queued call the server refuses once it is
+back (a param that changed, a value past its limits) is set aside in ``mlflow_refused.jsonl`` with
+the server's answer, and the calls after it are sent: left at the head of the queue it blocked every
+later write, and raised from whichever logging call came next.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from lmlab.atomic import atomic_text
 log = logging.getLogger(__name__)
 
 PENDING = "mlflow_pending.jsonl"
+REFUSED = "mlflow_refused.jsonl"
 # The writes that are queued during an outage; reads (get_run, search) still raise.
 _QUEUED = ("log_batch", "log_metric", "log_param", "set_tag", "log_artifact", "log_artifacts", "log_dict",
            "set_terminated")
@@ -46,6 +50,13 @@ def is_outage(exc: BaseException) -> bool:
     # MLflow wraps transport errors as MlflowException("API request to ... failed with exception ...").
     text = str(exc)
     return type(exc).__name__ == "MlflowException" and "failed with exception" in text
+
+
+def is_refusal(exc: BaseException) -> bool:
+    """Whether ``exc`` is the tracking store's answer refusing a request (an MlflowException that is no outage)."""
+    from mlflow.exceptions import MlflowException  # RestException (a server's answer) is one
+
+    return isinstance(exc, MlflowException) and not is_outage(exc)
 
 
 def _encode(name: str, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -204,10 +215,13 @@ class ResilientClient:
                 try:
                     getattr(self._client, name)(*args, **kwargs)
                 except Exception as exc:
-                    if not is_outage(exc):
+                    if is_refusal(exc):
+                        set_aside(self._file.parent, self._queue[0], exc, self._uri)
+                    elif is_outage(exc):
+                        self._next_try = time.monotonic() + self._retry_seconds
+                        return False
+                    else:
                         raise
-                    self._next_try = time.monotonic() + self._retry_seconds
-                    return False
                 self._queue.pop(0)
                 sent += 1
         finally:
@@ -227,8 +241,20 @@ class ResilientClient:
                         self._file, self._file.parent)
 
 
+def set_aside(run_dir: Path, record: dict[str, Any], exc: BaseException, uri: str) -> None:
+    """Keep a queued call the server refused, with its answer, in ``<run dir>/mlflow_refused.jsonl``."""
+    answer = " ".join(f"{type(exc).__name__}: {exc}".split())[:500]
+    with open(Path(run_dir) / REFUSED, "a", encoding="utf-8") as out:
+        out.write(json.dumps({**record, "refused": answer}) + "\n")
+    log.warning("MLflow tracking server %s refused a logging call kept from its outage (%s): %s. The call is kept "
+                "in %s and the calls after it are sent.", uri, record["call"], answer, Path(run_dir) / REFUSED)
+
+
 def replay(run_dir: str | Path, tracking_uri: str | None = None) -> int:
-    """Send a run's ``mlflow_pending.jsonl`` to its server; returns how many calls were sent."""
+    """Send a run's ``mlflow_pending.jsonl`` to its server; returns how many calls were sent.
+
+    Calls the server refuses are set aside in ``mlflow_refused.jsonl`` (see ``set_aside``).
+    """
     import mlflow
 
     run_dir = Path(run_dir)
@@ -240,18 +266,23 @@ def replay(run_dir: str | Path, tracking_uri: str | None = None) -> int:
         tracking_uri = record["tracking_uri"]
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    for sent, record in enumerate(lines):
+    sent = 0
+    for done, record in enumerate(lines):
         name, args, kwargs = _decode(record)
         try:
             getattr(client, name)(*args, **kwargs)
-        except Exception:
+            sent += 1
+        except Exception as exc:
+            if is_refusal(exc):
+                set_aside(run_dir, record, exc, tracking_uri)
+                continue
             # Keep what is left, so a second replay sends only that; staged and renamed, so a crash
             # mid-rewrite leaves the whole previous file (what was sent goes again) rather than a torn one.
             with atomic_text(path) as out:  # newline=None, as the file was appended
-                out.write("".join(json.dumps(r) + "\n" for r in lines[sent:]))
+                out.write("".join(json.dumps(r) + "\n" for r in lines[done:]))
             raise
     path.unlink()
-    return len(lines)
+    return sent
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -268,8 +299,13 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(f"nothing pending in {run_dir}: everything was sent (by the run, or by an earlier replay)")
         return 0
+    calls = sum(1 for line in (run_dir / PENDING).read_text(encoding="utf-8").splitlines() if line.strip())
     sent = replay(*args)
     print(f"sent {sent} logging calls from {run_dir / PENDING}")
+    if sent < calls:
+        print(f"lmlab.pending: error: the tracking server refused {calls - sent} of them (its answers are above); "
+              f"they are kept in {run_dir / REFUSED} with those answers", file=sys.stderr)
+        return 1
     return 0
 
 

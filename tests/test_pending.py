@@ -20,7 +20,7 @@ from lmlab import pending
 resource = pytest.importorskip("resource")  # RLIMIT_FSIZE: POSIX only
 
 
-class ServerGone(RuntimeError):
+class ServerGone(ConnectionError):  # what is_outage reads as the server being away
     pass
 
 
@@ -205,3 +205,38 @@ def test_a_line_cut_short_by_a_kill_does_not_stop_the_resumed_run(tmp_path: Path
     client = pending.ResilientClient(object(), "http://tracking.invalid", tmp_path)
     assert client.pending == len(whole.splitlines())
     assert path.read_text(encoding="utf-8") == whole
+
+
+def test_a_call_the_server_refuses_once_back_is_set_aside_and_the_rest_is_sent(tmp_path: Path, capsys) -> None:
+    """A refused call stayed at the head of the queue: every later logging call of the run raised
+    MLflow's refusal (failing training for a logging call), and nothing after it was ever sent."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = mlflow.MlflowClient(uri)
+    run_id = store.create_run(store.create_experiment("refused")).info.run_id
+    store.log_param(run_id, "optimizer.lr", "0.001")
+    server = Flaky(store)
+    client = pending.ResilientClient(server, uri, tmp_path, retry_seconds=0)
+    server.calls_left = 0
+    client.log_metric(run_id, "train/loss", 2.5, step=0)
+    client.log_param(run_id, "optimizer.lr", "0.002")  # MLflow never changes a logged param
+    client.log_metric(run_id, "train/loss", 2.0, step=1)
+    server.calls_left = None
+    client.log_metric(run_id, "train/loss", 1.5, step=2)
+    assert client.pending == 0 and not (tmp_path / pending.PENDING).exists()
+    assert [m.step for m in store.get_metric_history(run_id, "train/loss")] == [0, 1, 2]
+    assert store.get_run(run_id).data.params == {"optimizer.lr": "0.001"}
+    (refused,) = [json.loads(line) for line in (tmp_path / pending.REFUSED).read_text(encoding="utf-8").splitlines()]
+    assert refused["call"] == "log_param" and "0.002" in json.dumps(refused["args"]) and refused["refused"]
+
+    # python -m lmlab.pending does the same, and says so in its exit status.
+    (tmp_path / pending.REFUSED).unlink()
+    server.calls_left = 0
+    client.log_param(run_id, "model.size", "tiny")
+    client.log_metric(run_id, "train/loss", 1.0, step=3)
+    client.close()
+    store.log_param(run_id, "model.size", "small")  # logged meanwhile, by another part of the run say
+    assert pending.main([str(tmp_path), uri]) == 1
+    assert "the tracking server refused 1 of them" in capsys.readouterr().err
+    assert [m.step for m in store.get_metric_history(run_id, "train/loss")] == [0, 1, 2, 3]
+    assert not (tmp_path / pending.PENDING).exists()
+    assert '"tiny"' in (tmp_path / pending.REFUSED).read_text(encoding="utf-8")
