@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -15,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lmlab import atomic, fingerprint
 from lmlab.errors import LmlabError, config_error, file_error
+from lmlab.models.build import REJECTED
 from lmlab.paths import is_local_reference, writable_cache_dir
 from lmlab.specs import ModelSpec
 
@@ -231,8 +233,13 @@ def _publish(staging: Path, entry: Path, source: dict[str, Any]) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def load_model(spec: ModelSpec, head: str, ref: str, updates: dict[str, Any], trust_remote_code: bool = False) -> Any:
-    """The task's head on top of the pretrained weights; a missing head is freshly initialised."""
+def load_model(spec: ModelSpec, head: str, ref: str, updates: dict[str, Any], trust_remote_code: bool = False,
+               overrides: dict[str, Any] | None = None) -> Any:
+    """The task's head on top of the pretrained weights; a missing head is freshly initialised.
+
+    ``overrides`` (``model.config.*``) change the loaded config, as ``from_pretrained``'s keyword
+    arguments do; each must keep every weight's shape (see ``check_weights_kept``).
+    """
     config = _auto_config(ref, trust_remote_code)
     expected = getattr(spec.config_class, "model_type", None)
     if expected and config.model_type != expected:
@@ -241,12 +248,14 @@ def load_model(spec: ModelSpec, head: str, ref: str, updates: dict[str, Any], tr
             f"Pick the model group that matches it (model={config.model_type} if registered).",
         )
     model_class = spec.heads[head]
+    if overrides:
+        check_weights_kept(model_class, config, ref, overrides, updates)
     from safetensors import SafetensorError
 
     try:
         # A new head (or one with another label count) is initialised fresh; HF logs which weights.
         model = model_class.from_pretrained(ref, ignore_mismatched_sizes=True, trust_remote_code=trust_remote_code,
-                                            **updates)
+                                            **{**(overrides or {}), **updates})
     except (OSError, SafetensorError) as exc:
         # A weights file cut short (a copy that stopped, a full disk) gives safetensors' bare "incomplete
         # metadata" traceback, which names no file; a missing one, a traceback from deep in transformers.
@@ -257,6 +266,52 @@ def load_model(spec: ModelSpec, head: str, ref: str, updates: dict[str, Any], tr
             "whole; a copy of one may not be).",
         ) from exc
     return model.train()  # from_pretrained returns eval mode; fine-tuning wants dropout on
+
+
+def check_weights_kept(model_class: Any, config: Any, ref: str, overrides: dict[str, Any],
+                       updates: dict[str, Any]) -> None:
+    """Each ``model.config.*`` set on a pretrained model must leave every weight's name and shape.
+
+    ``from_pretrained`` runs with ``ignore_mismatched_sizes`` (a task's new head may have another label
+    count), so a width or a layer count changed there would load without error and silently start those
+    weights at random. The two models are built on the meta device: shapes only, no memory, no init.
+    """
+    base = _weight_shapes(model_class, config, updates)
+    for key, value in overrides.items():
+        try:
+            changed = _weight_shapes(model_class, config, {**updates, key: value})
+        except REJECTED as exc:
+            raise config_error(f"model.config.{key}", f"{type(config).__name__} of '{ref}' refused {value!r} "
+                               f"({' '.join(str(exc).split())[:300]})", "Fix the value or leave it out.") from exc
+        difference = _first_difference(base, changed)
+        if difference:
+            raise config_error(
+                f"model.config.{key}", f"{value!r} changes the weights of '{ref}' ({difference}), so the pretrained "
+                "ones would not load into them",
+                "Leave it out to fine-tune the model as it was trained (only fields that keep every weight's shape, "
+                "such as dropout, can be changed), or drop model.pretrained to train that architecture from scratch.",
+            )
+
+
+def _weight_shapes(model_class: Any, config: Any, changes: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    import torch
+
+    config = copy.deepcopy(config)
+    for key, value in changes.items():
+        setattr(config, key, value)
+    with torch.device("meta"):
+        model = model_class(config)
+    return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+
+
+def _first_difference(base: dict[str, tuple[int, ...]], changed: dict[str, tuple[int, ...]]) -> str:
+    for name, shape in base.items():
+        if name not in changed:
+            return f"{name} would be left out"
+        if changed[name] != shape:
+            return f"{name} would be {list(changed[name])} instead of {list(shape)}"
+    extra = next((name for name in changed if name not in base), None)
+    return f"{extra} would be new" if extra else ""
 
 
 def check_vocabulary(model: Any, tokenizer: Any, key: str = "model.pretrained") -> None:

@@ -157,7 +157,7 @@ def test_free_form_model_config_fields(bpe_tokenizer):
     assert cfg.model.config.n_layer == 4
     config = build_hf_config(GPT2, cfg.model, bpe_tokenizer, int(cfg.data.block_size))
     assert config.n_layer == 4 and config.resid_pdrop == 0.1
-    assert config.embd_pdrop == config.attn_pdrop == 0.0  # conf/model/gpt2.yaml's from-scratch default
+    assert config.embd_pdrop == config.attn_pdrop == 0.0  # the sizes: no dropout from scratch
     assert config.n_embd == GPT2.sizes["tiny"]["n_embd"]  # the rest of the size preset stays
     # Rows rounded up to model.vocab_multiple (64); the tokenizer's ids are the first len(tokenizer).
     assert config.vocab_size == -(-len(bpe_tokenizer) // 64) * 64 >= len(bpe_tokenizer)

@@ -239,3 +239,59 @@ def test_a_model_directory_with_broken_weights_is_an_error_naming_it(tmp_path: P
         weights.unlink()
     with pytest.raises(LmlabError, match=rf"'model.pretrained': cannot load the weights of '{re.escape(str(folder))}'"):
         pretrained.load_model(GPT2, "causal_lm", str(folder), {})
+
+
+def test_model_config_fields_apply_to_a_pretrained_model_only_when_they_keep_its_weights(tmp_path: Path) -> None:
+    # model.config.* used to be ignored with model.pretrained: a fine-tuning run asked for dropout 0.3
+    # trained with the saved 0.1, and nothing said so.
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    from lmlab.models.gpt2 import MODEL as GPT2
+
+    folder = _tiny_model(tmp_path / "gpt2")
+    saved = GPT2LMHeadModel.from_pretrained(folder)
+    model = pretrained.load_model(GPT2, "causal_lm", str(folder), {}, overrides={"resid_pdrop": 0.3, "attn_pdrop": 0.0})
+    assert (model.config.resid_pdrop, model.config.attn_pdrop, model.config.embd_pdrop) == (0.3, 0.0, 0.1)
+    assert model.transformer.h[0].mlp.dropout.p == 0.3
+    assert all(torch.equal(a, b) for a, b in zip(saved.state_dict().values(), model.state_dict().values()))
+    # A field that changes a weight's shape or the set of weights would load with those weights at
+    # random (from_pretrained runs with ignore_mismatched_sizes for new heads): refused, naming it.
+    where = re.escape(str(folder))
+    with pytest.raises(LmlabError, match=rf"'model.config.hidden_size': 16 changes the weights of '{where}' "
+                                         r"\(transformer.wte.weight would be \[16, 16\] instead of \[16, 8\]\)"):
+        pretrained.load_model(GPT2, "causal_lm", str(folder), {}, overrides={"resid_pdrop": 0.2, "hidden_size": 16})
+    with pytest.raises(LmlabError, match=r"'model.config.n_layer': 2 changes .* \(transformer.h.1.ln_1.weight would be new\)"):
+        pretrained.load_model(GPT2, "causal_lm", str(folder), {}, overrides={"n_layer": 2})
+    with pytest.raises(LmlabError, match=r"'model.config.n_head': GPT2Config of .* refused 3"):
+        pretrained.load_model(GPT2, "causal_lm", str(folder), {}, overrides={"n_head": 3})
+
+
+class _Data:
+    """What prepare_model_and_tokenizer asks of a causal-LM datamodule: to be handed the tokenizer."""
+
+    def set_tokenizer(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+
+def test_a_run_from_a_pretrained_model_applies_and_checks_model_config(tmp_path: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from lmlab.models.gpt2 import MODEL as GPT2
+    from lmlab.registry import get
+    from lmlab.train import prepare_model_and_tokenizer
+
+    folder = _tiny_model(tmp_path / "gpt2")
+    words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(15)} | {"<eos>": 15}, unk_token="<eos>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=words, eos_token="<eos>").save_pretrained(folder)
+    common = [*TINY, "task=clm", "model=gpt2", f"model.pretrained={folder}", "data.block_size=16"]
+    task = get("task", "clm")
+    _, model, _ = prepare_model_and_tokenizer(compose_cfg([*common, "model.config.attn_pdrop=0.25"]), task, GPT2, _Data())
+    assert (model.config.attn_pdrop, model.config.resid_pdrop) == (0.25, 0.1)  # the rest as saved
+    for extra, error in [("model.config.resid_drop=0.2", "'model.config.resid_drop': not a field of GPT2Config"),
+                         ("model.config.pad_token_id=40", "'model.config.pad_token_id': 40 is not a token id"),
+                         ("model.config.n_embd=16", "'model.config.n_embd': 16 changes the weights")]:
+        with pytest.raises(LmlabError, match=re.escape(error)):
+            prepare_model_and_tokenizer(compose_cfg([*common, extra]), task, GPT2, _Data())

@@ -30,19 +30,8 @@ def build_hf_config(
             f"'{model_cfg.size}' is not a size of model '{spec.name}'",
             f"Use one of: {', '.join(spec.sizes)}.",
         )
-    node = model_cfg.get("config")
-    overrides = OmegaConf.to_container(node, resolve=True) if node is not None else {}
+    overrides = config_overrides(spec, model_cfg)
     defaults = spec.config_class().to_dict()
-    # attribute_map holds HF's aliases (GPT-2 accepts hidden_size for n_embd, and so on).
-    known = set(defaults) | set(getattr(spec.config_class, "attribute_map", {}))
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        # HF configs swallow unknown kwargs silently; a typo must not train the wrong model.
-        raise config_error(
-            f"model.config.{unknown[0]}",
-            f"not a field of {spec.config_class.__name__}",
-            "Check the spelling against the Hugging Face config documentation for this model.",
-        )
     check_special_ids(overrides, len(tokenizer))
     kwargs = {**spec.sizes[model_cfg.size], **overrides, **(updates or {})}
     kwargs["vocab_size"] = padded_vocab_size(len(tokenizer), int(model_cfg.get("vocab_multiple") or 1))
@@ -58,6 +47,23 @@ def build_hf_config(
         raise _rejected(exc, spec.config_class.__name__, overrides) from exc
     check_positions(spec, config, block_size, model_cfg.size)
     return config
+
+
+def config_overrides(spec: ModelSpec, model_cfg: DictConfig) -> dict[str, Any]:
+    """``model.config.*`` as a dict, each key checked to be a field of the model's HF config class."""
+    node = model_cfg.get("config")
+    overrides = OmegaConf.to_container(node, resolve=True) if node is not None else {}
+    # attribute_map holds HF's aliases (GPT-2 accepts hidden_size for n_embd, and so on).
+    known = set(spec.config_class().to_dict()) | set(getattr(spec.config_class, "attribute_map", {}))
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        # HF configs swallow unknown kwargs silently; a typo must not train the wrong model.
+        raise config_error(
+            f"model.config.{unknown[0]}",
+            f"not a field of {spec.config_class.__name__}",
+            "Check the spelling against the Hugging Face config documentation for this model.",
+        )
+    return overrides
 
 
 SPECIAL_IDS = ("pad_token_id", "bos_token_id", "eos_token_id")
