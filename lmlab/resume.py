@@ -39,7 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 from lmlab import atomic, checkpointing, faults, fingerprint, tracking
 from lmlab.distributed import is_rank_zero, launch_id
 from lmlab.errors import config_error, file_error
-from lmlab.run_log import RunLog
+from lmlab.run_log import RunLog, last_logged_steps
 
 log = logging.getLogger(__name__)
 
@@ -457,7 +457,10 @@ def open_run(cfg: DictConfig, resuming: Resume | None, tags: dict[str, str], out
                                f"{tracking.tracking_uri(cfg)}", "Point logger.tracking_uri at the store the run "
                                "used, or resume from the checkpoint file into a new run.") from exc
         client.update_run(resuming.run_id, status="RUNNING")
-        mlrun = RunLog(client, resuming.run_id)
+        mlrun = RunLog(client, resuming.run_id, last_logged_steps(client, resuming.run_id))
+        if mlrun.logged_through:
+            log.info("MLflow holds this run's metrics up to step %d: steps it holds are not logged again",
+                     max(mlrun.logged_through.values()))
     else:
         mlrun = RunLog.open(cfg, tags, rank_zero)
     mlrun.set_up_writes(tracking.tracking_uri(cfg), output_dir)

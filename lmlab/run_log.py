@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,14 @@ class RunMetrics(MLFlowLogger):
             else:
                 os.environ["MLFLOW_TRACKING_URI"] = before
 
+    # A resumed run's {key: last step} already in MLflow (see RunLog.logged_through).
+    logged_through: dict[str, int] = {}
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        fresh = {k: v for k, v in metrics.items() if not _already_logged(self.logged_through, k, step)}
+        if fresh:
+            super().log_metrics(fresh, step)
+
     def finalize(self, status: str = "success") -> None:
         # Lightning calls this as each trainer call returns; MLFlowLogger's own would end the run
         # FINISHED as soon as fit returns, with the final validation, export and test still to come
@@ -62,10 +70,26 @@ class RunMetrics(MLFlowLogger):
         return None
 
 
+def _already_logged(logged_through: Mapping[str, int], key: str, step: int | None) -> bool:
+    return step is not None and step <= logged_through.get(key, -1)
+
+
+def last_logged_steps(client: Any, run_id: str) -> dict[str, int]:
+    """{metric key: the last step the run holds}, for a run about to be resumed."""
+    run = client.get_run(run_id)
+    return {key: max((m.step for m in client.get_metric_history(run_id, key)), default=-1)
+            for key in run.data.metrics}
+
+
 @dataclass
 class RunLog:
     client: Any | None
     run_id: str
+    # A resumed run's metrics already in MLflow, by key: their last step. A process killed between its
+    # last checkpoint and its death logged steps that the resume trains again; logged a second time
+    # they were two points per step in MLflow's history and charts (equal values when training is
+    # deterministic). Those steps are not logged again.
+    logged_through: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def open(cls, cfg: DictConfig, tags: Mapping[str, str], rank_zero: bool) -> RunLog:
@@ -104,7 +128,7 @@ class RunLog:
     def metric(self, key: str, value: float, step: int | None = None) -> None:
         """``step``: where the value belongs in the run's history (MLflow's default is 0, so a run
         resumed to train longer would put a second, different point at step 0)."""
-        if self.client is not None:
+        if self.client is not None and not _already_logged(self.logged_through, key, step):
             self.client.log_metric(self.run_id, key, value, step=step)
 
     def set_up_writes(self, uri: str, run_dir: Path) -> None:
@@ -148,4 +172,5 @@ class RunLog:
         logger = RunMetrics(experiment_name=str(cfg.logger.experiment_name), tracking_uri=tracking.tracking_uri(cfg),
                             run_id=self.run_id, log_model=False)
         logger._mlflow_client = self.client  # Lightning's metrics take the same path as lmlab's own calls
+        logger.logged_through = self.logged_through
         return logger

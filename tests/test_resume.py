@@ -154,6 +154,8 @@ def assert_same_as_reference(resumed: Home, ref: Home, by_step: bool = True) -> 
     for step, value in resumed.history(run_id, "train/loss"):
         assert value == reference_losses[step], (step, value, reference_losses[step])
     assert {step for step, _ in resumed.history(run_id, "train/loss")} == set(reference_losses)
+    for key in ("train/loss", "val/loss"):  # steps logged before a kill and trained again are logged once
+        assert [step for step, _ in resumed.history(run_id, key)] == [step for step, _ in ref.history(ref_id, key)]
     assert checkpoint_step(run_dir / "checkpoints" / "last.ckpt") == STEPS
 
 

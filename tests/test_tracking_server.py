@@ -520,3 +520,35 @@ def test_a_resumed_run_keeps_the_params_it_started_with(tmp_path: Path, caplog: 
     RunLog(client, run_id).params({"n_parameters": 5, "world_size": 4, "effective_batch_size": 64})
     assert client.get_run(run_id).data.params == {"n_parameters": "5", "world_size": "2", "effective_batch_size": "64"}
     assert "world_size=2 (now 4)" in caplog.text
+
+
+def test_a_resumed_run_does_not_log_the_steps_it_holds_again(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A process killed after logging steps past its last checkpoint trains those steps again on resume:
+    each was logged twice, two points per step in MLflow's history and charts."""
+    import logging
+
+    from conftest import TINY, compose_cfg
+
+    from lmlab.resume import Resume, open_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = compose_cfg([*TINY, f"logger.tracking_uri={uri}"])
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    run_id = client.create_run(client.create_experiment("lmlab")).info.run_id
+    for step in (0, 10, 20):  # the kill came after step 20's log; the checkpoint is step 10's
+        client.log_metric(run_id, "train/loss", 3.0 - step / 10, step=step)
+    client.log_metric(run_id, "val/loss", 2.5, step=10)
+    client.set_terminated(run_id, "KILLED")
+    caplog.set_level(logging.INFO, logger="lmlab.resume")
+    mlrun = open_run(cfg, Resume(tmp_path / "last.ckpt", tmp_path, run_id), {}, tmp_path, rank_zero=True)
+    assert "MLflow holds this run's metrics up to step 20" in caplog.text
+    logger = mlrun.metrics_logger(cfg)
+    for step in (10, 20, 30):  # trained again from the checkpoint, then on
+        logger.log_metrics({"train/loss": 3.0 - step / 10, "train/lr": 0.1}, step=step)
+    mlrun.metric("val/loss", 2.5, step=10)
+    mlrun.metric("val/loss", 2.25, step=30)
+    mlrun.terminate("FINISHED")
+    assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [0, 10, 20, 30]
+    assert [m.step for m in client.get_metric_history(run_id, "val/loss")] == [10, 30]
+    assert [m.step for m in client.get_metric_history(run_id, "train/lr")] == [10, 20, 30]  # new keys are whole
+    assert client.get_run(run_id).info.status == "FINISHED"
