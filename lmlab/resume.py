@@ -447,9 +447,7 @@ def open_run(cfg: DictConfig, resuming: Resume | None, tags: dict[str, str], out
              rank_zero: bool) -> RunLog:
     """The MLflow run to log to: the resumed run reopened, or a new one; the run record follows."""
     if resuming is not None and resuming.run_id and rank_zero:
-        import mlflow
-
-        client = mlflow.MlflowClient(tracking_uri=tracking.tracking_uri(cfg))
+        client = tracking.open_client(tracking.tracking_uri(cfg))
         try:
             client.get_run(resuming.run_id)
         except Exception as exc:

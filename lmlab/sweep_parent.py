@@ -98,8 +98,6 @@ def _direction(config: DictConfig) -> str | None:
 
 def open_parent(config: DictConfig) -> dict[str, Any]:
     """Create the sweep's parent run (or take up the one a resumed sweep left) and write its id."""
-    import mlflow
-
     from lmlab import tracking
 
     sweep_dir = Path(str(config.hydra.sweep.dir))
@@ -107,7 +105,7 @@ def open_parent(config: DictConfig) -> dict[str, Any]:
     uri = tracking.tracking_uri(config)
     tracking.check_reachable(uri)
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    client = mlflow.MlflowClient(tracking_uri=uri)
+    client = tracking.open_client(uri)
     experiment_id = tracking.experiment_id(client, config)
     info = {
         "tracking_uri": uri, "experiment_id": experiment_id, "swept_keys": _swept_keys(config),

@@ -7,6 +7,7 @@ a failed start marks the run FAILED), then hands its id to Lightning's ``MLFlowL
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import getpass
 import logging
@@ -18,7 +19,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -46,6 +47,51 @@ def default_tracking_uri(root: str | Path) -> str:
 def tracking_uri(cfg: DictConfig) -> str:
     """``logger.tracking_uri`` (whose default is ``MLFLOW_TRACKING_URI``), else the embedded store."""
     return str(cfg.logger.tracking_uri) if cfg.logger.get("tracking_uri") else default_tracking_uri(cfg.paths.root)
+
+
+def open_client(uri: str) -> Any:
+    """An ``MlflowClient`` for ``uri``; a local SQLite store is created (or upgraded) by one process at a time.
+
+    MLflow creates a new database's tables, and migrates an old one's, when a client is first built.
+    Several processes doing that at once (a SLURM job array, runs started together by a script, on a
+    fresh ``mlflow.db``) failed all but one with ``table ... already exists`` or ``duplicate column``:
+    the first build takes an exclusive lock on ``<database>.lock``.
+    """
+    import mlflow
+
+    database = _sqlite_file(uri)
+    if database is None or uri in _READY_STORES:
+        return mlflow.MlflowClient(tracking_uri=uri)
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive(database.with_name(database.name + ".lock")):
+        made = mlflow.MlflowClient(tracking_uri=uri)
+    _READY_STORES.add(uri)
+    return made
+
+
+_READY_STORES: set[str] = set()
+
+
+def _sqlite_file(uri: str) -> Path | None:
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri.removeprefix("sqlite:///").split("?")[0]
+    return None if not path or path.startswith(":memory:") else Path(path)
+
+
+@contextlib.contextmanager
+def _exclusive(lock_file: Path) -> Iterator[None]:
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; concurrent first starts are left to MLflow
+        yield
+        return
+    with open(lock_file, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError as exc:  # a filesystem without locks (some NFS mounts): go on unlocked
+            log.debug("no lock on %s: %s", lock_file, exc)
+        yield  # the lock goes with the file's closing
 
 
 def _from_env(uri: str) -> str:
@@ -189,13 +235,12 @@ def check_experiment(cfg: DictConfig) -> None:
     Call after ``check_reachable``. A local store that does not exist yet holds no experiments:
     it is not created here, so a run that fails on its data leaves no empty store behind.
     """
-    import mlflow
-
     uri = tracking_uri(cfg)
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///").split("?")[0]).exists():
+    database = _sqlite_file(uri)
+    if database is not None and not database.exists():
         return
     name = str(cfg.logger.experiment_name)
-    experiment = mlflow.MlflowClient(tracking_uri=uri).get_experiment_by_name(name)
+    experiment = open_client(uri).get_experiment_by_name(name)
     if experiment is not None and experiment.lifecycle_stage == "deleted":
         raise _deleted_error(name, experiment.experiment_id, uri)
 
@@ -310,13 +355,12 @@ def start_run(cfg: DictConfig, tags: Mapping[str, str]) -> tuple[Any, str, str]:
     Inside a Hydra multirun the run is a child of the sweep's parent run (see lmlab.sweep).
     The caller checks the server with ``check_reachable`` first, before any data work.
     """
-    import mlflow
     from mlflow.entities import Param
 
     from lmlab import sweep
 
     uri = tracking_uri(cfg)
-    client = mlflow.MlflowClient(tracking_uri=uri)
+    client = open_client(uri)
     exp_id = experiment_id(client, cfg)
     job = sweep.job_context()
     all_tags = {**source_tags(), **user_tags(cfg), **tags}

@@ -552,3 +552,32 @@ def test_a_resumed_run_does_not_log_the_steps_it_holds_again(tmp_path: Path, cap
     assert [m.step for m in client.get_metric_history(run_id, "val/loss")] == [10, 30]
     assert [m.step for m in client.get_metric_history(run_id, "train/lr")] == [10, 20, 30]  # new keys are whole
     assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_runs_starting_together_on_a_fresh_sqlite_store_all_open_it(tmp_path: Path) -> None:
+    """MLflow creates a new database's tables when its first client is built: processes doing that at
+    the same moment (a SLURM job array on a fresh mlflow.db) failed with `table ... already exists`."""
+    import textwrap
+
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    go = tmp_path / "go"
+    starter = textwrap.dedent(f"""
+        import pathlib, sys, time
+        import mlflow  # imported before the start line, so that every process opens the store at once
+        from lmlab.tracking import open_client
+        pathlib.Path(sys.argv[1]).touch()
+        while not pathlib.Path({str(go)!r}).exists():
+            time.sleep(0.001)
+        client = open_client({uri!r})
+        client.create_run(client.get_experiment_by_name("Default").experiment_id)
+    """)
+    procs = [subprocess.Popen([sys.executable, "-c", starter, str(tmp_path / f"ready{i}")], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(4)]
+    deadline = time.monotonic() + 120
+    while not all((tmp_path / f"ready{i}").exists() for i in range(4)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    go.touch()
+    results = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
+    assert [rc for rc, _ in results] == [0] * 4, "\n".join(err[-1500:] for _, err in results)
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    assert len(client.search_runs(["0"])) == 4
