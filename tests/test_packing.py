@@ -148,3 +148,18 @@ def test_true_pairs_really_follow_in_the_source():
             n_random += 1
             assert a_at[0][0] != b_at[0][0], "a random B must come from another document"
     assert n_true > 20 and n_random > 20
+
+
+def test_next_sentence_pairs_from_a_single_document_are_refused_for_training(caplog) -> None:
+    """Every pair of a one-document split is a true continuation: NSP trained on all-IsNext labels."""
+    from lmlab.data.text_datamodule import _check_nsp_documents
+    from lmlab.errors import LmlabError
+
+    one = [[[11, 12, 13], [14, 15]], [[], []]]  # the second document holds no token
+    assert set(pack_sentence_pairs(one, 16, CLS, SEP, PAD, 100, seed=0)["next_sentence_label"].tolist()) == {0}
+    with pytest.raises(LmlabError, match=r"'task.nsp': is true, and the train split has 1 non-empty document, .*"
+                                         r"set task.nsp=false"):
+        _check_nsp_documents(one, "train")
+    _check_nsp_documents(one, "validation")
+    assert "the validation split has 1 non-empty document" in caplog.text
+    _check_nsp_documents([*one, [[16, 17]]], "train")

@@ -232,12 +232,16 @@ class TextDataModule(L.LightningDataModule):
         if self.packing_mode == "masked":
             ids = encode_texts(tok, docs, num_proc)
             return {"input_ids": layout.pack_masked(ids, self.block_size, tok.cls_token_id, tok.sep_token_id, vocab)}
+        if tok.pad_token_id is None:  # pairs are shorter than a block: the rest is padding
+            raise config_error("tokenizer", "the tokenizer has no PAD token, which next-sentence pairs (task.nsp=true) "
+                               "are padded with", "Use tokenizer=wordpiece or a BERT tokenizer.")
         sentences = [_SENTENCE_END.split(doc) for doc in docs]
         flat = encode_texts(tok, [s for doc in sentences for s in doc], num_proc)
         grouped, pos = [], 0
         for doc in sentences:
             grouped.append(flat[pos : pos + len(doc)])
             pos += len(doc)
+        _check_nsp_documents(grouped, split)
         seed = self.seed + (0 if split == "train" else 1)
         return layout.pack_sentence_pairs(grouped, self.block_size, tok.cls_token_id, tok.sep_token_id,
                                            tok.pad_token_id, vocab, seed)
@@ -252,3 +256,21 @@ class TextDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("validation", False, int(self.cfg.get("eval_batch_size") or self.cfg.batch_size))
+
+
+def _check_nsp_documents(grouped: list[list[list[int]]], split: str) -> None:
+    """Next-sentence prediction needs two documents: its random second segments come from another one.
+
+    With a single document every pair is a true continuation (label IsNext), which the NSP head
+    learns to answer without reading anything.
+    """
+    documents = sum(1 for doc in grouped if any(len(sentence) for sentence in doc))
+    if documents >= 2:
+        return
+    what = f"the {split} split has {documents} non-empty document{'s' if documents != 1 else ''}"
+    if split == "train":
+        raise config_error("task.nsp", f"is true, and {what}, so no pair could get a second segment from another "
+                           "document", "Give it several documents (each non-blank line of the corpus is one), or set "
+                           "task.nsp=false.")
+    log.warning("task.nsp: %s, so every next-sentence pair there is a true continuation: its NSP accuracy says "
+                "nothing. Give the %s split more documents.", what, split)
