@@ -177,9 +177,14 @@ def _run_hydra() -> None:
     except SystemExit as exc:
         from lmlab.sweep import SweepStopped
 
-        if not isinstance(exc, SweepStopped):
-            raise
-        _end_sweep(sweep_parent(), exc.message)
+        if isinstance(exc, SweepStopped):
+            _end_sweep(sweep_parent(), exc.message)
+        if exc.code == 1:  # Hydra refused the config (or reported a crash) itself
+            from lmlab.config_keys import override_hints
+
+            for hint in override_hints(sys.argv[1:]):
+                print(hint, file=sys.stderr)
+        raise
 
 
 def _end_sweep(sweep_parent: Any, message: str) -> None:

@@ -77,3 +77,20 @@ def check_known_keys(cfg: DictConfig) -> None:
                 f"file or +experiment= preset). The keys {node} takes"
                 f"{' (of any ' + node + ')' if node in ('task', 'model') else ''}: {', '.join(sorted(known[node]))}.",
             )
+
+
+def override_hints(args: list[str]) -> list[str]:
+    """"Did you mean" lines for command-line overrides of keys no config defines, said after Hydra's
+    own refusal (``Key 'whole_word_masking' is not in struct``), which names the key but no
+    neighbour. Only keys one level under a checked group, with a close known key, get one."""
+    known = known_keys()
+    hints = []
+    for arg in args:
+        key, equals, _ = arg.partition("=")
+        node, dot, name = key.partition(".")
+        if not equals or not dot or "." in name or node not in known or name in known[node]:
+            continue  # a group choice, +/~ additions and removals, nested or known keys
+        close = difflib.get_close_matches(name, sorted(known[node]), n=1)
+        if close:
+            hints.append(f"lmlab: {key} is no config key: did you mean {node}.{close[0]}?")
+    return hints

@@ -11,6 +11,7 @@ import os
 import re
 import sqlite3
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -319,3 +320,21 @@ def test_a_data_config_of_the_users_own_with_config_dir(tmp_path: Path) -> None:
     second.mkdir()
     out = run_lmlab(["-cd", str(tmp_path / "my_conf"), "task=mlm", "model=bert", "data=my_corpus", *DEBUG], second)
     assert_clean_error(out, "config key 'data.val_fracton'", "Did you mean data.val_fraction?")
+
+
+def test_a_misspelt_key_on_the_command_line_gets_the_nearest_real_one(monkeypatch: pytest.MonkeyPatch,
+                                                                        capsys: pytest.CaptureFixture,
+                                                                        tmp_path: Path) -> None:
+    # Hydra refuses it ("Key 'whole_word_masking' is not in struct") and names no real key.
+    from lmlab import cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["lmlab", "task=mlm", "model=bert", "task.whole_word_masking=true",
+                                      "optimizer.lrr=0.1", "data.val_fraction=0.1", "+task.own_key=1"])
+    with pytest.raises(SystemExit) as info:
+        cli.main()
+    assert info.value.code == 1
+    hints = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lmlab: ")]
+    assert hints == ["lmlab: task.whole_word_masking is no config key: did you mean task.whole_word_mask?",
+                     "lmlab: optimizer.lrr is no config key: did you mean optimizer.lr?"]
+    assert not list(tmp_path.iterdir())  # refused before any run directory
