@@ -1,7 +1,8 @@
 """Tokenizers: trained from scratch on the run's training split, or loaded from a directory.
 
 ``tokenizer=wordpiece`` gives a BERT tokenizer ([PAD] [UNK] [CLS] [SEP] [MASK]);
-``tokenizer=bpe`` a byte-level GPT-2 style tokenizer with ``<|endoftext|>``;
+``tokenizer=bpe`` a byte-level GPT-2 style tokenizer with ``<|endoftext|>`` (with BERT's five special
+tokens instead for ``model=bert``);
 ``tokenizer=auto`` picks the one the model family was designed for.
 
 Normalisation (``tokenizer.lowercase``; null, the default, lowercases for WordPiece only), as BERT's
@@ -121,7 +122,11 @@ def train_wordpiece(texts: Sequence[str], vocab_size: int, min_frequency: int, l
     )
 
 
-def train_bpe(texts: Sequence[str], vocab_size: int, min_frequency: int, lowercase: bool = False) -> Any:
+def train_bpe(texts: Sequence[str], vocab_size: int, min_frequency: int, lowercase: bool = False,
+              bert_specials: bool = False) -> Any:
+    """Byte-level BPE. ``bert_specials``: with BERT's [PAD] [UNK] [CLS] [SEP] [MASK] and its
+    ``[CLS] A [SEP] B [SEP]`` layout instead of GPT-2's ``<|endoftext|>`` (for an encoder: a
+    RoBERTa-like BERT, ``model=bert tokenizer=bpe``, whose masked LM needs [CLS], [SEP] and [MASK])."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -133,10 +138,22 @@ def train_bpe(texts: Sequence[str], vocab_size: int, min_frequency: int, lowerca
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[END_OF_TEXT],
+        vocab_size=vocab_size, min_frequency=min_frequency,
+        special_tokens=WORDPIECE_SPECIALS if bert_specials else [END_OF_TEXT],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    if bert_specials:
+        cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+        tok.post_processor = processors.Sequence([
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+                                          special_tokens=[("[CLS]", cls), ("[SEP]", sep)]),
+        ])
+        return PreTrainedTokenizerFast(
+            tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+            mask_token="[MASK]", model_input_names=["input_ids", "token_type_ids", "attention_mask"],
+        )
     # GPT-2 has one special token; it doubles as padding so batches of ragged prompts work.
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=END_OF_TEXT, eos_token=END_OF_TEXT, unk_token=END_OF_TEXT,
@@ -224,6 +241,9 @@ def get_tokenizer(
         # Before the Lowercase normalizer, lowercase=true trained a cased BPE tokenizer under this
         # key; the new entry keeps those cached ones from being reused.
         params["normalizer"] = "lowercase"
+    bert_specials = kind == "bpe" and spec.tokenizer == "wordpiece"  # an encoder built for BERT's tokens
+    if bert_specials:
+        params["specials"] = "bert"
     if kind == "wordpiece":
         # Cached WordPiece tokenizers trained before the sorted pieces numbered them by chance, and
         # those trained before wordpiece_characters held dead '##' pieces of CJK ideographs: a new key
@@ -244,7 +264,7 @@ def get_tokenizer(
     if kind == "wordpiece":
         tokenizer = train_wordpiece(texts, vocab_size, params["min_frequency"], lowercase)
     else:
-        tokenizer = train_bpe(texts, vocab_size, params["min_frequency"], lowercase)
+        tokenizer = train_bpe(texts, vocab_size, params["min_frequency"], lowercase, bert_specials)
     with atomic_dir(where) as tmp:
         tokenizer.save_pretrained(str(tmp))
     return tokenizer, {**info, "cached": False}

@@ -267,6 +267,26 @@ def test_lowercase_bpe_folds_case_and_is_cached_apart(texts, tmp_path):
     assert again("THE")["input_ids"] == again("the")["input_ids"] == lower("the")["input_ids"]
 
 
+def test_bpe_for_bert_has_berts_special_tokens(texts, tmp_path):
+    """model=bert tokenizer=bpe (a RoBERTa-like BERT) trained a GPT-2 tokenizer: masked LM stopped with
+    'the tokenizer has no CLS token'."""
+    cache = tmp_path / "cache"
+    gpt2, gpt2_info = get_tokenizer(_cfg(kind="bpe"), GPT2, lambda: texts, "corpus-a", cache)
+    bert, bert_info = get_tokenizer(_cfg(kind="bpe"), BERT, lambda: texts, "corpus-a", cache)
+    assert bert_info["path"] != gpt2_info["path"] and bert_info["specials"] == "bert"
+    assert gpt2.cls_token is None and END_OF_TEXT not in bert.get_vocab()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    assert [bert.pad_token, bert.unk_token, bert.cls_token, bert.sep_token, bert.mask_token] == specials
+    assert bert.convert_tokens_to_ids(specials) == [0, 1, 2, 3, 4]
+    pair = bert(" stick insects", " leaf insects")
+    assert pair["input_ids"][0] == bert.cls_token_id and pair["input_ids"].count(bert.sep_token_id) == 2
+    assert pair["token_type_ids"][-1] == 1 and pair["token_type_ids"][0] == 0
+    assert bert.decode(bert(UNICODE_TEXT, add_special_tokens=False)["input_ids"]) == UNICODE_TEXT  # byte-level
+    again, again_info = get_tokenizer(_cfg(kind="bpe"), BERT, lambda: pytest.fail("read the corpus"), "corpus-a", cache)
+    assert again_info["cached"] is True and again.mask_token_id == 4
+    assert again(" stick insects")["input_ids"] == bert(" stick insects")["input_ids"]
+
+
 def test_unknown_tokenizer_type(tmp_path):
     with pytest.raises(LmlabError, match="tokenizer.type"):
         get_tokenizer(_cfg(kind="sentencepiece"), GPT2, lambda: [], "x", tmp_path)
