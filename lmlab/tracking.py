@@ -86,7 +86,13 @@ def _exclusive(lock_file: Path) -> Iterator[None]:
     except ImportError:  # Windows: no flock; concurrent first starts are left to MLflow
         yield
         return
-    with open(lock_file, "a") as handle:
+    try:
+        handle = open(lock_file, "a")
+    except OSError as exc:  # a read-only folder: MLflow says what it makes of the store itself
+        log.debug("no lock file %s: %s", lock_file, exc)
+        yield
+        return
+    with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX)
         except OSError as exc:  # a filesystem without locks (some NFS mounts): go on unlocked
