@@ -47,9 +47,11 @@ def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int,
-                dtype: torch.dtype) -> torch.Tensor:
+                dtype: torch.dtype, grad_enabled: bool) -> torch.Tensor:
         # hidden (N, D), weight (V, D), targets (N,) with IGNORE_INDEX for positions without a target.
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        # needs_input_grad says only whether the inputs require grad, also under no_grad and
+        # inference_mode (evaluation), where the gradients would be two wasted products per chunk.
+        need_grad = grad_enabled and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
         w = weight.to(dtype)
         acc = torch.promote_types(dtype, torch.float32)  # softmax and sums: float32 at least
         total = torch.zeros((), dtype=acc, device=hidden.device)
@@ -86,7 +88,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
         scale = grad_output.to(grad_hidden.dtype)
-        return grad_hidden * scale, grad_weight * grad_output.to(grad_weight.dtype), None, None, None
+        return grad_hidden * scale, grad_weight * grad_output.to(grad_weight.dtype), None, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -100,7 +102,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
         raise ValueError(f"expected hidden (N, D) and targets (N,), got {tuple(hidden.shape)} and {tuple(targets.shape)}")
     rows = rows or chunk_rows(weight.shape[0], hidden.device)
-    return _LinearCrossEntropy.apply(hidden, weight, targets, rows, _compute_dtype(hidden))
+    # Read here: inside forward, autograd has switched gradients off.
+    grad_enabled = torch.is_grad_enabled()
+    return _LinearCrossEntropy.apply(hidden, weight, targets, rows, _compute_dtype(hidden), grad_enabled)
 
 
 # Model types whose causal-LM logits are exactly ``lm_head(body(...)[0])``, with a bias-free head

@@ -50,6 +50,24 @@ def test_chunked_loss_without_grad_and_under_bf16_autocast() -> None:
     assert low.item() == pytest.approx(_plain(hidden, weight, targets).item(), rel=2e-2)
 
 
+@pytest.mark.parametrize("no_grad", [torch.no_grad, torch.inference_mode])
+def test_chunked_loss_in_evaluation_computes_only_the_logits(no_grad) -> None:
+    # Evaluation runs with parameters that require grad, under no_grad or inference_mode; the loss
+    # once computed the gradients there too: three matrix products per chunk, one of them needed.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    hidden, weight = torch.randn(64, 32), torch.randn(100, 32, requires_grad=True)
+    targets = torch.randint(0, 100, (64,))
+    logits_flops = 2 * 64 * 32 * 100
+    flops = {}
+    for context in (no_grad, torch.enable_grad):
+        with context(), FlopCounterMode(display=False) as counter:
+            linear_cross_entropy(hidden, weight, targets, rows=16)
+        flops[context] = counter.get_total_flops()
+    assert flops[no_grad] == logits_flops
+    assert flops[torch.enable_grad] > logits_flops  # the counter does see the gradients' products
+
+
 class BertTok:
     """What MaskedLMModule reads from a tokenizer: 50 ids, the first five special, a WordPiece
     vocabulary whose pieces 30-49 continue words (##t30 ...)."""
