@@ -21,6 +21,7 @@ zeros in (``prune.remove``) before scoring and export.
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +32,8 @@ from torch.nn.utils import prune as torch_prune
 
 from lmlab.checks import Number
 from lmlab.errors import config_error
+
+log = logging.getLogger(__name__)
 
 METHODS = ("magnitude", "heads", "neurons")
 _IN_BLOCK = re.compile(r"\.\d+\.")  # a module inside a numbered block: encoder.layer.3.attention...
@@ -75,12 +78,17 @@ def check_config(cfg: Any) -> None:
 def prune_model(model: nn.Module, method: str, sparsity: float) -> Pruned:
     """Prune ``model`` in place; magnitude and heads leave masks in place until ``finalize``."""
     if method == "magnitude":
-        return _magnitude(model, sparsity)
-    if method == "heads":
-        return _heads(model, sparsity)
-    if method == "neurons":
-        return _neurons(model, sparsity)
-    raise config_error("prune.method", f"unknown method '{method}'", f"Use one of: {', '.join(METHODS)}.")
+        pruned = _magnitude(model, sparsity)
+    elif method == "heads":
+        pruned = _heads(model, sparsity)
+    elif method == "neurons":
+        pruned = _neurons(model, sparsity)
+    else:
+        raise config_error("prune.method", f"unknown method '{method}'", f"Use one of: {', '.join(METHODS)}.")
+    if sparsity > 0 and pruned.pruned == 0:  # round(sparsity * units) is 0: 0.1 of 4 heads, say
+        log.warning("prune.sparsity=%s removes none of the %d units prune.method=%s counts (the count rounds to "
+                    "0): the model is unchanged. Use a larger prune.sparsity.", sparsity, pruned.total, method)
+    return pruned
 
 
 def finalize(pruned: Pruned) -> None:
@@ -241,6 +249,10 @@ def _neurons(model: nn.Module, sparsity: float) -> Pruned:
             raise config_error("prune.method", "the feed-forward layers have different widths",
                                "Use prune.method=magnitude for this model.")
     drop = {key: round(sparsity * width) for key, width in widths.items()}
+    for key, width in widths.items():
+        if drop[key] >= width:  # a block without its feed-forward layer: no model anyone asked for
+            raise config_error("prune.sparsity", f"{sparsity} of the {width} feed-forward neurons ({key}) "
+                               "removes every one of them", "Use a smaller prune.sparsity.")
     pruned = total = 0
     with torch.no_grad():
         for ffn in found:

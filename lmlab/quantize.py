@@ -19,6 +19,7 @@ The artifact is a directory: ``config.json`` (the Hugging Face config), the toke
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -119,8 +120,6 @@ def check_group_size(model: nn.Module, method: str, group_size: int) -> None:
 
 def quantize(model: nn.Module, method: str, group_size: int = 32) -> tuple[nn.Module, list[str]]:
     """A quantized copy of ``model`` (float32, CPU) and the Conv1D layers it turned into Linear."""
-    import copy
-
     model = copy.deepcopy(model).float().cpu().eval()
     linearized = linearize(model)
     if method == "dynamic_int8":
@@ -211,7 +210,7 @@ def save_quantized(model: nn.Module, method: str, linearized: list[str], tokeniz
     tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
     with atomic_dir(destination) as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata=metadata or None)
-        model.config.save_pretrained(str(tmp))
+        _config_naming(model).save_pretrained(str(tmp))
         if tokenizer is not None:
             with length_for_export(tokenizer, position_limit(model.config)):
                 tokenizer.save_pretrained(str(tmp))
@@ -221,6 +220,21 @@ def save_quantized(model: nn.Module, method: str, linearized: list[str], tokeniz
             "torch": torch.__version__,
         })
     return destination
+
+
+def _config_naming(model: nn.Module) -> Any:
+    """The model's config with ``architectures`` naming the model's own class, which ``load_quantized``
+    rebuilds.
+
+    A config keeps the architectures of the file it was read from: none for a model built from a
+    config in code, the checkpoint's head for a model loaded into another head. Hugging Face's
+    ``save_pretrained`` corrects it on writing; ``config.save_pretrained`` alone does not, and the
+    artifact then named no class (``load_quantized`` refused it) or another one. The model's own config
+    is left as it was.
+    """
+    config = copy.deepcopy(model.config)
+    config.architectures = [type(model).__name__]
+    return config
 
 
 def load_quantized(directory: str | Path) -> nn.Module:

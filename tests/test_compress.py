@@ -164,6 +164,27 @@ def test_gpt2_conv1d_layers_are_quantized_too(tmp_path: Path) -> None:
         assert (quantized(input_ids=ids).logits - model(input_ids=ids).logits).abs().max() < 0.1
 
 
+@pytest.mark.parametrize("architectures", [None, ["BertForMaskedLM"]])
+def test_the_artifact_names_the_quantized_models_own_class(tmp_path: Path, architectures: list[str] | None) -> None:
+    """A config keeps the architectures of the file it came from: none for a model built in code, the
+    MLM checkpoint's for a classifier loaded from one. The artifact wrote them as they were, and
+    load_quantized refused it or rebuilt the MLM model, whose weights did not fit."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1,
+                                                     num_attention_heads=2, intermediate_size=64)).eval()
+    model.config.architectures = architectures
+    quantized, linearized = quantize.quantize(model, "dynamic_int8")
+    saved = quantize.save_quantized(quantized, "dynamic_int8", linearized, None, tmp_path / "q")
+    reloaded = quantize.load_quantized(saved)
+    assert type(reloaded) is BertForSequenceClassification
+    assert model.config.architectures == architectures  # the caller's config is not rewritten
+    ids = torch.randint(5, 100, (2, 9))
+    with torch.inference_mode():
+        assert torch.equal(reloaded(input_ids=ids).logits, quantized(input_ids=ids).logits)
+
+
 @pytest.mark.parametrize("method", ["int8_weight_only", "int4_weight_only"])
 def test_a_torchao_bart_with_a_top_level_buffer_reloads(tmp_path: Path, method: str) -> None:
     """BART keeps final_logits_bias at the model's top level; torchao's unflatten splits every stored
@@ -444,3 +465,17 @@ def test_a_quantize_run_is_refused_as_a_model_to_start_from(tmp_path: Path) -> N
     for ref in (run_dir, run_dir / "quantized"):
         with pytest.raises(LmlabError, match="is a mode=quantize run: .*load_quantized"):
             resolve(str(ref), None)
+
+
+def test_pruning_counts_that_round_to_nothing_or_everything_are_said(caplog: pytest.LogCaptureFixture) -> None:
+    # 0.995 of 64 neurons cut all of them (a config with intermediate_size=0 loaded and ran without any
+    # feed-forward layer); 0.1 of 4 heads rounds to none and left the model as it was, unsaid.
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    with pytest.raises(LmlabError, match=r"'prune.sparsity': 0.995 of the 64 feed-forward neurons \(intermediate_size\) "
+                                         r"removes every one of them"):
+        prune.prune_model(BertModel(config), "neurons", 0.995)
+    pruned = prune.prune_model(BertModel(config), "heads", 0.1)
+    assert (pruned.pruned, pruned.total) == (0, 4)
+    assert "prune.sparsity=0.1 removes none of the 4 units prune.method=heads counts" in caplog.text
