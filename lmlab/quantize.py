@@ -246,11 +246,14 @@ def load_quantized(directory: str | Path) -> nn.Module:
 
     import transformers
 
-    directory = Path(directory)
+    directory = Path(directory).expanduser()
     manifest_path = directory / MANIFEST
     if not manifest_path.exists():
         raise LmlabError(f"{directory}: no {MANIFEST}, so it is not a quantized lmlab model. "
                          "Point at the 'quantized' directory of a mode=quantize run.")
+    if not (directory / WEIGHTS).is_file():  # a copy that left it behind: safetensors' error names no file
+        raise LmlabError(f"{directory}: {MANIFEST} is there but {WEIGHTS} is not, so the copy is incomplete. "
+                         "Copy the whole 'quantized' directory of the mode=quantize run.")
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     method = manifest["method"]
     config = AutoConfig.from_pretrained(str(directory), trust_remote_code=False)

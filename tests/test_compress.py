@@ -165,7 +165,8 @@ def test_gpt2_conv1d_layers_are_quantized_too(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("architectures", [None, ["BertForMaskedLM"]])
-def test_the_artifact_names_the_quantized_models_own_class(tmp_path: Path, architectures: list[str] | None) -> None:
+def test_the_artifact_names_the_quantized_models_own_class(tmp_path: Path, architectures: list[str] | None,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """A config keeps the architectures of the file it came from: none for a model built in code, the
     MLM checkpoint's for a classifier loaded from one. The artifact wrote them as they were, and
     load_quantized refused it or rebuilt the MLM model, whose weights did not fit."""
@@ -183,6 +184,12 @@ def test_the_artifact_names_the_quantized_models_own_class(tmp_path: Path, archi
     ids = torch.randint(5, 100, (2, 9))
     with torch.inference_mode():
         assert torch.equal(reloaded(input_ids=ids).logits, quantized(input_ids=ids).logits)
+    if architectures is None:  # a path written with ~, and a copy without its weights file
+        monkeypatch.setenv("HOME", str(tmp_path))
+        assert type(quantize.load_quantized("~/q")) is BertForSequenceClassification
+        (saved / quantize.WEIGHTS).unlink()
+        with pytest.raises(LmlabError, match=f"{quantize.WEIGHTS} is not, so the copy is incomplete"):
+            quantize.load_quantized(saved)
 
 
 @pytest.mark.parametrize("method", ["int8_weight_only", "int4_weight_only"])
