@@ -293,6 +293,21 @@ def test_clm_step_on_unpadded_blocks_takes_the_lean_body_and_equals_hf_loss() ->
         assert calls == []
 
 
+def test_clm_step_takes_a_datamodules_own_labels() -> None:
+    # Hugging Face's convention: labels are the ids with -100 where no loss is wanted (a prompt).
+    model = _tiny_gpt2()
+    opt = OmegaConf.create({})
+    ids = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(3))
+    labels = ids.masked_fill(torch.arange(16) < 6, -100)
+    hf = model(input_ids=ids, labels=labels).loss
+    for fused in (True, False):
+        for mask in (None, torch.ones_like(ids)):
+            batch = {"input_ids": ids, "labels": labels, **({} if mask is None else {"attention_mask": mask})}
+            loss_sum, count = CausalLMModule(model, opt, opt, fused_loss=fused).token_losses(batch)
+            assert int(count) == 2 * 10
+            torch.testing.assert_close(loss_sum / count, hf, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_mlm_step_on_packed_blocks_equals_the_full_hugging_face_head(compiled: bool) -> None:
     from transformers import BertForMaskedLM

@@ -51,7 +51,10 @@ class CausalLMModule(L.LightningModule):
         # Targets are shifted left and padded with -100 instead of cutting the last position off the
         # logits: a (B, T-1, V) slice of the logits is not contiguous, and flattening it copies the
         # largest tensor of the step (and zero-fills its gradient in backward).
-        targets = F.pad(ids[:, 1:], (0, 1), value=-100)  # (B, T)
+        # A datamodule's own labels (a plugin's, in Hugging Face's convention: the ids, with -100 where
+        # no loss is wanted, a prompt say) take the place of the ids; they were silently ignored.
+        labels = batch.get("labels")
+        targets = F.pad((ids if labels is None else labels)[:, 1:], (0, 1), value=-100)  # (B, T)
         if mask is not None:
             targets = targets.masked_fill(F.pad(mask[:, 1:], (0, 1), value=0) == 0, -100)
         counted = targets != -100
