@@ -69,8 +69,8 @@ def check_known_keys(cfg: DictConfig) -> None:
         for key in value:
             if key in known[node]:
                 continue
-            close = difflib.get_close_matches(str(key), sorted(known[node]), n=1)
-            hint = f"Did you mean {node}.{close[0]}? " if close else ""
+            close = _nearest(known, node, str(key))
+            hint = f"Did you mean {node}.{close}? " if close else ""
             raise config_error(
                 f"{node}.{key}", "no config of lmlab or of an installed plugin has this key, so nothing would read it",
                 f"{hint}Fix it where it is set (a +{node}.{key}= on the command line, your --config-dir group "
@@ -90,7 +90,13 @@ def override_hints(args: list[str]) -> list[str]:
         node, dot, name = key.partition(".")
         if not equals or not dot or "." in name or node not in known or name in known[node]:
             continue  # a group choice, +/~ additions and removals, nested or known keys
-        close = difflib.get_close_matches(name, sorted(known[node]), n=1)
+        close = _nearest(known, node, name)
         if close:
-            hints.append(f"lmlab: {key} is no config key: did you mean {node}.{close[0]}?")
+            hints.append(f"lmlab: {key} is no config key: did you mean {node}.{close}?")
     return hints
+
+
+def _nearest(known: dict[str, frozenset[str]], node: str, name: str) -> str | None:
+    """The key of ``node`` closest to the unknown ``name``, if any is close."""
+    close = difflib.get_close_matches(name, sorted(known[node]), n=1)
+    return close[0] if close else None

@@ -449,13 +449,13 @@ def open_run(cfg: DictConfig, resuming: Resume | None, tags: dict[str, str], out
     if resuming is not None and resuming.run_id and rank_zero:
         client = tracking.open_client(tracking.tracking_uri(cfg))
         try:
-            client.get_run(resuming.run_id)
+            run = client.get_run(resuming.run_id)
         except Exception as exc:
             raise config_error("resume", f"the MLflow run {resuming.run_id} of '{resuming.run_dir}' is not in "
                                f"{tracking.tracking_uri(cfg)}", "Point logger.tracking_uri at the store the run "
                                "used, or resume from the checkpoint file into a new run.") from exc
         client.update_run(resuming.run_id, status="RUNNING")
-        mlrun = RunLog(client, resuming.run_id, last_logged_steps(client, resuming.run_id))
+        mlrun = RunLog(client, resuming.run_id, last_logged_steps(client, run))
         if mlrun.logged_through:
             log.info("MLflow holds this run's metrics up to step %d: steps it holds are not logged again",
                      max(mlrun.logged_through.values()))

@@ -74,9 +74,9 @@ def _already_logged(logged_through: Mapping[str, int], key: str, step: int | Non
     return step is not None and step <= logged_through.get(key, -1)
 
 
-def last_logged_steps(client: Any, run_id: str) -> dict[str, int]:
-    """{metric key: the last step the run holds}, for a run about to be resumed."""
-    run = client.get_run(run_id)
+def last_logged_steps(client: Any, run: Any) -> dict[str, int]:
+    """{metric key: the last step ``run`` holds}, for a run about to be resumed."""
+    run_id = run.info.run_id
     return {key: max((m.step for m in client.get_metric_history(run_id, key)), default=-1)
             for key in run.data.metrics}
 

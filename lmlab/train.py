@@ -27,7 +27,7 @@ from lmlab.distributed import build_strategy, effective_batch, gathered_state_di
 from lmlab.errors import LmlabError, config_error
 from lmlab.export import export_hf
 from lmlab.run_log import RunLog
-from lmlab.models.build import build_hf_config, build_model, check_positions, check_special_ids, config_overrides
+from lmlab.models.build import build_hf_config, build_model, check_positions, config_overrides
 from lmlab.clipping import sharded_clipping, use_clipping_mixed_precision
 from lmlab.precision import precision_name
 from lmlab.specs import ModelSpec, TaskSpec
@@ -260,8 +260,7 @@ def prepare_model_and_tokenizer(cfg: DictConfig, task: TaskSpec, spec: ModelSpec
             labels = updates.get("id2label")
             pretrained.check_trained_head(spec, head, source, task.name,
                                           [labels[i] for i in range(len(labels))] if labels else None, trust)
-        overrides = config_overrides(spec, cfg.model)  # applied to the loaded config if they keep its weights
-        check_special_ids(overrides, len(tokenizer))
+        overrides = config_overrides(spec, cfg.model, len(tokenizer))  # applied if they keep the weights
         model = pretrained.load_model(spec, head, source, updates, trust, overrides)
         pretrained.check_vocabulary(model, tokenizer)
         check_positions(spec, model.config, sequence_length(cfg.data))

@@ -30,9 +30,8 @@ def build_hf_config(
             f"'{model_cfg.size}' is not a size of model '{spec.name}'",
             f"Use one of: {', '.join(spec.sizes)}.",
         )
-    overrides = config_overrides(spec, model_cfg)
+    overrides = config_overrides(spec, model_cfg, len(tokenizer))
     defaults = spec.config_class().to_dict()
-    check_special_ids(overrides, len(tokenizer))
     kwargs = {**spec.sizes[model_cfg.size], **overrides, **(updates or {})}
     kwargs["vocab_size"] = padded_vocab_size(len(tokenizer), int(model_cfg.get("vocab_multiple") or 1))
     for attr, value in special_token_ids(tokenizer).items():
@@ -49,8 +48,9 @@ def build_hf_config(
     return config
 
 
-def config_overrides(spec: ModelSpec, model_cfg: DictConfig) -> dict[str, Any]:
-    """``model.config.*`` as a dict, each key checked to be a field of the model's HF config class."""
+def config_overrides(spec: ModelSpec, model_cfg: DictConfig, tokens: int) -> dict[str, Any]:
+    """``model.config.*`` as a dict, each key checked to be a field of the model's HF config class and
+    each special-token id one of the ``tokens`` ids of the tokenizer."""
     node = model_cfg.get("config")
     overrides = OmegaConf.to_container(node, resolve=True) if node is not None else {}
     # attribute_map holds HF's aliases (GPT-2 accepts hidden_size for n_embd, and so on).
@@ -63,6 +63,7 @@ def config_overrides(spec: ModelSpec, model_cfg: DictConfig) -> dict[str, Any]:
             f"not a field of {spec.config_class.__name__}",
             "Check the spelling against the Hugging Face config documentation for this model.",
         )
+    check_special_ids(overrides, tokens)
     return overrides
 
 
