@@ -10,12 +10,15 @@ values under other names still gets Lightning's advice.
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 _SILENCED: set[str] = set()
 
@@ -33,3 +36,16 @@ def log_reduced(module: L.LightningModule, metrics: Mapping[str, Any], *, prog_b
     for name in metrics:
         _silence_sync_advice(name)
     module.log_dict(dict(metrics), prog_bar=prog_bar)
+
+
+def per_token(total: torch.Tensor, tokens: torch.Tensor, names: str | None) -> torch.Tensor:
+    """``total / tokens``, or NaN when no token was counted, with a warning naming ``names`` (if given).
+
+    ``total / tokens.clamp(min=1)`` would give 0 there: the best validation loss a checkpoint or a
+    sweep could see, for an evaluation that measured nothing. NaN is the worst to ModelCheckpoint
+    and no result to a sweep.
+    """
+    if names is not None and tokens == 0:  # one host read per evaluation, not per step
+        rank_zero_warn(f"the evaluation counted no token (its rows are too short, fully masked, or there are "
+                       f"none): {names} are logged as NaN. Give data a longer validation split or longer rows.")
+    return torch.where(tokens > 0, total / tokens.clamp(min=1), math.nan)

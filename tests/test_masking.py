@@ -633,3 +633,37 @@ def test_validation_perplexity_is_the_token_weighted_mean_over_all_batches() -> 
     got = _logged(mlm)
     assert got["val/loss"] == pytest.approx(total, rel=1e-6)
     assert got["val/perplexity"] == pytest.approx(math.exp(total), rel=1e-6)
+
+
+def test_a_validation_without_masked_tokens_logs_nan_not_the_best_possible_loss() -> None:
+    # sum / clamp(count, 1) gave val/loss 0 and val/perplexity 1: the best score a checkpoint or an
+    # Optuna trial could see, for a validation that measured nothing.
+    import math
+
+    mlm = _tiny_module().eval()
+    ids = torch.tensor([[2, 3, 0, 0], [2, 3, 0, 0]])  # [CLS] [SEP] [PAD] [PAD]: nothing can be masked
+    with torch.no_grad():
+        mlm.validation_step({"input_ids": ids}, 0)
+    with pytest.warns(UserWarning, match="counted no token .* val/loss, val/perplexity and val/masked_accuracy are "
+                                         "logged as NaN") as warned:
+        got = _logged(mlm)
+    assert len(warned) == 1
+    assert all(math.isnan(got[k]) for k in ("val/loss", "val/perplexity", "val/masked_accuracy")), got
+    # The sums are reset: the next validation with masked tokens scores normally.
+    ids = torch.randint(5, 50, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        mlm.validation_step({"input_ids": ids}, 0)
+    assert 0 < _logged(mlm)["val/loss"] < 10
+
+    # CLM: a datamodule whose labels leave nothing to predict (-100 everywhere).
+    from test_perf_models import _tiny_gpt2
+
+    from lmlab.tasks.clm import CausalLMModule
+
+    clm = CausalLMModule(_tiny_gpt2().eval(), OmegaConf.create({}), OmegaConf.create({}))
+    ids = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        clm.validation_step({"input_ids": ids, "labels": torch.full_like(ids, IGNORE_INDEX)}, 0)
+    with pytest.warns(UserWarning, match="val/loss and val/perplexity are logged as NaN"):
+        got = _logged(clm)
+    assert math.isnan(got["val/loss"]) and math.isnan(got["val/perplexity"]), got

@@ -14,7 +14,7 @@ from lmlab import optim
 from lmlab.compiling import compile_function, compile_in_place
 from lmlab.fastpath import fuse_activations, lean_body, modules_callable_one_by_one
 from lmlab.losses import linear_cross_entropy, split_lm_head
-from lmlab.reduced_logging import log_reduced
+from lmlab.reduced_logging import log_reduced, per_token
 from lmlab.specs import TaskSpec
 from lmlab.step_logging import log_step
 
@@ -103,7 +103,7 @@ class CausalLMModule(L.LightningModule):
         self.val_tokens.update(count)
 
     def on_validation_epoch_end(self) -> None:
-        mean = self.val_loss_sum.compute() / self.val_tokens.compute().clamp(min=1)
+        mean = per_token(self.val_loss_sum.compute(), self.val_tokens.compute(), "val/loss and val/perplexity")
         log_reduced(self, {"val/loss": mean, "val/perplexity": torch.exp(mean)}, prog_bar=True)
         self.val_loss_sum.reset()
         self.val_tokens.reset()

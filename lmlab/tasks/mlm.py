@@ -16,7 +16,7 @@ from lmlab.compiling import compile_function, compile_in_place
 from lmlab.fastpath import lean_body, modules_callable_one_by_one
 from lmlab.checks import Number
 from lmlab.errors import LmlabError, config_error
-from lmlab.reduced_logging import log_reduced
+from lmlab.reduced_logging import log_reduced, per_token
 from lmlab.specs import TaskSpec
 from lmlab.step_logging import log_step
 
@@ -227,10 +227,10 @@ class MaskedLMModule(L.LightningModule):
             self.val_sums["pairs"].update(r["pairs"])
 
     def on_validation_epoch_end(self) -> None:
-        tokens = self.val_sums["tokens"].compute().clamp(min=1)
-        mean = self.val_sums["loss"].compute() / tokens
+        tokens = self.val_sums["tokens"].compute()
+        mean = per_token(self.val_sums["loss"].compute(), tokens, "val/loss, val/perplexity and val/masked_accuracy")
         metrics = {"val/loss": mean, "val/perplexity": torch.exp(mean),
-                   "val/masked_accuracy": self.val_sums["correct"].compute() / tokens}
+                   "val/masked_accuracy": per_token(self.val_sums["correct"].compute(), tokens, None)}
         if self.nsp:
             metrics["val/nsp_accuracy"] = self.val_sums["nsp_correct"].compute() / self.val_sums["pairs"].compute().clamp(min=1)
         log_reduced(self, metrics, prog_bar=True)
