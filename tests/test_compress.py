@@ -486,3 +486,15 @@ def test_pruning_counts_that_round_to_nothing_or_everything_are_said(caplog: pyt
     pruned = prune.prune_model(BertModel(config), "heads", 0.1)
     assert (pruned.pruned, pruned.total) == (0, 4)
     assert "prune.sparsity=0.1 removes none of the 4 units prune.method=heads counts" in caplog.text
+
+
+@pytest.mark.parametrize("method", ["magnitude", "heads", "neurons"])
+def test_sparsity_zero_is_an_unpruned_baseline(trained: Trained, method: str) -> None:
+    # prune.sparsity=0 is accepted as a sweep's baseline: every weight stays, and it is reported as 0.
+    model = float_model(trained.export)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pruned = prune.prune_model(model, method, 0.0)
+    prune.finalize(pruned)
+    assert (pruned.pruned, pruned.sparsity) == (0, 0.0) and pruned.total > 0
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
