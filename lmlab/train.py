@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lmlab import atomic, checkpointing, checks, config_keys, data_lengths, distill, faults, optim, pretrained, \
     registry, resume, tracking
+from lmlab.accumulation import ShortWindowScaling
 from lmlab.background_log import MetricsBeforeCheckpoints
 from lmlab.data import labels as model_labels
 from lmlab.data.loaders import distributed_sampler_wanted, shards_itself
@@ -180,7 +181,8 @@ def build_trainer(
     try:
         trainer = L.Trainer(
             **trainer_kwargs, logger=logger,
-            callbacks=[*by_step, best, last, throughput, LearningRate(), *bar, *checkpointing.callbacks(cfg, last),
+            # First: the short window's gradients are the mean before the norm is logged or clipped.
+            callbacks=[ShortWindowScaling(), *by_step, best, last, throughput, LearningRate(), *bar, *checkpointing.callbacks(cfg, last),
                        *clipping, MetricsBeforeCheckpoints(), LastValidation(), ValidationCoverage(),
                        MonitorLogged(monitor, lambda logged: missing_monitor(cfg, task, logged))],
             default_root_dir=str(output_dir),
