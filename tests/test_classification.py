@@ -760,3 +760,28 @@ def test_integer_labels_get_their_own_value_as_id(tmp_path: Path) -> None:
     assert dm.targets("train").tolist() == [gold[t] for t in dm.splits["train"].texts]
     dm, _ = datamodule("data.catalog=null", f"data.path={write_csv(tmp_path / 'names.csv', rows)}")
     assert dm.labels == names
+
+
+@pytest.mark.parametrize("max_length", [64, 6])
+def test_a_gpt2_text_pair_gets_an_end_of_text_token_between_its_texts(max_length: int) -> None:
+    """GPT-2's BPE (lmlab's or Hugging Face's) has no pair template: ("a fine film", "Bloody Sunday")
+    was encoded as "a fine filmBloody Sunday", the same ids. The end-of-text token now separates
+    them, also when the pair is truncated; BERT's own [SEP] template is left as it is."""
+    from lmlab.tasks.classification import encode
+    from lmlab.tokenization import train_bpe
+
+    texts = ["a fine film with Bloody Sunday in it", "other words here"] * 50
+    gpt2 = train_bpe(texts, 300, 1)
+    eos = gpt2.eos_token_id
+    joined = gpt2(["a fine filmBloody Sunday"])["input_ids"][0]
+    got = encode(gpt2, ["a fine film"], ["Bloody Sunday"], max_length)
+    ids = got["input_ids"][0]
+    assert ids != joined[:max_length] and ids.count(eos) == 1 and len(ids) <= max_length
+    first, second = ids[:ids.index(eos)], ids[ids.index(eos) + 1:]
+    assert gpt2.decode(first).startswith("a") and gpt2.decode(second).strip() and len(got["attention_mask"][0]) == len(ids)
+    if max_length == 64:
+        assert gpt2.decode(first) + gpt2.decode(second) == "a fine filmBloody Sunday"
+    assert encode(gpt2, ["a fine film"], None, max_length)["input_ids"][0].count(eos) == 0  # single texts as before
+    bert = train_wordpiece(texts, vocab_size=300, min_frequency=1, lowercase=True)
+    plain = bert(["a fine film"], ["Bloody Sunday"], truncation=True, max_length=max_length)
+    assert encode(bert, ["a fine film"], ["Bloody Sunday"], max_length) == {k: list(v) for k, v in plain.items()}

@@ -268,6 +268,30 @@ def _is_integer(label: str) -> bool:
     return True
 
 
+def encode(tokenizer: Any, texts: list[str], pairs: list[str] | None, max_length: int) -> dict[str, list[list[int]]]:
+    """Token ids (and masks) of each text, or text pair, truncated to ``max_length`` tokens.
+
+    A tokenizer without a pair template (GPT-2's, Hugging Face's or lmlab's BPE) joins a pair with
+    nothing between: ("a fine film", "Bloody Sunday") read as "a fine filmBloody Sunday", the same
+    ids. Such a pair gets the end-of-text token between its texts, as a decoder reads a boundary.
+    """
+    separate = (pairs is not None and getattr(tokenizer, "is_fast", False) and tokenizer.eos_token_id is not None
+                and tokenizer.num_special_tokens_to_add(pair=True) == 0)
+    args = (texts, pairs) if pairs is not None else (texts,)
+    enc = tokenizer(*args, truncation=True, max_length=max_length - 1 if separate else max_length, padding=False)
+    keep = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
+    out = {k: list(enc[k]) for k in keep}
+    if separate:
+        eos = int(tokenizer.eos_token_id)
+        for i, ids in enumerate(out["input_ids"]):
+            sequences = enc.sequence_ids(i)
+            at = sequences.index(1) if 1 in sequences else len(ids)  # an empty pair: the separator ends the row
+            filler = {"input_ids": eos, "attention_mask": 1, "token_type_ids": 0}
+            for k in keep:
+                out[k][i] = [*out[k][i][:at], filler[k], *out[k][i][at:]]
+    return out
+
+
 def distinct_rows(rows: LabelledSplit) -> list[int]:
     """The indices of ``rows`` to split into held-out and training rows: one per text, in file order,
     and none of a text with conflicting labels (``unambiguous``)."""
@@ -588,10 +612,8 @@ class ClassificationDataModule(L.LightningDataModule):
         if self.tokenizer is None:
             raise RuntimeError("ClassificationDataModule.set_tokenizer must be called before setup")
         for split, rows in self.splits.items():
-            args = (rows.texts, rows.pairs) if rows.pairs is not None else (rows.texts,)
-            enc = self.tokenizer(*args, truncation=True, max_length=self.max_length, padding=False)
-            keep = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
-            self.datasets[split] = EncodedDataset({k: list(enc[k]) for k in keep}, self.targets(split))
+            encoded = encode(self.tokenizer, rows.texts, rows.pairs, self.max_length)
+            self.datasets[split] = EncodedDataset(encoded, self.targets(split))
         lengths = [len(ids) for ids in self.datasets["train"].encoded["input_ids"]]
         self.stats = {
             **{f"{split}_examples": len(rows) for split, rows in self.splits.items()},
