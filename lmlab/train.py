@@ -28,7 +28,7 @@ from lmlab.distributed import build_strategy, effective_batch, gathered_state_di
 from lmlab.errors import LmlabError, config_error
 from lmlab.export import export_hf
 from lmlab.run_log import RunLog
-from lmlab.models.build import build_hf_config, build_model, check_positions, config_overrides
+from lmlab.models.build import build_hf_config, build_model, check_data_owned, check_positions, config_overrides
 from lmlab.clipping import sharded_clipping, use_clipping_mixed_precision
 from lmlab.precision import precision_name
 from lmlab.specs import ModelSpec, TaskSpec
@@ -263,6 +263,7 @@ def prepare_model_and_tokenizer(cfg: DictConfig, task: TaskSpec, spec: ModelSpec
             pretrained.check_trained_head(spec, head, source, task.name,
                                           [labels[i] for i in range(len(labels))] if labels else None, trust)
         overrides = config_overrides(spec, cfg.model, len(tokenizer))  # applied if they keep the weights
+        check_data_owned(overrides, updates)
         model = pretrained.load_model(spec, head, source, updates, trust, overrides)
         pretrained.check_vocabulary(model, tokenizer)
         check_positions(spec, model.config, sequence_length(cfg.data))

@@ -785,3 +785,28 @@ def test_a_gpt2_text_pair_gets_an_end_of_text_token_between_its_texts(max_length
     bert = train_wordpiece(texts, vocab_size=300, min_frequency=1, lowercase=True)
     plain = bert(["a fine film"], ["Bloody Sunday"], truncation=True, max_length=max_length)
     assert encode(bert, ["a fine film"], ["Bloody Sunday"], max_length) == {k: list(v) for k, v in plain.items()}
+
+
+def test_a_model_config_field_the_data_sets_is_refused_not_dropped(rotten: Path, tmp_path: Path) -> None:
+    """model.config.num_labels=1 (a user after regression) or problem_type=regression was dropped for the
+    data's 2 labels without a word: the run trained a 2-way classifier. Both are refused, naming the
+    plugin that does regression, from scratch and from a pretrained backbone; an equal value passes."""
+    from lmlab.models.bert import MODEL as BERT
+    from lmlab.train import prepare_model_and_tokenizer
+
+    task = registry.get("task", "classification")
+    cases = [("model.config.num_labels=1", "'model.config.num_labels': '1' differs from 2"),
+             ("model.config.problem_type=regression", "'model.config.problem_type': 'regression' differs from "
+                                                      "'single_label_classification'")]
+    backbone = tmp_path / "backbone"
+    for start in ([], [f"model.pretrained={backbone}"]):
+        for extra, error in cases:
+            dm, cfg = datamodule(f"data.path={rotten}", extra, *start, f"paths.cache={tmp_path / 'cache'}")
+            with pytest.raises(LmlabError, match=re.escape(error) + ".*plugins/lmlab-regression"):
+                prepare_model_and_tokenizer(cfg, task, BERT, dm)
+        if not start:  # the same value is no conflict; that model becomes the next round's backbone
+            dm, cfg = datamodule(f"data.path={rotten}", "model.config.num_labels=2", f"paths.cache={tmp_path / 'cache'}")
+            tokenizer, model, _ = prepare_model_and_tokenizer(cfg, task, BERT, dm)
+            assert model.config.num_labels == 2
+            model.save_pretrained(backbone)
+            tokenizer.save_pretrained(backbone)

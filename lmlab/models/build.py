@@ -31,6 +31,7 @@ def build_hf_config(
             f"Use one of: {', '.join(spec.sizes)}.",
         )
     overrides = config_overrides(spec, model_cfg, len(tokenizer))
+    check_data_owned(overrides, updates or {})
     defaults = spec.config_class().to_dict()
     kwargs = {**spec.sizes[model_cfg.size], **overrides, **(updates or {})}
     kwargs["vocab_size"] = padded_vocab_size(len(tokenizer), int(model_cfg.get("vocab_multiple") or 1))
@@ -54,7 +55,8 @@ def config_overrides(spec: ModelSpec, model_cfg: DictConfig, tokens: int) -> dic
     node = model_cfg.get("config")
     overrides = OmegaConf.to_container(node, resolve=True) if node is not None else {}
     # attribute_map holds HF's aliases (GPT-2 accepts hidden_size for n_embd, and so on).
-    known = set(spec.config_class().to_dict()) | set(getattr(spec.config_class, "attribute_map", {}))
+    # num_labels is an argument of every config but stored as id2label, so to_dict() lacks it.
+    known = set(spec.config_class().to_dict()) | set(getattr(spec.config_class, "attribute_map", {})) | {"num_labels"}
     unknown = sorted(set(overrides) - known)
     if unknown:
         # HF configs swallow unknown kwargs silently; a typo must not train the wrong model.
@@ -68,6 +70,19 @@ def config_overrides(spec: ModelSpec, model_cfg: DictConfig, tokens: int) -> dic
 
 
 SPECIAL_IDS = ("pad_token_id", "bos_token_id", "eos_token_id")
+
+
+def check_data_owned(overrides: dict[str, Any], updates: dict[str, Any]) -> None:
+    """Refuse a ``model.config.*`` field the datamodule sets from the data (``updates``: the label
+    count and names, the tokenizer's pad id) to another value: the data's value is the one the
+    model is built with, so the override would be silently dropped."""
+    for key, value in overrides.items():
+        if key in updates and value != updates[key]:
+            hint = (" Regression (one real-valued score per text) is no built-in task: see the example plugin "
+                    "in plugins/lmlab-regression." if key in ("num_labels", "problem_type") else "")
+            raise config_error(f"model.config.{key}", f"'{value}' differs from {updates[key]!r}, which the data "
+                               "sets (from its labels or its tokenizer) and which the model is built with",
+                               f"Remove model.config.{key}.{hint}")
 
 
 def special_token_ids(tokenizer: Any) -> dict[str, int | None]:
