@@ -203,6 +203,53 @@ def test_metric_state_adds_up_across_processes() -> None:
         assert torch.equal(got[key], want[key]), key
 
 
+def to_iob1(tags: list[str]) -> list[str]:
+    """IOB2 -> IOB1 (CoNLL-2003's original tags): B- only where an entity follows one of its type."""
+    return [("I-" + tag[2:]) if tag.startswith("B-") and not (i and tags[i - 1][2:] == tag[2:]) else tag
+            for i, tag in enumerate(tags)]
+
+
+@needs_wnut
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")  # no trainer: the warning is the point
+def test_strict_mode_names_the_gold_entities_it_leaves_out(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """IOB1 gold in strict mode (scheme auto: IOB2) scored a perfect model F1 0 over 0 gold entities,
+    as seqeval does, and said nothing: the scores stay seqeval's, the run now says why."""
+    from transformers import BertConfig, BertForTokenClassification
+
+    sentences = read_conll(WNUT / "validation.conll")[:40]
+    iob1 = [(s.tokens, to_iob1(s.tags)) for s in sentences]
+    assert sum(a != b for s, (_, t) in zip(sentences, iob1) for a, b in zip(s.tags, t)) > 10
+    labels = infer_labels(sentences)
+    metric = EntityF1(labels, strict=True)
+    metric.update([s.tags for s in sentences], [t for _, t in iob1])  # a perfect IOB2 model
+    scores = metric.compute()
+    entities = sum(len(spans_default(s.tags)) for s in sentences)
+    assert float(scores["f1"]) == 0.0 and int(scores["gold_ill_formed"]) == entities > 10
+    assert_same_as_seqeval([t for _, t in iob1], [s.tags for s in sentences], labels, True, "IOB2")
+    default = EntityF1(labels)  # conlleval-like chunking reads IOB1 as the same entities
+    default.update([s.tags for s in sentences], [t for _, t in iob1])
+    assert float(default.compute()["f1"]) == 1.0 and int(default.compute()["gold_ill_formed"]) == 0
+
+    write_conll(tmp_path / "train.conll", iob1)
+    write_conll(tmp_path / "validation.conll", iob1)
+    cfg = compose_cfg(["task=ner", f"data.path={tmp_path}", "task.strict=true"])
+    dm = NerDataModule(cfg.data, packing="token_classification", cache_dir=tmp_path / "c")
+    dm.set_tokenizer(train_wordpiece([" ".join(s.tokens) for s in sentences], 300, 1, True))
+    dm.setup("fit")
+    model = BertForTokenClassification(BertConfig(vocab_size=len(dm.tokenizer), hidden_size=16, num_hidden_layers=1,
+                                                  num_attention_heads=2, intermediate_size=16,
+                                                  **dm.model_config_updates()))
+    module = NerModule(model, dm.labels, cfg.task, cfg.optimizer, cfg.scheduler).eval()
+    with torch.no_grad(), caplog.at_level("WARNING", logger="lmlab.tasks.ner"):
+        for _ in range(2):  # two epochs, one warning
+            for batch in dm.val_dataloader():
+                module.validation_step(batch, 0)
+            module.on_validation_epoch_end()
+    warned = [r.getMessage() for r in caplog.records if "task.strict=true left" in r.getMessage()]
+    assert len(warned) == 1 and f"left {entities} gold entities of the val split out of the scores (0 counted)" \
+        in warned[0] and "not well-formed IOB2" in warned[0] and "task.strict=false" in warned[0]
+
+
 # -- readers and errors ---------------------------------------------------------------------------
 def test_conll_reader_columns_docstart_and_spaces(tmp_path: Path) -> None:
     path = tmp_path / "x.conll"
@@ -284,6 +331,27 @@ def test_label_unseen_in_train_is_an_error(tmp_path: Path) -> None:
         dm.start_from(None)  # as train.py does for a run without model.pretrained
     message = str(info.value)
     assert str(tmp_path / "dev.conll") in message and "line 3" in message and "'B-PER'" in message
+
+
+@needs_wnut
+def test_a_named_test_file_is_checked_against_train_when_validation_is_carved(tmp_path: Path) -> None:
+    """With train.conll and test.conll (validation carved out of train), a tag only the named test
+    file has went into the label set unseen: a head label never trained, scored as if it were."""
+    train = [s for s in read_conll(WNUT / "train.conll")[:300] if not any(t.endswith("-tvshow") for t in s.tags)]
+    test = [s for s in read_conll(WNUT / "test.conll") if any(t.endswith("-tvshow") for t in s.tags)][:1]
+    assert test and "B-tvshow" not in infer_labels(train)
+    write_conll(tmp_path / "train.conll", train)
+    write_conll(tmp_path / "test.conll", test)
+    dm = NerDataModule(ner_data_cfg(tmp_path), packing="token_classification", cache_dir=tmp_path / "c")
+    assert dm.sentences["validation"] and "B-tvshow" not in dm.labels
+    line = 1 + next(j for j, t in enumerate(test[0].tags) if t.endswith("-tvshow"))
+    with pytest.raises(LmlabError, match=rf"line {line}: tag '.-tvshow' of the test split never occurs"):
+        dm.start_from(None)
+    # The carved validation split still adds its tags: it is the training file's own sentences.
+    write_conll(tmp_path / "train.conll", [*train, *test])
+    dm = NerDataModule(ner_data_cfg(tmp_path), packing="token_classification", cache_dir=tmp_path / "c")
+    dm.start_from(None)
+    assert "B-tvshow" in dm.labels
 
 
 @needs_wnut
@@ -489,6 +557,33 @@ def test_label_on_first_subword_and_truncation(tmp_path: Path, all_subwords: boo
     # A model trained elsewhere may keep O at another id: cut words get that id, not 0.
     words_pred = NerModule.word_predictions(logits, batch["first_word"], 4, outside=2)
     assert words_pred[0].tolist()[-1] == 2 and words_pred[0].tolist()[0] == 1
+
+
+@needs_wnut
+def test_a_word_without_subwords_is_not_taken_for_truncation(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A tweet ending in a lone variation selector (U+FE0F, left over from an emoji) has a last word
+    WordPiece drops: counted as a sentence cut at data.max_length, with a warning to raise it."""
+    tweets = read_conll(WNUT / "validation.conll")[:30]
+    odd = [(s.tokens + ["\ufe0f"], s.tags + ["O"]) if i % 3 == 0 else (s.tokens, s.tags) for i, s in enumerate(tweets)]
+    odd[1] = (["\u200d", *odd[1][0]], ["O", *odd[1][1]])  # a zero-width joiner first
+    write_conll(tmp_path / "train.conll", odd)
+    write_conll(tmp_path / "validation.conll", odd)
+    dm = NerDataModule(ner_data_cfg(tmp_path), packing="token_classification", cache_dir=tmp_path / "c")
+    dm.set_tokenizer(train_wordpiece([" ".join(s.tokens) for s in tweets], 500, 1, True))
+    with caplog.at_level("WARNING", logger="lmlab.tasks.ner"):
+        dm.setup("fit")
+    assert max(len(r["input_ids"]) for r in dm.rows["train"]) < dm.max_length
+    assert dm.stats["truncated_sentences"] == 0 and dm.stats["words_without_subwords"] == 2 * 11
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert "truncated" not in messages
+    line = len(tweets[0].tokens) + 1
+    assert f"22 words are no subword at all to the tokenizer (e.g. '\\ufe0f', {tmp_path / 'train.conll'}, " \
+        f"line {line})" in messages
+    # A sentence really cut still counts, and its cut words are not taken for wordless ones.
+    dm = NerDataModule(ner_data_cfg(tmp_path, max_length=8), packing="token_classification", cache_dir=tmp_path / "c")
+    dm.set_tokenizer(train_wordpiece([" ".join(s.tokens) for s in tweets], 500, 1, True))
+    dm.setup("fit")
+    assert dm.stats["truncated_sentences"] == 2 * 30 and dm.stats["words_without_subwords"] == 2
 
 
 def test_later_subwords_of_a_b_word_are_labelled_i(tmp_path: Path) -> None:

@@ -26,10 +26,12 @@ Tokens
     ``data.max_length`` subwords and padded per batch.
 Metric
     Entity-level precision/recall/F1 with seqeval's semantics, computed on words (the first
-    subword's prediction; truncated words count as ``O``), micro-averaged, plus F1 per entity
+    subword's prediction; truncated words, and words the tokenizer gives no subword, count as
+    ``O``, with a warning), micro-averaged, plus F1 per entity
     type and token accuracy. ``task.strict=false`` is seqeval's default (conlleval-like) chunking,
     ``task.strict=true`` its strict mode with the IOB2 or IOBES scheme (``task.scheme=auto``
-    detects it from the label set).
+    detects it from the label set); gold entities strict mode leaves out as ill-formed (IOB1 tags)
+    are counted and warned of, the scores staying seqeval's.
 """
 
 from __future__ import annotations
@@ -209,6 +211,9 @@ class EntityF1(Metric):
             self.add_state(name, default=torch.zeros(n, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("correct", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("words", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        # Gold entities that strict mode leaves out as ill-formed (I-X after O: IOB1 tags, or a slip).
+        # seqeval drops them silently; counted here so the task can say why recall has no such entity.
+        self.add_state("gold_ill_formed", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def spans(self, tags: Sequence[str]) -> set[tuple[str, int, int]]:
         return spans_strict(tags, self.scheme) if self.strict else spans_default(tags)
@@ -217,11 +222,13 @@ class EntityF1(Metric):
         """Tag strings of whole sentences, predicted and gold."""
         n = len(self.types)
         tp, pred, gold = ([0] * n for _ in range(3))
-        correct = words = 0
+        correct = words = ill_formed = 0
         for p_tags, g_tags in zip(preds, golds, strict=True):
             if len(p_tags) != len(g_tags):
                 raise ValueError(f"prediction has {len(p_tags)} tags, gold {len(g_tags)}")
             p_spans, g_spans = self.spans(p_tags), self.spans(g_tags)
+            if self.strict:
+                ill_formed += len(spans_default(g_tags) - g_spans)
             for spans, counts in ((p_spans, pred), (g_spans, gold), (p_spans & g_spans, tp)):
                 for type_, _, _ in spans:
                     counts[self._index(type_)] += 1
@@ -233,6 +240,7 @@ class EntityF1(Metric):
         self.gold += torch.tensor(gold, device=device)
         self.correct += correct
         self.words += words
+        self.gold_ill_formed += ill_formed
 
     def _index(self, type_: str) -> int:
         if type_ not in self.type_index:
@@ -251,7 +259,8 @@ class EntityF1(Metric):
     def compute(self) -> dict[str, torch.Tensor]:
         p, r, f = self._prf(self.tp.sum(), self.pred.sum(), self.gold.sum())
         out = {"precision": p, "recall": r, "f1": f,
-               "token_accuracy": self.correct.double() / self.words.clamp(min=1).double()}
+               "token_accuracy": self.correct.double() / self.words.clamp(min=1).double(),
+               "gold_ill_formed": self.gold_ill_formed.clone()}
         tp_t, pr_t, f1_t = self._prf(self.tp, self.pred, self.gold)
         for i, type_ in enumerate(self.types):
             out[f"precision_{type_}"] = tp_t[i]
@@ -500,11 +509,21 @@ def continuation_ids(labels: Sequence[str]) -> list[int]:
     return [index.get("I-" + label[2:], i) if label.startswith("B-") else i for i, label in enumerate(labels)]
 
 
-def cuts_words(word_ids: list[int | None], n_words: int) -> bool:
-    """Whether truncation left words of a sentence of ``n_words`` out (``word_ids``: the tokenizer's
-    word of each subword, None for special tokens); training and predict count them alike."""
+def cuts_words(word_ids: list[int | None], n_words: int, max_length: int) -> bool:
+    """Whether truncation to ``max_length`` left words of a sentence of ``n_words`` out (``word_ids``:
+    the tokenizer's word of each subword, None for special tokens); training and predict count them
+    alike. A shorter encoding was not cut: its last word may have no subword of its own (BERT's
+    normalizer drops a lone zero-width joiner or variation selector, as tweets have)."""
     seen = [w for w in word_ids if w is not None]
-    return bool(seen) and max(seen) < n_words - 1
+    return len(word_ids) >= max_length and bool(seen) and max(seen) < n_words - 1
+
+
+def words_without_subwords(word_ids: list[int | None], n_words: int, max_length: int) -> int:
+    """How many words before the cut the tokenizer gave no subword: no prediction of their own, so
+    scored as O (an entity there is missed)."""
+    seen = {w for w in word_ids if w is not None}
+    last = n_words - 1 if not cuts_words(word_ids, n_words, max_length) else max(seen)
+    return sum(1 for w in range(last + 1) if w not in seen)
 
 
 class TokenCollator:
@@ -544,14 +563,15 @@ class NerDataModule(L.LightningDataModule):
         self.label_all_subwords = packing == "token_classification_all"
         self.tokenizer: Any = None
         self.rows: dict[str, list[dict[str, Any]]] = {}
+        self._wordless: tuple[str, str, int] | None = None  # the first word without a subword: where
+        self._wordless_count = 0
         self.stats: dict[str, Any] = {}
         self.cache_hit: bool | None = None  # nothing is cached: tokenizing sentences takes moments
         self.sentences, self.origin, self._carved = self._read()
-        train = self.sentences["train"]
-        # Labels come from train; when the splits were carved out of one source they are one file,
-        # so a tag that happened to land only in validation/test is not an error.
-        self.labels = infer_labels([*train, *self.sentences.get("validation", []), *self.sentences.get("test", [])]
-                                   if self._carved else train)
+        # Labels come from train and the splits carved out of it (one source, so a tag that happened
+        # to land only in a carved split is not an error); a held-out file the user named is checked
+        # against them, even when its sibling split was carved.
+        self.labels = infer_labels([s for split in ("train", *self._carved) for s in self.sentences[split]])
         self.label2id = {label: i for i, label in enumerate(self.labels)}
         # These are the data's own labels until start_from settles them: the model's when a run
         # starts from a trained head that has every tag the data uses.
@@ -590,7 +610,7 @@ class NerDataModule(L.LightningDataModule):
         self._check_splits_against_train()
 
     # -- reading -----------------------------------------------------------------------------------
-    def _read(self) -> tuple[dict[str, list[Sentence]], str, bool]:
+    def _read(self) -> tuple[dict[str, list[Sentence]], str, tuple[str, ...]]:
         cfg = self.cfg
         single_file = False
         if cfg.get("path"):
@@ -624,16 +644,16 @@ class NerDataModule(L.LightningDataModule):
                     splits[split] = splits[split][: max(1, cap // 10)]
         return splits, origin, carved
 
-    def _carve_missing(self, splits: dict[str, list[Sentence]], single_file: bool) -> bool:
+    def _carve_missing(self, splits: dict[str, list[Sentence]], single_file: bool) -> tuple[str, ...]:
         """Carve the held-out splits the source lacks out of train (``distinct_sentences`` first);
-        whether any was carved."""
+        the names of those carved."""
         cfg = self.cfg
         split_seed = int(cfg.get("split_seed") or 0)
         test_fraction = float(cfg.get("test_fraction") or 0)
         carve_test = single_file and not splits.get("test") and test_fraction > 0
         carve_validation = not splits.get("validation")
         if not (carve_test or carve_validation):
-            return False
+            return ()
         train = distinct_sentences(splits["train"])
         total = len(train)
         if carve_test:
@@ -641,7 +661,7 @@ class NerDataModule(L.LightningDataModule):
         if carve_validation:
             train, splits["validation"] = _carve(train, float(cfg.val_fraction), split_seed, "data.val_fraction", total)
         splits["train"] = train
-        return True
+        return ("test",) * carve_test + ("validation",) * carve_validation
 
     # -- the protocol train.run drives --------------------------------------------------------------
     @property
@@ -681,7 +701,7 @@ class NerDataModule(L.LightningDataModule):
             return
         if self.tokenizer is None:
             raise RuntimeError("NerDataModule.set_tokenizer must be called before setup")
-        truncated = 0
+        truncated, self._wordless, self._wordless_count = 0, None, 0
         for split, sentences in self.sentences.items():
             rows, cut = self._encode(sentences)
             self.rows[split] = rows
@@ -694,11 +714,17 @@ class NerDataModule(L.LightningDataModule):
             "num_labels": len(self.labels),
             "labels": list(self.labels),
             "truncated_sentences": truncated,
+            "words_without_subwords": self._wordless_count,
             "max_length": self.max_length,
         }
         if truncated:
             log.warning("%d sentences are longer than data.max_length=%d subwords and were truncated "
                         "(their cut-off words count as predicted O)", truncated, self.max_length)
+        if self._wordless is not None:
+            token, source, line = self._wordless
+            log.warning("%d words are no subword at all to the tokenizer (e.g. %s, %s, line %d): they get no "
+                        "prediction of their own and count as predicted O. Drop such tokens from the data, or "
+                        "use a tokenizer that keeps them.", self._wordless_count, ascii(token), source, line)
 
     def _encode(self, sentences: list[Sentence]) -> tuple[list[dict[str, Any]], int]:
         tok = self.tokenizer
@@ -722,7 +748,12 @@ class NerDataModule(L.LightningDataModule):
                     else:
                         labels.append(gold[w] if is_first else continues[gold[w]])
                     prev = w
-                truncated += cuts_words(word_ids, len(sentence.tokens))
+                truncated += cuts_words(word_ids, len(sentence.tokens), self.max_length)
+                unseen = words_without_subwords(word_ids, len(sentence.tokens), self.max_length)
+                if unseen and self._wordless is None:
+                    w = next(i for i in range(len(sentence.tokens)) if i not in set(word_ids))
+                    self._wordless = (sentence.tokens[w], sentence.source, sentence.lines[w])
+                self._wordless_count += unseen
                 row = {"index": start + j, "input_ids": enc["input_ids"][j],
                        "attention_mask": enc["attention_mask"][j], "labels": labels, "first_word": first,
                        "word_labels": gold}
@@ -770,6 +801,7 @@ class NerModule(L.LightningModule):
         self.loss_sums = torch.nn.ModuleDict({f"{s}_{k}": SumMetric() for s in ("val", "test")
                                               for k in ("loss", "tokens")})
         self.predictions: dict[str, dict[int, list[str]]] = {"val": {}, "test": {}}
+        self._warned_ill_formed: set[str] = set()
         self.teacher: Any = None  # lmlab.distill.Teacher when distilling; not a submodule
 
     def _logits_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -826,9 +858,24 @@ class NerModule(L.LightningModule):
             logged[f"{split}/f1_{metric_name(type_)}"] = scores[f"f1_{type_}"].float()
         log_reduced(self, {f"{split}/f1": logged.pop(f"{split}/f1")}, prog_bar=True)
         log_reduced(self, logged)
+        self._warn_of_ill_formed_gold(split, int(scores["gold_ill_formed"]),
+                                     sum(int(scores[f"support_{t}"]) for t in self.metrics[split].types))
         self.metrics[split].reset()
         self.loss_sums[f"{split}_loss"].reset()
         self.loss_sums[f"{split}_tokens"].reset()
+
+    def _warn_of_ill_formed_gold(self, split: str, ill_formed: int, counted: int) -> None:
+        """Once per split: strict mode scored without gold entities that are not well-formed in its
+        scheme (IOB1 data scores F1 0 against a perfect model), as seqeval does, and says so."""
+        if not ill_formed or split in self._warned_ill_formed:
+            return
+        self._warned_ill_formed.add(split)
+        metric = self.metrics[split]
+        log.warning("task.strict=true left %d gold entities of the %s split out of the scores (%d counted): their "
+                    "tags are not well-formed %s (e.g. an I-X after O, as IOB1 writes an entity's first word), and "
+                    "strict mode, as seqeval's, counts only well-formed entities. Convert the tags "
+                    "to %s, or set task.strict=false (conlleval-like chunking, which reads IOB1 too).",
+                    ill_formed, split, counted, metric.scheme, metric.scheme)
 
     def on_validation_epoch_start(self) -> None:
         self.predictions["val"] = {}
@@ -973,7 +1020,7 @@ def predict(cfg: DictConfig, module: NerModule, tokenizer: Any, trainer: L.Train
     max_length = int(cfg.data.get("max_length") or cfg.data.block_size)
     enc = tokenizer([words_as_in_text(s) for s, _ in sentences], is_split_into_words=True, truncation=True,
                     max_length=max_length)
-    cut = sum(cuts_words(enc.word_ids(i), len(tokens)) for i, (tokens, _) in enumerate(sentences))
+    cut = sum(cuts_words(enc.word_ids(i), len(tokens), max_length) for i, (tokens, _) in enumerate(sentences))
     if cut:  # as training says: the words past the cut get no prediction of their own
         log.warning("%d of %d sentences are longer than data.max_length=%d subwords and were truncated "
                     "(their cut-off words are tagged O)", cut, len(sentences), max_length)
