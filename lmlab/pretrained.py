@@ -265,7 +265,35 @@ def load_model(spec: ModelSpec, head: str, ref: str, updates: dict[str, Any], tr
             "Point it at a complete model directory written by save_pretrained (an lmlab export is written "
             "whole; a copy of one may not be).",
         ) from exc
+    if _fresh_head_wanted(config, model_class, updates):
+        reinitialise_head(model)
     return model.train()  # from_pretrained returns eval mode; fine-tuning wants dropout on
+
+
+def _fresh_head_wanted(config: Any, model_class: Any, updates: dict[str, Any]) -> bool:
+    """Whether the data wants another head than the one saved: other label names, or another kind of head.
+
+    ``ignore_mismatched_sizes`` starts a head fresh only when its shape changes: a trained head for 3
+    other labels (or a sequence classifier loaded as a token classifier) kept its weights, and its old
+    label 0 started out as the data's label 0.
+    """
+    labels = updates.get("id2label")
+    if labels is None:
+        return False
+    saved = getattr(config, "id2label", None) or {}
+    kinds = getattr(config, "architectures", None) or []  # none recorded: judged by the labels alone
+    same_kind = not kinds or model_class.__name__ in kinds
+    return not same_kind or [saved[i] for i in sorted(saved)] != [labels[i] for i in sorted(labels)]
+
+
+def reinitialise_head(model: Any) -> None:
+    """Every module beside the backbone (``base_model_prefix``) initialised as the model class does."""
+    for name, child in model.named_children():
+        if name != model.base_model_prefix:
+            for tensor in (*child.parameters(), *child.buffers()):
+                # transformers' init functions skip a tensor from_pretrained marked as loaded.
+                tensor._is_hf_initialized = False
+            child.apply(model._init_weights)
 
 
 def check_weights_kept(model_class: Any, config: Any, ref: str, overrides: dict[str, Any],

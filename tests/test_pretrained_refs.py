@@ -295,3 +295,35 @@ def test_a_run_from_a_pretrained_model_applies_and_checks_model_config(tmp_path:
                          ("model.config.n_embd=16", "'model.config.n_embd': 16 changes the weights")]:
         with pytest.raises(LmlabError, match=re.escape(error)):
             prepare_model_and_tokenizer(compose_cfg([*common, extra]), task, GPT2, _Data())
+
+
+def test_a_trained_head_for_other_labels_starts_fresh_even_when_its_shape_fits(tmp_path: Path) -> None:
+    """from_pretrained(ignore_mismatched_sizes=True) starts a head fresh only when its shape changes: a
+    token classifier trained on 3 other tags (or a sequence classifier with as many labels) kept its
+    weights, so its old label 0 began as the data's label 0. The data's own labels keep the head."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertForTokenClassification
+
+    from lmlab.models.bert import MODEL as BERT
+    from lmlab.pretrained import load_model
+
+    config = BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64,
+                        vocab_size=50, id2label={0: "O", 1: "B-geo", 2: "I-geo"})
+    for model_class in (BertForTokenClassification, BertForSequenceClassification):
+        trained = model_class(config)
+        torch.nn.init.constant_(trained.classifier.weight, 1.0)
+        trained.save_pretrained(tmp_path / model_class.__name__)
+    saved = tmp_path / "BertForTokenClassification"
+
+    def head(updates: dict, source: Path = saved) -> torch.Tensor:
+        return load_model(BERT, "token_classification", str(source), updates).classifier.weight.detach()
+
+    same = {"id2label": {0: "O", 1: "B-geo", 2: "I-geo"}, "label2id": {"O": 0, "B-geo": 1, "I-geo": 2}}
+    other = {"id2label": {0: "O", 1: "B-PER", 2: "I-PER"}, "label2id": {"O": 0, "B-PER": 1, "I-PER": 2}}
+    assert torch.equal(head(same), torch.ones(3, 32))  # fine-tuning on the head's own tags keeps it
+    fresh = head(other)
+    assert not torch.any(fresh == 1.0) and 0.01 < float(fresh.std()) < 0.03  # BERT's initializer_range 0.02
+    fresh = head(same, tmp_path / "BertForSequenceClassification")  # a sentence head is no token head
+    assert not torch.any(fresh == 1.0)
+    bare = load_model(BERT, "token_classification", str(saved), {})  # a task without labels: as saved
+    assert torch.equal(bare.classifier.weight.detach(), torch.ones(3, 32))
