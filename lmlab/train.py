@@ -30,7 +30,7 @@ from lmlab.export import export_hf
 from lmlab.run_log import RunLog
 from lmlab.models.build import build_hf_config, build_model, check_data_owned, check_positions, config_overrides
 from lmlab.clipping import sharded_clipping, use_clipping_mixed_precision
-from lmlab.precision import precision_name
+from lmlab.precision import MetricsInFloat32, precision_name
 from lmlab.specs import ModelSpec, TaskSpec
 from lmlab.tokenization import get_tokenizer, load_pretrained
 
@@ -184,7 +184,7 @@ def build_trainer(
             # First: the short window's gradients are the mean before the norm is logged or clipped.
             callbacks=[ShortWindowScaling(), *by_step, best, last, throughput, LearningRate(), *bar, *checkpointing.callbacks(cfg, last),
                        *clipping, MetricsBeforeCheckpoints(), LastValidation(), ValidationCoverage(),
-                       MonitorLogged(monitor, lambda logged: missing_monitor(cfg, task, logged))],
+                       MonitorLogged(monitor, lambda logged: missing_monitor(cfg, task, logged)), MetricsInFloat32()],
             default_root_dir=str(output_dir),
         )
     except TypeError as exc:

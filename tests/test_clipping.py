@@ -110,3 +110,31 @@ def test_a_lightning_precision_alias_run_with_clipping_trains(alias: str, recwar
     assert result.metrics["val/loss"] < 6.9
     # Lightning was handed the full name: no "supported for historical reasons" warning.
     assert not [w for w in recwarn if "historical reasons" in str(w.message)]
+
+
+def test_metrics_in_float32_casts_half_states_back_and_leaves_counts_integer(tmp_path) -> None:
+    # bf16-true's .to(bfloat16) reaches torchmetrics states: a SumMetric in bfloat16 stops growing at 256
+    # (+1 is lost), while a count state must stay an integer (Metric.set_dtype would make it a float).
+    import lightning as L
+    from torchmetrics import SumMetric
+    from torchmetrics.classification import MulticlassAccuracy
+
+    from lmlab import registry
+    from lmlab.precision import MetricsInFloat32
+    from lmlab.train import build_trainer
+
+    module = L.LightningModule()
+    module.loss_sum, module.accuracy = SumMetric(), MulticlassAccuracy(num_classes=3)
+    module.to(torch.bfloat16)
+    module.loss_sum.update(torch.tensor(256.0))
+    module.loss_sum.update(torch.tensor(1.0))
+    assert module.loss_sum.sum_value.dtype == torch.bfloat16 and float(module.loss_sum.compute()) == 256.0
+    module.loss_sum.reset()
+    MetricsInFloat32().on_validation_epoch_start(None, module)
+    assert module.loss_sum.sum_value.dtype == torch.float32 and module.accuracy.tp.dtype == torch.long
+    module.loss_sum.update(torch.tensor(256.0, dtype=torch.bfloat16))
+    module.loss_sum.update(torch.tensor(1.0, dtype=torch.bfloat16))
+    assert float(module.loss_sum.compute()) == 257.0
+    trainer, _, _ = build_trainer(compose_cfg(["trainer.enable_progress_bar=false"]), registry.get("task", "clm"),
+                                  tmp_path, False)
+    assert any(isinstance(c, MetricsInFloat32) for c in trainer.callbacks)

@@ -358,6 +358,31 @@ def test_no_repeat_ngram_size_zero_turns_off_the_loaded_models_own(model: str) -
     assert summary(3) != repeated  # the constraint itself still works when asked for
 
 
+@pytest.mark.parametrize("model", ["bart", "gpt2"])
+def test_a_loaded_models_minimum_length_does_not_outlast_max_new_tokens(model: str) -> None:
+    """facebook/bart-large-cnn's generation config holds min_length=56: kept, it blocked EOS past
+    task.generation.max_new_tokens, so a model that wanted to stop ran every summary to the cap."""
+    from lmlab.tokenization import train_bpe
+
+    tok = train_bpe(["Shares in the bank rose after record profits.", "The minister resigned on Friday."] * 30,
+                    300, 1)
+    task, spec = registry.get("task", "summarization"), registry.get("model", model)
+    cfg = compose_cfg(["task=summarization", f"model={model}", "model.size=tiny", "task.generation.max_new_tokens=8"])
+    torch.manual_seed(0)
+    net = build_model(spec, task.head(cfg), build_hf_config(spec, cfg.model, tok, 64)).eval()
+    net.generation_config.min_length = 56
+    word = tok("rose", add_special_tokens=False)["input_ids"][0]
+    boost = torch.zeros(net.config.vocab_size)
+    boost[tok.eos_token_id], boost[word] = 100.0, 50.0  # a model that would end the summary at once
+    net.get_output_embeddings().register_forward_hook(lambda module, args, logits: logits + boost)
+    document = tok(["Shares in the bank fell."], add_special_tokens=model == "bart")["input_ids"][0]
+    batch = S.Collator(tok.pad_token_id, S.packing(cfg))(
+        [{"input_ids": document, "labels": [tok.eos_token_id], "prompt_ids": document, "index": 0}])
+    module = task.build_module(cfg, net, tok)
+    assert module.generate(batch) == [""]
+    assert net.generation_config.min_length == 0  # and so the export's generation_config.json
+
+
 def test_a_null_length_penalty_is_transformers_default() -> None:
     """validate() accepts task.generation.length_penalty=null; with beam search it used to be float(None)."""
     from lmlab.tokenization import train_bpe
@@ -674,3 +699,41 @@ def test_predict_cut_short_leaves_no_predictions_and_no_temporary_file(predictor
     assert [r["reference"] for r in rows] == [r["summary"] for r in records]
     expected = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     assert (out / "predictions.jsonl").read_bytes() == expected.encode("utf-8")
+
+
+# -- precision -----------------------------------------------------------------------------------------
+@pytest.mark.filterwarnings("ignore::lmlab.tasks.summarization.SummaryTruncationWarning")
+def test_validation_loss_is_summed_in_float32_under_bf16_true(tmp_path: Path) -> None:
+    """Lightning's bf16-true casts the module, the loss and token-count sums included: in bfloat16 (8
+    significant bits) the totals drifted and stalled, and val/loss here came out 6.03 for 6.24.
+    MetricsInFloat32 (every task's, through build_trainer) casts the sums back."""
+    import lightning as L
+
+    from lmlab.precision import MetricsInFloat32
+    from lmlab.tokenization import train_bpe
+
+    if not NEWS.exists():
+        pytest.skip(f"real test data missing: {NEWS}")
+    for split, n in (("train", 32), ("validation", 365)):
+        _copy(NEWS / f"{split}.jsonl", tmp_path / f"{split}.jsonl", n)
+    cfg = compose_cfg(["task=summarization", "model=bart", "model.size=tiny", f"data.path={tmp_path}",
+                       "data.max_source_length=32", "data.max_target_length=24", "data.eval_batch_size=4",
+                       "task.generate_val_batches=0"])
+    dm = S.SummarizationDataModule(cfg.data, packing="seq2seq", seed=0)
+    tok = train_bpe(dm.texts_for_tokenizer(), 500, 2)
+    dm.set_tokenizer(tok)
+    task, spec = registry.get("task", "summarization"), registry.get("model", "bart")
+    torch.manual_seed(0)
+    module = task.build_module(cfg, build_model(spec, task.head(cfg), build_hf_config(spec, cfg.model, tok, 64)), tok)
+    trainer = L.Trainer(accelerator="cpu", devices=1, precision="bf16-true", logger=False, callbacks=[MetricsInFloat32()],
+                        enable_progress_bar=False, enable_model_summary=False)  # lmlab's build_trainer adds it
+    (logged,) = trainer.validate(module, datamodule=dm)
+
+    module.eval()
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for batch in dm.val_dataloader():
+            loss_sum, count = module.token_losses(batch)
+            total, tokens = total + float(loss_sum), tokens + int(count)
+    assert module.model.dtype == torch.bfloat16 and tokens > 4096  # past where bf16 counts exactly
+    assert logged["val/loss"] == pytest.approx(total / tokens, rel=1e-4)

@@ -541,6 +541,9 @@ def generation_settings(task_cfg: DictConfig, tokenizer: Any) -> dict[str, Any]:
     # Set even when off (0): a loaded model's generation config (facebook/bart-large-cnn's, or an export
     # trained with 3) would otherwise go on blocking n-grams that task.generation turned off.
     settings["no_repeat_ngram_size"] = int(gen.get("no_repeat_ngram_size") or 0)
+    # Likewise a loaded summarizer's minimum length (facebook/bart-large-cnn's min_length=56, -xsum's 11):
+    # it would keep EOS blocked past task.generation.max_new_tokens, so every summary ran to the cap.
+    settings["min_length"], settings["min_new_tokens"] = 0, None
     return settings
 
 
