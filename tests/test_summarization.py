@@ -737,3 +737,41 @@ def test_validation_loss_is_summed_in_float32_under_bf16_true(tmp_path: Path) ->
             total, tokens = total + float(loss_sum), tokens + int(count)
     assert module.model.dtype == torch.bfloat16 and tokens > 4096  # past where bf16 counts exactly
     assert logged["val/loss"] == pytest.approx(total / tokens, rel=1e-4)
+
+
+def test_a_t5_source_prefix_comes_from_the_model_or_data_and_reaches_the_export_config(news: Path,
+                                                                                       tmp_path: Path) -> None:
+    """t5-small was trained on "summarize: <document>" and says so in task_specific_params; without the
+    prefix it is fine-tuned on inputs it never saw (HF run_summarization's --source_prefix). null takes
+    the model's, "" none, a string that one; a prefix in use is written into the config the run exports."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from lmlab.tokenization import train_bpe
+    from lmlab.train import prepare_model_and_tokenizer
+
+    common = [*TINY, "task=summarization", "model=t5", f"data.path={news}", "data.max_source_length=64"]
+    dm = S.SummarizationDataModule(compose_cfg(common).data, packing="seq2seq", seed=0)
+    tok = train_bpe(dm.texts_for_tokenizer(), 500, 2)
+    params = {"summarization": {"prefix": "summarize: ", "min_length": 30},
+              "translation_en_to_de": {"prefix": "translate English to German: "}}
+    config = T5Config(num_layers=1, d_model=16, d_kv=8, num_heads=2, d_ff=32, vocab_size=len(tok),
+                      decoder_start_token_id=tok.pad_token_id or 0, task_specific_params=params)
+    T5ForConditionalGeneration(config).save_pretrained(tmp_path / "t5")
+    tok.save_pretrained(tmp_path / "t5")
+    task, spec = registry.get("task", "summarization"), registry.get("model", "t5")
+
+    def first_input(*extra: str) -> tuple[bool, dict]:
+        """Whether the first training document is read after "summarize:", and the model's task params."""
+        cfg = compose_cfg([*common, *extra])
+        dm = S.SummarizationDataModule(cfg.data, packing="seq2seq", seed=0)
+        tokenizer, model, _ = prepare_model_and_tokenizer(cfg, task, spec, dm)
+        dm.setup("fit")
+        marker = tokenizer("summarize:", add_special_tokens=False)["input_ids"]
+        prefixed = dm.datasets["train"].items[0]["input_ids"][:len(marker)] == marker
+        return prefixed, getattr(model.config, "task_specific_params", None) or {}
+
+    assert first_input(f"model.pretrained={tmp_path / 't5'}") == (True, params)  # the model's; its other tasks kept
+    assert first_input(f"model.pretrained={tmp_path / 't5'}", "data.source_prefix=")[0] is False
+    # From scratch: the data's prefix, written into the config; nothing asked, nothing written.
+    assert first_input("data.source_prefix='summarize: '") == (True, {"summarization": {"prefix": "summarize: "}})
+    assert first_input() == (False, {})

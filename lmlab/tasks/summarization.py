@@ -386,6 +386,21 @@ class Collator:
         return batch
 
 
+def model_prefix(config: Any) -> str:
+    """The source prefix a model's config carries (T5's ``task_specific_params.summarization.prefix``,
+    "summarize: "), as Hugging Face's summarization pipeline reads it; "" without one."""
+    params = getattr(config, "task_specific_params", None) or {}
+    return str((params.get("summarization") or {}).get("prefix") or "")
+
+
+def source_prefix(data_cfg: DictConfig, config: Any) -> str:
+    """``data.source_prefix``, or when it is null the prefix of the model (``config``, None: none)."""
+    given = data_cfg.get("source_prefix")
+    if given is not None:
+        return str(given)
+    return model_prefix(config) if config is not None else ""
+
+
 class SummarizationDataModule(L.LightningDataModule):
     """Document/summary pairs -> padded batches for an encoder-decoder or a decoder-only model."""
 
@@ -398,6 +413,8 @@ class SummarizationDataModule(L.LightningDataModule):
                              "(use it with task=summarization)")
         self.cfg, self.layout, self.seed = data_cfg, packing, seed
         self.splits, self.origin = load_pairs(data_cfg)
+        self.prefix = source_prefix(data_cfg, None)
+        self._starting_params: dict[str, Any] = {}  # the starting model's task_specific_params, kept whole
         self.tokenizer: Any = None
         self.datasets: dict[str, Examples] = {}
         self.stats: dict[str, Any] = {f"{name}_pairs": len(pairs) for name, pairs in self.splits.items()}
@@ -419,6 +436,28 @@ class SummarizationDataModule(L.LightningDataModule):
 
     def texts_for_tokenizer(self) -> list[str]:
         return self._texts("train")
+
+    def start_from(self, model: Any) -> None:
+        """The model the run starts from (``model_labels.StartingModel``, or None): with data.source_prefix
+        null, its summarization prefix is put before every document (t5-small's "summarize: ")."""
+        config = None
+        if model is not None:
+            from lmlab import pretrained
+
+            config = pretrained._auto_config(model.source, model.trust_remote_code)
+            self._starting_params = dict(getattr(config, "task_specific_params", None) or {})
+        self.prefix = source_prefix(self.cfg, config)
+        if self.prefix:
+            log.info("Summarization: every document is read after the prefix %r", self.prefix)
+
+    def model_config_updates(self) -> dict[str, Any]:
+        """The prefix in the model's config, so the export (and Hugging Face's pipeline) reads documents
+        as the run trained on them; nothing without one."""
+        if not self.prefix:
+            return {}
+        params = dict(self._starting_params)
+        params["summarization"] = {**(params.get("summarization") or {}), "prefix": self.prefix}
+        return {"task_specific_params": params}
 
     def set_tokenizer(self, tokenizer: Any) -> None:
         """Encode with ``tokenizer``; for an encoder-decoder it is made to end each text with EOS.
@@ -463,11 +502,12 @@ class SummarizationDataModule(L.LightningDataModule):
         truncated, total = 0, 0
         for split, pairs in self.splits.items():
             items = []
+            documents = [self.prefix + d for d in pairs.documents] if self.prefix else pairs.documents
             if self.layout == "seq2seq":
-                sources = self._encode(pairs.documents, True)
+                sources = self._encode(documents, True)
                 targets = self._encode(pairs.summaries, True)
             else:
-                sources = self._encode(pairs.documents, False)
+                sources = self._encode(documents, False)
                 targets = self._encode(pairs.summaries, False)
             for i, (src, tgt) in enumerate(zip(sources, targets, strict=True)):
                 if self.layout == "seq2seq":
@@ -811,7 +851,10 @@ def predict(cfg: DictConfig, module: SummarizationModule, tokenizer: Any, traine
     separator = tokenizer([str(data.get("separator") or "")], add_special_tokens=False)["input_ids"][0] \
         if layout == "causal" and data.get("separator") else []
     max_source, _ = limits(data, layout, len(separator))
-    sources = tokenizer(documents, add_special_tokens=layout == "seq2seq")["input_ids"]
+    prefix = source_prefix(data, module.model.config)  # the export carries the prefix it trained with
+    if prefix:
+        log.info("Summarization: every document is read after the prefix %r", prefix)
+    sources = tokenizer([prefix + d for d in documents], add_special_tokens=layout == "seq2seq")["input_ids"]
     items = []
     for i, src in enumerate(sources):
         if layout == "seq2seq":
