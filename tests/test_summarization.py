@@ -79,6 +79,27 @@ def test_bleu_and_rouge_match_the_reference_implementations() -> None:
     assert S.bleu([], []) == 0.0
 
 
+def test_rouge_of_summaries_in_other_scripts_needs_the_unicode_tokenizer(caplog: pytest.LogCaptureFixture) -> None:
+    """rouge-score keeps a-z and 0-9 only: a Chinese or Russian summary scored ROUGE 0 against itself,
+    without a word. The default warns (once) and task.rouge_tokenizer=unicode scores every script;
+    English scores are the same under both."""
+    refs = ["北京大学今天宣布新的研究计划", "Москва приняла новый бюджет на следующий год"]
+    hyps = ["北京大学宣布研究计划", "Москва приняла бюджет"]
+    S._warned_rouge_letters = False
+    with caplog.at_level("WARNING", logger="lmlab.tasks.summarization"):
+        default = S.rouge(refs, refs)
+        S.rouge(refs, refs)
+    assert default["rouge1"] == 0.0 and caplog.text.count("Set task.rouge_tokenizer=unicode") == 1
+    assert all(v == pytest.approx(1.0) for v in S.rouge(refs, refs, "unicode").values())
+    partial = S.rouge(hyps, refs, "unicode")
+    assert 0.3 < partial["rouge1"] < 1.0 and partial["rouge2"] < partial["rouge1"]
+    english_h = ["the cat sat on the mat today", "Stocks fall as oil prices climb", "don't_stop 2024"]
+    english_r = ["the cat is sitting on the mat", "Stocks falling while oil price climbs", "dont stop in 2024"]
+    assert S.rouge(english_h, english_r, "unicode") == pytest.approx(S.rouge(english_h, english_r))
+    with pytest.raises(LmlabError, match="'task.rouge_tokenizer': unknown tokenizer 'spacy'"):
+        S.validate(compose_cfg(["task=summarization", "task.rouge_tokenizer=spacy"]))
+
+
 # -- configuration -------------------------------------------------------------------------------------
 def test_config_picks_bart_and_bbc_headlines() -> None:
     cfg = compose_cfg(["task=summarization"])

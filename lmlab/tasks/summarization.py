@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -95,11 +96,54 @@ def bleu(hypotheses: list[str], references: list[str]) -> float:
     return float(sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score)
 
 
-def rouge(hypotheses: list[str], references: list[str]) -> dict[str, float]:
-    """Mean ROUGE-1/2/L F-measure (rouge-score, Porter stemmer), 0-1."""
+ROUGE_TOKENIZERS = ("default", "unicode")
+# CJK ideographs, kana and Hangul syllables are scored one character each (text there has no spaces);
+# every other run of word characters is one token.
+_CHARACTER_SCRIPTS = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff"
+_UNICODE_TOKEN = re.compile(f"[{_CHARACTER_SCRIPTS}]|[^\\W_{_CHARACTER_SCRIPTS}]+")
+_ASCII_WORD = re.compile(r"^[a-z0-9]+$")
+_warned_rouge_letters = False
+
+
+class UnicodeRougeTokenizer:
+    """rouge-score's tokenizer, for every script: rouge-score keeps only a-z and 0-9, so a summary in
+    Chinese, Russian or Greek has no token and scores ROUGE 0 against itself. Written here because
+    rouge-score (and Hugging Face's evaluate, which calls it) offers no such tokenizer. ASCII words are
+    stemmed as rouge-score stems them, so English scores are unchanged."""
+
+    def __init__(self) -> None:
+        from nltk.stem import porter
+
+        self.stemmer = porter.PorterStemmer()
+
+    def tokenize(self, text: str) -> list[str]:
+        tokens = _UNICODE_TOKEN.findall(text.casefold())
+        return [self.stemmer.stem(t) if len(t) > 3 and _ASCII_WORD.match(t) else t for t in tokens]
+
+
+def _warn_of_dropped_letters(references: list[str]) -> None:
+    """Once per process: most letters of the references are no a-z, which rouge-score's tokenizer drops."""
+    global _warned_rouge_letters
+    letters = [c for ref in references for c in ref if c.isalpha()]
+    other = sum(1 for c in letters if not ("a" <= c.lower() <= "z"))
+    if _warned_rouge_letters or not letters or other / len(letters) <= 0.5:
+        return
+    _warned_rouge_letters = True
+    log.warning("ROUGE: %.0f%% of the references' letters are not a-z, and rouge-score's tokenizer drops them "
+                "(their ROUGE is near 0 whatever is generated). Set task.rouge_tokenizer=unicode.",
+                100 * other / len(letters))
+
+
+def rouge(hypotheses: list[str], references: list[str], tokenizer: str = "default") -> dict[str, float]:
+    """Mean ROUGE-1/2/L F-measure (rouge-score, Porter stemmer), 0-1; ``tokenizer``: ``default``
+    (rouge-score's, a-z and 0-9 only, as published scores use) or ``unicode`` (every script)."""
     from rouge_score import rouge_scorer
 
-    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+    if tokenizer == "unicode":
+        scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), tokenizer=UnicodeRougeTokenizer())
+    else:
+        _warn_of_dropped_letters(references)
+        scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
     totals = dict.fromkeys(ROUGE_TYPES, 0.0)
     for hyp, ref in zip(hypotheses, references, strict=True):
         scores = scorer.score(ref, hyp)  # (target, prediction)
@@ -109,8 +153,8 @@ def rouge(hypotheses: list[str], references: list[str]) -> dict[str, float]:
     return {key: value / n for key, value in totals.items()}
 
 
-def score(hypotheses: list[str], references: list[str]) -> dict[str, float]:
-    return {"bleu": bleu(hypotheses, references), **rouge(hypotheses, references)}
+def score(hypotheses: list[str], references: list[str], rouge_tokenizer: str = "default") -> dict[str, float]:
+    return {"bleu": bleu(hypotheses, references), **rouge(hypotheses, references, rouge_tokenizer)}
 
 
 # -- reading document/summary pairs -----------------------------------------------------------------
@@ -750,7 +794,8 @@ class SummarizationModule(L.LightningModule):
             for index, text in pairs:
                 document, reference = dm.example(split, index)
                 rows.append({"document": document, "reference": reference, "generated": text})
-            scores = score([r["generated"] for r in rows], [r["reference"] for r in rows])
+            scores = score([r["generated"] for r in rows], [r["reference"] for r in rows],
+                           str(self.task_cfg.get("rouge_tokenizer") or "default"))
             metrics.update({f"{stage}/{k}": float(v) for k, v in scores.items()})
         log_reduced(self, metrics, prog_bar=stage == "val")
         return rows
@@ -892,6 +937,10 @@ GENERATION_NUMBERS = (
 def validate(cfg: DictConfig) -> None:
     for number in GENERATION_NUMBERS:
         number.check(cfg)
+    tokenizer = cfg.task.get("rouge_tokenizer", "default")
+    if tokenizer not in ROUGE_TOKENIZERS:
+        raise config_error("task.rouge_tokenizer", f"unknown tokenizer '{tokenizer}'",
+                           "Use default (rouge-score's: a-z and 0-9, as published scores) or unicode (every script).")
     if cfg.data.get("datamodule") != "summarization":
         raise config_error("data", f"task=summarization needs summarization data, got datamodule "
                            f"'{cfg.data.get('datamodule')}'",
