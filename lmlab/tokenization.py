@@ -197,20 +197,39 @@ def load_pretrained(path: str, trust_remote_code: bool = False, key: str = "toke
         ) from exc
 
 
-def _load_cached(where: Path) -> Any | None:
+def _special_tokens_of(kind: str, bert_specials: bool) -> dict[str, str]:
+    """The special tokens, by attribute, of the tokenizer ``train_wordpiece`` or ``train_bpe`` returns."""
+    if kind == "wordpiece" or bert_specials:
+        return {"unk_token": "[UNK]", "pad_token": "[PAD]", "cls_token": "[CLS]", "sep_token": "[SEP]",
+                "mask_token": "[MASK]"}
+    return {"bos_token": END_OF_TEXT, "eos_token": END_OF_TEXT, "unk_token": END_OF_TEXT, "pad_token": END_OF_TEXT}
+
+
+def _load_cached(where: Path, specials: dict[str, str]) -> Any | None:
     """The tokenizer cached in ``where``, or None (and a warning naming it) when it cannot be loaded.
 
     An entry cut short or overwritten (a full disk, a copy that stopped) is a miss: the tokenizer is
-    trained again and replaces it, as if it had never been cached.
+    trained again and replaces it, as if it had never been cached. So is one that loads without
+    ``specials``: tokenizer.json alone (tokenizer_config.json lost) loads as a tokenizer with no
+    special tokens, whose causal-LM blocks were packed with nothing between documents.
     """
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(where))
+        tokenizer = AutoTokenizer.from_pretrained(str(where))
     except Exception as exc:  # the tokenizers library raises a plain Exception for a bad tokenizer.json
         log.warning("Cached tokenizer %s is unreadable (%s: %s); training it again and replacing the cache entry",
                     where, type(exc).__name__, " ".join(str(exc).split())[:300])
         return None
+    wrong = {attr: getattr(tokenizer, attr, None) for attr, token in specials.items()
+             if getattr(tokenizer, attr, None) != token}
+    if wrong:
+        log.warning("Cached tokenizer %s lacks its special tokens (%s; is %s/tokenizer_config.json missing or "
+                    "damaged?); training it again and replacing the cache entry",
+                    where, ", ".join(f"{attr} is {value!r}, not {specials[attr]!r}" for attr, value in wrong.items()),
+                    where)
+        return None
+    return tokenizer
 
 
 def get_tokenizer(
@@ -253,7 +272,7 @@ def get_tokenizer(
     where = Path(cache_dir) / "tokenizers" / key
     info = {**params, "path": str(where), "fingerprint": key}
     if (where / "tokenizer.json").exists():
-        cached = _load_cached(where)
+        cached = _load_cached(where, _special_tokens_of(kind, bert_specials))
         if cached is not None:
             log.info("Reusing cached %s tokenizer %s", kind, where)
             return cached, {**info, "cached": True}

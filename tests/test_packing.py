@@ -163,3 +163,34 @@ def test_next_sentence_pairs_from_a_single_document_are_refused_for_training(cap
     _check_nsp_documents(one, "validation")
     assert "the validation split has 1 non-empty document" in caplog.text
     _check_nsp_documents([*one, [[16, 17]]], "train")
+
+
+@pytest.mark.parametrize("packing", ["causal", "masked"])
+def test_real_corpus_blocks_hold_every_token_once_and_splits_share_no_document(wiki_file: Path, tmp_path: Path,
+                                                                                packing: str) -> None:
+    # group_texts semantics end to end: each split is packed on its own, its documents joined by the
+    # separator, and only the tail shorter than one block is left out.
+    from conftest import compose_cfg
+
+    from lmlab.data.text_datamodule import TextDataModule
+    from lmlab.tokenization import encode_texts, train_bpe, train_wordpiece
+
+    texts = [line for line in wiki_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if packing == "causal":
+        tok = train_bpe(texts, vocab_size=800, min_frequency=2)
+    else:
+        tok = train_wordpiece(texts, vocab_size=1500, min_frequency=2, lowercase=True)
+    cfg = compose_cfg(["data=text", f"data.path={wiki_file}", "data.block_size=64", "data.val_fraction=0.1"]).data
+    dm = TextDataModule(cfg, packing=packing, cache_dir=tmp_path / "cache", seed=0)
+    dm.set_tokenizer(tok)
+    dm.setup("fit")
+    assert not set(dm.corpus.train) & set(dm.corpus.validation)
+    assert len(dm.corpus.train) + len(dm.corpus.validation) == len(set(texts))
+    separator = tok.eos_token_id if packing == "causal" else tok.sep_token_id
+    for split, docs in (("train", dm.corpus.train), ("validation", dm.corpus.validation)):
+        stream = [t for ids in encode_texts(tok, docs) for t in (*ids, separator)]
+        rows = dm.splits[split].arrays["input_ids"]
+        body = rows if packing == "causal" else rows[:, 1:-1]
+        dropped = len(stream) - body.size
+        assert 0 <= dropped < body.shape[1], split
+        assert body.reshape(-1).tolist() == stream[: body.size], split

@@ -331,6 +331,33 @@ def test_a_corrupt_cached_tokenizer_is_trained_again(texts, tmp_path, caplog, da
     assert info3["cached"] is True and third(UNICODE_TEXT)["input_ids"] == first(UNICODE_TEXT)["input_ids"]
 
 
+@pytest.mark.parametrize("kind", ["wordpiece", "bpe"])
+@pytest.mark.parametrize("damage", ["config_lost", "config_emptied"])
+def test_a_cached_tokenizer_that_lost_its_special_tokens_is_trained_again(texts, tmp_path, caplog, kind, damage):
+    # tokenizer.json alone (a copy of the cache that stopped before tokenizer_config.json) loads
+    # without error as a tokenizer with no special tokens at all: it was reused, and causal-LM blocks
+    # were packed with nothing between documents (no eos, no sep), masked LM refused for lack of [CLS].
+    spec = BERT if kind == "wordpiece" else GPT2
+    cache = tmp_path / "cache"
+    first, info1 = get_tokenizer(_cfg(kind), spec, lambda: texts, "corpus-a", cache)
+    config = Path(info1["path"]) / "tokenizer_config.json"
+    if damage == "config_lost":
+        config.unlink()
+    else:
+        config.write_text("{}", encoding="utf-8")
+    with caplog.at_level("WARNING", logger="lmlab.tokenization"):
+        again, info2 = get_tokenizer(_cfg(kind), spec, lambda: texts, "corpus-a", cache)
+    assert info2["cached"] is False
+    assert any(info1["path"] in r.getMessage() and "lacks its special tokens" in r.getMessage()
+               for r in caplog.records)
+    for attr in ("eos_token_id", "sep_token_id", "cls_token_id", "pad_token_id", "mask_token_id"):
+        assert getattr(again, attr) == getattr(first, attr), attr
+    third, info3 = get_tokenizer(_cfg(kind), spec, lambda: pytest.fail("read the corpus"), "corpus-a", cache)
+    assert info3["cached"] is True and third.pad_token_id == first.pad_token_id is not None
+    if kind == "wordpiece":
+        assert third("stick insects", "leaf insects")["token_type_ids"][-1] == 1
+
+
 def test_encoding_ignores_the_truncation_and_padding_a_tokenizer_file_stores(tmp_path: Path) -> None:
     """all-MiniLM-L6-v2's tokenizer.json stores truncation and padding at 128: read through the Rust
     backend directly, "hello world" came out as 2 ids and 126 [PAD]s, and every line was cut at 128,

@@ -45,7 +45,8 @@ def pack_causal(docs: Sequence[Sequence[int]], block_size: int, eos_id: int | No
 
 
 def pack_masked(docs: Sequence[Sequence[int]], block_size: int, cls_id: int, sep_id: int, vocab_size: int) -> np.ndarray:
-    """(N, block_size) rows of [CLS] + block_size-2 tokens + [SEP]."""
+    """(N, block_size) rows of [CLS] + block_size-2 tokens + [SEP]; the tail shorter than block_size-2
+    tokens is dropped, as in pack_causal."""
     body = block_size - 2
     stream = _concat(docs, sep_id, _dtype_for(vocab_size))
     n = len(stream) // body

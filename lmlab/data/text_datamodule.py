@@ -7,8 +7,11 @@ skips tokenizing entirely; the cache is written atomically.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +111,22 @@ def _tokenizer_fingerprint(tokenizer: Any) -> str:
         # Without a pretrained file's stored truncation and padding, which encoding ignores and
         # tokenizer(...) clears: with them the key would depend on whether anything called it first.
         return fingerprint.of_params(tokenizer=unbounded_backend(backend).to_str())[:16]
-    return fingerprint.of_params(name=tokenizer.name_or_path, vocab=len(tokenizer))[:16]
+    # A tokenizer without a Rust backend (transformers' Python ones, e.g. ProphetNet's, or remote code)
+    # is keyed by the files it saves: keyed by its path and size, a vocabulary edited in place kept the
+    # blocks encoded with the old one. The vocabulary too: save_vocabulary writes nothing for a
+    # tokenizer that keeps it in no attribute transformers knows.
+    digest = hashlib.sha256(type(tokenizer).__name__.encode())
+    digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            tokenizer.save_pretrained(tmp)
+        except NotImplementedError:  # remote code without save_vocabulary: its vocabulary keys it alone
+            return digest.hexdigest()[:16]
+        for path in sorted(Path(tmp).rglob("*")):
+            if path.is_file():
+                digest.update(f"\x00{path.relative_to(tmp).as_posix()}\x00".encode())
+                digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 class TextDataModule(L.LightningDataModule):
@@ -164,13 +182,22 @@ class TextDataModule(L.LightningDataModule):
         if loaded is None:
             writable_cache_dir(where.parent)  # before the tokenizing, whose blocks would have nowhere to go
             log.info("Tokenizing and packing %d + %d documents", len(self.corpus.train), len(self.corpus.validation))
+            packed = {split: self._pack(docs, split)
+                      for split, docs in (("train", self.corpus.train), ("validation", self.corpus.validation))}
             with atomic_dir(where) as tmp:
-                for split, docs in (("train", self.corpus.train), ("validation", self.corpus.validation)):
-                    for name, array in self._pack(docs, split).items():
+                for split, arrays in packed.items():
+                    for name, array in arrays.items():
                         np.save(tmp / f"{split}.{name}.npy", array)
                 (tmp / "done").write_text("ok\n")
-            # Just written: unreadable now is a real error.
-            loaded = _load_blocks(where, self.block_size, layout.ARRAYS[self.packing_mode])
+            try:
+                loaded = _load_blocks(where, self.block_size, layout.ARRAYS[self.packing_mode])
+            except UnreadableCache as exc:
+                # Another process filling the same entry (a DDP rank, a sweep job) swaps its copy in
+                # with two renames, between which the entry is missing: read then, it crashed a few
+                # of every thousand concurrent writes. Its copy holds these same blocks.
+                log.info("Tokenized-data cache entry %s was being replaced by another process as it was read "
+                         "(%s); using the blocks packed here", where, exc.reason)
+                loaded = packed
         for split, arrays in loaded.items():
             self.splits[split] = BlockDataset(arrays)
         n_train = len(self.splits["train"])
