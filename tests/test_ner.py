@@ -814,3 +814,21 @@ def test_a_tokenizer_with_ids_past_the_models_embeddings_is_a_clear_error(home: 
                                intermediate_size=16)).save_pretrained(str(where))
     with pytest.raises(LmlabError, match=r"tokenizer has \d+ tokens but the model's embeddings have 8 rows"):
         run_in(home, "task=ner", f"data.path={ner_dir}", f"model.pretrained={where}")
+
+
+def test_the_same_tokens_split_into_other_sentences_get_another_tokenizer_key(tmp_path: Path) -> None:
+    """The fingerprint (the trained tokenizer's cache key) hashed one flat token list: sentences merged
+    pairwise kept the key, so a tokenizer trained on the other sentences was reused."""
+    sentences = [(["EU", "rejects", "German", "call"], ["B-ORG", "O", "B-MISC", "O"]),
+                 (["Peter", "Blackburn"], ["B-PER", "I-PER"]), (["BRUSSELS", "today"], ["B-LOC", "O"]),
+                 (["Britain", "said"], ["B-LOC", "O"])]
+    merged = [(sentences[0][0] + sentences[1][0], sentences[0][1] + sentences[1][1]),
+              (sentences[2][0] + sentences[3][0], sentences[2][1] + sentences[3][1])]
+    keys = []
+    for name, rows in (("split", sentences), ("merged", merged)):
+        (tmp_path / name).mkdir()
+        write_conll(tmp_path / name / "train.conll", rows * 3)
+        write_conll(tmp_path / name / "validation.conll", rows)
+        dm = NerDataModule(ner_data_cfg(tmp_path / name), packing="token_classification", cache_dir=tmp_path / "c")
+        keys.append((dm.fingerprint, dm.texts_for_tokenizer()))
+    assert keys[0][1] != keys[1][1] and keys[0][0] != keys[1][0]

@@ -672,7 +672,9 @@ class NerDataModule(L.LightningDataModule):
 
     @property
     def fingerprint(self) -> str:
-        texts = [f"{t}\x02{g}" for s in self.sentences["train"] for t, g in zip(s.tokens, s.tags)]
+        # One text per sentence: the tokenizer trains on sentences (texts_for_tokenizer), so the same
+        # tokens split into other sentences are other training data and need their own key.
+        texts = ["\x03".join(f"{t}\x02{g}" for t, g in zip(s.tokens, s.tags)) for s in self.sentences["train"]]
         return fingerprint.of_texts(["ner", *texts])
 
     def texts_for_tokenizer(self) -> list[str]:
