@@ -7,7 +7,7 @@ import math
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 
 from lmlab.errors import LmlabError, config_error
 
@@ -15,13 +15,33 @@ SCHEDULES = ("cosine", "linear", "constant")
 log = logging.getLogger("lmlab")
 
 
+# Normalisation layers by type: torch's own, and model code's that subclass nn.Module directly
+# (T5LayerNorm, LlamaRMSNorm, ...), which only their class name tells apart.
+NORM_TYPES: tuple[type, ...] = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.LocalResponseNorm,
+                                torch.nn.modules.batchnorm._NormBase)
+if hasattr(torch.nn, "RMSNorm"):  # torch >= 2.4
+    NORM_TYPES += (torch.nn.RMSNorm,)
+
+
+def _is_norm(module: torch.nn.Module) -> bool:
+    return isinstance(module, NORM_TYPES) or type(module).__name__.endswith("Norm")
+
+
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    # Biases and norm weights are not decayed (as in GPT-2/BERT training code).
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+    # Biases and norm weights are not decayed (as in GPT-2/BERT training code), told apart by the layer
+    # holding them rather than by name: a projection whose name happens to hold "norm" is still decayed.
+    # T5's relative_attention_bias is an embedding table of additive attention biases: a bias, as the
+    # Hugging Face Trainer also counts it. A weight shared by two layers (GPT-2's lm_head and wte) is
+    # listed once, in the group of the layer seen first (torch refuses a parameter in two groups).
+    decay, no_decay, seen = [], [], set()
+    for module_name, module in model.named_modules():
+        is_bias_table = module_name.rsplit(".", 1)[-1].endswith("bias")
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))
+            undecayed = param.ndim < 2 or name == "bias" or is_bias_table or _is_norm(module)
+            (no_decay if undecayed else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -102,12 +122,75 @@ def check_schedule_name(name: object) -> None:
                            f"Use scheduler=cosine, linear or constant (scheduler.name: one of {', '.join(SCHEDULES)}).")
 
 
+class Schedule(torch.optim.lr_scheduler.LambdaLR):
+    """LambdaLR whose restored step trains at this schedule's rate.
+
+    A checkpoint's optimizer carries the rate its own schedule set for the next step. A resume that
+    changes the run's length (``trainer.max_steps``, or a finished run trained longer) builds this
+    schedule for the new total, so that step must take this schedule's rate, not the old one's: a
+    finished cosine run extended from 6 to 10 steps trained step 6 at the old floor (0.1 x lr) instead
+    of 0.38 x lr. Lightning loads the optimizer's state before the scheduler's, so setting it here wins.
+    """
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        for group, base, factor in zip(self.optimizer.param_groups, self.base_lrs, self.lr_lambdas):
+            group["lr"] = base * factor(self.last_epoch)
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+
+def _number(cfg: DictConfig, key: str, default: float | None = None) -> float:
+    """``cfg[key]`` as a finite float (null: ``default``), else an error naming ``optimizer.key``."""
+    value = cfg.get(key)
+    if value is None and default is not None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise config_error(f"optimizer.{key}", f"'{value}' is not a finite number",
+                           f"Use e.g. optimizer.{key}={EXAMPLES[key]}.")
+    return float(value)
+
+
+EXAMPLES = {"lr": "3e-4", "eps": "1e-8", "weight_decay": "0.01"}
+
+
+def adamw_arguments(opt_cfg: DictConfig) -> dict[str, Any]:
+    """AdamW's lr, betas, eps and weight_decay from ``optimizer.*``, each checked and named when wrong.
+
+    ``lmlab.checks`` refuses these before a run starts; a plugin's module calling ``build`` directly
+    gets the same named errors here instead of torch's "Invalid beta parameter at index 0: 1.0".
+    ``optimizer.weight_decay: null`` (which lmlab.checks allows) is no decay.
+    """
+    lr = _number(opt_cfg, "lr")
+    if lr <= 0:
+        raise config_error("optimizer.lr", f"{lr} is not positive", "Use e.g. optimizer.lr=3e-4.")
+    eps = _number(opt_cfg, "eps")
+    weight_decay = _number(opt_cfg, "weight_decay", default=0.0)
+    for key, value in (("eps", eps), ("weight_decay", weight_decay)):
+        if value < 0:
+            raise config_error(f"optimizer.{key}", f"{value} is negative", f"Use e.g. optimizer.{key}={EXAMPLES[key]}.")
+    betas = opt_cfg.get("betas")
+    values = list(betas) if isinstance(betas, (list, tuple, ListConfig)) else None
+    if values is None or len(values) != 2 or not all(
+            isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in values):
+        raise config_error("optimizer.betas", f"'{betas}' is not two numbers from 0 up to (not including) 1",
+                           "Use e.g. optimizer.betas=[0.9,0.95].")
+    return dict(lr=lr, betas=(float(values[0]), float(values[1])), eps=eps, weight_decay=weight_decay)
+
+
+def warmup_steps(sched_cfg: DictConfig, total: int) -> int:
+    """``scheduler.warmup_steps``, else ``warmup_ratio`` of ``total`` rounded up, as the Hugging Face
+    Trainer counts it (``math.ceil``): Python's round() halves to even, so 0.05 of 50 steps warmed up
+    for 2 steps but 0.05 of 70 for 4. Rounded to 9 decimals first, so 0.07 x 100 (7.000000000000001) is 7, not 8."""
+    steps = sched_cfg.get("warmup_steps")
+    if steps is not None:
+        return int(steps)
+    return math.ceil(round(float(sched_cfg.get("warmup_ratio") or 0.0) * total, 9))
+
+
 def build(model: torch.nn.Module, opt_cfg: DictConfig, sched_cfg: DictConfig, total_steps: int) -> dict[str, Any]:
     """What ``LightningModule.configure_optimizers`` returns."""
-    if opt_cfg.lr <= 0:
-        raise config_error("optimizer.lr", f"{opt_cfg.lr} is not positive", "Use e.g. optimizer.lr=3e-4.")
-    groups = _param_groups(model, float(opt_cfg.weight_decay))
-    kwargs = dict(lr=float(opt_cfg.lr), betas=tuple(opt_cfg.betas), eps=float(opt_cfg.eps))
+    kwargs = adamw_arguments(opt_cfg)
+    groups = _param_groups(model, kwargs.pop("weight_decay"))
     # torch's fused AdamW updates every parameter in one kernel. On a CPU (torch >= 2.4) the default
     # per-parameter loop took 14 ms of a ~400 ms tiny-GPT-2 step and the fused kernel 2 ms.
     devices = {p.device.type for p in model.parameters()}
@@ -124,13 +207,11 @@ def build(model: torch.nn.Module, opt_cfg: DictConfig, sched_cfg: DictConfig, to
             raise error
         total_steps = 1  # the schedule reads no length
     total = max(1, int(total_steps))
-    warmup = sched_cfg.get("warmup_steps")
-    if warmup is not None and sched_cfg.get("warmup_ratio"):
+    if sched_cfg.get("warmup_steps") is not None and sched_cfg.get("warmup_ratio"):
         # Every scheduler preset sets a ratio, so naming steps is the deliberate choice; said, not silent.
-        log.info("LR warmup: scheduler.warmup_steps=%s (scheduler.warmup_ratio=%s is not used)", warmup,
-                 sched_cfg.warmup_ratio)
-    warmup = int(warmup) if warmup is not None else int(round(float(sched_cfg.warmup_ratio) * total))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(name, warmup, total, float(sched_cfg.get("min_lr_ratio", 0.0)))
-    )
+        log.info("LR warmup: scheduler.warmup_steps=%s (scheduler.warmup_ratio=%s is not used)",
+                 sched_cfg.warmup_steps, sched_cfg.warmup_ratio)
+    # min_lr_ratio: null (allowed by lmlab.checks) decays to 0, as a config without the key does.
+    min_ratio = float(sched_cfg.get("min_lr_ratio") or 0.0)
+    scheduler = Schedule(optimizer, lr_lambda(name, warmup_steps(sched_cfg, total), total, min_ratio))
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}

@@ -23,7 +23,7 @@ from conftest import TINY, WIKI, compose_cfg
 from lmlab import registry
 from lmlab.flops import cpu_peak_flops
 from lmlab.models.build import build_hf_config, build_model
-from lmlab.optim import lr_lambda
+from lmlab.optim import lr_lambda, warmup_steps
 from lmlab.tokenization import get_tokenizer
 from lmlab.train import RunResult, run
 
@@ -213,7 +213,7 @@ def test_mlflow_run_is_recorded(ws: Workspace, name: str, tmp_path: Path) -> Non
     # Each train/lr point is the rate its step trained with: step s (0-based) ran with the schedule
     # at s. Read after the step, it would be the next step's rate (the first one never shown).
     total = int(cfg.trainer.max_steps)
-    warmup = int(round(float(cfg.scheduler.warmup_ratio) * total))
+    warmup = warmup_steps(cfg.scheduler, total)
     factor = lr_lambda(str(cfg.scheduler.name), warmup, total, float(cfg.scheduler.get("min_lr_ratio", 0.0)))
     # The run's total, logged once training ended, sits at its last step (MLflow's default is 0).
     assert [m.step for m in client.get_metric_history(result.run_id, "train/total_tokens")] == [total - 1]
