@@ -86,6 +86,22 @@ def record_job(sweep_dir: str | Path, num: int, **fields: Any) -> dict[str, Any]
     return record
 
 
+def reset_job(ctx: JobContext) -> None:
+    """Job ``ctx.num`` starts: a record an earlier session of the sweep left under that number is dropped.
+
+    A sweep run again in its own directory (hydra.sweep.dir) reuses the job numbers: an earlier
+    session's run id, objective or error must not stick to this attempt (a job failing before its
+    run opens would report the old run's objective, and have that run marked FAILED). A record of
+    this session stays: a requeued SLURM job reopens the run it started, without a new job_started.
+    Optuna's tags, written by the sweeper for this very attempt, stay too.
+    """
+    path = ctx.sweep_dir / JOBS_DIR / f"{ctx.num}.json"
+    previous = _read_json(path) or {}
+    if previous.get("session") == (ctx.sweep or {}).get("session"):
+        return
+    write_json(path, {"num": ctx.num, **({"tags": previous["tags"]} if "tags" in previous else {})})
+
+
 def job_records(sweep_dir: str | Path) -> dict[int, dict[str, Any]]:
     records = {}
     for path in sorted((Path(sweep_dir) / JOBS_DIR).glob("*.json")):
@@ -206,7 +222,8 @@ def child_tags(ctx: JobContext, experiment_id: str, tracking_uri: str) -> dict[s
 
 def job_started(ctx: JobContext, run_id: str) -> None:
     record_job(ctx.sweep_dir, ctx.num, run_id=run_id, status="RUNNING", started=time.time(),
-               objective=None, finished=None, host=socket.gethostname(), pid=os.getpid())
+               objective=None, finished=None, host=socket.gethostname(), pid=os.getpid(),
+               session=(ctx.sweep or {}).get("session"))
 
 
 def job_killed(sweep_dir: str | Path, num: int) -> None:

@@ -18,6 +18,7 @@ import socket
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lmlab.errors import LmlabError
 from lmlab.sweep import (SWEEP_FILE, how_to_resume, job_context, job_records, objective_direction, read_sweep,
-                         record_job, write_json)
+                         record_job, reset_job, write_json)
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,8 @@ def open_parent(config: DictConfig) -> dict[str, Any]:
         "tracking_uri": uri, "experiment_id": experiment_id, "swept_keys": _swept_keys(config),
         "direction": _direction(config), "sweep_dir": str(sweep_dir.resolve()),
         "host": socket.gethostname(), "pid": os.getpid(),
+        # Tells this session's job records from those an earlier one left in the same directory.
+        "session": uuid.uuid4().hex,
     }
     sweeper = config.hydra.sweeper
     study = {f"optuna.{key}": str(sweeper[key]) for key in ("study_name", "storage") if sweeper.get(key)}
@@ -210,7 +213,8 @@ def close_parent(sweep_dir: str | Path, ended_normally: bool) -> str | None:
         client.log_metric(parent, "sweep/trials_finished", float(study.get("n_finished", 0)))
         best = {"objective": study["best_value"], "run_id": study.get("best_mlflow_run_id"),
                 "metric": (best or {}).get("metric"), "optuna_trial": study.get("best_trial"),
-                "overrides": [f"{k}={v}" for k, v in (study.get("best_params") or {}).items()]}
+                "overrides": study.get("best_overrides")
+                or [f"{k}={v}" for k, v in (study.get("best_params") or {}).items()]}
     if best is not None:
         client.log_metric(parent, "best_objective", float(best["objective"]))
         for key, value in (("objective_metric", best.get("metric")), ("best_run_id", best.get("run_id")),
@@ -241,6 +245,19 @@ def close_left_open() -> None:
             log.warning("Could not close the sweep's parent MLflow run in %s: %s", sweep_dir, exc)
 
 
+def _fail_finished_run(cfg: DictConfig, run_id: str) -> None:
+    """A job that failed after its run ended well (its objective missing, say): the child run says FAILED,
+    as the job record and the parent's sweep/jobs_failed do."""
+    from lmlab import tracking
+
+    try:
+        client = tracking.open_client(tracking.tracking_uri(cfg))
+        if client.get_run(run_id).info.status == "FINISHED":
+            client.set_terminated(run_id, "FAILED")
+    except Exception as exc:  # best effort: the job's own error is what the sweep reports
+        log.warning("Could not mark the failed job's MLflow run %s FAILED: %s", run_id, exc)
+
+
 class MlflowSweepCallback(Callback):
     """``hydra.callbacks`` entry: the MLflow parent run of a multirun and the jobs' records."""
 
@@ -267,6 +284,11 @@ class MlflowSweepCallback(Callback):
             atexit.register(close_left_open)
         _open_sweeps.add(Path(info["sweep_dir"]))
 
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        ctx = job_context()
+        if ctx is not None:
+            reset_job(ctx)
+
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         ctx = job_context()
         if ctx is None:
@@ -289,7 +311,9 @@ class MlflowSweepCallback(Callback):
             fields["metric"], fields["direction"], _ = objective_direction(job_return.cfg)
         except Exception:  # best effort: an unknown task, say, already failed the job itself
             pass
-        record_job(ctx.sweep_dir, ctx.num, **fields)
+        record = record_job(ctx.sweep_dir, ctx.num, **fields)
+        if record["status"] == "FAILED" and record.get("run_id"):
+            _fail_finished_run(job_return.cfg, record["run_id"])
         if _interrupted:
             raise KeyboardInterrupt("the sweep was asked to stop")  # no further jobs (Hydra lets it through)
 

@@ -672,3 +672,89 @@ def test_a_sweep_refuses_an_objective_whose_direction_it_cannot_know(tmp_path: P
             sweep.check_sweeper_direction(cfg, "maximize")
     finally:
         HydraConfig.instance().cfg = None
+
+
+@pytest.mark.slow
+def test_a_job_that_fails_after_its_run_ended_leaves_a_failed_child_run(sweeps: Path) -> None:
+    # The run trains and ends well, then the job fails (its objective is missing): before, the
+    # child run stayed FINISHED while the job record and the parent counted a failed job.
+    s = Sweep(sweeps / "fails_after_run")
+    proc = s.run("objective.metric=val/los", "objective.direction=min", "seed=1")
+    assert proc.returncode == 2, describe(proc)
+    assert "the run produced no 'val/los'" in proc.stderr, describe(proc)
+    parent, children = s.runs()
+    assert parent.info.status == "FAILED" and parent.data.metrics["sweep/jobs_failed"] == 1
+    assert [c.info.status for c in children] == ["FAILED"]
+    assert math.isfinite(children[0].data.metrics["val/loss"])  # the run itself is kept as it was
+
+
+@pytest.mark.slow
+def test_a_grid_run_again_in_its_directory_keeps_no_record_of_the_earlier_job(sweeps: Path) -> None:
+    s = Sweep(sweeps / "same_dir")
+    sweep_dir = s.root / "the_sweep"
+    first = s.run(f"hydra.sweep.dir={sweep_dir}", "seed=1")
+    assert first.returncode == 0, describe(first)
+    earlier = sweep.job_records(sweep_dir)[0]
+    assert earlier["status"] == "COMPLETED" and math.isfinite(earlier["objective"])
+
+    # Job 0 again, failing before its run opens: its record held the earlier run and objective, and
+    # the parent named that run the best job of a sweep whose only job failed.
+    again = s.run(f"hydra.sweep.dir={sweep_dir}", "seed=1", "optimizer.lr=abc")
+    assert again.returncode == 2, describe(again)
+    record = sweep.job_records(sweep_dir)[0]
+    assert record["status"] == "FAILED" and "optimizer.lr" in record["error"]
+    assert "run_id" not in record and record.get("objective") is None
+    parent, children = s.runs()
+    assert parent.info.status == "FAILED"
+    assert [c.info.status for c in children] == ["FINISHED"]  # the earlier session's run, untouched
+
+
+def test_an_optuna_parent_records_the_best_trials_overrides_as_hydra_reads_them(tmp_path: Path) -> None:
+    # Before, best_overrides was "name=value" of the searched parameters only: no fixed overrides
+    # (another corpus when run again), no "+" of an appended key, and a value with a comma read
+    # back as a sweep.
+    cfg = compose_hydra(["hparams_search=clm_optuna"], tmp_path / "sweep")
+    cfg.hydra.overrides.task = ["hparams_search=clm_optuna", "data.path=corpus.txt"]
+    info = sweep_parent.open_parent(cfg)
+    space = _space.parse(["hparams_search=clm_optuna", "data.path=corpus.txt", "+model.config.note=choice('a,b', c)",
+                          "optimizer.lr=tag(log, interval(1e-4, 1e-3))"])
+    study = optuna.create_study()
+    for value, note in ((2.0, "c"), (1.0, "a,b")):
+        study.add_trial(optuna.trial.create_trial(params={"model.config.note": note, "optimizer.lr": 5e-4},
+                                                  distributions=space.distributions, value=value))
+    impl = _impl.OptunaSweeperImpl(sampler=OmegaConf.create({"_target_": "optuna.samplers.RandomSampler"}),
+                                   direction="minimize", storage=None, study_name="s", n_trials=2, n_jobs=1,
+                                   max_failure_rate=0.0, params=None, heartbeat_interval=10, grace_period=None)
+    impl._results(study, tmp_path / "sweep", space)
+    assert sweep_parent.close_parent(tmp_path / "sweep", ended_normally=True) == "FINISHED"
+    run = mlflow.MlflowClient(tracking_uri=info["tracking_uri"]).get_run(info["parent_run_id"])
+    assert run.data.metrics["best_objective"] == 1.0
+    best = run.data.tags["lmlab.sweep.best_overrides"]
+    assert best == r"hparams_search=clm_optuna data.path=corpus.txt +model.config.note=a\,b optimizer.lr=0.0005"
+    parsed = _space.parse(best.split(" "))
+    assert not parsed.distributions and parsed.fixed["model.config.note"] == r"+model.config.note=a\,b"
+
+
+def test_a_starting_job_drops_only_an_earlier_sessions_record(tmp_path: Path) -> None:
+    earlier = sweep.JobContext(tmp_path, 0, ["seed=1"], {"parent_run_id": "p", "session": "one"})
+    sweep.job_started(earlier, "run-of-session-one")
+    sweep.record_job(tmp_path, 0, status="COMPLETED", objective=1.5)
+    now = sweep.JobContext(tmp_path, 0, ["seed=1"], {"parent_run_id": "p", "session": "two"})
+    sweep.record_job(tmp_path, 0, tags={"optuna.trial": 4})  # what the Optuna sweeper writes before the launch
+    sweep.reset_job(now)
+    assert sweep.job_records(tmp_path)[0] == {"num": 0, "tags": {"optuna.trial": 4}}
+    # A requeued SLURM job of this session reopens its run without job_started: its run id stays.
+    sweep.job_started(now, "run-of-session-two")
+    sweep.reset_job(now)
+    assert sweep.job_records(tmp_path)[0]["run_id"] == "run-of-session-two"
+
+
+def test_a_searched_string_reaches_the_job_as_that_string() -> None:
+    # Before, choice('16', 'true') handed the job the number 16 and the boolean true (the quotes were
+    # dropped), and a quote inside a value made an override Hydra could not parse.
+    space = _space.parse(["logger.run_name=choice('16', 'true', \"it's\", plain)"])
+    for value in space.distributions["logger.run_name"].choices:
+        cfg = compose_hydra(space.overrides({"logger.run_name": value}))
+        assert cfg.logger.run_name == value and isinstance(cfg.logger.run_name, str), space.overrides(
+            {"logger.run_name": value})
+    assert space.overrides({"logger.run_name": "plain"}) == ["logger.run_name=plain"]  # no quotes where none are needed

@@ -277,7 +277,7 @@ class OptunaSweeperImpl:
             done += len(trials)
             if failed and len(failed) / len(trials) > self.max_failure_rate:
                 self._stop(study, space, len(trials), failed, target)
-        return self._results(study, sweep_dir)
+        return self._results(study, sweep_dir, space)
 
     def _stop(self, study: optuna.Study, space: _space.SearchSpace, batch: int,
               failed: list[tuple[int, optuna.trial.Trial, JobReturn]], target: int) -> None:
@@ -294,7 +294,7 @@ class OptunaSweeperImpl:
                 study.enqueue_trial(other.params, user_attrs={RETRY_OF: other.number})
         if error is None:
             _ = ret.return_value  # Hydra's own report, with the traceback
-        self._results(study, Path(str(self.config.hydra.sweep.dir)))
+        self._results(study, Path(str(self.config.hydra.sweep.dir)), space)
         searched = set(space.keys.values())
         values = " ".join(o for o in ret.overrides or [] if o.split("=", 1)[0] in searched)
         more = f", {len(failed)} of the {batch} jobs of its batch did" if batch > 1 else ""
@@ -363,14 +363,17 @@ class OptunaSweeperImpl:
                     raise
         return failed
 
-    def _results(self, study: optuna.Study, sweep_dir: Path) -> dict[str, Any]:
+    def _results(self, study: optuna.Study, sweep_dir: Path, space: _space.SearchSpace) -> dict[str, Any]:
         complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         results: dict[str, Any] = {"name": "optuna", "study_name": study.study_name, "storage": self.storage_url,
                                    "direction": self.direction, "n_complete": len(complete),
                                    "n_finished": len(finished_trials(study))}
         if complete:
             best = study.best_trial
+            # The best job's overrides as Hydra reads them, fixed ones included (as a grid's parent
+            # records them): `lmlab <best_overrides>` trains that trial again.
             results.update(best_trial=best.number, best_value=best.value, best_params=best.params,
+                           best_overrides=space.overrides(best.params),
                            best_mlflow_run_id=best.user_attrs.get("mlflow_run_id"))
             log.info("Best trial %d: %s = %s, params %s", best.number, self.direction, best.value, best.params)
         OmegaConf.save(OmegaConf.create(results), sweep_dir / "optimization_results.yaml")

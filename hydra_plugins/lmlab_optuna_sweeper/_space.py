@@ -2,7 +2,8 @@
 
     choice(a, b, c) or a,b,c        categorical
     range(1, 10, 2)                 integers 1, 3, ..., 9 (floats when an end or the step is one)
-    interval(1e-5, 1e-3)            uniform float (integer when both ends are integers)
+    interval(1e-5, 1e-3)            uniform float (Hydra reads an interval's ends as floats, so
+                                    interval(1, 8) is one too; int(interval(1, 8)) for integers)
     tag(log, interval(1e-5, 1e-3))  log-uniform
 """
 
@@ -13,7 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override, QuotedString, RangeSweep, Transformer
+from hydra.core.override_parser.types import (ChoiceSweep, IntervalSweep, Override, Quote, QuotedString, RangeSweep,
+                                             Transformer)
 from hydra.errors import HydraException
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 
@@ -29,12 +31,29 @@ class SearchSpace:
     fixed: dict[str, str] = field(default_factory=dict)
 
     def overrides(self, values: dict[str, Any]) -> list[str]:
-        searched = [f"{self.keys[name]}={Transformer.str(value)}" for name, value in values.items()]
+        # A resumed study's best trial may hold a key this session no longer searches: as Optuna named it.
+        searched = [f"{self.keys.get(name, name)}={value_str(value)}" for name, value in values.items()]
         return [*self.fixed.values(), *searched]
 
     def grid(self) -> dict[str, list[Any]]:
         """Every value of each parameter, for Optuna's GridSampler."""
         return {name: grid_values(name, dist) for name, dist in self.distributions.items()}
+
+
+def value_str(value: Any) -> str:
+    """``value`` as an override's value that Hydra reads back as the same value and type.
+
+    A choice of quoted strings ('16', 'true', 'null') left bare would reach the job as a number, a
+    boolean or null, and a quote inside one would not parse; such a string keeps its quotes.
+    """
+    bare = Transformer.str(value)
+    if not isinstance(value, str):
+        return bare
+    try:
+        same = OverridesParser.create().parse_override(f"key={bare}").value() == value
+    except HydraException:
+        same = False
+    return bare if same else QuotedString(text=value, quote=Quote.single).with_quotes()
 
 
 def parse(arguments: list[str]) -> SearchSpace:
