@@ -382,8 +382,15 @@ class _SkippableBatches(Sampler[list[int]]):
         return len(self.batches)
 
     def __iter__(self) -> Iterator[list[int]]:
+        # The skip is taken when the pass yields its first batch, not when iter() is called: a
+        # DataLoader with workers calls iter() twice as it builds its iterator (in
+        # _BaseDataLoaderIter.__init__, then in _reset) and reads only the second, so a skip taken by
+        # the first was lost and the resumed epoch started over (num_workers=2: 5 batches repeated).
+        return self._pass()
+
+    def _pass(self) -> Iterator[list[int]]:
         skip, self.skip = self.skip, 0
-        return itertools.islice(iter(self.batches), skip, None)
+        yield from itertools.islice(iter(self.batches), skip, None)
 
 
 # DataLoader arguments carried over when a loader is rebuilt as a ResumableLoader.

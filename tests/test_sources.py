@@ -491,3 +491,61 @@ def test_a_corrupt_tokenized_data_cache_entry_is_rebuilt(tmp_path, caplog, damag
     assert [second.splits["train"][i]["input_ids"].tolist() for i in range(len(second.splits["train"]))] == want
     third = setup()  # the rebuilt entry is reused
     assert third.cache_hit is True and len(third.splits["train"]) == len(want)
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-16", "utf-16-le", "utf-16-be", "utf-32-le"])
+def test_a_byte_order_mark_opens_no_document_in_any_unicode_encoding(tmp_path, wiki_file, encoding):
+    """Windows' "Unicode" text is UTF-16 LE with a mark; read as data.encoding=utf-16-le, the mark
+    was the first character of the first document (and of a JSON-lines file's first line, malformed)."""
+    docs = _lines(wiki_file)[:30]
+    path = tmp_path / "windows.txt"
+    path.write_bytes(BOM.encode(encoding) * (encoding != "utf-16") + "\r\n".join(docs).encode(encoding))
+    corpus = load_corpus(data_cfg(f"data.path={path}", f"data.encoding={encoding}"))
+    assert sorted(corpus.train + corpus.validation) == sorted(docs)
+
+
+def test_a_pretty_printed_json_array_is_named_as_such_not_a_malformed_line(tmp_path, wiki_file):
+    docs = _lines(wiki_file)[:5]
+    path = tmp_path / "export.json"
+    path.write_text(json.dumps([{"text": d} for d in docs], indent=2), encoding="utf-8")
+    with pytest.raises(LmlabError) as info:
+        load_corpus(data_cfg(f"data.path={path}"))
+    message = str(info.value)
+    assert f"{path}, line 1: is one JSON array" in message and "one JSON object per line" in message
+    assert "Fix or delete that line" not in message  # the file is valid JSON: no line of it is to blame
+    # A line that is broken JSON inside JSON lines still names that line.
+    path.write_text(json.dumps({"text": docs[0]}) + "\n" + '{"text": "unterminated\n', encoding="utf-8")
+    with pytest.raises(LmlabError, match=r"line 2: malformed JSON .*Fix or delete that line"):
+        load_corpus(data_cfg(f"data.path={path}"))
+
+
+def test_null_split_seed_carves_as_zero_and_null_val_fraction_says_what_to_set(wiki_file):
+    """checks.py lets both be null; the reader then failed with a bare TypeError from int()/float()."""
+    zero = load_corpus(data_cfg(f"data.path={wiki_file}", "data.split_seed=0"))
+    null = load_corpus(data_cfg(f"data.path={wiki_file}", "data.split_seed=null"))
+    assert (null.train, null.validation) == (zero.train, zero.validation)
+    with pytest.raises(LmlabError, match=r"'data.val_fraction': is null, and .*no validation split.*"
+                                         r"Set data.val_fraction=0.05"):
+        load_corpus(data_cfg(f"data.path={wiki_file}", "data.val_fraction=null")).train
+    # With a validation file the fraction is not read, so null is fine there.
+    root = wiki_file.parent / "named"
+    root.mkdir()
+    (root / "train.txt").write_text("\n".join(_lines(wiki_file)[:50]) + "\n", encoding="utf-8")
+    (root / "dev.txt").write_text("\n".join(_lines(wiki_file)[50:60]) + "\n", encoding="utf-8")
+    assert len(load_corpus(data_cfg(f"data.path={root}", "data.val_fraction=null")).validation) == 10
+
+
+def test_the_carved_split_is_the_same_in_every_process(wiki_file):
+    """Every DDP process carves its own split: another interpreter (another hash seed) must agree."""
+    import os
+    import subprocess
+    import sys
+
+    corpus = load_corpus(data_cfg(f"data.path={wiki_file}", "data.split_seed=5"))
+    code = ("import sys, json; from omegaconf import OmegaConf; from lmlab.data.sources import load_corpus; "
+            "c = load_corpus(OmegaConf.create(json.loads(sys.argv[1]))); print(json.dumps(c.validation))")
+    settings = {"path": str(wiki_file), "text_field": "text", "encoding": "utf-8", "val_fraction": 0.05,
+                "split_seed": 5, "max_documents": None}
+    other = subprocess.run([sys.executable, "-c", code, json.dumps(settings)], capture_output=True, text=True,
+                           timeout=60, env={**os.environ, "PYTHONHASHSEED": "12345"}, check=True)
+    assert json.loads(other.stdout) == corpus.validation and len(corpus.validation) == 30

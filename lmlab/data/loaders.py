@@ -68,7 +68,10 @@ class ShardedSampler(Sampler[int]):
         order = self._order()
         if self.pad and world > 1:
             total = math.ceil(self.size / world) * world
-            order += order[: total - len(order)]
+            # Repeated whole as often as needed, as DistributedSampler does: one copy of the head fell
+            # short when the data had fewer than half as many rows as processes (3 rows, 8
+            # processes: 2 of them got none while len() promised one, and DDP waited on them).
+            order = (order * math.ceil(total / len(order)))[:total] if order else order
         return iter(order[rank::world])
 
     def __len__(self) -> int:

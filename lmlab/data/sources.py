@@ -12,7 +12,6 @@ silently dropped or merged into training (where it could be held-out text).
 
 from __future__ import annotations
 
-import codecs
 import csv
 import hashlib
 import io
@@ -77,19 +76,12 @@ class Corpus:
         return self._documents()[1]
 
 
-def _is_utf8(encoding: str) -> bool:
-    try:
-        return codecs.lookup(encoding).name == "utf-8"
-    except LookupError:
-        return False
-
-
 def decode_file(path: Path, encoding: str = "utf-8", fallback: str | None = None) -> str:
     """The file's text; undecodable bytes are an error naming the line, unless a fallback is set.
 
-    UTF-8 is read as ``utf-8-sig`` reads it: a byte-order mark that opens the file (Windows editors
-    and Excel's "CSV UTF-8" write one) is dropped, not left inside the first token, JSON line or
-    column name.
+    A byte-order mark that opens the file (Windows editors and Excel's "CSV UTF-8" write one) is
+    dropped, not left inside the first token, JSON line or column name, whatever the Unicode
+    encoding: Python's ``utf-16`` drops it, but ``utf-16-le``/``-be`` and ``utf-8`` keep it.
     """
     raw = Path(path).read_bytes()
     try:
@@ -103,7 +95,8 @@ def decode_file(path: Path, encoding: str = "utf-8", fallback: str | None = None
             f"Re-encode the file as {encoding}, or set data.encoding to its real encoding.", line=line,
         ) from exc
     # Stripped after decoding rather than by decoding as utf-8-sig, so error offsets stay the file's.
-    if text.startswith("\ufeff") and _is_utf8(encoding):
+    # U+FEFF decodes only from a Unicode encoding's mark, so any encoding may drop it.
+    if text.startswith("\ufeff"):
         text = text[1:]
     return text
 
@@ -118,12 +111,28 @@ def json_records(path: Path, text: str) -> Iterator[tuple[int, dict[str, Any]]]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
+            if whole_json_array(text):
+                # "Fix or delete that line" would send the user editing a file that is valid JSON.
+                raise file_error(path, "is one JSON array spread over several lines, not JSON lines (one object "
+                                 "per line)", "Write one JSON object per line, e.g. jq -c '.[]' "
+                                 f"{path.name} > {path.stem}.jsonl, and point data.path at that file.",
+                                 line=number) from exc
             raise file_error(path, f"malformed JSON ({exc.msg}, column {exc.colno})",
                              "Fix or delete that line; every line must be one JSON object.", line=number) from exc
         if not isinstance(record, dict):
             raise file_error(path, f"holds a JSON {type(record).__name__}, not an object",
                              "Write one JSON object per line.", line=number)
         yield number, record
+
+
+def whole_json_array(text: str) -> bool:
+    """Whether ``text`` is one JSON array (a pretty-printed ``.json`` export) rather than JSON lines."""
+    if not text.lstrip().startswith("["):
+        return False
+    try:
+        return isinstance(json.loads(text), list)
+    except json.JSONDecodeError:
+        return False
 
 
 # Tables with columns (classification, summarization, predict inputs) by suffix: their delimiter.
@@ -483,8 +492,13 @@ def _splits(splits: dict[str, list[str]], data_cfg: DictConfig) -> tuple[list[st
     if validation:
         warn_if_held_out_in_train(map(text_key, train), {"validation": [text_key(d) for d in validation]}, str(where))
     else:
+        if data_cfg.get("val_fraction") is None:  # checks.py lets it be null: a named split makes it unused
+            raise config_error("data.val_fraction", f"is null, and '{where}' has no validation split, so one must be "
+                               "carved out of its training text", "Set data.val_fraction=0.05, or give the validation "
+                               "text its own file (a directory with train.txt and validation.txt).")
         fraction = float(data_cfg.val_fraction)
-        train, validation = carve_validation(train, fraction, int(data_cfg.split_seed))
+        # Null is 0, as the NER reader takes it: still a fixed split that `seed` does not move.
+        train, validation = carve_validation(train, fraction, int(data_cfg.get("split_seed") or 0))
         total = len(train) + len(validation)
         if not train:
             # The validation carve keeps at least one document, so a one-line file has none left.
@@ -505,7 +519,8 @@ READING_KEYS = ("encoding", "text_field", "val_fraction", "split_seed", "max_doc
 # Part of the stamp key with the settings: bump it when the same files and settings come to give other
 # splits, so that a stamp written before does not hand out the old splits' fingerprint (and caches).
 # 2: duplicates are dropped before the validation split is carved out.
-SPLITTING_VERSION = 2
+# 3: a byte-order mark opening a utf-16-le/-be or utf-32-le/-be file is no longer text.
+SPLITTING_VERSION = 3
 
 
 def load_corpus(data_cfg: DictConfig, stamp_dir: Path | None = None) -> Corpus:
