@@ -549,3 +549,36 @@ def test_the_carved_split_is_the_same_in_every_process(wiki_file):
     other = subprocess.run([sys.executable, "-c", code, json.dumps(settings)], capture_output=True, text=True,
                            timeout=60, env={**os.environ, "PYTHONHASHSEED": "12345"}, check=True)
     assert json.loads(other.stdout) == corpus.validation and len(corpus.validation) == 30
+
+
+@pytest.mark.parametrize("task", ["classification", "summarization", "ner"])
+def test_the_task_readers_take_a_null_split_seed_as_zero_and_name_a_null_val_fraction(task: str, tmp_path) -> None:
+    """checks.py lets data.split_seed and data.val_fraction be null; the task readers called int()/float()
+    on them and stopped with a bare TypeError when a validation split had to be carved."""
+    from conftest import compose_cfg
+    from lmlab import registry
+
+    if task == "classification":
+        data = tmp_path / "rows.csv"
+        data.write_text("text,label\n" + "".join(f"review number {i},{'ab'[i % 2]}\n" for i in range(40)))
+    elif task == "summarization":
+        data = tmp_path / "pairs.jsonl"
+        data.write_text("".join(json.dumps({"document": f"document {i} text", "summary": f"sum {i}"}) + "\n"
+                                for i in range(40)))
+    else:
+        data = tmp_path / "ner"
+        data.mkdir()
+        (data / "train.conll").write_text("".join(f"EU B-ORG\nword{i} O\n\n" for i in range(40)))
+
+    def validation(*extra: str) -> list:
+        cfg = compose_cfg([f"task={task}", f"data.path={data}", "data.test_fraction=0", *extra])
+        spec = registry.get("task", task)
+        dm = registry.get("datamodule", cfg.data.datamodule)(cfg.data, packing=spec.packing(cfg), seed=0,
+                                                              cache_dir=tmp_path / "c")
+        held = dm.splits["validation"] if task != "ner" else dm.sentences["validation"]
+        return [str(x) for x in (held.texts if task == "classification" else held.documents
+                                 if task == "summarization" else held)]
+
+    assert validation("data.split_seed=null") == validation("data.split_seed=0")
+    with pytest.raises(LmlabError, match=r"'data.val_fraction': is null, and .* has no validation split"):
+        validation("data.val_fraction=null")

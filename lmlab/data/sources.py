@@ -492,13 +492,8 @@ def _splits(splits: dict[str, list[str]], data_cfg: DictConfig) -> tuple[list[st
     if validation:
         warn_if_held_out_in_train(map(text_key, train), {"validation": [text_key(d) for d in validation]}, str(where))
     else:
-        if data_cfg.get("val_fraction") is None:  # checks.py lets it be null: a named split makes it unused
-            raise config_error("data.val_fraction", f"is null, and '{where}' has no validation split, so one must be "
-                               "carved out of its training text", "Set data.val_fraction=0.05, or give the validation "
-                               "text its own file (a directory with train.txt and validation.txt).")
-        fraction = float(data_cfg.val_fraction)
-        # Null is 0, as the NER reader takes it: still a fixed split that `seed` does not move.
-        train, validation = carve_validation(train, fraction, int(data_cfg.get("split_seed") or 0))
+        fraction = val_fraction(data_cfg, str(where))
+        train, validation = carve_validation(train, fraction, split_seed(data_cfg))
         total = len(train) + len(validation)
         if not train:
             # The validation carve keeps at least one document, so a one-line file has none left.
@@ -515,6 +510,22 @@ def _splits(splits: dict[str, list[str]], data_cfg: DictConfig) -> tuple[list[st
 
 
 # The data settings that decide which documents a local source gives.
+def split_seed(data_cfg: DictConfig) -> int:
+    """``data.split_seed``; null (which lmlab.checks allows) is 0: still a fixed split that ``seed`` does not move."""
+    return int(data_cfg.get("split_seed") or 0)
+
+
+def val_fraction(data_cfg: DictConfig, where: str) -> float:
+    """``data.val_fraction`` for a source without a validation split; null (allowed where a named split
+    makes it unused) is an error naming the key here, where a split must be carved out of ``where``."""
+    fraction = data_cfg.get("val_fraction")
+    if fraction is None:
+        raise config_error("data.val_fraction", f"is null, and {where} has no validation split, so one must be "
+                           "carved out of its training data", "Set data.val_fraction=0.05, or give the validation "
+                           "data its own file (validation.* beside train.*).")
+    return float(fraction)
+
+
 READING_KEYS = ("encoding", "text_field", "val_fraction", "split_seed", "max_documents")
 # Part of the stamp key with the settings: bump it when the same files and settings come to give other
 # splits, so that a stamp written before does not hand out the old splits' fingerprint (and caches).

@@ -47,7 +47,7 @@ from lmlab.data.catalog import package_dir
 from lmlab.data.loaders import make_loader, predict_in_shares
 from lmlab.data.sources import (SPLIT_STEMS, carve_validation, check_one_source, decode_file, drop_duplicates,
                                 file_listing, json_records, label_conflicts, not_a_string, row_length_fix,
-                                table_reader, text_key, warn_if_held_out_in_train)
+                                split_seed, table_reader, text_key, val_fraction, warn_if_held_out_in_train)
 from lmlab.data.unlabelled import bad_field, line_of_record, read_records
 from lmlab.errors import LmlabError, config_error, file_error
 from lmlab.reduced_logging import log_reduced
@@ -323,11 +323,11 @@ def read_bbc_topics(cfg: DictConfig) -> tuple[dict[str, LabelledSplit], str]:
     for i in distinct_rows(articles):
         by_label.setdefault(articles.labels[i][0], []).append(i)
     splits = {name: LabelledSplit() for name in SPLITS}
-    rng = np.random.default_rng(int(cfg.split_seed))
+    rng = np.random.default_rng(split_seed(cfg))
     for rows in map(articles.subset, by_label.values()):
         order = rng.permutation(len(rows))
         n_test = int(round(len(rows) * float(cfg.test_fraction)))
-        n_val = int(round(len(rows) * float(cfg.val_fraction)))
+        n_val = int(round(len(rows) * val_fraction(cfg, "the bbc_topics catalog")))
         splits["test"].extend(rows.subset(order[:n_test]))
         splits["validation"].extend(rows.subset(order[n_test:n_test + n_val]))
         splits["train"].extend(rows.subset(order[n_test + n_val:]))
@@ -480,7 +480,7 @@ class ClassificationDataModule(L.LightningDataModule):
             raise config_error("data.path", f"{self.origin_or_source()} has no training rows",
                                "Give a train file (train.csv / train.jsonl) with labelled rows.")
         if not splits.get("validation"):
-            fraction, seed = float(self.cfg.val_fraction), int(self.cfg.split_seed)
+            fraction, seed = val_fraction(self.cfg, self.origin_or_source()), split_seed(self.cfg)
             # carve_validation splits a list; carve row indices so that every column follows. They are
             # distinct already, so its own dropping of duplicates finds none.
             tr_idx, val_idx = carve_validation(distinct_rows(train), fraction, seed, key=int)
@@ -550,7 +550,7 @@ class ClassificationDataModule(L.LightningDataModule):
         if not cap:
             return
         cap = int(cap)
-        rng = np.random.default_rng(int(self.cfg.split_seed))
+        rng = np.random.default_rng(split_seed(self.cfg))
         for split, rows in self.splits.items():
             n = cap if split == "train" else max(1, cap // 10)
             if n < len(rows):  # a seeded sample in file order: files sorted by label stay balanced

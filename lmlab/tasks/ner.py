@@ -57,7 +57,7 @@ from lmlab.data import labels as model_labels
 from lmlab.data.catalog import package_dir
 from lmlab.data.loaders import make_loader, predict_in_shares
 from lmlab.data.sources import (check_split_names, decode_file, drop_duplicates, json_records, label_conflicts,
-                                not_a_string, text_key, warn_if_held_out_in_train)
+                                not_a_string, split_seed, text_key, val_fraction, warn_if_held_out_in_train)
 from lmlab.data.unlabelled import line_of_record, read_records
 from lmlab.errors import LmlabError, config_error, file_error
 from lmlab.reduced_logging import log_reduced
@@ -633,7 +633,7 @@ class NerDataModule(L.LightningDataModule):
                                "Set data.path=FILE_OR_DIR (CoNLL or JSON-lines) or use data=wnut16.")
         if not splits.get("train"):
             raise config_error("data.path", f"{origin} has no training split", "Add a train.* file.")
-        carved = self._carve_missing(splits, single_file)
+        carved = self._carve_missing(splits, single_file, origin)
         _warn_if_named_splits_overlap(splits, origin)
         cap = cfg.get("max_documents")
         if cap:
@@ -644,11 +644,11 @@ class NerDataModule(L.LightningDataModule):
                     splits[split] = splits[split][: max(1, cap // 10)]
         return splits, origin, carved
 
-    def _carve_missing(self, splits: dict[str, list[Sentence]], single_file: bool) -> tuple[str, ...]:
+    def _carve_missing(self, splits: dict[str, list[Sentence]], single_file: bool, origin: str) -> tuple[str, ...]:
         """Carve the held-out splits the source lacks out of train (``distinct_sentences`` first);
         the names of those carved."""
         cfg = self.cfg
-        split_seed = int(cfg.get("split_seed") or 0)
+        seed = split_seed(cfg)
         test_fraction = float(cfg.get("test_fraction") or 0)
         carve_test = single_file and not splits.get("test") and test_fraction > 0
         carve_validation = not splits.get("validation")
@@ -657,9 +657,10 @@ class NerDataModule(L.LightningDataModule):
         train = distinct_sentences(splits["train"])
         total = len(train)
         if carve_test:
-            train, splits["test"] = _carve(train, test_fraction, split_seed + 1, "data.test_fraction", total)
+            train, splits["test"] = _carve(train, test_fraction, seed + 1, "data.test_fraction", total)
         if carve_validation:
-            train, splits["validation"] = _carve(train, float(cfg.val_fraction), split_seed, "data.val_fraction", total)
+            train, splits["validation"] = _carve(train, val_fraction(cfg, origin), seed,
+                                               "data.val_fraction", total)
         splits["train"] = train
         return ("test",) * carve_test + ("validation",) * carve_validation
 

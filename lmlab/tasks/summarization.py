@@ -55,7 +55,8 @@ from lmlab.atomic import atomic_text
 from lmlab.data.catalog import package_dir
 from lmlab.data.loaders import forward_is_collective, make_loader, predict_in_shares
 from lmlab.data.sources import (SPLIT_STEMS, check_split_names, decode_file, drop_duplicates, json_records,
-                                not_a_string, row_length_fix, table_reader, text_key, warn_if_held_out_in_train)
+                                not_a_string, row_length_fix, split_seed, table_reader, text_key, val_fraction,
+                                warn_if_held_out_in_train)
 from lmlab.data.unlabelled import bad_field, line_of_record, read_records
 from lmlab.checks import Number
 from lmlab.errors import LmlabError, config_error, file_error
@@ -339,7 +340,7 @@ def load_pairs(data_cfg: DictConfig) -> tuple[dict[str, Pairs], str]:
         raise config_error("data.path", "no data source is set" if not data_cfg.get("catalog") else
                            f"unknown summarization dataset '{data_cfg.catalog}'",
                            "Set data.path=FILE_OR_DIR (JSON lines or CSV with document/summary) or use data=bbc_headlines.")
-    seed = int(data_cfg.split_seed)
+    seed = split_seed(data_cfg)
     if "pool" in splits:
         pool = splits.pop("pool")
         test_fraction = float(data_cfg.get("test_fraction") or 0)
@@ -354,7 +355,8 @@ def load_pairs(data_cfg: DictConfig) -> tuple[dict[str, Pairs], str]:
                            "pairs (no train split, or every document/summary is empty)",
                            "Give a train file with non-empty document and summary fields.")
     if not len(splits.get("validation") or Pairs()):
-        train, splits["validation"] = _carve(train, float(data_cfg.val_fraction), seed, "data.val_fraction")
+        fraction = val_fraction(data_cfg, f"'{data_cfg.get('path') or data_cfg.get('catalog')}'")
+        train, splits["validation"] = _carve(train, fraction, seed, "data.val_fraction")
     splits["train"] = train
     max_docs = data_cfg.get("max_documents")
     if max_docs:
