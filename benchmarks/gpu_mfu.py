@@ -404,7 +404,7 @@ def peak_for(device: str, args: argparse.Namespace) -> float | None:
     """--peak-flops, else lmlab.flops.PEAK_FLOPS by GPU name; None on the CPU (--smoke: MFU n/a)."""
     from lmlab.flops import peak_flops_of
 
-    return args.peak_flops or peak_flops_of(device)
+    return args.peak_flops or peak_flops_of(device, "bf16-mixed")  # every side trains in bf16 autocast
 
 
 def applies(name: str, w: Workload, args: argparse.Namespace) -> str | None:

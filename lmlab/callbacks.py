@@ -13,7 +13,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 
-from lmlab.flops import flops_per_token, peak_flops
+from lmlab.flops import flops_per_token, parameter_count, peak_flops
 from lmlab.step_logging import log_step
 
 log = logging.getLogger("lmlab")
@@ -48,6 +48,7 @@ class TokensPerSecond(L.Callback):
         self.configured_peak = configured_peak
         self.peak: float | None = None  # per device, set at the start of training; None: no MFU
         self._flops_per_token: float | None = None
+        self._params: int | None = None  # N, counted in setup: before FSDP or ZeRO-3 shard the parameters
         self._world_size = 1
         self._restored: dict[str, Any] | None = None  # the checkpoint's counters, for a resumed fit
 
@@ -80,6 +81,13 @@ class TokensPerSecond(L.Callback):
         local = torch.as_tensor(tokens, dtype=torch.float64, device=trainer.strategy.root_device)
         return int(round(float(trainer.strategy.reduce(local, reduce_op="sum"))))
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Lightning calls this before the strategy wraps the model: FSDP's parameters are this
+        # process's shard afterwards, which made an MFU under 2 processes half of the true one.
+        model = getattr(pl_module, "model", None)
+        if stage == "fit" and isinstance(model, torch.nn.Module):
+            self._params = parameter_count(model)
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Only now are the device and the precision plugin known.
         found = peak_flops(self.configured_peak, trainer.strategy.root_device, str(trainer.precision))
@@ -108,7 +116,8 @@ class TokensPerSecond(L.Callback):
         mask = batch.get("attention_mask") if isinstance(batch, dict) else None
         tokens = mask.sum() if mask is not None else int(batch["input_ids"].numel())
         if self.peak and self._flops_per_token is None and hasattr(pl_module, "model"):
-            self._flops_per_token = flops_per_token(pl_module.model, int(batch["input_ids"].shape[-1])) or 0.0
+            self._flops_per_token = flops_per_token(pl_module.model, int(batch["input_ids"].shape[-1]),
+                                                    self._params) or 0.0
         self._tokens = self._tokens + tokens
         self._batches += 1
         if self._batches % self.every == 0:

@@ -18,20 +18,46 @@ import torch
 
 from lmlab.precision import precision_name
 
-# Dense bf16/fp16 tensor-core peak per device, FLOP/s (vendor data sheets, no sparsity).
-PEAK_FLOPS = {
-    "H200": 989e12,
-    "H100": 989e12,
-    "A100": 312e12,
-    "L40S": 362e12,
-    "L4": 121e12,
-    "A10G": 125e12,
-    "A10": 125e12,
-    "V100": 125e12,
-    "RTX 4090": 165e12,
-    "RTX 3090": 71e12,
-    "T4": 65e12,
+# Dense peaks per device (vendor data sheets, no sparsity), FLOP/s, by the number format matrix
+# multiplies run in: bf16 / fp16 on tensor cores, tf32 (fp32 matmuls that torch lets use TF32
+# tensor cores), fp32 (plain fp32). A format a device lacks is absent: no MFU rather than a wrong one.
+# Keys are matched against torch.cuda.get_device_name as whole words, first match wins, so
+# "NVIDIA H100 PCIe" (756 TFLOP/s bf16) is not taken for an SXM H100 (989) nor "NVIDIA L40" for an L4.
+_HOPPER = {"bf16": 989e12, "fp16": 989e12, "tf32": 495e12, "fp32": 67e12}
+PEAK_FLOPS: dict[str, dict[str, float]] = {
+    "H100 PCIe": {"bf16": 756e12, "fp16": 756e12, "tf32": 378e12, "fp32": 51e12},
+    "H100 NVL": {"bf16": 835e12, "fp16": 835e12, "tf32": 418e12, "fp32": 60e12},
+    "H200 NVL": {"bf16": 835e12, "fp16": 835e12, "tf32": 418e12, "fp32": 60e12},
+    "GH200": _HOPPER,
+    "H200": _HOPPER,
+    "H100": _HOPPER,
+    "H800": _HOPPER,
+    "A100": {"bf16": 312e12, "fp16": 312e12, "tf32": 156e12, "fp32": 19.5e12},
+    "A800": {"bf16": 312e12, "fp16": 312e12, "tf32": 156e12, "fp32": 19.5e12},
+    "L40S": {"bf16": 362e12, "fp16": 362e12, "tf32": 183e12, "fp32": 91.6e12},
+    "L40": {"bf16": 181e12, "fp16": 181e12, "tf32": 90.5e12, "fp32": 90.5e12},
+    "L4": {"bf16": 121e12, "fp16": 121e12, "tf32": 60e12, "fp32": 30.3e12},
+    "A10G": {"bf16": 125e12, "fp16": 125e12, "tf32": 62.5e12, "fp32": 31.2e12},
+    "A10": {"bf16": 125e12, "fp16": 125e12, "tf32": 62.5e12, "fp32": 31.2e12},
+    "V100": {"fp16": 125e12, "fp32": 15.7e12},  # no bf16 tensor cores, no TF32
+    "RTX 4090": {"bf16": 165e12, "fp16": 165e12, "tf32": 82.6e12, "fp32": 82.6e12},  # fp32 accumulation
+    "RTX 3090": {"bf16": 71e12, "fp16": 71e12, "tf32": 35.6e12, "fp32": 35.6e12},
+    "T4": {"fp16": 65e12, "fp32": 8.1e12},
 }
+
+
+def matmul_format(precision: str) -> str | None:
+    """The number format a run's matrix multiplies use under Lightning's ``precision``; None when no
+    table speaks to it (fp64, fp8 plugins)."""
+    name = str(precision_name(precision))
+    if name.startswith("bf16"):
+        return "bf16"
+    if name.startswith("16"):
+        return "fp16"
+    if name.startswith("32"):
+        # torch.set_float32_matmul_precision: "high" lets fp32 matmuls use TF32, "medium" bf16.
+        return {"highest": "fp32", "high": "tf32", "medium": "bf16"}[torch.get_float32_matmul_precision()]
+    return None
 
 
 def _first(config: Any, *names: str) -> int | None:
@@ -42,15 +68,28 @@ def _first(config: Any, *names: str) -> int | None:
     return None
 
 
-def flops_per_token(model: torch.nn.Module, sequence: int) -> float | None:
-    """Training FLOPs per token of a Hugging Face transformer at this sequence length."""
+def parameter_count(model: torch.nn.Module) -> int:
+    """N: every parameter of ``model``, a tied one once (``parameters()`` yields it once).
+
+    Take it before a sharding strategy wraps the model: FSDP's parameters are then views of this
+    process's shard (half of N with 2 processes) and DeepSpeed ZeRO-3's are empty (``ds_numel`` keeps
+    the full size).
+    """
+    return sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters())
+
+
+def flops_per_token(model: torch.nn.Module, sequence: int, params: int | None = None) -> float | None:
+    """Training FLOPs per token of a Hugging Face transformer at this sequence length.
+
+    ``params``: N counted earlier (``parameter_count`` before the model was sharded); else counted now.
+    """
     config = getattr(model, "config", None)
     layers = _first(config, "n_layer", "num_hidden_layers", "num_layers")
     heads = _first(config, "n_head", "num_attention_heads", "num_heads")
     width = _first(config, "n_embd", "hidden_size", "d_model")
     if not (layers and heads and width):
         return None
-    params = sum(p.numel() for p in model.parameters())
+    params = parameter_count(model) if params is None else params
     head_dim = _first(config, "d_kv", "head_dim") or width // heads
     return 6.0 * params + 12.0 * layers * heads * head_dim * sequence
 
@@ -106,7 +145,8 @@ def peak_flops(configured: float | None, device: torch.device,
                precision: str = "32-true") -> tuple[float, str] | None:
     """One device's peak FLOP/s for MFU, and where it came from; None when it is not known.
 
-    The configured value (``perf.peak_flops``) wins; a GPU is looked up in ``PEAK_FLOPS`` by name;
+    The configured value (``perf.peak_flops``) wins; a GPU is looked up in ``PEAK_FLOPS`` by name and
+    the format its matrix multiplies run in (an fp32 run on an H100 has 67 TFLOP/s, not bf16's 989);
     a CPU running in fp32 gets ``cpu_peak_flops`` for the threads torch uses. A CPU in bf16 or fp16
     gets none: AMX and AVX512-BF16 peaks are not modelled, and fp32's would make MFU read high.
     """
@@ -114,13 +154,19 @@ def peak_flops(configured: float | None, device: torch.device,
         return float(configured), "perf.peak_flops"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        peak = peak_flops_of(name)
-        return (peak, f"{name} in lmlab.flops.PEAK_FLOPS") if peak else None
+        fmt = matmul_format(precision)
+        peak = peak_flops_of(name, precision)
+        return (peak, f"{name}, {fmt}, in lmlab.flops.PEAK_FLOPS") if peak else None
     if device.type == "cpu" and str(precision_name(precision)).startswith("32"):
         return cpu_peak_flops(torch.get_num_threads())
     return None
 
 
-def peak_flops_of(device_name: str) -> float | None:
-    """The table entry matching a GPU's name (``torch.cuda.get_device_name``), or None."""
-    return next((value for key, value in PEAK_FLOPS.items() if key in device_name), None)
+def peak_flops_of(device_name: str, precision: str = "bf16-mixed") -> float | None:
+    """The dense peak of a GPU (``torch.cuda.get_device_name``) for a run in ``precision``, or None
+    when the device or its format is not in ``PEAK_FLOPS``."""
+    fmt = matmul_format(precision)
+    for key, peaks in PEAK_FLOPS.items():
+        if re.search(rf"(?<!\w){re.escape(key)}(?!\w)", device_name):
+            return peaks.get(fmt) if fmt else None
+    return None

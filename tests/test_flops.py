@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from lmlab.flops import PEAK_FLOPS, cpu_peak_flops, flops_per_token, peak_flops
+from lmlab.flops import PEAK_FLOPS, cpu_peak_flops, flops_per_token, peak_flops, peak_flops_of
 
 
 def test_gpt2_124m_flops_per_token_matches_the_formula() -> None:
@@ -18,7 +18,7 @@ def test_gpt2_124m_flops_per_token_matches_the_formula() -> None:
 
 def test_peak_comes_from_config_or_the_device_table() -> None:
     assert peak_flops(2.5e12, torch.device("cpu")) == (2.5e12, "perf.peak_flops")
-    assert PEAK_FLOPS["H100"] == 989e12
+    assert PEAK_FLOPS["H100"]["bf16"] == 989e12
     assert flops_per_token(object(), 128) is None  # not a transformer config: no MFU, no crash
 
 
@@ -72,3 +72,28 @@ def test_peak_for_a_cpu_run_depends_on_the_precision() -> None:
     assert peak_flops(None, torch.device("meta")) is None
     estimate = cpu_peak_flops(torch.get_num_threads())
     assert peak_flops(None, torch.device("cpu"), "32-true") == estimate
+
+
+@pytest.mark.parametrize("name, bf16", [
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
+    ("NVIDIA H200", 989e12), ("NVIDIA GH200 480GB", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12),
+    ("NVIDIA A100 80GB PCIe", 312e12), ("NVIDIA A10", 125e12), ("NVIDIA L4", 121e12), ("NVIDIA L40", 181e12),
+    ("NVIDIA L40S", 362e12), ("NVIDIA GeForce RTX 4090", 165e12), ("NVIDIA B200", None)])
+def test_gpu_names_find_their_own_entry(name: str, bf16: float | None) -> None:
+    # Substring matching gave a PCIe H100 the SXM part's 989 TFLOP/s and an L40 the L4's 121.
+    assert peak_flops_of(name) == bf16  # bf16 unless a precision is given
+
+
+def test_gpu_peak_follows_the_format_the_matmuls_run_in() -> None:
+    # An fp32 run on an H100 was measured against bf16's 989 TFLOP/s: its MFU read 15x too low.
+    assert peak_flops_of("NVIDIA H100 80GB HBM3", "32-true") == 67e12
+    assert peak_flops_of("NVIDIA H100 80GB HBM3", "16-mixed") == 989e12
+    assert peak_flops_of("Tesla V100-SXM2-16GB", "bf16-mixed") is None  # no bf16 tensor cores: no MFU
+    assert peak_flops_of("Tesla V100-SXM2-16GB", "16") == 125e12
+    assert peak_flops_of("NVIDIA H100 80GB HBM3", "64-true") is None
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")  # fp32 matmuls on TF32 tensor cores
+        assert peak_flops_of("NVIDIA A100-SXM4-80GB", "32-true") == 156e12
+    finally:
+        torch.set_float32_matmul_precision(before)

@@ -91,3 +91,52 @@ def test_windows_run_across_epoch_ends(monkeypatch: pytest.MonkeyPatch) -> None:
             monitor.on_train_batch_end(trainer, module, None, {"input_ids": torch.zeros(2, 8)}, batch_idx)
     assert logged == [(4, TOKENS_PER_BATCH / TRAIN_SECONDS), (8, TOKENS_PER_BATCH / TRAIN_SECONDS),
                       (12, TOKENS_PER_BATCH / TRAIN_SECONDS)]
+
+
+def _sharded_mfu_worker(rank: int, port: int, out: str) -> None:
+    """One of two gloo processes: TokensPerSecond set up on a tiny GPT-2, which FSDP then shards."""
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.models.gpt2.modeling_gpt2 import GPT2Block
+
+    from lmlab.flops import flops_per_token
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        module = SimpleNamespace(model=GPT2LMHeadModel(GPT2Config(vocab_size=512, n_embd=32, n_layer=2, n_head=2,
+                                                                  n_positions=16)), log=lambda *a, **k: None)
+        whole = flops_per_token(module.model, 16)
+        monitor = callbacks.TokensPerSecond(every=1000, configured_peak=1e12)
+        monitor.peak = 1e12
+        monitor.setup(SimpleNamespace(), module, "fit")  # Lightning: before the strategy wraps the model
+        # Lightning's FSDPStrategy: use_orig_params, so module.model's parameters become shard views.
+        FullyShardedDataParallel(module.model, auto_wrap_policy=ModuleWrapPolicy({GPT2Block}), use_orig_params=True,
+                                 device_id=torch.device("cpu"))
+        monitor.on_train_batch_end(SimpleNamespace(world_size=2), module, None,
+                                   {"input_ids": torch.zeros(2, 16, dtype=torch.long)}, 0)
+        if rank == 0:
+            Path(out).write_text(f"{whole} {monitor._flops_per_token}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_mfu_counts_every_parameter_when_fsdp_shards_them(tmp_path: Path) -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "flops.txt"
+    # Forked: the processes start with this one's imports (spawned, they took 25 s to import them).
+    mp.start_processes(_sharded_mfu_worker, args=(port, str(out)), nprocs=2, start_method="fork")
+    whole, counted = map(float, out.read_text().split())
+    # Counted after sharding, N was this process's half and MFU under FSDP half the true one.
+    assert counted == pytest.approx(whole)
