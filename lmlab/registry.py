@@ -30,6 +30,11 @@ class RegistryError(LmlabError):
     pass
 
 
+# Why each entry point that failed to import did, by (group, name): the warning is said once per process,
+# but every later get() of it must still say why (a sweep's jobs, a warning filtered away).
+_failures: dict[tuple[str, str], str] = {}
+
+
 def _origin(ep: EntryPoint) -> str:
     dist = getattr(ep, "dist", None)
     return f"{dist.name} {dist.version}" if dist is not None else ep.value
@@ -58,9 +63,10 @@ def _load(group: str, name: str) -> Any:
     try:
         return ep.load()
     except Exception as exc:  # a broken plugin must not take the rest down
+        _failures[(group, name)] = f"{type(exc).__name__}: {exc}"
         warnings.warn(
             f"lmlab plugin '{name}' ({ep.value}, from {_origin(ep)}) failed to import and is "
-            f"skipped: {type(exc).__name__}: {exc}",
+            f"skipped: {_failures[(group, name)]}",
             RuntimeWarning,
             stacklevel=2,
         )
@@ -125,9 +131,11 @@ def get(kind: str, name: str) -> Any:
         )
     obj = _load(group, name)
     if obj is None:
+        ep = _entry_points(group)[name]
         raise RegistryError(
-            f"{kind} '{name}' is registered but its plugin failed to import (see the warning "
-            "above). Fix or reinstall that package."
+            f"{kind} '{name}' ({ep.value}, from {_origin(ep)}) is registered but failed to import: "
+            f"{_failures.get((group, name), 'see the warning above')}. Fix or reinstall that package "
+            "(or install what it imports)."
         )
     wrong = _wrong_type(kind, name, obj)
     if wrong is not None:
@@ -149,3 +157,4 @@ def clear_cache() -> None:
     """Forget what was read, e.g. after a plugin was pip-installed in the same process."""
     _entry_points.cache_clear()
     _load.cache_clear()
+    _failures.clear()

@@ -135,6 +135,98 @@ def test_bad_rows_name_file_line_and_column(plugin, tmp_path: Path, row: str, pr
     assert f"{path}, line 3" in str(info.value) and problem in str(info.value)
 
 
+def test_a_row_whose_fields_do_not_line_up_is_an_error(plugin, tmp_path: Path) -> None:
+    """An unquoted comma in a text moved the rest of the row: "Ok, 3" and its score 1.0 became the text
+    "Ok" scored 3.0, without a word."""
+    data, _ = plugin
+    path = tmp_path / "train.csv"
+    path.write_text("text,score\nA visceral film.,1.0\nOk, 3,1.0\n", encoding="utf-8")
+    with pytest.raises(LmlabError) as info:
+        data.read_scored_file(path, data_cfg(path))
+    assert f"{path}, line 3" in str(info.value) and "a row of 3 field(s) under a header of 2" in str(info.value)
+    assert "Quote a field" in str(info.value)
+    path.write_text("text,score\nA visceral film.,1.0\nno score here\n", encoding="utf-8")
+    with pytest.raises(LmlabError, match=r"line 3: has a row of 1 field\(s\) under a header of 2"):
+        data.read_scored_file(path, data_cfg(path))
+
+
+def test_errors_name_the_line_a_row_starts_on(plugin, tmp_path: Path) -> None:
+    """Blank lines between rows (the reader skips them) and line breaks inside quoted texts."""
+    data, _ = plugin
+    path = tmp_path / "train.csv"
+    path.write_text('text,score\n"Two\nlines.",1.0\n\n\nA visceral film.,0.5\n"Well,\r\nno.",n/a\n',
+                    encoding="utf-8", newline="")
+    with pytest.raises(LmlabError) as info:
+        data.read_scored_file(path, data_cfg(path))
+    assert f"{path}, line 7:" in str(info.value) and "is 'n/a'" in str(info.value)
+    path.write_text('text,score\n"Two\nlines.",1.0\n\n\nA visceral film.,0.5\n', encoding="utf-8")
+    rows = data.read_scored_file(path, data_cfg(path))
+    assert rows.where == [f"{path}, line 2", f"{path}, line 6"] and rows.texts[0] == "Two\nlines."
+
+
+def test_tsv_texts_keep_their_quotation_marks(plugin, tmp_path: Path) -> None:
+    """TSV has no quoting: csv's rules took the quotes off a text that opens with one."""
+    data, _ = plugin
+    path = tmp_path / "train.tsv"
+    path.write_text('text\tscore\n"Great," he said.\t1.5\nShe said "meh".\t-0.5\n', encoding="utf-8")
+    rows = data.read_scored_file(path, data_cfg(path))
+    assert rows.texts == ['"Great," he said.', 'She said "meh".'] and rows.scores == [1.5, -0.5]
+
+
+def test_json_values_of_the_wrong_type_are_named(plugin, tmp_path: Path) -> None:
+    data, _ = plugin
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"text": "A visceral film.", "score": 1}\n{"text": "Flat.", "score": true}\n', encoding="utf-8")
+    with pytest.raises(LmlabError, match=r"line 2: the score \(column 'score'\) is 'True', not a finite number"):
+        data.read_scored_file(path, data_cfg(path))
+    path.write_text('{"text": 42, "score": 1}\n', encoding="utf-8")
+    with pytest.raises(LmlabError, match=r"line 1: field 'text' holds a JSON number \(42\), not a string"):
+        data.read_scored_file(path, data_cfg(path))
+
+
+def test_a_directory_file_named_for_no_split_is_an_error(plugin, tmp_path: Path) -> None:
+    """training.csv beside train.csv was dropped unread."""
+    data, _ = plugin
+    root = write_scored_dir(tmp_path / "scored")
+    shutil.copy(root / "train.csv", root / "training.csv")
+    with pytest.raises(LmlabError) as info:
+        data.read_scored_path(root, data_cfg(root))
+    assert "data.path" in str(info.value) and "fit no split and would be read by none: training.csv" in str(info.value)
+
+
+def test_a_carved_validation_holds_no_copy_of_a_training_text(plugin, tmp_path: Path) -> None:
+    """Rotten Tomatoes' training split repeats 39 snippets: carved by row number, a few fell on both sides."""
+    data, _ = plugin
+    path = tmp_path / "train.csv"
+    with path.open("w", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["text", "score"])
+        writer.writeheader()
+        writer.writerows(scored_rows("train", 20_000))
+    dm = data.RegressionDataModule(data_cfg(path), packing="regression")
+    key = lambda text: " ".join(text.split())  # noqa: E731 (lmlab's duplicate key: whitespace aside)
+    train = {key(t) for t in dm.splits["train"].texts}
+    assert len(dm.splits["validation"]) > 1000
+    assert [t for t in dm.splits["validation"].texts if key(t) in train] == []
+
+
+def test_null_split_settings(plugin, tmp_path: Path) -> None:
+    """lmlab's config check lets data.val_fraction / split_seed / test_fraction be null: a TypeError before."""
+    data, _ = plugin
+    path = write_scored_dir(tmp_path / "scored") / "train.csv"
+    seeded = data.RegressionDataModule(data_cfg(path, split_seed=0), packing="regression")
+    unseeded = data.RegressionDataModule(data_cfg(path, split_seed=None), packing="regression")
+    assert unseeded.splits["validation"].texts == seeded.splits["validation"].texts  # null is seed 0
+    with pytest.raises(LmlabError, match=r"data.val_fraction.*is null, and path:.*train.csv has no such split"):
+        data.RegressionDataModule(data_cfg(path, val_fraction=None), packing="regression")
+    data.RegressionDataModule(data_cfg(path.parent, val_fraction=None), packing="regression")  # validation.jsonl
+    from lmlab.data.catalog import package_dir
+
+    if package_dir(data.VADER_PACKAGE) is None:
+        pytest.skip("the default data needs vaderSentiment (a dependency of the plugin): pip install vaderSentiment")
+    with pytest.raises(LmlabError, match="data.test_fraction.*is null, and catalog:vader_lexicon"):
+        data.read_vader_lexicon(data_cfg(None, catalog="vader_lexicon", test_fraction=None))
+
+
 def test_missing_column_and_missing_data(plugin, tmp_path: Path) -> None:
     data, _ = plugin
     path = tmp_path / "train.jsonl"

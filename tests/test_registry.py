@@ -158,6 +158,22 @@ def test_broken_plugin_warns_and_the_rest_still_load(install):
         assert registry.get("model", "gpt2").name == "gpt2"
 
 
+def test_a_broken_plugin_says_why_every_time_it_is_asked_for(install):
+    """The warning is said once per process; a later get() (a sweep's next job) still needs the cause."""
+    install("lmlab-broken-again", {"lmlab.tasks": {"broken": "lmlab_broken_again:TASK"}},
+            {"lmlab_broken_again.py": "import lmlab_dependency_that_is_not_installed\nTASK = None\n"})
+    with pytest.warns(RuntimeWarning, match="lmlab_dependency_that_is_not_installed"):
+        assert "broken" not in registry.available("task")
+    for _ in range(2):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # nothing new is warned: the error itself holds the cause
+            with pytest.raises(RegistryError) as info:
+                registry.get("task", "broken")
+        message = str(info.value)
+        assert "task 'broken' (lmlab_broken_again:TASK, from lmlab-broken-again 0.1)" in message
+        assert "ModuleNotFoundError: No module named 'lmlab_dependency_that_is_not_installed'" in message
+
+
 WRONG_TYPES = """
 from lmlab.models.gpt2 import MODEL as GPT2
 
@@ -196,6 +212,37 @@ def test_plugin_config_may_not_shadow_core_files(install):
         check_no_shadowing()
     message = str(info.value)
     assert "task/clm.yaml" in message and "shadowing" in message and "lmlab_shadowing_configs" in message
+
+
+HYDRA_OPTIONS = [  # a file of this path on Hydra's search path -> what it would replace or be hidden by
+    # lmlab's Optuna sweeper stores its samplers in Hydra's ConfigStore: a plugin's tpe.yaml replaced TPE.
+    ("hydra/sweeper/sampler/tpe.yaml", "the option hydra/sweeper/sampler/tpe that 'lmlab' stores in Hydra's ConfigStore"),
+    ("hydra/launcher/basic.yaml", "the option hydra/launcher/basic that 'hydra' stores in Hydra's ConfigStore"),
+    ("hydra/job_logging/default.yaml", "Hydra's own hydra/job_logging/default.yaml (pkg://hydra.conf)"),
+]
+
+
+@pytest.mark.parametrize(("rel", "owner"), HYDRA_OPTIONS)
+def test_plugin_config_may_not_shadow_hydras_options(install, rel: str, owner: str):
+    name = rel.split("/")[-2]
+    install(f"lmlab-{name}-configs", {"lmlab.configs": {name: f"lmlab_{name}_configs"}},
+            {f"lmlab_{name}_configs/__init__.py": "",
+             f"lmlab_{name}_configs/{rel}": "_target_: optuna.samplers.RandomSampler\nseed: 999\n"})
+    with pytest.raises(LmlabError) as info:
+        check_no_shadowing()
+    assert f"plugin '{name}' (lmlab_{name}_configs) ships '{rel}', which would shadow {owner}." in str(info.value)
+
+
+@pytest.mark.parametrize(("rel", "owner"), HYDRA_OPTIONS)
+def test_config_dir_may_not_shadow_hydras_options(tmp_path: Path, rel: str, owner: str):
+    mine = tmp_path / "my_conf"
+    (mine / rel).parent.mkdir(parents=True)
+    (mine / rel).write_text("seed: 999\n")
+    with pytest.raises(LmlabError) as info:
+        check_no_shadowing(mine)
+    assert f"--config-dir '{mine}' holds '{rel}', which would shadow {owner}." in str(info.value)
+    (mine / rel).rename((mine / rel).with_name("my_options.yaml"))
+    check_no_shadowing(mine)
 
 
 def test_two_plugins_may_not_ship_the_same_file(install):

@@ -12,10 +12,8 @@ third-party package would.
 
 from __future__ import annotations
 
-import csv
-import io
 import math
-import sys
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,13 +27,16 @@ from torch.utils.data import DataLoader, Dataset
 from lmlab import fingerprint
 from lmlab.data.catalog import package_dir
 from lmlab.data.loaders import make_loader
-from lmlab.data.sources import SPLIT_STEMS, carve_validation, decode_file, json_records
+from lmlab.data.sources import (SPLIT_STEMS, carve_validation, check_split_names, decode_file, json_records,
+                                not_a_string, row_length_fix, table_reader, text_key)
 from lmlab.errors import LmlabError, config_error, file_error
 
 PACKING = "regression"  # what TASK.packing asks for; any other packing is a wiring mistake
 SPLITS = ("train", "validation", "test")
 SPLIT_NAMES = {**SPLIT_STEMS, "test": "test"}
 CSV_DELIMITERS = {".csv": ",", ".tsv": "\t"}
+# What ends a physical line in a file read with newline="": a quoted CSV field may hold any of them.
+LINE_BREAK = re.compile(r"\r\n|\r|\n")
 JSON_SUFFIXES = {".jsonl", ".json"}
 VADER_PACKAGE, VADER_FILE = "vaderSentiment", "vader_lexicon.txt"
 
@@ -61,11 +62,29 @@ class ScoredSplit:
         return ScoredSplit([self.texts[i] for i in idx], [self.scores[i] for i in idx], [self.where[i] for i in idx])
 
 
+# -- settings --------------------------------------------------------------------------------------
+def split_seed(cfg: DictConfig) -> int:
+    """``data.split_seed``; null (lmlab's config check allows it) is 0, as lmlab's own readers take it."""
+    return int(cfg.get("split_seed") or 0)
+
+
+def fraction(cfg: DictConfig, key: str, where: str) -> float:
+    """``data.<key>`` (val_fraction, test_fraction) where a split must be cut out of ``where``: null is
+    allowed by lmlab's config check (a named split leaves it unused), so it is said here, by name."""
+    value = cfg.get(key)
+    if value is None:
+        raise config_error(f"data.{key}", f"is null, and {where} has no such split of its own, so one must be "
+                           "cut out of its rows", f"Set data.{key} (e.g. 0.1), or give that split its own file "
+                           "(validation.* / test.* beside train.*).")
+    return float(value)
+
+
 # -- reading ---------------------------------------------------------------------------------------
 def parse_score(value: Any, path: Path, line: int, column: str) -> float:
     """A finite float, or an error naming the file, the line and the column."""
     try:
-        score = float(value)
+        # A JSON true/false would pass float() as 1.0/0.0: a flag in the wrong column, not a score.
+        score = math.nan if isinstance(value, bool) else float(value)
     except (TypeError, ValueError):
         score = math.nan
     if not math.isfinite(score):
@@ -87,26 +106,38 @@ def read_scored_file(path: Path, cfg: DictConfig) -> ScoredSplit:
     text_col, score_col = str(cfg.text_column), str(cfg.score_column)
     content = decode_file(path, str(cfg.encoding))
     out = ScoredSplit()
-    delimiter = CSV_DELIMITERS.get(path.suffix.lower())
-    if delimiter is not None:
-        csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # long reviews exceed csv's 128 KB default
-        # A stream rather than splitlines(): U+2028 inside a quoted field must not end the record.
-        reader = csv.DictReader(io.StringIO(content, newline=""), delimiter=delimiter)
+    if path.suffix.lower() in CSV_DELIMITERS:
+        # lmlab's reader: CSV quoting as csv writers write it; TSV unquoted, so a text that opens with
+        # a quotation mark is read as written instead of running on into the rows below.
+        reader = table_reader(content, path.suffix)
         header = reader.fieldnames or []
         for column, key in ((text_col, "text_column"), (score_col, "score_column")):
             if column not in header:
                 raise file_error(path, f"has no column '{column}' (columns: {', '.join(header) or 'none'})",
                                  f"Set data.{key} to the column that holds it.", line=1)
-        line = reader.line_num + 1
         for record in reader:
-            _add_row(out, path, line, record.get(text_col), record.get(score_col), cfg)
-            line = reader.line_num + 1
+            # The line the record starts on: the reader has skipped any blank lines before it, so
+            # "the line after the previous record" would point above it.
+            fields = [v for v in record.values() if isinstance(v, str)] + list(record.get(None) or [])
+            line = reader.line_num - sum(len(LINE_BREAK.findall(v)) for v in fields)
+            if None in record or None in record.values():
+                # An unquoted comma in a text shifts every field after it: its tail would be read as
+                # the score (or the score as an extra field) without a word.
+                width = len(header) + len(record.get(None) or []) - sum(v is None for v in record.values())
+                fix = row_length_fix(path.suffix) if None in record else "Give the row a value for every column."
+                raise file_error(path, f"has a row of {width} field(s) under a header of {len(header)} "
+                                 f"({', '.join(header)})", fix, line=line)
+            _add_row(out, path, line, record[text_col], record[score_col], cfg)
         return out
     for number, record in json_records(path, content):
         for column in (text_col, score_col):
             if column not in record:
                 raise file_error(path, f"has no field '{column}' (fields: {', '.join(sorted(record))})",
                                  "Set data.text_column / data.score_column to its fields.", line=number)
+        if record[text_col] is not None and not isinstance(record[text_col], str):
+            # Not "empty": the row has a value, of the wrong type.
+            raise not_a_string(path, number, text_col, record[text_col],
+                               "Write the text as a JSON string, or set data.text_column to the field that holds it.")
         _add_row(out, path, number, record[text_col], record[score_col], cfg)
     return out
 
@@ -122,9 +153,13 @@ def read_scored_path(path: Path, cfg: DictConfig) -> dict[str, ScoredSplit]:
             raise config_error("data.path", f"'{path}' is not a .csv, .tsv, .jsonl or .json file",
                                "Regression data is a table with a text and a score column.")
         return {"train": read_scored_file(path, cfg)}
+    named = {f: SPLIT_NAMES.get(f.stem.lower())
+             for f in sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in suffixes)}
+    # A file named for no split (training.csv, scores_2024.csv) beside train.csv would be dropped unread.
+    check_split_names(path, named, "Name the files train.*, validation.* (or dev.*) and test.*, and move the "
+                      f"others out of '{path}'.")
     splits: dict[str, ScoredSplit] = {}
-    for f in sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in suffixes):
-        name = SPLIT_NAMES.get(f.stem.lower())
+    for f, name in named.items():
         if name is not None:
             rows = read_scored_file(f, cfg)
             merged = splits.setdefault(name, ScoredSplit())
@@ -148,9 +183,9 @@ def read_vader_lexicon(cfg: DictConfig) -> tuple[dict[str, ScoredSplit], str]:
         parts = line.split("\t")
         if len(parts) >= 2 and parts[0].strip():
             rows.add(parts[0].strip(), parse_score(parts[1], path, number, "mean rating"), f"{path}, line {number}")
-    order = np.random.default_rng(int(cfg.split_seed)).permutation(len(rows))
-    n_test = int(round(len(rows) * float(cfg.test_fraction)))
-    n_val = int(round(len(rows) * float(cfg.val_fraction)))
+    order = np.random.default_rng(split_seed(cfg)).permutation(len(rows))
+    n_test = int(round(len(rows) * fraction(cfg, "test_fraction", "catalog:vader_lexicon")))
+    n_val = int(round(len(rows) * fraction(cfg, "val_fraction", "catalog:vader_lexicon")))
     splits = {"test": rows.subset(order[:n_test]), "validation": rows.subset(order[n_test:n_test + n_val]),
               "train": rows.subset(order[n_test + n_val:])}
     return splits, f"catalog:vader_lexicon ({path})"
@@ -234,15 +269,16 @@ class RegressionDataModule(L.LightningDataModule):
             raise config_error("data.path", f"{self.origin} has fewer than two training rows",
                                "Give a training file with scored rows.")
         if not splits.get("validation"):
-            # carve_validation splits a list; carving row numbers keeps texts and scores together.
-            kept, carved = carve_validation(list(range(len(train))), float(self.cfg.val_fraction),
-                                            int(self.cfg.split_seed))
+            # carve_validation splits a list; carving row numbers keeps texts and scores together. Keyed by
+            # the text, so a row and its copy are one row, never one on each side of the split.
+            kept, carved = carve_validation(list(range(len(train))), fraction(self.cfg, "val_fraction", self.origin),
+                                            split_seed(self.cfg), key=lambda i: text_key(train.texts[i]))
             splits["train"], splits["validation"] = train.subset(kept), train.subset(carved)
         cap = self.cfg.get("max_documents")
         if cap:
             # Quick runs: a seeded sample in file order; evaluation keeps two rows at least, the
             # fewest a correlation needs.
-            rng = np.random.default_rng(int(self.cfg.split_seed))
+            rng = np.random.default_rng(split_seed(self.cfg))
             for name, rows in list(splits.items()):
                 n = int(cap) if name == "train" else max(2, int(cap) // 10)
                 if n < len(rows):
