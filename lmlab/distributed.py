@@ -6,8 +6,11 @@ needs to know, before a Trainer exists, whether this process is the one that tal
 
 from __future__ import annotations
 
+import datetime as dt
+import importlib.util
 import inspect
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -54,6 +57,47 @@ def launch_id() -> str | None:
     return None
 
 
+def launch_time(pattern: str = "%Y-%m-%d_%H-%M-%S-%f") -> str:
+    """The time for a new run directory's name (``hydra.run.dir``): the same in every process of one
+    torchrun or srun launch on this machine, the current time elsewhere.
+
+    These launchers start every rank at once and each resolves ``hydra.run.dir`` on its own: with the
+    current time each rank named its own directory, and the ranks but 0 left a stray run directory
+    each (``.hydra/``, ``cli.log``). torchrun's local workers are children of one agent process,
+    whose start time they share; srun's tasks share the job's start time (SLURM_JOB_START_TIME, on
+    every node). Lightning's own launcher passes rank 0's ``hydra.run.dir`` to the other ranks itself.
+    """
+    started = _launch_started()
+    return (started or dt.datetime.now()).strftime(pattern)
+
+
+def _launch_started() -> dt.datetime | None:
+    """The launch's shared start, plus as many microseconds as the attempt's number: a torchrun
+    restart (same agent) or a second srun step of the job (same job start) names a new directory."""
+    env = os.environ
+    if env.get("TORCHELASTIC_RUN_ID") and int(env.get("WORLD_SIZE") or 1) > 1:
+        started = _process_started(os.getppid())
+        restart = env.get("TORCHELASTIC_RESTART_COUNT", "0")
+        return started + dt.timedelta(microseconds=int(restart) if restart.isdigit() else 0) if started else None
+    if env.get("SLURM_STEP_ID", "").isdigit() and int(env.get("SLURM_NTASKS") or 1) > 1 and \
+            env.get("SLURM_JOB_START_TIME", "").isdigit():
+        return (dt.datetime.fromtimestamp(int(env["SLURM_JOB_START_TIME"]))
+                + dt.timedelta(microseconds=int(env["SLURM_STEP_ID"])))
+    return None
+
+
+def _process_started(pid: int) -> dt.datetime | None:
+    """When process ``pid`` started (Linux /proc, to the clock tick); None where that cannot be read."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        ticks = int(fields[19])  # field 22 of stat(5), counted after the command's closing parenthesis
+        return dt.datetime.fromtimestamp(boot + ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
 def block_classes(model: torch.nn.Module) -> set[type]:
     """The classes of the model's layer lists (GPT2Block, BertLayer, T5Block ...).
 
@@ -90,7 +134,7 @@ def build_strategy(value: Any, model: torch.nn.Module | None) -> Any:
             options[key] = blocks
     if isinstance(options.get("device_mesh"), list):
         # FSDP's (replicas, shard size) for HYBRID_SHARD: Lightning builds the mesh from a tuple only,
-        # and the YAML (trainer.strategy.device_mesh=[2,8]) gives a list.
+        # and the YAML (+trainer.strategy.device_mesh=[2,8]: the preset has no such key) gives a list.
         options["device_mesh"] = tuple(options["device_mesh"])
     target = str(value["_target_"])
     try:
@@ -101,8 +145,7 @@ def build_strategy(value: Any, model: torch.nn.Module | None) -> Any:
     try:
         return strategy_class(**_current_ddp_names(strategy_class, options))
     except Exception as exc:
-        hint = ('Install it: pip install "lmlab[deepspeed]" (needs a CUDA toolkit).'
-                if "deepspeed" in str(exc).lower() else "Check the trainer.strategy.* keys.")
+        hint = DEEPSPEED_INSTALL if "deepspeed" in str(exc).lower() else "Check the trainer.strategy.* keys."
         raise LmlabError(f"config key 'trainer.strategy': {strategy_class.__name__} rejected the options "
                          f"({exc}). {hint}") from exc
 
@@ -165,8 +208,63 @@ def _current_ddp_names(strategy_class: type, options: dict[str, Any]) -> dict[st
     return options
 
 
-def effective_batch(trainer_cfg: dict[str, Any], batch_size: int) -> dict[str, int]:
-    """Examples per optimizer step over all processes: what makes runs on N devices comparable."""
+DEEPSPEED_INSTALL = 'Install it: pip install "lmlab[deepspeed]" (needs a CUDA toolkit).'
+
+
+def check_strategy(trainer_cfg: dict[str, Any]) -> None:
+    """What ``build_strategy`` and Lightning's launcher would refuse, said before any data or MLflow work
+    (``build_strategy`` runs with the model in hand, after both): a ``_target_`` that cannot be imported,
+    DeepSpeed's strategy without the deepspeed package, and devices or nodes the launcher did not start
+    (``check_launch``)."""
+    strategy = trainer_cfg.get("strategy")
+    if isinstance(strategy, dict) and "_target_" in strategy:
+        from hydra.utils import get_class
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        target = str(strategy["_target_"])
+        try:
+            strategy_class = get_class(target)
+        except Exception as exc:
+            raise config_error("trainer.strategy._target_", f"cannot import '{target}' ({exc})",
+                               "Use a Lightning strategy class, e.g. lightning.pytorch.strategies.DDPStrategy.") from exc
+        if issubclass(strategy_class, DeepSpeedStrategy) and importlib.util.find_spec("deepspeed") is None:
+            raise config_error("trainer.strategy", "DeepSpeedStrategy needs the deepspeed package, which is not "
+                               "installed", DEEPSPEED_INSTALL)
+    check_launch(trainer_cfg)
+
+
+def check_launch(trainer_cfg: dict[str, Any]) -> None:
+    """``trainer.devices`` and ``trainer.num_nodes`` against what SLURM or torchrun launched, before any
+    data or MLflow work.
+
+    Lightning checks the same (its cluster environment's ``validate_settings``) only inside
+    ``Trainer.fit``, when its launcher starts: after the data was tokenized and an MLflow run opened
+    and left FAILED, with a traceback that names no config key. Its own check is the one run here, so
+    the two cannot disagree; only multi-process strategies are checked, as Lightning does.
+    """
+    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    count, nodes = _device_count(trainer_cfg), int(trainer_cfg.get("num_nodes") or 1)
+    strategy = trainer_cfg.get("strategy")
+    name = str(strategy.get("_target_", "")) if isinstance(strategy, dict) else str(strategy or "auto")
+    if count * nodes == 1 and not any(kind in name.lower() for kind in ("ddp", "fsdp", "deepspeed")):
+        return
+    # Lightning's order: torchrun first, which can run inside a SLURM job (its SLURM_* then describe the job).
+    for environment, launcher in ((TorchElasticEnvironment, "torchrun"), (SLURMEnvironment, "SLURM")):
+        if not environment.detect():
+            continue
+        try:
+            environment().validate_settings(num_devices=count, num_nodes=nodes)
+        except ValueError as exc:
+            key = "trainer.num_nodes" if str(exc).startswith("You set `num_nodes=") else "trainer.devices"
+            flags = "--ntasks-per-node and --nodes" if launcher == "SLURM" else "--nproc-per-node and --nnodes"
+            raise config_error(key, f"{launcher} started this job with another number of processes ({exc})",
+                               f"Set trainer.devices and trainer.num_nodes to what {launcher}'s {flags} say.") from exc
+        return
+
+
+def _device_count(trainer_cfg: dict[str, Any]) -> int:
+    """How many processes per node ``trainer.devices`` asks for, in any of Lightning's spellings."""
     devices = trainer_cfg.get("devices", 1)
     if isinstance(devices, str) and "," in devices:  # Lightning's "0,1": these GPU indices
         devices = [part for part in devices.split(",") if part.strip()]
@@ -178,6 +276,12 @@ def effective_batch(trainer_cfg: dict[str, Any], batch_size: int) -> dict[str, i
         count = max(1, torch.cuda.device_count()) if gpus else 1
     else:
         count = int(devices)
+    return count
+
+
+def effective_batch(trainer_cfg: dict[str, Any], batch_size: int) -> dict[str, int]:
+    """Examples per optimizer step over all processes: what makes runs on N devices comparable."""
+    count = _device_count(trainer_cfg)
     nodes = int(trainer_cfg.get("num_nodes") or 1)
     accumulate = int(trainer_cfg.get("accumulate_grad_batches") or 1)
     return {"world_size": count * nodes, "per_device_batch_size": batch_size,

@@ -31,7 +31,18 @@ def required(what: str = "") -> Any:
     raise LmlabError(f"a required config key is not set ({what}); set it on the command line")
 
 
+def launch_time(pattern: str) -> str:
+    """A run directory's time (``hydra.run.dir``): one for every rank of a torchrun or srun launch,
+    which each resolve the directory on their own (``lmlab.distributed.launch_time``)."""
+    from lmlab.distributed import launch_time as shared_time
+
+    return shared_time(pattern)
+
+
 def register() -> None:
     for name, fn in (("lmlab.if_pretrained", if_pretrained), (REQUIRED, required)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
+    if not OmegaConf.has_resolver("lmlab.launch_time"):
+        # Cached as Hydra's ${now:} is: the directory must not move if the config is resolved again.
+        OmegaConf.register_new_resolver("lmlab.launch_time", launch_time, use_cache=True)

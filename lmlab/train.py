@@ -24,7 +24,7 @@ from lmlab.data import labels as model_labels
 from lmlab.data.loaders import distributed_sampler_wanted, shards_itself
 from lmlab.callbacks import LastValidation, LearningRate, MonitorLogged, ProgressBar, StepValidation, \
     TokensPerSecond, ValidationCoverage
-from lmlab.distributed import build_strategy, effective_batch, gathered_state_dict, is_rank_zero
+from lmlab.distributed import build_strategy, check_strategy, effective_batch, gathered_state_dict, is_rank_zero
 from lmlab.errors import LmlabError, config_error
 from lmlab.export import export_hf
 from lmlab.run_log import RunLog
@@ -333,6 +333,7 @@ def run(cfg: DictConfig) -> RunResult:
     checks.check_accelerator(cfg)  # a GPU preset on a machine without one: before any data or MLflow work
     checks.check_precision(cfg)
     checks.check_strategy_name(cfg)
+    check_strategy(OmegaConf.to_container(cfg.trainer, resolve=True))  # importable, installed, launched as asked
     optim.check_length(cfg)  # training without end and a schedule that needs its length
     task.validate(cfg)
     monitored(cfg, task)  # an unknown direction of checkpoint.monitor, before any data work

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import importlib.util
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import transformers as tf
 from conftest import compose_cfg
 from omegaconf import OmegaConf
 
-from lmlab.distributed import block_classes, build_strategy, effective_batch, gathered_state_dict
+from lmlab.distributed import (block_classes, build_strategy, check_launch, check_strategy, effective_batch,
+                               gathered_state_dict, launch_time)
 from lmlab.errors import LmlabError
 
 
@@ -158,3 +165,82 @@ def test_effective_batch_counts_every_gpu_of_an_auto_accelerator(monkeypatch) ->
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     assert effective_batch({"accelerator": "auto", "devices": -1}, 2)["world_size"] == 4
     assert effective_batch({"accelerator": "cpu", "devices": "auto"}, 2)["world_size"] == 1
+
+
+SLURM_2_TASKS = {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1", "SLURM_PROCID": "0",
+                 "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_JOB_NAME": "train", "SLURM_JOB_ID": "7"}
+TORCHRUN_2 = {"TORCHELASTIC_RUN_ID": "r", "RANK": "0", "LOCAL_RANK": "0", "GROUP_RANK": "0", "LOCAL_WORLD_SIZE": "2",
+              "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "29500"}
+
+
+@pytest.mark.parametrize("launch, overrides, key", [
+    (SLURM_2_TASKS, ["trainer.devices=4"], "trainer.devices"),  # --ntasks-per-node=2
+    (SLURM_2_TASKS, ["trainer.num_nodes=2"], "trainer.num_nodes"),  # --nodes=1
+    (TORCHRUN_2, ["trainer.devices=1"], "trainer.devices"),  # 2 processes in all
+    # torchrun inside a 1-task SLURM job: Lightning reads torchrun's world size, not SLURM's tasks
+    ({**TORCHRUN_2, "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_JOB_NAME": "train"},
+     ["trainer.devices=4"], "trainer.devices"),
+])
+def test_devices_and_nodes_the_launcher_did_not_start_are_named_before_any_work(
+        launch: dict[str, str], overrides: list[str], key: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Lightning finds these only inside Trainer.fit, after the data work and with an MLflow run left FAILED.
+    for name, value in launch.items():
+        monkeypatch.setenv(name, value)
+    cfg = compose_cfg(["trainer=ddp_cpu", *overrides])
+    with pytest.raises(LmlabError, match=rf"config key '{key}': .* does not match"):
+        check_launch(OmegaConf.to_container(cfg.trainer, resolve=True))
+    matching = compose_cfg(["trainer=ddp_cpu"])  # 2 processes on 1 node: what every launch here started
+    check_launch(OmegaConf.to_container(matching.trainer, resolve=True))
+    monkeypatch.setenv("SLURM_JOB_NAME", "bash")  # an interactive allocation: Lightning starts the processes
+    if "TORCHELASTIC_RUN_ID" not in launch:
+        check_launch(OmegaConf.to_container(cfg.trainer, resolve=True))
+
+
+def test_a_strategy_this_install_cannot_build_is_named_before_any_work() -> None:
+    # build_strategy runs with the model in hand, after the data work and with an MLflow run open.
+    deepspeed = OmegaConf.to_container(compose_cfg(["trainer=deepspeed"]).trainer, resolve=True)
+    if importlib.util.find_spec("deepspeed") is None:
+        with pytest.raises(LmlabError, match=r"config key 'trainer.strategy': .*pip install \"lmlab\[deepspeed\]\""):
+            check_strategy(deepspeed)
+    else:
+        check_strategy(deepspeed)
+    bogus = compose_cfg(["trainer=ddp_cpu", "trainer.strategy._target_=lightning.pytorch.strategies.NoSuchStrategy"])
+    with pytest.raises(LmlabError, match=r"config key 'trainer.strategy._target_': cannot import"):
+        check_strategy(OmegaConf.to_container(bogus.trainer, resolve=True))
+    for preset in ("ddp", "ddp_cpu", "fsdp", "cpu"):
+        check_strategy(OmegaConf.to_container(compose_cfg([f"trainer={preset}"]).trainer, resolve=True))
+
+
+def test_every_rank_of_a_torchrun_or_srun_launch_names_the_same_run_directory(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each rank resolves hydra.run.dir itself: with the current time, torchrun's rank 1 made a second,
+    # stray run directory beside rank 0's. Its workers are children of one agent, as these are of pytest.
+    def stamps(env: dict[str, str]) -> list[str]:
+        code = "import time; from lmlab.distributed import launch_time; time.sleep(0.05); print(launch_time())"
+        children = [subprocess.Popen([sys.executable, "-c", code], env={**os.environ, **env, "RANK": str(rank)},
+                                     stdout=subprocess.PIPE, text=True) for rank in range(2)]
+        return [child.communicate(timeout=60)[0].strip() for child in children]
+
+    torchrun = {"TORCHELASTIC_RUN_ID": "r", "WORLD_SIZE": "2"}
+    first, second = stamps(torchrun)
+    assert first == second and first[:4].isdigit()
+    plain = stamps({})
+    assert plain[0] != plain[1]  # no launch: the current time, to the microsecond, as ${now:} gave
+    srun = {"SLURM_JOB_ID": "7", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "16", "SLURM_JOB_START_TIME": "1800000000"}
+    for name, value in srun.items():
+        monkeypatch.setenv(name, value)
+    assert launch_time() == dt.datetime.fromtimestamp(1800000000).strftime("%Y-%m-%d_%H-%M-%S-%f")
+    # Another step of the job, or a torchrun restart, is another attempt: another directory.
+    monkeypatch.setenv("SLURM_STEP_ID", "1")
+    assert launch_time() == (dt.datetime.fromtimestamp(1800000000)
+                             + dt.timedelta(microseconds=1)).strftime("%Y-%m-%d_%H-%M-%S-%f")
+    # conf/config.yaml's hydra.run.dir is what resolves through it (not Hydra's ${now:}).
+    from omegaconf import OmegaConf
+
+    from lmlab.paths import config_dir
+
+    raw = OmegaConf.load(config_dir() / "config.yaml").hydra.run._get_node("dir")._value()
+    resolved = OmegaConf.create({"paths": {"root": "R"}, "task": {"name": "t"}, "model": {"name": "m"}, "dir": raw}).dir
+    assert resolved == "R/runs/" + launch_time() + "_t_m"
+    monkeypatch.delenv("SLURM_STEP_ID")
+    first_try = stamps(torchrun)[0]
+    assert stamps({**torchrun, "TORCHELASTIC_RESTART_COUNT": "1"})[0] != first_try
