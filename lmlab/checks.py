@@ -46,23 +46,31 @@ class Number:
         if value is _ABSENT or (value is None and self.nullable):
             return
         kinds = (int,) if self.whole else (int, float)
-        if isinstance(value, bool) or not isinstance(value, kinds):
+        if value is None:  # "'None' is not a number" would read as if the text None had been typed
+            problem = "it is null, and nothing stands in for it"
+        elif isinstance(value, bool) or not isinstance(value, kinds):
             problem = f"'{value}' is not {'a whole number' if self.whole else 'a number'}"
         elif not math.isfinite(value):  # nan passes every range check below: no comparison with it holds
             problem = f"'{value}' is not a finite number"
         elif self.positive and value <= 0:
             problem = f"{value} is not positive"
         elif self.low is not None and value < self.low:
-            problem = f"{value} is below {self.low:g}"
+            problem = f"{value} is below {_bound(self.low)}"
         elif self.high is not None and value > self.high:
-            problem = f"{value} is above {self.high:g}"
+            problem = f"{value} is above {_bound(self.high)}"
         else:
             return
         raise config_error(self.key, problem, f"Use e.g. {self.key}={self.example}.")
 
 
+def _bound(limit: float) -> str:
+    # :g would print the seed's 4294967295 as 4.29497e+09, a bound nobody can type back
+    return str(int(limit)) if float(limit).is_integer() else f"{limit:g}"
+
+
 NUMBERS = (
-    Number("seed", True, "42"),
+    # seed_everything hands it to numpy, which takes 0 to 2**32 - 1 only (a ValueError traceback otherwise).
+    Number("seed", True, "42", low=0, high=2**32 - 1),
     Number("data.batch_size", True, "16", positive=True, required=True),
     Number("data.eval_batch_size", True, "32", positive=True, nullable=True),
     Number("data.block_size", True, "128", positive=True, nullable=True),
@@ -70,20 +78,22 @@ NUMBERS = (
     Number("data.max_documents", True, "1000", positive=True, nullable=True),
     Number("data.num_workers", True, "2", low=0, nullable=True),
     Number("data.num_proc", True, "4", positive=True, nullable=True),
-    Number("data.split_seed", True, "0", nullable=True),
+    Number("data.split_seed", True, "0", low=0, nullable=True),  # numpy's SeedSequence: non-negative
     Number("data.val_fraction", False, "0.05", low=0, high=1, nullable=True),
     Number("data.test_fraction", False, "0.1", low=0, high=1, nullable=True),
-    Number("data.max_source_length", True, "512", positive=True, nullable=True),
-    Number("data.max_target_length", True, "48", positive=True, nullable=True),
-    Number("data.token_column", True, "0 (negative: from the end)", nullable=True),
-    Number("data.tag_column", True, "-1 (negative: from the end)", nullable=True),
+    # summarization's lengths have no default: null is an int(None) TypeError once the data is read
+    Number("data.max_source_length", True, "512", positive=True),
+    Number("data.max_target_length", True, "48", positive=True),
+    # CoNLL columns have no default: null is an int(None) TypeError at the first file read
+    Number("data.token_column", True, "0 (negative: from the end)"),
+    Number("data.tag_column", True, "-1 (negative: from the end)"),
     Number("tokenizer.vocab_size", True, "8000", positive=True),
     Number("tokenizer.min_frequency", True, "2", low=0),
     Number("checkpoint.save_top_k", True, "1 (-1: keep all)", low=-1),
     Number("task.generate_val_batches", True, "2 (0: loss only)", low=0),
-    Number("trainer.max_steps", True, "1000 (-1: no limit)", low=-1, nullable=True),
+    Number("trainer.max_steps", True, "1000 (-1: no limit)", low=-1),  # Lightning has no null for it
     Number("trainer.max_epochs", True, "3 (-1: no limit)", low=-1, nullable=True),
-    Number("trainer.accumulate_grad_batches", True, "4", positive=True, nullable=True),
+    Number("trainer.accumulate_grad_batches", True, "4", positive=True),  # Lightning has no null for it
     # Lightning clips only above 0, so a negative value would quietly mean "no clipping".
     Number("trainer.gradient_clip_val", False, "1.0 (0 or null: no clipping)", low=0, nullable=True),
     # 0 is not "every step": Lightning then logs no train/* metric at all, without a word.
@@ -97,6 +107,9 @@ NUMBERS = (
     Number("model.vocab_multiple", True, "64", positive=True, nullable=True),
     Number("optimizer.eps", False, "1e-8", low=0),
     Number("trainer.num_nodes", True, "2", positive=True, nullable=True),
+    # 0 is a modulo by zero inside Lightning's loop, after the data work; a string a TypeError there.
+    Number("trainer.check_val_every_n_epoch", True, "1", positive=True, nullable=True),
+    Number("trainer.num_sanity_val_steps", True, "0 (-1: the whole validation split)", low=-1, nullable=True),
     Number("perf.peak_flops", False, "989e12 (FLOP/s of one device)", positive=True, nullable=True),
 )
 
@@ -168,9 +181,16 @@ def check_references(cfg: DictConfig) -> None:
     """model.pretrained / distill.teacher name a model or are unset (null), never empty.
 
     Everything downstream reads them with a truth test, so ``model.pretrained=`` (a shell
-    ``$(...)`` that printed nothing) would silently mean "from scratch" or "no teacher".
+    ``$(...)`` that printed nothing) would silently mean "from scratch" or "no teacher"; so would
+    ``model.pretrained=0``, which Hydra reads as the number 0, not the folder '0'.
     """
     for key in REFERENCE_KEYS:
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and not isinstance(value, str):
+            kind = "true/false" if isinstance(value, bool) else "a number" if _real(value) else "not text"
+            raise config_error(key, f"'{value}' is {kind} (as Hydra read it), not a directory, an MLflow run id or "
+                               "a hub name", f"Give one of those, or leave it out ({key}=null). A folder named "
+                               f"{value} is given quoted: \"{key}='{value}'\".")
         reference(cfg, key)
 
 
@@ -184,12 +204,46 @@ NOT_EMPTY = {
 }
 
 
+# Names whose null means "the task's own" (or "none") and which are read as ``value or default``: an empty value
+# or a number (``checkpoint.mode=0``) would quietly become the default metric or direction.
+NAMES_OR_NULL = {
+    "checkpoint.monitor": "Give a logged metric, e.g. checkpoint.monitor=val/loss, or null (the task's own).",
+    "checkpoint.mode": "Use checkpoint.mode=min or max, or null (the metric's own direction).",
+    "objective.metric": "Give a final val/ or test/ metric, e.g. objective.metric=val/loss, or null (the "
+                        "checkpoint's metric).",
+    "objective.direction": "Use objective.direction=min or max, or null (the metric's own direction).",
+    # classification reads it as `pair_column or None`: a second text column dropped without a word
+    "data.text_pair_column": "Give the column of the second text, e.g. data.text_pair_column=hypothesis (a "
+                             "column named by a number is quoted: \"data.text_pair_column='2'\"), or null (single texts).",
+}
+
+
+# MLflow's names: a list or an empty experiment name surface as an MlflowException traceback (a
+# SQL binding error for the run name) once the run is being opened, after all the data work.
+MLFLOW_NAMES = {
+    "logger.experiment_name": "Give a name, e.g. logger.experiment_name=lmlab, or leave it out (the "
+                              "MLFLOW_EXPERIMENT_NAME variable, else 'lmlab').",
+    "logger.run_name": "Give a name, e.g. logger.run_name=baseline, or null (MLflow picks one).",
+}
+
+
 def check_not_empty(cfg: DictConfig) -> None:
-    """data.path, data.name and resume are unset (null) or say something, never empty."""
+    """data.path, data.name and resume are unset (null) or say something, never empty; so are the
+    metric names and directions of NAMES_OR_NULL, which are words besides."""
     for key, fix in NOT_EMPTY.items():
         value = OmegaConf.select(cfg, key, default=None)
         if isinstance(value, str) and not value.strip():
             raise config_error(key, "it is empty", fix)
+    for key, fix in NAMES_OR_NULL.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is None or (isinstance(value, str) and value.strip()):
+            continue  # a word the checkpoint / sweep code then checks against the metrics it knows
+        raise config_error(key, "it is empty" if value == "" else f"'{value}' is not a name", fix)
+    for key, fix in MLFLOW_NAMES.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is None or _real(value) or (isinstance(value, str) and value.strip()):
+            continue  # a number is a fine name: MLflow gets its text
+        raise config_error(key, "it is empty" if value == "" else f"'{value}' is not a name", fix)
 
 
 def check_numbers(cfg: DictConfig) -> None:
@@ -200,6 +254,9 @@ def check_numbers(cfg: DictConfig) -> None:
         number.check(cfg)
     for switch in SWITCHES:
         switch.check(cfg)
+    check_mode_value(cfg)
+    check_text_block_size(cfg)
+    check_validation_cadence(cfg)
     check_betas(cfg)
     check_devices(cfg)
     check_schedule(cfg)
@@ -208,6 +265,49 @@ def check_numbers(cfg: DictConfig) -> None:
 
 def _real(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_mode_value(cfg: DictConfig) -> None:
+    """``mode`` is a word: lmlab reads it as ``mode or "fit"``, so ``mode=`` (an unset shell
+    variable), ``mode=0`` or ``mode=null`` would train a model where a test or export was asked for."""
+    value = OmegaConf.select(cfg, "mode", default=_ABSENT)
+    if value is _ABSENT or (isinstance(value, str) and value.strip()):
+        return  # an unknown word is lmlab.train.check_mode's, which lists the modes
+    said = "it is empty" if value == "" else "it is null" if value is None else f"'{value}' is not a mode"
+    raise config_error("mode", said,
+                       "Use one of mode=fit, test, predict, quantize or prune.")
+
+
+def check_text_block_size(cfg: DictConfig) -> None:
+    """The text datamodule (clm, mlm) packs blocks of ``data.block_size`` tokens and has no default
+    for it: a null there is a TypeError once the corpus is read. Other datamodules fall back to
+    their own lengths (max_length, max_source_length) when it is null."""
+    if OmegaConf.select(cfg, "data.datamodule", default=None) != "text":
+        return
+    if OmegaConf.select(cfg, "data.block_size", default=_ABSENT) in (None, _ABSENT):
+        raise config_error("data.block_size", "is not set, and the text datamodule packs its blocks to that length",
+                           "Use e.g. data.block_size=128 (at most the model's positions).")
+
+
+def check_validation_cadence(cfg: DictConfig) -> None:
+    """``trainer.val_check_interval`` and ``trainer.limit_val_batches`` that would skip validation.
+
+    Lightning divides by val_check_interval (0: a ZeroDivisionError mid-fit), and 0 validation
+    batches leave lmlab's final validation, checkpoint choice and export without a metric (an
+    IndexError after training). Its own string forms ("DD:HH:MM:SS") are left to Lightning.
+    """
+    interval = OmegaConf.select(cfg, "trainer.val_check_interval", default=None)
+    if _real(interval) and interval <= 0:
+        raise config_error("trainer.val_check_interval", f"{interval} is not positive",
+                           "Use a number of optimizer steps, e.g. trainer.val_check_interval=100, a share of an "
+                           "epoch such as 0.5, or null (once per epoch).")
+    limit = OmegaConf.select(cfg, "trainer.limit_val_batches", default=None)
+    fit = OmegaConf.select(cfg, "mode", default="fit") in ("fit", None)  # test, predict, ... need no validation
+    if fit and _real(limit) and limit == 0:
+        raise config_error("trainer.limit_val_batches", "it is 0, so there would be no validation, and lmlab picks "
+                           "the checkpoint, exports and reports the run by its validation metrics",
+                           "Use a number of batches, e.g. trainer.limit_val_batches=2, a share such as 0.1, or "
+                           "null (the whole validation split).")
 
 
 def check_betas(cfg: DictConfig) -> None:
@@ -224,7 +324,7 @@ def check_betas(cfg: DictConfig) -> None:
 def check_devices(cfg: DictConfig) -> None:
     """``trainer.devices`` in one of Lightning's forms: a count, -1 or "auto", or device indices."""
     value = OmegaConf.select(cfg, "trainer.devices", default=_ABSENT)
-    if value is _ABSENT or value is None or value == "auto":
+    if value is _ABSENT or value == "auto":
         return
     if OmegaConf.is_list(value):
         ok = len(value) > 0 and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
@@ -250,6 +350,11 @@ def check_encodings(cfg: DictConfig) -> None:
     """
     for key in ("data.encoding", "data.encoding_fallback"):
         value = OmegaConf.select(cfg, key, default=None)
+        if value is None and key == "data.encoding" and OmegaConf.select(cfg, key, default=_ABSENT) is not _ABSENT:
+            # every file is decoded with it: null is a TypeError at the first read (only the fallback may be off)
+            raise config_error(key, "is null, and every data file is decoded with it",
+                               "Use e.g. data.encoding=utf-8 (data.encoding_fallback=null is how to go without a "
+                               "second encoding).")
         if value is None:
             continue
         try:

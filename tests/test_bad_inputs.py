@@ -590,3 +590,78 @@ def test_a_misspelt_relative_path_is_named_before_any_hub_request(key: str, tmp_
     assert f"config key '{key}': 'models/bert-mni' does not exist" in message, message
     assert str(tmp_path) in message  # where a relative path starts from
     assert time.perf_counter() - started < 30  # no hub retries
+
+
+# -- values found by a pass of wrong values over every key: each a traceback or a silently wrong run
+# before, now refused by lmlab.checks before any data or MLflow work -----------------------------
+REFUSED_UP_FRONT = {  # overrides (space-separated) -> words of the error
+    # numpy takes seeds in [0, 2**32 - 1]: a ValueError from seed_everything / SeedSequence
+    "seed=-1": ["'seed'", "-1 is below 0"],
+    "seed=1000000000000": ["'seed'", "is above 4294967295"],
+    "data.split_seed=-1": ["'data.split_seed'", "-1 is below 0"],
+    # a TypeError once the corpus was read / inside Lightning's loop / in lmlab's process count
+    "data.block_size=null": ["'data.block_size'", "is not set", "data.block_size=128"],
+    "data.encoding=null": ["'data.encoding'", "is null", "data.encoding=utf-8"],
+    "trainer.accumulate_grad_batches=null": ["'trainer.accumulate_grad_batches'", "it is null"],
+    "trainer.devices=null": ["'trainer.devices'", "'None'", "auto"],
+    "trainer.num_sanity_val_steps=abc": ["'trainer.num_sanity_val_steps'", "'abc' is not a whole number"],
+    "trainer.num_sanity_val_steps=''": ["'trainer.num_sanity_val_steps'", "'' is not a whole number"],
+    # taken by Lightning without a word (a sanity check of 1.5 batches)
+    "trainer.num_sanity_val_steps=1.5": ["'trainer.num_sanity_val_steps'", "'1.5' is not a whole number"],
+    # Lightning's "'<' not supported between 'NoneType' and 'int'", under the key 'trainer'
+    "trainer.max_steps=null": ["'trainer.max_steps'", "it is null"],
+    # a ZeroDivisionError mid-fit
+    "trainer.val_check_interval=0": ["'trainer.val_check_interval'", "0 is not positive"],
+    "trainer.check_val_every_n_epoch=0": ["'trainer.check_val_every_n_epoch'", "0 is not positive"],
+    # an IndexError after training: the final validation had nothing to report
+    "trainer.limit_val_batches=0": ["'trainer.limit_val_batches'", "no validation"],
+    # read as `mode or "fit"`: trained a model where something else was asked for
+    "mode=''": ["'mode'", "it is empty", "mode=fit"],
+    "mode=0": ["'mode'", "'0' is not a mode"],
+    "mode=null": ["'mode'", "it is null"],
+    # the number 0 is falsy: a model trained from scratch, not model.pretrained's folder '0'
+    "model.pretrained=0": ["'model.pretrained'", "'0' is a number", "model.pretrained='0'"],
+    # read as `value or the task's own`: checkpointed on val/loss (min) whatever was given
+    "checkpoint.monitor=''": ["'checkpoint.monitor'", "it is empty", "checkpoint.monitor=val/loss"],
+    "checkpoint.monitor=0": ["'checkpoint.monitor'", "'0' is not a name"],
+    "checkpoint.mode=''": ["'checkpoint.mode'", "it is empty", "checkpoint.mode=min or max"],
+    "checkpoint.mode=0": ["'checkpoint.mode'", "'0' is not a name"],
+    "objective.metric=''": ["'objective.metric'", "it is empty"],
+    "objective.direction=0": ["'objective.direction'", "'0' is not a name"],
+    # CoNLL columns and summarization's lengths have no default: an int(None) TypeError once the data is read
+    "task=ner data.token_column=null": ["'data.token_column'", "it is null"],
+    "task=ner data.tag_column=null": ["'data.tag_column'", "it is null"],
+    "task=summarization data.max_source_length=null": ["'data.max_source_length'", "it is null"],
+    "task=summarization data.max_target_length=null": ["'data.max_target_length'", "it is null"],
+    # read as `column or None`: trained on single texts, the pair column dropped
+    "task=classification data.text_pair_column=''": ["'data.text_pair_column'", "it is empty", "or null (single texts)"],
+    "task=classification data.text_pair_column=0": ["'data.text_pair_column'", "'0' is not a name"],
+    # an MlflowException traceback once the run was being opened, after the data work
+    "logger.experiment_name=''": ["'logger.experiment_name'", "it is empty"],
+    "logger.run_name=[1,2]": ["'logger.run_name'", "'[1, 2]' is not a name"],
+}
+
+
+@pytest.mark.parametrize("override", list(REFUSED_UP_FRONT))
+def test_wrong_values_are_refused_before_any_work(override: str) -> None:
+    from lmlab.checks import check_numbers
+
+    cfg = compose_cfg([*TINY, *override.split(" ")])
+    with pytest.raises(LmlabError) as caught:
+        check_numbers(cfg)
+    for word in REFUSED_UP_FRONT[override]:
+        assert word in str(caught.value), (word, str(caught.value))
+
+
+@pytest.mark.parametrize("overrides", [
+    ["seed=0"], ["seed=4294967295"], ["data.split_seed=0"], ["trainer.val_check_interval=0.5"],
+    ["trainer.val_check_interval=00:00:10:00"], ["trainer.num_sanity_val_steps=-1"], ["trainer.devices=auto"],
+    ["trainer.check_val_every_n_epoch=null"], ["mode=test", "trainer.limit_val_batches=0"],
+    ["task=summarization", "data.block_size=null"], ["data.encoding_fallback=null"], ["model.pretrained=null"],
+    ["checkpoint.monitor=val/perplexity", "checkpoint.mode=min"], ["objective.metric=val/loss", "objective.direction=min"],
+    ["logger.run_name=7", "logger.experiment_name=mine"],
+])
+def test_the_values_next_to_them_still_pass(overrides: list[str]) -> None:
+    from lmlab.checks import check_numbers
+
+    check_numbers(compose_cfg([*TINY, *overrides]))
