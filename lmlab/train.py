@@ -191,7 +191,9 @@ def build_trainer(
         raise config_error("trainer", f"Lightning's Trainer rejected the options ({exc})",
                            "Check the trainer.* keys against lightning.Trainer's arguments.") from exc
     except Exception as exc:  # MisconfigurationException and friends carry a clear message
-        raise LmlabError(f"config group 'trainer': {exc}") from exc
+        # Some carry no message (trainer.devices=10**12 gave "config group 'trainer': " alone).
+        detail = str(exc) or f"Lightning's Trainer raised {type(exc).__name__}; check the trainer.* values"
+        raise LmlabError(f"config group 'trainer': {detail}") from exc
     return trainer, best, throughput
 
 

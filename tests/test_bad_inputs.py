@@ -665,3 +665,14 @@ def test_the_values_next_to_them_still_pass(overrides: list[str]) -> None:
     from lmlab.checks import check_numbers
 
     check_numbers(compose_cfg([*TINY, *overrides]))
+
+
+def test_a_trainer_error_without_a_message_still_says_what_failed(tmp_path) -> None:
+    # Lightning's Trainer raised a bare MemoryError for trainer.devices=10**12: the error read
+    # "config group 'trainer': " and nothing more.
+    from lmlab import registry
+    from lmlab.train import build_trainer
+
+    cfg = compose_cfg(["trainer.enable_progress_bar=false", "trainer.devices=1000000000000"])
+    with pytest.raises(LmlabError, match=r"config group 'trainer': Lightning's Trainer raised \w+Error; check"):
+        build_trainer(cfg, registry.get("task", "clm"), tmp_path, False)
