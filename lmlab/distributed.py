@@ -122,8 +122,6 @@ def build_strategy(value: Any, model: torch.nn.Module | None) -> Any:
     """``trainer.strategy``: a name Lightning knows, or a ``_target_`` node instantiated here."""
     if not isinstance(value, dict) or "_target_" not in value:
         return value
-    from hydra.utils import get_class
-
     options = {k: v for k, v in value.items() if k != "_target_"}
     for key in ("auto_wrap_policy", "activation_checkpointing_policy"):
         if options.get(key) == WRAP_BLOCKS:
@@ -136,12 +134,7 @@ def build_strategy(value: Any, model: torch.nn.Module | None) -> Any:
         # FSDP's (replicas, shard size) for HYBRID_SHARD: Lightning builds the mesh from a tuple only,
         # and the YAML (+trainer.strategy.device_mesh=[2,8]: the preset has no such key) gives a list.
         options["device_mesh"] = tuple(options["device_mesh"])
-    target = str(value["_target_"])
-    try:
-        strategy_class = get_class(target)
-    except Exception as exc:
-        raise config_error("trainer.strategy._target_", f"cannot import '{target}' ({exc})",
-                           "Use a Lightning strategy class, e.g. lightning.pytorch.strategies.DDPStrategy.") from exc
+    strategy_class = _strategy_class(str(value["_target_"]))
     try:
         return strategy_class(**_current_ddp_names(strategy_class, options))
     except Exception as exc:
@@ -218,19 +211,24 @@ def check_strategy(trainer_cfg: dict[str, Any]) -> None:
     (``check_launch``)."""
     strategy = trainer_cfg.get("strategy")
     if isinstance(strategy, dict) and "_target_" in strategy:
-        from hydra.utils import get_class
         from lightning.pytorch.strategies import DeepSpeedStrategy
 
-        target = str(strategy["_target_"])
-        try:
-            strategy_class = get_class(target)
-        except Exception as exc:
-            raise config_error("trainer.strategy._target_", f"cannot import '{target}' ({exc})",
-                               "Use a Lightning strategy class, e.g. lightning.pytorch.strategies.DDPStrategy.") from exc
+        strategy_class = _strategy_class(str(strategy["_target_"]))
         if issubclass(strategy_class, DeepSpeedStrategy) and importlib.util.find_spec("deepspeed") is None:
             raise config_error("trainer.strategy", "DeepSpeedStrategy needs the deepspeed package, which is not "
                                "installed", DEEPSPEED_INSTALL)
     check_launch(trainer_cfg)
+
+
+def _strategy_class(target: str) -> type:
+    """The class ``trainer.strategy._target_`` names, or an error naming that key."""
+    from hydra.utils import get_class
+
+    try:
+        return get_class(target)
+    except Exception as exc:
+        raise config_error("trainer.strategy._target_", f"cannot import '{target}' ({exc})",
+                           "Use a Lightning strategy class, e.g. lightning.pytorch.strategies.DDPStrategy.") from exc
 
 
 def check_launch(trainer_cfg: dict[str, Any]) -> None:

@@ -17,6 +17,7 @@ import lightning as L
 import pytest
 import torch
 from conftest import wiki_head
+from test_resume import Crash
 from torch.utils.data import Dataset
 
 from lmlab.checkpointing import LastCheckpoint, ResumableData, ResumableLoader, RngState
@@ -128,15 +129,6 @@ class Recorder(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.01)
-
-
-class Crash(L.Callback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
-        if trainer.global_step == self.step:
-            raise RuntimeError("simulated crash")
 
 
 def fit(root: Path, text: Path, seen: list, *, workers: int, accumulate: int, crash: int | None = None,

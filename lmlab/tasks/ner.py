@@ -518,12 +518,12 @@ def cuts_words(word_ids: list[int | None], n_words: int, max_length: int) -> boo
     return len(word_ids) >= max_length and bool(seen) and max(seen) < n_words - 1
 
 
-def words_without_subwords(word_ids: list[int | None], n_words: int, max_length: int) -> int:
-    """How many words before the cut the tokenizer gave no subword: no prediction of their own, so
-    scored as O (an entity there is missed)."""
+def words_without_subwords(word_ids: list[int | None], n_words: int, cut: bool) -> list[int]:
+    """The words before the cut (``cut``: ``cuts_words``) the tokenizer gave no subword: no prediction
+    of their own, so scored as O (an entity there is missed)."""
     seen = {w for w in word_ids if w is not None}
-    last = n_words - 1 if not cuts_words(word_ids, n_words, max_length) else max(seen)
-    return sum(1 for w in range(last + 1) if w not in seen)
+    last = max(seen) if cut else n_words - 1
+    return [w for w in range(last + 1) if w not in seen]
 
 
 class TokenCollator:
@@ -751,12 +751,13 @@ class NerDataModule(L.LightningDataModule):
                     else:
                         labels.append(gold[w] if is_first else continues[gold[w]])
                     prev = w
-                truncated += cuts_words(word_ids, len(sentence.tokens), self.max_length)
-                unseen = words_without_subwords(word_ids, len(sentence.tokens), self.max_length)
+                cut = cuts_words(word_ids, len(sentence.tokens), self.max_length)
+                truncated += cut
+                unseen = words_without_subwords(word_ids, len(sentence.tokens), cut)
                 if unseen and self._wordless is None:
-                    w = next(i for i in range(len(sentence.tokens)) if i not in set(word_ids))
+                    w = unseen[0]
                     self._wordless = (sentence.tokens[w], sentence.source, sentence.lines[w])
-                self._wordless_count += unseen
+                self._wordless_count += len(unseen)
                 row = {"index": start + j, "input_ids": enc["input_ids"][j],
                        "attention_mask": enc["attention_mask"][j], "labels": labels, "first_word": first,
                        "word_labels": gold}

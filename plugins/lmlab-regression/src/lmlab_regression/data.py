@@ -28,7 +28,7 @@ from lmlab import fingerprint
 from lmlab.data.catalog import package_dir
 from lmlab.data.loaders import make_loader
 from lmlab.data.sources import (SPLIT_STEMS, carve_validation, check_split_names, decode_file, json_records,
-                                not_a_string, row_length_fix, table_reader, text_key)
+                                not_a_string, row_length_fix, split_seed, table_reader, text_key)
 from lmlab.errors import LmlabError, config_error, file_error
 
 PACKING = "regression"  # what TASK.packing asks for; any other packing is a wiring mistake
@@ -63,11 +63,6 @@ class ScoredSplit:
 
 
 # -- settings --------------------------------------------------------------------------------------
-def split_seed(cfg: DictConfig) -> int:
-    """``data.split_seed``; null (lmlab's config check allows it) is 0, as lmlab's own readers take it."""
-    return int(cfg.get("split_seed") or 0)
-
-
 def fraction(cfg: DictConfig, key: str, where: str) -> float:
     """``data.<key>`` (val_fraction, test_fraction) where a split must be cut out of ``where``: null is
     allowed by lmlab's config check (a named split leaves it unused), so it is said here, by name."""
