@@ -27,6 +27,28 @@ MLFLOW_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME")
 for _name in MLFLOW_VARIABLES:
     os.environ.pop(_name, None)
 
+
+def _share_the_cores_between_workers() -> None:
+    """Under pytest-xdist (``-n N``) each worker gets its share of the cores.
+
+    torch, and every lmlab or benchmark subprocess a test starts, would otherwise run one thread
+    per core in each of the N workers, and N×cores threads on the cores take longer than N
+    workers' worth of threads do.
+    """
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers < 2:
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    share = str(max(1, cores // workers))
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(name, share)
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+_share_the_cores_between_workers()
+
 # A few steps of a 2-layer, 128-wide model with a small vocabulary: seconds on a CPU.
 TINY = [
     "+experiment=debug",
