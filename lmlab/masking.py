@@ -155,15 +155,17 @@ def chosen_rows(chosen: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.argsort(chosen.flatten().logical_not(), stable=True)[:rows]
 
 
-def check_probabilities(mlm_probability: float, mask_replace_prob: float, random_replace_prob: float) -> str | None:
-    """A message naming the problem, or None when the three settings are usable."""
+def check_probabilities(mlm_probability: float, mask_replace_prob: float,
+                        random_replace_prob: float) -> tuple[str, str] | None:
+    """(the config key at fault, what is wrong with it), or None when the three settings are usable."""
     if not 0 < mlm_probability < 1:
-        return f"task.mlm_probability={mlm_probability} must be between 0 and 1 (BERT uses 0.15)"
+        return "task.mlm_probability", f"{mlm_probability} must be between 0 and 1, exclusive (BERT uses 0.15)"
     for key, value in (("mask_replace_prob", mask_replace_prob), ("random_replace_prob", random_replace_prob)):
         if not 0 <= value <= 1:
-            return f"task.{key}={value} must be between 0 and 1"
+            return f"task.{key}", f"{value} must be between 0 and 1"
     if mask_replace_prob + random_replace_prob > 1 + 1e-9:
-        return (f"task.mask_replace_prob + task.random_replace_prob = {mask_replace_prob + random_replace_prob:g} "
-                "exceeds 1; the rest (1 - both) is the share of chosen tokens left unchanged, so the two "
-                "must add up to at most 1 (BERT: 0.8 and 0.1)")
+        return "task.mask_replace_prob", (
+            f"task.mask_replace_prob + task.random_replace_prob = {mask_replace_prob + random_replace_prob:g} "
+            "exceeds 1; the rest (1 - both) is the share of chosen tokens left unchanged, so the two "
+            "must add up to at most 1 (BERT: 0.8 and 0.1)")
     return None

@@ -134,10 +134,12 @@ def test_unknown_key_is_rejected():
 def test_mlm_validates_its_probabilities():
     task = registry.get("task", "mlm")
     task.validate(compose_cfg(["task=mlm"]))
-    with pytest.raises(LmlabError, match="mask_replace_prob"):
+    with pytest.raises(LmlabError, match=r"^config key 'task.mask_replace_prob': .*random_replace_prob"):
         task.validate(compose_cfg(["task=mlm", "task.mask_replace_prob=0.9", "task.random_replace_prob=0.2"]))
-    with pytest.raises(LmlabError, match="mlm_probability"):
+    with pytest.raises(LmlabError, match=r"^config key 'task.mlm_probability': 0.0 must be between 0 and 1"):
         task.validate(compose_cfg(["task=mlm", "task.mlm_probability=0"]))
+    with pytest.raises(LmlabError, match=r"^config key 'task.fixed_size_gather': 'sometimes' must be auto"):
+        task.validate(compose_cfg(["task=mlm", "task.fixed_size_gather=sometimes"]))
 
 
 @pytest.fixture(scope="module")
@@ -241,3 +243,16 @@ def test_the_test_split_can_be_capped_without_a_plus(tmp_path):
     default, _, _ = build_trainer(compose_cfg(["trainer.enable_progress_bar=false"]), registry.get("task", "clm"),
                                   tmp_path, False)
     assert default.limit_test_batches == 1.0
+
+
+def test_mlm_without_a_mask_token_names_the_key_that_chose_the_tokenizer():
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    no_mask = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]")),
+                                      unk_token="[UNK]")
+    task = registry.get("task", "mlm")
+    with pytest.raises(LmlabError, match=r"^config key 'tokenizer': the tokenizer has no \[MASK\] token.*tokenizer=wordpiece"):
+        task.build_module(compose_cfg(["task=mlm"]), None, no_mask)
+    with pytest.raises(LmlabError, match=r"^config key 'model.pretrained': the tokenizer of /m/gpt2 has no \[MASK\]"):
+        task.build_module(compose_cfg(["task=mlm", "model.pretrained=/m/gpt2"]), None, no_mask)

@@ -405,16 +405,15 @@ def test_fixed_row_count_is_the_mean_plus_eight_deviations_and_never_above_the_p
     assert int(counts.max()) < 4915 + 5 * 64.6 < 5456
 
 
-def test_check_probabilities():
+def test_check_probabilities_names_the_key_at_fault():
     assert check_probabilities(0.15, 0.8, 0.1) is None
     assert check_probabilities(0.15, 1.0, 0.0) is None
-    too_much = check_probabilities(0.15, 0.9, 0.2)
-    assert too_much and "exceeds 1" in too_much
+    key, problem = check_probabilities(0.15, 0.9, 0.2)
+    assert key == "task.mask_replace_prob" and "exceeds 1" in problem
     for bad in (0.0, 1.5):
-        message = check_probabilities(bad, 0.8, 0.1)
-        assert message and "mlm_probability" in message
-    negative = check_probabilities(0.15, -0.1, 0.1)
-    assert negative and "mask_replace_prob" in negative
+        assert check_probabilities(bad, 0.8, 0.1)[0] == "task.mlm_probability"
+    assert check_probabilities(0.15, -0.1, 0.1)[0] == "task.mask_replace_prob"
+    assert check_probabilities(0.15, 0.5, 1.1)[0] == "task.random_replace_prob"
 
 
 def test_validation_masks_follow_each_row_not_its_batch() -> None:

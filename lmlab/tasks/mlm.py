@@ -15,7 +15,7 @@ from lmlab import masking, optim, padding_masks
 from lmlab.compiling import compile_function, compile_in_place
 from lmlab.fastpath import lean_body, modules_callable_one_by_one
 from lmlab.checks import Number
-from lmlab.errors import LmlabError, config_error
+from lmlab.errors import config_error
 from lmlab.reduced_logging import log_reduced, per_token
 from lmlab.specs import TaskSpec
 from lmlab.step_logging import log_step
@@ -252,20 +252,26 @@ PROBABILITIES = (
 def validate(cfg: DictConfig) -> None:
     for number in PROBABILITIES:  # a word where a number belongs: float() would raise a ValueError
         number.check(cfg)
-    problem = masking.check_probabilities(
+    fault = masking.check_probabilities(
         float(cfg.task.mlm_probability), float(cfg.task.mask_replace_prob), float(cfg.task.random_replace_prob)
     )
-    if problem:
-        raise LmlabError(f"{problem}. Fix the value on the command line or in conf/task/mlm.yaml.")
+    if fault:
+        key, problem = fault
+        raise config_error(key, problem, "Fix the value on the command line or in conf/task/mlm.yaml.")
     gather = cfg.task.get("fixed_size_gather", "auto")
     if gather not in ("auto", True, False):
-        raise LmlabError(f"task.fixed_size_gather={gather!r} must be auto, true or false "
-                         "(see conf/task/mlm.yaml). Fix the value on the command line.")
+        raise config_error("task.fixed_size_gather", f"{gather!r} must be auto, true or false (see conf/task/mlm.yaml)",
+                           "Fix the value on the command line.")
 
 
 def build_module(cfg: DictConfig, model: torch.nn.Module, tokenizer: Any) -> MaskedLMModule:
     if tokenizer.mask_token_id is None:
-        raise LmlabError("the tokenizer has no [MASK] token, which task=mlm needs. Use tokenizer=wordpiece.")
+        if cfg.model.get("pretrained"):
+            raise config_error("model.pretrained", f"the tokenizer of {cfg.model.pretrained} has no [MASK] token, "
+                               "which task=mlm needs", "Start from a model whose tokenizer has one (a BERT), "
+                               "or train one from scratch with tokenizer=wordpiece.")
+        raise config_error("tokenizer", "the tokenizer has no [MASK] token, which task=mlm needs",
+                           "Use tokenizer=wordpiece.")
     module = MaskedLMModule(model, tokenizer, cfg.task, cfg.optimizer, cfg.scheduler, seed=int(cfg.get("seed", 0)))
     compiled = bool(cfg.model.get("compile", False))
     if module.sparse_head:
