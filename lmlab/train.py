@@ -223,9 +223,11 @@ def checkpoint_step(path: str | Path) -> int | None:
     return int(found.group(1)) if found else None
 
 
-def sequence_length(data_cfg: DictConfig) -> int:
-    """The longest sequence the data will feed the model (block_size for LM, max_length for heads)."""
-    return max(int(data_cfg.get("block_size") or 0), int(data_cfg.get("max_length") or 0))
+def longest_sequence(data_cfg: DictConfig) -> tuple[str, int]:
+    """(the config key that sets it, the longest sequence the data will feed the model):
+    data.block_size for the language models, data.max_length for the task heads."""
+    return max(((f"data.{key}", int(data_cfg.get(key) or 0)) for key in ("block_size", "max_length")),
+               key=lambda key_and_length: key_and_length[1])
 
 
 def prepare_model_and_tokenizer(cfg: DictConfig, task: TaskSpec, spec: ModelSpec, dm: Any,
@@ -259,6 +261,7 @@ def prepare_model_and_tokenizer(cfg: DictConfig, task: TaskSpec, spec: ModelSpec
                                             Path(str(cfg.paths.cache)))
     dm.set_tokenizer(tokenizer)
     updates = dm.model_config_updates() if hasattr(dm, "model_config_updates") else {}
+    length_key, length = longest_sequence(cfg.data)
     if ref:
         if str(cfg.get("mode") or "fit") in ("test", "quantize", "prune"):  # scored as they are
             labels = updates.get("id2label")
@@ -268,10 +271,10 @@ def prepare_model_and_tokenizer(cfg: DictConfig, task: TaskSpec, spec: ModelSpec
         check_data_owned(overrides, updates)
         model = pretrained.load_model(spec, head, source, updates, trust, overrides)
         pretrained.check_vocabulary(model, tokenizer)
-        check_positions(spec, model.config, sequence_length(cfg.data))
+        check_positions(spec, model.config, length_key, length)
         log.info("Loaded pretrained %s backbone from %s", spec.name, source)
     else:
-        config = build_hf_config(spec, cfg.model, tokenizer, sequence_length(cfg.data), updates)
+        config = build_hf_config(spec, cfg.model, tokenizer, length, updates, length_key=length_key)
         model = build_model(spec, head, config)
         log.info("No model.pretrained: randomly initialised %s (%s)", spec.name, cfg.model.size)
     if str(cfg.get("mode") or "fit") == "fit":
@@ -430,7 +433,7 @@ def _predict(cfg: DictConfig, task: TaskSpec, spec: ModelSpec, started: float) -
     tokenizer = load_pretrained(source, trust, key="model.pretrained")
     model = pretrained.load_model(spec, head, source, {}, trust).eval()
     pretrained.check_vocabulary(model, tokenizer)
-    check_positions(spec, model.config, sequence_length(cfg.data))
+    check_positions(spec, model.config, *longest_sequence(cfg.data))
     module = task.build_module(cfg, model, tokenizer)
 
     output_dir = output_dir_for(cfg)

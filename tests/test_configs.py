@@ -256,3 +256,14 @@ def test_mlm_without_a_mask_token_names_the_key_that_chose_the_tokenizer():
         task.build_module(compose_cfg(["task=mlm"]), None, no_mask)
     with pytest.raises(LmlabError, match=r"^config key 'model.pretrained': the tokenizer of /m/gpt2 has no \[MASK\]"):
         task.build_module(compose_cfg(["task=mlm", "model.pretrained=/m/gpt2"]), None, no_mask)
+
+
+def test_a_sequence_past_the_models_positions_names_the_key_that_set_its_length(bpe_tokenizer):
+    from lmlab.train import longest_sequence
+
+    for overrides, key in ((["task=clm", "data.block_size=4096"], "data.block_size"),
+                           (["task=ner", "data.max_length=4096"], "data.max_length")):
+        cfg = compose_cfg([*overrides, "model.config.n_positions=512"])
+        assert longest_sequence(cfg.data) == (key, 4096)
+        with pytest.raises(LmlabError, match=rf"^config key '{key}': 4096 is longer .*Lower {key} to at most 512"):
+            build_hf_config(GPT2, cfg.model, bpe_tokenizer, 4096, length_key=key)

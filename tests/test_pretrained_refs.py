@@ -221,10 +221,10 @@ def test_a_pretrained_t5_without_n_positions_has_no_length_to_check() -> None:
     from lmlab.models.t5 import T5Config as LmlabT5Config
 
     assert not hasattr(T5Config(), "n_positions")
-    check_positions(T5, T5Config(), 4096)
+    check_positions(T5, T5Config(), "data.block_size", 4096)
     # lmlab's own T5 records a nominal limit, and data.block_size is still checked against it.
     with pytest.raises(LmlabError, match=r"'data.block_size': 4096 is longer .* \(n_positions=512\)"):
-        check_positions(T5, LmlabT5Config(), 4096)
+        check_positions(T5, LmlabT5Config(), "data.block_size", 4096)
 
 
 @pytest.mark.parametrize("damage", ["cut_short", "missing"])

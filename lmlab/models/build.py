@@ -21,7 +21,8 @@ REJECTED = (StrictDataclassError, ValueError, TypeError, ArithmeticError, KeyErr
 
 
 def build_hf_config(
-    spec: ModelSpec, model_cfg: DictConfig, tokenizer: Any, block_size: int, updates: dict[str, Any] | None = None
+    spec: ModelSpec, model_cfg: DictConfig, tokenizer: Any, block_size: int, updates: dict[str, Any] | None = None,
+    length_key: str = "data.block_size",
 ) -> Any:
     """The HF config for ``model.size`` with ``model.config.*`` overrides applied and checked."""
     if model_cfg.size not in spec.sizes:
@@ -45,7 +46,7 @@ def build_hf_config(
         config = spec.config_class(**kwargs)
     except REJECTED as exc:
         raise _rejected(exc, spec.config_class.__name__, overrides) from exc
-    check_positions(spec, config, block_size, model_cfg.size)
+    check_positions(spec, config, length_key, block_size, model_cfg.size)
     return config
 
 
@@ -142,18 +143,19 @@ def padding_ids(config: Any, tokens: int) -> list[int]:
     return list(range(tokens, rows))
 
 
-def check_positions(spec: ModelSpec, config: Any, block_size: int, size: str = "pretrained") -> None:
+def check_positions(spec: ModelSpec, config: Any, length_key: str, length: int, size: str = "pretrained") -> None:
+    """``length`` tokens (set by config key ``length_key``) must fit the model's positions."""
     # A pretrained T5 saved with the stock config (google/t5-v1_1-*, mT5) has no n_positions: its
     # relative position buckets put no bound on the length, so there is nothing to check.
     positions = getattr(config, spec.positions_key, None)
     if positions is None:
         return
-    if block_size > positions:
+    if length > positions:
         raise config_error(
-            "data.block_size",
-            f"{block_size} is longer than model '{spec.name}' (size {size}) can attend "
+            length_key,
+            f"{length} is longer than model '{spec.name}' (size {size}) can attend "
             f"to ({spec.positions_key}={positions})",
-            f"Lower data.block_size to at most {positions} or raise "
+            f"Lower {length_key} to at most {positions} or raise "
             f"model.config.{spec.positions_key}.",
         )
 
