@@ -87,7 +87,9 @@ NUMBERS = (
     # CoNLL columns have no default: null is an int(None) TypeError at the first file read
     Number("data.token_column", True, "0 (negative: from the end)"),
     Number("data.tag_column", True, "-1 (negative: from the end)"),
-    Number("tokenizer.vocab_size", True, "8000", positive=True),
+    # Packed blocks store ids as int32 past 65,536 tokens; the tokenizers trainer aborts the process
+    # (no Python exception) on a size past its own integers, as 10**12 did.
+    Number("tokenizer.vocab_size", True, "8000", positive=True, high=2**31 - 1),
     Number("tokenizer.min_frequency", True, "2", low=0),
     Number("checkpoint.save_top_k", True, "1 (-1: keep all)", low=-1),
     Number("task.generate_val_batches", True, "2 (0: loss only)", low=0),
@@ -104,7 +106,9 @@ NUMBERS = (
     Number("scheduler.warmup_steps", True, "100", low=0, nullable=True),
     Number("scheduler.min_lr_ratio", False, "0.1", low=0, high=1, nullable=True),
     Number("faults.check_every_n_steps", True, "10", positive=True, nullable=True),
-    Number("model.vocab_multiple", True, "64", positive=True, nullable=True),
+    # Rows past the vocabulary only cost memory: the matrix-multiply speed-up needs 64 to 128 at most,
+    # while 10**9 asked for gigabytes of embedding rows and died out of memory.
+    Number("model.vocab_multiple", True, "64", positive=True, nullable=True, high=4096),
     Number("optimizer.eps", False, "1e-8", low=0),
     Number("trainer.num_nodes", True, "2", positive=True, nullable=True),
     # 0 is a modulo by zero inside Lightning's loop, after the data work; a string a TypeError there.

@@ -639,6 +639,10 @@ REFUSED_UP_FRONT = {  # overrides (space-separated) -> words of the error
     # an MlflowException traceback once the run was being opened, after the data work
     "logger.experiment_name=''": ["'logger.experiment_name'", "it is empty"],
     "logger.run_name=[1,2]": ["'logger.run_name'", "'[1, 2]' is not a name"],
+    # the tokenizers trainer aborted the whole process (no exception to catch); a padded vocabulary
+    # of 10**9 rows ran out of memory
+    "tokenizer.vocab_size=1000000000000": ["'tokenizer.vocab_size'", "is above 2147483647"],
+    "model.vocab_multiple=1000000000": ["'model.vocab_multiple'", "is above 4096"],
 }
 
 
@@ -659,7 +663,8 @@ def test_wrong_values_are_refused_before_any_work(override: str) -> None:
     ["trainer.check_val_every_n_epoch=null"], ["mode=test", "trainer.limit_val_batches=0"],
     ["task=summarization", "data.block_size=null"], ["data.encoding_fallback=null"], ["model.pretrained=null"],
     ["checkpoint.monitor=val/perplexity", "checkpoint.mode=min"], ["objective.metric=val/loss", "objective.direction=min"],
-    ["logger.run_name=7", "logger.experiment_name=mine"],
+    ["logger.run_name=7", "logger.experiment_name=mine"], ["tokenizer.vocab_size=2147483647"],
+    ["model.vocab_multiple=4096"],
 ])
 def test_the_values_next_to_them_still_pass(overrides: list[str]) -> None:
     from lmlab.checks import check_numbers
