@@ -547,7 +547,7 @@ def test_the_carved_split_is_the_same_in_every_process(wiki_file):
     settings = {"path": str(wiki_file), "text_field": "text", "encoding": "utf-8", "val_fraction": 0.05,
                 "split_seed": 5, "max_documents": None}
     other = subprocess.run([sys.executable, "-c", code, json.dumps(settings)], capture_output=True, text=True,
-                           timeout=60, env={**os.environ, "PYTHONHASHSEED": "12345"}, check=True)
+                           timeout=300, env={**os.environ, "PYTHONHASHSEED": "12345"}, check=True)
     assert json.loads(other.stdout) == corpus.validation and len(corpus.validation) == 30
 
 

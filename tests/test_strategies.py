@@ -218,7 +218,7 @@ def test_every_rank_of_a_torchrun_or_srun_launch_names_the_same_run_directory(mo
         code = "import time; from lmlab.distributed import launch_time; time.sleep(0.05); print(launch_time())"
         children = [subprocess.Popen([sys.executable, "-c", code], env={**os.environ, **env, "RANK": str(rank)},
                                      stdout=subprocess.PIPE, text=True) for rank in range(2)]
-        return [child.communicate(timeout=60)[0].strip() for child in children]
+        return [child.communicate(timeout=300)[0].strip() for child in children]
 
     torchrun = {"TORCHELASTIC_RUN_ID": "r", "WORLD_SIZE": "2"}
     first, second = stamps(torchrun)
