@@ -25,7 +25,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from lmlab import fingerprint
+from lmlab import cache_lock, fingerprint
 from lmlab.atomic import atomic_dir
 from lmlab.errors import config_error
 from lmlab.paths import is_local_reference, writable_cache_dir
@@ -271,14 +271,31 @@ def get_tokenizer(
     key = f"{kind}-{vocab_size}-{fingerprint.of_params(corpus=corpus_fingerprint, **params)[:16]}"
     where = Path(cache_dir) / "tokenizers" / key
     info = {**params, "path": str(where), "fingerprint": key}
-    if (where / "tokenizer.json").exists():
-        cached = _load_cached(where, _special_tokens_of(kind, bert_specials))
-        if cached is not None:
-            log.info("Reusing cached %s tokenizer %s", kind, where)
-            return cached, {**info, "cached": True}
+    cached = _reuse(where, kind, bert_specials)
+    if cached is not None:
+        return cached, {**info, "cached": True}
 
     writable_cache_dir(where.parent)  # before the training, whose tokenizer would have nowhere to go
-    texts = train_texts()
+    with cache_lock.filling(where):
+        cached = _reuse(where, kind, bert_specials)  # trained by another process while this one waited
+        if cached is not None:
+            return cached, {**info, "cached": True}
+        tokenizer = _train_into(where, kind, vocab_size, params, lowercase, bert_specials, train_texts())
+    return tokenizer, {**info, "cached": False}
+
+
+def _reuse(where: Path, kind: str, bert_specials: bool) -> Any | None:
+    if not (where / "tokenizer.json").exists():
+        return None
+    cached = _load_cached(where, _special_tokens_of(kind, bert_specials))
+    if cached is not None:
+        log.info("Reusing cached %s tokenizer %s", kind, where)
+    return cached
+
+
+def _train_into(where: Path, kind: str, vocab_size: int, params: dict[str, Any], lowercase: bool,
+                bert_specials: bool, texts: Sequence[str]) -> Any:
+    """A tokenizer trained on ``texts``, saved as cache entry ``where``."""
     log.info("Training a %s tokenizer (vocab %d) on %d training texts", kind, vocab_size, len(texts))
     if kind == "wordpiece":
         tokenizer = train_wordpiece(texts, vocab_size, params["min_frequency"], lowercase)
@@ -286,7 +303,7 @@ def get_tokenizer(
         tokenizer = train_bpe(texts, vocab_size, params["min_frequency"], lowercase, bert_specials)
     with atomic_dir(where) as tmp:
         tokenizer.save_pretrained(str(tmp))
-    return tokenizer, {**info, "cached": False}
+    return tokenizer
 
 
 def end_with_token(tokenizer: Any, token_id: int) -> bool:

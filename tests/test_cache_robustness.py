@@ -475,3 +475,61 @@ def test_a_writer_reading_its_entry_while_another_writer_replaces_it_serves_its_
     assert [r.tolist() for r in raced.splits["validation"].arrays["input_ids"]] == \
         [r.tolist() for r in clean.splits["validation"].arrays["input_ids"]]
     assert any("another process" in r.getMessage() for r in caplog.records)
+
+
+
+# -- one filler per entry: the others wait and read what it wrote ---------------------------------
+def _fill_twice_at_once(monkeypatch: pytest.MonkeyPatch, fill) -> tuple[object, object]:
+    """``fill(hold)`` twice, as two DDP ranks on a cold cache would: the first in a thread, held
+    inside its work (where it calls ``hold``) until the second is blocked on the entry's lock.
+    Returns both results; the second may not do the work again."""
+    import threading
+
+    from lmlab import cache_lock
+
+    waiting, inside = threading.Event(), threading.Event()
+    real_wait = cache_lock._wait
+
+    def wait(fd: int, path: Path) -> None:
+        waiting.set()
+        real_wait(fd, path)
+
+    def hold() -> None:
+        inside.set()
+        assert waiting.wait(60), "the second filler never waited for the first"
+
+    def second_hold() -> None:
+        raise AssertionError("the second filler did the work again")
+
+    monkeypatch.setattr(cache_lock, "_wait", wait)
+    results: dict[str, object] = {}
+    first = threading.Thread(target=lambda: results.__setitem__("first", fill(hold)))
+    first.start()
+    assert inside.wait(60), "the first filler never started its work"
+    second = fill(second_hold)
+    first.join(60)
+    assert "first" in results, "the first filler failed (its error is in the captured output)"
+    return results["first"], second
+
+
+def test_a_tokenizer_wanted_by_two_processes_at_once_is_trained_once(tmp_path, monkeypatch):
+    def fill(hold):
+        return get_tokenizer(_tok_cfg(), GPT2, lambda: (hold(), DOCS)[1], "corpus", tmp_path / "cache")
+
+    (tok1, info1), (tok2, info2) = _fill_twice_at_once(monkeypatch, fill)
+    assert info1["cached"] is False and info2["cached"] is True
+    assert tok2.get_vocab() == tok1.get_vocab()
+
+
+def test_blocks_wanted_by_two_processes_at_once_are_packed_once(corpus, tokenizers, tmp_path, monkeypatch):
+    def fill(hold):
+        dm = TextDataModule(corpus, packing="causal", cache_dir=tmp_path / "cache", seed=0)
+        dm.set_tokenizer(tokenizers["causal"])
+        real = dm._fill
+        dm._fill = lambda where: (hold(), real(where))[1]
+        dm.setup("fit")
+        return dm
+
+    first, second = _fill_twice_at_once(monkeypatch, fill)
+    assert first.cache_hit is False and second.cache_hit is True
+    assert _rows(second) == _rows(first) and len(_entries(tmp_path / "cache")) == 1

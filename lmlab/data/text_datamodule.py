@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
-from lmlab import fingerprint
+from lmlab import cache_lock, fingerprint
 from lmlab.atomic import atomic_dir
 from lmlab.data import packing as layout
 from lmlab.data.loaders import make_loader
@@ -181,23 +181,11 @@ class TextDataModule(L.LightningDataModule):
         self.cache_hit = loaded is not None
         if loaded is None:
             writable_cache_dir(where.parent)  # before the tokenizing, whose blocks would have nowhere to go
-            log.info("Tokenizing and packing %d + %d documents", len(self.corpus.train), len(self.corpus.validation))
-            packed = {split: self._pack(docs, split)
-                      for split, docs in (("train", self.corpus.train), ("validation", self.corpus.validation))}
-            with atomic_dir(where) as tmp:
-                for split, arrays in packed.items():
-                    for name, array in arrays.items():
-                        np.save(tmp / f"{split}.{name}.npy", array)
-                (tmp / "done").write_text("ok\n")
-            try:
-                loaded = _load_blocks(where, self.block_size, layout.ARRAYS[self.packing_mode])
-            except UnreadableCache as exc:
-                # Another process filling the same entry (a DDP rank, a sweep job) swaps its copy in
-                # with two renames, between which the entry is missing: read then, it crashed a few
-                # of every thousand concurrent writes. Its copy holds these same blocks.
-                log.info("Tokenized-data cache entry %s was being replaced by another process as it was read "
-                         "(%s); using the blocks packed here", where, exc.reason)
-                loaded = packed
+            with cache_lock.filling(where):
+                loaded = self._load_cached(where)  # packed by another process while this one waited
+                self.cache_hit = loaded is not None
+                if loaded is None:
+                    loaded = self._fill(where)
         for split, arrays in loaded.items():
             self.splits[split] = BlockDataset(arrays)
         n_train = len(self.splits["train"])
@@ -214,6 +202,26 @@ class TextDataModule(L.LightningDataModule):
             # False when the tokenizer and blocks were cached and the corpus stamp matched: no text read.
             "corpus_read": self.corpus.is_read,
         }
+
+    def _fill(self, where: Path) -> dict[str, dict[str, np.ndarray]]:
+        """Tokenize and pack the corpus into cache entry ``where``; its blocks."""
+        log.info("Tokenizing and packing %d + %d documents", len(self.corpus.train), len(self.corpus.validation))
+        packed = {split: self._pack(docs, split)
+                  for split, docs in (("train", self.corpus.train), ("validation", self.corpus.validation))}
+        with atomic_dir(where) as tmp:
+            for split, arrays in packed.items():
+                for name, array in arrays.items():
+                    np.save(tmp / f"{split}.{name}.npy", array)
+            (tmp / "done").write_text("ok\n")
+        try:
+            return _load_blocks(where, self.block_size, layout.ARRAYS[self.packing_mode])
+        except UnreadableCache as exc:
+            # Another process filling the same entry where flock is not supported swaps its copy in
+            # with two renames, between which the entry is missing: read then, it crashed a few of
+            # every thousand concurrent writes. Its copy holds these same blocks.
+            log.info("Tokenized-data cache entry %s was being replaced by another process as it was read "
+                     "(%s); using the blocks packed here", where, exc.reason)
+            return packed
 
     def _cache_entry(self) -> Path:
         """Where this data's blocks are cached.
