@@ -3,9 +3,10 @@ a DDP run on a cold cache, the jobs of a parallel sweep) take turns, so the firs
 tokenizer or packs the blocks and the others wait, then read what it wrote.
 
 Without it each of N processes did the whole work itself and all but one copy was thrown away
-(``atomic_dir`` keeps whichever lands last). The lock is advisory ``flock`` on a small file in the
-cache's locks folder; the kernel drops it when its holder dies, so a killed filler blocks nobody. Where the
-file system refuses ``flock`` (some network mounts), each process fills the entry itself as before.
+(``atomic_dir`` keeps whichever lands last). The lock is an advisory ``flock`` on a small file in
+the cache's ``locks`` folder; the kernel drops it when its holder dies, so a killed filler blocks
+nobody. Where the file system refuses ``flock`` (some network mounts), each process fills the
+entry itself, as before.
 """
 
 from __future__ import annotations

@@ -249,10 +249,10 @@ def test_mlm_without_a_mask_token_names_the_key_that_chose_the_tokenizer():
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
-    no_mask = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]")),
-                                      unk_token="[UNK]")
+    word_level = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+    no_mask = PreTrainedTokenizerFast(tokenizer_object=word_level, unk_token="[UNK]")
     task = registry.get("task", "mlm")
-    with pytest.raises(LmlabError, match=r"^config key 'tokenizer': the tokenizer has no \[MASK\] token.*tokenizer=wordpiece"):
+    with pytest.raises(LmlabError, match=r"^config key 'tokenizer': the tokenizer has no \[MASK\] token.*wordpiece"):
         task.build_module(compose_cfg(["task=mlm"]), None, no_mask)
     with pytest.raises(LmlabError, match=r"^config key 'model.pretrained': the tokenizer of /m/gpt2 has no \[MASK\]"):
         task.build_module(compose_cfg(["task=mlm", "model.pretrained=/m/gpt2"]), None, no_mask)
