@@ -76,7 +76,9 @@ NUMBERS = (
     Number("data.block_size", True, "128", positive=True, nullable=True),
     Number("data.max_length", True, "128", positive=True, nullable=True),
     Number("data.max_documents", True, "1000", positive=True, nullable=True),
-    Number("data.num_workers", True, "2", low=0, nullable=True),
+    # PyTorch only warns past the cores, and 10**12 hung the run. 1024 is far past any node's
+    # loader needs and still refuses such a slip.
+    Number("data.num_workers", True, "2", low=0, nullable=True, high=1024),
     Number("data.num_proc", True, "4", positive=True, nullable=True),
     Number("data.split_seed", True, "0", low=0, nullable=True),  # numpy's SeedSequence: non-negative
     Number("data.val_fraction", False, "0.05", low=0, high=1, nullable=True),

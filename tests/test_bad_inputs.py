@@ -643,6 +643,8 @@ REFUSED_UP_FRONT = {  # overrides (space-separated) -> words of the error
     # of 10**9 rows ran out of memory
     "tokenizer.vocab_size=1000000000000": ["'tokenizer.vocab_size'", "is above 2147483647"],
     "model.vocab_multiple=1000000000": ["'model.vocab_multiple'", "is above 4096"],
+    # hung the run (PyTorch only warns past the cores)
+    "data.num_workers=1000000000000": ["'data.num_workers'", "is above 1024"],
 }
 
 
@@ -664,7 +666,7 @@ def test_wrong_values_are_refused_before_any_work(override: str) -> None:
     ["task=summarization", "data.block_size=null"], ["data.encoding_fallback=null"], ["model.pretrained=null"],
     ["checkpoint.monitor=val/perplexity", "checkpoint.mode=min"], ["objective.metric=val/loss", "objective.direction=min"],
     ["logger.run_name=7", "logger.experiment_name=mine"], ["tokenizer.vocab_size=2147483647"],
-    ["model.vocab_multiple=4096"],
+    ["model.vocab_multiple=4096"], ["data.num_workers=1024"],
 ])
 def test_the_values_next_to_them_still_pass(overrides: list[str]) -> None:
     from lmlab.checks import check_numbers
