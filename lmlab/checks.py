@@ -240,16 +240,14 @@ def check_not_empty(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key, default=None)
         if isinstance(value, str) and not value.strip():
             raise config_error(key, "it is empty", fix)
-    for key, fix in NAMES_OR_NULL.items():
-        value = OmegaConf.select(cfg, key, default=None)
-        if value is None or (isinstance(value, str) and value.strip()):
-            continue  # a word the checkpoint / sweep code then checks against the metrics it knows
-        raise config_error(key, "it is empty" if value == "" else f"'{value}' is not a name", fix)
-    for key, fix in MLFLOW_NAMES.items():
-        value = OmegaConf.select(cfg, key, default=None)
-        if value is None or _real(value) or (isinstance(value, str) and value.strip()):
-            continue  # a number is a fine name: MLflow gets its text
-        raise config_error(key, "it is empty" if value == "" else f"'{value}' is not a name", fix)
+    # NAMES_OR_NULL's words are then checked against the metrics the checkpoint / sweep code knows;
+    # a number is a fine MLflow name (MLflow gets its text).
+    for names, numbers_are_names in ((NAMES_OR_NULL, False), (MLFLOW_NAMES, True)):
+        for key, fix in names.items():
+            value = OmegaConf.select(cfg, key, default=None)
+            if value is None or (numbers_are_names and _real(value)) or (isinstance(value, str) and value.strip()):
+                continue
+            raise config_error(key, "it is empty" if value == "" else f"'{value}' is not a name", fix)
 
 
 def check_numbers(cfg: DictConfig) -> None:

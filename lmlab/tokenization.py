@@ -280,7 +280,7 @@ def get_tokenizer(
         cached = _reuse(where, kind, bert_specials)  # trained by another process while this one waited
         if cached is not None:
             return cached, {**info, "cached": True}
-        tokenizer = _train_into(where, kind, vocab_size, params, lowercase, bert_specials, train_texts())
+        tokenizer = _train_into(where, params, bert_specials, train_texts())
     return tokenizer, {**info, "cached": False}
 
 
@@ -293,9 +293,10 @@ def _reuse(where: Path, kind: str, bert_specials: bool) -> Any | None:
     return cached
 
 
-def _train_into(where: Path, kind: str, vocab_size: int, params: dict[str, Any], lowercase: bool,
-                bert_specials: bool, texts: Sequence[str]) -> Any:
-    """A tokenizer trained on ``texts``, saved as cache entry ``where``."""
+def _train_into(where: Path, params: dict[str, Any], bert_specials: bool, texts: Sequence[str]) -> Any:
+    """A tokenizer trained on ``texts`` as ``params`` (the cache key's settings) say, saved as cache
+    entry ``where``."""
+    kind, vocab_size, lowercase = params["type"], params["vocab_size"], params["lowercase"]
     log.info("Training a %s tokenizer (vocab %d) on %d training texts", kind, vocab_size, len(texts))
     if kind == "wordpiece":
         tokenizer = train_wordpiece(texts, vocab_size, params["min_frequency"], lowercase)

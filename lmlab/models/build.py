@@ -21,10 +21,11 @@ REJECTED = (StrictDataclassError, ValueError, TypeError, ArithmeticError, KeyErr
 
 
 def build_hf_config(
-    spec: ModelSpec, model_cfg: DictConfig, tokenizer: Any, block_size: int, updates: dict[str, Any] | None = None,
+    spec: ModelSpec, model_cfg: DictConfig, tokenizer: Any, length: int, updates: dict[str, Any] | None = None,
     length_key: str = "data.block_size",
 ) -> Any:
-    """The HF config for ``model.size`` with ``model.config.*`` overrides applied and checked."""
+    """The HF config for ``model.size`` with ``model.config.*`` overrides applied and checked, its
+    positions checked against ``length`` tokens (set by config key ``length_key``)."""
     if model_cfg.size not in spec.sizes:
         raise config_error(
             "model.size",
@@ -46,7 +47,7 @@ def build_hf_config(
         config = spec.config_class(**kwargs)
     except REJECTED as exc:
         raise _rejected(exc, spec.config_class.__name__, overrides) from exc
-    check_positions(spec, config, length_key, block_size, model_cfg.size)
+    check_positions(spec, config, length_key, length, model_cfg.size)
     return config
 
 
