@@ -13,7 +13,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 
-from lmlab.flops import flops_per_token, parameter_count, peak_flops
+from lmlab.flops import TrainingFlops, peak_flops, training_flops
 from lmlab.step_logging import log_step
 
 log = logging.getLogger("lmlab")
@@ -47,8 +47,9 @@ class TokensPerSecond(L.Callback):
         self._batches = 0
         self.configured_peak = configured_peak
         self.peak: float | None = None  # per device, set at the start of training; None: no MFU
-        self._flops_per_token: float | None = None
-        self._params: int | None = None  # N, counted in setup: before FSDP or ZeRO-3 shard the parameters
+        # Counted in setup, before FSDP or ZeRO-3 shard the parameters; None: no MFU.
+        self._flops: TrainingFlops | None = None
+        self._window_flops: Any = 0.0
         self._world_size = 1
         self._restored: dict[str, Any] | None = None  # the checkpoint's counters, for a resumed fit
 
@@ -71,22 +72,24 @@ class TokensPerSecond(L.Callback):
         self._restored = dict(state_dict)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._total += self._summed(trainer, self._tokens)
+        self._total += round(self._summed(trainer, self._tokens)[0])
         self._tokens = 0
 
     @staticmethod
-    def _summed(trainer: L.Trainer, tokens: Any) -> int:
+    def _summed(trainer: L.Trainer, *counts: Any) -> list[float]:
+        """Each count summed over the processes, in one collective."""
         if trainer.world_size <= 1:
-            return int(tokens)
-        local = torch.as_tensor(tokens, dtype=torch.float64, device=trainer.strategy.root_device)
-        return int(round(float(trainer.strategy.reduce(local, reduce_op="sum"))))
+            return [float(c) for c in counts]
+        device = trainer.strategy.root_device
+        local = torch.stack([torch.as_tensor(c, dtype=torch.float64, device=device) for c in counts])
+        return [float(c) for c in trainer.strategy.reduce(local, reduce_op="sum")]
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # Lightning calls this before the strategy wraps the model: FSDP's parameters are this
         # process's shard afterwards, which made an MFU under 2 processes half of the true one.
         model = getattr(pl_module, "model", None)
         if stage == "fit" and isinstance(model, torch.nn.Module):
-            self._params = parameter_count(model)
+            self._flops = training_flops(model)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Only now are the device and the precision plugin known.
@@ -100,7 +103,8 @@ class TokensPerSecond(L.Callback):
             window = int(self._restored.get("window", 0)) * int(self._restored.get("world_size", 1))
             self._total = int(self._restored.get("total", 0)) + window
             self._batches = int(self._restored.get("batches", 0))
-            self._tokens = 0  # the clock restarts with the resumed run, and so does its first window
+            # The clock restarts with the resumed run, and so does its first window.
+            self._tokens, self._window_flops = 0, 0.0
             self._restored = None
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -115,22 +119,26 @@ class TokensPerSecond(L.Callback):
                            batch_idx: int) -> None:
         mask = batch.get("attention_mask") if isinstance(batch, dict) else None
         tokens = mask.sum() if mask is not None else int(batch["input_ids"].numel())
-        if self.peak and self._flops_per_token is None and hasattr(pl_module, "model"):
-            self._flops_per_token = flops_per_token(pl_module.model, int(batch["input_ids"].shape[-1]),
-                                                    self._params) or 0.0
+        if self._flops is not None:
+            # By each batch's own lengths: padded batches differ in how far their tokens attend.
+            labels = batch.get("labels") if self._flops.target is not None else None
+            self._window_flops = self._window_flops + self._flops.batch(
+                tokens, int(batch["input_ids"].shape[-1]),
+                0 if labels is None else (labels != -100).sum(), 0 if labels is None else int(labels.shape[-1]))
         self._tokens = self._tokens + tokens
         self._batches += 1
         if self._batches % self.every == 0:
-            window = self._summed(trainer, self._tokens)
-            self._total += window
+            window, flops = self._summed(trainer, self._tokens, self._window_flops)
+            self._total += round(window)
             now = time.perf_counter()
-            rate = window / max(now - self._since, 1e-9)
+            seconds = max(now - self._since, 1e-9)
+            rate = window / seconds
             pl_module.log("train/tokens_per_sec", float(rate), prog_bar=True)
             # Per device too, so runs on different device counts compare directly.
             pl_module.log("train/tokens_per_sec_per_device", float(rate) / trainer.world_size)
-            if self.peak and self._flops_per_token:
-                mfu = self._flops_per_token * rate / (self.peak * trainer.world_size)
-                pl_module.log("train/mfu", float(mfu), prog_bar=True)
+            if self.peak and flops:
+                pl_module.log("train/mfu", flops / seconds / (self.peak * trainer.world_size), prog_bar=True)
+            self._window_flops = 0.0
             self._tokens, self._since = 0, now
 
 

@@ -5,12 +5,15 @@ Training FLOPs per token follow the PaLM / nanoGPT estimate used in our performa
 12·L·H·Q·T for attention scores and values (L layers, H heads, Q head dim, T sequence length).
 N is every parameter, as in the issue's figures for the Hugging Face Trainer (13% for GPT-2 124M at
 150,870 tokens/s on an H100 needs the embeddings in N), so lmlab's MFU compares with them; it
-overstates MLM's work, whose prediction head lmlab runs at the masked positions only.
+overstates MLM's work, whose prediction head lmlab runs at the masked positions only. A word
+embedding table that no output head shares (a classification or NER encoder's) is only looked up,
+so it is left out of N; an encoder-decoder counts each stack at its own tokens (``TrainingFlops``).
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +71,10 @@ def _first(config: Any, *names: str) -> int | None:
     return None
 
 
+def _numel(p: torch.nn.Parameter) -> int:
+    return int(getattr(p, "ds_numel", p.numel()))
+
+
 def parameter_count(model: torch.nn.Module) -> int:
     """N: every parameter of ``model``, a tied one once (``parameters()`` yields it once).
 
@@ -75,23 +82,93 @@ def parameter_count(model: torch.nn.Module) -> int:
     process's shard (half of N with 2 processes) and DeepSpeed ZeRO-3's are empty (``ds_numel`` keeps
     the full size).
     """
-    return sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters())
+    return sum(_numel(p) for p in model.parameters())
 
 
-def flops_per_token(model: torch.nn.Module, sequence: int, params: int | None = None) -> float | None:
-    """Training FLOPs per token of a Hugging Face transformer at this sequence length.
+@dataclass(frozen=True)
+class StackFlops:
+    """Training FLOPs per token of one transformer stack: ``matmul`` (6·N) plus ``attention``
+    (12·L·H·Q) for every key the token attends to."""
 
-    ``params``: N counted earlier (``parameter_count`` before the model was sharded); else counted now.
+    matmul: float
+    attention: float
+
+    def per_token(self, keys: int) -> float:
+        return self.matmul + self.attention * keys
+
+
+@dataclass(frozen=True)
+class TrainingFlops:
+    """The training FLOPs of a batch, from its token counts and padded lengths.
+
+    ``source``: the whole model of a decoder-only or encoder-only transformer, per input token;
+    for an encoder-decoder the encoder plus the decoder's cross-attention keys and values, which
+    run over the encoder's output. ``target``: an encoder-decoder's decoder and output head, per
+    target token, attending to the target and the source positions.
+    """
+
+    source: StackFlops
+    target: StackFlops | None = None
+
+    def batch(self, source_tokens: Any, source_length: int, target_tokens: Any = 0,
+              target_length: int = 0) -> Any:
+        """FLOPs of a training step over these tokens (ints, or device tensors left unread)."""
+        flops = source_tokens * self.source.per_token(source_length)
+        if self.target is not None:
+            flops = flops + target_tokens * self.target.per_token(target_length + source_length)
+        return flops
+
+
+def _lookup_only(model: torch.nn.Module) -> torch.nn.Parameter | None:
+    """The input word embedding table when no output head shares it: rows are gathered, not multiplied."""
+    embeddings = getattr(model, "get_input_embeddings", lambda: None)()
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    table = getattr(embeddings, "weight", None)
+    if not isinstance(table, torch.nn.Parameter) or getattr(head, "weight", None) is table:
+        return None
+    return table
+
+
+def training_flops(model: torch.nn.Module) -> TrainingFlops | None:
+    """Training FLOPs of a Hugging Face transformer, None when its config names no layers, heads or width.
+
+    Call it before a sharding strategy wraps the model (see ``parameter_count``).
     """
     config = getattr(model, "config", None)
     layers = _first(config, "n_layer", "num_hidden_layers", "num_layers")
-    heads = _first(config, "n_head", "num_attention_heads", "num_heads")
+    heads = _first(config, "n_head", "num_attention_heads", "num_heads", "encoder_attention_heads")
     width = _first(config, "n_embd", "hidden_size", "d_model")
     if not (layers and heads and width):
         return None
-    params = parameter_count(model) if params is None else params
     head_dim = _first(config, "d_kv", "head_dim") or width // heads
-    return 6.0 * params + 12.0 * layers * heads * head_dim * sequence
+    unused = _lookup_only(model)
+    params = parameter_count(model) - (_numel(unused) if unused is not None else 0)
+    encoder = getattr(model, "get_encoder", lambda: None)() if getattr(config, "is_encoder_decoder", False) else None
+    if encoder is None:
+        return TrainingFlops(StackFlops(6.0 * params, 12.0 * layers * heads * head_dim))
+    decoder_layers = _first(config, "decoder_layers", "num_decoder_layers") or layers
+    decoder_heads = _first(config, "decoder_attention_heads", "num_heads") or heads
+    head = getattr(getattr(model, "get_output_embeddings", lambda: None)(), "weight", None)
+    # The encoder's own parameters, without the shared word table: an output head it is tied to runs
+    # at the target tokens, and an untied one is only looked up (left out above).
+    shared = {id(t) for t in (unused, head) if t is not None}
+    encoder_params = sum(_numel(p) for p in encoder.parameters() if id(p) not in shared)
+    # Each decoder layer's cross-attention projects the encoder's output to keys and values once.
+    cross_kv = 2 * decoder_layers * width * decoder_heads * head_dim
+    source = StackFlops(6.0 * (encoder_params + cross_kv), 12.0 * layers * heads * head_dim)
+    target = StackFlops(6.0 * (params - encoder_params - cross_kv), 12.0 * decoder_layers * decoder_heads * head_dim)
+    return TrainingFlops(source, target)
+
+
+def flops_per_token(model: torch.nn.Module, sequence: int) -> float | None:
+    """Training FLOPs per token of a decoder-only or encoder-only transformer at this sequence length.
+
+    None for an encoder-decoder, whose FLOPs depend on both sides' tokens (``training_flops``).
+    """
+    flops = training_flops(model)
+    if flops is None or flops.target is not None:
+        return None
+    return flops.source.per_token(sequence)
 
 
 # fp32 FLOPs per cycle of one x86 core, by the /proc/cpuinfo flag of its widest FMA: two FMA units x

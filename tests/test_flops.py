@@ -1,4 +1,5 @@
-"""MFU's numerator: the FLOPs-per-token estimate our performance figures use."""
+"""MFU's numerator: the training FLOPs estimate our performance figures use, checked against the
+FLOPs PyTorch counts in a real forward and backward pass."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from lmlab.flops import PEAK_FLOPS, cpu_peak_flops, flops_per_token, peak_flops, peak_flops_of
+from lmlab.flops import PEAK_FLOPS, cpu_peak_flops, flops_per_token, peak_flops, peak_flops_of, training_flops
 
 
 def test_gpt2_124m_flops_per_token_matches_the_formula() -> None:
@@ -14,6 +15,81 @@ def test_gpt2_124m_flops_per_token_matches_the_formula() -> None:
     n = sum(p.numel() for p in model.parameters())
     assert 124e6 < n < 125e6
     assert flops_per_token(model, 1024) == pytest.approx(6 * n + 12 * 12 * 12 * 64 * 1024)
+
+
+def _bert(head: type, **extra) -> torch.nn.Module:
+    from transformers import BertConfig
+    return head(BertConfig(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
+                           vocab_size=8000, max_position_embeddings=128, **extra))
+
+
+def _families() -> dict[str, tuple[torch.nn.Module, int | None]]:
+    """A small model of each family lmlab trains, with the target length of the encoder-decoders."""
+    import transformers as hf
+
+    gpt2 = dict(n_embd=256, n_layer=4, n_head=4, vocab_size=8000, n_positions=128)
+    seq2seq = dict(d_model=256, encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=1024,
+                   decoder_ffn_dim=1024, vocab_size=8000, max_position_embeddings=128)
+    t5 = dict(d_model=256, d_kv=32, d_ff=1024, num_layers=3, num_decoder_layers=2, num_heads=4, vocab_size=8000)
+    return {
+        "gpt2": (GPT2LMHeadModel(GPT2Config(**gpt2)), None),
+        "gpt2 classification": (hf.GPT2ForSequenceClassification(GPT2Config(**gpt2, num_labels=3, pad_token_id=0)), None),
+        "bert mlm": (_bert(hf.BertForMaskedLM), None),
+        "bert classification": (_bert(hf.BertForSequenceClassification, num_labels=3), None),
+        "bert ner": (_bert(hf.BertForTokenClassification, num_labels=9), None),
+        "bart": (hf.BartForConditionalGeneration(hf.BartConfig(**seq2seq, encoder_layers=3, decoder_layers=2)), 32),
+        "t5": (hf.T5ForConditionalGeneration(hf.T5Config(**t5)), 32),
+        "t5 v1.1 (untied head)": (hf.T5ForConditionalGeneration(hf.T5Config(**t5, tie_word_embeddings=False,
+                                                                            feed_forward_proj="gated-gelu")), 32),
+    }
+
+
+@pytest.mark.parametrize("family", list(_families()))
+def test_training_flops_match_what_pytorch_counts(family: str) -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    model, target_length = _families()[family]
+    # Eager attention: FlopCounterMode has no formula for the CPU's fused SDPA kernel, so it would
+    # count no attention at all.
+    model.set_attn_implementation("eager")
+    ids = torch.randint(5, 100, (2, 128))
+    targets = None if target_length is None else torch.randint(5, 100, (2, target_length))
+    with FlopCounterMode(display=False) as counter:
+        out = model(input_ids=ids) if targets is None else model(input_ids=ids, decoder_input_ids=targets)
+        out.logits.float().sum().backward()
+    estimate = training_flops(model).batch(ids.numel(), 128, 0 if targets is None else targets.numel(),
+                                           target_length or 0)
+    # Above the count only by what the estimate takes for a matmul at every token but is looked up
+    # (position embeddings) or runs once per sequence (BERT's pooler). With the classifier's word
+    # table in N, BERT-base classification read 1.28x its count; with every token an encoder-decoder
+    # source token, bart-base and t5-small read 2.1-2.4x.
+    assert counter.get_total_flops() <= estimate <= 1.04 * counter.get_total_flops()
+
+
+def test_classifier_word_table_is_out_of_n_and_a_tied_head_in_it() -> None:
+    from transformers import BertForMaskedLM, BertForSequenceClassification
+
+    classifier, mlm = _bert(BertForSequenceClassification, num_labels=3), _bert(BertForMaskedLM)
+    words = 8000 * 256
+    assert training_flops(classifier).source.matmul == 6.0 * (sum(p.numel() for p in classifier.parameters()) - words)
+    assert training_flops(mlm).source.matmul == 6.0 * sum(p.numel() for p in mlm.parameters())  # issue 6's N
+
+
+def test_encoder_decoder_flops_grow_with_each_side_and_padding_is_not_counted() -> None:
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    model = BartForConditionalGeneration(BartConfig(d_model=64, encoder_layers=2, decoder_layers=2,
+                                                    encoder_attention_heads=2, decoder_attention_heads=2,
+                                                    encoder_ffn_dim=128, decoder_ffn_dim=128, vocab_size=500))
+    flops = training_flops(model)
+    assert flops.target is not None and flops_per_token(model, 64) is None  # no single per-token figure
+    base = flops.batch(100, 64, 20, 16)
+    assert flops.batch(101, 64, 20, 16) - base == pytest.approx(flops.source.per_token(64))
+    assert flops.batch(100, 64, 21, 16) - base == pytest.approx(flops.target.per_token(16 + 64))
+    assert flops.batch(100, 64, 20, 16) < flops.batch(100, 64, 20, 32)  # longer targets attend further
+    counted = flops.batch(torch.tensor(100), 64, torch.tensor(20), 16)  # device counts stay tensors
+    assert isinstance(counted, torch.Tensor) and float(counted) == pytest.approx(base, rel=1e-6)
 
 
 def test_peak_comes_from_config_or_the_device_table() -> None:

@@ -121,7 +121,7 @@ def _sharded_mfu_worker(rank: int, port: int, out: str) -> None:
         monitor.on_train_batch_end(SimpleNamespace(world_size=2), module, None,
                                    {"input_ids": torch.zeros(2, 16, dtype=torch.long)}, 0)
         if rank == 0:
-            Path(out).write_text(f"{whole} {monitor._flops_per_token}")
+            Path(out).write_text(f"{whole * 2 * 16} {monitor._window_flops}")
     finally:
         dist.destroy_process_group()
 
@@ -140,3 +140,36 @@ def test_mfu_counts_every_parameter_when_fsdp_shards_them(tmp_path: Path) -> Non
     whole, counted = map(float, out.read_text().split())
     # Counted after sharding, N was this process's half and MFU under FSDP half the true one.
     assert counted == pytest.approx(whole)
+
+
+def test_mfu_of_an_encoder_decoder_counts_both_sides_of_each_padded_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    from lmlab.flops import training_flops
+
+    clock = Clock()
+    monkeypatch.setattr(callbacks, "time", SimpleNamespace(perf_counter=clock.perf_counter))
+    model = BartForConditionalGeneration(BartConfig(d_model=32, encoder_layers=1, decoder_layers=1,
+                                                    encoder_attention_heads=2, decoder_attention_heads=2,
+                                                    encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=100))
+    logged: dict[str, float] = {}
+    module = SimpleNamespace(model=model, log=lambda name, value, **_: logged.__setitem__(name, float(value)))
+    monitor = callbacks.TokensPerSecond(every=2)
+    monitor.setup(SimpleNamespace(), module, "fit")
+    monitor.peak = 1e9
+    trainer = SimpleNamespace(world_size=1)
+    batches = []
+    for source, target in ((12, 5), (20, 9)):  # two padded batches of their own lengths
+        mask = torch.ones(2, source, dtype=torch.long)
+        mask[1, source // 2:] = 0
+        labels = torch.full((2, target), 7)
+        labels[0, target - 2:] = -100
+        batches.append({"input_ids": torch.zeros(2, source, dtype=torch.long), "attention_mask": mask, "labels": labels})
+    for i, batch in enumerate(batches):
+        clock.now += TRAIN_SECONDS
+        monitor.on_train_batch_end(trainer, module, None, batch, i)
+
+    flops = training_flops(model)
+    expected = flops.batch(18, 12, 8, 5) + flops.batch(30, 20, 16, 9)  # real tokens, each batch's lengths
+    assert logged["train/tokens_per_sec"] == pytest.approx((18 + 30) / (2 * TRAIN_SECONDS))  # the source side
+    assert logged["train/mfu"] == pytest.approx(expected / (2 * TRAIN_SECONDS) / 1e9, rel=1e-6)
