@@ -71,14 +71,31 @@ def launch_time(pattern: str = "%Y-%m-%d_%H-%M-%S-%f") -> str:
     return (started or dt.datetime.now()).strftime(pattern)
 
 
+def torchrun_restart() -> int:
+    """How often torchrun (``--max-restarts``) has started this launch's workers again after a
+    failure; 0 on the first attempt and outside a multi-process torchrun launch."""
+    env = os.environ
+    if not (env.get("TORCHELASTIC_RUN_ID") and int(env.get("WORLD_SIZE") or 1) > 1):
+        return 0
+    count = env.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return int(count) if count.isdigit() else 0
+
+
+def on_one_node() -> bool:
+    """Whether every process of this torchrun launch runs on this machine (one agent starts them all)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE") or 0) == int(os.environ.get("WORLD_SIZE") or 1)
+
+
 def _launch_started() -> dt.datetime | None:
-    """The launch's shared start, plus as many microseconds as the attempt's number: a torchrun
-    restart (same agent) or a second srun step of the job (same job start) names a new directory."""
+    """The launch's shared start. A second srun step of the job (same job start) adds its step number
+    in microseconds, to name a new directory. A torchrun restart on one machine names the first
+    attempt's directory, whose run it continues (``resume.restarted``); on several machines (each
+    agent started at its own time) it adds the restart count, and the restart is a new run."""
     env = os.environ
     if env.get("TORCHELASTIC_RUN_ID") and int(env.get("WORLD_SIZE") or 1) > 1:
         started = _process_started(os.getppid())
-        restart = env.get("TORCHELASTIC_RESTART_COUNT", "0")
-        return started + dt.timedelta(microseconds=int(restart) if restart.isdigit() else 0) if started else None
+        offset = 0 if on_one_node() else torchrun_restart()
+        return started + dt.timedelta(microseconds=offset) if started else None
     if env.get("SLURM_STEP_ID", "").isdigit() and int(env.get("SLURM_NTASKS") or 1) > 1 and \
             env.get("SLURM_JOB_START_TIME", "").isdigit():
         return (dt.datetime.fromtimestamp(int(env["SLURM_JOB_START_TIME"]))

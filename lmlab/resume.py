@@ -12,7 +12,9 @@ Under DDP only global rank 0 searches: it hands its choice to the other ranks (`
 
 A submitit job (``hydra/launcher=slurm``) that starts again, requeued after its time limit or a
 preemption, resumes without ``resume=`` (``requeued``): its run directory holds the record of a run
-that this same submitit job (by job id) started and did not finish, and a ``last.ckpt``.
+that this same submitit job (by job id) started and did not finish, and a ``last.ckpt``. So does a
+torchrun launch on one machine whose workers torchrun started again after a failure
+(``--max-restarts``, ``restarted``).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from lmlab import atomic, checkpointing, faults, fingerprint, tracking
-from lmlab.distributed import is_rank_zero, launch_id
+from lmlab.distributed import is_rank_zero, launch_id, on_one_node, torchrun_restart
 from lmlab.errors import config_error, file_error
 from lmlab.run_log import RunLog, last_logged_steps
 
@@ -92,9 +94,10 @@ def prepare(cfg: DictConfig, run_dir: Path | None = None) -> Resume | None:
     """
     checkpointing.every_n_steps(cfg)
     faults.policy(cfg)
+    _warn_of_the_shared_store()
     value = cfg.get("resume")
     if value is None or str(value).strip() in ("", "null", "none", "false", "False"):
-        found = requeued(cfg, run_dir) if run_dir is not None else None
+        found = (requeued(cfg, run_dir) or restarted(cfg, run_dir)) if run_dir is not None else None
         if found is None:
             return None
     else:
@@ -153,6 +156,50 @@ def requeued(cfg: DictConfig, run_dir: Path) -> Resume | None:
     log.info("submitit job %s started again: continuing its run in %s (status %s, MLflow run %s) from %s "
              "(step %s)", job, run_dir, record.get("status"), record.get("mlflow_run_id"), run_dir / LAST,
              checkpoint_step(run_dir / LAST))
+    return Resume(run_dir / LAST, run_dir, record.get("mlflow_run_id"))
+
+
+def _warn_of_the_shared_store() -> None:
+    """torchrun with ``--max-restarts`` and its default shared rendezvous store: a restart's workers
+    may read the failed attempt's addresses from it and never connect (pytorch issues #135712 and
+    #167288; gloo here failed with "Connection refused" or hung in init_process_group)."""
+    env = os.environ
+    restarts = env.get("TORCHELASTIC_MAX_RESTARTS", "0")
+    if (restarts.isdigit() and int(restarts) > 0 and env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            and is_rank_zero()):
+        log.warning("torchrun --max-restarts=%s shares its rendezvous store with the workers, and a restart's "
+                    "workers can then fail to connect (pytorch issue #135712): start torchrun with "
+                    "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment", restarts)
+
+
+def restarted(cfg: DictConfig, run_dir: Path) -> Resume | None:
+    """The run a torchrun restart continues: torchrun (``--max-restarts``) started every worker
+    again after one failed, in ``run_dir``, the directory of the launch's first attempt
+    (``distributed.launch_time``). Continued when this launch (by ``TORCHELASTIC_RUN_ID``) started
+    the run there, it did not finish and it left a ``last.ckpt``; every rank reads the same record,
+    so all load the same checkpoint.
+
+    On several machines each agent names its own directory, so a restart there starts a new run, as
+    it did before; ``resume=`` continues one.
+    """
+    attempt = torchrun_restart()
+    if attempt == 0 or str(cfg.get("mode") or "fit") != "fit":
+        return None
+    if not on_one_node():
+        if is_rank_zero():
+            log.warning("torchrun started the workers again (restart %d) on several machines: this is a new run; "
+                        "resume=DIR continues the one the failed attempt left", attempt)
+        return None
+    try:
+        record = read_record(run_dir)
+    except Exception:  # unreadable: check_new_run_dir reports it
+        return None
+    if (record is None or record.get("torchrun_run_id") != os.environ.get("TORCHELASTIC_RUN_ID")
+            or record.get("status") == "finished" or not (run_dir / LAST).is_file()):
+        return None
+    log.info("torchrun started the workers again (restart %d): continuing the run in %s (status %s, MLflow run %s) "
+             "from %s (step %s)", attempt, run_dir, record.get("status"), record.get("mlflow_run_id"),
+             run_dir / LAST, checkpoint_step(run_dir / LAST))
     return Resume(run_dir / LAST, run_dir, record.get("mlflow_run_id"))
 
 
@@ -482,6 +529,8 @@ def _write_record(cfg: DictConfig, output_dir: Path, run_id: str, resuming: Resu
     job = submitit_job_id()
     if job is not None:  # a requeue of this job continues the run (``requeued``)
         record["submitit_job_id"] = job
+    if os.environ.get("TORCHELASTIC_RUN_ID"):  # so does a torchrun restart of this launch (``restarted``)
+        record["torchrun_run_id"] = os.environ["TORCHELASTIC_RUN_ID"]
     atomic.write_json(output_dir / RECORD, record)
 
 
