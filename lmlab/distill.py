@@ -23,6 +23,7 @@ in float32 whatever dtype its files were saved in (transformers 5 loads a model 
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from typing import Any
@@ -126,6 +127,9 @@ class Teacher:
         self.temperature, self.alpha = float(temperature), float(alpha)
         # LM tasks: the token ids both models read (attach sets it); None compares every class.
         self.vocabulary: int | None = None
+        # Label tasks: the teacher's column of each of the student's labels, when the teacher orders
+        # the same labels otherwise (check_compatible sets it); None: the same order.
+        self.label_order: list[int] | None = None
 
     @property
     def n_parameters(self) -> int:
@@ -138,7 +142,10 @@ class Teacher:
         if next(self.model.parameters()).device != device:
             self.model.to(device)
         self.model.eval()  # Lightning's test of the teacher (score) may leave it in train mode
-        return logits_at(self.model, kwargs, positions)
+        logits = logits_at(self.model, kwargs, positions)
+        if self.label_order is not None:
+            logits = logits[..., torch.tensor(self.label_order, device=logits.device)]
+        return logits
 
     def loss(self, module: Any, hard: torch.Tensor, student: torch.Tensor, inputs: dict[str, Any],
              positions: torch.Tensor | None = None) -> torch.Tensor:
@@ -270,9 +277,13 @@ def check_compatible(teacher: Teacher, student: torch.nn.Module, tokenizer: Any,
     t_cfg, s_cfg = teacher.model.config, student.config
     if task_name in LABEL_TASKS:
         t_labels, s_labels = _labels(t_cfg), _labels(s_cfg)
-        if t_labels != s_labels:
+        if sorted(t_labels) != sorted(s_labels) or len(set(t_labels)) != len(t_labels):
             raise config_error(KEY, f"the teacher predicts the labels {t_labels} and the data has {s_labels}",
                                "Distil on data with the teacher's label set (labels come from the training split).")
+        if t_labels != s_labels:  # a student with its own label ids (model.pretrained): the teacher's follow them
+            teacher.label_order = [t_labels.index(label) for label in s_labels]
+            log.info("The teacher orders the labels %s, the student %s: the teacher's logits are reordered to "
+                     "the student's", t_labels, s_labels)
     else:
         # Same tokenizer, so the first len(tokenizer) output rows of both models mean the same tokens;
         # rows past those (padding) are left out of the comparison (Teacher.loss). Requiring equal
@@ -341,6 +352,8 @@ def score_teacher(cfg: DictConfig, task: TaskSpec, module: Any, trainer: Any, dm
     if teacher is None:
         return {}
     scoring_cfg, model = scoring_view(cfg, task.name, teacher.model)
+    if teacher.label_order is not None:
+        model = LabelOrderView(model, teacher.label_order, module.model.config)
     scored = task.build_module(scoring_cfg, model, teacher.tokenizer)
     loggers = trainer.loggers
     trainer.loggers = []
@@ -372,6 +385,24 @@ class MaskedLMView(torch.nn.Module):
 
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
         return MaskedLMOutput(logits=logits_at(self.model, {k: v for k, v in inputs.items() if v is not None}, None))
+
+
+class LabelOrderView(torch.nn.Module):
+    """A classification or NER teacher whose logits and label names follow the student's label ids,
+    so that the task's module scores it against the data's labels as it scores the student."""
+
+    def __init__(self, model: torch.nn.Module, order: list[int], student_config: Any):
+        super().__init__()
+        self.model = model
+        self.register_buffer("order", torch.tensor(order), persistent=False)
+        self.config = copy.deepcopy(model.config)
+        self.config.id2label = dict(student_config.id2label)
+        self.config.label2id = dict(student_config.label2id)
+
+    def forward(self, **inputs: Any) -> Any:
+        out = self.model(**inputs)
+        out.logits = out.logits[..., self.order.to(out.logits.device)]
+        return out
 
 
 def scoring_view(cfg: DictConfig, task_name: str, model: torch.nn.Module) -> tuple[DictConfig, torch.nn.Module]:

@@ -154,6 +154,53 @@ def test_a_copy_of_the_student_as_teacher_adds_nothing(data: dict[str, Path], na
     assert plain.requires_grad and kd.requires_grad
 
 
+@pytest.mark.parametrize("name", ["classification", "ner"])
+def test_a_teacher_with_the_labels_in_another_order_is_read_in_the_students(data: dict[str, Path], name: str) -> None:
+    """The student's label ids are fixed (a fine-tuned model.pretrained has its own): a teacher whose
+    head orders the same labels otherwise was refused; its logits are now reordered. A copy of the
+    student with its label rows and names permuted computes the same function, so the KL is zero
+    and the teacher scores, through LabelOrderView, what the student scores."""
+    torch.manual_seed(0)
+    module, dm, tokenizer = build(compose_cfg([*FAST, *TASK_ARGS[name](data)]))
+    module.eval()
+    batch = next(iter(dm.train_dataloader()))
+    n = int(module.model.config.num_labels)
+    assert n >= 2
+    order = list(range(n))[::-1]  # the teacher's label i is the student's label n - 1 - i
+    swapped = copy.deepcopy(module.model)
+    head = [m for m in swapped.modules() if isinstance(m, torch.nn.Linear) and m.out_features == n][-1]
+    with torch.no_grad():
+        head.weight.copy_(head.weight[order])
+        if head.bias is not None:
+            head.bias.copy_(head.bias[order])
+    names = module.model.config.id2label
+    swapped.config.id2label = {i: names[order[i]] for i in range(n)}
+    swapped.config.label2id = {label: i for i, label in swapped.config.id2label.items()}
+    teacher = distill.Teacher(swapped, tokenizer, "swapped", temperature=2.0, alpha=1.0)
+    distill.attach(teacher, module, tokenizer, name)
+    assert teacher.label_order == order
+
+    assert module.training_step(batch, 0).item() == pytest.approx(0.0, abs=1e-5)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
+    view = distill.LabelOrderView(swapped, order, module.model.config)
+    with torch.no_grad():
+        torch.testing.assert_close(view(**inputs).logits, module.model(**inputs).logits, rtol=1e-5, atol=1e-5)
+    assert view.config.id2label == module.model.config.id2label
+    assert swapped.config.id2label != module.model.config.id2label  # the teacher's own is left as it was
+
+    # Scored as score_teacher does (the task's own module around the view): the student's metrics.
+    import lightning as L
+
+    cfg = compose_cfg([*FAST, *TASK_ARGS[name](data)])
+    task = registry.get("task", name)
+    scores = []
+    for model in (module.model, view):
+        trainer = L.Trainer(limit_val_batches=2, logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, enable_checkpointing=False)
+        scores.append(trainer.validate(task.build_module(cfg, model, tokenizer), datamodule=dm, verbose=False)[0])
+    assert "val/loss" in scores[0] and scores[1] == pytest.approx(scores[0], rel=1e-5)
+
+
 def _kl_on(module, batches, teacher) -> float:
     """Mean KL(teacher || student) at T=1 over the predicted positions of held-out CLM batches."""
     module.eval()
