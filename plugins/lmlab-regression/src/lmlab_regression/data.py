@@ -2,7 +2,7 @@
 
 Sources, first match wins: ``data.path`` (a CSV/TSV or JSON-lines file with a text and a numeric
 score column, or a directory with ``train`` / ``validation`` / ``test`` files) or
-``data.catalog=vader_lexicon``, the 7,520 words and emoticons of the VADER sentiment lexicon, each
+``data.catalog=vader_lexicon``, the 7,506 words and emoticons of the VADER sentiment lexicon, each
 with the mean valence (-4 .. +4) that ten human raters gave it. The lexicon ships in the
 ``vaderSentiment`` package and is read in place, so the default works offline.
 
@@ -173,11 +173,16 @@ def read_vader_lexicon(cfg: DictConfig) -> tuple[dict[str, ScoredSplit], str]:
     if path is None or not path.is_file():
         raise LmlabError(f"data.catalog=vader_lexicon needs the package '{VADER_PACKAGE}': pip install {VADER_PACKAGE} "
                          "(or give your own scored text with data.path=FILE_OR_DIR).")
-    rows = ScoredSplit()
+    # 14 tokens (lol, ok, xd, d: ...) are listed twice with different ratings. The later line wins,
+    # as in vaderSentiment's own reading of the file: one target per token, and no token in two splits.
+    entries: dict[str, tuple[float, str]] = {}
     for number, line in enumerate(decode_file(path, str(cfg.encoding)).split("\n"), start=1):
         parts = line.split("\t")
         if len(parts) >= 2 and parts[0].strip():
-            rows.add(parts[0].strip(), parse_score(parts[1], path, number, "mean rating"), f"{path}, line {number}")
+            entries[parts[0].strip()] = (parse_score(parts[1], path, number, "mean rating"), f"{path}, line {number}")
+    rows = ScoredSplit()
+    for token, (score, where) in entries.items():
+        rows.add(token, score, where)
     order = np.random.default_rng(split_seed(cfg)).permutation(len(rows))
     n_test = int(round(len(rows) * fraction(cfg, "test_fraction", "catalog:vader_lexicon")))
     n_val = int(round(len(rows) * fraction(cfg, "val_fraction", "catalog:vader_lexicon")))
