@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import logging
@@ -122,6 +123,30 @@ def load_safely(path: Any, map_location: Any = "cpu") -> dict[str, Any]:
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
         raise file_error(path, f"is not a readable checkpoint ({str(exc).splitlines()[0]})",
                          "The file is truncated or corrupt: resume from another checkpoint or start a new run") from exc
+
+
+# What torch raises when a checkpoint's optimizer or model state does not fit what this run built.
+_MISMATCH = re.compile(r"loaded state dict contains a parameter group that doesn't match the size|"
+                       r"loaded state dict has a different number of parameter groups|"
+                       r"Error\(s\) in loading state_dict for")
+
+
+@contextlib.contextmanager
+def restoring(ckpt_path: Any) -> Iterator[None]:
+    """Around ``trainer.fit(ckpt_path=...)``: a checkpoint whose weights or optimizer state do not fit
+    this run's model is named, with what to do, instead of torch's bare ValueError or RuntimeError
+    (a checkpoint of an older lmlab that grouped the weight-decay parameters otherwise, or one from
+    outside an lmlab run with another architecture). Errors of training itself pass unchanged."""
+    try:
+        yield
+    except (ValueError, RuntimeError) as exc:
+        if ckpt_path is None or not _MISMATCH.search(str(exc)):
+            raise
+        what = "optimizer state" if "parameter group" in str(exc) else "weights"
+        raise file_error(ckpt_path, f"holds {what} that the model and optimizer this run builds cannot take "
+                         f"({str(exc).splitlines()[0][:300]})",
+                         "Resume with the model config the checkpoint was written with, or start a new run from "
+                         "its weights alone: model.pretrained=RUN_DIR (an lmlab run) or a Hugging Face directory") from exc
 
 
 def check_readable(path: Path) -> None:

@@ -20,6 +20,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
+from lmlab.checkpointing import restoring
 from lmlab.errors import LmlabError, config_error
 from lmlab.optim import steps_with_found_inf
 from lmlab.step_logging import log_step
@@ -535,7 +536,8 @@ def fit(trainer: L.Trainer, module: L.LightningModule, datamodule: Any, ckpt_pat
     """``trainer.fit`` that raises ``Preempted`` when a signal stopped training (last.ckpt is saved by then)."""
     guard = next((cb for cb in trainer.callbacks if isinstance(cb, Preemption)), None)
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        with restoring(ckpt_path):
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     except SIGTERMException as exc:  # Lightning's own for SIGTERM, Preemption's for the others
         signum = guard.signum if guard is not None and guard.signum is not None else signal.SIGTERM
         raise _preempted(guard, signum) from exc

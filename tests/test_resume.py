@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -383,6 +384,35 @@ def test_resume_refuses_a_changed_config(in_process) -> None:
         in_process("changed", "task=mlm", "optimizer.weight_decay=0.5", f"resume={copy}")
     assert "limit_test_batches" not in str(caught.value) and "load_best_at_end" not in str(caught.value)
     assert "other settings (task.name: clm -> mlm; model.name: gpt2 -> bert;" in str(caught.value)
+
+
+def test_a_checkpoint_that_does_not_fit_the_model_is_named(in_process) -> None:
+    """An older lmlab grouped T5's weight-decay parameters otherwise (35 in a group, now 33), and a
+    .ckpt from outside lmlab may hold another architecture: torch's bare ValueError / RuntimeError
+    from deep inside Lightning's restore now names the checkpoint and what to do."""
+    from lmlab.errors import LmlabError
+
+    (run_dir,) = (in_process.root / "reference" / "runs").iterdir()
+    shutil.copytree(in_process.root / "reference", in_process.root / "regrouped")  # the run and its MLflow store
+    copy = in_process.root / "regrouped" / "runs" / run_dir.name
+    record = json.loads((copy / "lmlab_run.json").read_text())
+    (copy / "lmlab_run.json").write_text(json.dumps({**record, "status": "killed"}))
+    last = copy / "checkpoints" / "last.ckpt"
+    state = torch.load(last, map_location="cpu", weights_only=False)
+    group = state["optimizer_states"][0]["param_groups"][0]
+    group["params"] = group["params"][:-2]  # as written by a version with two fewer parameters in the group
+    torch.save(state, last)
+    with pytest.raises(LmlabError, match=rf"{re.escape(str(last))}: holds optimizer state that the model and "
+                                         r"optimizer this run builds cannot take.*model.pretrained="):
+        in_process("regrouped", f"resume={copy}")
+
+    outside = in_process.root / "outside.ckpt"  # no run directory: a new run starts from it
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    state["state_dict"] = {k: v for k, v in state["state_dict"].items() if "h.0." not in k}  # a layer short
+    torch.save(state, outside)
+    with pytest.raises(LmlabError, match=rf"{re.escape(str(outside))}: holds weights that .*cannot take "
+                                         r"\(Error\(s\) in loading state_dict"):
+        in_process("outside", f"resume={outside}")
 
 
 def test_a_finished_run_resumes_only_to_train_longer(in_process) -> None:
