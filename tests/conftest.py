@@ -49,6 +49,15 @@ def _share_the_cores_between_workers() -> None:
 
 _share_the_cores_between_workers()
 
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto``: one worker more than the cores. About a sixth of the suite's time is spent
+    waiting (on subprocesses starting, servers, signals and their grace periods), which a worker
+    beyond the cores fills; ``--maxprocesses`` still caps the count."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return cores + 1
+
+
 # A few steps of a 2-layer, 128-wide model with a small vocabulary: seconds on a CPU.
 TINY = [
     "+experiment=debug",
