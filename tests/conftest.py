@@ -50,6 +50,7 @@ def _share_the_cores_between_workers() -> None:
 _share_the_cores_between_workers()
 
 
+@pytest.hookimpl(optionalhook=True)  # pytest without pytest-xdist (-p no:xdist) knows no such hook
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     """``-n auto``: one worker more than the cores, to fill the time tests spend waiting on
     subprocesses, servers and signals. Measured on 2 cores, clean clone, back to back: tests took
