@@ -37,6 +37,11 @@ def is_rank_zero() -> bool:
     return True
 
 
+def _torchrun_launch() -> bool:
+    """Whether torchrun started this process as one of several workers."""
+    return bool(os.environ.get("TORCHELASTIC_RUN_ID")) and int(os.environ.get("WORLD_SIZE") or 1) > 1
+
+
 def launch_id() -> str | None:
     """What every process of one launch that starts all ranks at once shares, and no other launch
     does, read from the launcher's environment: for handing global rank 0's decisions to the other
@@ -49,7 +54,7 @@ def launch_id() -> str | None:
     srun: the SLURM job step and the job's restart count (a requeue runs the same step again).
     """
     env = os.environ
-    if env.get("TORCHELASTIC_RUN_ID") and int(env.get("WORLD_SIZE") or 1) > 1:
+    if _torchrun_launch():
         return ":".join(("torchrun", env["TORCHELASTIC_RUN_ID"], env.get("MASTER_ADDR", ""),
                          env.get("MASTER_PORT", ""), env.get("TORCHELASTIC_RESTART_COUNT", "0")))
     if env.get("SLURM_JOB_ID") and env.get("SLURM_STEP_ID") and int(env.get("SLURM_NTASKS") or 1) > 1:
@@ -75,7 +80,7 @@ def torchrun_restart() -> int:
     """How often torchrun (``--max-restarts``) has started this launch's workers again after a
     failure; 0 on the first attempt and outside a multi-process torchrun launch."""
     env = os.environ
-    if not (env.get("TORCHELASTIC_RUN_ID") and int(env.get("WORLD_SIZE") or 1) > 1):
+    if not _torchrun_launch():
         return 0
     count = env.get("TORCHELASTIC_RESTART_COUNT", "0")
     return int(count) if count.isdigit() else 0
@@ -92,7 +97,7 @@ def _launch_started() -> dt.datetime | None:
     attempt's directory, whose run it continues (``resume.restarted``); on several machines (each
     agent started at its own time) it adds the restart count, and the restart is a new run."""
     env = os.environ
-    if env.get("TORCHELASTIC_RUN_ID") and int(env.get("WORLD_SIZE") or 1) > 1:
+    if _torchrun_launch():
         started = _process_started(os.getppid())
         offset = 0 if on_one_node() else torchrun_restart()
         return started + dt.timedelta(microseconds=offset) if started else None

@@ -146,16 +146,21 @@ def requeued(cfg: DictConfig, run_dir: Path) -> Resume | None:
     job = submitit_job_id()
     if job is None or str(cfg.get("mode") or "fit") != "fit":
         return None
+    return _continued(run_dir, "submitit_job_id", job, f"submitit job {job} started again: continuing its run")
+
+
+def _continued(run_dir: Path, key: str, launch: str, why: str) -> Resume | None:
+    """The unfinished run in ``run_dir`` that the launch whose id is ``launch`` (record field ``key``)
+    started and left a ``last.ckpt``, or None; ``why`` begins the log line that says so."""
     try:
         record = read_record(run_dir)
     except Exception:  # unreadable: check_new_run_dir reports it
         return None
-    if (record is None or record.get("submitit_job_id") != job or record.get("status") == "finished"
+    if (record is None or record.get(key) != launch or record.get("status") == "finished"
             or not (run_dir / LAST).is_file()):
         return None
-    log.info("submitit job %s started again: continuing its run in %s (status %s, MLflow run %s) from %s "
-             "(step %s)", job, run_dir, record.get("status"), record.get("mlflow_run_id"), run_dir / LAST,
-             checkpoint_step(run_dir / LAST))
+    log.info("%s in %s (status %s, MLflow run %s) from %s (step %s)", why, run_dir,
+             record.get("status"), record.get("mlflow_run_id"), run_dir / LAST, checkpoint_step(run_dir / LAST))
     return Resume(run_dir / LAST, run_dir, record.get("mlflow_run_id"))
 
 
@@ -190,17 +195,8 @@ def restarted(cfg: DictConfig, run_dir: Path) -> Resume | None:
             log.warning("torchrun started the workers again (restart %d) on several machines: this is a new run; "
                         "resume=DIR continues the one the failed attempt left", attempt)
         return None
-    try:
-        record = read_record(run_dir)
-    except Exception:  # unreadable: check_new_run_dir reports it
-        return None
-    if (record is None or record.get("torchrun_run_id") != os.environ.get("TORCHELASTIC_RUN_ID")
-            or record.get("status") == "finished" or not (run_dir / LAST).is_file()):
-        return None
-    log.info("torchrun started the workers again (restart %d): continuing the run in %s (status %s, MLflow run %s) "
-             "from %s (step %s)", attempt, run_dir, record.get("status"), record.get("mlflow_run_id"),
-             run_dir / LAST, checkpoint_step(run_dir / LAST))
-    return Resume(run_dir / LAST, run_dir, record.get("mlflow_run_id"))
+    return _continued(run_dir, "torchrun_run_id", os.environ["TORCHELASTIC_RUN_ID"],
+                      f"torchrun started the workers again (restart {attempt}): continuing the run")
 
 
 def check_new_run_dir(run_dir: Path) -> None:
