@@ -119,7 +119,7 @@ class TokensPerSecond(L.Callback):
                            batch_idx: int) -> None:
         mask = batch.get("attention_mask") if isinstance(batch, dict) else None
         tokens = mask.sum() if mask is not None else int(batch["input_ids"].numel())
-        if self._flops is not None:
+        if self.peak and self._flops is not None:  # no peak (an unknown GPU): no MFU, nothing to add up
             # By each batch's own lengths: padded batches differ in how far their tokens attend.
             labels = batch.get("labels") if self._flops.target is not None else None
             self._window_flops = self._window_flops + self._flops.batch(
