@@ -23,7 +23,6 @@ import re
 import secrets
 import shutil
 import socket
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -215,12 +214,25 @@ def remove_stale(final: Path) -> list[Path]:
     return removed
 
 
-def staging_dir(final: Path) -> Path:
-    """A new empty folder beside ``final`` to write it in, once killed writers' leftovers are gone."""
+@contextlib.contextmanager
+def staging_dir(final: Path) -> Iterator[Path]:
+    """A new empty folder beside ``final`` to write it in, once killed writers' leftovers are gone;
+    removed again if the block raises (what it was renamed to is the block's to keep).
+
+    The folder is made inside the ``try`` rather than by ``tempfile.mkdtemp`` before it: a SIGTERM's
+    exception raised between the ``mkdir`` and the ``try`` left the folder behind for good (seen in
+    ``test_signals``). The name holds this process's id and 32 random bits, so it is new.
+    """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(final)
-    return Path(tempfile.mkdtemp(prefix=_prefix(final, "tmp", this_host(), os.getpid()), dir=final.parent))
+    tmp = final.with_name(staging_name(final))
+    try:
+        os.mkdir(tmp, 0o700)
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _swap_in(tmp: Path, final: Path, tries: int = 20) -> None:
@@ -259,12 +271,8 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     missing ``final``, which the next writer removes with the rest of the leftovers.
     """
     final = Path(final)
-    tmp = staging_dir(final)
-    try:
+    with staging_dir(final) as tmp:
         yield tmp
-        plain_permissions(tmp)  # mkdtemp's 0700 and mkstemp'd files' 0600 would otherwise stick
+        plain_permissions(tmp)  # the staging folder's 0700 and mkstemp'd files' 0600 would otherwise stick
         _swap_in(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     _fsync_dir(final.parent)

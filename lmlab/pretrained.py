@@ -189,18 +189,14 @@ def _download_into(entry: Path, source: dict[str, Any], key: str) -> None:
     """Download into a folder beside ``entry``, then rename it there: never a half-written entry."""
     run_id, uri = source["run_id"], source["tracking_uri"]
     writable_cache_dir(entry.parent)  # a model that could not be kept is not downloaded
-    staging = atomic.staging_dir(entry)  # also removes what downloads killed midway left there
-    try:
+    with atomic.staging_dir(entry) as staging:  # also removes what downloads killed midway left there
         local = _download_model_artifact(run_id, uri, staging)
         if local is None or not (local / "config.json").exists():
             raise config_error(key, f"MLflow run '{run_id}' has no exported model artifact",
                                "Use a run that finished with export=true.")
         atomic.write_json(staging / _SOURCE_FILE, source)
-        atomic.plain_permissions(staging)  # mkdtemp's 0700 would keep other users of a shared cache out
+        atomic.plain_permissions(staging)  # the staging folder's 0700 would keep other users of a shared cache out
         _publish(staging, entry, source)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def _download_model_artifact(run_id: str, uri: str, where: Path) -> Path | None:

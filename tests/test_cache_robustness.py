@@ -264,6 +264,28 @@ def test_the_previous_entry_moved_aside_by_a_killed_replace_is_removed(tmp_path)
     assert (final / "who").read_text() == "third" and _siblings(final) == []
 
 
+class Interrupted(BaseException):
+    """What a signal handler raises (Lightning's SIGTERMException is a SystemExit)."""
+
+
+@pytest.mark.parametrize("writer", ["atomic_dir", "staging_dir"])
+def test_a_signal_right_after_the_staging_folder_is_made_leaves_nothing(tmp_path, monkeypatch, writer):
+    # A handler's exception lands at the first bytecode after the mkdir returns: the moment
+    # test_signals once caught, when mkdtemp had made the folder and the try had not begun.
+    final = tmp_path / "export"
+    real = os.mkdir
+
+    def mkdir_then_signal(path, *args, **kwargs):
+        real(path, *args, **kwargs)
+        if Path(path).name.startswith(f".{final.name}.tmp-"):
+            raise Interrupted
+
+    monkeypatch.setattr(os, "mkdir", mkdir_then_signal)
+    with pytest.raises(Interrupted), getattr(atomic, writer)(final):
+        pytest.fail("the block must not run")
+    assert not final.exists() and _siblings(final) == []
+
+
 def _dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
