@@ -256,19 +256,25 @@ def _swap_in(tmp: Path, final: Path, tries: int = 20) -> None:
             if attempt == tries - 1 or exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                 raise
         finally:
-            # Only once some final stands: a rename that failed otherwise leaves the previous copy
-            # as the one thing there is, for a person (or the next writer) to deal with.
-            if old is not None and final.exists():
-                shutil.rmtree(old, ignore_errors=True)
+            if old is not None:
+                if final.exists():
+                    shutil.rmtree(old, ignore_errors=True)
+                elif old.exists():
+                    # Stopped between the two renames (a SIGTERM's exception, a rename refused): the
+                    # previous content goes back under its name rather than waiting aside, unnamed,
+                    # for the next writer to delete it. Only SIGKILL still leaves it aside.
+                    with contextlib.suppress(OSError):
+                        os.replace(old, final)
 
 
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a temporary sibling directory that becomes ``final`` only if the block succeeds.
 
-    Replacing an existing directory takes two renames (POSIX cannot swap directories in one): a
-    kill between them leaves the previous content as ``.NAME.old-HOST-PID-XXXXXXXX`` beside the
-    missing ``final``, which the next writer removes with the rest of the leftovers.
+    Replacing an existing directory takes two renames (POSIX cannot swap directories in one): an
+    exception between them (a signal's) puts the previous content back; SIGKILL there leaves it as
+    ``.NAME.old-HOST-PID-XXXXXXXX`` beside the missing ``final``, which the next writer removes with
+    the rest of the leftovers.
     """
     final = Path(final)
     with staging_dir(final) as tmp:

@@ -48,7 +48,7 @@ def test_gpu_mfu_smoke_runs_every_side_streams_its_rows_and_prints_the_tables(tm
     rows_file = tmp_path / "rows.jsonl"
     cache = tmp_path / "kept-cache"
     done = run_script(tmp_path, "gpu_mfu.py", "--only", "gpt2,bert", "--sides", "hf,hf-stock,lmlab-plainloss,lmlab",
-                      "--steps", "14", "--warmup", "4", "--log-every", "2", "--rows", str(rows_file),
+                      "--steps", "12", "--warmup", "2", "--log-every", "2", "--rows", str(rows_file),
                       "--cache", str(cache), "--markdown", str(tmp_path / "table.md"))
     rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
     assert [(r["workload"], r["side"]) for r in rows] == [

@@ -286,6 +286,24 @@ def test_a_signal_right_after_the_staging_folder_is_made_leaves_nothing(tmp_path
     assert not final.exists() and _siblings(final) == []
 
 
+def test_a_signal_between_the_two_renames_puts_the_previous_entry_back(tmp_path, monkeypatch):
+    final = tmp_path / "export"
+    with atomic_dir(final) as tmp:
+        (tmp / "who").write_text("first")
+    real, calls = os.replace, []
+
+    def replace_then_signal(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:  # the previous entry is aside, the new one not yet in
+            raise Interrupted
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace_then_signal)
+    with pytest.raises(Interrupted), atomic_dir(final) as tmp:
+        (tmp / "who").write_text("second")
+    assert (final / "who").read_text() == "first" and _siblings(final) == []
+
+
 def _dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
