@@ -180,9 +180,9 @@ def test_ddp_counts_every_processs_tokens(tmp_path: Path) -> None:
     folder = _wnut_head(tmp_path, (("train", 200), ("validation", 21), ("test", 25)))
     common = ["task=ner", "+experiment=debug", f"data.path={folder}", "data.max_documents=null",
               "trainer.max_steps=6", "trainer.log_every_n_steps=2"]
-    lmlab(tmp_path / "one", *common, "data.batch_size=8")
+    run_in_home(tmp_path / "one", [*QUIET, *common, "data.batch_size=8"])  # the reference: one process, in this one
     lmlab(tmp_path / "two", *common, *DDP, "data.batch_size=4")
-    _, one = only_run(tmp_path / "one")
+    _, one = only_run(tmp_path / "one" / "home")
     _, two = only_run(tmp_path / "two")
     assert two.data.metrics["train/total_tokens"] == one.data.metrics["train/total_tokens"] > 0
 
@@ -210,9 +210,9 @@ def test_ddp_evaluation_neither_duplicates_nor_drops_examples(tmp_path: Path) ->
     export = fitted.export_dir
     assert export is not None and (export / "config.json").is_file()
 
-    lmlab(tmp_path / "one", *data, "mode=test", f"model.pretrained={export}")
+    run_in_home(tmp_path / "one", [*QUIET, *data, "mode=test", f"model.pretrained={export}"])
     lmlab(tmp_path / "two", *data, *DDP, "mode=test", f"model.pretrained={export}")
-    one_client, one = only_run(tmp_path / "one")
+    one_client, one = only_run(tmp_path / "one" / "home")
     two_client, two = only_run(tmp_path / "two")
     for key in ("test/f1", "test/precision", "test/recall", "test/token_accuracy"):
         assert two.data.metrics[key] == one.data.metrics[key], key  # counts are integers: exact
