@@ -28,6 +28,11 @@ for _name in MLFLOW_VARIABLES:
     os.environ.pop(_name, None)
 
 
+def _cores() -> int:
+    """The cores this process may run on (its affinity mask, where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def _share_the_cores_between_workers() -> None:
     """Under pytest-xdist (``-n N``) each worker gets its share of the cores.
 
@@ -38,8 +43,7 @@ def _share_the_cores_between_workers() -> None:
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers < 2:
         return
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    share = str(max(1, cores // workers))
+    share = str(max(1, _cores() // workers))
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(name, share)
     import torch
@@ -55,8 +59,7 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     """``-n auto``: one worker more than the cores, to fill the time tests spend waiting on
     subprocesses, servers and signals. Measured on 2 cores, clean clone, back to back: tests took
     1,588 s with 3 workers and 1,622 s with 2; ``--maxprocesses`` still caps the count."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return cores + 1
+    return _cores() + 1
 
 
 # A few steps of a 2-layer, 128-wide model with a small vocabulary: seconds on a CPU.
