@@ -1,17 +1,33 @@
-"""The shorter accumulation an epoch can end on, given the mean gradient of its micro-batches.
+"""An optimizer step's gradient as the mean over every target token (or example) behind it.
 
-Lightning divides every micro-batch's loss by ``accumulate_grad_batches`` (N) and steps the
-optimizer on an epoch's last batch even when fewer than N were accumulated (Lightning issue
-#19987, open). An epoch of 7 batches with N = 4 then ends on a step whose gradient is 3/4 of the
-mean of its 3 micro-batches: a smaller step, once per epoch, that no setting reaches. The Hugging
-Face Trainer divides by the window's real length since 4.46. ``ShortWindowScaling`` multiplies
-that step's gradients by N / k (k: the micro-batches it holds) before clipping, the non-finite
-check and the optimizer see them, so every step takes the mean over its own micro-batches.
+Lightning divides every micro-batch's loss by ``accumulate_grad_batches`` (N) and DDP averages the
+gradients of its W processes, so a step's gradient is the mean of per-micro-batch means: with padded
+or masked batches a micro-batch (or process) with fewer targets weighs more per target, and an
+epoch's last, shorter window of k < N micro-batches gives k/N of its mean (Lightning issue #19987,
+open). The Hugging Face Trainer divides by the window's target count across processes since 4.46
+(``num_items_in_batch``, ``average_tokens_across_devices``); it reads every micro-batch of a window
+before the first forward to count them. Lightning hands batches one at a time, and lmlab's MLM draws
+its masks on the device inside the step, so the count is only known at the optimizer step. Gradients
+are linear in the loss, so lmlab scales them there instead:
+
+- ``weigh_by_tokens`` (called by a task's ``training_step``) turns a micro-batch's mean loss into
+  its sum divided by R, one reference count shared by every micro-batch and process of the window
+  (the first micro-batch's mean count over processes: it keeps the values near the mean loss, which
+  fp16's gradient scaler needs, and depends only on the window's data, so a resumed run computes
+  what the uninterrupted one did). It adds the micro-batch's count up on the device.
+- ``WindowScaling``, in ``on_before_optimizer_step``, all-reduces the window's count C and
+  multiplies the gradients, now R/(N·W) times the sum of the per-target gradients, by N·W/(R·C).
+
+A module that does not call ``weigh_by_tokens`` (a plugin's, or MLM with next-sentence prediction,
+whose two terms count different things) keeps Lightning's mean of micro-batch means, with only the
+short window scaled to the mean of the micro-batches it holds (N/k). Under DeepSpeed, which keeps
+the gradients in its engine, neither applies.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
@@ -19,6 +35,16 @@ import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
 log = logging.getLogger(__name__)
+
+WINDOW_ATTR = "_lmlab_token_window"
+
+
+@dataclass
+class TokenWindow:
+    """What ``weigh_by_tokens`` has seen of the current accumulation window on this process."""
+
+    reference: torch.Tensor  # R: the same on every process, for every micro-batch of the window
+    count: torch.Tensor  # this process's targets so far
 
 
 def window_length(ready: int, accumulate: int) -> int:
@@ -30,8 +56,33 @@ def window_length(ready: int, accumulate: int) -> int:
     return ready % accumulate or accumulate
 
 
-class ShortWindowScaling(L.Callback):
-    """Scales a short final accumulation's gradients from sum/N to the mean over its k micro-batches.
+def weigh_by_tokens(module: L.LightningModule, loss: torch.Tensor, count: torch.Tensor | int) -> torch.Tensor:
+    """The value to backpropagate for a training micro-batch whose ``loss`` is the mean over ``count`` targets.
+
+    ``loss`` × ``count`` / R, so that ``WindowScaling`` can make the step's gradient the mean over
+    every target of the window on every process. Returns ``loss`` itself outside a Trainer's fit
+    and under DeepSpeed.
+    """
+    trainer = module._trainer  # the public property raises when the module is not attached
+    if trainer is None or not trainer.training or isinstance(trainer.strategy, DeepSpeedStrategy):
+        return loss
+    if isinstance(count, torch.Tensor):
+        count = count.detach().to(device=loss.device, dtype=torch.float32, copy=True)  # reduced in place below
+    else:
+        count = torch.tensor(float(count), device=loss.device)
+    window = getattr(module, WINDOW_ATTR, None)
+    if window is None:
+        reference = trainer.strategy.reduce(count.clone(), reduce_op="mean").clamp(min=1)
+        window = TokenWindow(reference, count)
+        setattr(module, WINDOW_ATTR, window)
+    else:
+        window.count += count
+    # count / R is exactly 1 where every micro-batch has as many targets (packed blocks).
+    return loss * (count / window.reference)
+
+
+class WindowScaling(L.Callback):
+    """Makes each step's gradient the mean over its targets (or, failing a count, its micro-batches).
 
     Runs in ``on_before_optimizer_step``: after every backward of the step (and after the
     mixed-precision scaler unscaled the gradients), before Lightning's clipping and before the
@@ -41,8 +92,16 @@ class ShortWindowScaling(L.Callback):
     def __init__(self) -> None:
         self._warned = False
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pl_module.__dict__.pop(WINDOW_ATTR, None)  # a window an earlier fit left unfinished
+
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
         accumulate = int(trainer.accumulate_grad_batches)
+        window = pl_module.__dict__.pop(WINDOW_ATTR, None)
+        if window is not None:
+            total = trainer.strategy.reduce(window.count, reduce_op="sum").clamp(min=1)
+            _scale_gradients(optimizer, accumulate * trainer.world_size * window.reference / total)
+            return
         if accumulate <= 1:
             return
         k = window_length(trainer.fit_loop.epoch_loop.batch_progress.current.ready, accumulate)
@@ -56,6 +115,19 @@ class ShortWindowScaling(L.Callback):
                             "%d/%d of their mean gradient (Lightning's scaling).", k, accumulate, k, accumulate)
             self._warned = True
             return
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if grads:
-            torch._foreach_mul_(grads, accumulate / k)
+        _scale_gradients(optimizer, accumulate / k)
+
+
+def _scale_gradients(optimizer: Any, factor: float | torch.Tensor) -> None:
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if not grads:
+        return
+    if isinstance(factor, torch.Tensor):
+        # One factor per device: FSDP's shards and a CPU-offloaded optimizer may sit elsewhere.
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for g in grads:
+            by_device.setdefault(g.device, []).append(g)
+        for device, group in by_device.items():
+            torch._foreach_mul_(group, factor.to(device=device, dtype=torch.float32))
+    else:
+        torch._foreach_mul_(grads, factor)

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lmlab import atomic, checkpointing, checks, config_keys, data_lengths, distill, faults, optim, pretrained, \
     registry, resume, tracking
-from lmlab.accumulation import ShortWindowScaling
+from lmlab.accumulation import WindowScaling
 from lmlab.background_log import MetricsBeforeCheckpoints
 from lmlab.data import labels as model_labels
 from lmlab.data.loaders import distributed_sampler_wanted, shards_itself
@@ -181,8 +181,8 @@ def build_trainer(
     try:
         trainer = L.Trainer(
             **trainer_kwargs, logger=logger,
-            # First: the short window's gradients are the mean before the norm is logged or clipped.
-            callbacks=[ShortWindowScaling(), *by_step, best, last, throughput, LearningRate(), *bar, *checkpointing.callbacks(cfg, last),
+            # First: the step's gradient is the mean over its targets before the norm is logged or clipped.
+            callbacks=[WindowScaling(), *by_step, best, last, throughput, LearningRate(), *bar, *checkpointing.callbacks(cfg, last),
                        *clipping, MetricsBeforeCheckpoints(), LastValidation(), ValidationCoverage(),
                        MonitorLogged(monitor, lambda logged: missing_monitor(cfg, task, logged)), MetricsInFloat32()],
             default_root_dir=str(output_dir),
@@ -404,7 +404,7 @@ def run(cfg: DictConfig) -> RunResult:
                     mlrun.artifacts(export_dir, "model")
         else:
             metrics = {}
-        if getattr(dm, "has_test", False):
+        if getattr(dm, "has_test", False) and trainer.limit_test_batches != 0:  # 0: the user switched it off
             # The module holds the weights final_validation chose: the test scores what is exported.
             tested = trainer.test(module, datamodule=dm, verbose=False)[0]
             metrics.update({k: float(v) for k, v in tested.items()})

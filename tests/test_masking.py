@@ -498,7 +498,7 @@ def _training_masks(module, monkeypatch: pytest.MonkeyPatch, ids: torch.Tensor, 
     import lmlab.tasks.mlm as mlm
 
     monkeypatch.setattr(mlm, "log_step", lambda *args, **kwargs: None)
-    module._trainer = SimpleNamespace(global_rank=rank, strategy=None,
+    module._trainer = SimpleNamespace(global_rank=rank, strategy=None, training=False,
                                       fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(total_batch_idx=step)))
     seen = []
     real = type(module)._mask

@@ -714,6 +714,22 @@ def test_ner_trains_end_to_end(home: Path, ner_dir: Path, tmp_path: Path) -> Non
         read_conll(ner_dir / "train.conll"))
 
 
+NO_DROPOUT = ["model.config.hidden_dropout_prob=0.0", "model.config.attention_probs_dropout_prob=0.0"]
+
+
+@pytest.mark.slow
+def test_two_accumulated_micro_batches_train_as_one_batch_of_both(home: Path, ner_dir: Path) -> None:
+    # Sentences differ in length, so micro-batches differ in labelled subwords: the step's gradient
+    # is the mean over every labelled subword of the window (lmlab.accumulation), as one batch of
+    # both gives it; the mean of the two micro-batch means was another step.
+    common = ["task=ner", f"data.path={ner_dir}", "trainer.max_steps=4", "trainer.val_check_interval=null",
+              "trainer.limit_val_batches=1.0", "trainer.limit_test_batches=0", "scheduler=constant", "optimizer.lr=1e-2", *NO_DROPOUT]
+    one, _ = run_in(home, *common, "data.batch_size=16")
+    two, _ = run_in(home, *common, "data.batch_size=8", "trainer.accumulate_grad_batches=2")
+    assert two.metrics["val/loss"] == pytest.approx(one.metrics["val/loss"], rel=1e-4)
+    assert not any(key.startswith("test/") for key in one.metrics)  # trainer.limit_test_batches=0: no test
+
+
 @pytest.mark.slow
 def test_pretrain_mlm_then_finetune_ner_then_reload(home: Path, ner_dir: Path, tmp_path: Path) -> None:
     from transformers import AutoModelForTokenClassification, AutoTokenizer

@@ -41,6 +41,7 @@ from torchmetrics.classification import (
 )
 
 from lmlab import fingerprint, optim, padding_masks
+from lmlab.accumulation import weigh_by_tokens
 from lmlab.atomic import atomic_text
 from lmlab.data import labels as model_labels
 from lmlab.data.catalog import package_dir
@@ -702,7 +703,7 @@ class ClassificationModule(L.LightningModule):
         if self.teacher is not None:  # knowledge distillation: every example counts
             loss = self.teacher.loss(self, loss, logits, batch)
         log_step(self, "train/loss", loss, prog_bar=True, batch_size=len(logits), sync_dist=True)
-        return loss
+        return weigh_by_tokens(self, loss, len(logits))  # every example weighs the same across batches
 
     def _eval_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         logits = self(batch)

@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 from torchmetrics import SumMetric
 
 from lmlab import optim
+from lmlab.accumulation import weigh_by_tokens
 from lmlab.compiling import compile_function, compile_in_place
 from lmlab.fastpath import fuse_activations, lean_body, modules_callable_one_by_one
 from lmlab.losses import linear_cross_entropy, split_lm_head
@@ -95,7 +96,7 @@ class CausalLMModule(L.LightningModule):
             inputs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
             loss = self.teacher.loss(self, loss, picked, inputs, counted)
         log_step(self, "train/loss", loss, prog_bar=True, sync_dist=True)  # the mean over processes
-        return loss
+        return weigh_by_tokens(self, loss, count)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss_sum, count = self.token_losses(batch)

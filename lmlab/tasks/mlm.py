@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 from torchmetrics import SumMetric
 
 from lmlab import masking, optim, padding_masks
+from lmlab.accumulation import weigh_by_tokens
 from lmlab.compiling import compile_function, compile_in_place
 from lmlab.fastpath import lean_body, modules_callable_one_by_one
 from lmlab.checks import Number
@@ -210,7 +211,9 @@ class MaskedLMModule(L.LightningModule):
             log_step(self, "train/nsp_loss", r["nsp_loss"], sync_dist=True)
             loss = loss + r["nsp_loss"]
         log_step(self, "train/loss", loss, prog_bar=True, sync_dist=True)  # the mean over processes
-        return loss
+        # With NSP the two terms count different things (masked tokens, pairs): each micro-batch's
+        # sum of the two means weighs the same (lmlab.accumulation).
+        return loss if self.nsp else weigh_by_tokens(self, loss, r["count"])
 
     def validation_draws(self, ids: torch.Tensor) -> masking.Draws:
         """Validation's masks for ``ids`` (B, T), seeded by each row's tokens; the token draws index

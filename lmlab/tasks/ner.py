@@ -52,6 +52,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchmetrics import Metric, SumMetric
 
 from lmlab import fingerprint, optim, padding_masks
+from lmlab.accumulation import weigh_by_tokens
 from lmlab.atomic import atomic_text
 from lmlab.data import labels as model_labels
 from lmlab.data.catalog import package_dir
@@ -826,7 +827,7 @@ class NerModule(L.LightningModule):
             labelled = batch["labels"] != IGNORE_INDEX
             loss = self.teacher.loss(self, loss, logits[labelled], batch, labelled)
         log_step(self, "train/loss", loss, prog_bar=True, sync_dist=True)  # the mean over processes
-        return loss
+        return weigh_by_tokens(self, loss, count)
 
     @staticmethod
     def word_predictions(logits: torch.Tensor, first_word: torch.Tensor, n_words: int,

@@ -51,6 +51,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchmetrics import SumMetric
 
 from lmlab import fingerprint, optim, registry
+from lmlab.accumulation import weigh_by_tokens
 from lmlab.atomic import atomic_text
 from lmlab.data.catalog import package_dir
 from lmlab.data.loaders import forward_is_collective, make_loader, predict_in_shares
@@ -684,7 +685,7 @@ class SummarizationModule(L.LightningModule):
         loss_sum, count = self.token_losses(batch)
         loss = loss_sum / count.clamp(min=1)
         log_step(self, "train/loss", loss, prog_bar=True, sync_dist=True)  # the mean over processes
-        return loss
+        return weigh_by_tokens(self, loss, count)
 
     # -- generation ----------------------------------------------------------------------------------
     def generate(self, batch: dict[str, torch.Tensor]) -> list[str]:
