@@ -69,10 +69,10 @@ def weigh_by_tokens(module: L.LightningModule, loss: torch.Tensor, count: torch.
     if isinstance(count, torch.Tensor):
         count = count.detach().to(device=loss.device, dtype=torch.float32, copy=True)  # reduced in place below
     else:
-        count = torch.tensor(float(count), device=loss.device)
+        count = torch.full((), float(count), device=loss.device)  # a fill: no host-to-device copy to wait for
     window = getattr(module, WINDOW_ATTR, None)
     if window is None:
-        reference = trainer.strategy.reduce(count.clone(), reduce_op="mean").clamp(min=1)
+        reference = (_summed(count.clone()) / trainer.world_size).clamp(min=1)
         window = TokenWindow(reference, count)
         setattr(module, WINDOW_ATTR, window)
     else:
@@ -99,7 +99,7 @@ class WindowScaling(L.Callback):
         accumulate = int(trainer.accumulate_grad_batches)
         window = pl_module.__dict__.pop(WINDOW_ATTR, None)
         if window is not None:
-            total = trainer.strategy.reduce(window.count, reduce_op="sum").clamp(min=1)
+            total = _summed(window.count).clamp(min=1)
             _scale_gradients(optimizer, accumulate * trainer.world_size * window.reference / total)
             return
         if accumulate <= 1:
@@ -116,6 +116,18 @@ class WindowScaling(L.Callback):
             self._warned = True
             return
         _scale_gradients(optimizer, accumulate / k)
+
+
+def _summed(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over the processes, in place.
+
+    torch.distributed's all-reduce itself rather than Lightning's ``strategy.reduce``: that one puts a
+    barrier first, and a barrier on NCCL blocks the host until the GPU has run everything queued,
+    here once or twice a step. The all-reduce alone is queued behind the step's kernels.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(t)
+    return t
 
 
 def _scale_gradients(optimizer: Any, factor: float | torch.Tensor) -> None:

@@ -18,6 +18,7 @@ from torchmetrics import MeanAbsoluteError, MeanMetric, MeanSquaredError, Metric
 from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
 
 from lmlab import optim
+from lmlab.accumulation import weigh_by_tokens
 from lmlab.errors import config_error
 from lmlab.specs import TaskSpec
 from lmlab.step_logging import log_step
@@ -68,7 +69,7 @@ class RegressionModule(L.LightningModule):
         predicted = self(batch)
         loss = row_losses(self.loss_kind, predicted, batch["labels"].float(), self.huber_delta).mean()
         log_step(self, "train/loss", loss, prog_bar=True, batch_size=len(predicted))  # on the written steps only
-        return loss
+        return weigh_by_tokens(self, loss, len(predicted))  # every row of a step alike, shorter batches too
 
     def _eval_step(self, batch: dict[str, torch.Tensor], stage: str) -> None:
         predicted, gold = self(batch), batch["labels"].float()
