@@ -179,3 +179,16 @@ def test_two_ddp_processes_weigh_their_targets_as_one_process_would(tmp_path) ->
 def test_outside_a_fit_the_mean_loss_is_returned_as_it_is() -> None:
     loss = torch.tensor(2.5)
     assert weigh_by_tokens(Tagger(), loss, torch.tensor(3)) is loss
+
+
+def test_a_trainer_without_window_scaling_trains_on_the_mean_of_micro_batch_means(tmp_path) -> None:
+    # Without the callback nothing would divide the sums by the window's count: weigh_by_tokens
+    # must leave the loss as it is, and Lightning's own mean of means is what trains.
+    batches = _token_batches()
+    trainer = L.Trainer(accelerator="cpu", devices=1, accumulate_grad_batches=4, max_epochs=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path)
+    module = Tagger()
+    trainer.fit(module, DataLoader(batches, batch_size=None, shuffle=False))
+    windows = [[0, 1, 2, 3], [4, 5, 6, 7]]
+    torch.testing.assert_close(module.layer.weight.detach(), _sgd(batches, windows, per_target=False))
