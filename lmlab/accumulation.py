@@ -60,13 +60,16 @@ def weigh_by_tokens(module: L.LightningModule, loss: torch.Tensor, count: torch.
     """The value to backpropagate for a training micro-batch whose ``loss`` is the mean over ``count`` targets.
 
     ``loss`` × ``count`` / R, so that ``WindowScaling`` can make the step's gradient the mean over
-    every target of the window on every process. Returns ``loss`` itself outside a Trainer's fit,
-    under DeepSpeed, and in a Trainer without ``WindowScaling`` (which would leave the sums unscaled).
+    every target of the window on every process. Returns ``loss`` itself where it already is that
+    mean (one process, no accumulation), outside a Trainer's fit, under DeepSpeed, and in a Trainer
+    without ``WindowScaling`` (which would leave the sums unscaled).
     """
     trainer = getattr(module, "_trainer", None)  # the public property raises when the module is not attached
     if (trainer is None or not trainer.training or isinstance(trainer.strategy, DeepSpeedStrategy)
             or not any(isinstance(c, WindowScaling) for c in trainer.callbacks)):
         return loss
+    if int(trainer.accumulate_grad_batches) == 1 and trainer.world_size == 1:
+        return loss  # one micro-batch per step: its mean is the step's, with no pass over the gradients
     if isinstance(count, torch.Tensor):
         count = count.detach().to(device=loss.device, dtype=torch.float32, copy=True)  # reduced in place below
     else:

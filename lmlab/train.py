@@ -404,7 +404,10 @@ def run(cfg: DictConfig) -> RunResult:
                     mlrun.artifacts(export_dir, "model")
         else:
             metrics = {}
-        if getattr(dm, "has_test", False) and trainer.limit_test_batches != 0:  # 0: the user switched it off
+        has_test = getattr(dm, "has_test", False)
+        if has_test and trainer.limit_test_batches == 0:  # switched off: Lightning would return no results
+            log.info("trainer.limit_test_batches=0: no test")
+        elif has_test:
             # The module holds the weights final_validation chose: the test scores what is exported.
             tested = trainer.test(module, datamodule=dm, verbose=False)[0]
             metrics.update({k: float(v) for k, v in tested.items()})

@@ -108,12 +108,16 @@ class Tagger(L.LightningModule):
         self.layer = torch.nn.Linear(3, 4, bias=False)
         with torch.no_grad():
             self.layer.weight.copy_(_start())
+        self.unchanged: list[bool] = []  # per training step: weigh_by_tokens handed back the mean as it was
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         labels = batch["labels"]
         count = (labels != IGNORE).sum()
-        loss = F.cross_entropy(self.layer(batch["input_ids"]), labels, ignore_index=IGNORE, reduction="sum")
-        return weigh_by_tokens(self, loss / count.clamp(min=1), count)
+        mean = F.cross_entropy(self.layer(batch["input_ids"]), labels, ignore_index=IGNORE,
+                               reduction="sum") / count.clamp(min=1)
+        weighed = weigh_by_tokens(self, mean, count)
+        self.unchanged.append(weighed is mean)
+        return weighed
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.5)
@@ -192,3 +196,19 @@ def test_a_trainer_without_window_scaling_trains_on_the_mean_of_micro_batch_mean
     trainer.fit(module, DataLoader(batches, batch_size=None, shuffle=False))
     windows = [[0, 1, 2, 3], [4, 5, 6, 7]]
     torch.testing.assert_close(module.layer.weight.detach(), _sgd(batches, windows, per_target=False))
+
+
+def test_one_process_without_accumulation_trains_on_the_plain_mean(tmp_path) -> None:
+    # Each micro-batch is its own step there: its mean is the step's, and no scale is needed.
+    from lmlab import registry
+    from lmlab.train import build_trainer
+
+    cfg = compose_cfg(["trainer.enable_progress_bar=false", "trainer.max_epochs=1", "trainer.max_steps=-1",
+                       "trainer.val_check_interval=null", "trainer.num_sanity_val_steps=0", "trainer.limit_val_batches=0",
+                       "trainer.gradient_clip_val=null"])
+    trainer, _, _ = build_trainer(cfg, registry.get("task", "clm"), tmp_path, False)
+    module = Tagger()
+    batches = _token_batches()[:3]
+    trainer.fit(module, DataLoader(batches, batch_size=None, shuffle=False))
+    assert module.unchanged == [True, True, True]
+    torch.testing.assert_close(module.layer.weight.detach(), _sgd(batches, [[0], [1], [2]], per_target=True))
