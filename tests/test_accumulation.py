@@ -41,6 +41,18 @@ class Regression(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
+def _lmlab_trainer(tmp_path, *overrides: str) -> L.Trainer:
+    """The Trainer of an lmlab run (its callbacks: WindowScaling first), a few steps, no clipping."""
+    from lmlab import registry
+    from lmlab.train import build_trainer
+
+    cfg = compose_cfg(["trainer.enable_progress_bar=false", "trainer.max_steps=-1", "trainer.val_check_interval=null",
+                       "trainer.num_sanity_val_steps=0", "trainer.log_every_n_steps=1", "trainer.gradient_clip_val=null",
+                       *overrides])
+    trainer, _, _ = build_trainer(cfg, registry.get("task", "clm"), tmp_path, False)
+    return trainer
+
+
 def _expected(xs: torch.Tensor, ys: torch.Tensor, windows: list[range]) -> torch.Tensor:
     """Plain SGD on the mean gradient of each window's micro-batches (one sample each)."""
     w = torch.full((1, 3), 0.5)
@@ -55,16 +67,10 @@ def _expected(xs: torch.Tensor, ys: torch.Tensor, windows: list[range]) -> torch
 
 
 def test_lmlabs_trainer_steps_a_short_last_window_with_its_mean_gradient(tmp_path) -> None:
-    from lmlab import registry
-    from lmlab.train import build_trainer
-
     gen = torch.Generator().manual_seed(0)
     xs, ys = torch.randn(7, 3, generator=gen), torch.randn(7, 1, generator=gen)
-    cfg = compose_cfg(["trainer.enable_progress_bar=false", "trainer.accumulate_grad_batches=4",
-                       "trainer.max_epochs=2", "trainer.max_steps=-1", "trainer.val_check_interval=null",
-                       "trainer.num_sanity_val_steps=0", "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1",
-                       "trainer.gradient_clip_val=null"])
-    trainer, _, _ = build_trainer(cfg, registry.get("task", "clm"), tmp_path, False)
+    trainer = _lmlab_trainer(tmp_path, "trainer.accumulate_grad_batches=4", "trainer.max_epochs=2",
+                             "trainer.limit_val_batches=1")
     module = Regression()
     rows = [{"input_ids": x, "y": y} for x, y in zip(xs, ys)]  # dicts, as lmlab's throughput log reads them
     trainer.fit(module, DataLoader(rows, batch_size=1, shuffle=False), DataLoader(rows[:1], batch_size=1))
@@ -138,15 +144,9 @@ def _sgd(batches: list[dict[str, torch.Tensor]], windows: list[list[int]], per_t
 
 
 def test_a_step_weighs_every_target_of_its_window_alike_short_window_included(tmp_path) -> None:
-    from lmlab import registry
-    from lmlab.train import build_trainer
-
     batches = _token_batches()[:7]
-    cfg = compose_cfg(["trainer.enable_progress_bar=false", "trainer.accumulate_grad_batches=4",
-                       "trainer.max_epochs=2", "trainer.max_steps=-1", "trainer.val_check_interval=null",
-                       "trainer.num_sanity_val_steps=0", "trainer.limit_val_batches=0", "trainer.log_every_n_steps=1",
-                       "trainer.gradient_clip_val=null"])
-    trainer, _, _ = build_trainer(cfg, registry.get("task", "clm"), tmp_path, False)
+    trainer = _lmlab_trainer(tmp_path, "trainer.accumulate_grad_batches=4", "trainer.max_epochs=2",
+                             "trainer.limit_val_batches=0")
     module = Tagger()
     trainer.fit(module, DataLoader(batches, batch_size=None, shuffle=False))
     assert trainer.global_step == 4
@@ -200,13 +200,7 @@ def test_a_trainer_without_window_scaling_trains_on_the_mean_of_micro_batch_mean
 
 def test_one_process_without_accumulation_trains_on_the_plain_mean(tmp_path) -> None:
     # Each micro-batch is its own step there: its mean is the step's, and no scale is needed.
-    from lmlab import registry
-    from lmlab.train import build_trainer
-
-    cfg = compose_cfg(["trainer.enable_progress_bar=false", "trainer.max_epochs=1", "trainer.max_steps=-1",
-                       "trainer.val_check_interval=null", "trainer.num_sanity_val_steps=0", "trainer.limit_val_batches=0",
-                       "trainer.gradient_clip_val=null"])
-    trainer, _, _ = build_trainer(cfg, registry.get("task", "clm"), tmp_path, False)
+    trainer = _lmlab_trainer(tmp_path, "trainer.max_epochs=1", "trainer.limit_val_batches=0")
     module = Tagger()
     batches = _token_batches()[:3]
     trainer.fit(module, DataLoader(batches, batch_size=None, shuffle=False))
