@@ -62,32 +62,6 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     return _cores() + 1
 
 
-# The files that take longest in all, longest first (seconds on the 2-core CI machine, summed from
-# ``--durations=60`` of a clean-clone run: sweeps 684, benchmarks 483, ddp 393, resume 381, ...).
-# ``--dist loadfile`` hands whole files to the workers in collection order, and xdist sorts them by
-# their number of tests: test_benchmarks.py (9 tests, 8 minutes) started among the last files and
-# ran on alone at the end. Longest first is the classic schedule that avoids such a tail.
-LONGEST_FILES = ("test_sweeps.py", "test_benchmarks.py", "test_ddp.py", "test_resume.py", "test_tracking_server.py",
-                 "test_resume_auto_ddp.py", "test_signals.py", "test_bad_inputs.py", "test_cli.py",
-                 "test_torchrun_restart.py", "test_plugin_package.py", "test_clipping.py", "test_ddp_signals.py",
-                 "test_submitit.py", "test_preempt_accumulation.py")
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist's sort by test count would undo the order below
-        config.option.loadscopereorder = False
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The LONGEST_FILES first, in that order; then the rest by their number of tests, as xdist would.
-    Tests keep their order within a file."""
-    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
-    tests_in: dict[Path, int] = {}
-    for item in items:
-        tests_in[item.path] = tests_in.get(item.path, 0) + 1
-    items.sort(key=lambda item: (rank.get(item.path.name, len(rank)), -tests_in[item.path], str(item.path)))
-
-
 # A few steps of a 2-layer, 128-wide model with a small vocabulary: seconds on a CPU.
 TINY = [
     "+experiment=debug",
