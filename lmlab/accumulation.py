@@ -34,6 +34,8 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
+from lmlab.data.loaders import process_group
+
 log = logging.getLogger(__name__)
 
 WINDOW_ATTR = "_lmlab_token_window"
@@ -129,7 +131,7 @@ def _summed(t: torch.Tensor) -> torch.Tensor:
     barrier first, and a barrier on NCCL blocks the host until the GPU has run everything queued,
     here once or twice a step. The all-reduce alone is queued behind the step's kernels.
     """
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+    if process_group()[1] > 1:
         torch.distributed.all_reduce(t)
     return t
 
